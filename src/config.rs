@@ -1,0 +1,395 @@
+//! Configuration: the TOML file model, environment and command-line overrides, and the
+//! validated runtime settings built from them.
+//!
+//! Sources, later ones winning: built-in defaults, the file (`--config`), environment
+//! variables `PETREL_SECTION__KEY=value`, then `--set section.key=value`. Unknown keys are
+//! errors that name the key. Every default is written once, in the `Default` impls below, and
+//! documented in `petrel.example.toml` (which a test loads so it cannot rot).
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::Duration;
+
+use serde::{Deserialize, Deserializer};
+
+use crate::broker::Settings;
+use crate::codec::QoS;
+use crate::core::channel::Limits;
+
+/// The largest packet MQTT can frame: 256 MB.
+pub const MAX_PACKET_SIZE_CEILING: u32 = 268_435_455 + 5;
+
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("cannot read {path}: {source}")]
+    Read { path: PathBuf, source: std::io::Error },
+    #[error("{origin}: {message}")]
+    Parse { origin: String, message: String },
+    #[error("invalid value for `{key}`: {message}")]
+    Invalid { key: String, message: String },
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct Config {
+    pub broker: BrokerSection,
+    pub mqtt: MqttSection,
+    pub session: SessionSection,
+    pub log: LogSection,
+    pub listeners: Vec<ListenerConfig>,
+}
+
+impl Default for Config {
+    fn default() -> Self {
+        Self {
+            broker: BrokerSection::default(),
+            mqtt: MqttSection::default(),
+            session: SessionSection::default(),
+            log: LogSection::default(),
+            listeners: vec![ListenerConfig { kind: ListenerKind::Tcp, bind: SocketAddr::from(([0, 0, 0, 0], 1883)) }],
+        }
+    }
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct BrokerSection {
+    /// Where persistent state lives.
+    pub data_dir: PathBuf,
+    /// How long a closing connection may take to flush its last packets.
+    #[serde(deserialize_with = "duration")]
+    pub close_linger: Duration,
+}
+
+impl Default for BrokerSection {
+    fn default() -> Self {
+        Self { data_dir: PathBuf::from("./data"), close_linger: Duration::from_secs(5) }
+    }
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct MqttSection {
+    pub max_packet_size: u32,
+    pub receive_maximum: u16,
+    pub max_inflight: u16,
+    pub topic_alias_maximum: u16,
+    pub max_keepalive: u16,
+    pub maximum_qos: u8,
+    pub retain_available: bool,
+    pub wildcard_subscription_available: bool,
+    pub shared_subscription_available: bool,
+    pub subscription_identifiers_available: bool,
+    pub max_topic_levels: usize,
+    pub max_client_id_len: usize,
+    pub max_subscriptions: usize,
+    #[serde(deserialize_with = "duration")]
+    pub connect_timeout: Duration,
+}
+
+impl Default for MqttSection {
+    fn default() -> Self {
+        let limits = Limits::default();
+        Self {
+            max_packet_size: limits.max_packet_size,
+            receive_maximum: limits.receive_maximum,
+            max_inflight: limits.max_inflight,
+            topic_alias_maximum: limits.topic_alias_maximum,
+            max_keepalive: limits.max_keepalive,
+            maximum_qos: limits.maximum_qos as u8,
+            retain_available: limits.retain_available,
+            wildcard_subscription_available: limits.wildcard_subscription_available,
+            shared_subscription_available: limits.shared_subscription_available,
+            subscription_identifiers_available: limits.subscription_identifiers_available,
+            max_topic_levels: limits.max_topic_levels,
+            max_client_id_len: limits.max_client_id_len,
+            max_subscriptions: limits.max_subscriptions,
+            connect_timeout: limits.connect_timeout,
+        }
+    }
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct SessionSection {
+    /// Deliveries queued per session beyond the in-flight window (online or offline).
+    pub max_queued: usize,
+    /// Session expiry for 3.1 / 3.1.1 clients connecting with clean session 0.
+    #[serde(deserialize_with = "duration")]
+    pub v3_expiry: Duration,
+    /// Ceiling on what v5 clients may ask for; "never" for none.
+    #[serde(deserialize_with = "duration")]
+    pub max_expiry: Duration,
+}
+
+impl Default for SessionSection {
+    fn default() -> Self {
+        let limits = Limits::default();
+        Self {
+            max_queued: 1000,
+            v3_expiry: Duration::from_secs(u64::from(limits.v3_session_expiry)),
+            max_expiry: Duration::MAX,
+        }
+    }
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct LogSection {
+    /// A `tracing` filter, e.g. `info` or `petrel=debug`; `RUST_LOG` wins when set.
+    pub level: String,
+}
+
+impl Default for LogSection {
+    fn default() -> Self {
+        Self { level: "info".into() }
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum ListenerKind {
+    Tcp,
+}
+
+impl std::fmt::Display for ListenerKind {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            Self::Tcp => "tcp",
+        })
+    }
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ListenerConfig {
+    pub kind: ListenerKind,
+    pub bind: SocketAddr,
+}
+
+impl Config {
+    /// Loads the file (if any), applies environment (`PETREL_SECTION__KEY`) and `--set`
+    /// overrides (`section.key=value`), and validates the result.
+    pub fn load(
+        path: Option<&Path>,
+        env: impl IntoIterator<Item = (String, String)>,
+        sets: &[String],
+    ) -> Result<Self, ConfigError> {
+        let (mut table, origin) = match path {
+            Some(path) => {
+                let text = std::fs::read_to_string(path)
+                    .map_err(|source| ConfigError::Read { path: path.to_owned(), source })?;
+                let table: toml::Table = toml::from_str(&text)
+                    .map_err(|e| ConfigError::Parse { origin: path.display().to_string(), message: e.to_string() })?;
+                (table, path.display().to_string())
+            }
+            None => (toml::Table::new(), "configuration".to_owned()),
+        };
+        for (name, value) in env {
+            let Some(rest) = name.strip_prefix("PETREL_") else { continue };
+            let Some((section, key)) = rest.split_once("__") else { continue };
+            set_key(&mut table, &section.to_lowercase(), &key.to_lowercase(), &value);
+        }
+        for set in sets {
+            let (path, value) = set.split_once('=').ok_or_else(|| ConfigError::Invalid {
+                key: set.clone(),
+                message: "expected section.key=value".into(),
+            })?;
+            let (section, key) = path.split_once('.').ok_or_else(|| ConfigError::Invalid {
+                key: path.into(),
+                message: "expected section.key".into(),
+            })?;
+            set_key(&mut table, section, key, value);
+        }
+        // Re-parsing the merged text makes serde's errors point at the offending key.
+        let text = toml::to_string(&table)
+            .map_err(|e| ConfigError::Parse { origin: origin.clone(), message: e.to_string() })?;
+        let config: Config =
+            toml::from_str(&text).map_err(|e| ConfigError::Parse { origin, message: e.to_string() })?;
+        config.validate()?;
+        Ok(config)
+    }
+
+    pub fn validate(&self) -> Result<(), ConfigError> {
+        let invalid = |key: &str, message: &str| Err(ConfigError::Invalid { key: key.into(), message: message.into() });
+        let m = &self.mqtt;
+        if !(16..=MAX_PACKET_SIZE_CEILING).contains(&m.max_packet_size) {
+            return invalid("mqtt.max_packet_size", "must be between 16 bytes and 256 MB");
+        }
+        if m.receive_maximum == 0 {
+            return invalid("mqtt.receive_maximum", "must be at least 1");
+        }
+        if m.max_inflight == 0 {
+            return invalid("mqtt.max_inflight", "must be at least 1");
+        }
+        if m.maximum_qos > 2 {
+            return invalid("mqtt.maximum_qos", "must be 0, 1 or 2");
+        }
+        if m.max_client_id_len < 23 {
+            return invalid("mqtt.max_client_id_len", "must be at least 23 [MQTT-3.1.3-5]");
+        }
+        if self.session.max_queued == 0 {
+            return invalid("session.max_queued", "must be at least 1");
+        }
+        if self.listeners.is_empty() {
+            return invalid("listeners", "at least one listener is needed");
+        }
+        Ok(())
+    }
+
+    /// Replaces the listeners by the ones named on the command line, if any.
+    pub fn override_listeners(&mut self, tcp: &[SocketAddr]) {
+        if tcp.is_empty() {
+            return;
+        }
+        self.listeners = tcp.iter().map(|&bind| ListenerConfig { kind: ListenerKind::Tcp, bind }).collect();
+    }
+
+    /// The runtime settings the broker is built from.
+    pub fn settings(&self) -> Settings {
+        let m = &self.mqtt;
+        let secs = |d: Duration| u32::try_from(d.as_secs()).unwrap_or(u32::MAX);
+        let limits = Limits {
+            max_packet_size: m.max_packet_size,
+            receive_maximum: m.receive_maximum,
+            max_inflight: m.max_inflight,
+            topic_alias_maximum: m.topic_alias_maximum,
+            max_keepalive: m.max_keepalive,
+            maximum_qos: QoS::from_u8(m.maximum_qos).unwrap_or(QoS::ExactlyOnce),
+            retain_available: m.retain_available,
+            wildcard_subscription_available: m.wildcard_subscription_available,
+            shared_subscription_available: m.shared_subscription_available,
+            subscription_identifiers_available: m.subscription_identifiers_available,
+            max_topic_levels: m.max_topic_levels,
+            max_client_id_len: m.max_client_id_len,
+            max_subscriptions: m.max_subscriptions,
+            connect_timeout: m.connect_timeout,
+            v3_session_expiry: secs(self.session.v3_expiry),
+            max_session_expiry: secs(self.session.max_expiry),
+        };
+        Settings { limits: Arc::new(limits), max_queued: self.session.max_queued, close_linger: self.broker.close_linger }
+    }
+}
+
+/// Sets `section.key` from a command-line or environment string: TOML syntax when it parses
+/// (numbers, booleans, arrays), a plain string otherwise.
+fn set_key(table: &mut toml::Table, section: &str, key: &str, value: &str) {
+    let parsed = format!("v = {value}")
+        .parse::<toml::Table>()
+        .ok()
+        .and_then(|mut t| t.remove("v"))
+        .unwrap_or_else(|| toml::Value::String(value.to_owned()));
+    let entry = table.entry(section.to_owned()).or_insert_with(|| toml::Value::Table(toml::Table::new()));
+    if let toml::Value::Table(section) = entry {
+        section.insert(key.to_owned(), parsed);
+    }
+}
+
+/// Durations as `"500ms"`, `"10s"`, `"5m"`, `"2h"`, `"1d"`, a bare number of seconds, or
+/// `"never"`.
+fn duration<'de, D: Deserializer<'de>>(deserializer: D) -> Result<Duration, D::Error> {
+    #[derive(Deserialize)]
+    #[serde(untagged)]
+    enum Raw {
+        Seconds(u64),
+        Text(String),
+    }
+    match Raw::deserialize(deserializer)? {
+        Raw::Seconds(secs) => Ok(Duration::from_secs(secs)),
+        Raw::Text(text) => parse_duration(&text).map_err(serde::de::Error::custom),
+    }
+}
+
+pub fn parse_duration(text: &str) -> Result<Duration, String> {
+    let text = text.trim();
+    if text == "never" {
+        return Ok(Duration::MAX);
+    }
+    let split = text.find(|c: char| !c.is_ascii_digit()).unwrap_or(text.len());
+    let (digits, unit) = text.split_at(split);
+    let n: u64 = digits.parse().map_err(|_| format!("`{text}` is not a duration like 10s, 500ms, 5m, 2h"))?;
+    let d = match unit.trim() {
+        "ms" => Duration::from_millis(n),
+        "" | "s" => Duration::from_secs(n),
+        "m" => Duration::from_secs(n * 60),
+        "h" => Duration::from_secs(n * 3600),
+        "d" => Duration::from_secs(n * 86_400),
+        other => return Err(format!("unknown duration unit `{other}` in `{text}` (use ms, s, m, h, d)")),
+    };
+    Ok(d)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn load(text: &str, env: &[(&str, &str)], sets: &[&str]) -> Result<Config, ConfigError> {
+        let dir = std::env::temp_dir().join(format!("petrel-config-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let path = dir.join(format!("{:x}.toml", text.len() * 31 + env.len() * 7 + sets.len()));
+        std::fs::write(&path, text).unwrap();
+        let env = env.iter().map(|(k, v)| (k.to_string(), v.to_string()));
+        let sets: Vec<String> = sets.iter().map(|s| s.to_string()).collect();
+        let result = Config::load(Some(&path), env, &sets);
+        let _ = std::fs::remove_file(&path);
+        result
+    }
+
+    #[test]
+    fn example_config_loads_and_matches_the_defaults() {
+        let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("petrel.example.toml");
+        let config = Config::load(Some(&path), std::iter::empty(), &[]).unwrap();
+        let defaults = Config::default();
+        assert_eq!(config.mqtt.max_packet_size, defaults.mqtt.max_packet_size);
+        assert_eq!(config.mqtt.receive_maximum, defaults.mqtt.receive_maximum);
+        assert_eq!(config.session.max_queued, defaults.session.max_queued);
+        assert_eq!(config.session.v3_expiry, defaults.session.v3_expiry);
+        assert_eq!(config.mqtt.connect_timeout, defaults.mqtt.connect_timeout);
+        assert_eq!(config.listeners.len(), 1);
+        assert_eq!(config.listeners[0].bind, defaults.listeners[0].bind);
+    }
+
+    #[test]
+    fn unknown_key_is_an_error_naming_it() {
+        let err = load("[mqtt]\nmax_packt_size = 5\n", &[], &[]).unwrap_err().to_string();
+        assert!(err.contains("max_packt_size"), "{err}");
+    }
+
+    #[test]
+    fn invalid_value_names_the_key() {
+        let err = load("[mqtt]\nmax_packet_size = 1\n", &[], &[]).unwrap_err().to_string();
+        assert!(err.contains("mqtt.max_packet_size"), "{err}");
+    }
+
+    #[test]
+    fn environment_and_set_override_the_file_in_that_order() {
+        let c = load(
+            "[mqtt]\nreceive_maximum = 10\nmax_inflight = 10\n",
+            &[("PETREL_MQTT__RECEIVE_MAXIMUM", "20"), ("PETREL_MQTT__MAX_INFLIGHT", "20"), ("OTHER", "x")],
+            &["mqtt.max_inflight=30", "session.v3_expiry=5m"],
+        )
+        .unwrap();
+        assert_eq!(c.mqtt.receive_maximum, 20);
+        assert_eq!(c.mqtt.max_inflight, 30);
+        assert_eq!(c.session.v3_expiry, Duration::from_secs(300));
+    }
+
+    #[test]
+    fn durations_parse_with_units() {
+        assert_eq!(parse_duration("500ms").unwrap(), Duration::from_millis(500));
+        assert_eq!(parse_duration("10").unwrap(), Duration::from_secs(10));
+        assert_eq!(parse_duration("2h").unwrap(), Duration::from_secs(7200));
+        assert_eq!(parse_duration("never").unwrap(), Duration::MAX);
+        assert!(parse_duration("5 parsecs").is_err());
+    }
+
+    #[test]
+    fn listeners_on_the_command_line_replace_the_configured_ones() {
+        let mut c = Config::default();
+        let a: SocketAddr = "127.0.0.1:1884".parse().unwrap();
+        let b: SocketAddr = "127.0.0.1:1885".parse().unwrap();
+        c.override_listeners(&[a, b]);
+        assert_eq!(c.listeners.iter().map(|l| l.bind).collect::<Vec<_>>(), vec![a, b]);
+    }
+}

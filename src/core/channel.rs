@@ -1,0 +1,782 @@
+//! The per-connection MQTT protocol state machine, from the first byte to the close.
+//!
+//! A `Channel` takes decoded packets, decode errors, deliveries and timeouts, each with `now`,
+//! and produces encoded bytes to write (`out`) and [`Action`]s for the broker shell: find the
+//! session for a CONNECT, route a message, (un)subscribe in the router, close. It owns the
+//! connection-scoped state (keep-alive, topic aliases, the peer's limits) and, once accepted,
+//! the client's [`Session`]. It never touches sockets, tasks or the clock.
+//!
+//! Contract for the driver: after every input, drain `poll_action` until `None`, write `out`,
+//! and re-arm one timer to `poll_timeout`. Deliveries are offered only while `can_deliver`.
+
+use std::collections::{HashMap, VecDeque};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use bytes::BytesMut;
+
+use crate::codec::{
+    self, Ack, ConnAck, Connect, DecodeError, Disconnect, Packet, Properties, ProtocolVersion,
+    Publish, QoS, ReasonCode, SubAck, Subscribe, SubscriptionOptions, UnsubAck, Unsubscribe,
+};
+use crate::core::message::{Delivery, Message};
+use crate::core::session::{Outgoing, Session, Subscription};
+use crate::core::topic::{validate_topic_name, TopicFilter};
+
+/// Broker-wide protocol limits and capabilities, announced in CONNACK and enforced here.
+#[derive(Debug, Clone)]
+pub struct Limits {
+    pub max_packet_size: u32,
+    /// Our Receive Maximum: inbound QoS 2 messages awaiting PUBREL per connection.
+    pub receive_maximum: u16,
+    /// Cap on outgoing unacknowledged QoS 1/2 messages, whatever the client allows.
+    pub max_inflight: u16,
+    pub topic_alias_maximum: u16,
+    /// Server Keep Alive ceiling in seconds (0: no ceiling).
+    pub max_keepalive: u16,
+    pub maximum_qos: QoS,
+    pub retain_available: bool,
+    pub wildcard_subscription_available: bool,
+    pub shared_subscription_available: bool,
+    pub subscription_identifiers_available: bool,
+    /// Topic levels allowed in names and filters (0: no limit).
+    pub max_topic_levels: usize,
+    pub max_client_id_len: usize,
+    /// Subscriptions per session (0: no limit).
+    pub max_subscriptions: usize,
+    pub connect_timeout: Duration,
+    /// Session expiry given to 3.1 / 3.1.1 clients that connect with clean session 0.
+    pub v3_session_expiry: u32,
+    /// Ceiling on the Session Expiry Interval a v5 client may ask for.
+    pub max_session_expiry: u32,
+}
+
+impl Default for Limits {
+    fn default() -> Self {
+        Self {
+            max_packet_size: 1024 * 1024,
+            receive_maximum: 100,
+            max_inflight: 32,
+            topic_alias_maximum: 65535,
+            max_keepalive: 65535,
+            maximum_qos: QoS::ExactlyOnce,
+            retain_available: true,
+            wildcard_subscription_available: true,
+            shared_subscription_available: true,
+            subscription_identifiers_available: true,
+            max_topic_levels: 128,
+            max_client_id_len: 65535,
+            max_subscriptions: 0,
+            connect_timeout: Duration::from_secs(10),
+            v3_session_expiry: 2 * 60 * 60,
+            max_session_expiry: u32::MAX,
+        }
+    }
+}
+
+/// Who ended a connection (for logs and metrics).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Initiator {
+    Client,
+    Broker,
+    Transport,
+}
+
+/// A will message waiting for its connection to end abnormally.
+#[derive(Debug, Clone)]
+pub struct PendingWill {
+    pub message: Message,
+    /// Will Delay Interval in seconds (0: publish at once).
+    pub delay: u32,
+}
+
+#[derive(Debug)]
+pub struct Close {
+    pub reason: ReasonCode,
+    pub initiator: Initiator,
+    /// The will to publish (after its delay), when the close calls for it.
+    pub will: Option<PendingWill>,
+    /// The session, when one was accepted: the shell keeps it offline or discards it.
+    pub session: Option<Session>,
+}
+
+/// What the broker shell must do on the channel's behalf.
+#[derive(Debug)]
+pub enum Action {
+    /// CONNECT passed validation: take over or create the session, then call
+    /// [`Channel::accept`] (or [`Channel::reject`]).
+    Connect { client_id: Arc<str>, clean_start: bool },
+    Route(Arc<Message>),
+    Subscribe { subscription: Subscription, send_retained: bool },
+    Unsubscribe(TopicFilter),
+    Close(Close),
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum State {
+    AwaitConnect,
+    AwaitSession,
+    Connected,
+    Closed,
+}
+
+/// Stop accepting deliveries while this many encoded bytes wait for the socket.
+const OUT_HIGH_WATER: usize = 256 * 1024;
+
+pub struct Channel {
+    limits: Arc<Limits>,
+    state: State,
+    version: ProtocolVersion,
+    out: BytesMut,
+    actions: VecDeque<Action>,
+    session: Option<Session>,
+    client_id: Arc<str>,
+    assigned_client_id: bool,
+    requested_expiry: u32,
+    expiry: u32,
+    /// Keep-alive as negotiated, in seconds (0: none).
+    keep_alive: u16,
+    server_keep_alive: Option<u16>,
+    last_rx: Instant,
+    connect_deadline: Instant,
+    peer_receive_maximum: u16,
+    peer_max_packet_size: u32,
+    peer_topic_alias_maximum: u16,
+    inbound_aliases: HashMap<u16, String>,
+    outbound_aliases: HashMap<String, u16>,
+    will: Option<PendingWill>,
+    /// Deliveries dropped because they were expired or too large for the client.
+    pub dropped: u64,
+}
+
+impl Channel {
+    pub fn new(limits: Arc<Limits>, now: Instant) -> Self {
+        let connect_deadline = now + limits.connect_timeout;
+        Self {
+            limits,
+            state: State::AwaitConnect,
+            version: ProtocolVersion::V311,
+            out: BytesMut::new(),
+            actions: VecDeque::new(),
+            session: None,
+            client_id: Arc::from(""),
+            assigned_client_id: false,
+            requested_expiry: 0,
+            expiry: 0,
+            keep_alive: 0,
+            server_keep_alive: None,
+            last_rx: now,
+            connect_deadline,
+            peer_receive_maximum: u16::MAX,
+            peer_max_packet_size: u32::MAX,
+            peer_topic_alias_maximum: 0,
+            inbound_aliases: HashMap::new(),
+            outbound_aliases: HashMap::new(),
+            will: None,
+            dropped: 0,
+        }
+    }
+
+    pub fn version(&self) -> ProtocolVersion {
+        self.version
+    }
+
+    pub fn client_id(&self) -> &Arc<str> {
+        &self.client_id
+    }
+
+    pub fn is_closed(&self) -> bool {
+        self.state == State::Closed
+    }
+
+    pub fn is_connected(&self) -> bool {
+        self.state == State::Connected
+    }
+
+    /// Encoded bytes waiting to be written; the driver writes and clears (or advances) them.
+    pub fn out(&mut self) -> &mut BytesMut {
+        &mut self.out
+    }
+
+    pub fn poll_action(&mut self) -> Option<Action> {
+        self.actions.pop_front()
+    }
+
+    /// The next instant at which `handle_timeout` must be called.
+    pub fn poll_timeout(&self) -> Option<Instant> {
+        match self.state {
+            State::AwaitConnect | State::AwaitSession => Some(self.connect_deadline),
+            State::Connected if self.keep_alive > 0 => {
+                // [MQTT-3.1.2-24]: one and a half times the keep-alive.
+                Some(self.last_rx + Duration::from_millis(u64::from(self.keep_alive) * 1500))
+            }
+            _ => None,
+        }
+    }
+
+    pub fn handle_timeout(&mut self, now: Instant) {
+        match self.state {
+            State::AwaitConnect | State::AwaitSession if now >= self.connect_deadline => {
+                self.close(ReasonCode::MAXIMUM_CONNECT_TIME, Initiator::Broker, false, false);
+            }
+            State::Connected => {
+                if self.poll_timeout().is_some_and(|deadline| now >= deadline) {
+                    self.close(ReasonCode::KEEP_ALIVE_TIMEOUT, Initiator::Broker, true, true);
+                }
+            }
+            _ => {}
+        }
+    }
+
+    /// The peer closed the stream or it failed: an abnormal end unless DISCONNECT came first.
+    pub fn handle_transport_closed(&mut self) {
+        if self.state != State::Closed {
+            self.close(ReasonCode::UNSPECIFIED_ERROR, Initiator::Transport, false, true);
+        }
+    }
+
+    /// The broker is stopping: v5 clients hear "Server shutting down"; no will is published.
+    pub fn handle_shutdown(&mut self) {
+        if self.state != State::Closed {
+            self.close(ReasonCode::SERVER_SHUTTING_DOWN, Initiator::Broker, true, false);
+        }
+    }
+
+    /// Another connection claimed this client id [MQTT-3.1.4-3].
+    pub fn handle_takeover(&mut self) {
+        if self.state != State::Closed {
+            self.close(ReasonCode::SESSION_TAKEN_OVER, Initiator::Broker, true, true);
+        }
+    }
+
+    pub fn handle_decode_error(&mut self, err: &DecodeError) {
+        match (self.state, err) {
+            (State::Closed, _) => {}
+            (State::AwaitConnect, DecodeError::UnsupportedProtocol { .. }) => {
+                // Answered in the 3.1.1 form (return code 1): a client of an unknown level
+                // cannot read a v5 CONNACK [MQTT-3.1.2-2].
+                self.version = ProtocolVersion::V311;
+                self.send(&Packet::ConnAck(ConnAck {
+                    session_present: false,
+                    code: ReasonCode::UNSUPPORTED_PROTOCOL_VERSION,
+                    properties: Properties::default(),
+                }));
+                self.close(err.reason_code(), Initiator::Client, false, false);
+            }
+            (State::AwaitConnect, _) => self.close(err.reason_code(), Initiator::Client, false, false),
+            _ => self.close(err.reason_code(), Initiator::Client, true, true),
+        }
+    }
+
+    pub fn handle_packet(&mut self, now: Instant, packet: Packet) {
+        match self.state {
+            State::AwaitConnect => match packet {
+                Packet::Connect(connect) => self.handle_connect(now, *connect),
+                // [MQTT-3.1.0-1] the first packet must be CONNECT.
+                _ => self.close(ReasonCode::PROTOCOL_ERROR, Initiator::Client, false, false),
+            },
+            // Nothing may follow CONNECT before CONNACK is sent; the driver holds input
+            // while the session is being fetched, so anything here is a protocol error.
+            State::AwaitSession => {
+                self.close(ReasonCode::PROTOCOL_ERROR, Initiator::Client, false, true)
+            }
+            State::Connected => {
+                self.last_rx = now;
+                self.handle_connected(now, packet);
+            }
+            State::Closed => {}
+        }
+    }
+
+    fn handle_connected(&mut self, now: Instant, packet: Packet) {
+        match packet {
+            Packet::Publish(publish) => self.handle_publish(now, publish),
+            Packet::PubAck(ack) => {
+                if let Some(session) = self.session.as_mut() {
+                    session.complete(ack.packet_id, false);
+                }
+            }
+            Packet::PubRec(ack) => self.handle_pubrec(ack),
+            Packet::PubRel(ack) => {
+                let known = self
+                    .session
+                    .as_mut()
+                    .is_some_and(|s| s.awaiting_release.remove(&ack.packet_id));
+                let reason =
+                    if known { ReasonCode::SUCCESS } else { ReasonCode::PACKET_IDENTIFIER_NOT_FOUND };
+                self.send(&Packet::PubComp(Ack::new(ack.packet_id, reason)));
+            }
+            Packet::PubComp(ack) => {
+                if let Some(session) = self.session.as_mut() {
+                    session.complete(ack.packet_id, true);
+                }
+            }
+            Packet::Subscribe(subscribe) => self.handle_subscribe(subscribe),
+            Packet::Unsubscribe(unsubscribe) => self.handle_unsubscribe(unsubscribe),
+            Packet::PingReq => self.send(&Packet::PingResp),
+            Packet::Disconnect(disconnect) => self.handle_disconnect(disconnect),
+            // Enhanced authentication is not offered, so AUTH is unexpected [MQTT-4.12.0-1];
+            // a second CONNECT is a protocol error [MQTT-3.1.0-2]; the rest only servers send.
+            Packet::Auth(_)
+            | Packet::Connect(_)
+            | Packet::ConnAck(_)
+            | Packet::SubAck(_)
+            | Packet::UnsubAck(_)
+            | Packet::PingResp => self.protocol_error(ReasonCode::PROTOCOL_ERROR),
+        }
+    }
+
+    fn handle_connect(&mut self, now: Instant, connect: Connect) {
+        self.version = connect.protocol;
+        self.last_rx = now;
+        let limits = Arc::clone(&self.limits);
+        let v5 = self.version.is_v5();
+
+        // Client identifier: 3.1 requires one; 3.1.1 allows an empty one only with a clean
+        // session [MQTT-3.1.3-7, -8]; v5 assigns one to any empty id [MQTT-3.1.3-6].
+        let mut client_id = connect.client_id;
+        if client_id.is_empty() {
+            let allowed = match self.version {
+                ProtocolVersion::V31 => false,
+                ProtocolVersion::V311 => connect.clean_start,
+                ProtocolVersion::V5 => true,
+            };
+            if !allowed {
+                return self.refuse(ReasonCode::CLIENT_IDENTIFIER_NOT_VALID);
+            }
+            client_id = assigned_client_id();
+            self.assigned_client_id = true;
+        }
+        if client_id.len() > limits.max_client_id_len {
+            return self.refuse(ReasonCode::CLIENT_IDENTIFIER_NOT_VALID);
+        }
+
+        let props = &connect.properties;
+        if props.authentication_method.is_some() {
+            return self.refuse(ReasonCode::BAD_AUTHENTICATION_METHOD);
+        }
+        if let Some(will) = &connect.will {
+            if validate_topic_name(&will.topic, limits.max_topic_levels).is_err() {
+                return self.refuse(ReasonCode::TOPIC_NAME_INVALID);
+            }
+            if will.qos > limits.maximum_qos {
+                return self.refuse(ReasonCode::QOS_NOT_SUPPORTED);
+            }
+            if will.retain && !limits.retain_available {
+                return self.refuse(ReasonCode::RETAIN_NOT_SUPPORTED);
+            }
+        }
+
+        self.peer_receive_maximum = props.receive_maximum.unwrap_or(u16::MAX);
+        self.peer_max_packet_size = props.maximum_packet_size.unwrap_or(u32::MAX);
+        self.peer_topic_alias_maximum = props.topic_alias_maximum.unwrap_or(0);
+
+        self.keep_alive = connect.keep_alive;
+        if v5 && limits.max_keepalive > 0 && (connect.keep_alive == 0 || connect.keep_alive > limits.max_keepalive) {
+            self.keep_alive = limits.max_keepalive;
+            self.server_keep_alive = Some(limits.max_keepalive);
+        }
+
+        self.requested_expiry = if v5 {
+            props.session_expiry_interval.unwrap_or(0)
+        } else if connect.clean_start {
+            0
+        } else {
+            limits.v3_session_expiry
+        };
+        self.expiry = self.requested_expiry.min(limits.max_session_expiry);
+
+        self.will = connect.will.map(|will| {
+            let mut properties = will.properties;
+            let delay = properties.will_delay_interval.take().unwrap_or(0);
+            let publish = Publish {
+                dup: false,
+                qos: will.qos,
+                retain: will.retain,
+                topic: will.topic,
+                packet_id: None,
+                properties,
+                payload: will.payload,
+            };
+            PendingWill { message: Message::from_publish(publish, Some(Arc::from(client_id.as_str())), now), delay }
+        });
+
+        self.client_id = Arc::from(client_id);
+        self.state = State::AwaitSession;
+        self.actions.push_back(Action::Connect {
+            client_id: Arc::clone(&self.client_id),
+            clean_start: connect.clean_start,
+        });
+    }
+
+    /// The shell found (or made) the session: send CONNACK and resend what was in flight.
+    /// `session` is `None` for a new session.
+    pub fn accept(&mut self, now: Instant, session: Option<Session>) {
+        if self.state != State::AwaitSession {
+            return;
+        }
+        let session_present = session.is_some();
+        let mut session = session.unwrap_or_else(|| Session::new(self.client_id.to_string(), 0));
+        session.expiry_interval = self.expiry;
+
+        let mut properties = Properties::default();
+        if self.version.is_v5() {
+            let limits = &self.limits;
+            properties.receive_maximum = Some(limits.receive_maximum);
+            properties.maximum_packet_size = Some(limits.max_packet_size);
+            properties.topic_alias_maximum = Some(limits.topic_alias_maximum);
+            properties.retain_available = Some(u8::from(limits.retain_available));
+            properties.wildcard_subscription_available = Some(u8::from(limits.wildcard_subscription_available));
+            properties.subscription_identifier_available =
+                Some(u8::from(limits.subscription_identifiers_available));
+            properties.shared_subscription_available = Some(u8::from(limits.shared_subscription_available));
+            if limits.maximum_qos < QoS::ExactlyOnce {
+                properties.maximum_qos = Some(limits.maximum_qos as u8);
+            }
+            properties.server_keep_alive = self.server_keep_alive;
+            if self.assigned_client_id {
+                properties.assigned_client_identifier = Some(self.client_id.to_string());
+            }
+            if self.expiry != self.requested_expiry {
+                properties.session_expiry_interval = Some(self.expiry);
+            }
+        }
+        self.send(&Packet::ConnAck(ConnAck { session_present, code: ReasonCode::SUCCESS, properties }));
+        self.state = State::Connected;
+
+        // [MQTT-4.4.0-1]: resend unacknowledged PUBLISH (DUP set) and PUBREL, in order.
+        let resend: Vec<(u16, Outgoing)> = session.outgoing.values().cloned().collect();
+        self.session = Some(session);
+        for (id, state) in resend {
+            match state {
+                Outgoing::Publish(delivery) => self.resend(now, &delivery, id),
+                Outgoing::Release => self.send(&Packet::PubRel(Ack::new(id, ReasonCode::SUCCESS))),
+            }
+        }
+    }
+
+    /// The shell could not serve the CONNECT (e.g. the old connection would not let go).
+    pub fn reject(&mut self, code: ReasonCode) {
+        if self.state == State::AwaitSession {
+            self.refuse(code);
+        }
+    }
+
+    fn refuse(&mut self, code: ReasonCode) {
+        self.send(&Packet::ConnAck(ConnAck { session_present: false, code, properties: Properties::default() }));
+        self.will = None;
+        self.close(code, Initiator::Broker, false, false);
+    }
+
+    fn handle_publish(&mut self, now: Instant, mut publish: Publish) {
+        let limits = Arc::clone(&self.limits);
+        if publish.qos > limits.maximum_qos {
+            return self.protocol_error(ReasonCode::QOS_NOT_SUPPORTED);
+        }
+        if publish.retain && !limits.retain_available {
+            return self.protocol_error(ReasonCode::RETAIN_NOT_SUPPORTED);
+        }
+        // [MQTT-3.3.4-6]: only the server sends subscription identifiers.
+        if !publish.properties.subscription_identifiers.is_empty() {
+            return self.protocol_error(ReasonCode::PROTOCOL_ERROR);
+        }
+        if let Some(alias) = publish.properties.topic_alias.take() {
+            // [MQTT-3.3.2-8], [MQTT-3.3.2-9]
+            if alias == 0 || alias > limits.topic_alias_maximum {
+                return self.protocol_error(ReasonCode::TOPIC_ALIAS_INVALID);
+            }
+            if publish.topic.is_empty() {
+                match self.inbound_aliases.get(&alias) {
+                    Some(topic) => publish.topic.clone_from(topic),
+                    None => return self.protocol_error(ReasonCode::TOPIC_ALIAS_INVALID),
+                }
+            } else {
+                self.inbound_aliases.insert(alias, publish.topic.clone());
+            }
+        } else if publish.topic.is_empty() {
+            return self.protocol_error(ReasonCode::PROTOCOL_ERROR);
+        }
+        if validate_topic_name(&publish.topic, limits.max_topic_levels).is_err() {
+            return self.protocol_error(ReasonCode::TOPIC_NAME_INVALID);
+        }
+
+        let mut refused = None;
+        if publish.properties.payload_format_indicator == Some(1) && std::str::from_utf8(&publish.payload).is_err() {
+            refused = Some(ReasonCode::PAYLOAD_FORMAT_INVALID);
+        } else if publish.topic.starts_with("$SYS/") || publish.topic == "$SYS" {
+            // $SYS belongs to the broker: clients cannot inject into it.
+            refused = Some(ReasonCode::NOT_AUTHORIZED);
+        }
+
+        let id = publish.packet_id.unwrap_or(0);
+        match publish.qos {
+            QoS::AtMostOnce => {}
+            QoS::AtLeastOnce => {
+                let reason = refused.unwrap_or(ReasonCode::SUCCESS);
+                self.send(&Packet::PubAck(Ack::new(id, reason)));
+            }
+            QoS::ExactlyOnce => {
+                let Some(session) = self.session.as_mut() else { return };
+                if session.awaiting_release.contains(&id) {
+                    // A resend of a message we already have [MQTT-4.3.3-9]: acknowledge again,
+                    // never route twice.
+                    self.send(&Packet::PubRec(Ack::new(id, ReasonCode::SUCCESS)));
+                    return;
+                }
+                if refused.is_none() {
+                    if session.awaiting_release.len() >= usize::from(limits.receive_maximum) {
+                        return self.protocol_error(ReasonCode::RECEIVE_MAXIMUM_EXCEEDED);
+                    }
+                    session.awaiting_release.insert(id);
+                }
+                let reason = refused.unwrap_or(ReasonCode::SUCCESS);
+                self.send(&Packet::PubRec(Ack::new(id, reason)));
+            }
+        }
+        if refused.is_none() {
+            let message = Message::from_publish(publish, Some(Arc::clone(&self.client_id)), now);
+            self.actions.push_back(Action::Route(Arc::new(message)));
+        }
+    }
+
+    fn handle_pubrec(&mut self, ack: Ack) {
+        let Some(session) = self.session.as_mut() else { return };
+        if ack.reason.is_failure() {
+            session.abandon(ack.packet_id);
+            return;
+        }
+        let reason = if session.received(ack.packet_id) {
+            ReasonCode::SUCCESS
+        } else {
+            ReasonCode::PACKET_IDENTIFIER_NOT_FOUND
+        };
+        self.send(&Packet::PubRel(Ack::new(ack.packet_id, reason)));
+    }
+
+    fn handle_subscribe(&mut self, subscribe: Subscribe) {
+        let limits = Arc::clone(&self.limits);
+        let id = subscribe.properties.subscription_identifiers.first().copied();
+        if id.is_some() && !limits.subscription_identifiers_available {
+            return self.protocol_error(ReasonCode::SUBSCRIPTION_IDENTIFIERS_NOT_SUPPORTED);
+        }
+        // [MQTT-3.8.3-4]: No Local on a shared subscription is a protocol error.
+        if subscribe.filters.iter().any(|(f, o)| o.no_local && is_shared(f)) {
+            return self.protocol_error(ReasonCode::PROTOCOL_ERROR);
+        }
+        let mut reasons = Vec::with_capacity(subscribe.filters.len());
+        for (raw, options) in subscribe.filters {
+            let reason = self.subscribe_one(&raw, options, id, &limits);
+            reasons.push(reason);
+        }
+        self.send(&Packet::SubAck(SubAck {
+            packet_id: subscribe.packet_id,
+            properties: Properties::default(),
+            reasons,
+        }));
+    }
+
+    fn subscribe_one(&mut self, raw: &str, options: SubscriptionOptions, id: Option<u32>, limits: &Limits) -> ReasonCode {
+        let Ok(filter) = TopicFilter::parse(raw, limits.max_topic_levels) else {
+            return ReasonCode::TOPIC_FILTER_INVALID;
+        };
+        if filter.share_group().is_some() && !limits.shared_subscription_available {
+            return ReasonCode::SHARED_SUBSCRIPTIONS_NOT_SUPPORTED;
+        }
+        if filter.has_wildcards() && !limits.wildcard_subscription_available {
+            return ReasonCode::WILDCARD_SUBSCRIPTIONS_NOT_SUPPORTED;
+        }
+        let Some(session) = self.session.as_mut() else { return ReasonCode::UNSPECIFIED_ERROR };
+        let is_new = !session.subscriptions.contains_key(filter.as_str());
+        if is_new && limits.max_subscriptions > 0 && session.subscriptions.len() >= limits.max_subscriptions {
+            return ReasonCode::QUOTA_EXCEEDED;
+        }
+        let granted = options.qos.min(limits.maximum_qos);
+        let subscription = Subscription { filter, options: SubscriptionOptions { qos: granted, ..options }, id };
+        session.subscribe(subscription.clone());
+        // Retain Handling [MQTT-3.3.1-9, -10, -11]; shared subscriptions get no retained
+        // messages on subscribe [MQTT-4.8.2-?] (as EMQX and Mosquitto do).
+        let send_retained = subscription.filter.share_group().is_none()
+            && match options.retain_handling {
+                0 => true,
+                1 => is_new,
+                _ => false,
+            };
+        self.actions.push_back(Action::Subscribe { subscription, send_retained });
+        ReasonCode(granted as u8)
+    }
+
+    fn handle_unsubscribe(&mut self, unsubscribe: Unsubscribe) {
+        let mut reasons = Vec::with_capacity(unsubscribe.filters.len());
+        for raw in unsubscribe.filters {
+            let removed = self.session.as_mut().and_then(|s| s.unsubscribe(&raw));
+            let reason = match removed {
+                Some(subscription) => {
+                    self.actions.push_back(Action::Unsubscribe(subscription.filter));
+                    ReasonCode::SUCCESS
+                }
+                None if TopicFilter::parse(&raw, self.limits.max_topic_levels).is_err() => {
+                    ReasonCode::TOPIC_FILTER_INVALID
+                }
+                None => ReasonCode::NO_SUBSCRIPTION_EXISTED,
+            };
+            reasons.push(reason);
+        }
+        if !self.version.is_v5() {
+            reasons.clear();
+        }
+        self.send(&Packet::UnsubAck(UnsubAck {
+            packet_id: unsubscribe.packet_id,
+            properties: Properties::default(),
+            reasons,
+        }));
+    }
+
+    fn handle_disconnect(&mut self, disconnect: Disconnect) {
+        if let Some(expiry) = disconnect.properties.session_expiry_interval {
+            // [MQTT-3.14.2-2]: a session that was to end with the connection cannot be
+            // extended at DISCONNECT.
+            if self.requested_expiry == 0 && expiry != 0 {
+                return self.protocol_error(ReasonCode::PROTOCOL_ERROR);
+            }
+            self.expiry = expiry.min(self.limits.max_session_expiry);
+            if let Some(session) = self.session.as_mut() {
+                session.expiry_interval = self.expiry;
+            }
+        }
+        // [MQTT-3.14.4-3]: a normal DISCONNECT discards the will; 0x04 keeps it.
+        let keep_will = disconnect.reason == ReasonCode::DISCONNECT_WITH_WILL;
+        self.close(disconnect.reason, Initiator::Client, false, keep_will);
+    }
+
+    fn protocol_error(&mut self, reason: ReasonCode) {
+        self.close(reason, Initiator::Client, true, true);
+    }
+
+    fn close(&mut self, reason: ReasonCode, initiator: Initiator, send_disconnect: bool, publish_will: bool) {
+        if self.state == State::Closed {
+            return;
+        }
+        if send_disconnect && self.state == State::Connected && self.version.is_v5() {
+            self.send(&Packet::Disconnect(Disconnect::new(reason)));
+        }
+        self.state = State::Closed;
+        let will = if publish_will { self.will.take() } else { None };
+        self.will = None;
+        let session = self.session.take();
+        self.actions.push_back(Action::Close(Close { reason, initiator, will, session }));
+    }
+
+    /// Whether the driver may offer another delivery now: connected, the in-flight window has
+    /// room, and the write buffer is not backed up.
+    pub fn can_deliver(&self) -> bool {
+        let window = usize::from(self.peer_receive_maximum.min(self.limits.max_inflight));
+        self.state == State::Connected
+            && self.out.len() < OUT_HIGH_WATER
+            && self.session.as_ref().is_some_and(|s| s.inflight() < window)
+    }
+
+    /// Send one message to this client. Expired messages and messages larger than the
+    /// client's Maximum Packet Size are dropped and counted [MQTT-3.1.2-25].
+    pub fn deliver(&mut self, now: Instant, mut delivery: Delivery) {
+        if self.state != State::Connected || delivery.message.is_expired(now) {
+            self.dropped += 1;
+            return;
+        }
+        delivery.qos = delivery.qos.min(self.limits.maximum_qos);
+        let mut publish = self.build_publish(now, &delivery, false);
+        if delivery.qos != QoS::AtMostOnce {
+            publish.packet_id = Some(u16::MAX); // same size as the id it will get
+        }
+        let mut packet = Packet::Publish(publish);
+        if !self.fits(&packet) {
+            self.dropped += 1;
+            return;
+        }
+        if delivery.qos != QoS::AtMostOnce {
+            let Some(session) = self.session.as_mut() else { return };
+            let Some(id) = session.track(delivery) else {
+                self.dropped += 1;
+                return;
+            };
+            if let Packet::Publish(publish) = &mut packet {
+                publish.packet_id = Some(id);
+            }
+        }
+        self.send_with_alias(packet);
+    }
+
+    /// Resends an unacknowledged PUBLISH after reconnect; one that no longer fits the
+    /// client's Maximum Packet Size is abandoned (counted) rather than kept forever.
+    fn resend(&mut self, now: Instant, delivery: &Delivery, id: u16) {
+        let mut publish = self.build_publish(now, delivery, true);
+        publish.packet_id = Some(id);
+        let packet = Packet::Publish(publish);
+        if self.fits(&packet) {
+            self.send_with_alias(packet);
+        } else if let Some(session) = self.session.as_mut() {
+            session.abandon(id);
+            self.dropped += 1;
+        }
+    }
+
+    fn fits(&self, packet: &Packet) -> bool {
+        codec::encoded_len(packet, self.version) <= self.peer_max_packet_size as usize
+    }
+
+    fn build_publish(&self, now: Instant, delivery: &Delivery, dup: bool) -> Publish {
+        let message = &delivery.message;
+        let mut publish = Publish {
+            dup,
+            qos: delivery.qos,
+            retain: delivery.retain,
+            topic: message.topic.clone(),
+            packet_id: None,
+            properties: Properties::default(),
+            payload: message.payload.clone(),
+        };
+        if self.version.is_v5() {
+            publish.properties = message.properties.clone();
+            // [MQTT-3.3.2-6]: forward the remaining lifetime.
+            publish.properties.message_expiry_interval = message.remaining_expiry(now);
+            publish.properties.subscription_identifiers.clone_from(&delivery.subscription_ids);
+        }
+        publish
+    }
+
+    /// Replaces the topic by an alias the client already knows, or teaches it a new one
+    /// while the client's Topic Alias Maximum allows [MQTT-3.3.2-11].
+    fn send_with_alias(&mut self, mut packet: Packet) {
+        if let Packet::Publish(publish) = &mut packet {
+            if self.peer_topic_alias_maximum > 0 {
+                if let Some(&alias) = self.outbound_aliases.get(&publish.topic) {
+                    publish.properties.topic_alias = Some(alias);
+                    publish.topic.clear();
+                } else if self.outbound_aliases.len() < usize::from(self.peer_topic_alias_maximum) {
+                    let alias = u16::try_from(self.outbound_aliases.len() + 1).expect("bounded by a u16 maximum");
+                    self.outbound_aliases.insert(publish.topic.clone(), alias);
+                    publish.properties.topic_alias = Some(alias);
+                }
+            }
+        }
+        self.send(&packet);
+    }
+
+    fn send(&mut self, packet: &Packet) {
+        codec::encode(packet, self.version, &mut self.out);
+    }
+}
+
+fn is_shared(filter: &str) -> bool {
+    filter.starts_with("$share/") || filter.starts_with("$queue/")
+}
+
+/// A client id for a v5 client that sent none: unique within this process and hard to guess.
+fn assigned_client_id() -> String {
+    use std::hash::{BuildHasher, Hasher};
+    use std::sync::atomic::{AtomicU64, Ordering};
+    static NEXT: AtomicU64 = AtomicU64::new(1);
+    let n = NEXT.fetch_add(1, Ordering::Relaxed);
+    let mut hasher = std::collections::hash_map::RandomState::new().build_hasher();
+    hasher.write_u64(n);
+    format!("petrel-{:016x}{n:x}", hasher.finish())
+}

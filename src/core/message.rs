@@ -1,0 +1,73 @@
+//! An application message as it travels between sessions, and one delivery of it.
+//!
+//! A `Message` is built once per PUBLISH and shared behind an `Arc` by every subscriber; the
+//! payload is a `Bytes` slice of the read buffer, never copied. Expiry is an instant computed
+//! on arrival, so forwarding can tell the remaining lifetime without reading the clock.
+
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+
+use crate::codec::{Properties, Publish, QoS};
+
+#[derive(Debug, Clone)]
+pub struct Message {
+    pub topic: String,
+    pub payload: Bytes,
+    pub qos: QoS,
+    pub retain: bool,
+    /// Properties forwarded unchanged: payload format, content type, response topic,
+    /// correlation data, user properties. Topic alias and subscription ids are per hop and
+    /// never stored here; message expiry is kept as `expires_at`.
+    pub properties: Properties,
+    /// Client id of the publisher (for No Local); `None` for messages the broker originates.
+    pub publisher: Option<Arc<str>>,
+    pub expires_at: Option<Instant>,
+}
+
+impl Message {
+    /// Builds the routed message from an inbound PUBLISH whose topic alias is already resolved.
+    pub fn from_publish(publish: Publish, publisher: Option<Arc<str>>, now: Instant) -> Self {
+        let mut properties = publish.properties;
+        let expires_at = properties
+            .message_expiry_interval
+            .take()
+            .map(|secs| now + Duration::from_secs(u64::from(secs)));
+        properties.topic_alias = None;
+        properties.subscription_identifiers.clear();
+        Self {
+            topic: publish.topic,
+            payload: publish.payload,
+            qos: publish.qos,
+            retain: publish.retain,
+            properties,
+            publisher,
+            expires_at,
+        }
+    }
+
+    pub fn is_expired(&self, now: Instant) -> bool {
+        self.expires_at.is_some_and(|at| at <= now)
+    }
+
+    /// Seconds left, rounded up, as the Message Expiry Interval to forward [MQTT-3.3.2-6].
+    pub fn remaining_expiry(&self, now: Instant) -> Option<u32> {
+        self.expires_at.map(|at| {
+            let left = at.saturating_duration_since(now);
+            let secs = left.as_secs() + u64::from(left.subsec_nanos() > 0);
+            u32::try_from(secs).unwrap_or(u32::MAX)
+        })
+    }
+}
+
+/// One message on its way to one subscriber, after overlapping subscriptions were merged.
+#[derive(Debug, Clone)]
+pub struct Delivery {
+    pub message: Arc<Message>,
+    /// The granted QoS: the message's QoS capped by the subscription's.
+    pub qos: QoS,
+    /// The RETAIN flag to send (retained-on-subscribe, or Retain As Published).
+    pub retain: bool,
+    pub subscription_ids: Vec<u32>,
+}

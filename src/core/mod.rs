@@ -1,0 +1,18 @@
+//! Sans-IO broker logic. Time is passed in as `now`; nothing here reads the clock, spawns a task
+//! or touches a socket, so every behaviour can be driven synchronously in virtual time.
+//!
+//! - `topic`: topic names and filters (validation, matching, shared-subscription syntax).
+//! - `router`: the subscription trie, shared groups with round robin.
+//! - `retain`: retained messages by topic.
+//! - `message`: an application message as routed between sessions, and one delivery of it.
+//! - `session`: what survives a reconnect: subscriptions, in-flight and QoS 2 state.
+//! - `channel`: the per-connection protocol state machine (CONNECT to close).
+//! - `timers`: one deadline table for session expiry and delayed wills.
+
+pub mod channel;
+pub mod message;
+pub mod retain;
+pub mod router;
+pub mod session;
+pub mod timers;
+pub mod topic;

@@ -1,0 +1,577 @@
+//! The subscription trie: which clients want a topic (MQTT 5.0 §4.7, shared subscriptions §4.8.2).
+//!
+//! [`SubscriptionTree`] stores subscriptions by filter level, with `+` and `#` as separate child
+//! slots, so routing a PUBLISH costs one hash lookup per literal level plus the wildcard branches.
+//! Shared groups live on the node of their filter and hand each message to one member, round robin.
+//!
+//! It must not do I/O, read the clock, queue messages or know about sessions: it only answers
+//! "who matches". Every walk (insert, remove, match, drop) is iterative, so a filter or topic with
+//! tens of thousands of levels never costs stack depth.
+
+use std::collections::HashMap;
+use std::hash::Hash;
+use std::sync::atomic::{AtomicUsize, Ordering};
+
+use super::topic::TopicFilter;
+
+/// Subscriptions by filter. `K` identifies a client (e.g. `Arc<str>`), `V` is the caller's
+/// per-subscription data (QoS, options, subscription id, …).
+pub struct SubscriptionTree<K, V> {
+    root: Node<K, V>,
+    len: usize,
+}
+
+/// One filter level. The node reached by a filter's levels holds that filter's subscriptions.
+struct Node<K, V> {
+    children: HashMap<Box<str>, Node<K, V>>,
+    plus: Option<Box<Node<K, V>>>,
+    hash: Option<Box<Node<K, V>>>,
+    subscribers: HashMap<K, V>,
+    groups: Vec<SharedGroup<K, V>>,
+}
+
+/// A `$share/{name}/…` group on one filter: each matching message goes to one member.
+struct SharedGroup<K, V> {
+    name: Box<str>,
+    members: Vec<(K, V)>,
+    /// Index of the member to try first next time. Relaxed: concurrent routers under a read lock
+    /// may occasionally pick the same member, which only perturbs fairness.
+    cursor: AtomicUsize,
+}
+
+impl<K, V> Node<K, V> {
+    fn new() -> Self {
+        Node {
+            children: HashMap::new(),
+            plus: None,
+            hash: None,
+            subscribers: HashMap::new(),
+            groups: Vec::new(),
+        }
+    }
+
+    fn child(&self, level: &str) -> Option<&Node<K, V>> {
+        match level {
+            "+" => self.plus.as_deref(),
+            "#" => self.hash.as_deref(),
+            _ => self.children.get(level),
+        }
+    }
+
+    fn child_mut(&mut self, level: &str) -> Option<&mut Node<K, V>> {
+        match level {
+            "+" => self.plus.as_deref_mut(),
+            "#" => self.hash.as_deref_mut(),
+            _ => self.children.get_mut(level),
+        }
+    }
+
+    fn child_or_insert(&mut self, level: &str) -> &mut Node<K, V> {
+        match level {
+            "+" => self.plus.get_or_insert_with(|| Box::new(Node::new())),
+            "#" => self.hash.get_or_insert_with(|| Box::new(Node::new())),
+            _ => self.children.entry(level.into()).or_insert_with(Node::new),
+        }
+    }
+
+    fn remove_child(&mut self, level: &str) {
+        match level {
+            "+" => self.plus = None,
+            "#" => self.hash = None,
+            _ => {
+                self.children.remove(level);
+            }
+        }
+    }
+
+    fn child_count(&self) -> usize {
+        self.children.len() + usize::from(self.plus.is_some()) + usize::from(self.hash.is_some())
+    }
+
+    fn has_subscriptions(&self) -> bool {
+        !self.subscribers.is_empty() || !self.groups.is_empty()
+    }
+
+    fn is_empty(&self) -> bool {
+        !self.has_subscriptions() && self.child_count() == 0
+    }
+}
+
+impl<K, V> Drop for Node<K, V> {
+    /// Tears the subtree down with an explicit stack: the derived drop would recurse once per level.
+    fn drop(&mut self) {
+        let mut stack: Vec<Node<K, V>> = Vec::new();
+        detach_children(self, &mut stack);
+        while let Some(mut node) = stack.pop() {
+            detach_children(&mut node, &mut stack);
+        }
+    }
+}
+
+fn detach_children<K, V>(node: &mut Node<K, V>, stack: &mut Vec<Node<K, V>>) {
+    stack.extend(std::mem::take(&mut node.children).into_values());
+    stack.extend(node.plus.take().map(|b| *b));
+    stack.extend(node.hash.take().map(|b| *b));
+}
+
+impl<K: Eq + Hash + Clone, V> Default for SubscriptionTree<K, V> {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl<K, V> std::fmt::Debug for SubscriptionTree<K, V> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("SubscriptionTree")
+            .field("len", &self.len)
+            .finish_non_exhaustive()
+    }
+}
+
+impl<K: Eq + Hash + Clone, V> SubscriptionTree<K, V> {
+    pub fn new() -> Self {
+        SubscriptionTree {
+            root: Node::new(),
+            len: 0,
+        }
+    }
+
+    /// Inserts or replaces `client`'s subscription on `filter`. A shared filter joins group
+    /// `share_group()` on `filter()`; a client's shared and plain subscriptions on the same filter
+    /// are distinct. Returns the previous value for exactly this (client, `filter.as_str()`).
+    pub fn insert(&mut self, filter: &TopicFilter, client: K, value: V) -> Option<V> {
+        let mut node = &mut self.root;
+        for level in filter.filter().split('/') {
+            node = node.child_or_insert(level);
+        }
+        let previous = match filter.share_group() {
+            None => node.subscribers.insert(client, value),
+            Some(name) => {
+                let group = match node.groups.iter().position(|g| &*g.name == name) {
+                    Some(i) => &mut node.groups[i],
+                    None => {
+                        node.groups.push(SharedGroup {
+                            name: name.into(),
+                            members: Vec::new(),
+                            cursor: AtomicUsize::new(0),
+                        });
+                        let last = node.groups.len() - 1;
+                        &mut node.groups[last]
+                    }
+                };
+                match group.members.iter_mut().find(|(k, _)| *k == client) {
+                    Some((_, v)) => Some(std::mem::replace(v, value)),
+                    None => {
+                        group.members.push((client, value));
+                        None
+                    }
+                }
+            }
+        };
+        if previous.is_none() {
+            self.len += 1;
+        }
+        previous
+    }
+
+    /// Removes `client`'s subscription on exactly `filter` (shared or plain), pruning nodes left
+    /// empty.
+    pub fn remove(&mut self, filter: &TopicFilter, client: &K) -> Option<V> {
+        let mut node = &mut self.root;
+        for level in filter.filter().split('/') {
+            node = node.child_mut(level)?;
+        }
+        let removed = match filter.share_group() {
+            None => node.subscribers.remove(client),
+            Some(name) => {
+                let gi = node.groups.iter().position(|g| &*g.name == name)?;
+                let group = &mut node.groups[gi];
+                let mi = group.members.iter().position(|(k, _)| k == client)?;
+                // Order is kept so that the round robin stays fair to the remaining members.
+                let (_, v) = group.members.remove(mi);
+                if group.members.is_empty() {
+                    node.groups.swap_remove(gi);
+                }
+                Some(v)
+            }
+        }?;
+        self.len -= 1;
+        if node.is_empty() {
+            self.prune(filter.filter());
+        }
+        Some(removed)
+    }
+
+    /// Removes the chain of empty nodes ending at `filter`'s (empty, childless) node.
+    ///
+    /// One walk finds the deepest ancestor that must stay (the root, or a node with
+    /// subscriptions or another child); a second walk cuts the branch below it.
+    fn prune(&mut self, filter: &str) {
+        let mut cut_depth = 0usize;
+        let mut node = &self.root;
+        for (depth, level) in filter.split('/').enumerate() {
+            if depth > 0 && (node.has_subscriptions() || node.child_count() > 1) {
+                cut_depth = depth;
+            }
+            match node.child(level) {
+                Some(child) => node = child,
+                None => return,
+            }
+        }
+        let mut levels = filter.split('/');
+        let mut node = &mut self.root;
+        for _ in 0..cut_depth {
+            let Some(level) = levels.next() else { return };
+            match node.child_mut(level) {
+                Some(child) => node = child,
+                None => return,
+            }
+        }
+        if let Some(level) = levels.next() {
+            node.remove_child(level);
+        }
+    }
+
+    /// The value of `client`'s subscription on exactly `filter` (shared or plain).
+    pub fn get(&self, filter: &TopicFilter, client: &K) -> Option<&V> {
+        let mut node = &self.root;
+        for level in filter.filter().split('/') {
+            node = node.child(level)?;
+        }
+        match filter.share_group() {
+            None => node.subscribers.get(client),
+            Some(name) => node
+                .groups
+                .iter()
+                .find(|g| &*g.name == name)?
+                .members
+                .iter()
+                .find(|(k, _)| k == client)
+                .map(|(_, v)| v),
+        }
+    }
+
+    /// Calls `visit(client, value)` once for every matching non-shared subscription and, for each
+    /// matching shared group, once for one member chosen round robin among the members for which
+    /// `eligible(client, value)` holds (among all members if none is eligible).
+    ///
+    /// `topic` is a valid topic name. Filters starting with a wildcard do not match topics
+    /// starting with `$` [MQTT-4.7.2-1].
+    pub fn for_each_match(
+        &self,
+        topic: &str,
+        eligible: impl Fn(&K, &V) -> bool,
+        mut visit: impl FnMut(&K, &V),
+    ) {
+        let dollar = topic.starts_with('$');
+        let mut frontier: Vec<&Node<K, V>> = vec![&self.root];
+        let mut next: Vec<&Node<K, V>> = Vec::new();
+        for (depth, level) in topic.split('/').enumerate() {
+            let wildcards_allowed = !(depth == 0 && dollar);
+            for node in frontier.drain(..) {
+                if wildcards_allowed {
+                    if let Some(hash) = node.hash.as_deref() {
+                        visit_node(hash, &eligible, &mut visit);
+                    }
+                    if let Some(plus) = node.plus.as_deref() {
+                        next.push(plus);
+                    }
+                }
+                if let Some(child) = node.children.get(level) {
+                    next.push(child);
+                }
+            }
+            if next.is_empty() {
+                return;
+            }
+            std::mem::swap(&mut frontier, &mut next);
+        }
+        for node in frontier {
+            visit_node(node, &eligible, &mut visit);
+            // `a/#` also matches `a` [MQTT-4.7.1-1].
+            if let Some(hash) = node.hash.as_deref() {
+                visit_node(hash, &eligible, &mut visit);
+            }
+        }
+    }
+
+    /// The number of (client, filter) subscriptions, shared ones included.
+    pub fn len(&self) -> usize {
+        self.len
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len == 0
+    }
+}
+
+/// Visits every plain subscriber of `node` and one member of each of its shared groups.
+fn visit_node<K, V>(
+    node: &Node<K, V>,
+    eligible: &impl Fn(&K, &V) -> bool,
+    visit: &mut impl FnMut(&K, &V),
+) {
+    for (k, v) in &node.subscribers {
+        visit(k, v);
+    }
+    for group in &node.groups {
+        let n = group.members.len();
+        if n == 0 {
+            continue;
+        }
+        let start = group.cursor.load(Ordering::Relaxed) % n;
+        let chosen = (0..n)
+            .map(|i| (start + i) % n)
+            .find(|&i| {
+                let (k, v) = &group.members[i];
+                eligible(k, v)
+            })
+            .unwrap_or(start);
+        group
+            .cursor
+            .store(chosen.wrapping_add(1), Ordering::Relaxed);
+        let (k, v) = &group.members[chosen];
+        visit(k, v);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::core::topic::filter_matches;
+    use proptest::prelude::*;
+    use std::collections::BTreeMap;
+
+    fn tf(s: &str) -> TopicFilter {
+        TopicFilter::parse(s, 0).unwrap()
+    }
+
+    fn matches_of(tree: &SubscriptionTree<u32, String>, topic: &str) -> Vec<(u32, String)> {
+        let mut out = Vec::new();
+        tree.for_each_match(topic, |_, _| true, |k, v| out.push((*k, v.clone())));
+        out.sort();
+        out
+    }
+
+    impl<K, V> SubscriptionTree<K, V> {
+        fn node_count(&self) -> usize {
+            let mut count = 0;
+            let mut stack = vec![&self.root];
+            while let Some(n) = stack.pop() {
+                count += 1;
+                stack.extend(n.children.values());
+                stack.extend(n.plus.as_deref());
+                stack.extend(n.hash.as_deref());
+            }
+            count
+        }
+    }
+
+    #[test]
+    fn insert_replace_remove_counts() {
+        let mut t = SubscriptionTree::new();
+        assert!(t.is_empty());
+        assert_eq!(t.insert(&tf("a/b"), 1u32, "x"), None);
+        assert_eq!(t.insert(&tf("a/b"), 2, "y"), None);
+        assert_eq!(t.insert(&tf("a/b"), 1, "z"), Some("x"));
+        assert_eq!(t.insert(&tf("$share/g/a/b"), 1, "s"), None);
+        assert_eq!(t.insert(&tf("$share/g/a/b"), 1, "s2"), Some("s"));
+        assert_eq!(t.len(), 3);
+        assert_eq!(t.get(&tf("a/b"), &1), Some(&"z"));
+        assert_eq!(t.get(&tf("$share/g/a/b"), &1), Some(&"s2"));
+        assert_eq!(t.get(&tf("$share/h/a/b"), &1), None);
+        assert_eq!(t.get(&tf("a/+"), &1), None);
+        assert_eq!(t.remove(&tf("a/+"), &1), None);
+        assert_eq!(t.remove(&tf("a/b"), &3), None);
+        assert_eq!(t.remove(&tf("$share/h/a/b"), &1), None);
+        assert_eq!(t.remove(&tf("$share/g/a/b"), &2), None);
+        assert_eq!(t.len(), 3);
+        assert_eq!(t.remove(&tf("$share/g/a/b"), &1), Some("s2"));
+        assert_eq!(t.remove(&tf("a/b"), &1), Some("z"));
+        assert_eq!(t.get(&tf("a/b"), &1), None);
+        assert_eq!(t.len(), 1);
+        assert_eq!(t.remove(&tf("a/b"), &2), Some("y"));
+        assert!(t.is_empty());
+    }
+
+    #[test]
+    fn removal_prunes() {
+        let mut t = SubscriptionTree::new();
+        t.insert(&tf("a/b/c/d"), 1u32, ());
+        t.insert(&tf("a/b"), 1, ());
+        t.insert(&tf("a/+/#"), 1, ());
+        t.insert(&tf("$share/g/x/y"), 1, ());
+        assert_eq!(t.node_count(), 1 + 4 + 2 + 2);
+        t.remove(&tf("a/b/c/d"), &1);
+        assert_eq!(t.node_count(), 1 + 2 + 2 + 2);
+        t.remove(&tf("a/b"), &1);
+        assert_eq!(t.node_count(), 1 + 1 + 2 + 2);
+        t.remove(&tf("$share/g/x/y"), &1);
+        assert_eq!(t.node_count(), 1 + 1 + 2);
+        t.remove(&tf("a/+/#"), &1);
+        assert_eq!(t.node_count(), 1);
+        assert!(t.is_empty());
+    }
+
+    #[test]
+    fn shared_round_robin_is_even() {
+        let mut t = SubscriptionTree::new();
+        for c in 0..3u32 {
+            t.insert(&tf("$share/g/s/+"), c, ());
+        }
+        let mut counts = [0usize; 3];
+        let mut order = Vec::new();
+        for _ in 0..30 {
+            t.for_each_match(
+                "s/x",
+                |_, _| true,
+                |k, _| {
+                    counts[*k as usize] += 1;
+                    order.push(*k);
+                },
+            );
+        }
+        assert_eq!(counts, [10, 10, 10]);
+        // Consecutive deliveries go to different members.
+        assert!(order.windows(2).all(|w| w[0] != w[1]), "{order:?}");
+    }
+
+    #[test]
+    fn eligibility_skips_members() {
+        let mut t = SubscriptionTree::new();
+        for c in 0..4u32 {
+            t.insert(&tf("$share/g/s"), c, ());
+        }
+        let mut got = Vec::new();
+        for _ in 0..6 {
+            t.for_each_match("s", |k, _| *k % 2 == 1, |k, _| got.push(*k));
+        }
+        assert_eq!(got, [1, 3, 1, 3, 1, 3]);
+        // Nobody eligible: still delivered, round robin over all.
+        let mut got = Vec::new();
+        for _ in 0..8 {
+            t.for_each_match("s", |_, _| false, |k, _| got.push(*k));
+        }
+        got.sort();
+        assert_eq!(got, [0, 0, 1, 1, 2, 2, 3, 3]);
+    }
+
+    #[test]
+    fn separate_groups_each_get_one() {
+        let mut t = SubscriptionTree::new();
+        t.insert(&tf("$share/g/s"), 1u32, ());
+        t.insert(&tf("$share/g/s"), 2, ());
+        t.insert(&tf("$share/h/s"), 3, ());
+        t.insert(&tf("$share/h/+"), 4, ());
+        let mut got = Vec::new();
+        t.for_each_match("s", |_, _| true, |k, _| got.push(*k));
+        got.sort();
+        assert_eq!(got.len(), 3);
+        assert!(got.contains(&3) && got.contains(&4));
+    }
+
+    #[test]
+    fn plain_and_shared_on_same_filter_both_visited() {
+        let mut t = SubscriptionTree::new();
+        t.insert(&tf("a/#"), 7u32, "plain".to_string());
+        t.insert(&tf("$share/g/a/#"), 7, "shared".to_string());
+        assert_eq!(
+            matches_of(&t, "a/b"),
+            [(7, "plain".to_string()), (7, "shared".to_string())]
+        );
+        assert_eq!(matches_of(&t, "a").len(), 2);
+    }
+
+    #[test]
+    fn dollar_rule_and_parent_match() {
+        let mut t = SubscriptionTree::new();
+        for (c, f) in ["#", "+/x", "$SYS/#", "a/#", "+"].iter().enumerate() {
+            t.insert(&tf(f), c as u32, f.to_string());
+        }
+        let names =
+            |topic| -> Vec<String> { matches_of(&t, topic).into_iter().map(|(_, f)| f).collect() };
+        assert_eq!(names("$SYS/x"), ["$SYS/#"]);
+        assert_eq!(names("$SYS"), ["$SYS/#"]);
+        assert_eq!(names("a"), ["#", "a/#", "+"]); // sorted by client
+        assert_eq!(names("b/x"), ["#", "+/x"]);
+        assert!(names("$x").is_empty());
+    }
+
+    #[test]
+    fn deep_filters_and_topics_do_not_recurse() {
+        // 60 001 empty levels; the `#` variant stays under the 65535-byte limit.
+        let deep = "/".repeat(60_000);
+        let mut t = SubscriptionTree::new();
+        t.insert(&tf(&deep), 1u32, ());
+        t.insert(&tf(&format!("{deep}#")), 2u32, ());
+        let mut got = Vec::new();
+        t.for_each_match(&deep, |_, _| true, |k, _| got.push(*k));
+        got.sort();
+        assert_eq!(got, [1, 2]);
+        assert_eq!(t.remove(&tf(&deep), &1), Some(()));
+        assert_eq!(t.remove(&tf(&format!("{deep}#")), &2), Some(()));
+        assert_eq!(t.node_count(), 1);
+        t.insert(&tf(&deep), 1u32, ());
+        drop(t); // iterative drop of a 60 001-level chain
+    }
+
+    fn level() -> impl Strategy<Value = &'static str> {
+        prop::sample::select(vec!["a", "b", "$x", ""])
+    }
+
+    fn filter_strategy() -> impl Strategy<Value = String> {
+        (
+            prop::collection::vec(prop_oneof![3 => level(), 1 => Just("+")], 1..4),
+            any::<bool>(),
+        )
+            .prop_map(|(mut levels, hash)| {
+                if hash {
+                    levels.push("#");
+                }
+                levels.join("/")
+            })
+            .prop_filter("non-empty", |s| !s.is_empty())
+    }
+
+    fn topic_strategy() -> impl Strategy<Value = String> {
+        prop::collection::vec(level(), 1..5)
+            .prop_map(|levels| levels.join("/"))
+            .prop_filter("non-empty", |s| !s.is_empty())
+    }
+
+    proptest! {
+        #[test]
+        fn matches_model(
+            subs in prop::collection::vec((filter_strategy(), 0u32..4), 0..40),
+            removals in prop::collection::vec((filter_strategy(), 0u32..4), 0..20),
+            topics in prop::collection::vec(topic_strategy(), 1..20),
+        ) {
+            let mut tree = SubscriptionTree::new();
+            let mut model: BTreeMap<(String, u32), ()> = BTreeMap::new();
+            for (f, c) in &subs {
+                let prev = tree.insert(&tf(f), *c, f.clone());
+                prop_assert_eq!(prev.is_some(), model.insert((f.clone(), *c), ()).is_some());
+            }
+            for (f, c) in &removals {
+                let removed = tree.remove(&tf(f), c);
+                prop_assert_eq!(removed.is_some(), model.remove(&(f.clone(), *c)).is_some());
+            }
+            prop_assert_eq!(tree.len(), model.len());
+            for topic in &topics {
+                let mut want: Vec<(u32, String)> = model
+                    .keys()
+                    .filter(|(f, _)| filter_matches(f, topic))
+                    .map(|(f, c)| (*c, f.clone()))
+                    .collect();
+                want.sort();
+                prop_assert_eq!(matches_of(&tree, topic), want, "topic {}", topic);
+            }
+            let keys: Vec<_> = model.keys().cloned().collect();
+            for (f, c) in keys {
+                prop_assert!(tree.remove(&tf(&f), &c).is_some());
+            }
+            prop_assert!(tree.is_empty());
+            prop_assert_eq!(tree.node_count(), 1);
+        }
+    }
+}

@@ -1,0 +1,195 @@
+//! What survives a reconnect: a client's subscriptions, its unacknowledged outgoing messages
+//! and the ids of inbound QoS 2 messages awaiting PUBREL.
+//!
+//! A `Session` is owned by exactly one place at a time: the connection serving the client, or
+//! the broker's table of offline sessions. It holds no I/O handles; the broker pairs it with a
+//! mailbox for deliveries that wait for a window.
+
+use std::collections::{BTreeMap, HashMap, HashSet};
+
+use crate::codec::{QoS, SubscriptionOptions};
+use crate::core::message::Delivery;
+use crate::core::topic::TopicFilter;
+
+/// One subscription as the session remembers it (the router holds a mirror).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Subscription {
+    pub filter: TopicFilter,
+    pub options: SubscriptionOptions,
+    pub id: Option<u32>,
+}
+
+/// The state of one outgoing QoS 1/2 message.
+#[derive(Debug, Clone)]
+pub enum Outgoing {
+    /// QoS 1 sent, waiting for PUBACK; or QoS 2 sent, waiting for PUBREC.
+    Publish(Delivery),
+    /// QoS 2 PUBREL sent, waiting for PUBCOMP.
+    Release,
+}
+
+#[derive(Debug)]
+pub struct Session {
+    pub client_id: String,
+    /// Seconds the session outlives its connection (0: ends with the connection).
+    pub expiry_interval: u32,
+    /// Keyed by the filter exactly as subscribed (including any `$share/group/` prefix).
+    pub subscriptions: HashMap<String, Subscription>,
+    /// Outgoing messages by packet id, in the order they were sent (ids are handed out in order,
+    /// so a map ordered by send sequence keeps the resend order of [MQTT-4.4.0-1]).
+    pub outgoing: BTreeMap<u64, (u16, Outgoing)>,
+    ids_in_use: HashMap<u16, u64>,
+    next_packet_id: u16,
+    next_seq: u64,
+    /// Inbound QoS 2 packet ids for which PUBREC was sent and PUBREL not yet received.
+    pub awaiting_release: HashSet<u16>,
+}
+
+impl Session {
+    pub fn new(client_id: String, expiry_interval: u32) -> Self {
+        Self {
+            client_id,
+            expiry_interval,
+            subscriptions: HashMap::new(),
+            outgoing: BTreeMap::new(),
+            ids_in_use: HashMap::new(),
+            next_packet_id: 1,
+            next_seq: 0,
+            awaiting_release: HashSet::new(),
+        }
+    }
+
+    pub fn inflight(&self) -> usize {
+        self.outgoing.len()
+    }
+
+    /// Records an outgoing QoS 1/2 delivery under a fresh packet id. `None` if all 65,535 ids
+    /// are in use (the caller's window keeps that from happening).
+    pub fn track(&mut self, delivery: Delivery) -> Option<u16> {
+        debug_assert!(delivery.qos != QoS::AtMostOnce);
+        if self.ids_in_use.len() >= usize::from(u16::MAX) {
+            return None;
+        }
+        let id = loop {
+            let id = self.next_packet_id;
+            self.next_packet_id = self.next_packet_id.checked_add(1).unwrap_or(1);
+            if !self.ids_in_use.contains_key(&id) {
+                break id;
+            }
+        };
+        let seq = self.next_seq;
+        self.next_seq += 1;
+        self.ids_in_use.insert(id, seq);
+        self.outgoing.insert(seq, (id, Outgoing::Publish(delivery)));
+        Some(id)
+    }
+
+    /// PUBACK (QoS 1) or PUBCOMP (QoS 2): forget the id. Returns whether it matched the
+    /// expected state.
+    pub fn complete(&mut self, id: u16, qos2: bool) -> bool {
+        let Some(&seq) = self.ids_in_use.get(&id) else { return false };
+        let expected = match self.outgoing.get(&seq) {
+            Some((_, Outgoing::Publish(d))) => !qos2 && d.qos == QoS::AtLeastOnce,
+            Some((_, Outgoing::Release)) => qos2,
+            None => false,
+        };
+        if expected {
+            self.outgoing.remove(&seq);
+            self.ids_in_use.remove(&id);
+        }
+        expected
+    }
+
+    /// PUBREC: the QoS 2 message moves to the release phase. Returns whether the id was
+    /// awaiting PUBREC or already releasing (a repeated PUBREC is answered again).
+    pub fn received(&mut self, id: u16) -> bool {
+        let Some(&seq) = self.ids_in_use.get(&id) else { return false };
+        match self.outgoing.get_mut(&seq) {
+            Some((_, state @ Outgoing::Publish(_))) => {
+                if let Outgoing::Publish(d) = state {
+                    if d.qos != QoS::ExactlyOnce {
+                        return false;
+                    }
+                }
+                *state = Outgoing::Release;
+                true
+            }
+            Some((_, Outgoing::Release)) => true,
+            None => false,
+        }
+    }
+
+    /// PUBREC with a failure reason: the message is finished without a release.
+    pub fn abandon(&mut self, id: u16) {
+        if let Some(seq) = self.ids_in_use.remove(&id) {
+            self.outgoing.remove(&seq);
+        }
+    }
+
+    pub fn subscribe(&mut self, sub: Subscription) -> bool {
+        self.subscriptions.insert(sub.filter.as_str().to_owned(), sub).is_some()
+    }
+
+    pub fn unsubscribe(&mut self, filter: &str) -> Option<Subscription> {
+        self.subscriptions.remove(filter)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::core::message::Message;
+    use bytes::Bytes;
+    use std::sync::Arc;
+
+    fn delivery(qos: QoS) -> Delivery {
+        Delivery {
+            message: Arc::new(Message {
+                topic: "t".into(),
+                payload: Bytes::from_static(b"x"),
+                qos,
+                retain: false,
+                properties: Default::default(),
+                publisher: None,
+                expires_at: None,
+            }),
+            qos,
+            retain: false,
+            subscription_ids: Vec::new(),
+        }
+    }
+
+    #[test]
+    fn qos1_is_tracked_until_puback() {
+        let mut s = Session::new("c".into(), 0);
+        let id = s.track(delivery(QoS::AtLeastOnce)).unwrap();
+        assert_eq!(s.inflight(), 1);
+        assert!(!s.complete(id, true), "PUBCOMP does not complete a QoS 1 message");
+        assert!(s.complete(id, false));
+        assert_eq!(s.inflight(), 0);
+        assert!(!s.complete(id, false), "a second PUBACK is unknown");
+    }
+
+    #[test]
+    fn qos2_goes_through_release_before_completion() {
+        let mut s = Session::new("c".into(), 0);
+        let id = s.track(delivery(QoS::ExactlyOnce)).unwrap();
+        assert!(!s.complete(id, true), "PUBCOMP before PUBREC is out of order");
+        assert!(s.received(id));
+        assert!(matches!(s.outgoing.values().next(), Some((_, Outgoing::Release))));
+        assert!(s.complete(id, true));
+        assert_eq!(s.inflight(), 0);
+    }
+
+    #[test]
+    fn packet_ids_skip_ids_in_use_and_wrap() {
+        let mut s = Session::new("c".into(), 0);
+        s.next_packet_id = u16::MAX;
+        let a = s.track(delivery(QoS::AtLeastOnce)).unwrap();
+        let b = s.track(delivery(QoS::AtLeastOnce)).unwrap();
+        assert_eq!((a, b), (u16::MAX, 1));
+        s.next_packet_id = u16::MAX;
+        let c = s.track(delivery(QoS::AtLeastOnce)).unwrap();
+        assert_eq!(c, 2, "ids in use are skipped and 0 is never used");
+    }
+}

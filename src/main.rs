@@ -1,0 +1,135 @@
+//! The `petrel` command: runs the broker (the default) and its tools.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use anyhow::Context as _;
+use clap::{Parser, Subcommand};
+use petrel::broker::RunningBroker;
+use petrel::config::Config;
+use tracing_subscriber::EnvFilter;
+
+/// Petrel, a QUIC-first MQTT broker (MQTT 3.1, 3.1.1 and 5.0).
+///
+/// With no arguments it serves MQTT on 0.0.0.0:1883 with the defaults documented in
+/// petrel.example.toml. Naming any listener on the command line (--tcp) starts only the
+/// listeners named there. Environment variables PETREL_SECTION__KEY=value override the file;
+/// --set section.key=value overrides both.
+#[derive(Debug, Parser)]
+#[command(version, args_conflicts_with_subcommands = true)]
+struct Cli {
+    #[command(subcommand)]
+    command: Option<Command>,
+    #[command(flatten)]
+    serve: ServeArgs,
+}
+
+#[derive(Debug, clap::Args)]
+struct ServeArgs {
+    /// TOML configuration file.
+    #[arg(long, value_name = "FILE")]
+    config: Option<PathBuf>,
+    /// Directory for persistent state [default: ./data, or broker.data_dir].
+    #[arg(long, value_name = "DIR")]
+    data_dir: Option<PathBuf>,
+    /// Serve MQTT over TCP on ADDR (repeatable), e.g. 127.0.0.1:1883.
+    #[arg(long, value_name = "ADDR")]
+    tcp: Vec<SocketAddr>,
+    /// Override one setting, e.g. --set mqtt.max_packet_size=65536 (repeatable).
+    #[arg(long, value_name = "KEY=VALUE")]
+    set: Vec<String>,
+}
+
+#[derive(Debug, Subcommand)]
+enum Command {
+    /// Run the broker (the default when no command is given).
+    Serve(ServeArgs),
+    /// Validate a configuration file; exits non-zero naming the offending key.
+    CheckConfig {
+        /// The file to check.
+        file: PathBuf,
+    },
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    match cli.command {
+        Some(Command::CheckConfig { file }) => match Config::load(Some(&file), std::env::vars(), &[]) {
+            Ok(_) => {
+                println!("{}: ok", file.display());
+                ExitCode::SUCCESS
+            }
+            Err(err) => {
+                eprintln!("error: {err}");
+                ExitCode::FAILURE
+            }
+        },
+        Some(Command::Serve(args)) => run(args),
+        None => run(cli.serve),
+    }
+}
+
+fn run(args: ServeArgs) -> ExitCode {
+    let mut config = match Config::load(args.config.as_deref(), std::env::vars(), &args.set) {
+        Ok(config) => config,
+        Err(err) => {
+            eprintln!("error: {err}");
+            return ExitCode::FAILURE;
+        }
+    };
+    config.override_listeners(&args.tcp);
+    if let Some(dir) = args.data_dir {
+        config.broker.data_dir = dir;
+    }
+    let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new(&config.log.level));
+    tracing_subscriber::fmt().with_env_filter(filter).init();
+
+    let runtime = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
+        Ok(runtime) => runtime,
+        Err(err) => {
+            eprintln!("error: cannot start the runtime: {err}");
+            return ExitCode::FAILURE;
+        }
+    };
+    match runtime.block_on(serve(config)) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(err) => {
+            tracing::error!("{err:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+async fn serve(config: Config) -> anyhow::Result<()> {
+    std::fs::create_dir_all(&config.broker.data_dir)
+        .with_context(|| format!("cannot create the data directory {}", config.broker.data_dir.display()))?;
+    let broker = RunningBroker::start(&config).await?;
+    tracing::info!(data_dir = %config.broker.data_dir.display(), "petrel {} ready", env!("CARGO_PKG_VERSION"));
+    wait_for_signal().await;
+    tracing::info!("shutting down");
+    broker.shutdown().await;
+    Ok(())
+}
+
+async fn wait_for_signal() {
+    #[cfg(unix)]
+    {
+        use tokio::signal::unix::{signal, SignalKind};
+        match signal(SignalKind::terminate()) {
+            Ok(mut term) => {
+                tokio::select! {
+                    _ = tokio::signal::ctrl_c() => {}
+                    _ = term.recv() => {}
+                }
+            }
+            Err(_) => {
+                let _ = tokio::signal::ctrl_c().await;
+            }
+        }
+    }
+    #[cfg(not(unix))]
+    {
+        let _ = tokio::signal::ctrl_c().await;
+    }
+}
