@@ -23,7 +23,10 @@ pub const MAX_PACKET_SIZE_CEILING: u32 = 268_435_455 + 5;
 #[derive(Debug, thiserror::Error)]
 pub enum ConfigError {
     #[error("cannot read {path}: {source}")]
-    Read { path: PathBuf, source: std::io::Error },
+    Read {
+        path: PathBuf,
+        source: std::io::Error,
+    },
     #[error("{origin}: {message}")]
     Parse { origin: String, message: String },
     #[error("invalid value for `{key}`: {message}")]
@@ -47,7 +50,10 @@ impl Default for Config {
             mqtt: MqttSection::default(),
             session: SessionSection::default(),
             log: LogSection::default(),
-            listeners: vec![ListenerConfig { kind: ListenerKind::Tcp, bind: SocketAddr::from(([0, 0, 0, 0], 1883)) }],
+            listeners: vec![ListenerConfig {
+                kind: ListenerKind::Tcp,
+                bind: SocketAddr::from(([0, 0, 0, 0], 1883)),
+            }],
         }
     }
 }
@@ -64,7 +70,10 @@ pub struct BrokerSection {
 
 impl Default for BrokerSection {
     fn default() -> Self {
-        Self { data_dir: PathBuf::from("./data"), close_linger: Duration::from_secs(5) }
+        Self {
+            data_dir: PathBuf::from("./data"),
+            close_linger: Duration::from_secs(5),
+        }
     }
 }
 
@@ -143,7 +152,9 @@ pub struct LogSection {
 
 impl Default for LogSection {
     fn default() -> Self {
-        Self { level: "info".into() }
+        Self {
+            level: "info".into(),
+        }
     }
 }
 
@@ -178,18 +189,31 @@ impl Config {
     ) -> Result<Self, ConfigError> {
         let (mut table, origin) = match path {
             Some(path) => {
-                let text = std::fs::read_to_string(path)
-                    .map_err(|source| ConfigError::Read { path: path.to_owned(), source })?;
-                let table: toml::Table = toml::from_str(&text)
-                    .map_err(|e| ConfigError::Parse { origin: path.display().to_string(), message: e.to_string() })?;
+                let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+                    path: path.to_owned(),
+                    source,
+                })?;
+                let table: toml::Table = toml::from_str(&text).map_err(|e| ConfigError::Parse {
+                    origin: path.display().to_string(),
+                    message: e.to_string(),
+                })?;
                 (table, path.display().to_string())
             }
             None => (toml::Table::new(), "configuration".to_owned()),
         };
         for (name, value) in env {
-            let Some(rest) = name.strip_prefix("PETREL_") else { continue };
-            let Some((section, key)) = rest.split_once("__") else { continue };
-            set_key(&mut table, &section.to_lowercase(), &key.to_lowercase(), &value);
+            let Some(rest) = name.strip_prefix("PETREL_") else {
+                continue;
+            };
+            let Some((section, key)) = rest.split_once("__") else {
+                continue;
+            };
+            set_key(
+                &mut table,
+                &section.to_lowercase(),
+                &key.to_lowercase(),
+                &value,
+            );
         }
         for set in sets {
             let (path, value) = set.split_once('=').ok_or_else(|| ConfigError::Invalid {
@@ -203,19 +227,31 @@ impl Config {
             set_key(&mut table, section, key, value);
         }
         // Re-parsing the merged text makes serde's errors point at the offending key.
-        let text = toml::to_string(&table)
-            .map_err(|e| ConfigError::Parse { origin: origin.clone(), message: e.to_string() })?;
-        let config: Config =
-            toml::from_str(&text).map_err(|e| ConfigError::Parse { origin, message: e.to_string() })?;
+        let text = toml::to_string(&table).map_err(|e| ConfigError::Parse {
+            origin: origin.clone(),
+            message: e.to_string(),
+        })?;
+        let config: Config = toml::from_str(&text).map_err(|e| ConfigError::Parse {
+            origin,
+            message: e.to_string(),
+        })?;
         config.validate()?;
         Ok(config)
     }
 
     pub fn validate(&self) -> Result<(), ConfigError> {
-        let invalid = |key: &str, message: &str| Err(ConfigError::Invalid { key: key.into(), message: message.into() });
+        let invalid = |key: &str, message: &str| {
+            Err(ConfigError::Invalid {
+                key: key.into(),
+                message: message.into(),
+            })
+        };
         let m = &self.mqtt;
         if !(16..=MAX_PACKET_SIZE_CEILING).contains(&m.max_packet_size) {
-            return invalid("mqtt.max_packet_size", "must be between 16 bytes and 256 MB");
+            return invalid(
+                "mqtt.max_packet_size",
+                "must be between 16 bytes and 256 MB",
+            );
         }
         if m.receive_maximum == 0 {
             return invalid("mqtt.receive_maximum", "must be at least 1");
@@ -227,7 +263,10 @@ impl Config {
             return invalid("mqtt.maximum_qos", "must be 0, 1 or 2");
         }
         if m.max_client_id_len < 23 {
-            return invalid("mqtt.max_client_id_len", "must be at least 23 [MQTT-3.1.3-5]");
+            return invalid(
+                "mqtt.max_client_id_len",
+                "must be at least 23 [MQTT-3.1.3-5]",
+            );
         }
         if self.session.max_queued == 0 {
             return invalid("session.max_queued", "must be at least 1");
@@ -243,7 +282,13 @@ impl Config {
         if tcp.is_empty() {
             return;
         }
-        self.listeners = tcp.iter().map(|&bind| ListenerConfig { kind: ListenerKind::Tcp, bind }).collect();
+        self.listeners = tcp
+            .iter()
+            .map(|&bind| ListenerConfig {
+                kind: ListenerKind::Tcp,
+                bind,
+            })
+            .collect();
     }
 
     /// The runtime settings the broker is built from.
@@ -268,7 +313,11 @@ impl Config {
             v3_session_expiry: secs(self.session.v3_expiry),
             max_session_expiry: secs(self.session.max_expiry),
         };
-        Settings { limits: Arc::new(limits), max_queued: self.session.max_queued, close_linger: self.broker.close_linger }
+        Settings {
+            limits: Arc::new(limits),
+            max_queued: self.session.max_queued,
+            close_linger: self.broker.close_linger,
+        }
     }
 }
 
@@ -280,7 +329,9 @@ fn set_key(table: &mut toml::Table, section: &str, key: &str, value: &str) {
         .ok()
         .and_then(|mut t| t.remove("v"))
         .unwrap_or_else(|| toml::Value::String(value.to_owned()));
-    let entry = table.entry(section.to_owned()).or_insert_with(|| toml::Value::Table(toml::Table::new()));
+    let entry = table
+        .entry(section.to_owned())
+        .or_insert_with(|| toml::Value::Table(toml::Table::new()));
     if let toml::Value::Table(section) = entry {
         section.insert(key.to_owned(), parsed);
     }
@@ -306,16 +357,24 @@ pub fn parse_duration(text: &str) -> Result<Duration, String> {
     if text == "never" {
         return Ok(Duration::MAX);
     }
-    let split = text.find(|c: char| !c.is_ascii_digit()).unwrap_or(text.len());
+    let split = text
+        .find(|c: char| !c.is_ascii_digit())
+        .unwrap_or(text.len());
     let (digits, unit) = text.split_at(split);
-    let n: u64 = digits.parse().map_err(|_| format!("`{text}` is not a duration like 10s, 500ms, 5m, 2h"))?;
+    let n: u64 = digits
+        .parse()
+        .map_err(|_| format!("`{text}` is not a duration like 10s, 500ms, 5m, 2h"))?;
     let d = match unit.trim() {
         "ms" => Duration::from_millis(n),
         "" | "s" => Duration::from_secs(n),
         "m" => Duration::from_secs(n * 60),
         "h" => Duration::from_secs(n * 3600),
         "d" => Duration::from_secs(n * 86_400),
-        other => return Err(format!("unknown duration unit `{other}` in `{text}` (use ms, s, m, h, d)")),
+        other => {
+            return Err(format!(
+                "unknown duration unit `{other}` in `{text}` (use ms, s, m, h, d)"
+            ))
+        }
     };
     Ok(d)
 }
@@ -327,7 +386,10 @@ mod tests {
     fn load(text: &str, env: &[(&str, &str)], sets: &[&str]) -> Result<Config, ConfigError> {
         let dir = std::env::temp_dir().join(format!("petrel-config-{}", std::process::id()));
         std::fs::create_dir_all(&dir).unwrap();
-        let path = dir.join(format!("{:x}.toml", text.len() * 31 + env.len() * 7 + sets.len()));
+        let path = dir.join(format!(
+            "{:x}.toml",
+            text.len() * 31 + env.len() * 7 + sets.len()
+        ));
         std::fs::write(&path, text).unwrap();
         let env = env.iter().map(|(k, v)| (k.to_string(), v.to_string()));
         let sets: Vec<String> = sets.iter().map(|s| s.to_string()).collect();
@@ -352,13 +414,17 @@ mod tests {
 
     #[test]
     fn unknown_key_is_an_error_naming_it() {
-        let err = load("[mqtt]\nmax_packt_size = 5\n", &[], &[]).unwrap_err().to_string();
+        let err = load("[mqtt]\nmax_packt_size = 5\n", &[], &[])
+            .unwrap_err()
+            .to_string();
         assert!(err.contains("max_packt_size"), "{err}");
     }
 
     #[test]
     fn invalid_value_names_the_key() {
-        let err = load("[mqtt]\nmax_packet_size = 1\n", &[], &[]).unwrap_err().to_string();
+        let err = load("[mqtt]\nmax_packet_size = 1\n", &[], &[])
+            .unwrap_err()
+            .to_string();
         assert!(err.contains("mqtt.max_packet_size"), "{err}");
     }
 
@@ -366,7 +432,11 @@ mod tests {
     fn environment_and_set_override_the_file_in_that_order() {
         let c = load(
             "[mqtt]\nreceive_maximum = 10\nmax_inflight = 10\n",
-            &[("PETREL_MQTT__RECEIVE_MAXIMUM", "20"), ("PETREL_MQTT__MAX_INFLIGHT", "20"), ("OTHER", "x")],
+            &[
+                ("PETREL_MQTT__RECEIVE_MAXIMUM", "20"),
+                ("PETREL_MQTT__MAX_INFLIGHT", "20"),
+                ("OTHER", "x"),
+            ],
             &["mqtt.max_inflight=30", "session.v3_expiry=5m"],
         )
         .unwrap();
@@ -390,6 +460,9 @@ mod tests {
         let a: SocketAddr = "127.0.0.1:1884".parse().unwrap();
         let b: SocketAddr = "127.0.0.1:1885".parse().unwrap();
         c.override_listeners(&[a, b]);
-        assert_eq!(c.listeners.iter().map(|l| l.bind).collect::<Vec<_>>(), vec![a, b]);
+        assert_eq!(
+            c.listeners.iter().map(|l| l.bind).collect::<Vec<_>>(),
+            vec![a, b]
+        );
     }
 }

@@ -55,16 +55,18 @@ enum Command {
 fn main() -> ExitCode {
     let cli = Cli::parse();
     match cli.command {
-        Some(Command::CheckConfig { file }) => match Config::load(Some(&file), std::env::vars(), &[]) {
-            Ok(_) => {
-                println!("{}: ok", file.display());
-                ExitCode::SUCCESS
+        Some(Command::CheckConfig { file }) => {
+            match Config::load(Some(&file), std::env::vars(), &[]) {
+                Ok(_) => {
+                    println!("{}: ok", file.display());
+                    ExitCode::SUCCESS
+                }
+                Err(err) => {
+                    eprintln!("error: {err}");
+                    ExitCode::FAILURE
+                }
             }
-            Err(err) => {
-                eprintln!("error: {err}");
-                ExitCode::FAILURE
-            }
-        },
+        }
         Some(Command::Serve(args)) => run(args),
         None => run(cli.serve),
     }
@@ -82,10 +84,14 @@ fn run(args: ServeArgs) -> ExitCode {
     if let Some(dir) = args.data_dir {
         config.broker.data_dir = dir;
     }
-    let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new(&config.log.level));
+    let filter =
+        EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new(&config.log.level));
     tracing_subscriber::fmt().with_env_filter(filter).init();
 
-    let runtime = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
+    let runtime = match tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+    {
         Ok(runtime) => runtime,
         Err(err) => {
             eprintln!("error: cannot start the runtime: {err}");
@@ -102,8 +108,12 @@ fn run(args: ServeArgs) -> ExitCode {
 }
 
 async fn serve(config: Config) -> anyhow::Result<()> {
-    std::fs::create_dir_all(&config.broker.data_dir)
-        .with_context(|| format!("cannot create the data directory {}", config.broker.data_dir.display()))?;
+    std::fs::create_dir_all(&config.broker.data_dir).with_context(|| {
+        format!(
+            "cannot create the data directory {}",
+            config.broker.data_dir.display()
+        )
+    })?;
     let broker = RunningBroker::start(&config).await?;
     tracing::info!(data_dir = %config.broker.data_dir.display(), "petrel {} ready", env!("CARGO_PKG_VERSION"));
     wait_for_signal().await;

@@ -26,16 +26,30 @@ use crate::core::channel::{Action, Channel};
 const READ_CHUNK: usize = 4 * 1024;
 
 /// Serves one client connection until it closes.
-pub async fn serve<S>(broker: Arc<Broker>, stream: S, peer: SocketAddr, transport: &'static str, shutdown: CancellationToken)
-where
+pub async fn serve<S>(
+    broker: Arc<Broker>,
+    stream: S,
+    peer: SocketAddr,
+    transport: &'static str,
+    shutdown: CancellationToken,
+) where
     S: AsyncRead + AsyncWrite + Unpin + Send,
 {
     let span = tracing::debug_span!("conn", transport, %peer, client_id = tracing::field::Empty);
     broker.metrics.connections.fetch_add(1, Ordering::Relaxed);
-    broker.metrics.connections_total.fetch_add(1, Ordering::Relaxed);
+    broker
+        .metrics
+        .connections_total
+        .fetch_add(1, Ordering::Relaxed);
     let metrics_broker = Arc::clone(&broker);
-    Connection::new(broker).run(stream, shutdown).instrument(span).await;
-    metrics_broker.metrics.connections.fetch_sub(1, Ordering::Relaxed);
+    Connection::new(broker)
+        .run(stream, shutdown)
+        .instrument(span)
+        .await;
+    metrics_broker
+        .metrics
+        .connections
+        .fetch_sub(1, Ordering::Relaxed);
 }
 
 struct Connection {
@@ -154,7 +168,10 @@ impl Connection {
         while let Some(action) = self.channel.poll_action() {
             let now = clock::now();
             match action {
-                Action::Connect { client_id, clean_start } => {
+                Action::Connect {
+                    client_id,
+                    clean_start,
+                } => {
                     tracing::Span::current().record("client_id", &*client_id);
                     let opened = self
                         .broker
@@ -169,20 +186,35 @@ impl Connection {
                     }
                 }
                 Action::Route(message) => self.broker.publish(message, now),
-                Action::Subscribe { subscription, send_retained } => {
+                Action::Subscribe {
+                    subscription,
+                    send_retained,
+                } => {
                     if let Some(mailbox) = &self.mailbox {
                         let client_id = self.channel.client_id();
-                        self.broker.subscribe(now, client_id, mailbox, &subscription, send_retained);
+                        self.broker.subscribe(
+                            now,
+                            client_id,
+                            mailbox,
+                            &subscription,
+                            send_retained,
+                        );
                     }
                 }
-                Action::Unsubscribe(filter) => self.broker.unsubscribe(self.channel.client_id(), &filter),
+                Action::Unsubscribe(filter) => {
+                    self.broker.unsubscribe(self.channel.client_id(), &filter)
+                }
                 Action::Close(close) => {
                     tracing::debug!(reason = %close.reason, initiator = ?close.initiator, "connection closed");
                     let dropped = self.channel.dropped;
-                    self.broker.metrics.messages_dropped.fetch_add(dropped, Ordering::Relaxed);
+                    self.broker
+                        .metrics
+                        .messages_dropped
+                        .fetch_add(dropped, Ordering::Relaxed);
                     self.channel.dropped = 0;
                     let client_id = Arc::clone(self.channel.client_id());
-                    self.broker.close_session(now, self.conn_id, &client_id, close);
+                    self.broker
+                        .close_session(now, self.conn_id, &client_id, *close);
                     self.mailbox = None;
                     self.closed = true;
                 }
@@ -201,7 +233,10 @@ impl Connection {
             sent += 1;
         }
         if sent > 0 {
-            self.broker.metrics.messages_delivered.fetch_add(sent, Ordering::Relaxed);
+            self.broker
+                .metrics
+                .messages_delivered
+                .fetch_add(sent, Ordering::Relaxed);
         }
     }
 }

@@ -36,7 +36,12 @@ pub async fn spawn(
     }
 }
 
-async fn accept_tcp(listener: TcpListener, broker: Arc<Broker>, tracker: TaskTracker, shutdown: CancellationToken) {
+async fn accept_tcp(
+    listener: TcpListener,
+    broker: Arc<Broker>,
+    tracker: TaskTracker,
+    shutdown: CancellationToken,
+) {
     let mut backoff = Duration::from_millis(5);
     loop {
         let accepted = tokio::select! {

@@ -50,11 +50,17 @@ impl Mailbox {
 
     /// Take the oldest queued delivery.
     pub fn pop(&self) -> Option<Delivery> {
-        self.queue.lock().expect("mailbox lock is never poisoned").pop_front()
+        self.queue
+            .lock()
+            .expect("mailbox lock is never poisoned")
+            .pop_front()
     }
 
     pub fn len(&self) -> usize {
-        self.queue.lock().expect("mailbox lock is never poisoned").len()
+        self.queue
+            .lock()
+            .expect("mailbox lock is never poisoned")
+            .len()
     }
 
     pub fn is_empty(&self) -> bool {

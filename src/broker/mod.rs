@@ -56,8 +56,13 @@ struct Route {
 
 #[derive(Debug)]
 enum SlotState {
-    Online { conn_id: u64, control: mpsc::Sender<Control> },
-    Offline { session: Session },
+    Online {
+        conn_id: u64,
+        control: mpsc::Sender<Control>,
+    },
+    Offline {
+        session: Session,
+    },
 }
 
 #[derive(Debug)]
@@ -154,7 +159,10 @@ impl Broker {
                 let mut will_now = None;
                 let found = match sessions.slots.get_mut(client_id) {
                     None => None,
-                    Some(Slot { state: SlotState::Online { control, .. }, .. }) => Some(control.clone()),
+                    Some(Slot {
+                        state: SlotState::Online { control, .. },
+                        ..
+                    }) => Some(control.clone()),
                     Some(_) => None,
                 };
                 if let Some(old) = found {
@@ -162,13 +170,16 @@ impl Broker {
                 } else {
                     // [MQTT-3.1.3-9]: reconnecting in time cancels a delayed will; a clean start
                     // ends the old session, which publishes it at once.
-                    sessions.timers.cancel(&TimerKey::Will(Arc::clone(client_id)));
+                    sessions
+                        .timers
+                        .cancel(&TimerKey::Will(Arc::clone(client_id)));
                     if let Some(will) = sessions.wills.remove(client_id) {
                         if clean_start {
                             will_now = Some(will);
                         }
                     }
-                    let result = self.claim_slot(&mut sessions, client_id, clean_start, conn_id, control);
+                    let result =
+                        self.claim_slot(&mut sessions, client_id, clean_start, conn_id, control);
                     drop(sessions);
                     if let Some(will) = will_now {
                         self.publish(Arc::new(will), now);
@@ -196,19 +207,36 @@ impl Broker {
         conn_id: u64,
         control: &mpsc::Sender<Control>,
     ) -> (Option<Session>, Arc<Mailbox>) {
-        sessions.timers.cancel(&TimerKey::Expire(Arc::clone(client_id)));
-        let online = SlotState::Online { conn_id, control: control.clone() };
+        sessions
+            .timers
+            .cancel(&TimerKey::Expire(Arc::clone(client_id)));
+        let online = SlotState::Online {
+            conn_id,
+            control: control.clone(),
+        };
         let previous = sessions.slots.remove(client_id);
         let (session, mailbox) = match previous {
-            Some(Slot { mailbox, state: SlotState::Offline { session } }) if !clean_start => (Some(session), mailbox),
-            Some(Slot { state: SlotState::Offline { session }, .. }) => {
+            Some(Slot {
+                mailbox,
+                state: SlotState::Offline { session },
+            }) if !clean_start => (Some(session), mailbox),
+            Some(Slot {
+                state: SlotState::Offline { session },
+                ..
+            }) => {
                 self.drop_subscriptions(client_id, &session);
                 (None, Arc::new(Mailbox::new(self.settings.max_queued)))
             }
             _ => (None, Arc::new(Mailbox::new(self.settings.max_queued))),
         };
         mailbox.set_online(true);
-        sessions.slots.insert(Arc::clone(client_id), Slot { mailbox: Arc::clone(&mailbox), state: online });
+        sessions.slots.insert(
+            Arc::clone(client_id),
+            Slot {
+                mailbox: Arc::clone(&mailbox),
+                state: online,
+            },
+        );
         (session, mailbox)
     }
 
@@ -242,14 +270,18 @@ impl Broker {
                 }
                 if expiry != u32::MAX {
                     let at = now + Duration::from_secs(u64::from(expiry));
-                    sessions.timers.schedule(TimerKey::Expire(Arc::clone(client_id)), at);
+                    sessions
+                        .timers
+                        .schedule(TimerKey::Expire(Arc::clone(client_id)), at);
                 }
                 if let Some(PendingWill { message, delay }) = close.will {
                     if delay == 0 {
                         publish_now = Some(message);
                     } else {
                         let at = now + Duration::from_secs(u64::from(delay.min(expiry)));
-                        sessions.timers.schedule(TimerKey::Will(Arc::clone(client_id)), at);
+                        sessions
+                            .timers
+                            .schedule(TimerKey::Will(Arc::clone(client_id)), at);
                         sessions.wills.insert(Arc::clone(client_id), message);
                     }
                 }
@@ -270,9 +302,15 @@ impl Broker {
                 match key {
                     TimerKey::Will(id) => wills.extend(sessions.wills.remove(&id)),
                     TimerKey::Expire(id) => {
-                        if let Some(Slot { state: SlotState::Offline { session }, .. }) = sessions.slots.remove(&id) {
+                        if let Some(Slot {
+                            state: SlotState::Offline { session },
+                            ..
+                        }) = sessions.slots.remove(&id)
+                        {
                             self.drop_subscriptions(&id, &session);
-                            self.metrics.sessions_expired.fetch_add(1, Ordering::Relaxed);
+                            self.metrics
+                                .sessions_expired
+                                .fetch_add(1, Ordering::Relaxed);
                             tracing::debug!(client_id = %id, "session expired");
                         }
                         // The session ended before the will delay: publish it now.
@@ -317,8 +355,19 @@ impl Broker {
         }
     }
 
-    pub fn subscribe(&self, now: Instant, client_id: &Arc<str>, mailbox: &Arc<Mailbox>, subscription: &Subscription, send_retained: bool) {
-        let route = Route { mailbox: Arc::clone(mailbox), options: subscription.options, id: subscription.id };
+    pub fn subscribe(
+        &self,
+        now: Instant,
+        client_id: &Arc<str>,
+        mailbox: &Arc<Mailbox>,
+        subscription: &Subscription,
+        send_retained: bool,
+    ) {
+        let route = Route {
+            mailbox: Arc::clone(mailbox),
+            options: subscription.options,
+            id: subscription.id,
+        };
         self.router
             .write()
             .expect("router lock is never poisoned")
@@ -329,7 +378,10 @@ impl Broker {
         let mut matches = Vec::new();
         let mut expired = Vec::new();
         {
-            let retained = self.retained.lock().expect("retained lock is never poisoned");
+            let retained = self
+                .retained
+                .lock()
+                .expect("retained lock is never poisoned");
             retained.for_each_match(&subscription.filter, |topic, message| {
                 if message.is_expired(now) {
                     expired.push(topic.to_owned());
@@ -339,28 +391,43 @@ impl Broker {
             });
         }
         if !expired.is_empty() {
-            let mut retained = self.retained.lock().expect("retained lock is never poisoned");
+            let mut retained = self
+                .retained
+                .lock()
+                .expect("retained lock is never poisoned");
             for topic in expired {
                 retained.remove(&topic);
             }
         }
         for message in matches {
             let qos = message.qos.min(subscription.options.qos);
-            let delivery = Delivery { message, qos, retain: true, subscription_ids: subscription.id.into_iter().collect() };
+            let delivery = Delivery {
+                message,
+                qos,
+                retain: true,
+                subscription_ids: subscription.id.into_iter().collect(),
+            };
             if !mailbox.push(delivery) {
-                self.metrics.messages_dropped.fetch_add(1, Ordering::Relaxed);
+                self.metrics
+                    .messages_dropped
+                    .fetch_add(1, Ordering::Relaxed);
             }
         }
     }
 
     pub fn unsubscribe(&self, client_id: &Arc<str>, filter: &TopicFilter) {
-        self.router.write().expect("router lock is never poisoned").remove(filter, client_id);
+        self.router
+            .write()
+            .expect("router lock is never poisoned")
+            .remove(filter, client_id);
     }
 
     /// Routes a message to every matching subscription: one delivery per session, with the
     /// highest granted QoS and every matching subscription identifier [MQTT-3.3.4-2, -3].
     pub fn publish(&self, message: Arc<Message>, now: Instant) {
-        self.metrics.messages_received.fetch_add(1, Ordering::Relaxed);
+        self.metrics
+            .messages_received
+            .fetch_add(1, Ordering::Relaxed);
         if message.retain {
             self.store_retained(&message);
         }
@@ -392,22 +459,37 @@ impl Broker {
                         }
                         None => {
                             index.insert(key, targets.len());
-                            targets.push((Arc::clone(&route.mailbox), qos, retain, route.id.into_iter().collect()));
+                            targets.push((
+                                Arc::clone(&route.mailbox),
+                                qos,
+                                retain,
+                                route.id.into_iter().collect(),
+                            ));
                         }
                     }
                 },
             );
         }
         for (mailbox, qos, retain, subscription_ids) in targets {
-            let delivery = Delivery { message: Arc::clone(&message), qos, retain, subscription_ids };
+            let delivery = Delivery {
+                message: Arc::clone(&message),
+                qos,
+                retain,
+                subscription_ids,
+            };
             if !mailbox.push(delivery) {
-                self.metrics.messages_dropped.fetch_add(1, Ordering::Relaxed);
+                self.metrics
+                    .messages_dropped
+                    .fetch_add(1, Ordering::Relaxed);
             }
         }
     }
 
     fn store_retained(&self, message: &Arc<Message>) {
-        let mut retained = self.retained.lock().expect("retained lock is never poisoned");
+        let mut retained = self
+            .retained
+            .lock()
+            .expect("retained lock is never poisoned");
         // [MQTT-3.3.1-6], [MQTT-3.3.1-7]: an empty retained payload clears the topic.
         if message.payload.is_empty() {
             retained.remove(&message.topic);
@@ -417,7 +499,9 @@ impl Broker {
     }
 
     fn lock_sessions(&self) -> std::sync::MutexGuard<'_, Sessions> {
-        self.sessions.lock().expect("sessions lock is never poisoned")
+        self.sessions
+            .lock()
+            .expect("sessions lock is never poisoned")
     }
 
     /// Number of sessions known (online and offline).
@@ -426,7 +510,10 @@ impl Broker {
     }
 
     pub fn retained_count(&self) -> usize {
-        self.retained.lock().expect("retained lock is never poisoned").len()
+        self.retained
+            .lock()
+            .expect("retained lock is never poisoned")
+            .len()
     }
 }
 
@@ -451,7 +538,12 @@ impl RunningBroker {
             listeners.push((listener.kind, addr));
         }
         tracker.spawn(Arc::clone(&broker).run_timers(shutdown.clone()));
-        Ok(Self { broker, listeners, shutdown, tracker })
+        Ok(Self {
+            broker,
+            listeners,
+            shutdown,
+            tracker,
+        })
     }
 
     pub fn listeners(&self) -> &[(ListenerKind, SocketAddr)] {
@@ -460,7 +552,10 @@ impl RunningBroker {
 
     /// The first listener of `kind`.
     pub fn addr(&self, kind: ListenerKind) -> Option<SocketAddr> {
-        self.listeners.iter().find(|(k, _)| *k == kind).map(|(_, a)| *a)
+        self.listeners
+            .iter()
+            .find(|(k, _)| *k == kind)
+            .map(|(_, a)| *a)
     }
 
     pub fn shutdown_token(&self) -> CancellationToken {
@@ -472,7 +567,10 @@ impl RunningBroker {
         self.shutdown.cancel();
         self.tracker.close();
         let linger = self.broker.settings.close_linger + Duration::from_secs(1);
-        if tokio::time::timeout(linger, self.tracker.wait()).await.is_err() {
+        if tokio::time::timeout(linger, self.tracker.wait())
+            .await
+            .is_err()
+        {
             tracing::warn!("some connections did not close in time");
         }
     }

@@ -144,10 +144,11 @@ fn check_fixed_header(
     flags: u8,
     version: Option<ProtocolVersion>,
 ) -> Result<(), DecodeError> {
-    let is_v5 = version.is_none_or(ProtocolVersion::is_v5);
+    // Without a version only CONNECT gets here, so "not v3" is the right default.
+    let is_v3 = matches!(version, Some(ProtocolVersion::V31 | ProtocolVersion::V311));
     match packet_type {
         0 => return Err(DecodeError::Malformed("reserved packet type 0")),
-        15 if !is_v5 => {
+        15 if is_v3 => {
             return Err(DecodeError::Malformed(
                 "AUTH packet on an MQTT 3 connection",
             ))

@@ -18,7 +18,9 @@ use super::reason::ReasonCode;
 
 /// Appends the packet's wire form for `version`.
 ///
-/// AUTH does not exist before MQTT 5: for v3 nothing is written (and [`encoded_len`] is 0).
+/// CONNECT is written with `version`'s protocol name and level (`Connect::protocol` is not
+/// consulted). AUTH does not exist before MQTT 5: for v3 nothing is written (and
+/// [`encoded_len`] is 0).
 pub fn encode(packet: &Packet, version: ProtocolVersion, out: &mut BytesMut) {
     if !version.is_v5() && matches!(packet, Packet::Auth(_)) {
         return;

@@ -22,7 +22,7 @@ const MAX: u32 = 1 << 20;
 
 fn hex(s: &str) -> BytesMut {
     let digits: String = s.chars().filter(|c| !c.is_whitespace()).collect();
-    assert!(digits.len().is_multiple_of(2), "odd hex length in {s:?}");
+    assert_eq!(digits.len() % 2, 0, "odd hex length in {s:?}");
     (0..digits.len())
         .step_by(2)
         .map(|i| u8::from_str_radix(&digits[i..i + 2], 16).unwrap())

@@ -105,11 +105,17 @@ pub struct Close {
 pub enum Action {
     /// CONNECT passed validation: take over or create the session, then call
     /// [`Channel::accept`] (or [`Channel::reject`]).
-    Connect { client_id: Arc<str>, clean_start: bool },
+    Connect {
+        client_id: Arc<str>,
+        clean_start: bool,
+    },
     Route(Arc<Message>),
-    Subscribe { subscription: Subscription, send_retained: bool },
+    Subscribe {
+        subscription: Subscription,
+        send_retained: bool,
+    },
     Unsubscribe(TopicFilter),
-    Close(Close),
+    Close(Box<Close>),
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -217,12 +223,20 @@ impl Channel {
     pub fn handle_timeout(&mut self, now: Instant) {
         match self.state {
             State::AwaitConnect | State::AwaitSession if now >= self.connect_deadline => {
-                self.close(ReasonCode::MAXIMUM_CONNECT_TIME, Initiator::Broker, false, false);
+                self.close(
+                    ReasonCode::MAXIMUM_CONNECT_TIME,
+                    Initiator::Broker,
+                    false,
+                    false,
+                );
             }
-            State::Connected => {
-                if self.poll_timeout().is_some_and(|deadline| now >= deadline) {
-                    self.close(ReasonCode::KEEP_ALIVE_TIMEOUT, Initiator::Broker, true, true);
-                }
+            State::Connected if self.poll_timeout().is_some_and(|deadline| now >= deadline) => {
+                self.close(
+                    ReasonCode::KEEP_ALIVE_TIMEOUT,
+                    Initiator::Broker,
+                    true,
+                    true,
+                );
             }
             _ => {}
         }
@@ -231,21 +245,36 @@ impl Channel {
     /// The peer closed the stream or it failed: an abnormal end unless DISCONNECT came first.
     pub fn handle_transport_closed(&mut self) {
         if self.state != State::Closed {
-            self.close(ReasonCode::UNSPECIFIED_ERROR, Initiator::Transport, false, true);
+            self.close(
+                ReasonCode::UNSPECIFIED_ERROR,
+                Initiator::Transport,
+                false,
+                true,
+            );
         }
     }
 
     /// The broker is stopping: v5 clients hear "Server shutting down"; no will is published.
     pub fn handle_shutdown(&mut self) {
         if self.state != State::Closed {
-            self.close(ReasonCode::SERVER_SHUTTING_DOWN, Initiator::Broker, true, false);
+            self.close(
+                ReasonCode::SERVER_SHUTTING_DOWN,
+                Initiator::Broker,
+                true,
+                false,
+            );
         }
     }
 
     /// Another connection claimed this client id [MQTT-3.1.4-3].
     pub fn handle_takeover(&mut self) {
         if self.state != State::Closed {
-            self.close(ReasonCode::SESSION_TAKEN_OVER, Initiator::Broker, true, true);
+            self.close(
+                ReasonCode::SESSION_TAKEN_OVER,
+                Initiator::Broker,
+                true,
+                true,
+            );
         }
     }
 
@@ -263,7 +292,9 @@ impl Channel {
                 }));
                 self.close(err.reason_code(), Initiator::Client, false, false);
             }
-            (State::AwaitConnect, _) => self.close(err.reason_code(), Initiator::Client, false, false),
+            (State::AwaitConnect, _) => {
+                self.close(err.reason_code(), Initiator::Client, false, false)
+            }
             _ => self.close(err.reason_code(), Initiator::Client, true, true),
         }
     }
@@ -302,8 +333,11 @@ impl Channel {
                     .session
                     .as_mut()
                     .is_some_and(|s| s.awaiting_release.remove(&ack.packet_id));
-                let reason =
-                    if known { ReasonCode::SUCCESS } else { ReasonCode::PACKET_IDENTIFIER_NOT_FOUND };
+                let reason = if known {
+                    ReasonCode::SUCCESS
+                } else {
+                    ReasonCode::PACKET_IDENTIFIER_NOT_FOUND
+                };
                 self.send(&Packet::PubComp(Ack::new(ack.packet_id, reason)));
             }
             Packet::PubComp(ack) => {
@@ -372,7 +406,10 @@ impl Channel {
         self.peer_topic_alias_maximum = props.topic_alias_maximum.unwrap_or(0);
 
         self.keep_alive = connect.keep_alive;
-        if v5 && limits.max_keepalive > 0 && (connect.keep_alive == 0 || connect.keep_alive > limits.max_keepalive) {
+        if v5
+            && limits.max_keepalive > 0
+            && (connect.keep_alive == 0 || connect.keep_alive > limits.max_keepalive)
+        {
             self.keep_alive = limits.max_keepalive;
             self.server_keep_alive = Some(limits.max_keepalive);
         }
@@ -398,7 +435,10 @@ impl Channel {
                 properties,
                 payload: will.payload,
             };
-            PendingWill { message: Message::from_publish(publish, Some(Arc::from(client_id.as_str())), now), delay }
+            PendingWill {
+                message: Message::from_publish(publish, Some(Arc::from(client_id.as_str())), now),
+                delay,
+            }
         });
 
         self.client_id = Arc::from(client_id);
@@ -426,10 +466,12 @@ impl Channel {
             properties.maximum_packet_size = Some(limits.max_packet_size);
             properties.topic_alias_maximum = Some(limits.topic_alias_maximum);
             properties.retain_available = Some(u8::from(limits.retain_available));
-            properties.wildcard_subscription_available = Some(u8::from(limits.wildcard_subscription_available));
+            properties.wildcard_subscription_available =
+                Some(u8::from(limits.wildcard_subscription_available));
             properties.subscription_identifier_available =
                 Some(u8::from(limits.subscription_identifiers_available));
-            properties.shared_subscription_available = Some(u8::from(limits.shared_subscription_available));
+            properties.shared_subscription_available =
+                Some(u8::from(limits.shared_subscription_available));
             if limits.maximum_qos < QoS::ExactlyOnce {
                 properties.maximum_qos = Some(limits.maximum_qos as u8);
             }
@@ -441,7 +483,11 @@ impl Channel {
                 properties.session_expiry_interval = Some(self.expiry);
             }
         }
-        self.send(&Packet::ConnAck(ConnAck { session_present, code: ReasonCode::SUCCESS, properties }));
+        self.send(&Packet::ConnAck(ConnAck {
+            session_present,
+            code: ReasonCode::SUCCESS,
+            properties,
+        }));
         self.state = State::Connected;
 
         // [MQTT-4.4.0-1]: resend unacknowledged PUBLISH (DUP set) and PUBREL, in order.
@@ -463,7 +509,11 @@ impl Channel {
     }
 
     fn refuse(&mut self, code: ReasonCode) {
-        self.send(&Packet::ConnAck(ConnAck { session_present: false, code, properties: Properties::default() }));
+        self.send(&Packet::ConnAck(ConnAck {
+            session_present: false,
+            code,
+            properties: Properties::default(),
+        }));
         self.will = None;
         self.close(code, Initiator::Broker, false, false);
     }
@@ -501,7 +551,9 @@ impl Channel {
         }
 
         let mut refused = None;
-        if publish.properties.payload_format_indicator == Some(1) && std::str::from_utf8(&publish.payload).is_err() {
+        if publish.properties.payload_format_indicator == Some(1)
+            && std::str::from_utf8(&publish.payload).is_err()
+        {
             refused = Some(ReasonCode::PAYLOAD_FORMAT_INVALID);
         } else if publish.topic.starts_with("$SYS/") || publish.topic == "$SYS" {
             // $SYS belongs to the broker: clients cannot inject into it.
@@ -516,7 +568,9 @@ impl Channel {
                 self.send(&Packet::PubAck(Ack::new(id, reason)));
             }
             QoS::ExactlyOnce => {
-                let Some(session) = self.session.as_mut() else { return };
+                let Some(session) = self.session.as_mut() else {
+                    return;
+                };
                 if session.awaiting_release.contains(&id) {
                     // A resend of a message we already have [MQTT-4.3.3-9]: acknowledge again,
                     // never route twice.
@@ -540,7 +594,9 @@ impl Channel {
     }
 
     fn handle_pubrec(&mut self, ack: Ack) {
-        let Some(session) = self.session.as_mut() else { return };
+        let Some(session) = self.session.as_mut() else {
+            return;
+        };
         if ack.reason.is_failure() {
             session.abandon(ack.packet_id);
             return;
@@ -555,12 +611,20 @@ impl Channel {
 
     fn handle_subscribe(&mut self, subscribe: Subscribe) {
         let limits = Arc::clone(&self.limits);
-        let id = subscribe.properties.subscription_identifiers.first().copied();
+        let id = subscribe
+            .properties
+            .subscription_identifiers
+            .first()
+            .copied();
         if id.is_some() && !limits.subscription_identifiers_available {
             return self.protocol_error(ReasonCode::SUBSCRIPTION_IDENTIFIERS_NOT_SUPPORTED);
         }
         // [MQTT-3.8.3-4]: No Local on a shared subscription is a protocol error.
-        if subscribe.filters.iter().any(|(f, o)| o.no_local && is_shared(f)) {
+        if subscribe
+            .filters
+            .iter()
+            .any(|(f, o)| o.no_local && is_shared(f))
+        {
             return self.protocol_error(ReasonCode::PROTOCOL_ERROR);
         }
         let mut reasons = Vec::with_capacity(subscribe.filters.len());
@@ -575,7 +639,13 @@ impl Channel {
         }));
     }
 
-    fn subscribe_one(&mut self, raw: &str, options: SubscriptionOptions, id: Option<u32>, limits: &Limits) -> ReasonCode {
+    fn subscribe_one(
+        &mut self,
+        raw: &str,
+        options: SubscriptionOptions,
+        id: Option<u32>,
+        limits: &Limits,
+    ) -> ReasonCode {
         let Ok(filter) = TopicFilter::parse(raw, limits.max_topic_levels) else {
             return ReasonCode::TOPIC_FILTER_INVALID;
         };
@@ -585,13 +655,25 @@ impl Channel {
         if filter.has_wildcards() && !limits.wildcard_subscription_available {
             return ReasonCode::WILDCARD_SUBSCRIPTIONS_NOT_SUPPORTED;
         }
-        let Some(session) = self.session.as_mut() else { return ReasonCode::UNSPECIFIED_ERROR };
+        let Some(session) = self.session.as_mut() else {
+            return ReasonCode::UNSPECIFIED_ERROR;
+        };
         let is_new = !session.subscriptions.contains_key(filter.as_str());
-        if is_new && limits.max_subscriptions > 0 && session.subscriptions.len() >= limits.max_subscriptions {
+        if is_new
+            && limits.max_subscriptions > 0
+            && session.subscriptions.len() >= limits.max_subscriptions
+        {
             return ReasonCode::QUOTA_EXCEEDED;
         }
         let granted = options.qos.min(limits.maximum_qos);
-        let subscription = Subscription { filter, options: SubscriptionOptions { qos: granted, ..options }, id };
+        let subscription = Subscription {
+            filter,
+            options: SubscriptionOptions {
+                qos: granted,
+                ..options
+            },
+            id,
+        };
         session.subscribe(subscription.clone());
         // Retain Handling [MQTT-3.3.1-9, -10, -11]; shared subscriptions get no retained
         // messages on subscribe [MQTT-4.8.2-?] (as EMQX and Mosquitto do).
@@ -601,7 +683,10 @@ impl Channel {
                 1 => is_new,
                 _ => false,
             };
-        self.actions.push_back(Action::Subscribe { subscription, send_retained });
+        self.actions.push_back(Action::Subscribe {
+            subscription,
+            send_retained,
+        });
         ReasonCode(granted as u8)
     }
 
@@ -611,7 +696,8 @@ impl Channel {
             let removed = self.session.as_mut().and_then(|s| s.unsubscribe(&raw));
             let reason = match removed {
                 Some(subscription) => {
-                    self.actions.push_back(Action::Unsubscribe(subscription.filter));
+                    self.actions
+                        .push_back(Action::Unsubscribe(subscription.filter));
                     ReasonCode::SUCCESS
                 }
                 None if TopicFilter::parse(&raw, self.limits.max_topic_levels).is_err() => {
@@ -652,7 +738,13 @@ impl Channel {
         self.close(reason, Initiator::Client, true, true);
     }
 
-    fn close(&mut self, reason: ReasonCode, initiator: Initiator, send_disconnect: bool, publish_will: bool) {
+    fn close(
+        &mut self,
+        reason: ReasonCode,
+        initiator: Initiator,
+        send_disconnect: bool,
+        publish_will: bool,
+    ) {
         if self.state == State::Closed {
             return;
         }
@@ -663,7 +755,12 @@ impl Channel {
         let will = if publish_will { self.will.take() } else { None };
         self.will = None;
         let session = self.session.take();
-        self.actions.push_back(Action::Close(Close { reason, initiator, will, session }));
+        self.actions.push_back(Action::Close(Box::new(Close {
+            reason,
+            initiator,
+            will,
+            session,
+        })));
     }
 
     /// Whether the driver may offer another delivery now: connected, the in-flight window has
@@ -693,7 +790,9 @@ impl Channel {
             return;
         }
         if delivery.qos != QoS::AtMostOnce {
-            let Some(session) = self.session.as_mut() else { return };
+            let Some(session) = self.session.as_mut() else {
+                return;
+            };
             let Some(id) = session.track(delivery) else {
                 self.dropped += 1;
                 return;
@@ -738,7 +837,10 @@ impl Channel {
             publish.properties = message.properties.clone();
             // [MQTT-3.3.2-6]: forward the remaining lifetime.
             publish.properties.message_expiry_interval = message.remaining_expiry(now);
-            publish.properties.subscription_identifiers.clone_from(&delivery.subscription_ids);
+            publish
+                .properties
+                .subscription_identifiers
+                .clone_from(&delivery.subscription_ids);
         }
         publish
     }
@@ -752,7 +854,8 @@ impl Channel {
                     publish.properties.topic_alias = Some(alias);
                     publish.topic.clear();
                 } else if self.outbound_aliases.len() < usize::from(self.peer_topic_alias_maximum) {
-                    let alias = u16::try_from(self.outbound_aliases.len() + 1).expect("bounded by a u16 maximum");
+                    let alias = u16::try_from(self.outbound_aliases.len() + 1)
+                        .expect("bounded by a u16 maximum");
                     self.outbound_aliases.insert(publish.topic.clone(), alias);
                     publish.properties.topic_alias = Some(alias);
                 }

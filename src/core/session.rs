@@ -87,7 +87,9 @@ impl Session {
     /// PUBACK (QoS 1) or PUBCOMP (QoS 2): forget the id. Returns whether it matched the
     /// expected state.
     pub fn complete(&mut self, id: u16, qos2: bool) -> bool {
-        let Some(&seq) = self.ids_in_use.get(&id) else { return false };
+        let Some(&seq) = self.ids_in_use.get(&id) else {
+            return false;
+        };
         let expected = match self.outgoing.get(&seq) {
             Some((_, Outgoing::Publish(d))) => !qos2 && d.qos == QoS::AtLeastOnce,
             Some((_, Outgoing::Release)) => qos2,
@@ -103,7 +105,9 @@ impl Session {
     /// PUBREC: the QoS 2 message moves to the release phase. Returns whether the id was
     /// awaiting PUBREC or already releasing (a repeated PUBREC is answered again).
     pub fn received(&mut self, id: u16) -> bool {
-        let Some(&seq) = self.ids_in_use.get(&id) else { return false };
+        let Some(&seq) = self.ids_in_use.get(&id) else {
+            return false;
+        };
         match self.outgoing.get_mut(&seq) {
             Some((_, state @ Outgoing::Publish(_))) => {
                 if let Outgoing::Publish(d) = state {
@@ -127,7 +131,9 @@ impl Session {
     }
 
     pub fn subscribe(&mut self, sub: Subscription) -> bool {
-        self.subscriptions.insert(sub.filter.as_str().to_owned(), sub).is_some()
+        self.subscriptions
+            .insert(sub.filter.as_str().to_owned(), sub)
+            .is_some()
     }
 
     pub fn unsubscribe(&mut self, filter: &str) -> Option<Subscription> {
@@ -164,7 +170,10 @@ mod tests {
         let mut s = Session::new("c".into(), 0);
         let id = s.track(delivery(QoS::AtLeastOnce)).unwrap();
         assert_eq!(s.inflight(), 1);
-        assert!(!s.complete(id, true), "PUBCOMP does not complete a QoS 1 message");
+        assert!(
+            !s.complete(id, true),
+            "PUBCOMP does not complete a QoS 1 message"
+        );
         assert!(s.complete(id, false));
         assert_eq!(s.inflight(), 0);
         assert!(!s.complete(id, false), "a second PUBACK is unknown");
@@ -174,9 +183,15 @@ mod tests {
     fn qos2_goes_through_release_before_completion() {
         let mut s = Session::new("c".into(), 0);
         let id = s.track(delivery(QoS::ExactlyOnce)).unwrap();
-        assert!(!s.complete(id, true), "PUBCOMP before PUBREC is out of order");
+        assert!(
+            !s.complete(id, true),
+            "PUBCOMP before PUBREC is out of order"
+        );
         assert!(s.received(id));
-        assert!(matches!(s.outgoing.values().next(), Some((_, Outgoing::Release))));
+        assert!(matches!(
+            s.outgoing.values().next(),
+            Some((_, Outgoing::Release))
+        ));
         assert!(s.complete(id, true));
         assert_eq!(s.inflight(), 0);
     }

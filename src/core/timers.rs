@@ -18,7 +18,12 @@ pub struct TimerTable<K> {
 
 impl<K> Default for TimerTable<K> {
     fn default() -> Self {
-        Self { by_time: BTreeSet::new(), entries: HashMap::new(), by_key: HashMap::new(), next_seq: 0 }
+        Self {
+            by_time: BTreeSet::new(),
+            entries: HashMap::new(),
+            by_key: HashMap::new(),
+            next_seq: 0,
+        }
     }
 }
 
