@@ -14,3 +14,49 @@ pub mod broker;
 pub mod codec;
 pub mod config;
 pub mod core;
+
+#[cfg(test)]
+mod layering {
+    //! Keeps the sans-IO promise honest: codec and core never mention the runtime, sockets
+    //! or the clock.
+
+    fn sources(dir: &str) -> Vec<(std::path::PathBuf, String)> {
+        let root = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("src").join(dir);
+        let mut files = Vec::new();
+        let mut stack = vec![root];
+        while let Some(dir) = stack.pop() {
+            for entry in std::fs::read_dir(&dir).unwrap() {
+                let path = entry.unwrap().path();
+                if path.is_dir() {
+                    stack.push(path);
+                } else if path.extension().is_some_and(|e| e == "rs") {
+                    let text = std::fs::read_to_string(&path).unwrap();
+                    // Unit tests at the bottom may make up instants from the real clock.
+                    let code = text.split("#[cfg(test)]").next().unwrap_or_default().to_owned();
+                    files.push((path, code));
+                }
+            }
+        }
+        files
+    }
+
+    #[test]
+    fn codec_and_core_stay_sans_io() {
+        let forbidden = ["tokio", "std::net", "Instant::now", "SystemTime", "thread::spawn", "crate::broker", "crate::config"];
+        for dir in ["codec", "core"] {
+            let files = sources(dir);
+            assert!(!files.is_empty());
+            for (path, text) in files {
+                if path.file_name().is_some_and(|n| n.to_string_lossy().contains("tests")) {
+                    continue;
+                }
+                for word in forbidden {
+                    assert!(!text.contains(word), "{} mentions `{word}`", path.display());
+                }
+            }
+        }
+        for (path, text) in sources("codec") {
+            assert!(!text.contains("crate::core"), "{} reaches into core", path.display());
+        }
+    }
+}

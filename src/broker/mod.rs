@@ -575,3 +575,6 @@ impl RunningBroker {
         }
     }
 }
+
+#[cfg(test)]
+mod tests;

@@ -883,3 +883,7 @@ fn assigned_client_id() -> String {
     hasher.write_u64(n);
     format!("petrel-{:016x}{n:x}", hasher.finish())
 }
+
+#[cfg(test)]
+#[path = "channel_tests.rs"]
+mod tests;

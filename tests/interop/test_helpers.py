@@ -88,35 +88,43 @@ def run_proto(tag, proto):
         clear_retained(rtopic)
 
     # 3. publish.multiple (+ v5 user properties) and subscribe.callback.
+    #    Readiness: a retained probe is stored first; the callback seeing it means
+    #    the helper's SUBSCRIBE is active, then publish.multiple runs once.
     ctopic = f"{base}/multi"
+    probe = f"{ctopic}/probe"
     received = []
+    ready = threading.Event()
 
     def on_msg(client, userdata, message):
+        if message.topic == probe:
+            ready.set()
+            return
         received.append((message.topic, bytes(message.payload), message.qos,
                          getattr(message, "properties", None)))
         if len(received) >= 3:
             client.disconnect()
 
-    t, box = in_thread(subscribe_mod.callback, on_msg, f"{base}/multi/#", qos=2,
-                       client_id=f"sc-{tag}-{uid()}", **common, **sub_extra)
+    try:
+        publish_mod.single(probe, "probe", qos=1, retain=True, client_id=f"pp-{tag}-{uid()}", **common)
+        t, box = in_thread(subscribe_mod.callback, on_msg, f"{ctopic}/#", qos=2,
+                           client_id=f"sc-{tag}-{uid()}", **common, **sub_extra)
+        check(ready.wait(WAIT), f"{tag}: subscribe.callback never received the retained probe")
+    finally:
+        clear_retained(probe)
 
-    def pub_multi():
-        if received:
-            return
-        msgs = [
-            {"topic": f"{ctopic}/a", "payload": "m0", "qos": 0},
-            (f"{ctopic}/b", "m1", 1, False),
-            {"topic": f"{ctopic}/c", "payload": "m2", "qos": 2},
-        ]
-        if proto == MQTTv5:
-            for i, m in enumerate(msgs):
-                if isinstance(m, dict):
-                    p = Properties(PacketTypes.PUBLISH)
-                    p.UserProperty = [("helper", "multiple"), ("序号", str(i))]
-                    m["properties"] = p
-        publish_mod.multiple(msgs, client_id=f"pm-{tag}-{uid()}", **common)
-
-    keep_publishing(t, pub_multi)
+    msgs = [
+        {"topic": f"{ctopic}/a", "payload": "m0", "qos": 0},
+        (f"{ctopic}/b", "m1", 1, False),
+        {"topic": f"{ctopic}/c", "payload": "m2", "qos": 2},
+    ]
+    if proto == MQTTv5:
+        for i, m in enumerate(msgs):
+            if isinstance(m, dict):
+                p = Properties(PacketTypes.PUBLISH)
+                p.UserProperty = [("helper", "multiple"), ("序号", str(i))]
+                m["properties"] = p
+    t2, box2 = in_thread(publish_mod.multiple, msgs, client_id=f"pm-{tag}-{uid()}", **common)
+    finished(t2, box2, f"{tag} publish.multiple")
     finished(t, box, f"{tag} subscribe.callback")
     check(len(received) >= 3, f"{tag}: subscribe.callback got {len(received)} messages")
     first = received[:3]

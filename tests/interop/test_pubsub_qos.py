@@ -83,10 +83,13 @@ def run_proto(tag, proto):
           f"{tag}: mismatch; missing={sorted(set(sent) - set(got_set))[:5]} "
           f"extra={sorted(set(got_set) - set(sent))[:5]}")
     check(all(m.retain == 0 for m in got), f"{tag}: non-retained publish delivered with retain=1")
-    # Per-topic, per-QoS order is preserved (ordered topic guarantee for QoS>0).
-    exact = [m.payload for m in got if m.topic == f"{base}/exact" and m.qos > 0]
-    expected = [p for t, p, q in sent if t == f"{base}/exact" and q > 0]
-    check(exact == expected, f"{tag}: QoS>0 messages out of order")
+    # Per-topic order within each QoS level.  (Across QoS levels the order of
+    # on_message calls is not the wire order: paho fires on_message for QoS 2
+    # only on PUBREL, for QoS 0/1 on PUBLISH.)
+    for q in (0, 1, 2):
+        got_q = [m.payload for m in got if m.topic == f"{base}/exact" and m.qos == q]
+        want_q = [p for t, p, qq in sent if t == f"{base}/exact" and qq == q]
+        check(got_q == want_q, f"{tag}: QoS {q} messages out of order: {got_q}")
 
     close(pub)
     close(sub)

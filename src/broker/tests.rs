@@ -1,0 +1,141 @@
+//! Session-table tests in virtual time: sessions are opened and closed with made-up instants
+//! and `handle_timers` is driven to the deadlines it reports.
+
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use tokio::sync::mpsc;
+
+use super::*;
+use crate::codec::Publish;
+use crate::core::channel::Initiator;
+
+fn broker() -> Broker {
+    Broker::new(Settings {
+        limits: Arc::new(Limits::default()),
+        max_queued: 10,
+        close_linger: Duration::from_millis(100),
+    })
+}
+
+fn message(topic: &str, now: Instant) -> Message {
+    let publish = Publish {
+        dup: false,
+        qos: QoS::AtLeastOnce,
+        retain: false,
+        topic: topic.into(),
+        packet_id: None,
+        properties: Default::default(),
+        payload: Bytes::from_static(b"will"),
+    };
+    Message::from_publish(publish, None, now)
+}
+
+/// Opens a session for `id`, subscribes it to `filter`, and returns its mailbox.
+async fn online(broker: &Broker, now: Instant, id: &Arc<str>, conn_id: u64, filter: &str) -> (Option<Session>, Arc<Mailbox>) {
+    let (tx, _rx) = mpsc::channel(1);
+    let (session, mailbox) = broker.open_session(now, id, false, conn_id, &tx).await.unwrap();
+    let subscription = Subscription {
+        filter: TopicFilter::parse(filter, 0).unwrap(),
+        options: SubscriptionOptions { qos: QoS::AtLeastOnce, ..Default::default() },
+        id: None,
+    };
+    broker.subscribe(now, id, &mailbox, &subscription, false);
+    (session, mailbox)
+}
+
+fn close(broker: &Broker, now: Instant, id: &Arc<str>, conn_id: u64, expiry: u32, will: Option<PendingWill>) {
+    let mut session = Session::new(id.to_string(), expiry);
+    session.subscribe(Subscription {
+        filter: TopicFilter::parse("#", 0).unwrap(),
+        options: SubscriptionOptions::default(),
+        id: None,
+    });
+    let close = Close { reason: ReasonCode::UNSPECIFIED_ERROR, initiator: Initiator::Transport, will, session: Some(session) };
+    broker.close_session(now, conn_id, id, close);
+}
+
+#[tokio::test]
+async fn offline_session_expires_on_time_and_its_subscriptions_go() {
+    let b = broker();
+    let t0 = Instant::now();
+    let id: Arc<str> = Arc::from("expiring");
+    online(&b, t0, &id, 1, "#").await;
+    close(&b, t0, &id, 1, 60, None);
+    assert_eq!(b.session_count(), 1);
+
+    // Messages queue for the offline session until it expires.
+    let (_, watcher) = online(&b, t0, &Arc::from("watcher"), 2, "#").await;
+    b.publish(Arc::new(message("x", t0)), t0);
+    assert_eq!(watcher.len(), 1);
+
+    let next = b.handle_timers(t0 + Duration::from_secs(59));
+    assert_eq!(next, Some(t0 + Duration::from_secs(60)), "nothing due before the expiry");
+    assert_eq!(b.session_count(), 2);
+    assert_eq!(b.handle_timers(t0 + Duration::from_secs(60)), None);
+    assert_eq!(b.session_count(), 1, "the expired session is gone");
+    assert_eq!(b.metrics.sessions_expired.load(Ordering::Relaxed), 1);
+}
+
+#[tokio::test]
+async fn reconnecting_before_expiry_resumes_the_session() {
+    let b = broker();
+    let t0 = Instant::now();
+    let id: Arc<str> = Arc::from("resumer");
+    online(&b, t0, &id, 1, "#").await;
+    close(&b, t0, &id, 1, 60, None);
+    let (session, _) = online(&b, t0 + Duration::from_secs(30), &id, 3, "#").await;
+    assert!(session.is_some(), "the session is resumed");
+    b.handle_timers(t0 + Duration::from_secs(120));
+    assert_eq!(b.session_count(), 1, "a resumed session is not expired by the old timer");
+}
+
+#[tokio::test]
+async fn delayed_will_fires_at_the_delay_or_is_cancelled_by_reconnect() {
+    let b = broker();
+    let t0 = Instant::now();
+    let (_, watcher) = online(&b, t0, &Arc::from("watcher"), 1, "will/#").await;
+
+    let id: Arc<str> = Arc::from("willing");
+    online(&b, t0, &id, 2, "nothing").await;
+    close(&b, t0, &id, 2, 100, Some(PendingWill { message: message("will/a", t0), delay: 10 }));
+    b.handle_timers(t0 + Duration::from_secs(9));
+    assert_eq!(watcher.len(), 0, "not before the delay");
+    b.handle_timers(t0 + Duration::from_secs(10));
+    assert_eq!(watcher.len(), 1, "published at the delay");
+
+    let id2: Arc<str> = Arc::from("returning");
+    online(&b, t0, &id2, 3, "nothing").await;
+    close(&b, t0, &id2, 3, 100, Some(PendingWill { message: message("will/b", t0), delay: 10 }));
+    online(&b, t0 + Duration::from_secs(5), &id2, 4, "nothing").await;
+    b.handle_timers(t0 + Duration::from_secs(50));
+    assert_eq!(watcher.len(), 1, "[MQTT-3.1.3-9] reconnecting in time cancels the will");
+}
+
+#[tokio::test]
+async fn will_is_published_when_the_session_ends_before_the_delay() {
+    let b = broker();
+    let t0 = Instant::now();
+    let (_, watcher) = online(&b, t0, &Arc::from("watcher"), 1, "will/#").await;
+    let id: Arc<str> = Arc::from("short");
+    online(&b, t0, &id, 2, "nothing").await;
+    close(&b, t0, &id, 2, 5, Some(PendingWill { message: message("will/c", t0), delay: 60 }));
+    b.handle_timers(t0 + Duration::from_secs(5));
+    assert_eq!(watcher.len(), 1, "session expiry at 5 s publishes the will despite a 60 s delay");
+}
+
+#[tokio::test]
+async fn full_mailbox_drops_and_counts_without_affecting_others() {
+    let b = broker();
+    let t0 = Instant::now();
+    let (_, slow) = online(&b, t0, &Arc::from("slow"), 1, "t").await;
+    let (_, other) = online(&b, t0, &Arc::from("other"), 2, "t").await;
+    for _ in 0..15 {
+        b.publish(Arc::new(message("t", t0)), t0);
+        other.pop();
+    }
+    assert_eq!(slow.len(), 10, "bounded by max_queued");
+    assert_eq!(b.metrics.messages_dropped.load(Ordering::Relaxed), 5);
+    assert_eq!(other.dropped(), 0);
+}
