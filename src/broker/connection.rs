@@ -140,9 +140,6 @@ impl Connection {
             writer.shutdown().await
         })
         .await;
-        for ack in self.takeover_acks.drain(..) {
-            let _ = ack.send(());
-        }
     }
 
     /// Decodes and handles every complete packet in the read buffer, carrying out the
@@ -217,6 +214,11 @@ impl Connection {
                         .close_session(now, self.conn_id, &client_id, *close);
                     self.mailbox = None;
                     self.closed = true;
+                    // The session is filed: a connection taking over need not wait for our
+                    // last bytes to flush.
+                    for ack in self.takeover_acks.drain(..) {
+                        let _ = ack.send(());
+                    }
                 }
             }
         }
