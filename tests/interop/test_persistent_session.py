@@ -13,6 +13,8 @@ session present=1 and all offline messages.  A v5 session with no Session
 Expiry Interval (0) is not kept: reconnect with clean_start=False gets
 session present=0 and nothing.
 """
+import time
+
 from interop_common import (MQTTv311, MQTTv5, Collector, PacketTypes, Properties, check,
                             clear_session, close, connect, drop, main, new_client, publish,
                             subscribe, uid)
@@ -83,7 +85,12 @@ def v311():
         check(len(got) == len(sent) + 1 and got[-1].payload == b"live",
               f"{tag}: session subscription not restored for live messages")
 
-        # Abrupt drop also keeps the session.
+        # Abrupt drop also keeps the session.  Barrier first: make sure the PUBACK
+        # for "live" reached the broker (else it is legitimately redelivered):
+        # paho sends it right after on_message; a SUBSCRIBE/SUBACK round trip after
+        # it proves the broker has processed everything before.
+        time.sleep(0.2)
+        subscribe(c, col, topic + "/barrier", 0, what=f"{tag} barrier")
         drop(c)
         publish(p, topic, b"after-drop", qos=1)
         close(p)
