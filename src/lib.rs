@@ -21,7 +21,9 @@ mod layering {
     //! or the clock.
 
     fn sources(dir: &str) -> Vec<(std::path::PathBuf, String)> {
-        let root = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("src").join(dir);
+        let root = std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
+            .join("src")
+            .join(dir);
         let mut files = Vec::new();
         let mut stack = vec![root];
         while let Some(dir) = stack.pop() {
@@ -32,7 +34,11 @@ mod layering {
                 } else if path.extension().is_some_and(|e| e == "rs") {
                     let text = std::fs::read_to_string(&path).unwrap();
                     // Unit tests at the bottom may make up instants from the real clock.
-                    let code = text.split("#[cfg(test)]").next().unwrap_or_default().to_owned();
+                    let code = text
+                        .split("#[cfg(test)]")
+                        .next()
+                        .unwrap_or_default()
+                        .to_owned();
                     files.push((path, code));
                 }
             }
@@ -42,12 +48,23 @@ mod layering {
 
     #[test]
     fn codec_and_core_stay_sans_io() {
-        let forbidden = ["tokio", "std::net", "Instant::now", "SystemTime", "thread::spawn", "crate::broker", "crate::config"];
+        let forbidden = [
+            "tokio",
+            "std::net",
+            "Instant::now",
+            "SystemTime",
+            "thread::spawn",
+            "crate::broker",
+            "crate::config",
+        ];
         for dir in ["codec", "core"] {
             let files = sources(dir);
             assert!(!files.is_empty());
             for (path, text) in files {
-                if path.file_name().is_some_and(|n| n.to_string_lossy().contains("tests")) {
+                if path
+                    .file_name()
+                    .is_some_and(|n| n.to_string_lossy().contains("tests"))
+                {
                     continue;
                 }
                 for word in forbidden {
@@ -56,7 +73,11 @@ mod layering {
             }
         }
         for (path, text) in sources("codec") {
-            assert!(!text.contains("crate::core"), "{} reaches into core", path.display());
+            assert!(
+                !text.contains("crate::core"),
+                "{} reaches into core",
+                path.display()
+            );
         }
     }
 }

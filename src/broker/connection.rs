@@ -228,15 +228,24 @@ impl Connection {
     fn pump_deliveries(&mut self) {
         let Some(mailbox) = &self.mailbox else { return };
         let now = clock::now();
-        let mut sent = 0u64;
+        let mut offered = 0u64;
         while self.channel.can_deliver() {
             let Some(delivery) = mailbox.pop() else { break };
             self.channel.deliver(now, delivery);
-            sent += 1;
+            offered += 1;
         }
+        // Deliveries the channel dropped (expired, too large for the client) are counted as
+        // they happen, not only when the connection closes, and not as delivered.
+        let dropped = std::mem::take(&mut self.channel.dropped);
+        let metrics = &self.broker.metrics;
+        if dropped > 0 {
+            metrics
+                .messages_dropped
+                .fetch_add(dropped, Ordering::Relaxed);
+        }
+        let sent = offered.saturating_sub(dropped);
         if sent > 0 {
-            self.broker
-                .metrics
+            metrics
                 .messages_delivered
                 .fetch_add(sent, Ordering::Relaxed);
         }

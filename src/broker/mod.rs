@@ -80,7 +80,7 @@ enum TimerKey {
 #[derive(Debug, Default)]
 struct Sessions {
     slots: HashMap<Arc<str>, Slot>,
-    wills: HashMap<Arc<str>, Message>,
+    wills: HashMap<Arc<str>, PendingWill>,
     timers: TimerTable<TimerKey>,
 }
 
@@ -182,7 +182,7 @@ impl Broker {
                         self.claim_slot(&mut sessions, client_id, clean_start, conn_id, control);
                     drop(sessions);
                     if let Some(will) = will_now {
-                        self.publish(Arc::new(will), now);
+                        self.publish(Arc::new(will.into_message(now)), now);
                     }
                     return Ok(result);
                 }
@@ -262,7 +262,7 @@ impl Broker {
             if expiry == 0 {
                 self.drop_subscriptions(client_id, &session);
                 sessions.slots.remove(client_id);
-                publish_now = close.will.map(|w| w.message);
+                publish_now = close.will;
             } else {
                 if let Some(slot) = sessions.slots.get_mut(client_id) {
                     slot.mailbox.set_online(false);
@@ -274,22 +274,23 @@ impl Broker {
                         .timers
                         .schedule(TimerKey::Expire(Arc::clone(client_id)), at);
                 }
-                if let Some(PendingWill { message, delay }) = close.will {
+                if let Some(will) = close.will {
+                    let delay = will.delay;
                     if delay == 0 {
-                        publish_now = Some(message);
+                        publish_now = Some(will);
                     } else {
                         let at = now + Duration::from_secs(u64::from(delay.min(expiry)));
                         sessions
                             .timers
                             .schedule(TimerKey::Will(Arc::clone(client_id)), at);
-                        sessions.wills.insert(Arc::clone(client_id), message);
+                        sessions.wills.insert(Arc::clone(client_id), will);
                     }
                 }
                 self.timers_changed.notify_one();
             }
         }
         if let Some(will) = publish_now {
-            self.publish(Arc::new(will), now);
+            self.publish(Arc::new(will.into_message(now)), now);
         }
     }
 
@@ -322,7 +323,7 @@ impl Broker {
             sessions.timers.next_deadline()
         };
         for will in wills {
-            self.publish(Arc::new(will), now);
+            self.publish(Arc::new(will.into_message(now)), now);
         }
         next
     }

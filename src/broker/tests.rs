@@ -33,26 +33,50 @@ fn message(topic: &str, now: Instant) -> Message {
 }
 
 /// Opens a session for `id`, subscribes it to `filter`, and returns its mailbox.
-async fn online(broker: &Broker, now: Instant, id: &Arc<str>, conn_id: u64, filter: &str) -> (Option<Session>, Arc<Mailbox>) {
+async fn online(
+    broker: &Broker,
+    now: Instant,
+    id: &Arc<str>,
+    conn_id: u64,
+    filter: &str,
+) -> (Option<Session>, Arc<Mailbox>) {
     let (tx, _rx) = mpsc::channel(1);
-    let (session, mailbox) = broker.open_session(now, id, false, conn_id, &tx).await.unwrap();
+    let (session, mailbox) = broker
+        .open_session(now, id, false, conn_id, &tx)
+        .await
+        .unwrap();
     let subscription = Subscription {
         filter: TopicFilter::parse(filter, 0).unwrap(),
-        options: SubscriptionOptions { qos: QoS::AtLeastOnce, ..Default::default() },
+        options: SubscriptionOptions {
+            qos: QoS::AtLeastOnce,
+            ..Default::default()
+        },
         id: None,
     };
     broker.subscribe(now, id, &mailbox, &subscription, false);
     (session, mailbox)
 }
 
-fn close(broker: &Broker, now: Instant, id: &Arc<str>, conn_id: u64, expiry: u32, will: Option<PendingWill>) {
+fn close(
+    broker: &Broker,
+    now: Instant,
+    id: &Arc<str>,
+    conn_id: u64,
+    expiry: u32,
+    will: Option<PendingWill>,
+) {
     let mut session = Session::new(id.to_string(), expiry);
     session.subscribe(Subscription {
         filter: TopicFilter::parse("#", 0).unwrap(),
         options: SubscriptionOptions::default(),
         id: None,
     });
-    let close = Close { reason: ReasonCode::UNSPECIFIED_ERROR, initiator: Initiator::Transport, will, session: Some(session) };
+    let close = Close {
+        reason: ReasonCode::UNSPECIFIED_ERROR,
+        initiator: Initiator::Transport,
+        will,
+        session: Some(session),
+    };
     broker.close_session(now, conn_id, id, close);
 }
 
@@ -71,7 +95,11 @@ async fn offline_session_expires_on_time_and_its_subscriptions_go() {
     assert_eq!(watcher.len(), 1);
 
     let next = b.handle_timers(t0 + Duration::from_secs(59));
-    assert_eq!(next, Some(t0 + Duration::from_secs(60)), "nothing due before the expiry");
+    assert_eq!(
+        next,
+        Some(t0 + Duration::from_secs(60)),
+        "nothing due before the expiry"
+    );
     assert_eq!(b.session_count(), 2);
     assert_eq!(b.handle_timers(t0 + Duration::from_secs(60)), None);
     assert_eq!(b.session_count(), 1, "the expired session is gone");
@@ -88,7 +116,11 @@ async fn reconnecting_before_expiry_resumes_the_session() {
     let (session, _) = online(&b, t0 + Duration::from_secs(30), &id, 3, "#").await;
     assert!(session.is_some(), "the session is resumed");
     b.handle_timers(t0 + Duration::from_secs(120));
-    assert_eq!(b.session_count(), 1, "a resumed session is not expired by the old timer");
+    assert_eq!(
+        b.session_count(),
+        1,
+        "a resumed session is not expired by the old timer"
+    );
 }
 
 #[tokio::test]
@@ -99,7 +131,18 @@ async fn delayed_will_fires_at_the_delay_or_is_cancelled_by_reconnect() {
 
     let id: Arc<str> = Arc::from("willing");
     online(&b, t0, &id, 2, "nothing").await;
-    close(&b, t0, &id, 2, 100, Some(PendingWill { message: message("will/a", t0), delay: 10 }));
+    close(
+        &b,
+        t0,
+        &id,
+        2,
+        100,
+        Some(PendingWill {
+            message: message("will/a", t0),
+            delay: 10,
+            expiry_interval: None,
+        }),
+    );
     b.handle_timers(t0 + Duration::from_secs(9));
     assert_eq!(watcher.len(), 0, "not before the delay");
     b.handle_timers(t0 + Duration::from_secs(10));
@@ -107,10 +150,25 @@ async fn delayed_will_fires_at_the_delay_or_is_cancelled_by_reconnect() {
 
     let id2: Arc<str> = Arc::from("returning");
     online(&b, t0, &id2, 3, "nothing").await;
-    close(&b, t0, &id2, 3, 100, Some(PendingWill { message: message("will/b", t0), delay: 10 }));
+    close(
+        &b,
+        t0,
+        &id2,
+        3,
+        100,
+        Some(PendingWill {
+            message: message("will/b", t0),
+            delay: 10,
+            expiry_interval: None,
+        }),
+    );
     online(&b, t0 + Duration::from_secs(5), &id2, 4, "nothing").await;
     b.handle_timers(t0 + Duration::from_secs(50));
-    assert_eq!(watcher.len(), 1, "[MQTT-3.1.3-9] reconnecting in time cancels the will");
+    assert_eq!(
+        watcher.len(),
+        1,
+        "[MQTT-3.1.3-9] reconnecting in time cancels the will"
+    );
 }
 
 #[tokio::test]
@@ -120,9 +178,24 @@ async fn will_is_published_when_the_session_ends_before_the_delay() {
     let (_, watcher) = online(&b, t0, &Arc::from("watcher"), 1, "will/#").await;
     let id: Arc<str> = Arc::from("short");
     online(&b, t0, &id, 2, "nothing").await;
-    close(&b, t0, &id, 2, 5, Some(PendingWill { message: message("will/c", t0), delay: 60 }));
+    close(
+        &b,
+        t0,
+        &id,
+        2,
+        5,
+        Some(PendingWill {
+            message: message("will/c", t0),
+            delay: 60,
+            expiry_interval: None,
+        }),
+    );
     b.handle_timers(t0 + Duration::from_secs(5));
-    assert_eq!(watcher.len(), 1, "session expiry at 5 s publishes the will despite a 60 s delay");
+    assert_eq!(
+        watcher.len(),
+        1,
+        "session expiry at 5 s publishes the will despite a 60 s delay"
+    );
 }
 
 #[tokio::test]

@@ -85,9 +85,24 @@ pub enum Initiator {
 /// A will message waiting for its connection to end abnormally.
 #[derive(Debug, Clone)]
 pub struct PendingWill {
+    /// The will as it will be routed; its `expires_at` is set only when it is published.
     pub message: Message,
     /// Will Delay Interval in seconds (0: publish at once).
     pub delay: u32,
+    /// The will's Message Expiry Interval, which runs from publication, not from CONNECT
+    /// [MQTT-3.1.3-9: "sent as the Publication Expiry Interval when the Server publishes"].
+    pub expiry_interval: Option<u32>,
+}
+
+impl PendingWill {
+    /// The message to route when the will is published at `now`.
+    pub fn into_message(self, now: Instant) -> Message {
+        let mut message = self.message;
+        message.expires_at = self
+            .expiry_interval
+            .map(|secs| now + Duration::from_secs(u64::from(secs)));
+        message
+    }
 }
 
 #[derive(Debug)]
@@ -435,9 +450,14 @@ impl Channel {
                 properties,
                 payload: will.payload,
             };
+            let expiry_interval = publish.properties.message_expiry_interval;
+            let mut message =
+                Message::from_publish(publish, Some(Arc::from(client_id.as_str())), now);
+            message.expires_at = None;
             PendingWill {
-                message: Message::from_publish(publish, Some(Arc::from(client_id.as_str())), now),
+                message,
                 delay,
+                expiry_interval,
             }
         });
 
@@ -846,18 +866,36 @@ impl Channel {
     }
 
     /// Replaces the topic by an alias the client already knows, or teaches it a new one
-    /// while the client's Topic Alias Maximum allows [MQTT-3.3.2-11].
-    fn send_with_alias(&mut self, mut packet: Packet) {
-        if let Packet::Publish(publish) = &mut packet {
+    /// while the client's Topic Alias Maximum allows [MQTT-3.3.2-11]. The callers checked
+    /// that `packet` fits the client's Maximum Packet Size; an aliased form that would not
+    /// (the alias property adds bytes) is not used [MQTT-3.1.2-24].
+    fn send_with_alias(&mut self, packet: Packet) {
+        if let Packet::Publish(publish) = &packet {
             if self.peer_topic_alias_maximum > 0 {
-                if let Some(&alias) = self.outbound_aliases.get(&publish.topic) {
-                    publish.properties.topic_alias = Some(alias);
-                    publish.topic.clear();
-                } else if self.outbound_aliases.len() < usize::from(self.peer_topic_alias_maximum) {
-                    let alias = u16::try_from(self.outbound_aliases.len() + 1)
-                        .expect("bounded by a u16 maximum");
-                    self.outbound_aliases.insert(publish.topic.clone(), alias);
-                    publish.properties.topic_alias = Some(alias);
+                let known = self.outbound_aliases.get(&publish.topic).copied();
+                let mut aliased = publish.clone();
+                let new_alias = match known {
+                    Some(alias) => {
+                        aliased.topic.clear();
+                        aliased.properties.topic_alias = Some(alias);
+                        None
+                    }
+                    None if self.outbound_aliases.len()
+                        < usize::from(self.peer_topic_alias_maximum) =>
+                    {
+                        let alias = u16::try_from(self.outbound_aliases.len() + 1)
+                            .expect("bounded by a u16 maximum");
+                        aliased.properties.topic_alias = Some(alias);
+                        Some(alias)
+                    }
+                    None => return self.send(&packet),
+                };
+                let aliased = Packet::Publish(aliased);
+                if self.fits(&aliased) {
+                    if let Some(alias) = new_alias {
+                        self.outbound_aliases.insert(publish.topic.clone(), alias);
+                    }
+                    return self.send(&aliased);
                 }
             }
         }

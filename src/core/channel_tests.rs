@@ -19,7 +19,12 @@ struct Harness {
 impl Harness {
     fn new(limits: Limits) -> Self {
         let now = Instant::now();
-        Self { channel: Channel::new(Arc::new(limits), now), now, version: ProtocolVersion::V5, session: None }
+        Self {
+            channel: Channel::new(Arc::new(limits), now),
+            now,
+            version: ProtocolVersion::V5,
+            session: None,
+        }
     }
 
     /// CONNECT and accept it, resuming `self.session` if one is parked there.
@@ -30,7 +35,8 @@ impl Harness {
     /// CONNECT, accept, and return the CONNACK with whatever followed it (resends).
     fn connect_and_resends(&mut self, connect: Connect) -> (ConnAck, Vec<Packet>) {
         self.version = connect.protocol;
-        self.channel.handle_packet(self.now, Packet::Connect(Box::new(connect)));
+        self.channel
+            .handle_packet(self.now, Packet::Connect(Box::new(connect)));
         match self.channel.poll_action() {
             Some(Action::Connect { .. }) => {}
             other => panic!("expected a Connect action, got {other:?}"),
@@ -112,7 +118,12 @@ fn publish(topic: &str, qos: QoS, id: Option<u16>) -> Publish {
 
 fn delivery(topic: &str, qos: QoS) -> Delivery {
     let message = Message::from_publish(publish(topic, qos, None), None, Instant::now());
-    Delivery { message: Arc::new(message), qos, retain: false, subscription_ids: Vec::new() }
+    Delivery {
+        message: Arc::new(message),
+        qos,
+        retain: false,
+        subscription_ids: Vec::new(),
+    }
 }
 
 #[test]
@@ -134,29 +145,49 @@ fn keep_alive_expires_at_one_and_a_half_times_and_publishes_the_will() {
     h.packet(Packet::PingReq);
     assert_eq!(h.packets(), vec![Packet::PingResp]);
     h.channel.handle_timeout(start + Duration::from_secs(15));
-    assert!(!h.channel.is_closed(), "traffic at 9 s keeps the connection alive at 15 s");
+    assert!(
+        !h.channel.is_closed(),
+        "traffic at 9 s keeps the connection alive at 15 s"
+    );
     h.advance_to_deadline();
     assert_eq!(h.now, start + Duration::from_secs(24));
-    assert_eq!(h.packets(), vec![Packet::Disconnect(Disconnect::new(ReasonCode::KEEP_ALIVE_TIMEOUT))]);
+    assert_eq!(
+        h.packets(),
+        vec![Packet::Disconnect(Disconnect::new(
+            ReasonCode::KEEP_ALIVE_TIMEOUT
+        ))]
+    );
     let close = h.close();
     assert_eq!(close.reason, ReasonCode::KEEP_ALIVE_TIMEOUT);
-    assert_eq!(close.will.expect("the will is due").message.topic, "will/ka");
+    assert_eq!(
+        close.will.expect("the will is due").message.topic,
+        "will/ka"
+    );
 }
 
 #[test]
 fn connect_timeout_closes_a_silent_connection() {
-    let limits = Limits { connect_timeout: Duration::from_millis(300), ..Limits::default() };
+    let limits = Limits {
+        connect_timeout: Duration::from_millis(300),
+        ..Limits::default()
+    };
     let mut h = Harness::new(limits);
     let start = h.now;
     h.advance_to_deadline();
     assert_eq!(h.now, start + Duration::from_millis(300));
     assert!(h.channel.is_closed());
-    assert!(h.packets().is_empty(), "nothing is sent to a client that never spoke");
+    assert!(
+        h.packets().is_empty(),
+        "nothing is sent to a client that never spoke"
+    );
 }
 
 #[test]
 fn server_keep_alive_caps_v5_keep_alive() {
-    let limits = Limits { max_keepalive: 30, ..Limits::default() };
+    let limits = Limits {
+        max_keepalive: 30,
+        ..Limits::default()
+    };
     let mut h = Harness::new(limits);
     let mut c = connect(ProtocolVersion::V5, "cap");
     c.keep_alive = 600;
@@ -169,14 +200,22 @@ fn server_keep_alive_caps_v5_keep_alive() {
 
 #[test]
 fn broker_receive_maximum_is_enforced_on_inbound_qos2() {
-    let limits = Limits { receive_maximum: 2, ..Limits::default() };
+    let limits = Limits {
+        receive_maximum: 2,
+        ..Limits::default()
+    };
     let mut h = Harness::new(limits);
     h.connect(connect(ProtocolVersion::V5, "rm"));
     h.packet(Packet::Publish(publish("t", QoS::ExactlyOnce, Some(1))));
     h.packet(Packet::Publish(publish("t", QoS::ExactlyOnce, Some(2))));
     assert_eq!(h.packets().len(), 2, "two PUBRECs");
     h.packet(Packet::Publish(publish("t", QoS::ExactlyOnce, Some(3))));
-    assert_eq!(h.packets(), vec![Packet::Disconnect(Disconnect::new(ReasonCode::RECEIVE_MAXIMUM_EXCEEDED))]);
+    assert_eq!(
+        h.packets(),
+        vec![Packet::Disconnect(Disconnect::new(
+            ReasonCode::RECEIVE_MAXIMUM_EXCEEDED
+        ))]
+    );
     assert!(h.channel.is_closed());
 }
 
@@ -188,14 +227,24 @@ fn inbound_qos2_is_routed_once_even_when_resent() {
     let mut again = publish("t", QoS::ExactlyOnce, Some(7));
     again.dup = true;
     h.packet(Packet::Publish(again));
-    let routes = h.actions().into_iter().filter(|a| matches!(a, Action::Route(_))).count();
+    let routes = h
+        .actions()
+        .into_iter()
+        .filter(|a| matches!(a, Action::Route(_)))
+        .count();
     assert_eq!(routes, 1);
     assert_eq!(
         h.packets(),
-        vec![Packet::PubRec(Ack::new(7, ReasonCode::SUCCESS)), Packet::PubRec(Ack::new(7, ReasonCode::SUCCESS))]
+        vec![
+            Packet::PubRec(Ack::new(7, ReasonCode::SUCCESS)),
+            Packet::PubRec(Ack::new(7, ReasonCode::SUCCESS))
+        ]
     );
     h.packet(Packet::PubRel(Ack::new(7, ReasonCode::SUCCESS)));
-    assert_eq!(h.packets(), vec![Packet::PubComp(Ack::new(7, ReasonCode::SUCCESS))]);
+    assert_eq!(
+        h.packets(),
+        vec![Packet::PubComp(Ack::new(7, ReasonCode::SUCCESS))]
+    );
 }
 
 #[test]
@@ -209,7 +258,10 @@ fn outgoing_window_honours_the_client_receive_maximum() {
         h.channel.deliver(h.now, delivery("t", QoS::AtLeastOnce));
         sent += 1;
     }
-    assert_eq!(sent, 2, "the window closes after the client's Receive Maximum");
+    assert_eq!(
+        sent, 2,
+        "the window closes after the client's Receive Maximum"
+    );
     let ids: Vec<u16> = h
         .packets()
         .into_iter()
@@ -234,8 +286,13 @@ fn unacknowledged_messages_are_resent_with_dup_on_reconnect() {
     let first = h.packets();
     assert_eq!(first.len(), 2);
     // PUBREC for the QoS 2 message, then the connection drops before PUBCOMP.
-    let Packet::Publish(qos2) = &first[1] else { panic!("expected PUBLISH") };
-    h.packet(Packet::PubRec(Ack::new(qos2.packet_id.unwrap(), ReasonCode::SUCCESS)));
+    let Packet::Publish(qos2) = &first[1] else {
+        panic!("expected PUBLISH")
+    };
+    h.packet(Packet::PubRec(Ack::new(
+        qos2.packet_id.unwrap(),
+        ReasonCode::SUCCESS,
+    )));
     h.packets();
     h.channel.handle_transport_closed();
     let session = h.close().session.expect("the session survives");
@@ -256,7 +313,10 @@ fn unacknowledged_messages_are_resent_with_dup_on_reconnect() {
 
 #[test]
 fn topic_alias_rules_on_ingress() {
-    let mut h = Harness::new(Limits { topic_alias_maximum: 5, ..Limits::default() });
+    let mut h = Harness::new(Limits {
+        topic_alias_maximum: 5,
+        ..Limits::default()
+    });
     h.connect(connect(ProtocolVersion::V5, "alias"));
     let mut define = publish("long/topic", QoS::AtMostOnce, None);
     define.properties.topic_alias = Some(3);
@@ -277,7 +337,12 @@ fn topic_alias_rules_on_ingress() {
     let mut too_big = publish("x", QoS::AtMostOnce, None);
     too_big.properties.topic_alias = Some(6);
     h.packet(Packet::Publish(too_big));
-    assert_eq!(h.packets(), vec![Packet::Disconnect(Disconnect::new(ReasonCode::TOPIC_ALIAS_INVALID))]);
+    assert_eq!(
+        h.packets(),
+        vec![Packet::Disconnect(Disconnect::new(
+            ReasonCode::TOPIC_ALIAS_INVALID
+        ))]
+    );
 }
 
 #[test]
@@ -299,7 +364,11 @@ fn outbound_topic_alias_replaces_the_topic_after_first_use() {
         .collect();
     assert_eq!(
         sent,
-        vec![("a/b".into(), Some(1)), (String::new(), Some(1)), ("c".into(), None)],
+        vec![
+            ("a/b".into(), Some(1)),
+            (String::new(), Some(1)),
+            ("c".into(), None)
+        ],
         "one alias allowed: the second topic goes out in full"
     );
 }
@@ -311,7 +380,12 @@ fn message_expiry_is_decremented_and_expired_messages_are_dropped() {
     let mut p = publish("t", QoS::AtMostOnce, None);
     p.properties.message_expiry_interval = Some(10);
     let message = Arc::new(Message::from_publish(p, None, h.now));
-    let d = Delivery { message, qos: QoS::AtMostOnce, retain: false, subscription_ids: vec![4] };
+    let d = Delivery {
+        message,
+        qos: QoS::AtMostOnce,
+        retain: false,
+        subscription_ids: vec![4],
+    };
     h.now += Duration::from_secs(3);
     h.channel.deliver(h.now, d.clone());
     match h.packets().as_slice() {
@@ -323,7 +397,10 @@ fn message_expiry_is_decremented_and_expired_messages_are_dropped() {
     }
     h.now += Duration::from_secs(8);
     h.channel.deliver(h.now, d);
-    assert!(h.packets().is_empty(), "expired messages are never delivered");
+    assert!(
+        h.packets().is_empty(),
+        "expired messages are never delivered"
+    );
     assert_eq!(h.channel.dropped, 1);
 }
 
@@ -333,19 +410,30 @@ fn too_large_deliveries_are_dropped_for_that_client() {
     let mut c = connect(ProtocolVersion::V5, "small");
     c.properties.maximum_packet_size = Some(20);
     h.connect(c);
-    h.channel.deliver(h.now, delivery("a/very/long/topic/name/indeed", QoS::AtLeastOnce));
+    h.channel.deliver(
+        h.now,
+        delivery("a/very/long/topic/name/indeed", QoS::AtLeastOnce),
+    );
     assert!(h.packets().is_empty());
     assert_eq!(h.channel.dropped, 1);
-    assert!(h.channel.can_deliver(), "a dropped message does not take a window slot");
+    assert!(
+        h.channel.can_deliver(),
+        "a dropped message does not take a window slot"
+    );
 }
 
 #[test]
 fn normal_disconnect_discards_the_will_and_0x04_keeps_it() {
-    for (reason, expect_will) in [(ReasonCode::NORMAL_DISCONNECTION, false), (ReasonCode::DISCONNECT_WITH_WILL, true)] {
+    for (reason, expect_will) in [
+        (ReasonCode::NORMAL_DISCONNECTION, false),
+        (ReasonCode::DISCONNECT_WITH_WILL, true),
+    ] {
         let mut h = Harness::new(Limits::default());
         let mut c = connect(ProtocolVersion::V5, "will");
-        let mut will_props = Properties::default();
-        will_props.will_delay_interval = Some(30);
+        let will_props = Properties {
+            will_delay_interval: Some(30),
+            ..Properties::default()
+        };
         c.will = Some(Will {
             topic: "w".into(),
             payload: Bytes::from_static(b"x"),
@@ -359,7 +447,10 @@ fn normal_disconnect_discards_the_will_and_0x04_keeps_it() {
         assert_eq!(close.will.is_some(), expect_will, "reason {reason:?}");
         if let Some(will) = close.will {
             assert_eq!(will.delay, 30);
-            assert_eq!(will.message.properties.will_delay_interval, None, "the delay is not forwarded");
+            assert_eq!(
+                will.message.properties.will_delay_interval, None,
+                "the delay is not forwarded"
+            );
         }
     }
 }
@@ -368,12 +459,23 @@ fn normal_disconnect_discards_the_will_and_0x04_keeps_it() {
 fn second_connect_and_first_packet_rules() {
     let mut h = Harness::new(Limits::default());
     h.packet(Packet::PingReq);
-    assert!(h.channel.is_closed(), "[MQTT-3.1.0-1] first packet must be CONNECT");
+    assert!(
+        h.channel.is_closed(),
+        "[MQTT-3.1.0-1] first packet must be CONNECT"
+    );
 
     let mut h = Harness::new(Limits::default());
     h.connect(connect(ProtocolVersion::V5, "twice"));
-    h.packet(Packet::Connect(Box::new(connect(ProtocolVersion::V5, "twice"))));
-    assert_eq!(h.packets(), vec![Packet::Disconnect(Disconnect::new(ReasonCode::PROTOCOL_ERROR))]);
+    h.packet(Packet::Connect(Box::new(connect(
+        ProtocolVersion::V5,
+        "twice",
+    ))));
+    assert_eq!(
+        h.packets(),
+        vec![Packet::Disconnect(Disconnect::new(
+            ReasonCode::PROTOCOL_ERROR
+        ))]
+    );
 }
 
 #[test]
@@ -389,21 +491,34 @@ fn client_id_rules_differ_by_version() {
     }
 
     let mut h = Harness::new(Limits::default());
-    h.channel.handle_packet(h.now, Packet::Connect(Box::new(connect(ProtocolVersion::V31, ""))));
+    h.channel.handle_packet(
+        h.now,
+        Packet::Connect(Box::new(connect(ProtocolVersion::V31, ""))),
+    );
     h.version = ProtocolVersion::V31;
     assert!(matches!(h.packets().as_slice(), [Packet::ConnAck(a)] if a.code.is_failure()));
 
     let mut h = Harness::new(Limits::default());
     let connack = h.connect(connect(ProtocolVersion::V5, ""));
-    let assigned = connack.properties.assigned_client_identifier.expect("[MQTT-3.2.2-16]");
+    let assigned = connack
+        .properties
+        .assigned_client_identifier
+        .expect("[MQTT-3.2.2-16]");
     assert!(!assigned.is_empty());
 }
 
 #[test]
 fn subscribe_grants_capped_qos_and_reports_retained_per_retain_handling() {
-    let mut h = Harness::new(Limits { maximum_qos: QoS::AtLeastOnce, ..Limits::default() });
+    let mut h = Harness::new(Limits {
+        maximum_qos: QoS::AtLeastOnce,
+        ..Limits::default()
+    });
     h.connect(connect(ProtocolVersion::V5, "sub"));
-    let options = |rh| SubscriptionOptions { qos: QoS::ExactlyOnce, retain_handling: rh, ..Default::default() };
+    let options = |rh| SubscriptionOptions {
+        qos: QoS::ExactlyOnce,
+        retain_handling: rh,
+        ..Default::default()
+    };
     let subscribe = |id, rh| {
         Packet::Subscribe(Subscribe {
             packet_id: id,
@@ -421,7 +536,10 @@ fn subscribe_grants_capped_qos_and_reports_retained_per_retain_handling() {
             _ => None,
         })
         .collect();
-    assert_eq!(acks, vec![vec![ReasonCode::GRANTED_QOS_1, ReasonCode::TOPIC_FILTER_INVALID]; 2]);
+    assert_eq!(
+        acks,
+        vec![vec![ReasonCode::GRANTED_QOS_1, ReasonCode::TOPIC_FILTER_INVALID]; 2]
+    );
     let retained: Vec<bool> = h
         .actions()
         .into_iter()
@@ -430,5 +548,9 @@ fn subscribe_grants_capped_qos_and_reports_retained_per_retain_handling() {
             _ => None,
         })
         .collect();
-    assert_eq!(retained, vec![true, false], "Retain Handling 1 sends retained only for a new subscription");
+    assert_eq!(
+        retained,
+        vec![true, false],
+        "Retain Handling 1 sends retained only for a new subscription"
+    );
 }

@@ -5,7 +5,10 @@
 //! Every wait is bounded by [`WAIT`] (or a shorter explicit quiet period); nothing sleeps to
 //! assert timing.
 
-#![allow(dead_code, reason = "each test module uses a different subset of the helpers")]
+#![allow(
+    dead_code,
+    reason = "each test module uses a different subset of the helpers"
+)]
 
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -54,7 +57,11 @@ impl TestBroker {
     }
 
     pub fn messages_dropped(&self) -> u64 {
-        self.running.broker.metrics.messages_dropped.load(Ordering::Relaxed)
+        self.running
+            .broker
+            .metrics
+            .messages_dropped
+            .load(Ordering::Relaxed)
     }
 
     pub async fn shutdown(self) {
@@ -77,11 +84,26 @@ pub async fn assert_broker_healthy(addr: SocketAddr) {
     let (mut sub, _) = RawClient::connect_v5(addr, &unique("health-sub")).await;
     sub.subscribe(1, &topic, QoS::AtLeastOnce).await;
     let (mut publisher, _) = RawClient::connect_v5(addr, &unique("health-pub")).await;
-    publisher.send(&publish(&topic, QoS::AtLeastOnce, Some(1), b"ok")).await;
+    publisher
+        .send(&publish(&topic, QoS::AtLeastOnce, Some(1), b"ok"))
+        .await;
     let ack = publisher.expect_packet().await;
-    assert!(matches!(ack, Packet::PubAck(Ack { packet_id: 1, reason: ReasonCode::SUCCESS, .. })), "{ack:?}");
+    assert!(
+        matches!(
+            ack,
+            Packet::PubAck(Ack {
+                packet_id: 1,
+                reason: ReasonCode::SUCCESS,
+                ..
+            })
+        ),
+        "{ack:?}"
+    );
     let got = sub.expect_publish().await;
-    assert_eq!((got.topic.as_str(), &got.payload[..]), (topic.as_str(), &b"ok"[..]));
+    assert_eq!(
+        (got.topic.as_str(), &got.payload[..]),
+        (topic.as_str(), &b"ok"[..])
+    );
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -135,7 +157,10 @@ pub fn subscribe_packet(packet_id: u16, filter: &str, options: SubscriptionOptio
 }
 
 pub fn qos_options(qos: QoS) -> SubscriptionOptions {
-    SubscriptionOptions { qos, ..Default::default() }
+    SubscriptionOptions {
+        qos,
+        ..Default::default()
+    }
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -153,7 +178,7 @@ pub struct RawClient {
 /// What a read produced within the wait.
 #[derive(Debug)]
 pub enum Read {
-    Packet(Packet),
+    Packet(Box<Packet>),
     Closed,
     TimedOut,
 }
@@ -161,12 +186,18 @@ pub enum Read {
 impl RawClient {
     /// Opens the TCP connection only; the caller sends CONNECT (or not).
     pub async fn tcp(addr: SocketAddr, version: ProtocolVersion) -> Self {
-        let stream = tokio::time::timeout(WAIT, TcpStream::connect(addr)).await.expect("connect in time").unwrap();
+        let stream = tokio::time::timeout(WAIT, TcpStream::connect(addr))
+            .await
+            .expect("connect in time")
+            .unwrap();
         stream.set_nodelay(true).unwrap();
         Self {
             stream,
             version,
-            codec: petrel::codec::Codec::with_version(version, petrel::config::MAX_PACKET_SIZE_CEILING),
+            codec: petrel::codec::Codec::with_version(
+                version,
+                petrel::config::MAX_PACKET_SIZE_CEILING,
+            ),
             buf: BytesMut::new(),
             closed: false,
         }
@@ -218,7 +249,7 @@ impl RawClient {
         let deadline = tokio::time::Instant::now() + wait;
         loop {
             match self.codec.decode(&mut self.buf) {
-                Ok(Some(packet)) => return Read::Packet(packet),
+                Ok(Some(packet)) => return Read::Packet(Box::new(packet)),
                 Ok(None) => {}
                 Err(err) => panic!("broker sent bytes our codec rejects: {err}"),
             }
@@ -234,10 +265,55 @@ impl RawClient {
         }
     }
 
+    /// Exactly `n` raw bytes (undecoded) within [`WAIT`].
+    pub async fn read_bytes(&mut self, n: usize) -> Vec<u8> {
+        tokio::time::timeout(WAIT, async {
+            while self.buf.len() < n && !self.closed {
+                self.buf.reserve(4096);
+                match self.stream.read_buf(&mut self.buf).await {
+                    Ok(0) | Err(_) => self.closed = true,
+                    Ok(_) => {}
+                }
+            }
+        })
+        .await
+        .expect("bytes arrive in time");
+        assert!(
+            self.buf.len() >= n,
+            "closed after {:?}, expected {n} bytes",
+            &self.buf[..]
+        );
+        self.buf.split_to(n).to_vec()
+    }
+
+    /// The connection closes within [`WAIT`] with no further bytes.
+    pub async fn expect_eof(&mut self) {
+        let extra = self.read_bytes_until_close().await;
+        assert!(
+            extra.is_empty(),
+            "unexpected bytes before the close: {extra:02x?}"
+        );
+    }
+
+    async fn read_bytes_until_close(&mut self) -> Vec<u8> {
+        tokio::time::timeout(WAIT, async {
+            while !self.closed {
+                self.buf.reserve(4096);
+                match self.stream.read_buf(&mut self.buf).await {
+                    Ok(0) | Err(_) => self.closed = true,
+                    Ok(_) => {}
+                }
+            }
+        })
+        .await
+        .expect("connection closes in time");
+        self.buf.split().to_vec()
+    }
+
     /// The next packet within [`WAIT`]; panics on close or timeout.
     pub async fn expect_packet(&mut self) -> Packet {
         match self.read(WAIT).await {
-            Read::Packet(packet) => packet,
+            Read::Packet(packet) => *packet,
             other => panic!("expected a packet, got {other:?}"),
         }
     }
@@ -254,9 +330,11 @@ impl RawClient {
         let mut packets = Vec::new();
         loop {
             match self.read(WAIT).await {
-                Read::Packet(packet) => packets.push(packet),
+                Read::Packet(packet) => packets.push(*packet),
                 Read::Closed => return packets,
-                Read::TimedOut => panic!("connection still open after {WAIT:?}; received {packets:?}"),
+                Read::TimedOut => {
+                    panic!("connection still open after {WAIT:?}; received {packets:?}")
+                }
             }
         }
     }
@@ -271,7 +349,11 @@ impl RawClient {
                 _ => None,
             })
             .collect();
-        assert_eq!(disconnects, vec![reason], "packets before the close: {packets:?}");
+        assert_eq!(
+            disconnects,
+            vec![reason],
+            "packets before the close: {packets:?}"
+        );
     }
 
     /// Nothing arrives (and the connection stays open) for [`QUIET`].
@@ -282,8 +364,14 @@ impl RawClient {
         }
     }
 
-    pub async fn subscribe_with(&mut self, packet_id: u16, filter: &str, options: SubscriptionOptions) -> SubAck {
-        self.send(&subscribe_packet(packet_id, filter, options)).await;
+    pub async fn subscribe_with(
+        &mut self,
+        packet_id: u16,
+        filter: &str,
+        options: SubscriptionOptions,
+    ) -> SubAck {
+        self.send(&subscribe_packet(packet_id, filter, options))
+            .await;
         match self.expect_packet().await {
             Packet::SubAck(suback) => {
                 assert_eq!(suback.packet_id, packet_id);
@@ -295,7 +383,9 @@ impl RawClient {
 
     /// Subscribes and asserts the requested QoS was granted.
     pub async fn subscribe(&mut self, packet_id: u16, filter: &str, qos: QoS) {
-        let suback = self.subscribe_with(packet_id, filter, qos_options(qos)).await;
+        let suback = self
+            .subscribe_with(packet_id, filter, qos_options(qos))
+            .await;
         assert_eq!(suback.reasons, vec![ReasonCode(qos as u8)], "{suback:?}");
     }
 
@@ -331,7 +421,8 @@ impl RawClient {
                     Packet::PubRec(ack) if ack.packet_id == id && !ack.reason.is_failure() => {}
                     other => panic!("expected PUBREC {id}, got {other:?}"),
                 }
-                self.send(&Packet::PubRel(Ack::new(id, ReasonCode::SUCCESS))).await;
+                self.send(&Packet::PubRel(Ack::new(id, ReasonCode::SUCCESS)))
+                    .await;
                 match self.expect_packet().await {
                     Packet::PubComp(ack) if ack.packet_id == id => {}
                     other => panic!("expected PUBCOMP {id}, got {other:?}"),
@@ -341,7 +432,10 @@ impl RawClient {
     }
 
     pub async fn disconnect(mut self) {
-        self.send(&Packet::Disconnect(Disconnect::new(ReasonCode::NORMAL_DISCONNECTION))).await;
+        self.send(&Packet::Disconnect(Disconnect::new(
+            ReasonCode::NORMAL_DISCONNECTION,
+        )))
+        .await;
         let _ = self.stream.shutdown().await;
         // Wait for the broker's close so the session is filed before the test goes on.
         let _ = tokio::time::timeout(WAIT, async {
@@ -389,7 +483,11 @@ impl V4 {
                 }
             }
         });
-        let mut this = Self { client, events, task };
+        let mut this = Self {
+            client,
+            events,
+            task,
+        };
         let connack = this
             .next_incoming(|p| match p {
                 rumqttc::Packet::ConnAck(c) => Some(c),
@@ -405,7 +503,10 @@ impl V4 {
     }
 
     /// Waits (bounded) for the first incoming packet `pick` accepts, skipping the others.
-    pub async fn next_incoming<T>(&mut self, mut pick: impl FnMut(rumqttc::Packet) -> Option<T>) -> T {
+    pub async fn next_incoming<T>(
+        &mut self,
+        mut pick: impl FnMut(rumqttc::Packet) -> Option<T>,
+    ) -> T {
         tokio::time::timeout(WAIT, async {
             loop {
                 match self.events.recv().await {
@@ -461,14 +562,19 @@ impl V4 {
 
     /// Publishes and, for QoS 1/2, waits for the broker's PUBACK / PUBCOMP.
     pub async fn publish(&mut self, topic: &str, qos: rumqttc::QoS, retain: bool, payload: &[u8]) {
-        self.client.publish(topic, qos, retain, payload.to_vec()).await.unwrap();
+        self.client
+            .publish(topic, qos, retain, payload.to_vec())
+            .await
+            .unwrap();
         match qos {
             rumqttc::QoS::AtMostOnce => {}
             rumqttc::QoS::AtLeastOnce => {
-                self.next_incoming(|p| matches!(p, rumqttc::Packet::PubAck(_)).then_some(())).await
+                self.next_incoming(|p| matches!(p, rumqttc::Packet::PubAck(_)).then_some(()))
+                    .await
             }
             rumqttc::QoS::ExactlyOnce => {
-                self.next_incoming(|p| matches!(p, rumqttc::Packet::PubComp(_)).then_some(())).await
+                self.next_incoming(|p| matches!(p, rumqttc::Packet::PubComp(_)).then_some(()))
+                    .await
             }
         }
     }
@@ -479,9 +585,9 @@ impl V4 {
         let _ = tokio::time::timeout(WAIT, async {
             loop {
                 match self.events.recv().await {
-                    Some(Ok(rumqttc::Event::Outgoing(rumqttc::Outgoing::Disconnect))) | Some(Err(_)) | None => {
-                        return
-                    }
+                    Some(Ok(rumqttc::Event::Outgoing(rumqttc::Outgoing::Disconnect)))
+                    | Some(Err(_))
+                    | None => return,
                     Some(Ok(_)) => {}
                 }
             }
@@ -508,7 +614,8 @@ pub use rumqttc::v5::mqttbytes::QoS as V5QoS;
 
 impl V5 {
     pub fn options(addr: SocketAddr, client_id: &str) -> rumqttc::v5::MqttOptions {
-        let mut options = rumqttc::v5::MqttOptions::new(client_id, addr.ip().to_string(), addr.port());
+        let mut options =
+            rumqttc::v5::MqttOptions::new(client_id, addr.ip().to_string(), addr.port());
         options.set_keep_alive(Duration::from_secs(30));
         options
     }
@@ -525,7 +632,11 @@ impl V5 {
                 }
             }
         });
-        let mut this = Self { client, events, task };
+        let mut this = Self {
+            client,
+            events,
+            task,
+        };
         let connack = this
             .next_incoming(|p| match p {
                 v5p::Packet::ConnAck(c) => Some(c),
@@ -597,15 +708,24 @@ impl V5 {
     }
 
     pub async fn publish(&mut self, topic: &str, qos: V5QoS, retain: bool, payload: &[u8]) {
-        self.client.publish(topic, qos, retain, payload.to_vec()).await.unwrap();
+        self.client
+            .publish(topic, qos, retain, payload.to_vec())
+            .await
+            .unwrap();
         self.wait_publish_done(qos).await;
     }
 
     pub async fn wait_publish_done(&mut self, qos: V5QoS) {
         match qos {
             V5QoS::AtMostOnce => {}
-            V5QoS::AtLeastOnce => self.next_incoming(|p| matches!(p, v5p::Packet::PubAck(_)).then_some(())).await,
-            V5QoS::ExactlyOnce => self.next_incoming(|p| matches!(p, v5p::Packet::PubComp(_)).then_some(())).await,
+            V5QoS::AtLeastOnce => {
+                self.next_incoming(|p| matches!(p, v5p::Packet::PubAck(_)).then_some(()))
+                    .await
+            }
+            V5QoS::ExactlyOnce => {
+                self.next_incoming(|p| matches!(p, v5p::Packet::PubComp(_)).then_some(()))
+                    .await
+            }
         }
     }
 
@@ -614,9 +734,9 @@ impl V5 {
         let _ = tokio::time::timeout(WAIT, async {
             loop {
                 match self.events.recv().await {
-                    Some(Ok(rumqttc::v5::Event::Outgoing(rumqttc::Outgoing::Disconnect))) | Some(Err(_)) | None => {
-                        return
-                    }
+                    Some(Ok(rumqttc::v5::Event::Outgoing(rumqttc::Outgoing::Disconnect)))
+                    | Some(Err(_))
+                    | None => return,
                     Some(Ok(_)) => {}
                 }
             }

@@ -1,0 +1,14 @@
+//! Integration tests: an in-process Petrel broker on `127.0.0.1:0`, exercised by a real
+//! third-party client (`rumqttc`, 3.1.1 and 5) and by a raw-packet client built on Petrel's
+//! codec (exact bytes, exact reason codes). Grouped by family; test names say the behaviour.
+
+#[path = "../common/mod.rs"]
+mod common;
+
+mod bad;
+mod conn;
+mod pubsub;
+mod retain;
+mod session;
+mod v5;
+mod will;
