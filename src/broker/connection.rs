@@ -198,9 +198,12 @@ impl Connection {
                         );
                     }
                 }
-                Action::Unsubscribe(filter) => {
-                    self.broker.unsubscribe(self.channel.client_id(), &filter)
+                Action::Unsubscribe { filter, flow } => {
+                    self.broker
+                        .unsubscribe(self.channel.client_id(), &filter, flow)
                 }
+                // Only QUIC data streams are separate flows; a byte stream has none to close.
+                Action::CloseFlow(_) => {}
                 Action::Close(close) => {
                     tracing::debug!(reason = %close.reason, initiator = ?close.initiator, "connection closed");
                     let dropped = self.channel.dropped;

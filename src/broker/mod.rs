@@ -27,10 +27,10 @@ use tokio::sync::{mpsc, oneshot, Notify};
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
-use crate::codec::{QoS, ReasonCode, SubscriptionOptions};
+use crate::codec::{ReasonCode, SubscriptionOptions};
 use crate::config::{Config, ListenerKind};
 use crate::core::channel::{Close, Limits, PendingWill};
-use crate::core::message::{Delivery, Message};
+use crate::core::message::{Delivery, Flow, Message};
 use crate::core::retain::RetainedStore;
 use crate::core::router::SubscriptionTree;
 use crate::core::session::{Session, Subscription};
@@ -45,6 +45,9 @@ pub enum Control {
     /// table as usual), then acknowledge.
     Takeover(oneshot::Sender<()>),
 }
+
+/// Who holds a subscription: a client, on one of its flows.
+type SubscriberKey = (Arc<str>, Flow);
 
 /// A subscription as the router holds it.
 #[derive(Debug)]
@@ -108,7 +111,8 @@ pub struct Settings {
 
 pub struct Broker {
     settings: Settings,
-    router: RwLock<SubscriptionTree<Arc<str>, Route>>,
+    /// Keyed by client id and flow: a QUIC data stream's subscriptions are its own.
+    router: RwLock<SubscriptionTree<SubscriberKey, Route>>,
     retained: Mutex<RetainedStore<Arc<Message>>>,
     sessions: Mutex<Sessions>,
     timers_changed: Notify,
@@ -352,7 +356,10 @@ impl Broker {
         }
         let mut router = self.router.write().expect("router lock is never poisoned");
         for subscription in session.subscriptions.values() {
-            router.remove(&subscription.filter, client_id);
+            router.remove(
+                &subscription.filter,
+                &(Arc::clone(client_id), subscription.flow),
+            );
         }
     }
 
@@ -372,7 +379,11 @@ impl Broker {
         self.router
             .write()
             .expect("router lock is never poisoned")
-            .insert(&subscription.filter, Arc::clone(client_id), route);
+            .insert(
+                &subscription.filter,
+                (Arc::clone(client_id), subscription.flow),
+                route,
+            );
         if !send_retained {
             return;
         }
@@ -407,6 +418,7 @@ impl Broker {
                 qos,
                 retain: true,
                 subscription_ids: subscription.id.into_iter().collect(),
+                flow: subscription.flow,
             };
             if !mailbox.push(delivery) {
                 self.metrics
@@ -416,15 +428,16 @@ impl Broker {
         }
     }
 
-    pub fn unsubscribe(&self, client_id: &Arc<str>, filter: &TopicFilter) {
+    pub fn unsubscribe(&self, client_id: &Arc<str>, filter: &TopicFilter, flow: Flow) {
         self.router
             .write()
             .expect("router lock is never poisoned")
-            .remove(filter, client_id);
+            .remove(filter, &(Arc::clone(client_id), flow));
     }
 
-    /// Routes a message to every matching subscription: one delivery per session, with the
-    /// highest granted QoS and every matching subscription identifier [MQTT-3.3.4-2, -3].
+    /// Routes a message to every matching subscription: one delivery per session and flow,
+    /// with the highest granted QoS and every matching subscription identifier
+    /// [MQTT-3.3.4-2, -3].
     pub fn publish(&self, message: Arc<Message>, now: Instant) {
         self.metrics
             .messages_received
@@ -435,14 +448,14 @@ impl Broker {
         if message.is_expired(now) {
             return;
         }
-        let mut targets: Vec<(Arc<Mailbox>, QoS, bool, Vec<u32>)> = Vec::new();
-        let mut index: HashMap<*const Mailbox, usize> = HashMap::new();
+        let mut targets: Vec<(Arc<Mailbox>, Delivery)> = Vec::new();
+        let mut index: HashMap<(*const Mailbox, Flow), usize> = HashMap::new();
         {
             let router = self.router.read().expect("router lock is never poisoned");
             router.for_each_match(
                 &message.topic,
                 |_, route| route.mailbox.is_online(),
-                |client, route| {
+                |(client, flow), route| {
                     // [MQTT-3.8.3-3] No Local.
                     if route.options.no_local && message.publisher.as_deref() == Some(&**client) {
                         return;
@@ -450,34 +463,30 @@ impl Broker {
                     let qos = message.qos.min(route.options.qos);
                     // [MQTT-3.3.1-12, -13] Retain As Published.
                     let retain = route.options.retain_as_published && message.retain;
-                    let key = Arc::as_ptr(&route.mailbox);
+                    let key = (Arc::as_ptr(&route.mailbox), *flow);
                     match index.get(&key) {
                         Some(&i) => {
-                            let target = &mut targets[i];
-                            target.1 = target.1.max(qos);
-                            target.2 |= retain;
-                            target.3.extend(route.id);
+                            let delivery = &mut targets[i].1;
+                            delivery.qos = delivery.qos.max(qos);
+                            delivery.retain |= retain;
+                            delivery.subscription_ids.extend(route.id);
                         }
                         None => {
                             index.insert(key, targets.len());
-                            targets.push((
-                                Arc::clone(&route.mailbox),
+                            let delivery = Delivery {
+                                message: Arc::clone(&message),
                                 qos,
                                 retain,
-                                route.id.into_iter().collect(),
-                            ));
+                                subscription_ids: route.id.into_iter().collect(),
+                                flow: *flow,
+                            };
+                            targets.push((Arc::clone(&route.mailbox), delivery));
                         }
                     }
                 },
             );
         }
-        for (mailbox, qos, retain, subscription_ids) in targets {
-            let delivery = Delivery {
-                message: Arc::clone(&message),
-                qos,
-                retain,
-                subscription_ids,
-            };
+        for (mailbox, delivery) in targets {
             if !mailbox.push(delivery) {
                 self.metrics
                     .messages_dropped

@@ -9,6 +9,7 @@ use tokio::sync::mpsc;
 
 use super::*;
 use crate::codec::Publish;
+use crate::codec::QoS;
 use crate::core::channel::Initiator;
 
 fn broker() -> Broker {
@@ -52,6 +53,7 @@ async fn online(
             ..Default::default()
         },
         id: None,
+        flow: Flow::CONTROL,
     };
     broker.subscribe(now, id, &mailbox, &subscription, false);
     (session, mailbox)
@@ -70,6 +72,7 @@ fn close(
         filter: TopicFilter::parse("#", 0).unwrap(),
         options: SubscriptionOptions::default(),
         id: None,
+        flow: Flow::CONTROL,
     });
     let close = Close {
         reason: ReasonCode::UNSPECIFIED_ERROR,
@@ -211,4 +214,31 @@ async fn full_mailbox_drops_and_counts_without_affecting_others() {
     assert_eq!(slow.len(), 10, "bounded by max_queued");
     assert_eq!(b.metrics.messages_dropped.load(Ordering::Relaxed), 5);
     assert_eq!(other.dropped(), 0);
+}
+
+#[tokio::test]
+async fn the_same_filter_on_two_flows_yields_two_deliveries() {
+    let b = broker();
+    let t0 = Instant::now();
+    let id: Arc<str> = Arc::from("multi");
+    let (_, mailbox) = online(&b, t0, &id, 1, "m/#").await;
+    let on_flow = Subscription {
+        filter: TopicFilter::parse("m/#", 0).unwrap(),
+        options: SubscriptionOptions {
+            qos: QoS::AtLeastOnce,
+            ..Default::default()
+        },
+        id: Some(7),
+        flow: Flow(4),
+    };
+    b.subscribe(t0, &id, &mailbox, &on_flow, false);
+    b.publish(Arc::new(message("m/x", t0)), t0);
+    let mut flows: Vec<(Flow, Vec<u32>)> = std::iter::from_fn(|| mailbox.pop())
+        .map(|d| (d.flow, d.subscription_ids))
+        .collect();
+    flows.sort();
+    assert_eq!(flows, vec![(Flow::CONTROL, vec![]), (Flow(4), vec![7])]);
+    b.unsubscribe(&id, &on_flow.filter, Flow(4));
+    b.publish(Arc::new(message("m/y", t0)), t0);
+    assert_eq!(mailbox.len(), 1, "unsubscribing one flow leaves the other");
 }

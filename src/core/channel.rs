@@ -19,7 +19,7 @@ use crate::codec::{
     self, Ack, ConnAck, Connect, DecodeError, Disconnect, Packet, Properties, ProtocolVersion,
     Publish, QoS, ReasonCode, SubAck, Subscribe, SubscriptionOptions, UnsubAck, Unsubscribe,
 };
-use crate::core::message::{Delivery, Message};
+use crate::core::message::{Delivery, Flow, Message};
 use crate::core::session::{Outgoing, Session, Subscription};
 use crate::core::topic::{validate_topic_name, TopicFilter};
 
@@ -129,7 +129,14 @@ pub enum Action {
         subscription: Subscription,
         send_retained: bool,
     },
-    Unsubscribe(TopicFilter),
+    /// Remove the router's mirror of the session's subscription on `flow`.
+    Unsubscribe {
+        filter: TopicFilter,
+        flow: Flow,
+    },
+    /// A data flow's stream must be closed (malformed input or a packet not allowed there);
+    /// the connection lives on.
+    CloseFlow(Flow),
     Close(Box<Close>),
 }
 
@@ -166,6 +173,10 @@ pub struct Channel {
     inbound_aliases: HashMap<u16, String>,
     outbound_aliases: HashMap<String, u16>,
     will: Option<PendingWill>,
+    /// Open data flows with their pending output (QUIC multi-stream only).
+    flows: Vec<(Flow, BytesMut)>,
+    /// The flow of the packet being handled: replies go back on it.
+    input_flow: Flow,
     /// Deliveries dropped because they were expired or too large for the client.
     pub dropped: u64,
 }
@@ -194,6 +205,8 @@ impl Channel {
             inbound_aliases: HashMap::new(),
             outbound_aliases: HashMap::new(),
             will: None,
+            flows: Vec::new(),
+            input_flow: Flow::CONTROL,
             dropped: 0,
         }
     }
@@ -217,6 +230,88 @@ impl Channel {
     /// Encoded bytes waiting to be written; the driver writes and clears (or advances) them.
     pub fn out(&mut self) -> &mut BytesMut {
         &mut self.out
+    }
+
+    /// A data flow was opened by the client (QUIC multi-stream). Input on it must not be fed
+    /// before the channel is connected.
+    pub fn open_flow(&mut self, flow: Flow) {
+        if !flow.is_control() && !self.flows.iter().any(|(f, _)| *f == flow) {
+            self.flows.push((flow, BytesMut::new()));
+        }
+    }
+
+    /// Hands each data flow's pending output to `write`, leaving the buffers empty.
+    pub fn drain_flow_output(&mut self, mut write: impl FnMut(Flow, &mut BytesMut)) {
+        for (flow, out) in &mut self.flows {
+            if !out.is_empty() {
+                write(*flow, out);
+            }
+        }
+    }
+
+    /// A data flow's stream ended (reset, finished or failed). Its subscriptions move to the
+    /// control flow and what was in flight on it is resent there, so a persistent session
+    /// loses nothing when one stream dies.
+    pub fn handle_flow_closed(&mut self, now: Instant, flow: Flow) {
+        if flow.is_control() {
+            return self.handle_transport_closed();
+        }
+        self.flows.retain(|(f, _)| *f != flow);
+        if self.state != State::Connected {
+            return;
+        }
+        for (id, state) in self.rehome(flow) {
+            self.resend_outgoing(now, id, state);
+        }
+    }
+
+    /// Moves a gone flow's subscriptions, in-flight messages and QoS 2 state to the control
+    /// flow, mirrors the move in the router, and returns the in-flight entries that moved.
+    fn rehome(&mut self, flow: Flow) -> Vec<(u16, Outgoing)> {
+        let Some(session) = self.session.as_mut() else {
+            return Vec::new();
+        };
+        let in_flight: Vec<(u16, Outgoing)> = session
+            .outgoing
+            .values()
+            .filter(|(_, o)| o.flow() == flow)
+            .cloned()
+            .collect();
+        for (old, new) in session.rehome(flow) {
+            self.actions.push_back(Action::Unsubscribe {
+                filter: old.filter,
+                flow,
+            });
+            if let Some(subscription) = new {
+                self.actions.push_back(Action::Subscribe {
+                    subscription,
+                    send_retained: false,
+                });
+            }
+        }
+        in_flight
+    }
+
+    /// [MQTT-4.4.0-1]: an unacknowledged PUBLISH goes again with DUP set, a PUBREL again as is,
+    /// on the control flow.
+    fn resend_outgoing(&mut self, now: Instant, id: u16, state: Outgoing) {
+        match state {
+            Outgoing::Publish(mut delivery) => {
+                delivery.flow = Flow::CONTROL;
+                self.resend(now, &delivery, id);
+            }
+            Outgoing::Release(_) => self.send(&Packet::PubRel(Ack::new(id, ReasonCode::SUCCESS))),
+        }
+    }
+
+    /// Malformed input on a flow: a data flow alone is closed, the control flow takes the
+    /// connection with it.
+    pub fn handle_flow_error(&mut self, now: Instant, flow: Flow, err: &DecodeError) {
+        if flow.is_control() {
+            return self.handle_decode_error(err);
+        }
+        self.actions.push_back(Action::CloseFlow(flow));
+        self.handle_flow_closed(now, flow);
     }
 
     pub fn poll_action(&mut self) -> Option<Action> {
@@ -314,7 +409,46 @@ impl Channel {
         }
     }
 
+    /// A packet on the control flow (the only flow of TCP, TLS and WebSocket connections).
     pub fn handle_packet(&mut self, now: Instant, packet: Packet) {
+        self.handle_flow_packet(now, Flow::CONTROL, packet);
+    }
+
+    /// A packet on `flow`. Data flows carry only PUBLISH, its acks, SUBSCRIBE and UNSUBSCRIBE
+    /// (the EMQX mapping); anything else closes that flow alone, except PINGREQ, which counts
+    /// as traffic but gets no answer there.
+    pub fn handle_flow_packet(&mut self, now: Instant, flow: Flow, packet: Packet) {
+        if !flow.is_control() {
+            if self.state != State::Connected {
+                // The driver must hold data flows until CONNACK; one that did not is dropped.
+                self.actions.push_back(Action::CloseFlow(flow));
+                return;
+            }
+            let allowed = matches!(
+                packet,
+                Packet::Publish(_)
+                    | Packet::PubAck(_)
+                    | Packet::PubRec(_)
+                    | Packet::PubRel(_)
+                    | Packet::PubComp(_)
+                    | Packet::Subscribe(_)
+                    | Packet::Unsubscribe(_)
+                    | Packet::PingReq
+            );
+            if !allowed {
+                self.actions.push_back(Action::CloseFlow(flow));
+                self.handle_flow_closed(now, flow);
+                return;
+            }
+            self.last_rx = now;
+            if matches!(packet, Packet::PingReq) {
+                return;
+            }
+            self.input_flow = flow;
+            self.handle_connected(now, packet);
+            self.input_flow = Flow::CONTROL;
+            return;
+        }
         match self.state {
             State::AwaitConnect => match packet {
                 Packet::Connect(connect) => self.handle_connect(now, *connect),
@@ -344,16 +478,17 @@ impl Channel {
             }
             Packet::PubRec(ack) => self.handle_pubrec(ack),
             Packet::PubRel(ack) => {
+                let key = (self.input_flow, ack.packet_id);
                 let known = self
                     .session
                     .as_mut()
-                    .is_some_and(|s| s.awaiting_release.remove(&ack.packet_id));
+                    .is_some_and(|s| s.awaiting_release.remove(&key));
                 let reason = if known {
                     ReasonCode::SUCCESS
                 } else {
                     ReasonCode::PACKET_IDENTIFIER_NOT_FOUND
                 };
-                self.send(&Packet::PubComp(Ack::new(ack.packet_id, reason)));
+                self.reply(&Packet::PubComp(Ack::new(ack.packet_id, reason)));
             }
             Packet::PubComp(ack) => {
                 if let Some(session) = self.session.as_mut() {
@@ -510,14 +645,21 @@ impl Channel {
         }));
         self.state = State::Connected;
 
-        // [MQTT-4.4.0-1]: resend unacknowledged PUBLISH (DUP set) and PUBREL, in order.
-        let resend: Vec<(u16, Outgoing)> = session.outgoing.values().cloned().collect();
+        // The flows of the previous connection are gone: their subscriptions and state move
+        // to the control flow until the client subscribes again on new streams.
+        let old_flows = session.data_flows();
         self.session = Some(session);
+        for flow in old_flows {
+            self.rehome(flow);
+        }
+        // [MQTT-4.4.0-1]: resend unacknowledged PUBLISH (DUP set) and PUBREL, in order.
+        let resend: Vec<(u16, Outgoing)> = self
+            .session
+            .iter()
+            .flat_map(|s| s.outgoing.values().cloned())
+            .collect();
         for (id, state) in resend {
-            match state {
-                Outgoing::Publish(delivery) => self.resend(now, &delivery, id),
-                Outgoing::Release => self.send(&Packet::PubRel(Ack::new(id, ReasonCode::SUCCESS))),
-            }
+            self.resend_outgoing(now, id, state);
         }
     }
 
@@ -585,26 +727,27 @@ impl Channel {
             QoS::AtMostOnce => {}
             QoS::AtLeastOnce => {
                 let reason = refused.unwrap_or(ReasonCode::SUCCESS);
-                self.send(&Packet::PubAck(Ack::new(id, reason)));
+                self.reply(&Packet::PubAck(Ack::new(id, reason)));
             }
             QoS::ExactlyOnce => {
                 let Some(session) = self.session.as_mut() else {
                     return;
                 };
-                if session.awaiting_release.contains(&id) {
+                let key = (self.input_flow, id);
+                if session.awaiting_release.contains(&key) {
                     // A resend of a message we already have [MQTT-4.3.3-9]: acknowledge again,
                     // never route twice.
-                    self.send(&Packet::PubRec(Ack::new(id, ReasonCode::SUCCESS)));
+                    self.reply(&Packet::PubRec(Ack::new(id, ReasonCode::SUCCESS)));
                     return;
                 }
                 if refused.is_none() {
                     if session.awaiting_release.len() >= usize::from(limits.receive_maximum) {
                         return self.protocol_error(ReasonCode::RECEIVE_MAXIMUM_EXCEEDED);
                     }
-                    session.awaiting_release.insert(id);
+                    session.awaiting_release.insert(key);
                 }
                 let reason = refused.unwrap_or(ReasonCode::SUCCESS);
-                self.send(&Packet::PubRec(Ack::new(id, reason)));
+                self.reply(&Packet::PubRec(Ack::new(id, reason)));
             }
         }
         if refused.is_none() {
@@ -621,12 +764,12 @@ impl Channel {
             session.abandon(ack.packet_id);
             return;
         }
-        let reason = if session.received(ack.packet_id) {
+        let reason = if session.received(ack.packet_id).is_some() {
             ReasonCode::SUCCESS
         } else {
             ReasonCode::PACKET_IDENTIFIER_NOT_FOUND
         };
-        self.send(&Packet::PubRel(Ack::new(ack.packet_id, reason)));
+        self.reply(&Packet::PubRel(Ack::new(ack.packet_id, reason)));
     }
 
     fn handle_subscribe(&mut self, subscribe: Subscribe) {
@@ -652,7 +795,7 @@ impl Channel {
             let reason = self.subscribe_one(&raw, options, id, &limits);
             reasons.push(reason);
         }
-        self.send(&Packet::SubAck(SubAck {
+        self.reply(&Packet::SubAck(SubAck {
             packet_id: subscribe.packet_id,
             properties: Properties::default(),
             reasons,
@@ -678,7 +821,10 @@ impl Channel {
         let Some(session) = self.session.as_mut() else {
             return ReasonCode::UNSPECIFIED_ERROR;
         };
-        let is_new = !session.subscriptions.contains_key(filter.as_str());
+        let flow = self.input_flow;
+        let is_new = !session
+            .subscriptions
+            .contains_key(&(flow, filter.as_str().to_owned()));
         if is_new
             && limits.max_subscriptions > 0
             && session.subscriptions.len() >= limits.max_subscriptions
@@ -693,6 +839,7 @@ impl Channel {
                 ..options
             },
             id,
+            flow,
         };
         session.subscribe(subscription.clone());
         // Retain Handling [MQTT-3.3.1-9, -10, -11]; shared subscriptions get no retained
@@ -713,11 +860,17 @@ impl Channel {
     fn handle_unsubscribe(&mut self, unsubscribe: Unsubscribe) {
         let mut reasons = Vec::with_capacity(unsubscribe.filters.len());
         for raw in unsubscribe.filters {
-            let removed = self.session.as_mut().and_then(|s| s.unsubscribe(&raw));
+            let flow = self.input_flow;
+            let removed = self
+                .session
+                .as_mut()
+                .and_then(|s| s.unsubscribe(flow, &raw));
             let reason = match removed {
                 Some(subscription) => {
-                    self.actions
-                        .push_back(Action::Unsubscribe(subscription.filter));
+                    self.actions.push_back(Action::Unsubscribe {
+                        filter: subscription.filter,
+                        flow,
+                    });
                     ReasonCode::SUCCESS
                 }
                 None if TopicFilter::parse(&raw, self.limits.max_topic_levels).is_err() => {
@@ -730,7 +883,7 @@ impl Channel {
         if !self.version.is_v5() {
             reasons.clear();
         }
-        self.send(&Packet::UnsubAck(UnsubAck {
+        self.reply(&Packet::UnsubAck(UnsubAck {
             packet_id: unsubscribe.packet_id,
             properties: Properties::default(),
             reasons,
@@ -800,6 +953,10 @@ impl Channel {
             return;
         }
         delivery.qos = delivery.qos.min(self.limits.maximum_qos);
+        if !self.is_open(delivery.flow) {
+            delivery.flow = Flow::CONTROL;
+        }
+        let flow = delivery.flow;
         let mut publish = self.build_publish(now, &delivery, false);
         if delivery.qos != QoS::AtMostOnce {
             publish.packet_id = Some(u16::MAX); // same size as the id it will get
@@ -821,7 +978,7 @@ impl Channel {
                 publish.packet_id = Some(id);
             }
         }
-        self.send_with_alias(packet);
+        self.send_publish(flow, packet);
     }
 
     /// Resends an unacknowledged PUBLISH after reconnect; one that no longer fits the
@@ -831,7 +988,7 @@ impl Channel {
         publish.packet_id = Some(id);
         let packet = Packet::Publish(publish);
         if self.fits(&packet) {
-            self.send_with_alias(packet);
+            self.send_publish(delivery.flow, packet);
         } else if let Some(session) = self.session.as_mut() {
             session.abandon(id);
             self.dropped += 1;
@@ -869,7 +1026,12 @@ impl Channel {
     /// while the client's Topic Alias Maximum allows [MQTT-3.3.2-11]. The callers checked
     /// that `packet` fits the client's Maximum Packet Size; an aliased form that would not
     /// (the alias property adds bytes) is not used [MQTT-3.1.2-24].
-    fn send_with_alias(&mut self, packet: Packet) {
+    fn send_publish(&mut self, flow: Flow, packet: Packet) {
+        // Aliases are connection-wide but streams are not ordered with each other, so data
+        // flows always carry the full topic.
+        if !flow.is_control() {
+            return self.send_on(flow, &packet);
+        }
         if let Packet::Publish(publish) = &packet {
             if self.peer_topic_alias_maximum > 0 {
                 let known = self.outbound_aliases.get(&publish.topic).copied();
@@ -900,6 +1062,26 @@ impl Channel {
             }
         }
         self.send(&packet);
+    }
+
+    /// Answers on the flow of the packet being handled.
+    fn reply(&mut self, packet: &Packet) {
+        self.send_on(self.input_flow, packet);
+    }
+
+    /// Encodes onto `flow`'s output, or the control flow's if `flow` is not open.
+    fn send_on(&mut self, flow: Flow, packet: &Packet) {
+        if !flow.is_control() {
+            if let Some((_, out)) = self.flows.iter_mut().find(|(f, _)| *f == flow) {
+                codec::encode(packet, self.version, out);
+                return;
+            }
+        }
+        self.send(packet);
+    }
+
+    fn is_open(&self, flow: Flow) -> bool {
+        flow.is_control() || self.flows.iter().any(|(f, _)| *f == flow)
     }
 
     fn send(&mut self, packet: &Packet) {

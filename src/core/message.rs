@@ -61,6 +61,20 @@ impl Message {
     }
 }
 
+/// One byte stream of a connection. `Flow::CONTROL` is the only one on TCP, TLS, WebSocket
+/// and single-stream QUIC; in QUIC multi-stream mode each further client-opened stream is a
+/// data flow with its own subscriptions and packet-id space (the EMQX mapping).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Default)]
+pub struct Flow(pub u64);
+
+impl Flow {
+    pub const CONTROL: Flow = Flow(0);
+
+    pub fn is_control(self) -> bool {
+        self == Self::CONTROL
+    }
+}
+
 /// One message on its way to one subscriber, after overlapping subscriptions were merged.
 #[derive(Debug, Clone)]
 pub struct Delivery {
@@ -70,4 +84,7 @@ pub struct Delivery {
     /// The RETAIN flag to send (retained-on-subscribe, or Retain As Published).
     pub retain: bool,
     pub subscription_ids: Vec<u32>,
+    /// The flow whose subscription matched: the delivery goes out there if it is still open,
+    /// on the control flow otherwise.
+    pub flow: Flow,
 }

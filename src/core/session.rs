@@ -8,7 +8,7 @@
 use std::collections::{BTreeMap, HashMap, HashSet};
 
 use crate::codec::{QoS, SubscriptionOptions};
-use crate::core::message::Delivery;
+use crate::core::message::{Delivery, Flow};
 use crate::core::topic::TopicFilter;
 
 /// One subscription as the session remembers it (the router holds a mirror).
@@ -17,6 +17,8 @@ pub struct Subscription {
     pub filter: TopicFilter,
     pub options: SubscriptionOptions,
     pub id: Option<u32>,
+    /// The flow that carried the SUBSCRIBE: deliveries go out there.
+    pub flow: Flow,
 }
 
 /// The state of one outgoing QoS 1/2 message.
@@ -24,8 +26,17 @@ pub struct Subscription {
 pub enum Outgoing {
     /// QoS 1 sent, waiting for PUBACK; or QoS 2 sent, waiting for PUBREC.
     Publish(Delivery),
-    /// QoS 2 PUBREL sent, waiting for PUBCOMP.
-    Release,
+    /// QoS 2 PUBREL sent (on this flow), waiting for PUBCOMP.
+    Release(Flow),
+}
+
+impl Outgoing {
+    pub fn flow(&self) -> Flow {
+        match self {
+            Self::Publish(delivery) => delivery.flow,
+            Self::Release(flow) => *flow,
+        }
+    }
 }
 
 #[derive(Debug)]
@@ -33,16 +44,19 @@ pub struct Session {
     pub client_id: String,
     /// Seconds the session outlives its connection (0: ends with the connection).
     pub expiry_interval: u32,
-    /// Keyed by the filter exactly as subscribed (including any `$share/group/` prefix).
-    pub subscriptions: HashMap<String, Subscription>,
-    /// Outgoing messages by packet id, in the order they were sent (ids are handed out in order,
-    /// so a map ordered by send sequence keeps the resend order of [MQTT-4.4.0-1]).
+    /// Keyed by flow and the filter exactly as subscribed (including any `$share/group/`
+    /// prefix): the same filter on two flows is two subscriptions.
+    pub subscriptions: HashMap<(Flow, String), Subscription>,
+    /// Outgoing messages in the order they were sent, with their packet ids (a map ordered by
+    /// send sequence keeps the resend order of [MQTT-4.4.0-1]). Ids come from one counter for
+    /// all flows, so they never collide and an ack is found whichever flow carries it.
     pub outgoing: BTreeMap<u64, (u16, Outgoing)>,
     ids_in_use: HashMap<u16, u64>,
     next_packet_id: u16,
     next_seq: u64,
-    /// Inbound QoS 2 packet ids for which PUBREC was sent and PUBREL not yet received.
-    pub awaiting_release: HashSet<u16>,
+    /// Inbound QoS 2 packet ids (per flow: each stream is the client's own id space) for
+    /// which PUBREC was sent and PUBREL not yet received.
+    pub awaiting_release: HashSet<(Flow, u16)>,
 }
 
 impl Session {
@@ -92,7 +106,7 @@ impl Session {
         };
         let expected = match self.outgoing.get(&seq) {
             Some((_, Outgoing::Publish(d))) => !qos2 && d.qos == QoS::AtLeastOnce,
-            Some((_, Outgoing::Release)) => qos2,
+            Some((_, Outgoing::Release(_))) => qos2,
             None => false,
         };
         if expected {
@@ -102,24 +116,20 @@ impl Session {
         expected
     }
 
-    /// PUBREC: the QoS 2 message moves to the release phase. Returns whether the id was
-    /// awaiting PUBREC or already releasing (a repeated PUBREC is answered again).
-    pub fn received(&mut self, id: u16) -> bool {
-        let Some(&seq) = self.ids_in_use.get(&id) else {
-            return false;
-        };
-        match self.outgoing.get_mut(&seq) {
-            Some((_, state @ Outgoing::Publish(_))) => {
-                if let Outgoing::Publish(d) = state {
-                    if d.qos != QoS::ExactlyOnce {
-                        return false;
-                    }
-                }
-                *state = Outgoing::Release;
-                true
+    /// PUBREC: the QoS 2 message moves to the release phase. Returns the flow to send PUBREL
+    /// on if the id was awaiting PUBREC or already releasing (a repeated PUBREC is answered
+    /// again).
+    pub fn received(&mut self, id: u16) -> Option<Flow> {
+        let seq = *self.ids_in_use.get(&id)?;
+        let (_, state) = self.outgoing.get_mut(&seq)?;
+        match state {
+            Outgoing::Publish(d) if d.qos == QoS::ExactlyOnce => {
+                let flow = d.flow;
+                *state = Outgoing::Release(flow);
+                Some(flow)
             }
-            Some((_, Outgoing::Release)) => true,
-            None => false,
+            Outgoing::Publish(_) => None,
+            Outgoing::Release(flow) => Some(*flow),
         }
     }
 
@@ -130,14 +140,81 @@ impl Session {
         }
     }
 
+    /// Adds or replaces a subscription; returns whether it existed.
     pub fn subscribe(&mut self, sub: Subscription) -> bool {
-        self.subscriptions
-            .insert(sub.filter.as_str().to_owned(), sub)
-            .is_some()
+        let key = (sub.flow, sub.filter.as_str().to_owned());
+        self.subscriptions.insert(key, sub).is_some()
     }
 
-    pub fn unsubscribe(&mut self, filter: &str) -> Option<Subscription> {
-        self.subscriptions.remove(filter)
+    pub fn unsubscribe(&mut self, flow: Flow, filter: &str) -> Option<Subscription> {
+        self.subscriptions.remove(&(flow, filter.to_owned()))
+    }
+
+    /// A flow is gone (its stream died, or the connection did): its subscriptions, in-flight
+    /// messages and QoS 2 state move to the control flow, so nothing is lost. Returns the
+    /// subscriptions that left `flow`: each with `Some(new)` if it now lives on the control
+    /// flow, `None` if the control flow already had the same filter (which wins).
+    pub fn rehome(&mut self, flow: Flow) -> Vec<(Subscription, Option<Subscription>)> {
+        if flow.is_control() {
+            return Vec::new();
+        }
+        let keys: Vec<(Flow, String)> = self
+            .subscriptions
+            .keys()
+            .filter(|(f, _)| *f == flow)
+            .cloned()
+            .collect();
+        let mut moved = Vec::with_capacity(keys.len());
+        for key in keys {
+            let Some(old) = self.subscriptions.remove(&key) else {
+                continue;
+            };
+            let new = match self.subscriptions.entry((Flow::CONTROL, key.1)) {
+                std::collections::hash_map::Entry::Occupied(_) => None,
+                std::collections::hash_map::Entry::Vacant(slot) => {
+                    let new = Subscription {
+                        flow: Flow::CONTROL,
+                        ..old.clone()
+                    };
+                    slot.insert(new.clone());
+                    Some(new)
+                }
+            };
+            moved.push((old, new));
+        }
+        for (_, state) in self.outgoing.values_mut() {
+            match state {
+                Outgoing::Publish(d) if d.flow == flow => d.flow = Flow::CONTROL,
+                Outgoing::Release(f) if *f == flow => *f = Flow::CONTROL,
+                _ => {}
+            }
+        }
+        let released: Vec<(Flow, u16)> = self
+            .awaiting_release
+            .iter()
+            .filter(|(f, _)| *f == flow)
+            .copied()
+            .collect();
+        for key in released {
+            self.awaiting_release.remove(&key);
+            self.awaiting_release.insert((Flow::CONTROL, key.1));
+        }
+        moved
+    }
+
+    /// Every data flow this session refers to (after a reconnect they are all gone).
+    pub fn data_flows(&self) -> Vec<Flow> {
+        let mut flows: Vec<Flow> = self
+            .subscriptions
+            .keys()
+            .map(|(f, _)| *f)
+            .chain(self.outgoing.values().map(|(_, o)| o.flow()))
+            .chain(self.awaiting_release.iter().map(|(f, _)| *f))
+            .filter(|f| !f.is_control())
+            .collect();
+        flows.sort_unstable();
+        flows.dedup();
+        flows
     }
 }
 
@@ -162,6 +239,7 @@ mod tests {
             qos,
             retain: false,
             subscription_ids: Vec::new(),
+            flow: Flow::CONTROL,
         }
     }
 
@@ -187,10 +265,10 @@ mod tests {
             !s.complete(id, true),
             "PUBCOMP before PUBREC is out of order"
         );
-        assert!(s.received(id));
+        assert_eq!(s.received(id), Some(Flow::CONTROL));
         assert!(matches!(
             s.outgoing.values().next(),
-            Some((_, Outgoing::Release))
+            Some((_, Outgoing::Release(Flow::CONTROL)))
         ));
         assert!(s.complete(id, true));
         assert_eq!(s.inflight(), 0);
