@@ -13,14 +13,12 @@ use std::sync::Arc;
 
 use bytes::BytesMut;
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
-use tokio::sync::{mpsc, oneshot};
 use tokio_util::sync::CancellationToken;
 use tracing::Instrument;
 
-use super::mailbox::Mailbox;
-use super::{clock, Broker, Control};
+use super::link::Link;
+use super::{clock, Broker};
 use crate::codec::Codec;
-use crate::core::channel::{Action, Channel};
 
 /// Initial read buffer; it grows only as far as a packet being read needs.
 const READ_CHUNK: usize = 4 * 1024;
@@ -53,34 +51,18 @@ pub async fn serve<S>(
 }
 
 struct Connection {
-    broker: Arc<Broker>,
-    conn_id: u64,
-    channel: Channel,
+    link: Link,
     codec: Codec,
     rbuf: BytesMut,
-    mailbox: Option<Arc<Mailbox>>,
-    control_tx: mpsc::Sender<Control>,
-    control_rx: mpsc::Receiver<Control>,
-    takeover_acks: Vec<oneshot::Sender<()>>,
-    closed: bool,
 }
 
 impl Connection {
     fn new(broker: Arc<Broker>) -> Self {
-        let limits = Arc::clone(broker.limits());
-        let codec = Codec::new(limits.max_packet_size);
-        let (control_tx, control_rx) = mpsc::channel(4);
+        let codec = Codec::new(broker.limits().max_packet_size);
         Self {
-            conn_id: broker.next_conn_id(),
-            channel: Channel::new(limits, clock::now()),
-            broker,
+            link: Link::new(broker),
             codec,
             rbuf: BytesMut::new(),
-            mailbox: None,
-            control_tx,
-            control_rx,
-            takeover_acks: Vec::new(),
-            closed: false,
         }
     }
 
@@ -92,12 +74,13 @@ impl Connection {
         let mut shutting_down = false;
         loop {
             self.decode_buffered().await;
-            self.pump_deliveries();
-            if self.closed {
+            self.link.pump_deliveries(|| true);
+            if self.link.closed {
                 break;
             }
-            let deadline = self.channel.poll_timeout();
-            let deliverable = self.mailbox.clone().filter(|_| self.channel.can_deliver());
+            let link = &mut self.link;
+            let deadline = link.channel.poll_timeout();
+            let deliverable = link.deliverable();
             if self.rbuf.capacity() - self.rbuf.len() < 512 {
                 self.rbuf.reserve(READ_CHUNK);
             }
@@ -105,34 +88,29 @@ impl Connection {
                 biased;
                 _ = shutdown.cancelled(), if !shutting_down => {
                     shutting_down = true;
-                    self.channel.handle_shutdown();
+                    link.channel.handle_shutdown();
                 }
-                Some(control) = self.control_rx.recv() => match control {
-                    Control::Takeover(ack) => {
-                        self.takeover_acks.push(ack);
-                        self.channel.handle_takeover();
-                    }
-                },
-                written = writer.write_buf(self.channel.out()), if !self.channel.out().is_empty() => {
+                Some(control) = link.control_rx.recv() => link.handle_control(control),
+                written = writer.write_buf(link.channel.out()), if !link.channel.out().is_empty() => {
                     if written.is_err() {
-                        self.channel.out().clear();
-                        self.channel.handle_transport_closed();
+                        link.channel.out().clear();
+                        link.channel.handle_transport_closed();
                     }
                 }
                 read = reader.read_buf(&mut self.rbuf) => match read {
-                    Ok(0) | Err(_) => self.channel.handle_transport_closed(),
+                    Ok(0) | Err(_) => link.channel.handle_transport_closed(),
                     Ok(_) => {}
                 },
                 _ = async { deliverable.as_deref().expect("guarded").notified().await }, if deliverable.is_some() => {}
                 _ = async { clock::sleep_until(deadline.expect("guarded")).await }, if deadline.is_some() => {
-                    self.channel.handle_timeout(clock::now());
+                    link.channel.handle_timeout(clock::now());
                 }
             }
-            self.carry_out_actions().await;
+            self.link.carry_out_actions().await;
         }
         // Flush what the channel said last (CONNACK refusal, DISCONNECT) within the linger time.
-        let linger = self.broker.settings().close_linger;
-        let out = std::mem::take(self.channel.out());
+        let linger = self.link.broker.settings().close_linger;
+        let out = std::mem::take(self.link.channel.out());
         let _ = tokio::time::timeout(linger, async {
             if !out.is_empty() {
                 writer.write_all(&out).await?;
@@ -145,112 +123,19 @@ impl Connection {
     /// Decodes and handles every complete packet in the read buffer, carrying out the
     /// channel's actions after each (a CONNECT must be answered before what follows it).
     async fn decode_buffered(&mut self) {
-        while !self.channel.is_closed() {
+        while !self.link.channel.is_closed() {
             match self.codec.decode(&mut self.rbuf) {
                 Ok(Some(packet)) => {
                     tracing::trace!(?packet, "received");
-                    self.channel.handle_packet(clock::now(), packet);
+                    self.link.channel.handle_packet(clock::now(), packet);
                 }
                 Ok(None) => break,
                 Err(err) => {
                     tracing::debug!(%err, "bad packet from client");
-                    self.channel.handle_decode_error(&err);
+                    self.link.channel.handle_decode_error(&err);
                 }
             }
-            self.carry_out_actions().await;
-        }
-    }
-
-    async fn carry_out_actions(&mut self) {
-        while let Some(action) = self.channel.poll_action() {
-            let now = clock::now();
-            match action {
-                Action::Connect {
-                    client_id,
-                    clean_start,
-                } => {
-                    tracing::Span::current().record("client_id", &*client_id);
-                    let opened = self
-                        .broker
-                        .open_session(now, &client_id, clean_start, self.conn_id, &self.control_tx)
-                        .await;
-                    match opened {
-                        Ok((session, mailbox)) => {
-                            self.mailbox = Some(mailbox);
-                            self.channel.accept(clock::now(), session);
-                        }
-                        Err(code) => self.channel.reject(code),
-                    }
-                }
-                Action::Route(message) => self.broker.publish(message, now),
-                Action::Subscribe {
-                    subscription,
-                    send_retained,
-                } => {
-                    if let Some(mailbox) = &self.mailbox {
-                        let client_id = self.channel.client_id();
-                        self.broker.subscribe(
-                            now,
-                            client_id,
-                            mailbox,
-                            &subscription,
-                            send_retained,
-                        );
-                    }
-                }
-                Action::Unsubscribe { filter, flow } => {
-                    self.broker
-                        .unsubscribe(self.channel.client_id(), &filter, flow)
-                }
-                // Only QUIC data streams are separate flows; a byte stream has none to close.
-                Action::CloseFlow(_) => {}
-                Action::Close(close) => {
-                    tracing::debug!(reason = %close.reason, initiator = ?close.initiator, "connection closed");
-                    let dropped = self.channel.dropped;
-                    self.broker
-                        .metrics
-                        .messages_dropped
-                        .fetch_add(dropped, Ordering::Relaxed);
-                    self.channel.dropped = 0;
-                    let client_id = Arc::clone(self.channel.client_id());
-                    self.broker
-                        .close_session(now, self.conn_id, &client_id, *close);
-                    self.mailbox = None;
-                    self.closed = true;
-                    // The session is filed: a connection taking over need not wait for our
-                    // last bytes to flush.
-                    for ack in self.takeover_acks.drain(..) {
-                        let _ = ack.send(());
-                    }
-                }
-            }
-        }
-    }
-
-    /// Moves deliveries from the mailbox into the channel while its window has room.
-    fn pump_deliveries(&mut self) {
-        let Some(mailbox) = &self.mailbox else { return };
-        let now = clock::now();
-        let mut offered = 0u64;
-        while self.channel.can_deliver() {
-            let Some(delivery) = mailbox.pop() else { break };
-            self.channel.deliver(now, delivery);
-            offered += 1;
-        }
-        // Deliveries the channel dropped (expired, too large for the client) are counted as
-        // they happen, not only when the connection closes, and not as delivered.
-        let dropped = std::mem::take(&mut self.channel.dropped);
-        let metrics = &self.broker.metrics;
-        if dropped > 0 {
-            metrics
-                .messages_dropped
-                .fetch_add(dropped, Ordering::Relaxed);
-        }
-        let sent = offered.saturating_sub(dropped);
-        if sent > 0 {
-            metrics
-                .messages_delivered
-                .fetch_add(sent, Ordering::Relaxed);
+            self.link.carry_out_actions().await;
         }
     }
 }

@@ -8,12 +8,14 @@
 //! an `.await`. Lock order: sessions, then router, then a mailbox.
 //!
 //! - `mailbox`: a session's bounded delivery queue.
-//! - `connection`: the per-connection driver loop.
+//! - `link`: a channel's ties to the broker, shared by every transport's driver.
+//! - `connection`: the driver loop for byte-stream transports.
 //! - `listener`: accept loops.
 //! - `clock`: the one place that reads the time.
 
 pub mod clock;
 pub mod connection;
+pub mod link;
 pub mod listener;
 pub mod mailbox;
 

@@ -1,0 +1,152 @@
+//! The ties between one connection's [`Channel`] and the shared [`Broker`], common to every
+//! transport's driver loop: carrying out the channel's actions (session lookup and takeover,
+//! routing, (un)subscribing, closing) and moving deliveries from the session's mailbox into
+//! the channel while its window has room.
+
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+
+use tokio::sync::{mpsc, oneshot};
+
+use super::mailbox::Mailbox;
+use super::{clock, Broker, Control};
+use crate::core::channel::{Action, Channel};
+use crate::core::message::Flow;
+
+pub struct Link {
+    pub broker: Arc<Broker>,
+    pub channel: Channel,
+    pub mailbox: Option<Arc<Mailbox>>,
+    pub control_rx: mpsc::Receiver<Control>,
+    /// Data flows the channel asked to close; the QUIC driver resets their streams.
+    pub closed_flows: Vec<Flow>,
+    /// Set once the channel's `Close` has been carried out.
+    pub closed: bool,
+    conn_id: u64,
+    control_tx: mpsc::Sender<Control>,
+    takeover_acks: Vec<oneshot::Sender<()>>,
+}
+
+impl Link {
+    pub fn new(broker: Arc<Broker>) -> Self {
+        let (control_tx, control_rx) = mpsc::channel(4);
+        Self {
+            conn_id: broker.next_conn_id(),
+            channel: Channel::new(Arc::clone(broker.limits()), clock::now()),
+            broker,
+            mailbox: None,
+            control_rx,
+            closed_flows: Vec::new(),
+            closed: false,
+            control_tx,
+            takeover_acks: Vec::new(),
+        }
+    }
+
+    /// A message from elsewhere in the broker.
+    pub fn handle_control(&mut self, control: Control) {
+        match control {
+            Control::Takeover(ack) => {
+                self.takeover_acks.push(ack);
+                self.channel.handle_takeover();
+            }
+        }
+    }
+
+    /// The mailbox to wait on, when the channel could take a delivery now.
+    pub fn deliverable(&self) -> Option<Arc<Mailbox>> {
+        self.mailbox.clone().filter(|_| self.channel.can_deliver())
+    }
+
+    pub async fn carry_out_actions(&mut self) {
+        while let Some(action) = self.channel.poll_action() {
+            let now = clock::now();
+            match action {
+                Action::Connect {
+                    client_id,
+                    clean_start,
+                } => {
+                    tracing::Span::current().record("client_id", &*client_id);
+                    let opened = self
+                        .broker
+                        .open_session(now, &client_id, clean_start, self.conn_id, &self.control_tx)
+                        .await;
+                    match opened {
+                        Ok((session, mailbox)) => {
+                            self.mailbox = Some(mailbox);
+                            self.channel.accept(clock::now(), session);
+                        }
+                        Err(code) => self.channel.reject(code),
+                    }
+                }
+                Action::Route(message) => self.broker.publish(message, now),
+                Action::Subscribe {
+                    subscription,
+                    send_retained,
+                } => {
+                    if let Some(mailbox) = &self.mailbox {
+                        let client_id = self.channel.client_id();
+                        self.broker.subscribe(
+                            now,
+                            client_id,
+                            mailbox,
+                            &subscription,
+                            send_retained,
+                        );
+                    }
+                }
+                Action::Unsubscribe { filter, flow } => {
+                    self.broker
+                        .unsubscribe(self.channel.client_id(), &filter, flow)
+                }
+                Action::CloseFlow(flow) => self.closed_flows.push(flow),
+                Action::Close(close) => {
+                    tracing::debug!(reason = %close.reason, initiator = ?close.initiator, "connection closed");
+                    self.count_drops(0);
+                    let client_id = Arc::clone(self.channel.client_id());
+                    self.broker
+                        .close_session(now, self.conn_id, &client_id, *close);
+                    self.mailbox = None;
+                    self.closed = true;
+                    // The session is filed: a connection taking over need not wait for our
+                    // last bytes to flush.
+                    for ack in self.takeover_acks.drain(..) {
+                        let _ = ack.send(());
+                    }
+                }
+            }
+        }
+    }
+
+    /// Moves deliveries from the mailbox into the channel while `room()` and the channel's
+    /// window allow.
+    pub fn pump_deliveries(&mut self, room: impl Fn() -> bool) {
+        let Some(mailbox) = &self.mailbox else { return };
+        let now = clock::now();
+        let mut offered = 0u64;
+        while self.channel.can_deliver() && room() {
+            let Some(delivery) = mailbox.pop() else { break };
+            self.channel.deliver(now, delivery);
+            offered += 1;
+        }
+        self.count_drops(offered);
+    }
+
+    /// Deliveries the channel dropped (expired, too large for the client) are counted as they
+    /// happen, and not as delivered.
+    fn count_drops(&mut self, offered: u64) {
+        let dropped = std::mem::take(&mut self.channel.dropped);
+        let metrics = &self.broker.metrics;
+        if dropped > 0 {
+            metrics
+                .messages_dropped
+                .fetch_add(dropped, Ordering::Relaxed);
+        }
+        let sent = offered.saturating_sub(dropped);
+        if sent > 0 {
+            metrics
+                .messages_delivered
+                .fetch_add(sent, Ordering::Relaxed);
+        }
+    }
+}
