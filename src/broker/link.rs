@@ -10,6 +10,7 @@ use tokio::sync::{mpsc, oneshot};
 
 use super::mailbox::Mailbox;
 use super::{clock, Broker, Control};
+use crate::codec::ReasonCode;
 use crate::core::channel::{Action, Channel};
 use crate::core::message::Flow;
 
@@ -22,6 +23,8 @@ pub struct Link {
     pub closed_flows: Vec<Flow>,
     /// Set once the channel's `Close` has been carried out.
     pub closed: bool,
+    /// Why it closed, for transports that can say so (QUIC's application error code).
+    pub close_reason: Option<ReasonCode>,
     conn_id: u64,
     control_tx: mpsc::Sender<Control>,
     takeover_acks: Vec<oneshot::Sender<()>>,
@@ -38,6 +41,7 @@ impl Link {
             control_rx,
             closed_flows: Vec::new(),
             closed: false,
+            close_reason: None,
             control_tx,
             takeover_acks: Vec::new(),
         }
@@ -103,6 +107,7 @@ impl Link {
                 Action::Close(close) => {
                     tracing::debug!(reason = %close.reason, initiator = ?close.initiator, "connection closed");
                     self.count_drops(0);
+                    self.close_reason = Some(close.reason);
                     let client_id = Arc::clone(self.channel.client_id());
                     self.broker
                         .close_session(now, self.conn_id, &client_id, *close);
