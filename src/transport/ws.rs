@@ -58,32 +58,48 @@ impl WsAcceptor {
         S: AsyncRead + AsyncWrite + Unpin,
     {
         let path = Arc::clone(&self.path);
-        let callback = move |request: &Request, mut response: Response| {
-            if request.uri().path() != &*path {
-                return Err(refusal(
-                    StatusCode::NOT_FOUND,
-                    "no MQTT endpoint at this path",
-                ));
-            }
-            match choose_subprotocol(request) {
-                Ok(Some(protocol)) => {
-                    response.headers_mut().insert(
-                        header::SEC_WEBSOCKET_PROTOCOL,
-                        HeaderValue::from_static(protocol),
-                    );
-                    Ok(response)
-                }
-                Ok(None) => Ok(response),
-                Err(()) => Err(refusal(
-                    StatusCode::BAD_REQUEST,
-                    "unsupported WebSocket subprotocol: use mqtt",
-                )),
-            }
-        };
+        #[expect(
+            clippy::result_large_err,
+            reason = "tungstenite's Callback returns the HTTP refusal by value"
+        )]
+        let callback =
+            move |request: &Request, response: Response| answer_upgrade(&path, request, response);
         let ws =
             tokio_tungstenite::accept_hdr_async_with_config(stream, callback, Some(self.config))
                 .await?;
         Ok(WsStream::new(ws))
+    }
+}
+
+/// Our answer to an upgrade request: the response, or the HTTP refusal.
+#[expect(
+    clippy::result_large_err,
+    reason = "tungstenite's Callback returns the HTTP refusal by value"
+)]
+fn answer_upgrade(
+    path: &str,
+    request: &Request,
+    mut response: Response,
+) -> Result<Response, ErrorResponse> {
+    if request.uri().path() != path {
+        return Err(refusal(
+            StatusCode::NOT_FOUND,
+            "no MQTT endpoint at this path",
+        ));
+    }
+    match choose_subprotocol(request) {
+        Ok(Some(protocol)) => {
+            response.headers_mut().insert(
+                header::SEC_WEBSOCKET_PROTOCOL,
+                HeaderValue::from_static(protocol),
+            );
+            Ok(response)
+        }
+        Ok(None) => Ok(response),
+        Err(()) => Err(refusal(
+            StatusCode::BAD_REQUEST,
+            "unsupported WebSocket subprotocol: use mqtt",
+        )),
     }
 }
 
