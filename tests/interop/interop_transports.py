@@ -61,7 +61,8 @@ def round_trip(transport, tls, port):
             for qos in (0, 1, 2):
                 publish(pub, topic, f"qos{qos}".encode(), qos=qos, what=f"{tag} publisher")
             got = sub_col.wait_messages(3, topic=topic)
-            check([(m.payload, m.qos) for m in got] == [(b"qos0", 0), (b"qos1", 1), (b"qos2", 2)],
+            # Order across QoS levels is not visible through paho (QoS 2 fires on PUBREL).
+            check(sorted((m.payload, m.qos) for m in got) == [(b"qos0", 0), (b"qos1", 1), (b"qos2", 2)],
                   f"{tag}: got {got}")
             retained = topic + "/retained"
             publish(pub, retained, b"kept", qos=1, retain=True, what=f"{tag} publisher")
