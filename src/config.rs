@@ -50,10 +50,10 @@ impl Default for Config {
             mqtt: MqttSection::default(),
             session: SessionSection::default(),
             log: LogSection::default(),
-            listeners: vec![ListenerConfig {
-                kind: ListenerKind::Tcp,
-                bind: SocketAddr::from(([0, 0, 0, 0], 1883)),
-            }],
+            listeners: ListenerKind::ALL
+                .iter()
+                .map(|&kind| ListenerConfig::new(kind, kind.default_bind()))
+                .collect(),
         }
     }
 }
@@ -158,25 +158,209 @@ impl Default for LogSection {
     }
 }
 
+/// The transports a listener can serve. QUIC will join this list.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
 #[serde(rename_all = "lowercase")]
 pub enum ListenerKind {
     Tcp,
+    Tls,
+    Ws,
+    Wss,
+}
+
+impl ListenerKind {
+    /// Every kind, in the order the default configuration starts them.
+    pub const ALL: [ListenerKind; 4] = [Self::Tcp, Self::Tls, Self::Ws, Self::Wss];
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Tcp => "tcp",
+            Self::Tls => "tls",
+            Self::Ws => "ws",
+            Self::Wss => "wss",
+        }
+    }
+
+    /// The conventional port for the kind, on every interface (as EMQX).
+    pub fn default_bind(self) -> SocketAddr {
+        let port = match self {
+            Self::Tcp => 1883,
+            Self::Tls => 8883,
+            Self::Ws => 8083,
+            Self::Wss => 8084,
+        };
+        SocketAddr::from(([0, 0, 0, 0], port))
+    }
+
+    /// Whether the transport runs over TLS (and so reads the TLS keys).
+    pub fn uses_tls(self) -> bool {
+        matches!(self, Self::Tls | Self::Wss)
+    }
+
+    /// Whether the transport frames MQTT in WebSocket messages (and so reads `path`).
+    pub fn uses_websocket(self) -> bool {
+        matches!(self, Self::Ws | Self::Wss)
+    }
 }
 
 impl std::fmt::Display for ListenerKind {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.write_str(match self {
-            Self::Tcp => "tcp",
-        })
+        f.write_str(self.as_str())
     }
 }
 
-#[derive(Debug, Clone, Deserialize)]
-#[serde(deny_unknown_fields)]
+/// Whether a TLS listener asks clients for a certificate (mTLS).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum ClientVerify {
+    /// No client certificate is requested.
+    #[default]
+    None,
+    /// A certificate is requested; clients without one are accepted, a bad one is refused.
+    Optional,
+    /// Clients must present a certificate signed by `client_ca`.
+    Required,
+}
+
+/// Which part of a verified client certificate becomes the MQTT username.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum PeerCertAsUsername {
+    /// The CONNECT username stands.
+    #[default]
+    None,
+    /// The subject's Common Name.
+    Cn,
+    /// The first DNS Subject Alternative Name.
+    San,
+}
+
+/// TLS settings of a `tls` or `wss` listener.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct TlsSettings {
+    /// Server certificate chain (PEM) and its private key; both `None` means the development
+    /// certificate under `<data_dir>/certs/`, made on first use.
+    pub cert: Option<PathBuf>,
+    pub key: Option<PathBuf>,
+    pub verify: ClientVerify,
+    /// CA certificates (PEM) that sign acceptable client certificates.
+    pub client_ca: Option<PathBuf>,
+    pub peer_cert_as_username: PeerCertAsUsername,
+}
+
+/// The WebSocket path served when none is configured.
+pub const DEFAULT_WS_PATH: &str = "/mqtt";
+/// How long a TLS handshake or WebSocket upgrade may take when not configured.
+pub const DEFAULT_HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// One listener, validated: keys that do not apply to its kind were refused when parsing.
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+#[serde(try_from = "ListenerFile")]
 pub struct ListenerConfig {
     pub kind: ListenerKind,
     pub bind: SocketAddr,
+    /// Used by `tls` and `wss`.
+    pub tls: TlsSettings,
+    /// The HTTP path of the WebSocket upgrade (`ws` and `wss`).
+    pub path: String,
+    /// A TLS handshake or WebSocket upgrade still unfinished after this long is closed.
+    pub handshake_timeout: Duration,
+}
+
+impl ListenerConfig {
+    /// A listener of `kind` on `bind` with every other setting at its default.
+    pub fn new(kind: ListenerKind, bind: SocketAddr) -> Self {
+        Self {
+            kind,
+            bind,
+            tls: TlsSettings::default(),
+            path: DEFAULT_WS_PATH.to_owned(),
+            handshake_timeout: DEFAULT_HANDSHAKE_TIMEOUT,
+        }
+    }
+}
+
+/// A `[[listeners]]` entry as written in the file.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct ListenerFile {
+    kind: ListenerKind,
+    bind: Option<SocketAddr>,
+    cert: Option<PathBuf>,
+    key: Option<PathBuf>,
+    verify: Option<ClientVerify>,
+    client_ca: Option<PathBuf>,
+    peer_cert_as_username: Option<PeerCertAsUsername>,
+    path: Option<String>,
+    #[serde(default, deserialize_with = "some_duration")]
+    handshake_timeout: Option<Duration>,
+}
+
+impl TryFrom<ListenerFile> for ListenerConfig {
+    type Error = String;
+
+    fn try_from(file: ListenerFile) -> Result<Self, String> {
+        let kind = file.kind;
+        let tls_keys = [
+            ("cert", file.cert.is_some()),
+            ("key", file.key.is_some()),
+            ("verify", file.verify.is_some()),
+            ("client_ca", file.client_ca.is_some()),
+            (
+                "peer_cert_as_username",
+                file.peer_cert_as_username.is_some(),
+            ),
+        ];
+        if !kind.uses_tls() {
+            if let Some((key, _)) = tls_keys.iter().find(|(_, set)| *set) {
+                return Err(format!(
+                    "`{key}` applies to tls and wss listeners, not to kind = \"{kind}\""
+                ));
+            }
+        }
+        if !kind.uses_websocket() && file.path.is_some() {
+            return Err(format!(
+                "`path` applies to ws and wss listeners, not to kind = \"{kind}\""
+            ));
+        }
+        if kind == ListenerKind::Tcp && file.handshake_timeout.is_some() {
+            return Err("`handshake_timeout` does not apply to kind = \"tcp\"".into());
+        }
+        if file.cert.is_some() != file.key.is_some() {
+            return Err("`cert` and `key` must be given together".into());
+        }
+        let verify = file.verify.unwrap_or_default();
+        if verify != ClientVerify::None && file.client_ca.is_none() {
+            return Err("`verify` other than \"none\" needs `client_ca`".into());
+        }
+        let peer_cert_as_username = file.peer_cert_as_username.unwrap_or_default();
+        if verify == ClientVerify::None && peer_cert_as_username != PeerCertAsUsername::None {
+            return Err(
+                "`peer_cert_as_username` needs `verify` = \"optional\" or \"required\"".into(),
+            );
+        }
+        let path = file.path.unwrap_or_else(|| DEFAULT_WS_PATH.to_owned());
+        if !path.starts_with('/') {
+            return Err(format!("`path` must start with '/', got `{path}`"));
+        }
+        let handshake_timeout = file.handshake_timeout.unwrap_or(DEFAULT_HANDSHAKE_TIMEOUT);
+        if handshake_timeout.is_zero() {
+            return Err("`handshake_timeout` must be more than zero".into());
+        }
+        Ok(Self {
+            kind,
+            bind: file.bind.unwrap_or_else(|| kind.default_bind()),
+            tls: TlsSettings {
+                cert: file.cert,
+                key: file.key,
+                verify,
+                client_ca: file.client_ca,
+                peer_cert_as_username,
+            },
+            path,
+            handshake_timeout,
+        })
+    }
 }
 
 impl Config {
@@ -277,18 +461,34 @@ impl Config {
         Ok(())
     }
 
-    /// Replaces the listeners by the ones named on the command line, if any.
+    /// Replaces the listeners by TCP listeners on `tcp`, if any (see [`Self::replace_listeners`]).
     pub fn override_listeners(&mut self, tcp: &[SocketAddr]) {
-        if tcp.is_empty() {
-            return;
-        }
-        self.listeners = tcp
-            .iter()
-            .map(|&bind| ListenerConfig {
-                kind: ListenerKind::Tcp,
-                bind,
+        self.replace_listeners(tcp.iter().map(|&bind| (ListenerKind::Tcp, bind)));
+    }
+
+    /// Replaces the listeners by the ones named on the command line, if any. A named listener
+    /// keeps the settings (certificates, path, timeouts) of the first configured listener of
+    /// its kind, with only the address changed; otherwise it gets the defaults.
+    pub fn replace_listeners(
+        &mut self,
+        named: impl IntoIterator<Item = (ListenerKind, SocketAddr)>,
+    ) {
+        let named: Vec<ListenerConfig> = named
+            .into_iter()
+            .map(|(kind, bind)| {
+                let template = self.listeners.iter().find(|l| l.kind == kind);
+                match template {
+                    Some(template) => ListenerConfig {
+                        bind,
+                        ..template.clone()
+                    },
+                    None => ListenerConfig::new(kind, bind),
+                }
             })
             .collect();
+        if !named.is_empty() {
+            self.listeners = named;
+        }
     }
 
     /// The runtime settings the broker is built from.
@@ -352,6 +552,10 @@ fn duration<'de, D: Deserializer<'de>>(deserializer: D) -> Result<Duration, D::E
     }
 }
 
+fn some_duration<'de, D: Deserializer<'de>>(deserializer: D) -> Result<Option<Duration>, D::Error> {
+    duration(deserializer).map(Some)
+}
+
 pub fn parse_duration(text: &str) -> Result<Duration, String> {
     let text = text.trim();
     if text == "never" {
@@ -408,8 +612,9 @@ mod tests {
         assert_eq!(config.session.max_queued, defaults.session.max_queued);
         assert_eq!(config.session.v3_expiry, defaults.session.v3_expiry);
         assert_eq!(config.mqtt.connect_timeout, defaults.mqtt.connect_timeout);
-        assert_eq!(config.listeners.len(), 1);
-        assert_eq!(config.listeners[0].bind, defaults.listeners[0].bind);
+        assert_eq!(config.listeners, defaults.listeners);
+        let kinds: Vec<_> = config.listeners.iter().map(|l| l.kind).collect();
+        assert_eq!(kinds, ListenerKind::ALL);
     }
 
     #[test]
@@ -464,5 +669,81 @@ mod tests {
             c.listeners.iter().map(|l| l.bind).collect::<Vec<_>>(),
             vec![a, b]
         );
+    }
+
+    #[test]
+    fn listener_keys_parse_into_tls_and_websocket_settings() {
+        let c = load(
+            r#"
+[[listeners]]
+kind = "wss"
+bind = "127.0.0.1:9001"
+cert = "server.pem"
+key = "server.key"
+verify = "required"
+client_ca = "ca.pem"
+peer_cert_as_username = "cn"
+path = "/ws"
+handshake_timeout = "2s"
+
+[[listeners]]
+kind = "tls"
+"#,
+            &[],
+            &[],
+        )
+        .unwrap();
+        let wss = &c.listeners[0];
+        assert_eq!(wss.kind, ListenerKind::Wss);
+        assert_eq!(wss.bind, "127.0.0.1:9001".parse::<SocketAddr>().unwrap());
+        assert_eq!(wss.tls.verify, ClientVerify::Required);
+        assert_eq!(wss.tls.peer_cert_as_username, PeerCertAsUsername::Cn);
+        assert_eq!(wss.tls.client_ca.as_deref(), Some(Path::new("ca.pem")));
+        assert_eq!(wss.path, "/ws");
+        assert_eq!(wss.handshake_timeout, Duration::from_secs(2));
+        let tls = &c.listeners[1];
+        assert_eq!(
+            *tls,
+            ListenerConfig::new(ListenerKind::Tls, "0.0.0.0:8883".parse().unwrap())
+        );
+    }
+
+    #[test]
+    fn listener_keys_that_do_not_apply_are_errors_naming_the_key() {
+        for (text, key) in [
+            ("kind = \"tcp\"\ncert = \"a\"\nkey = \"b\"", "cert"),
+            ("kind = \"tls\"\npath = \"/mqtt\"", "path"),
+            ("kind = \"ws\"\nverify = \"required\"", "verify"),
+            ("kind = \"tls\"\nverify = \"required\"", "client_ca"),
+            ("kind = \"tls\"\ncert = \"a\"", "key"),
+            ("kind = \"ws\"\npath = \"mqtt\"", "path"),
+            ("kind = \"tls\"\nverfy = \"none\"", "verfy"),
+            ("kind = \"quic\"", "kind"),
+        ] {
+            let err = load(&format!("[[listeners]]\n{text}\n"), &[], &[])
+                .unwrap_err()
+                .to_string();
+            assert!(err.contains(key), "{text}: {err}");
+        }
+    }
+
+    #[test]
+    fn listeners_named_on_the_command_line_keep_their_kinds_settings() {
+        let mut c = Config::default();
+        c.listeners[1].tls.cert = Some("mine.pem".into());
+        c.listeners[1].tls.key = Some("mine.key".into());
+        let tls: SocketAddr = "127.0.0.1:18883".parse().unwrap();
+        let ws: SocketAddr = "127.0.0.1:18083".parse().unwrap();
+        c.replace_listeners([(ListenerKind::Tls, tls), (ListenerKind::Ws, ws)]);
+        assert_eq!(c.listeners.len(), 2);
+        assert_eq!(
+            (c.listeners[0].kind, c.listeners[0].bind),
+            (ListenerKind::Tls, tls)
+        );
+        assert_eq!(
+            c.listeners[0].tls.cert.as_deref(),
+            Some(Path::new("mine.pem"))
+        );
+        assert_eq!(c.listeners[1], ListenerConfig::new(ListenerKind::Ws, ws));
     }
 }

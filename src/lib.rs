@@ -6,14 +6,18 @@
 //!   retained store, sessions, and the per-connection protocol state machine (`Channel`).
 //! - [`broker`]: the async shell: listeners, connection drivers, the shared session table and
 //!   router, timers. The only module that spawns tasks, owns sockets or reads the clock.
+//! - [`transport`]: what turns an accepted socket into an MQTT byte stream: TLS (rustls,
+//!   optional mTLS), WebSocket, and the development certificates. No tasks, no clock.
 //! - [`config`]: the TOML file model, overrides, and validated runtime settings.
 //!
-//! Dependency direction: `codec <- core <- broker`; `config` builds `broker` settings.
+//! Dependency direction: `codec <- core <- broker -> transport`; `config` builds `broker`
+//! settings.
 
 pub mod broker;
 pub mod codec;
 pub mod config;
 pub mod core;
+pub mod transport;
 
 #[cfg(test)]
 mod layering {

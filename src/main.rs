@@ -7,14 +7,15 @@ use std::process::ExitCode;
 use anyhow::Context as _;
 use clap::{Parser, Subcommand};
 use petrel::broker::RunningBroker;
-use petrel::config::Config;
+use petrel::config::{Config, ListenerKind};
 use tracing_subscriber::EnvFilter;
 
 /// Petrel, a QUIC-first MQTT broker (MQTT 3.1, 3.1.1 and 5.0).
 ///
-/// With no arguments it serves MQTT on 0.0.0.0:1883 with the defaults documented in
-/// petrel.example.toml. Naming any listener on the command line (--tcp) starts only the
-/// listeners named there. Environment variables PETREL_SECTION__KEY=value override the file;
+/// With no arguments it serves MQTT over TCP (0.0.0.0:1883), TLS (8883), WebSocket (8083,
+/// path /mqtt) and WebSocket over TLS (8084), with a development certificate made under
+/// <data_dir>/certs/, and the defaults documented in petrel.example.toml. Naming any listener
+/// on the command line (--tcp, --tls, --ws, --wss) starts only the listeners named there. Environment variables PETREL_SECTION__KEY=value override the file;
 /// --set section.key=value overrides both.
 #[derive(Debug, Parser)]
 #[command(version, args_conflicts_with_subcommands = true)]
@@ -36,6 +37,15 @@ struct ServeArgs {
     /// Serve MQTT over TCP on ADDR (repeatable), e.g. 127.0.0.1:1883.
     #[arg(long, value_name = "ADDR")]
     tcp: Vec<SocketAddr>,
+    /// Serve MQTT over TLS on ADDR (repeatable), e.g. 127.0.0.1:8883.
+    #[arg(long, value_name = "ADDR")]
+    tls: Vec<SocketAddr>,
+    /// Serve MQTT over WebSocket on ADDR (repeatable), e.g. 127.0.0.1:8083.
+    #[arg(long, value_name = "ADDR")]
+    ws: Vec<SocketAddr>,
+    /// Serve MQTT over WebSocket with TLS on ADDR (repeatable), e.g. 127.0.0.1:8084.
+    #[arg(long, value_name = "ADDR")]
+    wss: Vec<SocketAddr>,
     /// Override one setting, e.g. --set mqtt.max_packet_size=65536 (repeatable).
     #[arg(long, value_name = "KEY=VALUE")]
     set: Vec<String>,
@@ -50,6 +60,16 @@ enum Command {
         /// The file to check.
         file: PathBuf,
     },
+    /// Write a development CA, a server certificate (localhost, 127.0.0.1, ::1, this host)
+    /// and a client certificate for mTLS: ca.pem/.key, server.pem/.key, client.pem/.key.
+    Certs {
+        /// Directory to write to (created if missing; existing files are replaced).
+        #[arg(long, value_name = "DIR")]
+        out: PathBuf,
+        /// Common Name (and DNS SAN) of the client certificate.
+        #[arg(long, value_name = "NAME", default_value = "petrel-client")]
+        client_cn: String,
+    },
 }
 
 fn main() -> ExitCode {
@@ -59,6 +79,20 @@ fn main() -> ExitCode {
             match Config::load(Some(&file), std::env::vars(), &[]) {
                 Ok(_) => {
                     println!("{}: ok", file.display());
+                    ExitCode::SUCCESS
+                }
+                Err(err) => {
+                    eprintln!("error: {err}");
+                    ExitCode::FAILURE
+                }
+            }
+        }
+        Some(Command::Certs { out, client_cn }) => {
+            match petrel::transport::certs::write_bundle(&out, &client_cn) {
+                Ok(files) => {
+                    for file in files {
+                        println!("{}", file.display());
+                    }
                     ExitCode::SUCCESS
                 }
                 Err(err) => {
@@ -80,7 +114,17 @@ fn run(args: ServeArgs) -> ExitCode {
             return ExitCode::FAILURE;
         }
     };
-    config.override_listeners(&args.tcp);
+    let named = [
+        (ListenerKind::Tcp, &args.tcp),
+        (ListenerKind::Tls, &args.tls),
+        (ListenerKind::Ws, &args.ws),
+        (ListenerKind::Wss, &args.wss),
+    ];
+    config.replace_listeners(
+        named
+            .iter()
+            .flat_map(|(kind, addrs)| addrs.iter().map(move |&addr| (*kind, addr))),
+    );
     if let Some(dir) = args.data_dir {
         config.broker.data_dir = dir;
     }

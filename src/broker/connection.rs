@@ -23,31 +23,55 @@ use crate::codec::Codec;
 /// Initial read buffer; it grows only as far as a packet being read needs.
 const READ_CHUNK: usize = 4 * 1024;
 
-/// Serves one client connection until it closes.
+/// Serves one client connection until it closes. `peer_username` is the identity the
+/// transport established (a client certificate's CN or SAN); it replaces the CONNECT username.
 pub async fn serve<S>(
     broker: Arc<Broker>,
     stream: S,
     peer: SocketAddr,
     transport: &'static str,
+    peer_username: Option<String>,
     shutdown: CancellationToken,
 ) where
     S: AsyncRead + AsyncWrite + Unpin + Send,
 {
-    let span = tracing::debug_span!("conn", transport, %peer, client_id = tracing::field::Empty);
+    let span = tracing::debug_span!(
+        "conn",
+        transport,
+        %peer,
+        client_id = tracing::field::Empty,
+        username = tracing::field::Empty
+    );
     broker.metrics.connections.fetch_add(1, Ordering::Relaxed);
     broker
         .metrics
         .connections_total
         .fetch_add(1, Ordering::Relaxed);
     let metrics_broker = Arc::clone(&broker);
-    Connection::new(broker)
-        .run(stream, shutdown)
-        .instrument(span)
-        .await;
+    let mut connection = Connection::new(broker);
+    if let Some(username) = peer_username {
+        connection.link.channel.set_peer_username(username);
+    }
+    connection.run(stream, shutdown).instrument(span).await;
     metrics_broker
         .metrics
         .connections
         .fetch_sub(1, Ordering::Relaxed);
+}
+
+/// Writes what the channel produced, then flushes the stream. Cancel-safe in the sense the
+/// driver needs: bytes leave `out` only once the stream took them, and the caller retries the
+/// flush until it completes.
+async fn write_and_flush<W>(writer: &mut W, out: &mut BytesMut) -> std::io::Result<()>
+where
+    W: AsyncWrite + Unpin,
+{
+    while !out.is_empty() {
+        if writer.write_buf(out).await? == 0 {
+            return Err(std::io::ErrorKind::WriteZero.into());
+        }
+    }
+    writer.flush().await
 }
 
 struct Connection {
@@ -72,6 +96,9 @@ impl Connection {
     {
         let (mut reader, mut writer) = tokio::io::split(stream);
         let mut shutting_down = false;
+        // Bytes handed to the stream but maybe not yet flushed: TLS and WebSocket buffer
+        // inside the stream, and a flush cancelled by `select!` must be retried.
+        let mut unflushed = false;
         loop {
             self.decode_buffered().await;
             self.link.pump_deliveries(|| true);
@@ -84,6 +111,7 @@ impl Connection {
             if self.rbuf.capacity() - self.rbuf.len() < 512 {
                 self.rbuf.reserve(READ_CHUNK);
             }
+            unflushed |= !link.channel.out().is_empty();
             tokio::select! {
                 biased;
                 _ = shutdown.cancelled(), if !shutting_down => {
@@ -91,10 +119,13 @@ impl Connection {
                     link.channel.handle_shutdown();
                 }
                 Some(control) = link.control_rx.recv() => link.handle_control(control),
-                written = writer.write_buf(link.channel.out()), if !link.channel.out().is_empty() => {
-                    if written.is_err() {
-                        link.channel.out().clear();
-                        link.channel.handle_transport_closed();
+                written = write_and_flush(&mut writer, link.channel.out()), if unflushed => {
+                    match written {
+                        Ok(()) => unflushed = false,
+                        Err(_) => {
+                            link.channel.out().clear();
+                            link.channel.handle_transport_closed();
+                        }
                     }
                 }
                 read = reader.read_buf(&mut self.rbuf) => match read {

@@ -70,7 +70,11 @@ impl Link {
                     client_id,
                     clean_start,
                 } => {
-                    tracing::Span::current().record("client_id", &*client_id);
+                    let span = tracing::Span::current();
+                    span.record("client_id", &*client_id);
+                    if let Some(username) = self.channel.username() {
+                        span.record("username", username);
+                    }
                     let opened = self
                         .broker
                         .open_session(now, &client_id, clean_start, self.conn_id, &self.control_tx)

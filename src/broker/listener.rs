@@ -1,72 +1,188 @@
-//! Accept loops. Each accepted stream gets its own task running the connection driver; a
-//! failing `accept` (e.g. out of file descriptors) backs off instead of spinning.
+//! Accept loops. Each accepted socket gets its own task, which runs the transport's handshake
+//! (TLS, WebSocket upgrade) under the listener's `handshake_timeout` and then the connection
+//! driver; a stalled handshake therefore never holds up the accept loop. A failing `accept`
+//! (e.g. out of file descriptors) backs off instead of spinning.
 
 use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::Context as _;
-use tokio::net::TcpListener;
+use tokio::net::{TcpListener, TcpStream};
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
 use super::{connection, Broker};
 use crate::config::{ListenerConfig, ListenerKind};
+use crate::transport::tls::TlsAcceptor;
+use crate::transport::ws::WsAcceptor;
 
-/// Binds one listener and spawns its accept loop; returns the bound address.
+/// What a listener does to an accepted socket before MQTT starts.
+#[derive(Clone)]
+enum Handshake {
+    None,
+    Tls(TlsAcceptor),
+    Ws(WsAcceptor),
+    Wss(TlsAcceptor, WsAcceptor),
+}
+
+/// Binds one listener and spawns its accept loop; returns the bound address. TLS listeners
+/// must have `cert` and `key` filled in by now.
 pub async fn spawn(
     broker: &Arc<Broker>,
     config: &ListenerConfig,
     tracker: &TaskTracker,
     shutdown: &CancellationToken,
 ) -> anyhow::Result<SocketAddr> {
-    match config.kind {
-        ListenerKind::Tcp => {
-            let listener = TcpListener::bind(config.bind)
-                .await
-                .with_context(|| format!("cannot bind the tcp listener to {}", config.bind))?;
-            let addr = listener.local_addr()?;
-            tracing::info!(kind = "tcp", %addr, "listening for MQTT");
-            let broker = Arc::clone(broker);
-            let task_tracker = tracker.clone();
-            let shutdown = shutdown.clone();
-            tracker.spawn(accept_tcp(listener, broker, task_tracker, shutdown));
-            Ok(addr)
+    let kind = config.kind;
+    let ws = || WsAcceptor::new(&config.path, broker.limits().max_packet_size);
+    let tls = || {
+        TlsAcceptor::new(&config.tls)
+            .with_context(|| format!("cannot set up the {kind} listener on {}", config.bind))
+    };
+    let handshake = match kind {
+        ListenerKind::Tcp => Handshake::None,
+        ListenerKind::Tls => Handshake::Tls(tls()?),
+        ListenerKind::Ws => Handshake::Ws(ws()),
+        ListenerKind::Wss => Handshake::Wss(tls()?, ws()),
+    };
+    let listener = TcpListener::bind(config.bind)
+        .await
+        .with_context(|| format!("cannot bind the {kind} listener to {}", config.bind))?;
+    let addr = listener.local_addr()?;
+    match kind {
+        ListenerKind::Ws | ListenerKind::Wss => {
+            tracing::info!(%kind, %addr, path = %config.path, "listening for MQTT")
+        }
+        _ => tracing::info!(%kind, %addr, "listening for MQTT"),
+    }
+    let accept = Accept {
+        kind,
+        handshake,
+        handshake_timeout: config.handshake_timeout,
+        broker: Arc::clone(broker),
+        tracker: tracker.clone(),
+        shutdown: shutdown.clone(),
+    };
+    tracker.spawn(accept.run(listener));
+    Ok(addr)
+}
+
+struct Accept {
+    kind: ListenerKind,
+    handshake: Handshake,
+    handshake_timeout: Duration,
+    broker: Arc<Broker>,
+    tracker: TaskTracker,
+    shutdown: CancellationToken,
+}
+
+impl Accept {
+    async fn run(self, listener: TcpListener) {
+        let mut backoff = Duration::from_millis(5);
+        loop {
+            let accepted = tokio::select! {
+                _ = self.shutdown.cancelled() => return,
+                accepted = listener.accept() => accepted,
+            };
+            match accepted {
+                Ok((stream, peer)) => {
+                    backoff = Duration::from_millis(5);
+                    // Small MQTT packets must not wait for Nagle's algorithm.
+                    if let Err(err) = stream.set_nodelay(true) {
+                        tracing::debug!(%peer, %err, "cannot set TCP_NODELAY");
+                    }
+                    self.tracker.spawn(self.serve(stream, peer));
+                }
+                Err(err) => {
+                    tracing::warn!(kind = %self.kind, %err, "accept failed; backing off {backoff:?}");
+                    tokio::select! {
+                        _ = self.shutdown.cancelled() => return,
+                        _ = tokio::time::sleep(backoff) => {}
+                    }
+                    backoff = (backoff * 2).min(Duration::from_secs(1));
+                }
+            }
+        }
+    }
+
+    /// The future for one connection: handshake within the timeout, then MQTT.
+    fn serve(
+        &self,
+        stream: TcpStream,
+        peer: SocketAddr,
+    ) -> impl std::future::Future<Output = ()> + Send + 'static {
+        let handshake = self.handshake.clone();
+        let timeout = self.handshake_timeout;
+        let broker = Arc::clone(&self.broker);
+        let shutdown = self.shutdown.clone();
+        let transport = self.kind.as_str();
+        async move {
+            // One deadline covers every step (TLS, then the upgrade for WSS).
+            let guard = Guard {
+                deadline: tokio::time::Instant::now() + timeout,
+                shutdown: &shutdown,
+                transport,
+                peer,
+            };
+            match handshake {
+                Handshake::None => {
+                    connection::serve(broker, stream, peer, transport, None, shutdown).await
+                }
+                Handshake::Tls(tls) => {
+                    let Some((stream, username)) = guard.run(tls.accept(stream)).await else {
+                        return;
+                    };
+                    connection::serve(broker, stream, peer, transport, username, shutdown).await
+                }
+                Handshake::Ws(ws) => {
+                    let Some(stream) = guard.run(ws.accept(stream)).await else {
+                        return;
+                    };
+                    connection::serve(broker, stream, peer, transport, None, shutdown).await
+                }
+                Handshake::Wss(tls, ws) => {
+                    let Some((stream, username)) = guard.run(tls.accept(stream)).await else {
+                        return;
+                    };
+                    let Some(stream) = guard.run(ws.accept(stream)).await else {
+                        return;
+                    };
+                    connection::serve(broker, stream, peer, transport, username, shutdown).await
+                }
+            }
         }
     }
 }
 
-async fn accept_tcp(
-    listener: TcpListener,
-    broker: Arc<Broker>,
-    tracker: TaskTracker,
-    shutdown: CancellationToken,
-) {
-    let mut backoff = Duration::from_millis(5);
-    loop {
-        let accepted = tokio::select! {
-            _ = shutdown.cancelled() => return,
-            accepted = listener.accept() => accepted,
-        };
-        match accepted {
-            Ok((stream, peer)) => {
-                backoff = Duration::from_millis(5);
-                // Small MQTT packets must not wait for Nagle's algorithm.
-                if let Err(err) = stream.set_nodelay(true) {
-                    tracing::debug!(%peer, %err, "cannot set TCP_NODELAY");
+/// Runs handshake steps until a shared deadline or shutdown. A failure is the peer's doing
+/// (or the network's), so it is logged at debug only.
+struct Guard<'a> {
+    deadline: tokio::time::Instant,
+    shutdown: &'a CancellationToken,
+    transport: &'static str,
+    peer: SocketAddr,
+}
+
+impl Guard<'_> {
+    async fn run<T, E: std::fmt::Display>(
+        &self,
+        step: impl std::future::Future<Output = Result<T, E>>,
+    ) -> Option<T> {
+        let (transport, peer) = (self.transport, self.peer);
+        tokio::select! {
+            _ = self.shutdown.cancelled() => None,
+            done = tokio::time::timeout_at(self.deadline, step) => match done {
+                Ok(Ok(value)) => Some(value),
+                Ok(Err(err)) => {
+                    tracing::debug!(transport, %peer, %err, "handshake failed");
+                    None
                 }
-                let broker = Arc::clone(&broker);
-                let shutdown = shutdown.clone();
-                tracker.spawn(connection::serve(broker, stream, peer, "tcp", shutdown));
-            }
-            Err(err) => {
-                tracing::warn!(%err, "accept failed; backing off {backoff:?}");
-                tokio::select! {
-                    _ = shutdown.cancelled() => return,
-                    _ = tokio::time::sleep(backoff) => {}
+                Err(_) => {
+                    tracing::debug!(transport, %peer, "handshake timed out");
+                    None
                 }
-                backoff = (backoff * 2).min(Duration::from_secs(1));
-            }
+            },
         }
     }
 }

@@ -38,6 +38,8 @@ use crate::core::router::SubscriptionTree;
 use crate::core::session::{Session, Subscription};
 use crate::core::timers::TimerTable;
 use crate::core::topic::TopicFilter;
+use crate::transport::certs::DevCerts;
+use anyhow::Context as _;
 use mailbox::Mailbox;
 
 /// Messages to a connection task from elsewhere in the broker.
@@ -529,6 +531,23 @@ impl Broker {
     }
 }
 
+/// The development certificate under `<data_dir>/certs/`, made on first use. Its CA is logged
+/// so that clients can be pointed at it.
+fn dev_certs_in(data_dir: &std::path::Path) -> anyhow::Result<DevCerts> {
+    let dir = data_dir.join("certs");
+    let dev = DevCerts::ensure(&dir).with_context(|| {
+        format!(
+            "cannot set up development certificates in {}",
+            dir.display()
+        )
+    })?;
+    tracing::info!(
+        ca = %dev.ca.display(),
+        "TLS listeners without `cert` use the development certificate; trust this CA in clients"
+    );
+    Ok(dev)
+}
+
 /// A started broker: its listeners' addresses and the handle to stop it.
 pub struct RunningBroker {
     pub broker: Arc<Broker>,
@@ -545,9 +564,24 @@ impl RunningBroker {
         let shutdown = CancellationToken::new();
         let tracker = TaskTracker::new();
         let mut listeners = Vec::new();
+        let mut dev_certs = None;
         for listener in &config.listeners {
-            let addr = listener::spawn(&broker, listener, &tracker, &shutdown).await?;
-            listeners.push((listener.kind, addr));
+            let mut listener = listener.clone();
+            if listener.kind.uses_tls() && listener.tls.cert.is_none() {
+                let dev = match &dev_certs {
+                    Some(dev) => dev,
+                    None => dev_certs.insert(dev_certs_in(&config.broker.data_dir)?),
+                };
+                listener.tls.cert = Some(dev.cert.clone());
+                listener.tls.key = Some(dev.key.clone());
+            }
+            match listener::spawn(&broker, &listener, &tracker, &shutdown).await {
+                Ok(addr) => listeners.push((listener.kind, addr)),
+                Err(err) => {
+                    shutdown.cancel();
+                    return Err(err);
+                }
+            }
         }
         tracker.spawn(Arc::clone(&broker).run_timers(shutdown.clone()));
         Ok(Self {

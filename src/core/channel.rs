@@ -177,6 +177,10 @@ pub struct Channel {
     flows: Vec<(Flow, BytesMut)>,
     /// The flow of the packet being handled: replies go back on it.
     input_flow: Flow,
+    /// The identity the transport vouches for (a verified client certificate); it wins over
+    /// the CONNECT username.
+    peer_username: Option<String>,
+    username: Option<String>,
     /// Deliveries dropped because they were expired or too large for the client.
     pub dropped: u64,
 }
@@ -207,8 +211,21 @@ impl Channel {
             will: None,
             flows: Vec::new(),
             input_flow: Flow::CONTROL,
+            peer_username: None,
+            username: None,
             dropped: 0,
         }
+    }
+
+    /// Sets the username the transport established (e.g. from a client certificate's CN); it
+    /// replaces whatever username CONNECT carries.
+    pub fn set_peer_username(&mut self, username: String) {
+        self.peer_username = Some(username);
+    }
+
+    /// The connection's username: the transport's identity if any, else CONNECT's.
+    pub fn username(&self) -> Option<&str> {
+        self.username.as_deref()
     }
 
     pub fn version(&self) -> ProtocolVersion {
@@ -596,6 +613,7 @@ impl Channel {
             }
         });
 
+        self.username = self.peer_username.take().or(connect.username);
         self.client_id = Arc::from(client_id);
         self.state = State::AwaitSession;
         self.actions.push_back(Action::Connect {

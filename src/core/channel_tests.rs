@@ -755,3 +755,20 @@ fn reconnect_rehomes_subscriptions_of_the_old_connections_flows() {
         .iter()
         .any(|a| matches!(a, Action::Subscribe { subscription, .. } if subscription.flow == Flow::CONTROL)));
 }
+
+#[test]
+fn the_transports_peer_username_replaces_the_connect_username() {
+    let mut h = Harness::new(Limits::default());
+    h.channel.set_peer_username("petrel-client".into());
+    let mut c = connect(ProtocolVersion::V311, "mtls");
+    c.username = Some("claimed".into());
+    let connack = h.connect(c);
+    assert_eq!(connack.code, ReasonCode::SUCCESS);
+    assert_eq!(h.channel.username(), Some("petrel-client"));
+
+    let mut plain = Harness::new(Limits::default());
+    let mut c = connect(ProtocolVersion::V5, "plain");
+    c.username = Some("claimed".into());
+    plain.connect(c);
+    assert_eq!(plain.channel.username(), Some("claimed"));
+}

@@ -10,5 +10,6 @@ mod conn;
 mod pubsub;
 mod retain;
 mod session;
+mod transports;
 mod v5;
 mod will;

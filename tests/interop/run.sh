@@ -9,7 +9,10 @@
 # Env: MQTT_HOST, MQTT_PORT, BROKER_CMD (run via `bash -c` in the background,
 # output in $INTEROP_LOG_DIR/broker.log), BROKER_START_TIMEOUT (s, default 20),
 # SCRIPT_TIMEOUT (s per script, default 90), PYTHON (default python3).
-# Last line: "interop: N passed, M failed"; exit status 1 if M > 0.
+# Other transports: MQTT_TLS_PORT, MQTT_WS_PORT, MQTT_WSS_PORT and MQTT_CAFILE (the CA of
+# the server certificate, e.g. <data_dir>/certs/ca.pem); the scripts for a transport whose
+# variables are unset print "SKIP name: why" and count as skipped.
+# Last line: "interop: N passed, M failed, K skipped"; exit status 1 if M > 0.
 set -u
 
 HERE="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
@@ -37,8 +40,8 @@ cleanup() {
 trap cleanup EXIT
 trap 'exit 130' INT TERM
 
-port_open() {
-    "$PYTHON" - "$MQTT_HOST" "$MQTT_PORT" <<'EOF' 2>/dev/null
+port_open() {  # [port], default MQTT_PORT
+    "$PYTHON" - "$MQTT_HOST" "${1:-$MQTT_PORT}" <<'EOF' 2>/dev/null
 import socket, sys
 s = socket.socket(socket.AF_INET6 if ":" in sys.argv[1] else socket.AF_INET)
 s.settimeout(0.5)
@@ -71,8 +74,18 @@ if [ -n "${BROKER_CMD:-}" ]; then
         if port_open; then up=1; break; fi
         sleep 0.1
     done
+    # The other listeners bind right after the TCP one; wait for them too.
+    for extra in ${MQTT_TLS_PORT:-} ${MQTT_WS_PORT:-} ${MQTT_WSS_PORT:-}; do
+        [ "$up" = 1 ] || break
+        up=0
+        for _ in $(seq 1 $((BROKER_START_TIMEOUT * 10))); do
+            if port_open "$extra"; then up=1; break; fi
+            kill -0 "$BROKER_PID" 2>/dev/null || break
+            sleep 0.1
+        done
+    done
     if [ "$up" != 1 ]; then
-        echo "broker did not accept connections on $MQTT_HOST:$MQTT_PORT within ${BROKER_START_TIMEOUT}s" >&2
+        echo "broker did not accept connections on $MQTT_HOST:$MQTT_PORT (and any MQTT_TLS/WS/WSS_PORT) within ${BROKER_START_TIMEOUT}s" >&2
         tail -n 30 "$LOG_DIR/broker.log" >&2
         echo "interop: 0 passed, 1 failed"
         exit 1
@@ -90,7 +103,7 @@ if ! "$PYTHON" -c "import paho.mqtt" 2>/dev/null; then
 fi
 
 SCRIPTS=()
-for f in "$HERE"/test_*.py "$HERE"/mosquitto_round_trip.sh; do
+for f in "$HERE"/test_*.py "$HERE"/mosquitto_*.sh; do
     [ -e "$f" ] || continue
     if [ $# -gt 0 ]; then
         keep=0
@@ -107,6 +120,7 @@ command -v timeout >/dev/null 2>&1 && TIMEOUT_CMD=(timeout -k 5 "$SCRIPT_TIMEOUT
 
 passed=0
 failed=0
+skipped=0
 for f in "${SCRIPTS[@]}"; do
     name="$(basename "$f")"
     case "$f" in
@@ -115,8 +129,11 @@ for f in "${SCRIPTS[@]}"; do
     esac
     out="$(cd "$HERE" && "${TIMEOUT_CMD[@]}" "${cmd[@]}" 2>"$LOG_DIR/$name.stderr")"
     rc=$?
-    line="$(printf '%s\n' "$out" | grep -E '^(PASS|FAIL) ' | tail -n 1)"
-    if [ "$rc" = 0 ] && [ "${line#PASS }" != "$line" ]; then
+    line="$(printf '%s\n' "$out" | grep -E '^(PASS|FAIL|SKIP) ' | tail -n 1)"
+    if [ "$rc" = 0 ] && [ "${line#SKIP }" != "$line" ]; then
+        skipped=$((skipped + 1))
+        echo "$line"
+    elif [ "$rc" = 0 ] && [ "${line#PASS }" != "$line" ]; then
         passed=$((passed + 1))
         echo "$line"
     else
@@ -138,5 +155,5 @@ for f in "${SCRIPTS[@]}"; do
     fi
 done
 
-echo "interop: $passed passed, $failed failed"
+echo "interop: $passed passed, $failed failed, $skipped skipped"
 [ "$failed" = 0 ]

@@ -1,0 +1,37 @@
+//! Transports: what turns an accepted TCP connection into the plain MQTT byte stream the
+//! connection driver reads and writes.
+//!
+//! Every transport produces an `AsyncRead + AsyncWrite` stream; the codec and the core never
+//! know which one carries them. The accept loops that use these live in
+//! `broker::listener`; this module owns no tasks and reads no clock (handshake deadlines are
+//! the caller's).
+//!
+//! - [`tls`]: TLS 1.2 / 1.3 (rustls, ring provider), optional client certificates, and the
+//!   certificate-to-username rule.
+//! - [`ws`]: the WebSocket upgrade (path, `mqtt` subprotocols) and an adapter from binary
+//!   WebSocket messages to a byte stream. WSS is [`ws`] over [`tls`].
+//! - [`certs`]: the development CA and server certificate, `petrel certs`, PEM loading.
+//! - `x509`: just enough DER reading for expiry, CN and DNS SAN.
+
+pub mod certs;
+pub mod tls;
+pub mod ws;
+mod x509;
+
+use std::path::PathBuf;
+
+/// Why a transport could not be set up.
+#[derive(Debug, thiserror::Error)]
+pub enum TransportError {
+    #[error("{path}: {source}")]
+    Io {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("{path}: {message}")]
+    Pem { path: PathBuf, message: String },
+    #[error("cannot generate a certificate: {0}")]
+    Generate(String),
+    #[error("TLS configuration: {0}")]
+    Config(String),
+}

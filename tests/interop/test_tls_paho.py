@@ -1,0 +1,11 @@
+#!/usr/bin/env python3
+"""paho-mqtt over TLS (tls_set(ca_certs=MQTT_CAFILE)): QoS 0/1/2 round trip and a retained message, v3.1.1 and v5."""
+import os
+
+from interop_transports import main, round_trip, skip_unless
+
+NAME = "tls_paho"
+
+if __name__ == "__main__":
+    skip_unless(NAME, "MQTT_TLS_PORT", "MQTT_CAFILE")
+    main(NAME, lambda: round_trip("tcp", True, int(os.environ["MQTT_TLS_PORT"])))
