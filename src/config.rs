@@ -40,6 +40,7 @@ pub struct Config {
     pub mqtt: MqttSection,
     pub session: SessionSection,
     pub log: LogSection,
+    pub quic: QuicSettings,
     pub listeners: Vec<ListenerConfig>,
 }
 
@@ -50,6 +51,7 @@ impl Default for Config {
             mqtt: MqttSection::default(),
             session: SessionSection::default(),
             log: LogSection::default(),
+            quic: QuicSettings::default(),
             listeners: ListenerKind::ALL
                 .iter()
                 .map(|&kind| ListenerConfig::new(kind, kind.default_bind()))
@@ -158,7 +160,63 @@ impl Default for LogSection {
     }
 }
 
-/// The transports a listener can serve. QUIC will join this list.
+/// The transports a listener can serve.
+/// Tuning of every QUIC listener, sized for messaging over lossy links (see
+/// `transport::quic`). Defaults are documented in `petrel.example.toml`.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct QuicSettings {
+    /// Bytes one stream may have in flight towards the broker.
+    pub stream_receive_window: u64,
+    /// Bytes all streams of a connection may have in flight towards the broker.
+    pub receive_window: u64,
+    /// Bytes the broker keeps unacknowledged towards one client.
+    pub send_window: u64,
+    /// Bidirectional streams a client may have open (control plus data streams).
+    pub max_streams: u32,
+    #[serde(deserialize_with = "duration")]
+    pub initial_rtt: Duration,
+    /// QUIC PINGs from the broker, keeping NAT bindings open ("0s": none).
+    #[serde(deserialize_with = "duration")]
+    pub keep_alive_interval: Duration,
+    /// A connection with no packet from the peer for this long is gone.
+    #[serde(deserialize_with = "duration")]
+    pub idle_timeout: Duration,
+    pub congestion: Congestion,
+    pub mtu_discovery: bool,
+    /// Accept 0-RTT resumption (only replay-safe packets act before the handshake completes).
+    pub zero_rtt: bool,
+    /// Validate client addresses with a Retry round trip before any handshake work.
+    pub retry: bool,
+}
+
+impl Default for QuicSettings {
+    fn default() -> Self {
+        Self {
+            stream_receive_window: 256 * 1024,
+            receive_window: 1024 * 1024,
+            send_window: 1024 * 1024,
+            max_streams: 10,
+            initial_rtt: Duration::from_millis(333),
+            keep_alive_interval: Duration::from_secs(15),
+            idle_timeout: Duration::from_secs(60),
+            congestion: Congestion::Cubic,
+            mtu_discovery: true,
+            zero_rtt: true,
+            retry: false,
+        }
+    }
+}
+
+/// The QUIC congestion controller.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Congestion {
+    Cubic,
+    NewReno,
+    Bbr,
+}
+
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
 #[serde(rename_all = "lowercase")]
 pub enum ListenerKind {
@@ -166,11 +224,13 @@ pub enum ListenerKind {
     Tls,
     Ws,
     Wss,
+    /// MQTT over QUIC (UDP), EMQX-compatible.
+    Quic,
 }
 
 impl ListenerKind {
     /// Every kind, in the order the default configuration starts them.
-    pub const ALL: [ListenerKind; 4] = [Self::Tcp, Self::Tls, Self::Ws, Self::Wss];
+    pub const ALL: [ListenerKind; 5] = [Self::Tcp, Self::Tls, Self::Ws, Self::Wss, Self::Quic];
 
     pub fn as_str(self) -> &'static str {
         match self {
@@ -178,6 +238,7 @@ impl ListenerKind {
             Self::Tls => "tls",
             Self::Ws => "ws",
             Self::Wss => "wss",
+            Self::Quic => "quic",
         }
     }
 
@@ -188,13 +249,14 @@ impl ListenerKind {
             Self::Tls => 8883,
             Self::Ws => 8083,
             Self::Wss => 8084,
+            Self::Quic => 14567,
         };
         SocketAddr::from(([0, 0, 0, 0], port))
     }
 
-    /// Whether the transport runs over TLS (and so reads the TLS keys).
+    /// Whether the transport runs over TLS (and so reads `cert` and `key`).
     pub fn uses_tls(self) -> bool {
-        matches!(self, Self::Tls | Self::Wss)
+        matches!(self, Self::Tls | Self::Wss | Self::Quic)
     }
 
     /// Whether the transport frames MQTT in WebSocket messages (and so reads `path`).
@@ -325,6 +387,17 @@ impl TryFrom<ListenerFile> for ListenerConfig {
         }
         if kind == ListenerKind::Tcp && file.handshake_timeout.is_some() {
             return Err("`handshake_timeout` does not apply to kind = \"tcp\"".into());
+        }
+        if kind == ListenerKind::Quic {
+            let mtls = [
+                ("verify", file.verify.is_some()),
+                ("client_ca", file.client_ca.is_some()),
+            ];
+            if let Some((key, _)) = mtls.iter().chain(&tls_keys[4..]).find(|(_, set)| *set) {
+                return Err(format!(
+                    "`{key}` (client certificates) is not supported on kind = \"quic\" yet"
+                ));
+            }
         }
         if file.cert.is_some() != file.key.is_some() {
             return Err("`cert` and `key` must be given together".into());
@@ -458,6 +531,22 @@ impl Config {
         if self.listeners.is_empty() {
             return invalid("listeners", "at least one listener is needed");
         }
+        let q = &self.quic;
+        if q.max_streams == 0 {
+            return invalid(
+                "quic.max_streams",
+                "must be at least 1 (the control stream)",
+            );
+        }
+        if q.stream_receive_window < 1024 || q.receive_window < q.stream_receive_window {
+            return invalid(
+                "quic.receive_window",
+                "windows must be at least 1 KiB, and the connection's at least a stream's",
+            );
+        }
+        if q.idle_timeout.is_zero() || q.idle_timeout > Duration::from_secs(600) {
+            return invalid("quic.idle_timeout", "must be between 1 ms and 10 minutes");
+        }
         Ok(())
     }
 
@@ -517,6 +606,7 @@ impl Config {
             limits: Arc::new(limits),
             max_queued: self.session.max_queued,
             close_linger: self.broker.close_linger,
+            quic: Arc::new(self.quic.clone()),
         }
     }
 }
@@ -718,7 +808,8 @@ kind = "tls"
             ("kind = \"tls\"\ncert = \"a\"", "key"),
             ("kind = \"ws\"\npath = \"mqtt\"", "path"),
             ("kind = \"tls\"\nverfy = \"none\"", "verfy"),
-            ("kind = \"quic\"", "kind"),
+            ("kind = \"quic\"\nverify = \"optional\"", "verify"),
+            ("kind = \"quic\"\npath = \"/mqtt\"", "path"),
         ] {
             let err = load(&format!("[[listeners]]\n{text}\n"), &[], &[])
                 .unwrap_err()

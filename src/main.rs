@@ -15,7 +15,7 @@ use tracing_subscriber::EnvFilter;
 /// With no arguments it serves MQTT over TCP (0.0.0.0:1883), TLS (8883), WebSocket (8083,
 /// path /mqtt) and WebSocket over TLS (8084), with a development certificate made under
 /// <data_dir>/certs/, and the defaults documented in petrel.example.toml. Naming any listener
-/// on the command line (--tcp, --tls, --ws, --wss) starts only the listeners named there. Environment variables PETREL_SECTION__KEY=value override the file;
+/// on the command line (--tcp, --tls, --ws, --wss, --quic) starts only the listeners named there. Environment variables PETREL_SECTION__KEY=value override the file;
 /// --set section.key=value overrides both.
 #[derive(Debug, Parser)]
 #[command(version, args_conflicts_with_subcommands = true)]
@@ -46,6 +46,9 @@ struct ServeArgs {
     /// Serve MQTT over WebSocket with TLS on ADDR (repeatable), e.g. 127.0.0.1:8084.
     #[arg(long, value_name = "ADDR")]
     wss: Vec<SocketAddr>,
+    /// Serve MQTT over QUIC (UDP, ALPN mqtt) on ADDR (repeatable), e.g. 127.0.0.1:14567.
+    #[arg(long, value_name = "ADDR")]
+    quic: Vec<SocketAddr>,
     /// Override one setting, e.g. --set mqtt.max_packet_size=65536 (repeatable).
     #[arg(long, value_name = "KEY=VALUE")]
     set: Vec<String>,
@@ -119,6 +122,7 @@ fn run(args: ServeArgs) -> ExitCode {
         (ListenerKind::Tls, &args.tls),
         (ListenerKind::Ws, &args.ws),
         (ListenerKind::Wss, &args.wss),
+        (ListenerKind::Quic, &args.quic),
     ];
     config.replace_listeners(
         named

@@ -35,6 +35,9 @@ pub async fn spawn(
     shutdown: &CancellationToken,
 ) -> anyhow::Result<SocketAddr> {
     let kind = config.kind;
+    if kind == ListenerKind::Quic {
+        return spawn_quic(broker, config, tracker, shutdown);
+    }
     let ws = || WsAcceptor::new(&config.path, broker.limits().max_packet_size);
     let tls = || {
         TlsAcceptor::new(&config.tls)
@@ -45,6 +48,7 @@ pub async fn spawn(
         ListenerKind::Tls => Handshake::Tls(tls()?),
         ListenerKind::Ws => Handshake::Ws(ws()),
         ListenerKind::Wss => Handshake::Wss(tls()?, ws()),
+        ListenerKind::Quic => unreachable!("QUIC returned above"),
     };
     let listener = TcpListener::bind(config.bind)
         .await
@@ -65,6 +69,37 @@ pub async fn spawn(
         shutdown: shutdown.clone(),
     };
     tracker.spawn(accept.run(listener));
+    Ok(addr)
+}
+
+/// Binds a UDP endpoint for MQTT over QUIC and spawns its accept loop.
+fn spawn_quic(
+    broker: &Arc<Broker>,
+    config: &ListenerConfig,
+    tracker: &TaskTracker,
+    shutdown: &CancellationToken,
+) -> anyhow::Result<SocketAddr> {
+    let (Some(cert), Some(key)) = (&config.tls.cert, &config.tls.key) else {
+        anyhow::bail!(
+            "the quic listener on {} needs `cert` and `key`",
+            config.bind
+        );
+    };
+    let settings = &broker.settings().quic;
+    let server = crate::transport::quic::server_config(cert, key, settings)
+        .with_context(|| format!("cannot set up the quic listener on {}", config.bind))?;
+    let endpoint = quinn::Endpoint::server(server, config.bind)
+        .with_context(|| format!("cannot bind the quic listener to udp {}", config.bind))?;
+    let addr = endpoint.local_addr()?;
+    tracing::info!(kind = "quic", %addr, alpn = "mqtt", "listening for MQTT");
+    tracker.spawn(super::quic::accept(
+        endpoint,
+        Arc::clone(broker),
+        settings.retry,
+        config.handshake_timeout,
+        tracker.clone(),
+        shutdown.clone(),
+    ));
     Ok(addr)
 }
 

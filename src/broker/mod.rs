@@ -11,6 +11,7 @@
 //! - `link`: a channel's ties to the broker, shared by every transport's driver.
 //! - `connection`: the driver loop for byte-stream transports.
 //! - `listener`: accept loops.
+//! - `quic`: the MQTT-over-QUIC driver (control and data streams).
 //! - `clock`: the one place that reads the time.
 
 pub mod clock;
@@ -18,6 +19,7 @@ pub mod connection;
 pub mod link;
 pub mod listener;
 pub mod mailbox;
+pub mod quic;
 
 use std::collections::HashMap;
 use std::net::SocketAddr;
@@ -111,6 +113,7 @@ pub struct Settings {
     pub max_queued: usize,
     /// How long a closing connection may take to flush before it is dropped.
     pub close_linger: Duration,
+    pub quic: Arc<crate::config::QuicSettings>,
 }
 
 pub struct Broker {

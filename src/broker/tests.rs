@@ -17,6 +17,7 @@ fn broker() -> Broker {
         limits: Arc::new(Limits::default()),
         max_queued: 10,
         close_linger: Duration::from_millis(100),
+        quic: Default::default(),
     })
 }
 

@@ -10,10 +10,13 @@
 //!   certificate-to-username rule.
 //! - [`ws`]: the WebSocket upgrade (path, `mqtt` subprotocols) and an adapter from binary
 //!   WebSocket messages to a byte stream. WSS is [`ws`] over [`tls`].
+//! - [`quic`]: the QUIC endpoint configuration (ALPN `mqtt`, TLS 1.3, windows sized for
+//!   messaging, congestion control); the driver is `broker::quic`.
 //! - [`certs`]: the development CA and server certificate, `petrel certs`, PEM loading.
 //! - `x509`: just enough DER reading for expiry, CN and DNS SAN.
 
 pub mod certs;
+pub mod quic;
 pub mod tls;
 pub mod ws;
 mod x509;

@@ -116,6 +116,7 @@ fn endpoint(
             port,
             rumqttc::Transport::Wss(tls()),
         ),
+        ListenerKind::Quic => panic!("rumqttc does not speak MQTT over QUIC; see the quic module"),
     }
 }
 

@@ -1,0 +1,78 @@
+//! MQTT over QUIC: the endpoint configuration (EMQX-compatible: ALPN `mqtt`, TLS 1.3 only)
+//! tuned for messaging over lossy links.
+//!
+//! quinn's defaults suit bulk transfer: 1.25 MB stream windows let a per-topic stream buffer
+//! seconds of data under loss. Petrel sizes windows for messages (256 KiB per stream, 1 MiB
+//! per connection, see `QuicSettings`), grants a small number of bidirectional streams (the
+//! control stream plus data streams) and no unidirectional ones, and lets the operator pick
+//! the congestion controller. This module builds configuration only; the connection driver is
+//! `broker::quic`.
+
+use std::path::Path;
+use std::sync::Arc;
+
+use quinn::congestion::{BbrConfig, CubicConfig, NewRenoConfig};
+use quinn::{IdleTimeout, MtuDiscoveryConfig, ServerConfig, TransportConfig, VarInt};
+
+use super::{certs, tls, TransportError};
+use crate::config::{Congestion, QuicSettings};
+
+/// The ALPN protocol id EMQX and its clients use for MQTT over QUIC.
+pub const ALPN: &[u8] = b"mqtt";
+
+/// Builds the quinn server configuration from a certificate chain, its key and the tuning.
+pub fn server_config(
+    cert: &Path,
+    key: &Path,
+    settings: &QuicSettings,
+) -> Result<ServerConfig, TransportError> {
+    let chain = certs::load_certs(cert)?;
+    let key = certs::load_key(key)?;
+    let mut crypto = rustls::ServerConfig::builder_with_provider(tls::provider())
+        .with_protocol_versions(&[&rustls::version::TLS13])
+        .map_err(|e| TransportError::Config(e.to_string()))?
+        .with_no_client_auth()
+        .with_single_cert(chain, key)
+        .map_err(|e| TransportError::Config(e.to_string()))?;
+    crypto.alpn_protocols = vec![ALPN.to_vec()];
+    // 0-RTT: rustls requires exactly u32::MAX for QUIC; what early data may do is decided by
+    // the connection driver (nothing that is not replay-safe takes effect before the
+    // handshake completes).
+    crypto.max_early_data_size = if settings.zero_rtt { u32::MAX } else { 0 };
+    let crypto = quinn::crypto::rustls::QuicServerConfig::try_from(crypto)
+        .map_err(|e| TransportError::Config(format!("QUIC needs a TLS 1.3 cipher suite: {e}")))?;
+    let mut config = ServerConfig::with_crypto(Arc::new(crypto));
+    config.transport_config(Arc::new(transport_config(settings)?));
+    config.migration(true);
+    Ok(config)
+}
+
+/// Transport parameters shared by the server and Petrel's own QUIC clients.
+pub fn transport_config(settings: &QuicSettings) -> Result<TransportConfig, TransportError> {
+    let var = |n: u64, what: &str| {
+        VarInt::from_u64(n).map_err(|_| TransportError::Config(format!("quic.{what} is too large")))
+    };
+    let mut t = TransportConfig::default();
+    t.stream_receive_window(var(
+        settings.stream_receive_window,
+        "stream_receive_window",
+    )?);
+    t.receive_window(var(settings.receive_window, "receive_window")?);
+    t.send_window(settings.send_window);
+    t.max_concurrent_bidi_streams(var(u64::from(settings.max_streams), "max_streams")?);
+    t.max_concurrent_uni_streams(VarInt::from_u32(0));
+    t.initial_rtt(settings.initial_rtt);
+    t.keep_alive_interval(Some(settings.keep_alive_interval).filter(|d| !d.is_zero()));
+    let idle = IdleTimeout::try_from(settings.idle_timeout)
+        .map_err(|_| TransportError::Config("quic.idle_timeout is too large".into()))?;
+    t.max_idle_timeout(Some(idle));
+    t.mtu_discovery_config(settings.mtu_discovery.then(MtuDiscoveryConfig::default));
+    match settings.congestion {
+        Congestion::Cubic => t.congestion_controller_factory(Arc::new(CubicConfig::default())),
+        Congestion::NewReno => t.congestion_controller_factory(Arc::new(NewRenoConfig::default())),
+        Congestion::Bbr => t.congestion_controller_factory(Arc::new(BbrConfig::default())),
+    };
+    // MQTT does not use QUIC datagrams.
+    t.datagram_receive_buffer_size(None);
+    Ok(t)
+}
