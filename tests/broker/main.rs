@@ -8,6 +8,7 @@ mod common;
 mod bad;
 mod conn;
 mod pubsub;
+mod quic;
 mod retain;
 mod session;
 mod transports;
