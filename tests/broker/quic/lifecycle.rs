@@ -313,3 +313,25 @@ async fn quic_persistent_session_resumes_after_abrupt_close() {
 async fn quic_persistent_session_data_stream_subscription_resumes_on_control() {
     persistent_session(true).await;
 }
+
+#[tokio::test]
+async fn quic_retry_address_validation_still_connects() {
+    // With `quic.retry`, every new client is first sent a Retry and must come back with the
+    // token before any handshake work; a broken validation path would never connect.
+    let broker = broker_with(|c| c.quic.retry = true).await;
+    let topic = unique("quic-retry");
+    let mut client = QuicClient::v5(&broker, &unique("quic-retry")).await;
+    client.control.subscribe(1, &topic, QoS::AtLeastOnce).await;
+    client
+        .control
+        .publish_acked(publish_struct(
+            &topic,
+            QoS::AtLeastOnce,
+            Some(2),
+            b"validated",
+        ))
+        .await;
+    let delivered = client.control.expect_publish().await;
+    assert_eq!(&delivered.payload[..], b"validated");
+    broker.shutdown().await;
+}
