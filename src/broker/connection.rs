@@ -105,6 +105,7 @@ impl Connection {
             if self.link.closed {
                 break;
             }
+            let paused = self.link.is_paused(clock::now());
             let link = &mut self.link;
             let deadline = link.channel.poll_timeout();
             let deliverable = link.deliverable();
@@ -128,10 +129,11 @@ impl Connection {
                         }
                     }
                 }
-                read = reader.read_buf(&mut self.rbuf) => match read {
+                read = reader.read_buf(&mut self.rbuf), if !paused => match read {
                     Ok(0) | Err(_) => link.channel.handle_transport_closed(),
                     Ok(_) => {}
                 },
+                _ = super::link::relief(&link.pressure, link.pause_deadline), if paused => {}
                 _ = async { deliverable.as_deref().expect("guarded").notified().await }, if deliverable.is_some() => {}
                 _ = async { clock::sleep_until(deadline.expect("guarded")).await }, if deadline.is_some() => {
                     link.channel.handle_timeout(clock::now());
@@ -154,7 +156,7 @@ impl Connection {
     /// Decodes and handles every complete packet in the read buffer, carrying out the
     /// channel's actions after each (a CONNECT must be answered before what follows it).
     async fn decode_buffered(&mut self) {
-        while !self.link.channel.is_closed() {
+        while !self.link.channel.is_closed() && !self.link.is_paused(clock::now()) {
             match self.codec.decode(&mut self.rbuf) {
                 Ok(Some(packet)) => {
                     tracing::trace!(?packet, "received");

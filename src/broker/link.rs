@@ -5,6 +5,7 @@
 
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
+use std::time::{Duration, Instant};
 
 use tokio::sync::{mpsc, oneshot};
 
@@ -13,6 +14,10 @@ use super::{clock, Broker, Control};
 use crate::codec::ReasonCode;
 use crate::core::channel::{Action, Channel};
 use crate::core::message::Flow;
+
+/// The longest a publisher waits for one overfilled subscriber before going on (after which
+/// that subscriber's mailbox drops what exceeds its hard bound).
+const MAX_PAUSE: Duration = Duration::from_secs(1);
 
 pub struct Link {
     pub broker: Arc<Broker>,
@@ -25,6 +30,10 @@ pub struct Link {
     pub closed: bool,
     /// Why it closed, for transports that can say so (QUIC's application error code).
     pub close_reason: Option<ReasonCode>,
+    /// Subscribers' mailboxes this connection's publishes overfilled: input waits for them.
+    pub pressure: Vec<Arc<Mailbox>>,
+    /// When the current wait on `pressure` must end.
+    pub pause_deadline: Option<Instant>,
     conn_id: u64,
     control_tx: mpsc::Sender<Control>,
     takeover_acks: Vec<oneshot::Sender<()>>,
@@ -42,6 +51,8 @@ impl Link {
             closed_flows: Vec::new(),
             closed: false,
             close_reason: None,
+            pressure: Vec::new(),
+            pause_deadline: None,
             control_tx,
             takeover_acks: Vec::new(),
         }
@@ -87,7 +98,11 @@ impl Link {
                         Err(code) => self.channel.reject(code),
                     }
                 }
-                Action::Route(message) => self.broker.publish(message, now),
+                Action::Route(message) => {
+                    let before = self.pressure.len();
+                    self.broker.route(message, now, &mut self.pressure);
+                    self.keep_new_pressure(before, now);
+                }
                 Action::Subscribe {
                     subscription,
                     send_retained,
@@ -127,6 +142,61 @@ impl Link {
         }
     }
 
+    /// Keeps the mailboxes `route` just reported once each, never our own (a client that
+    /// subscribes to its own publishes must still read the acks that drain it).
+    fn keep_new_pressure(&mut self, before: usize, now: Instant) {
+        let own = self.mailbox.as_ref().map(Arc::as_ptr);
+        let mut i = before;
+        while i < self.pressure.len() {
+            let ptr = Arc::as_ptr(&self.pressure[i]);
+            if Some(ptr) == own || self.pressure[..i].iter().any(|m| Arc::as_ptr(m) == ptr) {
+                self.pressure.swap_remove(i);
+            } else {
+                i += 1;
+            }
+        }
+        if !self.pressure.is_empty() && self.pause_deadline.is_none() {
+            self.pause_deadline = Some(now + MAX_PAUSE);
+            self.broker
+                .metrics
+                .publisher_pauses
+                .fetch_add(1, Ordering::Relaxed);
+        }
+    }
+
+    /// Whether input must wait for subscribers to catch up (see `mailbox`). A wait that ran
+    /// out marks the mailboxes still full as stalled, and input goes on.
+    pub fn is_paused(&mut self, now: Instant) -> bool {
+        self.pressure.retain(|m| !m.is_relieved());
+        if self.pause_deadline.is_some_and(|deadline| now >= deadline) {
+            for mailbox in self.pressure.drain(..) {
+                mailbox.mark_stalled();
+            }
+        }
+        if self.pressure.is_empty() {
+            self.pause_deadline = None;
+            return false;
+        }
+        true
+    }
+}
+
+/// Resolves when every mailbox in `pressure` has drained, or at `deadline` (a free function
+/// over the two fields, so a driver's `select!` can borrow the rest of its `Link` meanwhile).
+pub async fn relief(pressure: &[Arc<Mailbox>], deadline: Option<Instant>) {
+    let Some(deadline) = deadline else { return };
+    let drained = async {
+        for mailbox in pressure {
+            mailbox.relieved().await;
+        }
+    };
+    tokio::select! {
+        _ = drained => {}
+        _ = clock::sleep_until(deadline) => {}
+    }
+}
+
+impl Link {
     /// Moves deliveries from the mailbox into the channel while `room()` and the channel's
     /// window allow.
     pub fn pump_deliveries(&mut self, room: impl Fn() -> bool) {

@@ -2,8 +2,17 @@
 //! connection currently serves the session (consumer).
 //!
 //! The mailbox outlives connections: while a persistent session is offline, deliveries queue
-//! here and are drained on reconnect. When it is full the new delivery is dropped and counted
-//! (as Mosquitto and EMQX do with their message queues); the router never waits.
+//! here and are drained on reconnect. The router never waits on it:
+//! - QoS 0 deliveries beyond `capacity` (`session.max_queued`) are dropped and counted, as
+//!   Mosquitto and EMQX do.
+//! - QoS 1/2 deliveries are still queued beyond `capacity`, up to a hard bound of
+//!   `HARD_FACTOR` x `capacity`, and the push reports **pressure**: the publishing connection
+//!   then stops reading until this mailbox has drained below half its capacity (or a bounded
+//!   wait ran out, after which the mailbox counts as stalled and stops pushing back until it
+//!   drains). A saturating publisher is thus slowed to its subscribers' pace instead of
+//!   losing messages, while a subscriber that never reads costs a publisher at most one
+//!   bounded wait. Beyond the hard bound QoS 1/2 deliveries are dropped and counted too, so
+//!   memory stays bounded whatever clients do.
 
 use std::collections::VecDeque;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
@@ -11,14 +20,32 @@ use std::sync::Mutex;
 
 use tokio::sync::Notify;
 
+use crate::codec::QoS;
 use crate::core::message::Delivery;
+
+/// QoS 1/2 deliveries may queue up to this many times the capacity before being dropped.
+const HARD_FACTOR: usize = 4;
+
+/// What became of a pushed delivery.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Pushed {
+    Queued,
+    /// Queued, but the mailbox is over capacity: the publisher should pause.
+    Pressured,
+    Dropped,
+}
 
 #[derive(Debug)]
 pub struct Mailbox {
     queue: Mutex<VecDeque<Delivery>>,
     capacity: usize,
+    /// A delivery was pushed (wakes the serving connection).
     notify: Notify,
+    /// The queue fell to half its capacity (wakes paused publishers).
+    drained: Notify,
     online: AtomicBool,
+    /// A publisher waited on this mailbox in vain; it stops pushing back until it drains.
+    stalled: AtomicBool,
     dropped: AtomicU64,
 }
 
@@ -26,41 +53,89 @@ impl Mailbox {
     pub fn new(capacity: usize) -> Self {
         Self {
             queue: Mutex::new(VecDeque::new()),
-            capacity,
+            capacity: capacity.max(1),
             notify: Notify::new(),
+            drained: Notify::new(),
             online: AtomicBool::new(true),
+            stalled: AtomicBool::new(false),
             dropped: AtomicU64::new(0),
         }
     }
 
-    /// Queue a delivery; `false` if the mailbox was full and the delivery was dropped.
-    pub fn push(&self, delivery: Delivery) -> bool {
-        {
-            let mut queue = self.queue.lock().expect("mailbox lock is never poisoned");
-            if queue.len() >= self.capacity {
-                drop(queue);
-                self.dropped.fetch_add(1, Ordering::Relaxed);
-                return false;
+    /// Queues a delivery under the policy in the module docs.
+    pub fn push(&self, delivery: Delivery) -> Pushed {
+        let pushed = {
+            let mut queue = self.lock();
+            let len = queue.len();
+            let limit = match delivery.qos {
+                QoS::AtMostOnce => self.capacity,
+                _ => self.capacity * HARD_FACTOR,
+            };
+            if len >= limit {
+                None
+            } else {
+                queue.push_back(delivery);
+                Some(len + 1)
             }
-            queue.push_back(delivery);
+        };
+        match pushed {
+            None => {
+                self.dropped.fetch_add(1, Ordering::Relaxed);
+                Pushed::Dropped
+            }
+            Some(len) => {
+                self.notify.notify_one();
+                if len > self.capacity && !self.stalled.load(Ordering::Relaxed) {
+                    Pushed::Pressured
+                } else {
+                    Pushed::Queued
+                }
+            }
         }
-        self.notify.notify_one();
-        true
     }
 
-    /// Take the oldest queued delivery.
+    /// Takes the oldest queued delivery.
     pub fn pop(&self) -> Option<Delivery> {
-        self.queue
-            .lock()
-            .expect("mailbox lock is never poisoned")
-            .pop_front()
+        let (delivery, len) = {
+            let mut queue = self.lock();
+            let delivery = queue.pop_front();
+            (delivery, queue.len())
+        };
+        if delivery.is_some() && len == self.low_water() {
+            self.stalled.store(false, Ordering::Relaxed);
+            self.drained.notify_waiters();
+        }
+        delivery
+    }
+
+    fn low_water(&self) -> usize {
+        self.capacity / 2
+    }
+
+    /// Whether a paused publisher may go on.
+    pub fn is_relieved(&self) -> bool {
+        self.stalled.load(Ordering::Relaxed) || self.len() <= self.low_water()
+    }
+
+    /// Resolves once the queue has drained to half its capacity (at once if it has).
+    pub async fn relieved(&self) {
+        let drained = self.drained.notified();
+        tokio::pin!(drained);
+        // Registered before the check, so a drain in between is not missed.
+        drained.as_mut().enable();
+        if self.is_relieved() {
+            return;
+        }
+        drained.await;
+    }
+
+    /// A publisher gave up waiting: stop pushing back until the queue drains.
+    pub fn mark_stalled(&self) {
+        self.stalled.store(true, Ordering::Relaxed);
     }
 
     pub fn len(&self) -> usize {
-        self.queue
-            .lock()
-            .expect("mailbox lock is never poisoned")
-            .len()
+        self.lock().len()
     }
 
     pub fn is_empty(&self) -> bool {
@@ -83,5 +158,104 @@ impl Mailbox {
 
     pub fn dropped(&self) -> u64 {
         self.dropped.load(Ordering::Relaxed)
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, VecDeque<Delivery>> {
+        self.queue.lock().expect("mailbox lock is never poisoned")
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::sync::Arc;
+    use std::time::Instant;
+
+    use bytes::Bytes;
+
+    use super::*;
+    use crate::codec::Publish;
+    use crate::core::message::{Flow, Message};
+
+    fn delivery(qos: QoS) -> Delivery {
+        let publish = Publish {
+            dup: false,
+            qos,
+            retain: false,
+            topic: "t".into(),
+            packet_id: None,
+            properties: Default::default(),
+            payload: Bytes::from_static(b"x"),
+        };
+        let message = Arc::new(Message::from_publish(publish, None, Instant::now()));
+        Delivery {
+            message,
+            qos,
+            retain: false,
+            subscription_ids: Vec::new(),
+            flow: Flow::CONTROL,
+        }
+    }
+
+    #[test]
+    fn qos0_is_dropped_at_capacity_and_qos1_pushes_back_until_the_hard_bound() {
+        let m = Mailbox::new(4);
+        for _ in 0..4 {
+            assert_eq!(m.push(delivery(QoS::AtLeastOnce)), Pushed::Queued);
+        }
+        assert_eq!(m.push(delivery(QoS::AtMostOnce)), Pushed::Dropped);
+        for _ in 4..16 {
+            assert_eq!(m.push(delivery(QoS::AtLeastOnce)), Pushed::Pressured);
+        }
+        assert_eq!(
+            m.push(delivery(QoS::ExactlyOnce)),
+            Pushed::Dropped,
+            "hard bound"
+        );
+        assert_eq!((m.len(), m.dropped()), (16, 2));
+        assert!(!m.is_relieved());
+        while m.len() > 2 {
+            m.pop();
+        }
+        assert!(m.is_relieved(), "relieved at half the capacity");
+    }
+
+    #[test]
+    fn a_stalled_mailbox_stops_pushing_back_until_it_drains() {
+        let m = Mailbox::new(2);
+        m.push(delivery(QoS::AtLeastOnce));
+        m.push(delivery(QoS::AtLeastOnce));
+        assert_eq!(m.push(delivery(QoS::AtLeastOnce)), Pushed::Pressured);
+        m.mark_stalled();
+        assert!(m.is_relieved());
+        assert_eq!(m.push(delivery(QoS::AtLeastOnce)), Pushed::Queued);
+        while m.pop().is_some() {}
+        assert_eq!(m.push(delivery(QoS::AtLeastOnce)), Pushed::Queued);
+        m.push(delivery(QoS::AtLeastOnce));
+        assert_eq!(
+            m.push(delivery(QoS::AtLeastOnce)),
+            Pushed::Pressured,
+            "pushes back again"
+        );
+    }
+
+    #[tokio::test]
+    async fn relieved_wakes_when_the_queue_drains_to_half() {
+        let m = Arc::new(Mailbox::new(4));
+        for _ in 0..8 {
+            m.push(delivery(QoS::AtLeastOnce));
+        }
+        let waiter = tokio::spawn({
+            let m = Arc::clone(&m);
+            async move { m.relieved().await }
+        });
+        tokio::task::yield_now().await;
+        assert!(!waiter.is_finished());
+        for _ in 0..6 {
+            m.pop();
+        }
+        tokio::time::timeout(std::time::Duration::from_secs(2), waiter)
+            .await
+            .expect("the waiter wakes")
+            .unwrap();
     }
 }

@@ -42,7 +42,7 @@ use crate::core::timers::TimerTable;
 use crate::core::topic::TopicFilter;
 use crate::transport::certs::DevCerts;
 use anyhow::Context as _;
-use mailbox::Mailbox;
+use mailbox::{Mailbox, Pushed};
 
 /// Messages to a connection task from elsewhere in the broker.
 #[derive(Debug)]
@@ -103,6 +103,8 @@ pub struct Metrics {
     /// Deliveries dropped: mailbox full, expired, or too large for the client.
     pub messages_dropped: AtomicU64,
     pub sessions_expired: AtomicU64,
+    /// Times a publishing connection paused because a subscriber's queue was over capacity.
+    pub publisher_pauses: AtomicU64,
 }
 
 /// Broker settings outside the protocol limits.
@@ -427,7 +429,7 @@ impl Broker {
                 subscription_ids: subscription.id.into_iter().collect(),
                 flow: subscription.flow,
             };
-            if !mailbox.push(delivery) {
+            if mailbox.push(delivery) == Pushed::Dropped {
                 self.metrics
                     .messages_dropped
                     .fetch_add(1, Ordering::Relaxed);
@@ -442,10 +444,15 @@ impl Broker {
             .remove(filter, &(Arc::clone(client_id), flow));
     }
 
+    /// Routes a message the broker itself publishes (a will), with no one to push back on.
+    pub fn publish(&self, message: Arc<Message>, now: Instant) {
+        self.route(message, now, &mut Vec::new());
+    }
+
     /// Routes a message to every matching subscription: one delivery per session and flow,
     /// with the highest granted QoS and every matching subscription identifier
-    /// [MQTT-3.3.4-2, -3].
-    pub fn publish(&self, message: Arc<Message>, now: Instant) {
+    /// [MQTT-3.3.4-2, -3]. Mailboxes that push back (see `mailbox`) are added to `pressured`.
+    pub fn route(&self, message: Arc<Message>, now: Instant, pressured: &mut Vec<Arc<Mailbox>>) {
         self.metrics
             .messages_received
             .fetch_add(1, Ordering::Relaxed);
@@ -456,7 +463,9 @@ impl Broker {
             return;
         }
         let mut targets: Vec<(Arc<Mailbox>, Delivery)> = Vec::new();
-        let mut index: HashMap<(*const Mailbox, Flow), usize> = HashMap::new();
+        // Overlapping subscriptions of one session are found by a scan while there are few
+        // targets, by an index once there are many (fan-out).
+        let mut index: Option<HashMap<(*const Mailbox, Flow), usize>> = None;
         {
             let router = self.router.read().expect("router lock is never poisoned");
             router.for_each_match(
@@ -471,15 +480,31 @@ impl Broker {
                     // [MQTT-3.3.1-12, -13] Retain As Published.
                     let retain = route.options.retain_as_published && message.retain;
                     let key = (Arc::as_ptr(&route.mailbox), *flow);
-                    match index.get(&key) {
-                        Some(&i) => {
+                    let found = match &index {
+                        Some(index) => index.get(&key).copied(),
+                        None => targets
+                            .iter()
+                            .position(|(m, d)| Arc::as_ptr(m) == key.0 && d.flow == key.1),
+                    };
+                    match found {
+                        Some(i) => {
                             let delivery = &mut targets[i].1;
                             delivery.qos = delivery.qos.max(qos);
                             delivery.retain |= retain;
                             delivery.subscription_ids.extend(route.id);
                         }
                         None => {
-                            index.insert(key, targets.len());
+                            if let Some(index) = &mut index {
+                                index.insert(key, targets.len());
+                            } else if targets.len() >= 16 {
+                                let mut built: HashMap<_, _> = targets
+                                    .iter()
+                                    .enumerate()
+                                    .map(|(i, (m, d))| ((Arc::as_ptr(m), d.flow), i))
+                                    .collect();
+                                built.insert(key, targets.len());
+                                index = Some(built);
+                            }
                             let delivery = Delivery {
                                 message: Arc::clone(&message),
                                 qos,
@@ -494,10 +519,14 @@ impl Broker {
             );
         }
         for (mailbox, delivery) in targets {
-            if !mailbox.push(delivery) {
-                self.metrics
-                    .messages_dropped
-                    .fetch_add(1, Ordering::Relaxed);
+            match mailbox.push(delivery) {
+                Pushed::Queued => {}
+                Pushed::Pressured => pressured.push(mailbox),
+                Pushed::Dropped => {
+                    self.metrics
+                        .messages_dropped
+                        .fetch_add(1, Ordering::Relaxed);
+                }
             }
         }
     }

@@ -207,6 +207,7 @@ impl QuicConnection {
                 .pump_deliveries(|| backlog(writers) < BACKLOG_HIGH_WATER);
             self.flush();
 
+            let paused = self.link.is_paused(clock::now());
             let link = &mut self.link;
             let deadline = link.channel.poll_timeout();
             let deliverable = link.deliverable();
@@ -231,7 +232,8 @@ impl QuicConnection {
                         self.link.carry_out_actions().await;
                     }
                 }
-                event = events.recv() => match event {
+                _ = super::link::relief(&link.pressure, link.pause_deadline), if paused => {}
+                event = events.recv(), if !paused => match event {
                     Some(event) => self.handle_event(event, handshake_done),
                     None => self.link.channel.handle_transport_closed(),
                 },

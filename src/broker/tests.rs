@@ -208,13 +208,20 @@ async fn full_mailbox_drops_and_counts_without_affecting_others() {
     let t0 = Instant::now();
     let (_, slow) = online(&b, t0, &Arc::from("slow"), 1, "t").await;
     let (_, other) = online(&b, t0, &Arc::from("other"), 2, "t").await;
-    for _ in 0..15 {
-        b.publish(Arc::new(message("t", t0)), t0);
+    // QoS 1: queued past max_queued (10) with pressure on the publisher, up to 4 x 10.
+    let mut pressured = Vec::new();
+    for _ in 0..45 {
+        b.route(Arc::new(message("t", t0)), t0, &mut pressured);
         other.pop();
     }
-    assert_eq!(slow.len(), 10, "bounded by max_queued");
+    assert_eq!(slow.len(), 40, "bounded by the hard limit");
     assert_eq!(b.metrics.messages_dropped.load(Ordering::Relaxed), 5);
     assert_eq!(other.dropped(), 0);
+    assert!(!pressured.is_empty());
+    assert!(
+        pressured.iter().all(|m| Arc::ptr_eq(m, &slow)),
+        "only the slow one pushes back"
+    );
 }
 
 #[tokio::test]
