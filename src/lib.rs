@@ -9,11 +9,14 @@
 //! - [`transport`]: what turns an accepted socket into an MQTT byte stream: TLS (rustls,
 //!   optional mTLS), WebSocket, and the development certificates. No tasks, no clock.
 //! - [`config`]: the TOML file model, overrides, and validated runtime settings.
+//! - [`client`]: the async MQTT client library (every transport by URL, QUIC stream policy,
+//!   reconnect and session resume); its protocol state is sans-IO like `core`.
 //!
 //! Dependency direction: `codec <- core <- broker -> transport`; `config` builds `broker`
 //! settings.
 
 pub mod broker;
+pub mod client;
 pub mod codec;
 pub mod config;
 pub mod core;
