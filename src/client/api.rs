@@ -354,6 +354,14 @@ impl Client {
         rx.await.unwrap_or(Ok(()))
     }
 
+    /// Ends the client without DISCONNECT, as a crash or a dead link would: the server
+    /// publishes the will. For tests and for applications that must simulate failure.
+    pub async fn abort(&self) -> Result<(), ClientError> {
+        let (done, rx) = oneshot::channel();
+        self.command(Command::Abort(done)).await?;
+        rx.await.unwrap_or(Ok(()))
+    }
+
     pub fn stats(&self) -> StatsSnapshot {
         self.stats.snapshot()
     }

@@ -45,6 +45,7 @@ pub enum Command {
     Unsubscribe(Vec<String>, Reply<Vec<ReasonCode>>),
     Rebind(Reply<SocketAddr>),
     Disconnect(Reply<()>),
+    Abort(Reply<()>),
 }
 
 enum Waiter {
@@ -439,6 +440,12 @@ impl Driver {
                 let _ = reply.send(Ok(()));
                 return Some(Ended::Stop);
             }
+            Command::Abort(reply) => {
+                // Dropping the link closes the transport with nothing said.
+                self.link = None;
+                let _ = reply.send(Ok(()));
+                return Some(Ended::Stop);
+            }
         }
         None
     }
@@ -494,7 +501,9 @@ impl Driver {
                 permit = events.reserve_owned(), if stalled => self.deliver(permit.ok()),
                 command = self.commands.recv() => match command {
                     Some(command) => {
-                        self.command(command).await?;
+                        if self.command(command).await.is_some() {
+                            return None;
+                        }
                     }
                     None => return None,
                 },
