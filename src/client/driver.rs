@@ -549,13 +549,10 @@ impl Driver {
         if self.events.is_closed() {
             return; // nobody listens
         }
-        if self.backlog.is_empty() {
-            match self.events.try_send(event) {
-                Ok(()) => return,
-                Err(mpsc::error::TrySendError::Full(event)) => self.backlog.push_back(event),
-                Err(mpsc::error::TrySendError::Closed(_)) => {}
-            }
-        } else {
+        if !self.backlog.is_empty() {
+            return self.backlog.push_back(event);
+        }
+        if let Err(mpsc::error::TrySendError::Full(event)) = self.events.try_send(event) {
             self.backlog.push_back(event);
         }
     }

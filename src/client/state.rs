@@ -232,6 +232,10 @@ impl ClientState {
                 .and_then(QoS::from_u8)
                 .unwrap_or(QoS::ExactlyOnce),
         };
+        if let Some(seconds) = p.server_keep_alive {
+            // [MQTT-3.2.2-21]: the server's keep-alive replaces ours.
+            self.keep_alive = Duration::from_secs(u64::from(seconds));
+        }
         self.connected = true;
         self.last_sent = now;
         self.ping_sent = None;
@@ -467,15 +471,13 @@ impl ClientState {
             }
             Packet::SubAck(suback) => self.handle_suback(now, suback.packet_id, suback.reasons),
             Packet::UnsubAck(unsuback) => {
-                if let Some(Pending::Unsubscribe(request, ..)) =
+                if let Some(Pending::Unsubscribe(Some(request), ..)) =
                     self.pending.remove(&unsuback.packet_id)
                 {
-                    if let Some(request) = request {
-                        self.out.push_back(Output::Done(
-                            request,
-                            Ok(Completion::Acked(unsuback.reasons)),
-                        ));
-                    }
+                    self.out.push_back(Output::Done(
+                        request,
+                        Ok(Completion::Acked(unsuback.reasons)),
+                    ));
                 }
             }
             Packet::PingResp => {}

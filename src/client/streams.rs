@@ -126,9 +126,9 @@ impl StreamMap {
             return Route::Control;
         }
         let group = group
-            .and_then(|name| {
+            .map(|name| {
                 let configured = self.options.groups.iter().find(|g| g.name == name);
-                Some((name.to_owned(), configured.map_or(0, |g| g.priority)))
+                (name.to_owned(), configured.map_or(0, |g| g.priority))
             })
             .or_else(|| {
                 self.options

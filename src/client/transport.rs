@@ -43,6 +43,10 @@ const INBOUND_QUEUE: usize = 64;
 
 /// What the readers tell the driver.
 #[derive(Debug)]
+#[expect(
+    clippy::large_enum_variant,
+    reason = "Packet is nearly every event; boxing it would allocate per packet"
+)]
 pub enum Inbound {
     Packet(Route, Packet),
     Invalid(Route, DecodeError),
@@ -405,26 +409,24 @@ impl Link {
             encoded(connect, self.version),
             &StreamMap::new(Default::default()),
         );
-        let connack = loop {
-            match self.inbound.recv().await {
-                Some(Inbound::Packet(Route::Control, Packet::ConnAck(connack))) => break connack,
-                Some(Inbound::Packet(_, other)) => {
-                    return Err(AttemptError::Failed(format!(
-                        "packet type {} before CONNACK",
-                        other.packet_type()
-                    )))
-                }
-                Some(Inbound::Invalid(_, err)) => {
-                    return Err(AttemptError::Failed(format!("malformed CONNACK: {err}")))
-                }
-                Some(Inbound::Ended(_)) | None => {
-                    if let Some(early) = self.early.take() {
-                        if !early.await {
-                            return Err(AttemptError::ZeroRttRejected);
-                        }
+        let connack = match self.inbound.recv().await {
+            Some(Inbound::Packet(Route::Control, Packet::ConnAck(connack))) => connack,
+            Some(Inbound::Packet(_, other)) => {
+                return Err(AttemptError::Failed(format!(
+                    "packet type {} before CONNACK",
+                    other.packet_type()
+                )))
+            }
+            Some(Inbound::Invalid(_, err)) => {
+                return Err(AttemptError::Failed(format!("malformed CONNACK: {err}")))
+            }
+            Some(Inbound::Ended(_)) | None => {
+                if let Some(early) = self.early.take() {
+                    if !early.await {
+                        return Err(AttemptError::ZeroRttRejected);
                     }
-                    return Err(AttemptError::Failed("closed before CONNACK".into()));
                 }
+                return Err(AttemptError::Failed("closed before CONNACK".into()));
             }
         };
         if let Some(early) = self.early.take() {
