@@ -79,6 +79,19 @@ mod layering {
                 }
             }
         }
+        // The client's protocol state and stream policy are sans-IO too.
+        for (path, text) in sources("client") {
+            let name = path.file_name().unwrap_or_default().to_string_lossy();
+            if name != "state.rs" && name != "streams.rs" {
+                continue;
+            }
+            for word in forbidden
+                .iter()
+                .chain(&["quinn", "crate::client::transport"])
+            {
+                assert!(!text.contains(word), "{} mentions `{word}`", path.display());
+            }
+        }
         for (path, text) in sources("codec") {
             assert!(
                 !text.contains("crate::core"),

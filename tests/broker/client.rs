@@ -437,3 +437,81 @@ async fn malformed_broker_input_disconnects_and_reconnects() {
     );
     drop(server.await.unwrap());
 }
+
+// ---------------------------------------------------------------------------------------------
+// TLS trust
+
+#[tokio::test]
+async fn tls_client_certificate_passes_required_verification() {
+    use petrel::config::ClientVerify;
+    let bundle = std::env::temp_dir().join(format!(
+        "petrel-client-mtls-{}-{}",
+        std::process::id(),
+        unique("certs")
+    ));
+    petrel::transport::certs::write_bundle(&bundle, "car-1").unwrap();
+    let broker = TransportBroker::start_with(|c| {
+        for l in c
+            .listeners
+            .iter_mut()
+            .filter(|l| matches!(l.kind, ListenerKind::Tls | ListenerKind::Wss))
+        {
+            l.tls.cert = Some(bundle.join("server.pem"));
+            l.tls.key = Some(bundle.join("server.key"));
+            l.tls.verify = ClientVerify::Required;
+            l.tls.client_ca = Some(bundle.join("ca.pem"));
+        }
+    })
+    .await;
+    for kind in [ListenerKind::Tls, ListenerKind::Wss] {
+        let base = || {
+            ClientOptions::new(&url(&broker, kind))
+                .unwrap()
+                .client_id(unique("mtls"))
+                .ca_file(bundle.join("ca.pem"))
+                .connect_timeout(Duration::from_secs(3))
+                .reconnect(None)
+        };
+        let with_cert = base().client_cert(bundle.join("client.pem"), bundle.join("client.key"));
+        let (client, _e) = connect(with_cert).await;
+        client.subscribe("mtls/#", QoS::AtLeastOnce).await.unwrap();
+        // TLS 1.3 reports a refused client certificate after the handshake, so the refusal
+        // shows as a failed connect either way.
+        assert!(
+            Client::connect(base()).await.is_err(),
+            "{kind:?} without a certificate"
+        );
+    }
+    broker.shutdown().await;
+    let _ = std::fs::remove_dir_all(bundle);
+}
+
+#[tokio::test]
+async fn tls_needs_trust_unless_insecure() {
+    let broker = TransportBroker::start().await;
+    let tls = url(&broker, ListenerKind::Tls);
+    let untrusting = ClientOptions::new(&tls).unwrap().client_id(unique("trust"));
+    assert!(matches!(
+        Client::connect(untrusting).await.err(),
+        Some(petrel::client::ClientError::Config(_))
+    ));
+    // A CA that did not sign the server's certificate fails the handshake.
+    let other = std::env::temp_dir().join(format!("petrel-other-ca-{}", unique("ca")));
+    petrel::transport::certs::write_bundle(&other, "x").unwrap();
+    let wrong = ClientOptions::new(&tls)
+        .unwrap()
+        .client_id(unique("trust"))
+        .ca_file(other.join("ca.pem"))
+        .connect_timeout(Duration::from_secs(3));
+    assert!(Client::connect(wrong).await.is_err());
+    for kind in [ListenerKind::Tls, ListenerKind::Quic] {
+        let insecure = ClientOptions::new(&url(&broker, kind))
+            .unwrap()
+            .client_id(unique("insecure"))
+            .insecure(true);
+        let (client, _e) = connect(insecure).await;
+        client.disconnect().await.unwrap();
+    }
+    broker.shutdown().await;
+    let _ = std::fs::remove_dir_all(other);
+}
