@@ -12,15 +12,19 @@
 //! - 0-RTT: CONNECT, SUBSCRIBE, UNSUBSCRIBE and PINGREQ take effect from early data; every
 //!   other packet received before the handshake completes is held and fed in order once it
 //!   has (a replayed flight can then never publish or acknowledge anything).
-//! - A stream that ends or carries malformed input ends that flow only: its subscriptions and
-//!   in-flight messages move to the control stream. The control stream ending ends the
+//! - A stream that ends, is reset or stopped by the client, or carries malformed input ends
+//!   that flow only: its subscriptions and in-flight messages move to the control stream, and
+//!   nothing read from it afterwards is acted on. The control stream ending ends the
 //!   connection, closed with the MQTT reason code as the QUIC error code (0 when normal).
+//! - Data flows get process-unique ids (not their stream index), so the flows a persistent
+//!   session remembers from an earlier connection (in its mailbox, say) can never be taken
+//!   for a stream of the new connection that happens to have the same index.
 //! - Migration is quinn's: the connection follows the client's new address, and the span's
 //!   `peer` follows it too.
 
 use std::collections::HashMap;
 use std::net::SocketAddr;
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -42,6 +46,9 @@ use crate::core::message::Flow;
 const MAX_HELD: usize = 1024;
 /// Bytes queued to all of a connection's streams before deliveries wait.
 const BACKLOG_HIGH_WATER: usize = 1024 * 1024;
+
+/// The next data flow id; `Flow::CONTROL` (0) is never handed out.
+static NEXT_DATA_FLOW: AtomicU64 = AtomicU64::new(1);
 
 /// Accepts QUIC connections until `shutdown`.
 pub async fn accept(
@@ -118,9 +125,11 @@ async fn serve(
     reason = "Packet is nearly every event; boxing it would allocate per packet"
 )]
 enum Event {
-    Opened(Flow, SendStream),
+    /// A stream was accepted: its writer, and the writer task's handle.
+    Opened(Flow, Writer, tokio::task::JoinHandle<()>),
     Packet(Flow, Packet),
     Invalid(Flow, DecodeError),
+    /// The stream ended, was reset, or the client stopped reading it.
     Ended(Flow),
 }
 
@@ -132,6 +141,14 @@ enum Write {
 struct Writer {
     tx: mpsc::UnboundedSender<Write>,
     backlog: Arc<AtomicUsize>,
+    /// Stops the stream's reader: a flow whose writer is gone is over.
+    reading: CancellationToken,
+}
+
+impl Drop for Writer {
+    fn drop(&mut self) {
+        self.reading.cancel();
+    }
 }
 
 struct QuicConnection {
@@ -207,6 +224,9 @@ impl QuicConnection {
                 _ = &mut handshake, if !handshake_done => {
                     handshake_done = true;
                     for (flow, packet) in std::mem::take(&mut self.held) {
+                        if !self.is_live(flow) {
+                            continue;
+                        }
                         self.link.channel.handle_flow_packet(clock::now(), flow, packet);
                         self.link.carry_out_actions().await;
                     }
@@ -227,12 +247,26 @@ impl QuicConnection {
         self.close().await;
     }
 
+    /// Whether input on `flow` is still acted on: the control flow until the connection ends,
+    /// a data flow until it is closed (from either side).
+    fn is_live(&self, flow: Flow) -> bool {
+        flow.is_control() || self.writers.contains_key(&flow)
+    }
+
     fn handle_event(&mut self, event: Event, handshake_done: bool) {
         let now = clock::now();
+        match &event {
+            // Late input from a data flow that was already closed (its reader is stopping).
+            Event::Packet(flow, _) | Event::Invalid(flow, _) | Event::Ended(flow)
+                if !self.is_live(*flow) =>
+            {
+                return;
+            }
+            _ => {}
+        }
         let channel = &mut self.link.channel;
         match event {
-            Event::Opened(flow, send) => {
-                let (writer, handle) = spawn_writer(send);
+            Event::Opened(flow, writer, handle) => {
                 if flow.is_control() {
                     self.control_writer = Some(handle);
                 } else {
@@ -333,21 +367,40 @@ fn backlog(writers: &HashMap<Flow, Writer>) -> usize {
         .sum()
 }
 
-fn spawn_writer(mut stream: SendStream) -> (Writer, tokio::task::JoinHandle<()>) {
+/// The task writing one stream. If the client stops the stream (STOP_SENDING) or it fails,
+/// the flow is reported `Ended`, whether or not anything was being written.
+fn spawn_writer(
+    flow: Flow,
+    mut stream: SendStream,
+    events: mpsc::Sender<Event>,
+    reading: CancellationToken,
+) -> (Writer, tokio::task::JoinHandle<()>) {
     let (tx, mut rx) = mpsc::unbounded_channel();
     let backlog = Arc::new(AtomicUsize::new(0));
     let pending = Arc::clone(&backlog);
     let handle = tokio::spawn(async move {
-        while let Some(write) = rx.recv().await {
+        // Not finished yet, so this resolves only on STOP_SENDING or a lost connection.
+        let stopped = stream.stopped();
+        tokio::pin!(stopped);
+        loop {
+            let write = tokio::select! {
+                write = rx.recv() => write,
+                _ = &mut stopped => {
+                    let _ = events.send(Event::Ended(flow)).await;
+                    return;
+                }
+            };
             match write {
-                Write::Data(bytes) => {
+                None => break,
+                Some(Write::Data(bytes)) => {
                     let n = bytes.len();
                     if stream.write_chunk(bytes).await.is_err() {
+                        let _ = events.send(Event::Ended(flow)).await;
                         return;
                     }
                     pending.fetch_sub(n, Ordering::Relaxed);
                 }
-                Write::Reset(code) => {
+                Some(Write::Reset(code)) => {
                     let _ = stream.reset(code);
                     return;
                 }
@@ -357,7 +410,12 @@ fn spawn_writer(mut stream: SendStream) -> (Writer, tokio::task::JoinHandle<()>)
         // Wait until the peer has everything (or the connection is gone).
         let _ = stream.stopped().await;
     });
-    (Writer { tx, backlog }, handle)
+    let writer = Writer {
+        tx,
+        backlog,
+        reading,
+    };
+    (writer, handle)
 }
 
 /// Accepts the client's bidirectional streams: the first is the control flow. Each gets a
@@ -370,8 +428,20 @@ async fn accept_streams(
 ) {
     let mut readers = JoinSet::new();
     while let Ok((send, recv)) = conn.accept_bi().await {
-        let flow = Flow(recv.id().index());
-        if events.send(Event::Opened(flow, send)).await.is_err() {
+        let index = recv.id().index();
+        let flow = if index == 0 {
+            Flow::CONTROL
+        } else {
+            Flow(NEXT_DATA_FLOW.fetch_add(1, Ordering::Relaxed))
+        };
+        tracing::trace!(stream = index, flow = flow.0, "stream accepted");
+        let reading = CancellationToken::new();
+        let (writer, handle) = spawn_writer(flow, send, events.clone(), reading.clone());
+        if events
+            .send(Event::Opened(flow, writer, handle))
+            .await
+            .is_err()
+        {
             break;
         }
         readers.spawn(read_flow(
@@ -380,16 +450,37 @@ async fn accept_streams(
             events.clone(),
             version.clone(),
             max_packet_size,
+            reading,
         ));
     }
     // The connection is gone; readers end with their streams.
     while readers.join_next().await.is_some() {}
 }
 
+/// Reads one stream until it ends, or until its flow is closed from the broker's side
+/// (`reading` cancelled), when the client is told to stop sending on it.
 async fn read_flow(
     flow: Flow,
     mut recv: RecvStream,
     events: mpsc::Sender<Event>,
+    version: watch::Receiver<Option<ProtocolVersion>>,
+    max_packet_size: u32,
+    reading: CancellationToken,
+) {
+    let cancelled = tokio::select! {
+        biased;
+        _ = reading.cancelled() => true,
+        _ = read_packets(flow, &mut recv, &events, version, max_packet_size) => false,
+    };
+    if cancelled {
+        let _ = recv.stop(VarInt::from_u32(0));
+    }
+}
+
+async fn read_packets(
+    flow: Flow,
+    recv: &mut RecvStream,
+    events: &mpsc::Sender<Event>,
     mut version: watch::Receiver<Option<ProtocolVersion>>,
     max_packet_size: u32,
 ) {

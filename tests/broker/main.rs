@@ -9,6 +9,7 @@ mod bad;
 mod client;
 mod conn;
 mod pubsub;
+mod quic;
 mod retain;
 mod session;
 mod transports;

@@ -1,0 +1,113 @@
+//! Router micro-benchmarks: topic-filter matching against 10 k / 100 k subscriptions with
+//! wildcards, and the broker's fan-out of one publish to 1 / 100 / 10 k subscribers.
+//!
+//! `cargo bench --bench router`.
+
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use criterion::{criterion_group, criterion_main, BenchmarkId, Criterion, Throughput};
+use petrel::broker::{Broker, Settings};
+use petrel::codec::{Publish, QoS, SubscriptionOptions};
+use petrel::core::channel::Limits;
+use petrel::core::message::{Flow, Message};
+use petrel::core::router::SubscriptionTree;
+use petrel::core::session::Subscription;
+use petrel::core::topic::TopicFilter;
+use tokio::sync::mpsc;
+
+/// `n` subscriptions shaped like a fleet: exact topics, `+` in the middle and `#` tails.
+fn fleet(n: usize) -> SubscriptionTree<u32, u32> {
+    let mut tree = SubscriptionTree::new();
+    for i in 0..n as u32 {
+        let filter = match i % 4 {
+            0 => format!("vehicles/car-{i}/telemetry/speed"),
+            1 => format!("vehicles/+/telemetry/{}", i % 50),
+            2 => format!("vehicles/car-{i}/#"),
+            _ => format!("fleet/{}/+/status", i % 100),
+        };
+        tree.insert(&TopicFilter::parse(&filter, 0).unwrap(), i, i);
+    }
+    tree
+}
+
+fn bench_match(c: &mut Criterion) {
+    let mut group = c.benchmark_group("match");
+    for n in [10_000usize, 100_000] {
+        let tree = fleet(n);
+        group.bench_function(BenchmarkId::new("subscriptions", n), |b| {
+            let mut i = 0u32;
+            b.iter(|| {
+                i = i.wrapping_add(1);
+                let topic = format!("vehicles/car-{}/telemetry/speed", i % n as u32);
+                let mut hits = 0;
+                tree.for_each_match(&topic, |_, _| true, |_, _| hits += 1);
+                hits
+            })
+        });
+    }
+    group.finish();
+}
+
+fn message() -> Arc<Message> {
+    let publish = Publish {
+        dup: false,
+        qos: QoS::AtMostOnce,
+        retain: false,
+        topic: "fan/out".into(),
+        packet_id: None,
+        properties: Default::default(),
+        payload: Bytes::from_static(&[0x5a; 64]),
+    };
+    Arc::new(Message::from_publish(publish, None, Instant::now()))
+}
+
+fn bench_fan_out(c: &mut Criterion) {
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .build()
+        .unwrap();
+    let mut group = c.benchmark_group("fan_out");
+    for n in [1usize, 100, 10_000] {
+        let broker = Broker::new(Settings {
+            limits: Arc::new(Limits::default()),
+            max_queued: 1 << 20,
+            close_linger: Duration::from_millis(100),
+            quic: Default::default(),
+        });
+        let now = Instant::now();
+        let mut mailboxes = Vec::new();
+        runtime.block_on(async {
+            let (tx, _rx) = mpsc::channel(1);
+            for i in 0..n {
+                let id: Arc<str> = Arc::from(format!("sub-{i}"));
+                let (_, mailbox) = broker
+                    .open_session(now, &id, true, i as u64, &tx)
+                    .await
+                    .unwrap();
+                let subscription = Subscription {
+                    filter: TopicFilter::parse("fan/#", 0).unwrap(),
+                    options: SubscriptionOptions::default(),
+                    id: None,
+                    flow: Flow::CONTROL,
+                };
+                broker.subscribe(now, &id, &mailbox, &subscription, false);
+                mailboxes.push(mailbox);
+            }
+        });
+        let msg = message();
+        group.throughput(Throughput::Elements(n as u64));
+        group.bench_function(BenchmarkId::new("subscribers", n), |b| {
+            b.iter(|| {
+                broker.publish(Arc::clone(&msg), now);
+                for mailbox in &mailboxes {
+                    mailbox.pop();
+                }
+            })
+        });
+    }
+    group.finish();
+}
+
+criterion_group!(benches, bench_match, bench_fan_out);
+criterion_main!(benches);
