@@ -9,11 +9,14 @@
 //! - [`transport`]: what turns an accepted socket into an MQTT byte stream: TLS (rustls,
 //!   optional mTLS), WebSocket, and the development certificates. No tasks, no clock.
 //! - [`config`]: the TOML file model, overrides, and validated runtime settings.
+//! - [`client`]: the async MQTT client library (every transport by URL, QUIC stream policy,
+//!   reconnect and session resume); its protocol state is sans-IO like `core`.
 //!
 //! Dependency direction: `codec <- core <- broker -> transport`; `config` builds `broker`
 //! settings.
 
 pub mod broker;
+pub mod client;
 pub mod codec;
 pub mod config;
 pub mod core;
@@ -74,6 +77,19 @@ mod layering {
                 for word in forbidden {
                     assert!(!text.contains(word), "{} mentions `{word}`", path.display());
                 }
+            }
+        }
+        // The client's protocol state and stream policy are sans-IO too.
+        for (path, text) in sources("client") {
+            let name = path.file_name().unwrap_or_default().to_string_lossy();
+            if name != "state.rs" && name != "streams.rs" {
+                continue;
+            }
+            for word in forbidden
+                .iter()
+                .chain(&["quinn", "crate::client::transport"])
+            {
+                assert!(!text.contains(word), "{} mentions `{word}`", path.display());
             }
         }
         for (path, text) in sources("codec") {

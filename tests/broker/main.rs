@@ -6,6 +6,7 @@
 mod common;
 
 mod bad;
+mod client;
 mod conn;
 mod pubsub;
 mod quic;

@@ -1,0 +1,437 @@
+//! What a client is told before it connects: the server URLs (one transport per URL scheme),
+//! the MQTT session parameters, TLS trust, QUIC stream policy, reconnect backoff and the
+//! offline buffer. Plain data with builder methods; nothing here touches the network.
+
+use std::net::{IpAddr, SocketAddr};
+use std::path::PathBuf;
+use std::time::Duration;
+
+use bytes::Bytes;
+
+use super::streams::QuicStreams;
+use super::{ClientError, Message};
+use crate::codec::{Properties, ProtocolVersion};
+use crate::config::QuicSettings;
+
+/// The transport a URL scheme selects.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum Transport {
+    /// `mqtt://host[:1883]`
+    Tcp,
+    /// `mqtts://host[:8883]`
+    Tls,
+    /// `ws://host[:8083][/mqtt]`
+    Ws,
+    /// `wss://host[:8084][/mqtt]`
+    Wss,
+    /// `quic://host[:14567]` (MQTT over QUIC, EMQX mapping, ALPN `mqtt`)
+    Quic,
+}
+
+impl Transport {
+    pub fn scheme(self) -> &'static str {
+        match self {
+            Self::Tcp => "mqtt",
+            Self::Tls => "mqtts",
+            Self::Ws => "ws",
+            Self::Wss => "wss",
+            Self::Quic => "quic",
+        }
+    }
+
+    fn default_port(self) -> u16 {
+        match self {
+            Self::Tcp => 1883,
+            Self::Tls => 8883,
+            Self::Ws => 8083,
+            Self::Wss => 8084,
+            Self::Quic => 14567,
+        }
+    }
+
+    /// Whether the transport runs TLS (and so needs trust anchors).
+    pub fn is_secure(self) -> bool {
+        matches!(self, Self::Tls | Self::Wss | Self::Quic)
+    }
+}
+
+/// A parsed server URL: `scheme://host[:port][/path]`, with optional `user:password@`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ServerUrl {
+    pub transport: Transport,
+    /// Host name or IP address (without IPv6 brackets); also the TLS server name.
+    pub host: String,
+    pub port: u16,
+    /// The HTTP path for WebSocket (default `/mqtt`); `/` otherwise.
+    pub path: String,
+    pub username: Option<String>,
+    pub password: Option<String>,
+}
+
+impl ServerUrl {
+    pub fn parse(text: &str) -> Result<Self, ClientError> {
+        let bad = |why: &str| ClientError::InvalidUrl(format!("{text}: {why}"));
+        let url = url::Url::parse(text).map_err(|e| bad(&e.to_string()))?;
+        let transport = match url.scheme() {
+            "mqtt" | "tcp" => Transport::Tcp,
+            "mqtts" | "ssl" | "tls" => Transport::Tls,
+            "ws" => Transport::Ws,
+            "wss" => Transport::Wss,
+            "quic" => Transport::Quic,
+            other => return Err(bad(&format!("unknown scheme `{other}`"))),
+        };
+        let host = match url.host() {
+            Some(url::Host::Domain(d)) => d.to_owned(),
+            Some(url::Host::Ipv4(ip)) => ip.to_string(),
+            Some(url::Host::Ipv6(ip)) => ip.to_string(),
+            None => return Err(bad("no host")),
+        };
+        let host = host
+            .trim_start_matches('[')
+            .trim_end_matches(']')
+            .to_owned();
+        let port = url.port().unwrap_or(transport.default_port());
+        let path = match (transport, url.path()) {
+            (Transport::Ws | Transport::Wss, "" | "/") => "/mqtt".to_owned(),
+            (_, "") => "/".to_owned(),
+            (_, path) => path.to_owned(),
+        };
+        let username = Some(url.username())
+            .filter(|u| !u.is_empty())
+            .map(str::to_owned);
+        Ok(Self {
+            transport,
+            host,
+            port,
+            path,
+            username,
+            password: url.password().map(str::to_owned),
+        })
+    }
+
+    /// The host as an IP address, when it is one.
+    pub fn ip(&self) -> Option<IpAddr> {
+        self.host.parse().ok()
+    }
+
+    /// A literal socket address when the host is an IP address (no resolver needed).
+    pub fn socket_addr(&self) -> Option<SocketAddr> {
+        self.ip().map(|ip| SocketAddr::new(ip, self.port))
+    }
+}
+
+impl std::fmt::Display for ServerUrl {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let host = match self.ip() {
+            Some(IpAddr::V6(ip)) => format!("[{ip}]"),
+            _ => self.host.clone(),
+        };
+        write!(f, "{}://{host}:{}", self.transport.scheme(), self.port)?;
+        if matches!(self.transport, Transport::Ws | Transport::Wss) {
+            f.write_str(&self.path)?;
+        }
+        Ok(())
+    }
+}
+
+/// TLS settings shared by `mqtts`, `wss` and `quic`.
+#[derive(Debug, Clone, Default)]
+pub struct TlsOptions {
+    /// PEM file of trusted CA certificates.
+    pub ca_file: Option<PathBuf>,
+    /// Also trust the operating system's store (rustls-native-certs).
+    pub native_roots: bool,
+    /// PEM certificate chain and private key for mutual TLS.
+    pub client_cert: Option<(PathBuf, PathBuf)>,
+    /// Skip server certificate verification entirely. For tests against self-signed brokers
+    /// only: anyone on the path can impersonate the server.
+    pub insecure: bool,
+    /// The name to verify instead of the URL's host.
+    pub server_name: Option<String>,
+}
+
+/// Reconnect timing: the n-th consecutive failure waits `initial * 2^n`, capped at `max`,
+/// scaled by a random factor in `[1 - jitter, 1]` so that a fleet does not reconnect in step.
+#[derive(Debug, Clone, Copy)]
+pub struct Backoff {
+    pub initial: Duration,
+    pub max: Duration,
+    /// 0.0 (none) ..= 1.0
+    pub jitter: f64,
+}
+
+impl Default for Backoff {
+    fn default() -> Self {
+        Self {
+            initial: Duration::from_millis(500),
+            max: Duration::from_secs(30),
+            jitter: 0.5,
+        }
+    }
+}
+
+impl Backoff {
+    /// The delay before attempt `failures + 1`, given a random `unit` in `[0, 1)`.
+    pub fn delay(&self, failures: u32, unit: f64) -> Duration {
+        let exp = self
+            .initial
+            .saturating_mul(1u32.checked_shl(failures.min(20)).unwrap_or(u32::MAX));
+        let capped = exp.min(self.max);
+        let jitter = self.jitter.clamp(0.0, 1.0);
+        capped.mul_f64(1.0 - jitter * unit.clamp(0.0, 1.0))
+    }
+}
+
+/// Everything [`super::Client::connect`] needs. Built with `ClientOptions::new(url)` and the
+/// builder methods; every default is named on its method.
+#[derive(Debug, Clone)]
+pub struct ClientOptions {
+    /// Tried in order on every (re)connect: e.g. QUIC first, TLS when UDP is blocked.
+    pub urls: Vec<ServerUrl>,
+    pub client_id: String,
+    pub version: ProtocolVersion,
+    pub keep_alive: Duration,
+    /// Clean Start on the first connect. Reconnects resume the session whenever it can
+    /// outlive the connection (v5: session expiry > 0; v3: `clean_start == false`).
+    pub clean_start: bool,
+    /// v5 Session Expiry Interval in seconds (0: the session ends with the connection).
+    pub session_expiry: u32,
+    pub username: Option<String>,
+    pub password: Option<Bytes>,
+    pub will: Option<Message>,
+    /// Extra v5 CONNECT properties (user properties, receive maximum, ...).
+    pub connect_properties: Properties,
+    pub tls: TlsOptions,
+    pub quic: QuicSettings,
+    pub streams: QuicStreams,
+    /// Bound on one connect attempt to one URL (transport, TLS, CONNECT/CONNACK).
+    pub connect_timeout: Duration,
+    /// `None`: a lost connection ends the client.
+    pub reconnect: Option<Backoff>,
+    /// Publishes accepted while disconnected, beyond which `publish` fails with
+    /// [`ClientError::OfflineBufferFull`]; also the queue depth behind a full send window.
+    pub offline_buffer: usize,
+    /// Events buffered for the application before the client stops reading the network.
+    pub event_capacity: usize,
+    /// The largest packet we accept (v5: announced as Maximum Packet Size).
+    pub max_packet_size: u32,
+}
+
+impl ClientOptions {
+    /// Options for one server URL (`mqtt://`, `mqtts://`, `ws://`, `wss://`, `quic://`).
+    pub fn new(url: &str) -> Result<Self, ClientError> {
+        Self::with_urls(&[url])
+    }
+
+    /// Options for an ordered list of URLs, tried in turn on every (re)connect.
+    pub fn with_urls(urls: &[&str]) -> Result<Self, ClientError> {
+        let urls = urls
+            .iter()
+            .map(|u| ServerUrl::parse(u))
+            .collect::<Result<Vec<_>, _>>()?;
+        if urls.is_empty() {
+            return Err(ClientError::InvalidUrl("no URL given".into()));
+        }
+        let (username, password) = (
+            urls[0].username.clone(),
+            urls[0].password.clone().map(Bytes::from),
+        );
+        Ok(Self {
+            urls,
+            client_id: String::new(),
+            version: ProtocolVersion::V5,
+            keep_alive: Duration::from_secs(30),
+            clean_start: true,
+            session_expiry: 0,
+            username,
+            password,
+            will: None,
+            connect_properties: Properties::default(),
+            tls: TlsOptions::default(),
+            quic: QuicSettings::default(),
+            streams: QuicStreams::default(),
+            connect_timeout: Duration::from_secs(10),
+            reconnect: Some(Backoff::default()),
+            offline_buffer: 1000,
+            event_capacity: 1024,
+            max_packet_size: 1024 * 1024,
+        })
+    }
+
+    /// Empty (default): the server assigns one (v5) or requires one (v3.1.1).
+    pub fn client_id(mut self, id: impl Into<String>) -> Self {
+        self.client_id = id.into();
+        self
+    }
+
+    /// Default: MQTT 5.0.
+    pub fn version(mut self, version: ProtocolVersion) -> Self {
+        self.version = version;
+        self
+    }
+
+    /// Default: 30 s. Zero turns keep-alive off.
+    pub fn keep_alive(mut self, keep_alive: Duration) -> Self {
+        self.keep_alive = keep_alive;
+        self
+    }
+
+    /// Default: true.
+    pub fn clean_start(mut self, clean: bool) -> Self {
+        self.clean_start = clean;
+        self
+    }
+
+    /// Default: 0 (v5 only).
+    pub fn session_expiry(mut self, seconds: u32) -> Self {
+        self.session_expiry = seconds;
+        self
+    }
+
+    /// A persistent session: v3 `clean_session = 0`; v5 Clean Start 0 with `expiry` seconds.
+    pub fn persistent(self, expiry: u32) -> Self {
+        self.clean_start(false).session_expiry(expiry)
+    }
+
+    pub fn credentials(mut self, username: impl Into<String>, password: impl Into<Bytes>) -> Self {
+        self.username = Some(username.into());
+        self.password = Some(password.into());
+        self
+    }
+
+    /// The will message (its properties are the v5 will properties, e.g. will delay).
+    pub fn will(mut self, will: Message) -> Self {
+        self.will = Some(will);
+        self
+    }
+
+    pub fn user_property(mut self, key: impl Into<String>, value: impl Into<String>) -> Self {
+        self.connect_properties
+            .user_properties
+            .push((key.into(), value.into()));
+        self
+    }
+
+    /// v5 Receive Maximum we announce (inbound QoS 1/2 in flight). Default: 65535.
+    pub fn receive_maximum(mut self, max: u16) -> Self {
+        self.connect_properties.receive_maximum = Some(max);
+        self
+    }
+
+    pub fn ca_file(mut self, path: impl Into<PathBuf>) -> Self {
+        self.tls.ca_file = Some(path.into());
+        self
+    }
+
+    pub fn native_roots(mut self, on: bool) -> Self {
+        self.tls.native_roots = on;
+        self
+    }
+
+    pub fn client_cert(mut self, cert: impl Into<PathBuf>, key: impl Into<PathBuf>) -> Self {
+        self.tls.client_cert = Some((cert.into(), key.into()));
+        self
+    }
+
+    /// Skip server certificate verification (testing only).
+    pub fn insecure(mut self, on: bool) -> Self {
+        self.tls.insecure = on;
+        self
+    }
+
+    pub fn server_name(mut self, name: impl Into<String>) -> Self {
+        self.tls.server_name = Some(name.into());
+        self
+    }
+
+    /// QUIC stream mapping: single stream (default), per topic or per named group.
+    pub fn streams(mut self, streams: QuicStreams) -> Self {
+        self.streams = streams;
+        self
+    }
+
+    /// QUIC transport tuning (windows, congestion control, ...): the broker's `[quic]` model.
+    pub fn quic(mut self, settings: QuicSettings) -> Self {
+        self.quic = settings;
+        self
+    }
+
+    /// Default: 10 s.
+    pub fn connect_timeout(mut self, timeout: Duration) -> Self {
+        self.connect_timeout = timeout;
+        self
+    }
+
+    /// Default: `Some(Backoff::default())`: 0.5 s doubling to 30 s, 50 % jitter.
+    pub fn reconnect(mut self, backoff: Option<Backoff>) -> Self {
+        self.reconnect = backoff;
+        self
+    }
+
+    /// Default: 1000.
+    pub fn offline_buffer(mut self, messages: usize) -> Self {
+        self.offline_buffer = messages;
+        self
+    }
+
+    /// Default: 1024.
+    pub fn event_capacity(mut self, events: usize) -> Self {
+        self.event_capacity = events.max(1);
+        self
+    }
+
+    /// Default: 1 MiB.
+    pub fn max_packet_size(mut self, bytes: u32) -> Self {
+        self.max_packet_size = bytes;
+        self
+    }
+
+    /// Whether a session can outlive a connection, so reconnects should resume it.
+    pub(super) fn session_persists(&self) -> bool {
+        if self.version.is_v5() {
+            self.session_expiry > 0
+        } else {
+            !self.clean_start
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn urls_select_the_transport_and_default_ports() {
+        let u = ServerUrl::parse("quic://127.0.0.1").unwrap();
+        assert_eq!((u.transport, u.port), (Transport::Quic, 14567));
+        let u = ServerUrl::parse("wss://broker.example:9443").unwrap();
+        assert_eq!(
+            (u.transport, u.host.as_str(), u.port, u.path.as_str()),
+            (Transport::Wss, "broker.example", 9443, "/mqtt")
+        );
+        let u = ServerUrl::parse("ws://[::1]:8083/custom").unwrap();
+        assert_eq!((u.host.as_str(), u.path.as_str()), ("::1", "/custom"));
+        assert_eq!(u.to_string(), "ws://[::1]:8083/custom");
+        let u = ServerUrl::parse("mqtt://alice:secret@localhost").unwrap();
+        assert_eq!(
+            (u.port, u.username.as_deref(), u.password.as_deref()),
+            (1883, Some("alice"), Some("secret"))
+        );
+        assert!(ServerUrl::parse("http://x").is_err());
+        assert!(ServerUrl::parse("nonsense").is_err());
+    }
+
+    #[test]
+    fn backoff_doubles_to_the_cap_and_jitter_only_shortens() {
+        let b = Backoff {
+            initial: Duration::from_millis(100),
+            max: Duration::from_secs(1),
+            jitter: 0.5,
+        };
+        assert_eq!(b.delay(0, 0.0), Duration::from_millis(100));
+        assert_eq!(b.delay(3, 0.0), Duration::from_millis(800));
+        assert_eq!(b.delay(10, 0.0), Duration::from_secs(1));
+        assert_eq!(b.delay(100, 0.0), Duration::from_secs(1));
+        assert_eq!(b.delay(0, 1.0), Duration::from_millis(50));
+    }
+}

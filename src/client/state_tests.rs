@@ -1,0 +1,375 @@
+//! `ClientState` in virtual time: packets in, outputs asserted, `now` advanced by hand.
+
+use super::*;
+use bytes::Bytes;
+
+const KEEP_ALIVE: Duration = Duration::from_secs(10);
+
+fn state(multi_stream: bool) -> (ClientState, Instant) {
+    let now = Instant::now();
+    (
+        ClientState::new(ProtocolVersion::V5, KEEP_ALIVE, 3, multi_stream, now),
+        now,
+    )
+}
+
+fn connack(session_present: bool, receive_maximum: Option<u16>) -> ConnAck {
+    ConnAck {
+        session_present,
+        code: ReasonCode::SUCCESS,
+        properties: Properties {
+            receive_maximum,
+            ..Properties::default()
+        },
+    }
+}
+
+fn request(n: u64, topic: &str, qos: QoS, now: Instant) -> PublishRequest {
+    PublishRequest {
+        request: RequestId(n),
+        publish: Publish {
+            dup: false,
+            qos,
+            retain: false,
+            topic: topic.into(),
+            packet_id: None,
+            properties: Properties::default(),
+            payload: Bytes::from(format!("m{n}")),
+        },
+        route: Route::Control,
+        enqueued: now,
+    }
+}
+
+fn drain(s: &mut ClientState) -> Vec<Output> {
+    std::iter::from_fn(|| s.poll_output()).collect()
+}
+
+fn sent(outputs: &[Output]) -> Vec<(Route, Packet)> {
+    outputs
+        .iter()
+        .filter_map(|o| match o {
+            Output::Send(r, p) => Some((*r, p.clone())),
+            _ => None,
+        })
+        .collect()
+}
+
+fn publish_ids(outputs: &[Output]) -> Vec<(u16, bool)> {
+    sent(outputs)
+        .into_iter()
+        .filter_map(|(_, p)| match p {
+            Packet::Publish(p) => Some((p.packet_id.unwrap(), p.dup)),
+            _ => None,
+        })
+        .collect()
+}
+
+fn delivered(outputs: &[Output]) -> usize {
+    outputs
+        .iter()
+        .filter(|o| matches!(o, Output::Deliver(..)))
+        .count()
+}
+
+fn inbound(id: u16, qos: QoS) -> Packet {
+    Packet::Publish(Publish {
+        dup: false,
+        qos,
+        retain: false,
+        topic: "t".into(),
+        packet_id: Some(id),
+        properties: Properties::default(),
+        payload: Bytes::from_static(b"x"),
+    })
+}
+
+#[test]
+fn packet_ids_skip_ids_in_use_and_wrap_after_65535() {
+    let (mut s, now) = state(false);
+    s.handle_connack(now, &connack(false, None)).unwrap();
+    s.publish(now, request(1, "t", QoS::AtLeastOnce, now))
+        .unwrap();
+    s.next_id = u16::MAX;
+    s.publish(now, request(2, "t", QoS::AtLeastOnce, now))
+        .unwrap();
+    // 1 is still in flight, so after 65535 comes 2.
+    s.publish(now, request(3, "t", QoS::AtLeastOnce, now))
+        .unwrap();
+    assert_eq!(
+        publish_ids(&drain(&mut s)),
+        vec![(1, false), (u16::MAX, false), (2, false)]
+    );
+}
+
+#[test]
+fn the_servers_receive_maximum_bounds_the_window() {
+    let (mut s, now) = state(false);
+    s.handle_connack(now, &connack(false, Some(2))).unwrap();
+    for n in 1..=3 {
+        s.publish(now, request(n, "t", QoS::AtLeastOnce, now))
+            .unwrap();
+    }
+    assert_eq!(publish_ids(&drain(&mut s)).len(), 2);
+    assert_eq!((s.in_flight(), s.queued()), (2, 1));
+    let later = now + Duration::from_millis(40);
+    s.handle_packet(
+        later,
+        Route::Control,
+        Packet::PubAck(Ack::new(1, ReasonCode::SUCCESS)),
+    )
+    .unwrap();
+    let out = drain(&mut s);
+    assert_eq!(publish_ids(&out), vec![(3, false)], "the window opened");
+    assert!(out.iter().any(|o| matches!(
+        o,
+        Output::Done(RequestId(1), Ok(Completion::Published { latency, .. }))
+            if *latency == Duration::from_millis(40)
+    )));
+}
+
+#[test]
+fn unacknowledged_messages_are_resent_with_dup_after_a_reconnect() {
+    let (mut s, now) = state(true);
+    s.handle_connack(now, &connack(false, None)).unwrap();
+    let mut r1 = request(1, "a", QoS::AtLeastOnce, now);
+    r1.route = Route::Data(0);
+    s.publish(now, r1).unwrap();
+    s.publish(now, request(2, "b", QoS::ExactlyOnce, now))
+        .unwrap();
+    s.publish(now, request(3, "c", QoS::ExactlyOnce, now))
+        .unwrap();
+    drain(&mut s);
+    // Message 3 reached the server (PUBREC), the PUBREL was lost with the connection.
+    s.handle_packet(
+        now,
+        Route::Control,
+        Packet::PubRec(Ack::new(3, ReasonCode::SUCCESS)),
+    )
+    .unwrap();
+    drain(&mut s);
+    s.handle_connection_lost();
+
+    let later = now + Duration::from_secs(1);
+    s.handle_connack(later, &connack(true, None)).unwrap();
+    let out = sent(&drain(&mut s));
+    let summary: Vec<(Route, u8, u16, bool)> = out
+        .iter()
+        .map(|(r, p)| match p {
+            Packet::Publish(p) => (*r, 3, p.packet_id.unwrap(), p.dup),
+            Packet::PubRel(a) => (*r, 6, a.packet_id, false),
+            other => panic!("unexpected {other:?}"),
+        })
+        .collect();
+    // In order, all on control (where the server parked the old streams' state).
+    assert_eq!(
+        summary,
+        vec![
+            (Route::Control, 3, 1, true),
+            (Route::Control, 3, 2, true),
+            (Route::Control, 6, 3, false)
+        ]
+    );
+}
+
+#[test]
+fn a_new_session_completes_released_qos2_and_resends_the_rest() {
+    let (mut s, now) = state(false);
+    s.handle_connack(now, &connack(false, None)).unwrap();
+    s.publish(now, request(1, "a", QoS::ExactlyOnce, now))
+        .unwrap();
+    s.publish(now, request(2, "b", QoS::ExactlyOnce, now))
+        .unwrap();
+    s.handle_packet(
+        now,
+        Route::Control,
+        Packet::PubRec(Ack::new(1, ReasonCode::SUCCESS)),
+    )
+    .unwrap();
+    drain(&mut s);
+    s.handle_connection_lost();
+    s.handle_connack(now, &connack(false, None)).unwrap();
+    let out = drain(&mut s);
+    assert_eq!(publish_ids(&out), vec![(2, true)]);
+    assert!(out
+        .iter()
+        .any(|o| matches!(o, Output::Done(RequestId(1), Ok(_)))));
+}
+
+#[test]
+fn inbound_qos2_is_delivered_once_until_pubrel() {
+    let (mut s, now) = state(false);
+    s.handle_connack(now, &connack(false, None)).unwrap();
+    s.handle_packet(now, Route::Data(1), inbound(7, QoS::ExactlyOnce))
+        .unwrap();
+    let out = drain(&mut s);
+    assert_eq!(delivered(&out), 1);
+    assert!(matches!(
+        &sent(&out)[..],
+        [(Route::Data(1), Packet::PubRec(a))] if a.packet_id == 7
+    ));
+    // The server resends (its PUBREC was lost, or after a reconnect on another stream).
+    s.handle_packet(now, Route::Control, inbound(7, QoS::ExactlyOnce))
+        .unwrap();
+    let out = drain(&mut s);
+    assert_eq!(delivered(&out), 0, "never delivered twice");
+    assert_eq!(sent(&out).len(), 1, "but acknowledged again");
+    s.handle_packet(
+        now,
+        Route::Control,
+        Packet::PubRel(Ack::new(7, ReasonCode::SUCCESS)),
+    )
+    .unwrap();
+    let out = drain(&mut s);
+    assert!(matches!(
+        &sent(&out)[..],
+        [(Route::Control, Packet::PubComp(a))] if a.reason == ReasonCode::SUCCESS
+    ));
+    // The id is free again: a new message with it is new.
+    s.handle_packet(now, Route::Control, inbound(7, QoS::ExactlyOnce))
+        .unwrap();
+    assert_eq!(delivered(&drain(&mut s)), 1);
+}
+
+#[test]
+fn inbound_qos2_state_survives_a_reconnect_with_the_session() {
+    let (mut s, now) = state(false);
+    s.handle_connack(now, &connack(false, None)).unwrap();
+    s.handle_packet(now, Route::Control, inbound(9, QoS::ExactlyOnce))
+        .unwrap();
+    s.handle_connection_lost();
+    s.handle_connack(now, &connack(true, None)).unwrap();
+    s.handle_packet(now, Route::Control, inbound(9, QoS::ExactlyOnce))
+        .unwrap();
+    assert_eq!(delivered(&drain(&mut s)), 1);
+}
+
+#[test]
+fn the_offline_buffer_is_bounded_and_flushed_on_connect() {
+    let (mut s, now) = state(false);
+    for n in 1..=3 {
+        s.publish(now, request(n, "t", QoS::AtLeastOnce, now))
+            .unwrap();
+    }
+    assert_eq!(
+        s.publish(now, request(4, "t", QoS::AtLeastOnce, now)),
+        Err(Failure::OfflineBufferFull)
+    );
+    assert!(drain(&mut s).is_empty(), "nothing is sent while offline");
+    s.handle_connack(now, &connack(false, None)).unwrap();
+    assert_eq!(publish_ids(&drain(&mut s)).len(), 3);
+}
+
+#[test]
+fn subscriptions_are_restored_when_the_session_is_lost_and_moved_when_kept() {
+    let (mut s, now) = state(true);
+    s.handle_connack(now, &connack(false, None)).unwrap();
+    let options = SubscriptionOptions {
+        qos: QoS::AtLeastOnce,
+        ..SubscriptionOptions::default()
+    };
+    s.subscribe(
+        now,
+        RequestId(1),
+        vec![("cmd/#".into(), options)],
+        Properties::default(),
+        Route::Data(2),
+    )
+    .unwrap();
+    let id = match &sent(&drain(&mut s))[..] {
+        [(Route::Data(2), Packet::Subscribe(sub))] => sub.packet_id,
+        other => panic!("{other:?}"),
+    };
+    let suback = |id| {
+        Packet::SubAck(crate::codec::SubAck {
+            packet_id: id,
+            properties: Properties::default(),
+            reasons: vec![ReasonCode::GRANTED_QOS_1],
+        })
+    };
+    s.handle_packet(now, Route::Data(2), suback(id)).unwrap();
+    drain(&mut s);
+
+    // Session lost: subscribe again on the same slot.
+    s.handle_connection_lost();
+    s.handle_connack(now, &connack(false, None)).unwrap();
+    let restore = sent(&drain(&mut s));
+    assert!(matches!(
+        &restore[..],
+        [(Route::Data(2), Packet::Subscribe(_))]
+    ));
+
+    // Session kept: the server parked it on control; subscribe on the data stream, then
+    // unsubscribe the parked copy once SUBACK is in.
+    s.handle_connection_lost();
+    s.handle_connack(now, &connack(true, None)).unwrap();
+    let moved = sent(&drain(&mut s));
+    let id = match &moved[..] {
+        [(Route::Data(2), Packet::Subscribe(sub))] => {
+            assert_eq!(sub.filters[0].1.retain_handling, 2);
+            sub.packet_id
+        }
+        other => panic!("{other:?}"),
+    };
+    s.handle_packet(now, Route::Data(2), suback(id)).unwrap();
+    assert!(matches!(
+        &sent(&drain(&mut s))[..],
+        [(Route::Control, Packet::Unsubscribe(u))] if u.filters == vec!["cmd/#".to_owned()]
+    ));
+}
+
+#[test]
+fn keep_alive_pings_after_silence_and_declares_a_silent_server_dead() {
+    let (mut s, now) = state(false);
+    s.handle_connack(now, &connack(false, None)).unwrap();
+    assert_eq!(s.poll_timeout(), Some(now + KEEP_ALIVE));
+    let t1 = now + KEEP_ALIVE;
+    s.handle_timeout(t1, false).unwrap();
+    assert!(matches!(
+        &sent(&drain(&mut s))[..],
+        [(Route::Control, Packet::PingReq)]
+    ));
+    // Stalled: the verdict waits.
+    let t2 = t1 + KEEP_ALIVE;
+    s.handle_timeout(t2, true).unwrap();
+    let t3 = t2 + KEEP_ALIVE;
+    assert_eq!(
+        s.handle_timeout(t3, false),
+        Err(StateError::KeepAliveTimeout)
+    );
+    // An answer in time clears it.
+    let (mut s, now) = state(false);
+    s.handle_connack(now, &connack(false, None)).unwrap();
+    s.handle_timeout(now + KEEP_ALIVE, false).unwrap();
+    s.handle_packet(now + KEEP_ALIVE, Route::Control, Packet::PingResp)
+        .unwrap();
+    assert_eq!(s.handle_timeout(now + KEEP_ALIVE * 2, false), Ok(()));
+}
+
+#[test]
+fn server_misbehaviour_is_an_error_not_a_panic() {
+    let (mut s, now) = state(false);
+    s.handle_connack(now, &connack(false, None)).unwrap();
+    assert!(s.handle_connack(now, &connack(false, None)).is_err());
+    assert!(s
+        .handle_packet(now, Route::Control, Packet::PingReq)
+        .is_err());
+    let mut aliased = inbound(1, QoS::AtLeastOnce);
+    if let Packet::Publish(p) = &mut aliased {
+        p.topic.clear();
+    }
+    assert!(s.handle_packet(now, Route::Control, aliased).is_err());
+    // Acks for unknown ids are answered or ignored, never fatal.
+    s.handle_packet(
+        now,
+        Route::Control,
+        Packet::PubAck(Ack::new(55, ReasonCode::SUCCESS)),
+    )
+    .unwrap();
+    s.handle_packet(
+        now,
+        Route::Control,
+        Packet::PubRec(Ack::new(56, ReasonCode::SUCCESS)),
+    )
+    .unwrap();
+}

@@ -1,0 +1,692 @@
+//! The client's side of every transport: a [`Link`] is one connection to a server, whichever
+//! URL scheme chose it, as a set of routes (streams) with a writer task and a reader task
+//! each.
+//!
+//! - `mqtt`, `mqtts`, `ws`, `wss`: one byte stream (TCP, TLS over TCP, WebSocket over either),
+//!   so every route is the control route.
+//! - `quic`: the first bidirectional stream is the control stream; a data-stream slot's stream
+//!   is opened the first time a packet is sent on it (with its group's priority). The
+//!   endpoint lives in the [`TransportContext`] for the client's lifetime, so rustls' session
+//!   cache keeps the server's tickets and a reconnect can send CONNECT in 0-RTT; `rebind`
+//!   moves it to a new UDP socket (connection migration).
+//!
+//! Readers decode packets with the codec into one bounded queue (a full queue stops reading,
+//! which is the back-pressure towards the server); writers take encoded bytes, so a stalled
+//! stream never blocks another. No protocol decisions are made here.
+
+use std::collections::HashMap;
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use bytes::{Bytes, BytesMut};
+use futures_util::FutureExt as _;
+use quinn::{Endpoint, RecvStream, SendStream};
+use rustls::client::danger::{HandshakeSignatureValid, ServerCertVerified, ServerCertVerifier};
+use rustls::crypto::CryptoProvider;
+use rustls::{DigitallySignedStruct, RootCertStore, SignatureScheme};
+use rustls_pki_types::{CertificateDer, ServerName, UnixTime};
+use tokio::io::{AsyncRead, AsyncReadExt as _, AsyncWrite, AsyncWriteExt as _};
+use tokio::net::TcpStream;
+use tokio::sync::mpsc;
+use tokio::task::JoinSet;
+
+use super::options::{ClientOptions, ServerUrl, TlsOptions, Transport};
+use super::streams::{Route, StreamMap};
+use super::{ClientError, Stats};
+use crate::codec::{encode, Codec, ConnAck, DecodeError, Packet, ProtocolVersion};
+use crate::transport::{certs, quic, tls, ws};
+
+/// Decoded packets queued from all readers before they stop reading.
+const INBOUND_QUEUE: usize = 64;
+
+/// What the readers tell the driver.
+#[derive(Debug)]
+#[expect(
+    clippy::large_enum_variant,
+    reason = "Packet is nearly every event; boxing it would allocate per packet"
+)]
+pub enum Inbound {
+    Packet(Route, Packet),
+    Invalid(Route, DecodeError),
+    /// The stream ended (cleanly or not).
+    Ended(Route),
+}
+
+/// Built once per client and kept across reconnects: TLS configurations and QUIC endpoints.
+pub struct TransportContext {
+    tls: Option<Arc<rustls::ClientConfig>>,
+    quic: Option<quinn::ClientConfig>,
+    /// One endpoint per address family, made on first use.
+    endpoints: Mutex<HashMap<bool, Endpoint>>,
+    server_name: Option<String>,
+}
+
+impl TransportContext {
+    pub fn new(options: &ClientOptions) -> Result<Self, ClientError> {
+        let secure = options.urls.iter().any(|u| u.transport.is_secure());
+        let tls = if secure {
+            Some(Arc::new(rustls_config(&options.tls, false)?))
+        } else {
+            None
+        };
+        let quic = if options.urls.iter().any(|u| u.transport == Transport::Quic) {
+            let mut crypto = rustls_config(&options.tls, true)?;
+            crypto.alpn_protocols = vec![quic::ALPN.to_vec()];
+            crypto.enable_early_data = true;
+            let crypto = quinn::crypto::rustls::QuicClientConfig::try_from(crypto)
+                .map_err(|e| ClientError::Config(format!("QUIC TLS: {e}")))?;
+            let mut transport = quic::transport_config(&options.quic)
+                .map_err(|e| ClientError::Config(e.to_string()))?;
+            // The server never opens streams (EMQX mapping).
+            transport.max_concurrent_bidi_streams(0u32.into());
+            let mut config = quinn::ClientConfig::new(Arc::new(crypto));
+            config.transport_config(Arc::new(transport));
+            Some(config)
+        } else {
+            None
+        };
+        Ok(Self {
+            tls,
+            quic,
+            endpoints: Mutex::new(HashMap::new()),
+            server_name: options.tls.server_name.clone(),
+        })
+    }
+
+    fn endpoint(&self, v6: bool) -> Result<Endpoint, ClientError> {
+        let mut endpoints = self.endpoints.lock().expect("never poisoned");
+        if let Some(endpoint) = endpoints.get(&v6) {
+            return Ok(endpoint.clone());
+        }
+        let config = self.quic.clone().ok_or(ClientError::NotQuic)?;
+        let mut endpoint = Endpoint::client(unspecified(v6)).map_err(io)?;
+        endpoint.set_default_client_config(config);
+        endpoints.insert(v6, endpoint.clone());
+        Ok(endpoint)
+    }
+
+    /// Moves the QUIC endpoint of `remote`'s family to a fresh UDP socket (new local port):
+    /// connections on it migrate. Returns the new local address.
+    pub fn rebind(&self, remote: SocketAddr) -> Result<SocketAddr, ClientError> {
+        let endpoint = self.endpoint(remote.is_ipv6())?;
+        let socket = std::net::UdpSocket::bind(unspecified(remote.is_ipv6())).map_err(io)?;
+        endpoint.rebind(socket).map_err(io)?;
+        endpoint.local_addr().map_err(io)
+    }
+}
+
+fn unspecified(v6: bool) -> SocketAddr {
+    let ip = if v6 {
+        IpAddr::V6(Ipv6Addr::UNSPECIFIED)
+    } else {
+        IpAddr::V4(Ipv4Addr::UNSPECIFIED)
+    };
+    SocketAddr::new(ip, 0)
+}
+
+fn io(err: std::io::Error) -> ClientError {
+    ClientError::Io(err.to_string())
+}
+
+/// rustls client configuration from the options: trust anchors (CA file, optionally the
+/// system store) or no verification at all (`insecure`), and a client certificate.
+fn rustls_config(
+    options: &TlsOptions,
+    tls13_only: bool,
+) -> Result<rustls::ClientConfig, ClientError> {
+    let config_err = |e: rustls::Error| ClientError::Config(format!("TLS: {e}"));
+    let provider = tls::provider();
+    let builder = rustls::ClientConfig::builder_with_provider(Arc::clone(&provider));
+    let builder = if tls13_only {
+        builder.with_protocol_versions(&[&rustls::version::TLS13])
+    } else {
+        builder.with_safe_default_protocol_versions()
+    }
+    .map_err(config_err)?;
+    let builder = if options.insecure {
+        builder
+            .dangerous()
+            .with_custom_certificate_verifier(Arc::new(NoVerification(provider)))
+    } else {
+        let mut roots = RootCertStore::empty();
+        if let Some(ca) = &options.ca_file {
+            for cert in certs::load_certs(ca).map_err(|e| ClientError::Config(e.to_string()))? {
+                roots.add(cert).map_err(config_err)?;
+            }
+        }
+        if options.native_roots {
+            let native = rustls_native_certs::load_native_certs()
+                .map_err(|e| ClientError::Config(format!("system trust store: {e}")))?;
+            roots.add_parsable_certificates(native);
+        }
+        if roots.is_empty() {
+            return Err(ClientError::Config(
+                "TLS needs trust anchors: set ca_file or native_roots (or insecure for tests)"
+                    .into(),
+            ));
+        }
+        builder.with_root_certificates(roots)
+    };
+    match &options.client_cert {
+        None => Ok(builder.with_no_client_auth()),
+        Some((cert, key)) => {
+            let chain = certs::load_certs(cert).map_err(|e| ClientError::Config(e.to_string()))?;
+            let key = certs::load_key(key).map_err(|e| ClientError::Config(e.to_string()))?;
+            builder
+                .with_client_auth_cert(chain, key)
+                .map_err(config_err)
+        }
+    }
+}
+
+/// Accepts any server certificate, still checking that the handshake is signed by it.
+#[derive(Debug)]
+struct NoVerification(Arc<CryptoProvider>);
+
+impl ServerCertVerifier for NoVerification {
+    fn verify_server_cert(
+        &self,
+        _end_entity: &CertificateDer<'_>,
+        _intermediates: &[CertificateDer<'_>],
+        _server_name: &ServerName<'_>,
+        _ocsp_response: &[u8],
+        _now: UnixTime,
+    ) -> Result<ServerCertVerified, rustls::Error> {
+        Ok(ServerCertVerified::assertion())
+    }
+
+    fn verify_tls12_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &DigitallySignedStruct,
+    ) -> Result<HandshakeSignatureValid, rustls::Error> {
+        rustls::crypto::verify_tls12_signature(
+            message,
+            cert,
+            dss,
+            &self.0.signature_verification_algorithms,
+        )
+    }
+
+    fn verify_tls13_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &DigitallySignedStruct,
+    ) -> Result<HandshakeSignatureValid, rustls::Error> {
+        rustls::crypto::verify_tls13_signature(
+            message,
+            cert,
+            dss,
+            &self.0.signature_verification_algorithms,
+        )
+    }
+
+    fn supported_verify_schemes(&self) -> Vec<SignatureScheme> {
+        self.0.signature_verification_algorithms.supported_schemes()
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// A connection
+
+/// Any byte stream a `mqtt`/`mqtts`/`ws`/`wss` connection runs over.
+trait Io: AsyncRead + AsyncWrite + Unpin + Send {}
+impl<T: AsyncRead + AsyncWrite + Unpin + Send> Io for T {}
+
+struct Writer {
+    tx: mpsc::UnboundedSender<Bytes>,
+    backlog: Arc<AtomicUsize>,
+}
+
+/// One connection to a server: its routes, their tasks, and the inbound queue.
+pub struct Link {
+    pub url: ServerUrl,
+    pub remote: Option<SocketAddr>,
+    /// The CONNECT went out in 0-RTT and the server accepted it.
+    pub zero_rtt: bool,
+    quic: Option<quinn::Connection>,
+    early: Option<quinn::ZeroRttAccepted>,
+    writers: HashMap<Route, Writer>,
+    control_writer: Option<tokio::task::JoinHandle<()>>,
+    inbound_tx: mpsc::Sender<Inbound>,
+    inbound: mpsc::Receiver<Inbound>,
+    tasks: JoinSet<()>,
+    version: ProtocolVersion,
+    max_packet_size: u32,
+    stats: Arc<Stats>,
+}
+
+/// Why one connect attempt failed; `ZeroRttRejected` is retried at once without early data.
+#[derive(Debug, thiserror::Error)]
+pub enum AttemptError {
+    #[error("{0}")]
+    Failed(String),
+    #[error("the server refused the connection: {0:?}")]
+    Refused(crate::codec::ReasonCode),
+    #[error("0-RTT rejected")]
+    ZeroRttRejected,
+}
+
+impl From<std::io::Error> for AttemptError {
+    fn from(err: std::io::Error) -> Self {
+        Self::Failed(err.to_string())
+    }
+}
+
+impl Link {
+    /// Opens the transport of `url` and runs CONNECT → CONNACK on it. The caller bounds the
+    /// time this may take.
+    pub async fn open(
+        ctx: &TransportContext,
+        url: &ServerUrl,
+        connect: &Packet,
+        max_packet_size: u32,
+        stats: Arc<Stats>,
+    ) -> Result<(Self, ConnAck), AttemptError> {
+        let Packet::Connect(c) = connect else {
+            return Err(AttemptError::Failed("not a CONNECT".into()));
+        };
+        let version = c.protocol;
+        let mut allow_early = true;
+        loop {
+            let mut link = Self::transport(
+                ctx,
+                url,
+                version,
+                max_packet_size,
+                Arc::clone(&stats),
+                allow_early,
+            )
+            .await?;
+            match link.handshake(connect).await {
+                Err(AttemptError::ZeroRttRejected) if allow_early => {
+                    link.abort();
+                    allow_early = false;
+                }
+                Err(err) => {
+                    link.abort();
+                    return Err(err);
+                }
+                Ok(connack) => return Ok((link, connack)),
+            }
+        }
+    }
+
+    async fn transport(
+        ctx: &TransportContext,
+        url: &ServerUrl,
+        version: ProtocolVersion,
+        max_packet_size: u32,
+        stats: Arc<Stats>,
+        allow_early: bool,
+    ) -> Result<Self, AttemptError> {
+        let (inbound_tx, inbound) = mpsc::channel(INBOUND_QUEUE);
+        let mut link = Self {
+            url: url.clone(),
+            remote: None,
+            zero_rtt: false,
+            quic: None,
+            early: None,
+            writers: HashMap::new(),
+            control_writer: None,
+            inbound_tx,
+            inbound,
+            tasks: JoinSet::new(),
+            version,
+            max_packet_size,
+            stats,
+        };
+        if url.transport == Transport::Quic {
+            let addr = resolve(url).await?;
+            link.remote = Some(addr);
+            let endpoint = ctx
+                .endpoint(addr.is_ipv6())
+                .map_err(|e| AttemptError::Failed(e.to_string()))?;
+            let name = server_name(ctx, url);
+            let connecting = endpoint
+                .connect(addr, &name)
+                .map_err(|e| AttemptError::Failed(e.to_string()))?;
+            let conn = match connecting.into_0rtt() {
+                Ok((conn, accepted)) if allow_early => {
+                    link.early = Some(accepted);
+                    conn
+                }
+                Ok((conn, _)) => conn,
+                Err(connecting) => connecting
+                    .await
+                    .map_err(|e| AttemptError::Failed(e.to_string()))?,
+            };
+            let (send, recv) = conn
+                .open_bi()
+                .await
+                .map_err(|e| AttemptError::Failed(e.to_string()))?;
+            link.quic = Some(conn);
+            link.add_quic_stream(Route::Control, send, recv);
+            return Ok(link);
+        }
+
+        let tcp = match url.socket_addr() {
+            Some(addr) => TcpStream::connect(addr).await?,
+            None => TcpStream::connect((url.host.as_str(), url.port)).await?,
+        };
+        tcp.set_nodelay(true)?;
+        link.remote = tcp.peer_addr().ok();
+        let stream: Box<dyn Io> = match url.transport {
+            Transport::Tcp | Transport::Ws => Box::new(tcp),
+            Transport::Tls | Transport::Wss => {
+                let config = ctx
+                    .tls
+                    .clone()
+                    .ok_or_else(|| AttemptError::Failed("no TLS".into()))?;
+                let name = ServerName::try_from(server_name(ctx, url))
+                    .map_err(|e| AttemptError::Failed(format!("server name: {e}")))?;
+                let tls = tokio_rustls::TlsConnector::from(config)
+                    .connect(name, tcp)
+                    .await?;
+                Box::new(tls)
+            }
+            Transport::Quic => unreachable!("handled above"),
+        };
+        let stream: Box<dyn Io> = match url.transport {
+            Transport::Ws | Transport::Wss => {
+                Box::new(websocket(url, stream, max_packet_size).await?)
+            }
+            _ => stream,
+        };
+        let (read, write) = tokio::io::split(stream);
+        link.add_stream(read, write);
+        Ok(link)
+    }
+
+    /// Sends CONNECT on the control route and waits for CONNACK.
+    async fn handshake(&mut self, connect: &Packet) -> Result<ConnAck, AttemptError> {
+        self.send(
+            Route::Control,
+            encoded(connect, self.version),
+            &StreamMap::new(Default::default()),
+        );
+        let connack = match self.inbound.recv().await {
+            Some(Inbound::Packet(Route::Control, Packet::ConnAck(connack))) => connack,
+            Some(Inbound::Packet(_, other)) => {
+                return Err(AttemptError::Failed(format!(
+                    "packet type {} before CONNACK",
+                    other.packet_type()
+                )))
+            }
+            Some(Inbound::Invalid(_, err)) => {
+                return Err(AttemptError::Failed(format!("malformed CONNACK: {err}")))
+            }
+            Some(Inbound::Ended(_)) | None => {
+                if let Some(early) = self.early.take() {
+                    if !early.await {
+                        return Err(AttemptError::ZeroRttRejected);
+                    }
+                }
+                return Err(AttemptError::Failed("closed before CONNACK".into()));
+            }
+        };
+        if let Some(early) = self.early.take() {
+            // The CONNACK answered a CONNECT sent in 0-RTT.
+            self.zero_rtt = early.await;
+        }
+        if connack.code.is_failure() {
+            return Err(AttemptError::Refused(connack.code));
+        }
+        Ok(connack)
+    }
+
+    pub fn is_quic(&self) -> bool {
+        self.quic.is_some()
+    }
+
+    /// Queues encoded bytes on `route`, opening a QUIC data stream for a new slot. Without a
+    /// stream for it (byte streams, or no stream credit left) a route falls back to control.
+    pub fn send(&mut self, route: Route, bytes: Bytes, streams: &StreamMap) {
+        let route = match route {
+            Route::Data(slot) if !self.writers.contains_key(&route) => {
+                if self.open_data_stream(slot, streams.priority(slot)) {
+                    route
+                } else {
+                    Route::Control
+                }
+            }
+            route => route,
+        };
+        if let Some(writer) = self.writers.get(&route) {
+            writer.backlog.fetch_add(bytes.len(), Ordering::Relaxed);
+            let _ = writer.tx.send(bytes);
+        }
+    }
+
+    fn open_data_stream(&mut self, slot: u16, priority: i32) -> bool {
+        let Some(conn) = &self.quic else {
+            return false;
+        };
+        // Streams open at once while the server's credit lasts; never wait for more.
+        let Some(Ok((send, recv))) = conn.open_bi().now_or_never() else {
+            return false;
+        };
+        let _ = send.set_priority(priority);
+        self.stats
+            .data_streams_opened
+            .fetch_add(1, Ordering::Relaxed);
+        self.add_quic_stream(Route::Data(slot), send, recv);
+        true
+    }
+
+    /// A data stream ended: its slot opens a new stream the next time it is used.
+    pub fn forget(&mut self, route: Route) {
+        if route != Route::Control {
+            self.writers.remove(&route);
+        }
+    }
+
+    /// Bytes handed to writers and not yet written.
+    pub fn backlog(&self) -> usize {
+        self.writers
+            .values()
+            .map(|w| w.backlog.load(Ordering::Relaxed))
+            .sum()
+    }
+
+    pub async fn recv(&mut self) -> Option<Inbound> {
+        self.inbound.recv().await
+    }
+
+    /// Sends `last` (DISCONNECT) if given, lets the control stream flush for at most
+    /// `linger`, then closes.
+    pub async fn close(mut self, last: Option<&Packet>, linger: Duration) {
+        if let Some(packet) = last {
+            let bytes = encoded(packet, self.version);
+            self.send(Route::Control, bytes, &StreamMap::new(Default::default()));
+        }
+        self.writers.clear(); // each writer ends after its queue
+        if let Some(handle) = self.control_writer.take() {
+            let _ = tokio::time::timeout(linger, handle).await;
+        }
+        self.abort();
+    }
+
+    fn abort(&mut self) {
+        if let Some(conn) = &self.quic {
+            conn.close(0u32.into(), b"");
+        }
+        if let Some(handle) = self.control_writer.take() {
+            handle.abort();
+        }
+        self.tasks.abort_all();
+    }
+
+    fn add_quic_stream(&mut self, route: Route, send: SendStream, recv: RecvStream) {
+        let backlog = Arc::new(AtomicUsize::new(0));
+        let (tx, rx) = mpsc::unbounded_channel();
+        let task = write_quic(send, rx, Arc::clone(&backlog));
+        if route == Route::Control {
+            self.control_writer = Some(tokio::spawn(task));
+        } else {
+            self.tasks.spawn(task);
+        }
+        self.writers.insert(route, Writer { tx, backlog });
+        self.spawn_reader(route, recv);
+    }
+
+    fn add_stream(
+        &mut self,
+        read: impl AsyncRead + Unpin + Send + 'static,
+        write: impl AsyncWrite + Unpin + Send + 'static,
+    ) {
+        let backlog = Arc::new(AtomicUsize::new(0));
+        let (tx, rx) = mpsc::unbounded_channel();
+        self.control_writer = Some(tokio::spawn(write_stream(write, rx, Arc::clone(&backlog))));
+        self.writers.insert(Route::Control, Writer { tx, backlog });
+        self.spawn_reader(Route::Control, read);
+    }
+
+    fn spawn_reader(&mut self, route: Route, read: impl AsyncRead + Unpin + Send + 'static) {
+        let codec = Codec::with_version(self.version, self.max_packet_size);
+        self.tasks
+            .spawn(read_packets(route, read, codec, self.inbound_tx.clone()));
+    }
+}
+
+impl Drop for Link {
+    fn drop(&mut self) {
+        self.abort();
+    }
+}
+
+pub fn encoded(packet: &Packet, version: ProtocolVersion) -> Bytes {
+    let mut out = BytesMut::new();
+    encode(packet, version, &mut out);
+    out.freeze()
+}
+
+fn server_name(ctx: &TransportContext, url: &ServerUrl) -> String {
+    ctx.server_name.clone().unwrap_or_else(|| url.host.clone())
+}
+
+async fn resolve(url: &ServerUrl) -> Result<SocketAddr, AttemptError> {
+    if let Some(addr) = url.socket_addr() {
+        return Ok(addr);
+    }
+    tokio::net::lookup_host((url.host.as_str(), url.port))
+        .await?
+        .next()
+        .ok_or_else(|| AttemptError::Failed(format!("{} has no address", url.host)))
+}
+
+async fn websocket(
+    url: &ServerUrl,
+    stream: Box<dyn Io>,
+    max_packet_size: u32,
+) -> Result<ws::WsStream<Box<dyn Io>>, AttemptError> {
+    use tokio_tungstenite::tungstenite::client::IntoClientRequest as _;
+    use tokio_tungstenite::tungstenite::http::HeaderValue;
+    use tokio_tungstenite::tungstenite::protocol::WebSocketConfig;
+
+    let scheme = if url.transport == Transport::Wss {
+        "wss"
+    } else {
+        "ws"
+    };
+    let host = match url.ip() {
+        Some(IpAddr::V6(ip)) => format!("[{ip}]"),
+        _ => url.host.clone(),
+    };
+    let mut request = format!("{scheme}://{host}:{}{}", url.port, url.path)
+        .into_client_request()
+        .map_err(|e| AttemptError::Failed(format!("WebSocket request: {e}")))?;
+    request
+        .headers_mut()
+        .insert("Sec-WebSocket-Protocol", HeaderValue::from_static("mqtt"));
+    let max = usize::try_from(max_packet_size).unwrap_or(usize::MAX);
+    let config = WebSocketConfig {
+        max_message_size: Some(max),
+        max_frame_size: Some(max),
+        ..WebSocketConfig::default()
+    };
+    let (ws, _) = tokio_tungstenite::client_async_with_config(request, stream, Some(config))
+        .await
+        .map_err(|e| AttemptError::Failed(format!("WebSocket upgrade: {e}")))?;
+    Ok(ws::WsStream::new(ws))
+}
+
+async fn read_packets(
+    route: Route,
+    mut read: impl AsyncRead + Unpin,
+    mut codec: Codec,
+    inbound: mpsc::Sender<Inbound>,
+) {
+    let mut buf = BytesMut::with_capacity(4096);
+    loop {
+        loop {
+            match codec.decode(&mut buf) {
+                Ok(Some(packet)) => {
+                    if inbound.send(Inbound::Packet(route, packet)).await.is_err() {
+                        return;
+                    }
+                }
+                Ok(None) => break,
+                Err(err) => {
+                    let _ = inbound.send(Inbound::Invalid(route, err)).await;
+                    return;
+                }
+            }
+        }
+        if buf.capacity() - buf.len() < 512 {
+            buf.reserve(4096);
+        }
+        match read.read_buf(&mut buf).await {
+            Ok(0) | Err(_) => break,
+            Ok(_) => {}
+        }
+    }
+    let _ = inbound.send(Inbound::Ended(route)).await;
+}
+
+async fn write_stream(
+    mut write: impl AsyncWrite + Unpin,
+    mut rx: mpsc::UnboundedReceiver<Bytes>,
+    backlog: Arc<AtomicUsize>,
+) {
+    while let Some(bytes) = rx.recv().await {
+        let n = bytes.len();
+        if write.write_all(&bytes).await.is_err() {
+            return;
+        }
+        // Everything queued meanwhile goes in the same flush (one WebSocket message).
+        let mut more = n;
+        while let Ok(bytes) = rx.try_recv() {
+            more += bytes.len();
+            if write.write_all(&bytes).await.is_err() {
+                return;
+            }
+        }
+        if write.flush().await.is_err() {
+            return;
+        }
+        backlog.fetch_sub(more, Ordering::Relaxed);
+    }
+    let _ = write.shutdown().await;
+}
+
+async fn write_quic(
+    mut send: SendStream,
+    mut rx: mpsc::UnboundedReceiver<Bytes>,
+    backlog: Arc<AtomicUsize>,
+) {
+    while let Some(bytes) = rx.recv().await {
+        let n = bytes.len();
+        if send.write_chunk(bytes).await.is_err() {
+            return;
+        }
+        backlog.fetch_sub(n, Ordering::Relaxed);
+    }
+    let _ = send.finish();
+    // Until the server has it all (or stops the stream); the caller bounds the wait.
+    let _ = send.stopped().await;
+}
