@@ -11,6 +11,7 @@
 //! - [`config`]: the TOML file model, overrides, and validated runtime settings.
 //! - [`client`]: the async MQTT client library (every transport by URL, QUIC stream policy,
 //!   reconnect and session resume); its protocol state is sans-IO like `core`.
+//! - [`tools`]: `petrel pub`, `petrel sub` and `petrel bench`, built on `client`.
 //!
 //! Dependency direction: `codec <- core <- broker -> transport`; `config` builds `broker`
 //! settings.
@@ -20,6 +21,7 @@ pub mod client;
 pub mod codec;
 pub mod config;
 pub mod core;
+pub mod tools;
 pub mod transport;
 
 #[cfg(test)]

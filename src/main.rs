@@ -73,6 +73,12 @@ enum Command {
         #[arg(long, value_name = "NAME", default_value = "petrel-client")]
         client_cn: String,
     },
+    /// Publish messages (mosquitto_pub habits) over mqtt://, mqtts://, ws://, wss:// or quic://.
+    Pub(petrel::tools::pubsub::PubArgs),
+    /// Subscribe and print messages (mosquitto_sub habits) over any transport.
+    Sub(petrel::tools::pubsub::SubArgs),
+    /// End-to-end load generator: throughput, latency percentiles, losses, duplicates.
+    Bench(Box<petrel::tools::bench::BenchArgs>),
 }
 
 fn main() -> ExitCode {
@@ -105,7 +111,39 @@ fn main() -> ExitCode {
             }
         }
         Some(Command::Serve(args)) => run(args),
+        Some(Command::Pub(args)) => tool(petrel::tools::pubsub::publish(args)),
+        Some(Command::Sub(args)) => tool(petrel::tools::pubsub::subscribe(args)),
+        Some(Command::Bench(args)) => tool(async move {
+            let json = args.json;
+            let report = petrel::tools::bench::run(*args).await?;
+            if json {
+                println!("{}", serde_json::to_string(&report)?);
+            } else {
+                println!("{}", report.summary());
+            }
+            Ok(())
+        }),
         None => run(cli.serve),
+    }
+}
+
+/// Runs a client tool on a fresh runtime; errors go to standard error with a non-zero exit.
+fn tool(task: impl std::future::Future<Output = anyhow::Result<()>>) -> ExitCode {
+    let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("warn"));
+    tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr).init();
+    let runtime = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
+        Ok(runtime) => runtime,
+        Err(err) => {
+            eprintln!("error: cannot start the runtime: {err}");
+            return ExitCode::FAILURE;
+        }
+    };
+    match runtime.block_on(task) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(err) => {
+            eprintln!("error: {err:#}");
+            ExitCode::FAILURE
+        }
     }
 }
 
