@@ -15,8 +15,8 @@ use crate::codec::ReasonCode;
 use crate::core::channel::{Action, Channel};
 use crate::core::message::Flow;
 
-/// The longest a publisher waits for one overfilled subscriber before going on (after which
-/// that subscriber's mailbox drops what exceeds its hard bound).
+/// How long a paused publisher waits for an overfilled subscriber that takes no messages at
+/// all before going on (that subscriber's mailbox then drops what exceeds its hard bound).
 const MAX_PAUSE: Duration = Duration::from_secs(1);
 
 pub struct Link {
@@ -32,7 +32,9 @@ pub struct Link {
     pub close_reason: Option<ReasonCode>,
     /// Subscribers' mailboxes this connection's publishes overfilled: input waits for them.
     pub pressure: Vec<Arc<Mailbox>>,
-    /// When the current wait on `pressure` must end.
+    /// Each pressured mailbox's pop count when last checked (same order as `pressure`).
+    pressure_marks: Vec<u64>,
+    /// When the current wait on `pressure` is next checked for progress.
     pub pause_deadline: Option<Instant>,
     conn_id: u64,
     control_tx: mpsc::Sender<Control>,
@@ -52,6 +54,7 @@ impl Link {
             closed: false,
             close_reason: None,
             pressure: Vec::new(),
+            pressure_marks: Vec::new(),
             pause_deadline: None,
             control_tx,
             takeover_acks: Vec::new(),
@@ -152,6 +155,7 @@ impl Link {
             if Some(ptr) == own || self.pressure[..i].iter().any(|m| Arc::as_ptr(m) == ptr) {
                 self.pressure.swap_remove(i);
             } else {
+                self.pressure_marks.push(self.pressure[i].popped());
                 i += 1;
             }
         }
@@ -164,18 +168,38 @@ impl Link {
         }
     }
 
-    /// Whether input must wait for subscribers to catch up (see `mailbox`). A wait that ran
-    /// out marks the mailboxes still full as stalled, and input goes on.
+    /// Whether input must wait for subscribers to catch up (see `mailbox`). Every
+    /// `MAX_PAUSE` the wait is checked: a subscriber that took messages meanwhile is waited
+    /// for again (a slow reader slows its publishers, it does not lose messages); one that
+    /// took none counts as stalled (it stops pushing back until it drains) and input goes on,
+    /// so neither a dead subscriber nor two clients waiting on each other block anyone for
+    /// longer than that.
     pub fn is_paused(&mut self, now: Instant) -> bool {
-        self.pressure.retain(|m| !m.is_relieved());
-        if self.pause_deadline.is_some_and(|deadline| now >= deadline) {
-            for mailbox in self.pressure.drain(..) {
+        let check = self.pause_deadline.is_some_and(|deadline| now >= deadline);
+        let mut i = 0;
+        while i < self.pressure.len() {
+            let mailbox = &self.pressure[i];
+            let popped = mailbox.popped();
+            let stalled = check && popped == self.pressure_marks[i];
+            if stalled {
                 mailbox.mark_stalled();
+            }
+            if stalled || mailbox.is_relieved() {
+                self.pressure.swap_remove(i);
+                self.pressure_marks.swap_remove(i);
+            } else {
+                if check {
+                    self.pressure_marks[i] = popped;
+                }
+                i += 1;
             }
         }
         if self.pressure.is_empty() {
             self.pause_deadline = None;
             return false;
+        }
+        if check {
+            self.pause_deadline = Some(now + MAX_PAUSE);
         }
         true
     }

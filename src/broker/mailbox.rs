@@ -7,11 +7,11 @@
 //!   Mosquitto and EMQX do.
 //! - QoS 1/2 deliveries are still queued beyond `capacity`, up to a hard bound of
 //!   `HARD_FACTOR` x `capacity`, and the push reports **pressure**: the publishing connection
-//!   then stops reading until this mailbox has drained below half its capacity (or a bounded
-//!   wait ran out, after which the mailbox counts as stalled and stops pushing back until it
-//!   drains). A saturating publisher is thus slowed to its subscribers' pace instead of
-//!   losing messages, while a subscriber that never reads costs a publisher at most one
-//!   bounded wait. Beyond the hard bound QoS 1/2 deliveries are dropped and counted too, so
+//!   then stops reading until this mailbox has drained below half its capacity, for as long as
+//!   the subscriber keeps taking messages (see `Link::is_paused`); one that takes none for a
+//!   while counts as stalled and stops pushing back until it drains. A saturating publisher
+//!   is thus slowed to its subscribers' pace instead of losing messages, while a subscriber
+//!   that never reads costs a publisher at most one bounded wait. Beyond the hard bound QoS 1/2 deliveries are dropped and counted too, so
 //!   memory stays bounded whatever clients do.
 
 use std::collections::VecDeque;
@@ -47,6 +47,8 @@ pub struct Mailbox {
     /// A publisher waited on this mailbox in vain; it stops pushing back until it drains.
     stalled: AtomicBool,
     dropped: AtomicU64,
+    /// Deliveries taken so far: the progress a paused publisher watches.
+    popped: AtomicU64,
 }
 
 impl Mailbox {
@@ -59,6 +61,7 @@ impl Mailbox {
             online: AtomicBool::new(true),
             stalled: AtomicBool::new(false),
             dropped: AtomicU64::new(0),
+            popped: AtomicU64::new(0),
         }
     }
 
@@ -101,6 +104,9 @@ impl Mailbox {
             let delivery = queue.pop_front();
             (delivery, queue.len())
         };
+        if delivery.is_some() {
+            self.popped.fetch_add(1, Ordering::Relaxed);
+        }
         if delivery.is_some() && len == self.low_water() {
             self.stalled.store(false, Ordering::Relaxed);
             self.drained.notify_waiters();
@@ -154,6 +160,10 @@ impl Mailbox {
 
     pub fn set_online(&self, online: bool) {
         self.online.store(online, Ordering::Relaxed);
+    }
+
+    pub fn popped(&self) -> u64 {
+        self.popped.load(Ordering::Relaxed)
     }
 
     pub fn dropped(&self) -> u64 {

@@ -345,7 +345,9 @@ pub async fn run(args: BenchArgs) -> anyhow::Result<BenchReport> {
         let counters = Arc::clone(&counters);
         let topic = topic_of(i);
         let args = args.clone();
-        pub_tasks.spawn(publish_loop(client, events, i as u32, topic, args, deadline, counters));
+        pub_tasks.spawn(publish_loop(
+            client, events, i as u32, topic, args, deadline, counters,
+        ));
     }
 
     let progress = (!args.quiet).then(|| tokio::spawn(progress(Arc::clone(&counters), started)));
@@ -396,7 +398,13 @@ pub async fn run(args: BenchArgs) -> anyhow::Result<BenchReport> {
         Scenario::Pub => &ack_latency,
         _ => &latency,
     };
-    let count_rate = |n: u64| if publishing > 0.0 { n as f64 / publishing } else { 0.0 };
+    let count_rate = |n: u64| {
+        if publishing > 0.0 {
+            n as f64 / publishing
+        } else {
+            0.0
+        }
+    };
     Ok(BenchReport {
         scenario: args.scenario,
         url,
@@ -430,7 +438,11 @@ fn cpu_percent(start: Option<f64>, wall: Instant) -> f64 {
     }
 }
 
-async fn connect_all(args: &BenchArgs, role: &str, n: usize) -> anyhow::Result<Vec<(Client, Events)>> {
+async fn connect_all(
+    args: &BenchArgs,
+    role: &str,
+    n: usize,
+) -> anyhow::Result<Vec<(Client, Events)>> {
     let mut set = JoinSet::new();
     let mut clients = Vec::with_capacity(n);
     for i in 0..n {
@@ -453,10 +465,17 @@ async fn connect_all(args: &BenchArgs, role: &str, n: usize) -> anyhow::Result<V
 
 type Connecting = JoinSet<(usize, Result<(Client, Events), crate::client::ClientError>)>;
 
-async fn collect_connected(set: &mut Connecting, into: &mut Vec<(usize, (Client, Events))>, role: &str) -> anyhow::Result<()> {
+async fn collect_connected(
+    set: &mut Connecting,
+    into: &mut Vec<(usize, (Client, Events))>,
+    role: &str,
+) -> anyhow::Result<()> {
     if let Some(done) = set.join_next().await {
         let (i, connected) = done?;
-        into.push((i, connected.with_context(|| format!("{role} {i} cannot connect"))?));
+        into.push((
+            i,
+            connected.with_context(|| format!("{role} {i} cannot connect"))?,
+        ));
     }
     Ok(())
 }
@@ -472,7 +491,10 @@ async fn publish_loop(
 ) -> anyhow::Result<(Histogram<u64>, Client)> {
     let mut acks = histogram();
     let mut pending = std::collections::VecDeque::with_capacity(args.inflight);
-    let interval = args.rate.filter(|r| *r > 0.0).map(|r| Duration::from_secs_f64(1.0 / r));
+    let interval = args
+        .rate
+        .filter(|r| *r > 0.0)
+        .map(|r| Duration::from_secs_f64(1.0 / r));
     let mut next_send = Instant::now();
     let mut seq = 0u64;
     // Reconnect events are counted; the publisher's own events are otherwise not needed.
@@ -495,7 +517,12 @@ async fn publish_loop(
             acks.saturating_record(outcome.latency.as_micros() as u64);
         }
         let message = Message::new(topic.clone(), payload(args.size, seq, index)).qos(args.qos);
-        pending.push_back(client.publish_nowait(message).await.context("publish failed")?);
+        pending.push_back(
+            client
+                .publish_nowait(message)
+                .await
+                .context("publish failed")?,
+        );
         counters.sent.fetch_add(1, Ordering::Relaxed);
         seq += 1;
     }
@@ -533,10 +560,8 @@ async fn collect(
         };
         let Some(event) = event else { break };
         match event {
-            Event::Message(message) => {
-                if tally.record(&message.payload, unix_ns()) {
-                    counters.delivered.fetch_add(1, Ordering::Relaxed);
-                }
+            Event::Message(message) if tally.record(&message.payload, unix_ns()) => {
+                counters.delivered.fetch_add(1, Ordering::Relaxed);
             }
             Event::Reconnecting { .. } => {
                 counters.reconnects.fetch_add(1, Ordering::Relaxed);
@@ -574,7 +599,9 @@ async fn connection_storm(args: &BenchArgs, url: &str) -> anyhow::Result<BenchRe
     let mut clients = Vec::with_capacity(n);
     let mut set = JoinSet::new();
     for i in 0..n {
-        let options = args.connect.options(&generated_id(&format!("bench-conn-{i}")))?;
+        let options = args
+            .connect
+            .options(&generated_id(&format!("bench-conn-{i}")))?;
         set.spawn(async move { Client::connect(options).await });
         while set.len() >= args.connect_concurrency.max(1) {
             take_one(&mut set, &mut clients, &mut times, &mut failures, started).await;
@@ -584,9 +611,17 @@ async fn connection_storm(args: &BenchArgs, url: &str) -> anyhow::Result<BenchRe
         take_one(&mut set, &mut clients, &mut times, &mut failures, started).await;
     }
     times.sort_by(f64::total_cmp);
-    let at = |q: f64| times.get(((times.len() as f64 * q).ceil() as usize).saturating_sub(1)).copied();
+    let at = |q: f64| {
+        times
+            .get(((times.len() as f64 * q).ceil() as usize).saturating_sub(1))
+            .copied()
+    };
     if !args.quiet {
-        eprintln!("{} connected, holding them for {} s", clients.len(), args.duration);
+        eprintln!(
+            "{} connected, holding them for {} s",
+            clients.len(),
+            args.duration
+        );
     }
     tokio::time::sleep(Duration::from_secs(args.duration)).await;
     for (client, _) in &clients {
@@ -649,7 +684,10 @@ mod tests {
         assert_eq!(t.distinct, 4);
         assert_eq!(t.duplicates, 1);
         assert_eq!(t.reordered, 1, "2 arrived after 3");
-        assert!(!t.record(b"short", now), "payloads without the header are ignored");
+        assert!(
+            !t.record(b"short", now),
+            "payloads without the header are ignored"
+        );
     }
 
     #[test]
@@ -659,6 +697,10 @@ mod tests {
         let (seq, sent, publisher) = parse_header(&p).unwrap();
         assert_eq!((seq, publisher), (42, 7));
         assert!(sent > 0);
-        assert_eq!(payload(1, 0, 0).len(), HEADER, "never shorter than the header");
+        assert_eq!(
+            payload(1, 0, 0).len(),
+            HEADER,
+            "never shorter than the header"
+        );
     }
 }

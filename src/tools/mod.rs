@@ -17,13 +17,23 @@ use crate::client::{ClientError, ClientOptions, QoS, QuicStreams, Version};
 pub struct ConnectArgs {
     /// Broker URL: mqtt://, mqtts://, ws://, wss://, quic:// (repeat to give fallbacks,
     /// tried in order, e.g. QUIC first then TLS).
-    #[arg(short = 'u', long = "url", value_name = "URL", default_value = "mqtt://127.0.0.1:1883")]
+    #[arg(
+        short = 'u',
+        long = "url",
+        value_name = "URL",
+        default_value = "mqtt://127.0.0.1:1883"
+    )]
     pub urls: Vec<String>,
     /// Client identifier [default: generated].
     #[arg(short = 'i', long = "id", value_name = "CLIENT_ID")]
     pub client_id: Option<String>,
     /// Keep-alive in seconds.
-    #[arg(short = 'k', long = "keepalive", value_name = "SECONDS", default_value_t = 60)]
+    #[arg(
+        short = 'k',
+        long = "keepalive",
+        value_name = "SECONDS",
+        default_value_t = 60
+    )]
     pub keep_alive: u16,
     /// MQTT version: 311 or 5.
     #[arg(short = 'V', long = "protocol-version", value_name = "311|5", default_value = "5", value_parser = parse_version)]
@@ -54,7 +64,11 @@ impl ConnectArgs {
     pub fn options(&self, client_id: &str) -> Result<ClientOptions, ClientError> {
         let urls: Vec<&str> = self.urls.iter().map(String::as_str).collect();
         let mut options = ClientOptions::with_urls(&urls)?
-            .client_id(self.client_id.clone().unwrap_or_else(|| client_id.to_owned()))
+            .client_id(
+                self.client_id
+                    .clone()
+                    .unwrap_or_else(|| client_id.to_owned()),
+            )
             .version(self.version)
             .keep_alive(Duration::from_secs(u64::from(self.keep_alive)))
             .insecure(self.insecure);

@@ -21,7 +21,12 @@ pub struct PubArgs {
     #[arg(short = 'm', long = "message", conflicts_with_all = ["file", "stdin_lines"])]
     pub message: Option<String>,
     /// Send the contents of FILE as one message.
-    #[arg(short = 'f', long = "file", value_name = "FILE", conflicts_with = "stdin_lines")]
+    #[arg(
+        short = 'f',
+        long = "file",
+        value_name = "FILE",
+        conflicts_with = "stdin_lines"
+    )]
     pub file: Option<PathBuf>,
     /// Send each line of standard input as a message.
     #[arg(short = 'l', long = "stdin-lines")]
@@ -75,7 +80,9 @@ pub async fn publish(args: PubArgs) -> anyhow::Result<()> {
     let options = args.connect.options(&generated_id("petrel-pub"))?;
     let (client, _events) = Client::connect(options).await.context("cannot connect")?;
     let message = |payload: Bytes| {
-        let mut m = Message::new(args.topic.clone(), payload).qos(args.qos).retain(args.retain);
+        let mut m = Message::new(args.topic.clone(), payload)
+            .qos(args.qos)
+            .retain(args.retain);
         for (k, v) in &args.user_properties {
             m = m.user_property(k.clone(), v.clone());
         }
@@ -89,9 +96,9 @@ pub async fn publish(args: PubArgs) -> anyhow::Result<()> {
     } else {
         let payload = match (&args.message, &args.file) {
             (Some(m), _) => Bytes::from(m.clone()),
-            (None, Some(path)) => {
-                Bytes::from(std::fs::read(path).with_context(|| format!("cannot read {}", path.display()))?)
-            }
+            (None, Some(path)) => Bytes::from(
+                std::fs::read(path).with_context(|| format!("cannot read {}", path.display()))?,
+            ),
             (None, None) => anyhow::bail!("give a payload: -m MESSAGE, -f FILE or --stdin-lines"),
         };
         for i in 0..args.repeat {
@@ -109,16 +116,21 @@ pub async fn subscribe(args: SubArgs) -> anyhow::Result<()> {
     let options = args.connect.options(&generated_id("petrel-sub"))?;
     let (client, mut events) = Client::connect(options).await.context("cannot connect")?;
     for topic in &args.topics {
-        client.subscribe(topic, args.qos).await.with_context(|| format!("cannot subscribe to {topic}"))?;
+        client
+            .subscribe(topic, args.qos)
+            .await
+            .with_context(|| format!("cannot subscribe to {topic}"))?;
     }
     let mut received = 0u64;
     let mut out = std::io::stdout().lock();
     while !args.count.is_some_and(|c| received >= c) {
         let next = match args.timeout {
-            Some(secs) => match tokio::time::timeout(Duration::from_secs(secs), events.recv()).await {
-                Ok(event) => event,
-                Err(_) => break,
-            },
+            Some(secs) => {
+                match tokio::time::timeout(Duration::from_secs(secs), events.recv()).await {
+                    Ok(event) => event,
+                    Err(_) => break,
+                }
+            }
             None => events.recv().await,
         };
         let Some(event) = next else { break };
@@ -141,7 +153,12 @@ pub async fn subscribe(args: SubArgs) -> anyhow::Result<()> {
 
 fn print_message(out: &mut impl Write, message: &Received, args: &SubArgs) -> std::io::Result<()> {
     if args.json {
-        let user: Vec<_> = message.properties.user_properties.iter().map(|(k, v)| serde_json::json!([k, v])).collect();
+        let user: Vec<_> = message
+            .properties
+            .user_properties
+            .iter()
+            .map(|(k, v)| serde_json::json!([k, v]))
+            .collect();
         let line = serde_json::json!({
             "topic": message.topic,
             "payload": String::from_utf8_lossy(&message.payload),
