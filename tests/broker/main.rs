@@ -12,6 +12,7 @@ mod pubsub;
 mod quic;
 mod retain;
 mod session;
+mod tools;
 mod transports;
 mod v5;
 mod will;
