@@ -105,7 +105,8 @@ impl Connection {
             if self.link.closed {
                 break;
             }
-            let paused = self.link.is_paused(clock::now());
+            let now = self.link.tick();
+            let paused = self.link.is_paused(now);
             let link = &mut self.link;
             let deadline = link.channel.poll_timeout();
             let deliverable = link.deliverable();
@@ -139,6 +140,7 @@ impl Connection {
                     link.channel.handle_timeout(clock::now());
                 }
             }
+            self.link.tick();
             self.link.carry_out_actions().await;
         }
         // Flush what the channel said last (CONNACK refusal, DISCONNECT) within the linger time.
@@ -156,11 +158,12 @@ impl Connection {
     /// Decodes and handles every complete packet in the read buffer, carrying out the
     /// channel's actions after each (a CONNECT must be answered before what follows it).
     async fn decode_buffered(&mut self) {
-        while !self.link.channel.is_closed() && !self.link.is_paused(clock::now()) {
+        let now = self.link.tick();
+        while !self.link.channel.is_closed() && !self.link.is_paused(now) {
             match self.codec.decode(&mut self.rbuf) {
                 Ok(Some(packet)) => {
                     tracing::trace!(?packet, "received");
-                    self.link.channel.handle_packet(clock::now(), packet);
+                    self.link.channel.handle_packet(now, packet);
                 }
                 Ok(None) => break,
                 Err(err) => {

@@ -26,6 +26,8 @@ pub struct Link {
     pub control_rx: mpsc::Receiver<Control>,
     /// Data flows the channel asked to close; the QUIC driver resets their streams.
     pub closed_flows: Vec<Flow>,
+    /// The time of the current wake-up (`tick`): read once per batch of work, not per packet.
+    pub now: Instant,
     /// Set once the channel's `Close` has been carried out.
     pub closed: bool,
     /// Why it closed, for transports that can say so (QUIC's application error code).
@@ -47,6 +49,7 @@ impl Link {
         Self {
             conn_id: broker.next_conn_id(),
             channel: Channel::new(Arc::clone(broker.limits()), clock::now()),
+            now: clock::now(),
             broker,
             mailbox: None,
             control_rx,
@@ -76,9 +79,15 @@ impl Link {
         self.mailbox.clone().filter(|_| self.channel.can_deliver())
     }
 
+    /// Reads the clock for the work that follows a wake-up.
+    pub fn tick(&mut self) -> Instant {
+        self.now = clock::now();
+        self.now
+    }
+
     pub async fn carry_out_actions(&mut self) {
         while let Some(action) = self.channel.poll_action() {
-            let now = clock::now();
+            let now = self.now;
             match action {
                 Action::Connect {
                     client_id,
@@ -96,7 +105,9 @@ impl Link {
                     match opened {
                         Ok((session, mailbox)) => {
                             self.mailbox = Some(mailbox);
-                            self.channel.accept(clock::now(), session);
+                            // A takeover may have taken a while.
+                            let now = self.tick();
+                            self.channel.accept(now, session);
                         }
                         Err(code) => self.channel.reject(code),
                     }
@@ -225,7 +236,7 @@ impl Link {
     /// window allow.
     pub fn pump_deliveries(&mut self, room: impl Fn() -> bool) {
         let Some(mailbox) = &self.mailbox else { return };
-        let now = clock::now();
+        let now = self.now;
         let mut offered = 0u64;
         while self.channel.can_deliver() && room() {
             let Some(delivery) = mailbox.pop() else { break };

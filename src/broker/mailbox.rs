@@ -2,17 +2,17 @@
 //! connection currently serves the session (consumer).
 //!
 //! The mailbox outlives connections: while a persistent session is offline, deliveries queue
-//! here and are drained on reconnect. The router never waits on it:
-//! - QoS 0 deliveries beyond `capacity` (`session.max_queued`) are dropped and counted, as
-//!   Mosquitto and EMQX do.
-//! - QoS 1/2 deliveries are still queued beyond `capacity`, up to a hard bound of
-//!   `HARD_FACTOR` x `capacity`, and the push reports **pressure**: the publishing connection
+//! here and are drained on reconnect. The router never waits on it. Deliveries are queued
+//! beyond `capacity` (`session.max_queued`), up to a hard bound of `HARD_FACTOR` x
+//! `capacity`, and such a push reports **pressure**: the publishing connection
 //!   then stops reading until this mailbox has drained below half its capacity, for as long as
 //!   the subscriber keeps taking messages (see `Link::is_paused`); one that takes none for a
 //!   while counts as stalled and stops pushing back until it drains. A saturating publisher
 //!   is thus slowed to its subscribers' pace instead of losing messages, while a subscriber
-//!   that never reads costs a publisher at most one bounded wait. Beyond the hard bound QoS 1/2 deliveries are dropped and counted too, so
-//!   memory stays bounded whatever clients do.
+//!   that never reads costs a publisher at most one bounded wait. Beyond the hard bound
+//!   deliveries are dropped and counted (as Mosquitto and EMQX drop when their queues are
+//!   full), so memory stays bounded whatever clients do. QoS 0 is treated alike: a fast QoS 0
+//!   publisher is slowed rather than have most of its messages dropped.
 
 use std::collections::VecDeque;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
@@ -20,7 +20,6 @@ use std::sync::Mutex;
 
 use tokio::sync::Notify;
 
-use crate::codec::QoS;
 use crate::core::message::Delivery;
 
 /// QoS 1/2 deliveries may queue up to this many times the capacity before being dropped.
@@ -70,11 +69,7 @@ impl Mailbox {
         let pushed = {
             let mut queue = self.lock();
             let len = queue.len();
-            let limit = match delivery.qos {
-                QoS::AtMostOnce => self.capacity,
-                _ => self.capacity * HARD_FACTOR,
-            };
-            if len >= limit {
+            if len >= self.capacity * HARD_FACTOR {
                 None
             } else {
                 queue.push_back(delivery);
@@ -183,7 +178,7 @@ mod tests {
     use bytes::Bytes;
 
     use super::*;
-    use crate::codec::Publish;
+    use crate::codec::{Publish, QoS};
     use crate::core::message::{Flow, Message};
 
     fn delivery(qos: QoS) -> Delivery {
@@ -207,13 +202,13 @@ mod tests {
     }
 
     #[test]
-    fn qos0_is_dropped_at_capacity_and_qos1_pushes_back_until_the_hard_bound() {
+    fn past_capacity_pushes_back_until_the_hard_bound_then_drops() {
         let m = Mailbox::new(4);
         for _ in 0..4 {
             assert_eq!(m.push(delivery(QoS::AtLeastOnce)), Pushed::Queued);
         }
-        assert_eq!(m.push(delivery(QoS::AtMostOnce)), Pushed::Dropped);
-        for _ in 4..16 {
+        assert_eq!(m.push(delivery(QoS::AtMostOnce)), Pushed::Pressured);
+        for _ in 5..16 {
             assert_eq!(m.push(delivery(QoS::AtLeastOnce)), Pushed::Pressured);
         }
         assert_eq!(
@@ -221,12 +216,13 @@ mod tests {
             Pushed::Dropped,
             "hard bound"
         );
-        assert_eq!((m.len(), m.dropped()), (16, 2));
+        assert_eq!((m.len(), m.dropped()), (16, 1));
         assert!(!m.is_relieved());
         while m.len() > 2 {
             m.pop();
         }
         assert!(m.is_relieved(), "relieved at half the capacity");
+        assert_eq!(m.popped(), 14);
     }
 
     #[test]

@@ -228,7 +228,8 @@ impl QuicConnection {
                         if !self.is_live(flow) {
                             continue;
                         }
-                        self.link.channel.handle_flow_packet(clock::now(), flow, packet);
+                        let now = self.link.tick();
+                        self.link.channel.handle_flow_packet(now, flow, packet);
                         self.link.carry_out_actions().await;
                     }
                 }
@@ -243,6 +244,7 @@ impl QuicConnection {
                     self.link.channel.handle_timeout(clock::now());
                 }
             }
+            self.link.tick();
             self.link.carry_out_actions().await;
             self.follow_migration();
         }
@@ -256,7 +258,7 @@ impl QuicConnection {
     }
 
     fn handle_event(&mut self, event: Event, handshake_done: bool) {
-        let now = clock::now();
+        let now = self.link.tick();
         match &event {
             // Late input from a data flow that was already closed (its reader is stopping).
             Event::Packet(flow, _) | Event::Invalid(flow, _) | Event::Ended(flow)

@@ -56,7 +56,7 @@ impl Default for Limits {
         Self {
             max_packet_size: 1024 * 1024,
             receive_maximum: 100,
-            max_inflight: 32,
+            max_inflight: 128,
             topic_alias_maximum: 65535,
             max_keepalive: 65535,
             maximum_qos: QoS::ExactlyOnce,

@@ -20,7 +20,10 @@ fn petrel() -> Command {
 #[tokio::test]
 async fn tools_pub_and_sub_over_quic_like_mosquitto() {
     let broker = TransportBroker::start().await;
-    let url = format!("quic://127.0.0.1:{}", broker.addr(ListenerKind::Quic).port());
+    let url = format!(
+        "quic://127.0.0.1:{}",
+        broker.addr(ListenerKind::Quic).port()
+    );
     let ca = broker.ca_path();
     let topic = unique("cli/quic");
     let sub = petrel()
@@ -40,7 +43,16 @@ async fn tools_pub_and_sub_over_quic_like_mosquitto() {
         let status = petrel()
             .args(["pub", "-u", &url, "--cafile"])
             .arg(&ca)
-            .args(["-t", &format!("{topic}/1"), "-m", "hello", "-q", "1", "--user-property", "k=v"])
+            .args([
+                "-t",
+                &format!("{topic}/1"),
+                "-m",
+                "hello",
+                "-q",
+                "1",
+                "--user-property",
+                "k=v",
+            ])
             .status()
             .await
             .unwrap();
@@ -52,7 +64,11 @@ async fn tools_pub_and_sub_over_quic_like_mosquitto() {
         .expect("petrel sub exits after -C 2")
         .unwrap()
         .unwrap();
-    assert!(output.status.success(), "{}", String::from_utf8_lossy(&output.stderr));
+    assert!(
+        output.status.success(),
+        "{}",
+        String::from_utf8_lossy(&output.stderr)
+    );
     let stdout = String::from_utf8(output.stdout).unwrap();
     let lines: Vec<&str> = stdout.lines().collect();
     assert_eq!(lines, vec![format!("{topic}/1 hello"); 2]);
@@ -66,16 +82,35 @@ async fn tools_bench_json_report_is_complete_and_parses() {
     let output = tokio::time::timeout(
         Duration::from_secs(60),
         petrel()
-            .args(["bench", "-u", &url, "--scenario", "p2p", "--pubs", "2", "-q", "1"])
+            .args([
+                "bench",
+                "-u",
+                &url,
+                "--scenario",
+                "p2p",
+                "--pubs",
+                "2",
+                "-q",
+                "1",
+            ])
             .args(["--size", "128", "--duration", "1", "--json", "--quiet"])
             .output(),
     )
     .await
     .expect("the bench ends")
     .unwrap();
-    assert!(output.status.success(), "{}", String::from_utf8_lossy(&output.stderr));
-    let report: serde_json::Value = serde_json::from_slice(&output.stdout).expect("one JSON object");
-    let n = |key: &str| report[key].as_u64().unwrap_or_else(|| panic!("{key} in {report}"));
+    assert!(
+        output.status.success(),
+        "{}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    let report: serde_json::Value =
+        serde_json::from_slice(&output.stdout).expect("one JSON object");
+    let n = |key: &str| {
+        report[key]
+            .as_u64()
+            .unwrap_or_else(|| panic!("{key} in {report}"))
+    };
     assert_eq!(report["scenario"], "p2p");
     assert!(n("sent") > 0);
     assert_eq!(n("expected"), n("sent"), "p2p: one delivery per message");
