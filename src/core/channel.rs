@@ -289,8 +289,7 @@ impl Channel {
             return Vec::new();
         };
         let in_flight: Vec<(u16, Outgoing)> = session
-            .outgoing
-            .values()
+            .outgoing()
             .filter(|(_, o)| o.flow() == flow)
             .cloned()
             .collect();
@@ -674,7 +673,7 @@ impl Channel {
         let resend: Vec<(u16, Outgoing)> = self
             .session
             .iter()
-            .flat_map(|s| s.outgoing.values().cloned())
+            .flat_map(|s| s.outgoing().cloned())
             .collect();
         for (id, state) in resend {
             self.resend_outgoing(now, id, state);
@@ -1014,7 +1013,10 @@ impl Channel {
     }
 
     fn fits(&self, packet: &Packet) -> bool {
-        codec::encoded_len(packet, self.version) <= self.peer_max_packet_size as usize
+        // A client that set no maximum takes anything MQTT can frame, and a message that
+        // came in under our own (smaller) maximum stays frameable: skip the measuring.
+        (self.peer_max_packet_size == u32::MAX && self.limits.max_packet_size < 256 * 1024 * 1024)
+            || codec::encoded_len(packet, self.version) <= self.peer_max_packet_size as usize
     }
 
     fn build_publish(&self, now: Instant, delivery: &Delivery, dup: bool) -> Publish {

@@ -5,11 +5,33 @@
 //! the broker's table of offline sessions. It holds no I/O handles; the broker pairs it with a
 //! mailbox for deliveries that wait for a window.
 
-use std::collections::{BTreeMap, HashMap, HashSet};
+use std::collections::{HashMap, HashSet, VecDeque};
+use std::hash::{BuildHasherDefault, Hasher};
 
 use crate::codec::{QoS, SubscriptionOptions};
 use crate::core::message::{Delivery, Flow};
 use crate::core::topic::TopicFilter;
+
+/// Packet ids are small integers handed out in order: a multiplication spreads them over the
+/// whole hash (the table uses its top bits too) without SipHash's cost.
+#[derive(Default)]
+struct IdHasher(u64);
+
+impl Hasher for IdHasher {
+    fn finish(&self) -> u64 {
+        self.0
+    }
+
+    fn write(&mut self, bytes: &[u8]) {
+        for &b in bytes {
+            self.0 = (self.0 << 8) | u64::from(b);
+        }
+    }
+
+    fn write_u16(&mut self, n: u16) {
+        self.0 = u64::from(n).wrapping_mul(0x9E37_79B9_7F4A_7C15);
+    }
+}
 
 /// One subscription as the session remembers it (the router holds a mirror).
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -50,8 +72,11 @@ pub struct Session {
     /// Outgoing messages in the order they were sent, with their packet ids (a map ordered by
     /// send sequence keeps the resend order of [MQTT-4.4.0-1]). Ids come from one counter for
     /// all flows, so they never collide and an ack is found whichever flow carries it.
-    pub outgoing: BTreeMap<u64, (u16, Outgoing)>,
-    ids_in_use: HashMap<u16, u64>,
+    outgoing: VecDeque<Option<(u16, Outgoing)>>,
+    /// The send sequence number of `outgoing[0]`.
+    first_seq: u64,
+    inflight: usize,
+    ids_in_use: HashMap<u16, u64, BuildHasherDefault<IdHasher>>,
     next_packet_id: u16,
     next_seq: u64,
     /// Inbound QoS 2 packet ids (per flow: each stream is the client's own id space) for
@@ -65,8 +90,10 @@ impl Session {
             client_id,
             expiry_interval,
             subscriptions: HashMap::new(),
-            outgoing: BTreeMap::new(),
-            ids_in_use: HashMap::new(),
+            outgoing: VecDeque::new(),
+            first_seq: 0,
+            inflight: 0,
+            ids_in_use: HashMap::default(),
             next_packet_id: 1,
             next_seq: 0,
             awaiting_release: HashSet::new(),
@@ -74,7 +101,32 @@ impl Session {
     }
 
     pub fn inflight(&self) -> usize {
-        self.outgoing.len()
+        self.inflight
+    }
+
+    /// Outgoing QoS 1/2 messages awaiting their acknowledgement, in send order, with their
+    /// packet ids.
+    pub fn outgoing(&self) -> impl Iterator<Item = &(u16, Outgoing)> {
+        self.outgoing.iter().flatten()
+    }
+
+    fn slot(&mut self, seq: u64) -> Option<&mut Option<(u16, Outgoing)>> {
+        let index = usize::try_from(seq.checked_sub(self.first_seq)?).ok()?;
+        self.outgoing.get_mut(index)
+    }
+
+    /// Frees the entry of `seq` and trims finished entries from the front, so the queue
+    /// holds at most the span from the oldest unacknowledged message to the newest.
+    fn release(&mut self, seq: u64) {
+        if let Some(slot) = self.slot(seq) {
+            if slot.take().is_some() {
+                self.inflight -= 1;
+            }
+        }
+        while matches!(self.outgoing.front(), Some(None)) {
+            self.outgoing.pop_front();
+            self.first_seq += 1;
+        }
     }
 
     /// Records an outgoing QoS 1/2 delivery under a fresh packet id. `None` if all 65,535 ids
@@ -93,8 +145,13 @@ impl Session {
         };
         let seq = self.next_seq;
         self.next_seq += 1;
+        if self.outgoing.is_empty() {
+            self.first_seq = seq;
+        }
         self.ids_in_use.insert(id, seq);
-        self.outgoing.insert(seq, (id, Outgoing::Publish(delivery)));
+        self.outgoing
+            .push_back(Some((id, Outgoing::Publish(delivery))));
+        self.inflight += 1;
         Some(id)
     }
 
@@ -104,13 +161,13 @@ impl Session {
         let Some(&seq) = self.ids_in_use.get(&id) else {
             return false;
         };
-        let expected = match self.outgoing.get(&seq) {
-            Some((_, Outgoing::Publish(d))) => !qos2 && d.qos == QoS::AtLeastOnce,
-            Some((_, Outgoing::Release(_))) => qos2,
-            None => false,
+        let expected = match self.slot(seq) {
+            Some(Some((_, Outgoing::Publish(d)))) => !qos2 && d.qos == QoS::AtLeastOnce,
+            Some(Some((_, Outgoing::Release(_)))) => qos2,
+            _ => false,
         };
         if expected {
-            self.outgoing.remove(&seq);
+            self.release(seq);
             self.ids_in_use.remove(&id);
         }
         expected
@@ -121,7 +178,7 @@ impl Session {
     /// again).
     pub fn received(&mut self, id: u16) -> Option<Flow> {
         let seq = *self.ids_in_use.get(&id)?;
-        let (_, state) = self.outgoing.get_mut(&seq)?;
+        let (_, state) = self.slot(seq)?.as_mut()?;
         match state {
             Outgoing::Publish(d) if d.qos == QoS::ExactlyOnce => {
                 let flow = d.flow;
@@ -136,7 +193,7 @@ impl Session {
     /// PUBREC with a failure reason: the message is finished without a release.
     pub fn abandon(&mut self, id: u16) {
         if let Some(seq) = self.ids_in_use.remove(&id) {
-            self.outgoing.remove(&seq);
+            self.release(seq);
         }
     }
 
@@ -182,7 +239,7 @@ impl Session {
             };
             moved.push((old, new));
         }
-        for (_, state) in self.outgoing.values_mut() {
+        for (_, state) in self.outgoing.iter_mut().flatten() {
             match state {
                 Outgoing::Publish(d) if d.flow == flow => d.flow = Flow::CONTROL,
                 Outgoing::Release(f) if *f == flow => *f = Flow::CONTROL,
@@ -208,7 +265,7 @@ impl Session {
             .subscriptions
             .keys()
             .map(|(f, _)| *f)
-            .chain(self.outgoing.values().map(|(_, o)| o.flow()))
+            .chain(self.outgoing().map(|(_, o)| o.flow()))
             .chain(self.awaiting_release.iter().map(|(f, _)| *f))
             .filter(|f| !f.is_control())
             .collect();
@@ -267,7 +324,7 @@ mod tests {
         );
         assert_eq!(s.received(id), Some(Flow::CONTROL));
         assert!(matches!(
-            s.outgoing.values().next(),
+            s.outgoing().next(),
             Some((_, Outgoing::Release(Flow::CONTROL)))
         ));
         assert!(s.complete(id, true));
