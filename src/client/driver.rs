@@ -273,8 +273,10 @@ impl Driver {
                 return Ended::Lost(DisconnectReason::Transport("no link".into()));
             };
             let stalled = !self.backlog.is_empty();
-            let room = self.state.queued() < self.options.offline_buffer.max(1)
-                && link.backlog() < BACKLOG_HIGH_WATER;
+            let backed_up = link.backlog() >= BACKLOG_HIGH_WATER;
+            let room = self.state.queued() < self.options.offline_buffer.max(1) && !backed_up;
+            // A publisher with nothing coming in must still wake when the writers catch up.
+            let written = Arc::clone(&link.written);
             let deadline = self.state.poll_timeout();
             let events = self.events.clone();
             tokio::select! {
@@ -285,6 +287,7 @@ impl Driver {
                         return end;
                     }
                 }
+                () = written.notified(), if backed_up => {}
                 command = self.commands.recv(), if room => match command {
                     Some(command) => {
                         if let Some(end) = self.command(command).await {

@@ -244,6 +244,9 @@ struct Writer {
 
 /// One connection to a server: its routes, their tasks, and the inbound queue.
 pub struct Link {
+    /// Signalled by the writers each time they have written something: wakes a driver that
+    /// stopped taking publishes while the backlog was high.
+    pub written: Arc<tokio::sync::Notify>,
     pub url: ServerUrl,
     pub remote: Option<SocketAddr>,
     /// The CONNECT went out in 0-RTT and the server accepted it.
@@ -326,6 +329,7 @@ impl Link {
     ) -> Result<Self, AttemptError> {
         let (inbound_tx, inbound) = mpsc::channel(INBOUND_QUEUE);
         let mut link = Self {
+            written: Arc::new(tokio::sync::Notify::new()),
             url: url.clone(),
             remote: None,
             zero_rtt: false,
@@ -524,7 +528,7 @@ impl Link {
     fn add_quic_stream(&mut self, route: Route, send: SendStream, recv: RecvStream) {
         let backlog = Arc::new(AtomicUsize::new(0));
         let (tx, rx) = mpsc::unbounded_channel();
-        let task = write_quic(send, rx, Arc::clone(&backlog));
+        let task = write_quic(send, rx, Arc::clone(&backlog), Arc::clone(&self.written));
         if route == Route::Control {
             self.control_writer = Some(tokio::spawn(task));
         } else {
@@ -541,7 +545,12 @@ impl Link {
     ) {
         let backlog = Arc::new(AtomicUsize::new(0));
         let (tx, rx) = mpsc::unbounded_channel();
-        self.control_writer = Some(tokio::spawn(write_stream(write, rx, Arc::clone(&backlog))));
+        self.control_writer = Some(tokio::spawn(write_stream(
+            write,
+            rx,
+            Arc::clone(&backlog),
+            Arc::clone(&self.written),
+        )));
         self.writers.insert(Route::Control, Writer { tx, backlog });
         self.spawn_reader(Route::Control, read);
     }
@@ -652,6 +661,7 @@ async fn write_stream(
     mut write: impl AsyncWrite + Unpin,
     mut rx: mpsc::UnboundedReceiver<Bytes>,
     backlog: Arc<AtomicUsize>,
+    written: Arc<tokio::sync::Notify>,
 ) {
     while let Some(bytes) = rx.recv().await {
         let n = bytes.len();
@@ -670,6 +680,7 @@ async fn write_stream(
             return;
         }
         backlog.fetch_sub(more, Ordering::Relaxed);
+        written.notify_one();
     }
     let _ = write.shutdown().await;
 }
@@ -678,6 +689,7 @@ async fn write_quic(
     mut send: SendStream,
     mut rx: mpsc::UnboundedReceiver<Bytes>,
     backlog: Arc<AtomicUsize>,
+    written: Arc<tokio::sync::Notify>,
 ) {
     while let Some(bytes) = rx.recv().await {
         let n = bytes.len();
@@ -685,6 +697,7 @@ async fn write_quic(
             return;
         }
         backlog.fetch_sub(n, Ordering::Relaxed);
+        written.notify_one();
     }
     let _ = send.finish();
     // Until the server has it all (or stops the stream); the caller bounds the wait.

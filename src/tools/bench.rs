@@ -130,8 +130,11 @@ pub struct BenchReport {
     pub lost: u64,
     pub duplicates: u64,
     pub reordered: u64,
-    /// Deliveries per second over the publishing period.
+    /// Deliveries per second, from the start of publishing to the last delivery (so a broker
+    /// that queues and delivers late is not flattered).
     pub delivered_per_sec: f64,
+    /// Seconds from the start of publishing to the last delivery.
+    pub delivery_seconds: f64,
     pub sent_per_sec: f64,
     pub bytes_per_sec: f64,
     /// Publish to delivery (subscribers), or publish to acknowledgement (`pub`).
@@ -195,6 +198,8 @@ struct Tally {
     duplicates: u64,
     reordered: u64,
     latency: Histogram<u64>,
+    /// When the last new delivery arrived.
+    last_at: Option<Instant>,
 }
 
 impl Tally {
@@ -206,6 +211,7 @@ impl Tally {
             duplicates: 0,
             reordered: 0,
             latency: histogram(),
+            last_at: None,
         }
     }
 
@@ -229,6 +235,7 @@ impl Tally {
         }
         bits[word] |= 1 << bit;
         self.distinct += 1;
+        self.last_at = Some(Instant::now());
         if self.last[publisher].is_some_and(|last| seq < last) {
             self.reordered += 1;
         }
@@ -388,6 +395,8 @@ pub async fn run(args: BenchArgs) -> anyhow::Result<BenchReport> {
     }
     let mut latency = histogram();
     let (mut delivered, mut duplicates, mut reordered) = (0, 0, 0);
+    let last_delivery = tallies.iter().filter_map(|t| t.last_at).max();
+    let delivering = last_delivery.map_or(0.0, |at| at.duration_since(started).as_secs_f64());
     for tally in &tallies {
         latency.add(&tally.latency).ok();
         delivered += tally.distinct;
@@ -419,9 +428,18 @@ pub async fn run(args: BenchArgs) -> anyhow::Result<BenchReport> {
         lost: expected.saturating_sub(delivered),
         duplicates,
         reordered,
-        delivered_per_sec: count_rate(delivered).round(),
+        delivered_per_sec: if delivering > 0.0 {
+            (delivered as f64 / delivering).round()
+        } else {
+            0.0
+        },
+        delivery_seconds: (delivering * 1000.0).round() / 1000.0,
         sent_per_sec: count_rate(sent).round(),
-        bytes_per_sec: (count_rate(delivered) * args.size.max(HEADER) as f64).round(),
+        bytes_per_sec: if delivering > 0.0 {
+            (delivered as f64 / delivering * args.size.max(HEADER) as f64).round()
+        } else {
+            0.0
+        },
         latency: (!measured.is_empty()).then(|| Latency::of(measured)),
         reconnects: counters.reconnects.load(Ordering::Relaxed),
         connect_p99_ms: None,
@@ -642,6 +660,7 @@ async fn connection_storm(args: &BenchArgs, url: &str) -> anyhow::Result<BenchRe
         duplicates: 0,
         reordered: 0,
         delivered_per_sec: 0.0,
+        delivery_seconds: 0.0,
         sent_per_sec: 0.0,
         bytes_per_sec: 0.0,
         latency: None,
