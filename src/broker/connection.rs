@@ -20,8 +20,12 @@ use super::link::Link;
 use super::{clock, Broker};
 use crate::codec::Codec;
 
-/// Initial read buffer; it grows only as far as a packet being read needs.
-const READ_CHUNK: usize = 4 * 1024;
+/// Read sizes adapt to the traffic: an idle connection holds the smallest buffer (the
+/// Mosquitto class of memory per idle client), a busy one reads in large batches.
+const MIN_READ: usize = 256;
+const MAX_READ: usize = 64 * 1024;
+/// An empty output buffer larger than this is given back rather than kept while idle.
+const KEEP_OUT: usize = 4 * 1024;
 
 /// Serves one client connection until it closes. `peer_username` is the identity the
 /// transport established (a client certificate's CN or SAN); it replaces the CONNECT username.
@@ -78,6 +82,8 @@ struct Connection {
     link: Link,
     codec: Codec,
     rbuf: BytesMut,
+    /// How much the next read asks for.
+    read_size: usize,
 }
 
 impl Connection {
@@ -87,6 +93,7 @@ impl Connection {
             link: Link::new(broker),
             codec,
             rbuf: BytesMut::new(),
+            read_size: MIN_READ,
         }
     }
 
@@ -110,8 +117,15 @@ impl Connection {
             let link = &mut self.link;
             let deadline = link.channel.poll_timeout();
             let deliverable = link.deliverable();
-            if self.rbuf.capacity() - self.rbuf.len() < 512 {
-                self.rbuf.reserve(READ_CHUNK);
+            if self.rbuf.is_empty() && self.rbuf.capacity() > 2 * self.read_size {
+                self.rbuf = BytesMut::new();
+            }
+            if self.rbuf.capacity() - self.rbuf.len() < self.read_size / 2 {
+                self.rbuf.reserve(self.read_size);
+            }
+            let room = self.rbuf.capacity() - self.rbuf.len();
+            if link.channel.out().is_empty() && link.channel.out().capacity() > KEEP_OUT {
+                *link.channel.out() = BytesMut::new();
             }
             unflushed |= !link.channel.out().is_empty();
             tokio::select! {
@@ -132,6 +146,10 @@ impl Connection {
                 }
                 read = reader.read_buf(&mut self.rbuf), if !paused => match read {
                     Ok(0) | Err(_) => link.channel.handle_transport_closed(),
+                    Ok(n) if n >= room => self.read_size = (self.read_size * 2).min(MAX_READ),
+                    Ok(n) if n < self.read_size / 4 => {
+                        self.read_size = (self.read_size / 2).max(MIN_READ);
+                    }
                     Ok(_) => {}
                 },
                 _ = super::link::relief(&link.pressure, link.pause_deadline), if paused => {}

@@ -98,10 +98,16 @@ impl Link {
                     if let Some(username) = self.channel.username() {
                         span.record("username", username);
                     }
-                    let opened = self
-                        .broker
-                        .open_session(now, &client_id, clean_start, self.conn_id, &self.control_tx)
-                        .await;
+                    // Boxed: a takeover's wait is rare and would otherwise enlarge every
+                    // connection's task for its whole life.
+                    let opened = Box::pin(self.broker.open_session(
+                        now,
+                        &client_id,
+                        clean_start,
+                        self.conn_id,
+                        &self.control_tx,
+                    ))
+                    .await;
                     match opened {
                         Ok((session, mailbox)) => {
                             self.mailbox = Some(mailbox);

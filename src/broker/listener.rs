@@ -127,7 +127,16 @@ impl Accept {
                     if let Err(err) = stream.set_nodelay(true) {
                         tracing::debug!(%peer, %err, "cannot set TCP_NODELAY");
                     }
-                    self.tracker.spawn(self.serve(stream, peer));
+                    if matches!(self.handshake, Handshake::None) {
+                        // Plain TCP gets a task of its own type: sharing the TLS and
+                        // WebSocket one would size every idle connection for a WSS stream.
+                        let broker = Arc::clone(&self.broker);
+                        let shutdown = self.shutdown.clone();
+                        let serve = connection::serve(broker, stream, peer, "tcp", None, shutdown);
+                        self.tracker.spawn(serve);
+                    } else {
+                        self.tracker.spawn(self.serve(stream, peer));
+                    }
                 }
                 Err(err) => {
                     tracing::warn!(kind = %self.kind, %err, "accept failed; backing off {backoff:?}");

@@ -172,7 +172,8 @@ pub struct Channel {
     peer_topic_alias_maximum: u16,
     inbound_aliases: HashMap<u16, String>,
     outbound_aliases: HashMap<String, u16>,
-    will: Option<PendingWill>,
+    /// Boxed: most connections have none, and the channel lives as long as they do.
+    will: Option<Box<PendingWill>>,
     /// Open data flows with their pending output (QUIC multi-stream only).
     flows: Vec<(Flow, BytesMut)>,
     /// The flow of the packet being handled: replies go back on it.
@@ -605,11 +606,11 @@ impl Channel {
             let mut message =
                 Message::from_publish(publish, Some(Arc::from(client_id.as_str())), now);
             message.expires_at = None;
-            PendingWill {
+            Box::new(PendingWill {
                 message,
                 delay,
                 expiry_interval,
-            }
+            })
         });
 
         self.username = self.peer_username.take().or(connect.username);
@@ -942,7 +943,11 @@ impl Channel {
             self.send(&Packet::Disconnect(Disconnect::new(reason)));
         }
         self.state = State::Closed;
-        let will = if publish_will { self.will.take() } else { None };
+        let will = if publish_will {
+            self.will.take().map(|w| *w)
+        } else {
+            None
+        };
         self.will = None;
         let session = self.session.take();
         self.actions.push_back(Action::Close(Box::new(Close {
