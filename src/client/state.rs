@@ -457,7 +457,16 @@ impl ClientState {
             Packet::PubRec(ack) => self.handle_pubrec(now, route, &ack),
             Packet::PubComp(ack) => {
                 if let Some(f) = self.take_in_phase(ack.packet_id, Phase::Comp) {
-                    self.finish(now, &f, ack.reason);
+                    // The server had the message since its PUBREC. "Packet Identifier not
+                    // found" answers a PUBREL resent after a reconnect whose first PUBCOMP was
+                    // lost with the connection: not an error during recovery (MQTT 5
+                    // §4.3.3), so the publish is complete.
+                    let reason = if ack.reason == ReasonCode::PACKET_IDENTIFIER_NOT_FOUND {
+                        ReasonCode::SUCCESS
+                    } else {
+                        ack.reason
+                    };
+                    self.finish(now, &f, reason);
                 }
             }
             Packet::PubRel(ack) => {

@@ -373,3 +373,38 @@ fn server_misbehaviour_is_an_error_not_a_panic() {
     )
     .unwrap();
 }
+
+#[test]
+fn pubcomp_packet_id_not_found_after_a_resent_pubrel_completes_the_publish() {
+    // The server released the message; only its PUBCOMP was lost with the connection. The
+    // resent PUBREL is answered with 0x92, which MQTT 5 §4.3.3 makes no error in recovery.
+    let (mut s, now) = state(false);
+    s.handle_connack(now, &connack(false, None)).unwrap();
+    s.publish(now, request(1, "q2", QoS::ExactlyOnce, now))
+        .unwrap();
+    drain(&mut s);
+    s.handle_packet(
+        now,
+        Route::Control,
+        Packet::PubRec(Ack::new(1, ReasonCode::SUCCESS)),
+    )
+    .unwrap();
+    drain(&mut s);
+    s.handle_connection_lost();
+    s.handle_connack(now, &connack(true, None)).unwrap();
+    drain(&mut s);
+    s.handle_packet(
+        now,
+        Route::Control,
+        Packet::PubComp(Ack::new(1, ReasonCode::PACKET_IDENTIFIER_NOT_FOUND)),
+    )
+    .unwrap();
+    let done: Vec<bool> = drain(&mut s)
+        .iter()
+        .filter_map(|o| match o {
+            Output::Done(_, result) => Some(result.is_ok()),
+            _ => None,
+        })
+        .collect();
+    assert_eq!(done, vec![true], "completed, not failed");
+}

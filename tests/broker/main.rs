@@ -8,6 +8,7 @@ mod common;
 mod bad;
 mod client;
 mod conn;
+mod lossy;
 mod pubsub;
 mod quic;
 mod retain;

@@ -1,0 +1,126 @@
+//! The lossy-link harness (issue #5): Petrel in-process, publishers and subscribers on
+//! `petrel::client`, and the `netem` link emulator between them, over tcp, tls, QUIC with one
+//! stream and QUIC with a stream per topic, across link profiles and QoS levels.
+//!
+//! ```text
+//! cargo bench --bench lossy                 # the quick form (about 30 s), printed
+//! cargo bench --bench lossy -- --full       # the whole matrix (about 16 min), printed
+//! cargo bench --bench lossy -- --report     # the whole matrix, written to docs/lossy-links.md
+//! NETEM_SEED=N cargo bench --bench lossy -- --report   # replays a run's links
+//! ```
+//!
+//! Packet-mode rows (every TCP and TLS row, and the QUIC rows that share their path) need root;
+//! without it they are skipped with the reason printed. The client half of a packet-mode run is
+//! this program again with `--client-role` inside the link's namespace (see `path`).
+//!
+//! - `clients`: the client half (publisher, subscriber, probes; counting every message).
+//! - `path`: broker, link and where the client half runs.
+//! - `analysis`: percentiles, head-of-line spread, goodput, connect times, recovery.
+//! - `plan`: which runs make up the quick form and the full report.
+//! - `report`: Markdown tables and SVG charts.
+
+#[path = "lossy/analysis.rs"]
+mod analysis;
+#[path = "lossy/clients.rs"]
+mod clients;
+#[path = "lossy/path.rs"]
+mod path;
+#[path = "lossy/plan.rs"]
+mod plan;
+#[path = "lossy/report.rs"]
+mod report;
+
+use std::time::Instant;
+
+use anyhow::Context as _;
+
+use plan::{Case, CaseResult, Mode};
+
+fn main() -> anyhow::Result<()> {
+    let args: Vec<String> = std::env::args().skip(1).collect();
+    if args.iter().any(|a| a == "--client-role") {
+        return clients::child_main();
+    }
+    let mode = if args.iter().any(|a| a == "--report") {
+        Mode::Report
+    } else if args.iter().any(|a| a == "--full") {
+        Mode::Full
+    } else {
+        Mode::Quick
+    };
+    if let Some(unknown) = args
+        .iter()
+        .find(|a| !matches!(a.as_str(), "--report" | "--full" | "--quick" | "--bench"))
+    {
+        anyhow::bail!("unknown argument {unknown:?}: use --quick (default), --full or --report");
+    }
+    let seed = netem::seed::from_env_or_random();
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()?;
+    runtime.block_on(run(mode, seed))
+}
+
+async fn run(mode: Mode, seed: u64) -> anyhow::Result<()> {
+    let started = Instant::now();
+    let packet_unavailable = path::packet_unavailable();
+    if let Some(why) = &packet_unavailable {
+        eprintln!(
+            "lossy: skipping every packet-mode row (TCP, TLS, QUIC on the packet link): {why}"
+        );
+    }
+    let child = path::ChildCommand::this_program(&["--client-role"])?;
+    let cases = plan::cases(mode, seed);
+    let total = cases.len();
+    let mut results = Vec::with_capacity(total);
+    for (i, case) in cases.into_iter().enumerate() {
+        if case.setup.via == path::Via::Packet {
+            if let Some(why) = &packet_unavailable {
+                results.push(CaseResult::skipped(case, why.clone()));
+                continue;
+            }
+        }
+        eprintln!(
+            "lossy: [{}/{total}] {:>5.0} s  {}",
+            i + 1,
+            started.elapsed().as_secs_f64(),
+            case.title()
+        );
+        results.push(run_case(case, &child).await);
+    }
+    let elapsed = started.elapsed();
+    let failures: Vec<String> = results.iter().flat_map(CaseResult::failures).collect();
+    let report = report::Report::new(mode, seed, elapsed, &results);
+    match mode {
+        Mode::Report => {
+            let written = report.write(std::path::Path::new(env!("CARGO_MANIFEST_DIR")))?;
+            for file in written {
+                eprintln!("lossy: wrote {}", file.display());
+            }
+        }
+        Mode::Quick | Mode::Full => println!("{}", report.tables()),
+    }
+    eprintln!(
+        "lossy: {} runs in {:.0} s (seed {seed}; replay with NETEM_SEED={seed})",
+        results.len(),
+        elapsed.as_secs_f64()
+    );
+    if !failures.is_empty() {
+        for f in &failures {
+            eprintln!("lossy: FAILED {f}");
+        }
+        anyhow::bail!(
+            "{} delivery guarantees failed (seed {seed}; replay with NETEM_SEED={seed})",
+            failures.len()
+        );
+    }
+    Ok(())
+}
+
+async fn run_case(case: Case, child: &path::ChildCommand) -> CaseResult {
+    let outcome = path::run(&case.setup, case.spec.clone(), child)
+        .await
+        .context("run failed");
+    CaseResult::new(case, outcome)
+}
