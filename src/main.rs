@@ -134,6 +134,15 @@ fn tool(task: impl std::future::Future<Output = anyhow::Result<()>>) -> ExitCode
         .with_env_filter(filter)
         .with_writer(std::io::stderr)
         .init();
+    block_on(task, |err| eprintln!("error: {err:#}"))
+}
+
+/// Runs `task` on a fresh multi-threaded runtime; an error is reported by `report` and
+/// exits non-zero.
+fn block_on(
+    task: impl std::future::Future<Output = anyhow::Result<()>>,
+    report: impl FnOnce(anyhow::Error),
+) -> ExitCode {
     let runtime = match tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()
@@ -147,7 +156,7 @@ fn tool(task: impl std::future::Future<Output = anyhow::Result<()>>) -> ExitCode
     match runtime.block_on(task) {
         Ok(()) => ExitCode::SUCCESS,
         Err(err) => {
-            eprintln!("error: {err:#}");
+            report(err);
             ExitCode::FAILURE
         }
     }
@@ -180,23 +189,7 @@ fn run(args: ServeArgs) -> ExitCode {
         EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new(&config.log.level));
     tracing_subscriber::fmt().with_env_filter(filter).init();
 
-    let runtime = match tokio::runtime::Builder::new_multi_thread()
-        .enable_all()
-        .build()
-    {
-        Ok(runtime) => runtime,
-        Err(err) => {
-            eprintln!("error: cannot start the runtime: {err}");
-            return ExitCode::FAILURE;
-        }
-    };
-    match runtime.block_on(serve(config)) {
-        Ok(()) => ExitCode::SUCCESS,
-        Err(err) => {
-            tracing::error!("{err:#}");
-            ExitCode::FAILURE
-        }
-    }
+    block_on(serve(config), |err| tracing::error!("{err:#}"))
 }
 
 async fn serve(config: Config) -> anyhow::Result<()> {
