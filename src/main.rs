@@ -13,7 +13,8 @@ use tracing_subscriber::EnvFilter;
 /// Petrel, a QUIC-first MQTT broker (MQTT 3.1, 3.1.1 and 5.0).
 ///
 /// With no arguments it serves MQTT over TCP (0.0.0.0:1883), TLS (8883), WebSocket (8083,
-/// path /mqtt) and WebSocket over TLS (8084), with a development certificate made under
+/// path /mqtt), WebSocket over TLS (8084) and QUIC (14567/udp, ALPN mqtt), with a development
+/// certificate made under
 /// <data_dir>/certs/, and the defaults documented in petrel.example.toml. Naming any listener
 /// on the command line (--tcp, --tls, --ws, --wss, --quic) starts only the listeners named there. Environment variables PETREL_SECTION__KEY=value override the file;
 /// --set section.key=value overrides both.
