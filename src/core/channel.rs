@@ -1047,46 +1047,51 @@ impl Channel {
         publish
     }
 
-    /// Replaces the topic by an alias the client already knows, or teaches it a new one
-    /// while the client's Topic Alias Maximum allows [MQTT-3.3.2-11]. The callers checked
-    /// that `packet` fits the client's Maximum Packet Size; an aliased form that would not
-    /// (the alias property adds bytes) is not used [MQTT-3.1.2-24].
-    fn send_publish(&mut self, flow: Flow, packet: Packet) {
+    /// Sends a PUBLISH the callers checked against the client's Maximum Packet Size, with a
+    /// topic alias on the control flow where one applies (see `apply_alias`).
+    fn send_publish(&mut self, flow: Flow, mut packet: Packet) {
         // Aliases are connection-wide but streams are not ordered with each other, so data
         // flows always carry the full topic.
-        if !flow.is_control() {
-            return self.send_on(flow, &packet);
+        if flow.is_control() && self.peer_topic_alias_maximum > 0 {
+            self.apply_alias(&mut packet);
         }
-        if let Packet::Publish(publish) = &packet {
-            if self.peer_topic_alias_maximum > 0 {
-                let known = self.outbound_aliases.get(&publish.topic).copied();
-                let mut aliased = publish.clone();
-                let new_alias = match known {
-                    Some(alias) => {
-                        aliased.topic.clear();
-                        aliased.properties.topic_alias = Some(alias);
-                        None
-                    }
-                    None if self.outbound_aliases.len()
-                        < usize::from(self.peer_topic_alias_maximum) =>
-                    {
-                        let alias = u16::try_from(self.outbound_aliases.len() + 1)
-                            .expect("bounded by a u16 maximum");
-                        aliased.properties.topic_alias = Some(alias);
-                        Some(alias)
-                    }
-                    None => return self.send(&packet),
-                };
-                let aliased = Packet::Publish(aliased);
-                if self.fits(&aliased) {
-                    if let Some(alias) = new_alias {
-                        self.outbound_aliases.insert(publish.topic.clone(), alias);
-                    }
-                    return self.send(&aliased);
-                }
+        self.send_on(flow, &packet);
+    }
+
+    /// Replaces the topic by an alias the client already knows, or teaches it a new one
+    /// while its Topic Alias Maximum allows [MQTT-3.3.2-11] — in place, without copying the
+    /// packet, and only if the aliased form still fits the client's Maximum Packet Size (the
+    /// alias property adds bytes) [MQTT-3.1.2-24].
+    fn apply_alias(&mut self, packet: &mut Packet) {
+        let Packet::Publish(publish) = packet else {
+            return;
+        };
+        let known = self.outbound_aliases.get(&publish.topic).copied();
+        let next = self.outbound_aliases.len() + 1;
+        let alias = match known {
+            Some(alias) => alias,
+            None if next <= usize::from(self.peer_topic_alias_maximum) => {
+                u16::try_from(next).expect("bounded by a u16 maximum")
+            }
+            None => return,
+        };
+        publish.properties.topic_alias = Some(alias);
+        // A known alias stands for the topic; a new one is sent with it.
+        let topic = if known.is_some() {
+            std::mem::take(&mut publish.topic)
+        } else {
+            String::new()
+        };
+        if self.fits(packet) {
+            if let (None, Packet::Publish(publish)) = (known, &*packet) {
+                self.outbound_aliases.insert(publish.topic.clone(), alias);
+            }
+        } else if let Packet::Publish(publish) = packet {
+            publish.properties.topic_alias = None;
+            if known.is_some() {
+                publish.topic = topic;
             }
         }
-        self.send(&packet);
     }
 
     /// Answers on the flow of the packet being handled.
