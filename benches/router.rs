@@ -15,7 +15,6 @@ use petrel::core::message::{Flow, Message};
 use petrel::core::router::SubscriptionTree;
 use petrel::core::session::Subscription;
 use petrel::core::topic::TopicFilter;
-use tokio::sync::mpsc;
 
 /// `n` subscriptions shaped like a fleet: exact topics, `+` in the middle and `#` tails.
 fn fleet(n: usize) -> SubscriptionTree<u32, u32> {
@@ -78,13 +77,9 @@ fn bench_fan_out(c: &mut Criterion) {
         let now = Instant::now();
         let mut mailboxes = Vec::new();
         runtime.block_on(async {
-            let (tx, _rx) = mpsc::channel(1);
             for i in 0..n {
                 let id: Arc<str> = Arc::from(format!("sub-{i}"));
-                let (_, mailbox) = broker
-                    .open_session(now, &id, true, i as u64, &tx)
-                    .await
-                    .unwrap();
+                let (_, mailbox) = broker.open_session(now, &id, true, i as u64).await.unwrap();
                 let subscription = Subscription {
                     filter: TopicFilter::parse("fan/#", 0).unwrap(),
                     options: SubscriptionOptions::default(),

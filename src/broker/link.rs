@@ -5,12 +5,13 @@
 
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
+use std::task::{Context, Poll};
 use std::time::{Duration, Instant};
 
-use tokio::sync::{mpsc, oneshot};
+use tokio::sync::oneshot;
 
-use super::mailbox::Mailbox;
-use super::{clock, Broker, Control};
+use super::mailbox::{Mailbox, Signal};
+use super::{clock, Broker};
 use crate::codec::ReasonCode;
 use crate::core::channel::{Action, Channel};
 use crate::core::message::Flow;
@@ -23,7 +24,6 @@ pub struct Link {
     pub broker: Arc<Broker>,
     pub channel: Channel,
     pub mailbox: Option<Arc<Mailbox>>,
-    pub control_rx: mpsc::Receiver<Control>,
     /// Data flows the channel asked to close; the QUIC driver resets their streams.
     pub closed_flows: Vec<Flow>,
     /// The time of the current wake-up (`tick`): read once per batch of work, not per packet.
@@ -39,44 +39,45 @@ pub struct Link {
     /// When the current wait on `pressure` is next checked for progress.
     pub pause_deadline: Option<Instant>,
     conn_id: u64,
-    control_tx: mpsc::Sender<Control>,
     takeover_acks: Vec<oneshot::Sender<()>>,
 }
 
 impl Link {
     pub fn new(broker: Arc<Broker>) -> Self {
-        let (control_tx, control_rx) = mpsc::channel(4);
         Self {
             conn_id: broker.next_conn_id(),
             channel: Channel::new(Arc::clone(broker.limits()), clock::now()),
             now: clock::now(),
             broker,
             mailbox: None,
-            control_rx,
             closed_flows: Vec::new(),
             closed: false,
             close_reason: None,
             pressure: Vec::new(),
             pressure_marks: Vec::new(),
             pause_deadline: None,
-            control_tx,
             takeover_acks: Vec::new(),
         }
     }
 
-    /// A message from elsewhere in the broker.
-    pub fn handle_control(&mut self, control: Control) {
-        match control {
-            Control::Takeover(ack) => {
-                self.takeover_acks.push(ack);
-                self.channel.handle_takeover();
-            }
+    /// Ready when the session's mailbox has something for this connection: a takeover
+    /// request (`Some`: pass it to [`Link::handle_takeover`]), or deliveries the channel
+    /// can take now (`None`). Pending before CONNECT has found a session.
+    pub fn poll_mailbox(&self, cx: &mut Context<'_>) -> Poll<Option<oneshot::Sender<()>>> {
+        let Some(mailbox) = &self.mailbox else {
+            return Poll::Pending;
+        };
+        match mailbox.poll_signal(cx, self.conn_id, self.channel.can_deliver()) {
+            Poll::Ready(Signal::Takeover(ack)) => Poll::Ready(Some(ack)),
+            Poll::Ready(Signal::Deliveries) => Poll::Ready(None),
+            Poll::Pending => Poll::Pending,
         }
     }
 
-    /// The mailbox to wait on, when the channel could take a delivery now.
-    pub fn deliverable(&self) -> Option<Arc<Mailbox>> {
-        self.mailbox.clone().filter(|_| self.channel.can_deliver())
+    /// Another connection claims the session: close, and answer `ack` once it is filed.
+    pub fn handle_takeover(&mut self, ack: oneshot::Sender<()>) {
+        self.takeover_acks.push(ack);
+        self.channel.handle_takeover();
     }
 
     /// Reads the clock for the work that follows a wake-up.
@@ -85,39 +86,46 @@ impl Link {
         self.now
     }
 
+    /// Carries out the channel's actions in order. Only a CONNECT's session lookup can wait
+    /// (for a takeover); everything else is done without yielding.
     pub async fn carry_out_actions(&mut self) {
+        while let Some(connect) = self.carry_out_until_connect() {
+            // Boxed: a takeover's wait is rare and would otherwise enlarge every
+            // connection's task for its whole life.
+            Box::pin(self.connect(connect)).await;
+        }
+    }
+
+    async fn connect(&mut self, (client_id, clean_start): (Arc<str>, bool)) {
+        let span = tracing::Span::current();
+        span.record("client_id", &*client_id);
+        if let Some(username) = self.channel.username() {
+            span.record("username", username);
+        }
+        let opened = self
+            .broker
+            .open_session(self.now, &client_id, clean_start, self.conn_id)
+            .await;
+        match opened {
+            Ok((session, mailbox)) => {
+                self.mailbox = Some(mailbox);
+                // A takeover may have taken a while.
+                let now = self.tick();
+                self.channel.accept(now, session);
+            }
+            Err(code) => self.channel.reject(code),
+        }
+    }
+
+    /// Carries out actions up to a `Connect`, which it returns for the caller to await.
+    fn carry_out_until_connect(&mut self) -> Option<(Arc<str>, bool)> {
         while let Some(action) = self.channel.poll_action() {
             let now = self.now;
             match action {
                 Action::Connect {
                     client_id,
                     clean_start,
-                } => {
-                    let span = tracing::Span::current();
-                    span.record("client_id", &*client_id);
-                    if let Some(username) = self.channel.username() {
-                        span.record("username", username);
-                    }
-                    // Boxed: a takeover's wait is rare and would otherwise enlarge every
-                    // connection's task for its whole life.
-                    let opened = Box::pin(self.broker.open_session(
-                        now,
-                        &client_id,
-                        clean_start,
-                        self.conn_id,
-                        &self.control_tx,
-                    ))
-                    .await;
-                    match opened {
-                        Ok((session, mailbox)) => {
-                            self.mailbox = Some(mailbox);
-                            // A takeover may have taken a while.
-                            let now = self.tick();
-                            self.channel.accept(now, session);
-                        }
-                        Err(code) => self.channel.reject(code),
-                    }
-                }
+                } => return Some((client_id, clean_start)),
                 Action::Route(message) => {
                     let before = self.pressure.len();
                     self.broker.route(message, now, &mut self.pressure);
@@ -150,7 +158,11 @@ impl Link {
                     let client_id = Arc::clone(self.channel.client_id());
                     self.broker
                         .close_session(now, self.conn_id, &client_id, *close);
-                    self.mailbox = None;
+                    // A takeover asked for while we were closing is answered too.
+                    if let Some(mailbox) = self.mailbox.take() {
+                        self.takeover_acks
+                            .extend(mailbox.take_takeover(self.conn_id));
+                    }
                     self.closed = true;
                     // The session is filed: a connection taking over need not wait for our
                     // last bytes to flush.
@@ -160,6 +172,7 @@ impl Link {
                 }
             }
         }
+        None
     }
 
     /// Keeps the mailboxes `route` just reported once each, never our own (a client that
@@ -237,7 +250,29 @@ pub async fn relief(pressure: &[Arc<Mailbox>], deadline: Option<Instant>) {
     }
 }
 
+/// [`relief`] over its own copy of the pressure, for a driver that keeps the wait across
+/// polls (made once per pause, not per wake-up).
+pub fn relief_owned(
+    link: &Link,
+) -> std::pin::Pin<Box<dyn std::future::Future<Output = ()> + Send>> {
+    let pressure = link.pressure.clone();
+    let deadline = link.pause_deadline;
+    Box::pin(async move { relief(&pressure, deadline).await })
+}
+
 impl Link {
+    /// Gives back what a quiet connection's empty buffers and queues still hold.
+    pub fn trim(&mut self) {
+        self.channel.trim();
+        if let Some(mailbox) = &self.mailbox {
+            mailbox.trim();
+        }
+        if self.pressure.is_empty() && self.pressure.capacity() > 0 {
+            self.pressure = Vec::new();
+            self.pressure_marks = Vec::new();
+        }
+    }
+
     /// Moves deliveries from the mailbox into the channel while `room()` and the channel's
     /// window allow.
     pub fn pump_deliveries(&mut self, room: impl Fn() -> bool) {

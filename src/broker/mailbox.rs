@@ -13,12 +13,19 @@
 //!   deliveries are dropped and counted (as Mosquitto and EMQX drop when their queues are
 //!   full), so memory stays bounded whatever clients do. QoS 0 is treated alike: a fast QoS 0
 //!   publisher is slowed rather than have most of its messages dropped.
+//!
+//! The mailbox is also how the rest of the broker reaches the connection that serves it: one
+//! registered waker (no channel, no waiter list: an idle connection costs a pointer here) is
+//! woken by a push and by a **takeover** request, which names the connection it is for so a
+//! stale request never reaches the next connection.
 
 use std::collections::VecDeque;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Mutex;
+use std::task::{Context, Poll};
 
-use tokio::sync::Notify;
+use futures_util::task::AtomicWaker;
+use tokio::sync::{oneshot, Notify};
 
 use crate::core::message::Delivery;
 
@@ -34,12 +41,29 @@ pub enum Pushed {
     Dropped,
 }
 
+/// What a connection waiting on its mailbox is woken for.
+#[derive(Debug)]
+pub enum Signal {
+    /// Deliveries are queued.
+    Deliveries,
+    /// Another connection claims the session: close (the session goes to the offline table as
+    /// usual), then acknowledge.
+    Takeover(oneshot::Sender<()>),
+}
+
+#[derive(Debug, Default)]
+struct Inner {
+    queue: VecDeque<Delivery>,
+    /// A takeover request for the connection with this id.
+    takeover: Option<(u64, oneshot::Sender<()>)>,
+}
+
 #[derive(Debug)]
 pub struct Mailbox {
-    queue: Mutex<VecDeque<Delivery>>,
+    inner: Mutex<Inner>,
     capacity: usize,
-    /// A delivery was pushed (wakes the serving connection).
-    notify: Notify,
+    /// The serving connection's task: woken by a push or a takeover request.
+    waker: AtomicWaker,
     /// The queue fell to half its capacity (wakes paused publishers).
     drained: Notify,
     online: AtomicBool,
@@ -53,9 +77,9 @@ pub struct Mailbox {
 impl Mailbox {
     pub fn new(capacity: usize) -> Self {
         Self {
-            queue: Mutex::new(VecDeque::new()),
+            inner: Mutex::new(Inner::default()),
             capacity: capacity.max(1),
-            notify: Notify::new(),
+            waker: AtomicWaker::new(),
             drained: Notify::new(),
             online: AtomicBool::new(true),
             stalled: AtomicBool::new(false),
@@ -67,12 +91,12 @@ impl Mailbox {
     /// Queues a delivery under the policy in the module docs.
     pub fn push(&self, delivery: Delivery) -> Pushed {
         let pushed = {
-            let mut queue = self.lock();
-            let len = queue.len();
+            let mut inner = self.lock();
+            let len = inner.queue.len();
             if len >= self.capacity * HARD_FACTOR {
                 None
             } else {
-                queue.push_back(delivery);
+                inner.queue.push_back(delivery);
                 Some(len + 1)
             }
         };
@@ -82,7 +106,7 @@ impl Mailbox {
                 Pushed::Dropped
             }
             Some(len) => {
-                self.notify.notify_one();
+                self.waker.wake();
                 if len > self.capacity && !self.stalled.load(Ordering::Relaxed) {
                     Pushed::Pressured
                 } else {
@@ -95,9 +119,9 @@ impl Mailbox {
     /// Takes the oldest queued delivery.
     pub fn pop(&self) -> Option<Delivery> {
         let (delivery, len) = {
-            let mut queue = self.lock();
-            let delivery = queue.pop_front();
-            (delivery, queue.len())
+            let mut inner = self.lock();
+            let delivery = inner.queue.pop_front();
+            (delivery, inner.queue.len())
         };
         if delivery.is_some() {
             self.popped.fetch_add(1, Ordering::Relaxed);
@@ -136,17 +160,61 @@ impl Mailbox {
     }
 
     pub fn len(&self) -> usize {
-        self.lock().len()
+        self.lock().queue.len()
     }
 
     pub fn is_empty(&self) -> bool {
         self.len() == 0
     }
 
-    /// Resolves when a delivery has been pushed since the last wait (a permit is kept if
-    /// nobody was waiting, so no push is missed).
-    pub async fn notified(&self) {
-        self.notify.notified().await;
+    /// Polled by the connection `conn_id` that serves this mailbox: ready with a takeover
+    /// request for it, or with `Deliveries` if `want_deliveries` and some are queued;
+    /// otherwise its task is woken by the next push or request. Only the serving connection
+    /// polls (one waker is kept).
+    pub fn poll_signal(
+        &self,
+        cx: &mut Context<'_>,
+        conn_id: u64,
+        want_deliveries: bool,
+    ) -> Poll<Signal> {
+        // Registered before looking, so a push in between is not missed.
+        self.waker.register(cx.waker());
+        let mut inner = self.lock();
+        if let Some(ack) = Self::take_request(&mut inner, conn_id) {
+            return Poll::Ready(Signal::Takeover(ack));
+        }
+        if want_deliveries && !inner.queue.is_empty() {
+            return Poll::Ready(Signal::Deliveries);
+        }
+        Poll::Pending
+    }
+
+    /// Asks connection `conn_id` to give the session up; `ack` is answered (or dropped) once
+    /// it has. A newer request replaces an older one, whose requester then sees it dropped.
+    pub fn request_takeover(&self, conn_id: u64, ack: oneshot::Sender<()>) {
+        self.lock().takeover = Some((conn_id, ack));
+        self.waker.wake();
+    }
+
+    /// Takes a takeover request meant for `conn_id` (a closing connection answers it).
+    pub fn take_takeover(&self, conn_id: u64) -> Option<oneshot::Sender<()>> {
+        Self::take_request(&mut self.lock(), conn_id)
+    }
+
+    fn take_request(inner: &mut Inner, conn_id: u64) -> Option<oneshot::Sender<()>> {
+        match inner.takeover.take() {
+            Some((id, ack)) if id == conn_id => Some(ack),
+            // Meant for a connection that has gone: the requester has moved on.
+            _ => None,
+        }
+    }
+
+    /// Gives back memory an empty queue still holds (an idle session keeps none).
+    pub fn trim(&self) {
+        let mut inner = self.lock();
+        if inner.queue.is_empty() && inner.queue.capacity() > 0 {
+            inner.queue = VecDeque::new();
+        }
     }
 
     pub fn is_online(&self) -> bool {
@@ -165,8 +233,8 @@ impl Mailbox {
         self.dropped.load(Ordering::Relaxed)
     }
 
-    fn lock(&self) -> std::sync::MutexGuard<'_, VecDeque<Delivery>> {
-        self.queue.lock().expect("mailbox lock is never poisoned")
+    fn lock(&self) -> std::sync::MutexGuard<'_, Inner> {
+        self.inner.lock().expect("mailbox lock is never poisoned")
     }
 }
 
@@ -241,6 +309,40 @@ mod tests {
             m.push(delivery(QoS::AtLeastOnce)),
             Pushed::Pressured,
             "pushes back again"
+        );
+    }
+
+    #[test]
+    fn a_takeover_request_reaches_only_the_connection_it_names() {
+        let m = Mailbox::new(4);
+        let mut cx = Context::from_waker(futures_util::task::noop_waker_ref());
+        let (ack, mut answered) = oneshot::channel();
+        m.request_takeover(1, ack);
+        assert!(
+            m.poll_signal(&mut cx, 2, true).is_pending(),
+            "not for connection 2"
+        );
+        assert!(
+            matches!(
+                answered.try_recv(),
+                Err(oneshot::error::TryRecvError::Closed)
+            ),
+            "a stale request is dropped, so its requester looks again"
+        );
+        let (ack, _answered) = oneshot::channel();
+        m.request_takeover(1, ack);
+        m.push(delivery(QoS::AtLeastOnce));
+        assert!(matches!(
+            m.poll_signal(&mut cx, 1, true),
+            Poll::Ready(Signal::Takeover(_))
+        ));
+        assert!(matches!(
+            m.poll_signal(&mut cx, 1, true),
+            Poll::Ready(Signal::Deliveries)
+        ));
+        assert!(
+            m.poll_signal(&mut cx, 1, false).is_pending(),
+            "a full window waits"
         );
     }
 

@@ -27,7 +27,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, RwLock};
 use std::time::{Duration, Instant};
 
-use tokio::sync::{mpsc, oneshot, Notify};
+use tokio::sync::{oneshot, Notify};
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
@@ -44,14 +44,6 @@ use crate::transport::certs::DevCerts;
 use anyhow::Context as _;
 use mailbox::{Mailbox, Pushed};
 
-/// Messages to a connection task from elsewhere in the broker.
-#[derive(Debug)]
-pub enum Control {
-    /// Another connection claims this client id: close (the session goes to the offline
-    /// table as usual), then acknowledge.
-    Takeover(oneshot::Sender<()>),
-}
-
 /// Who holds a subscription: a client, on one of its flows.
 type SubscriberKey = (Arc<str>, Flow);
 
@@ -65,13 +57,10 @@ struct Route {
 
 #[derive(Debug)]
 enum SlotState {
-    Online {
-        conn_id: u64,
-        control: mpsc::Sender<Control>,
-    },
-    Offline {
-        session: Session,
-    },
+    /// Served by the connection with this id (reached through the slot's mailbox).
+    Online { conn_id: u64 },
+    /// Boxed: most slots are online, and the table holds one per client.
+    Offline { session: Box<Session> },
 }
 
 #[derive(Debug)]
@@ -162,24 +151,22 @@ impl Broker {
         client_id: &Arc<str>,
         clean_start: bool,
         conn_id: u64,
-        control: &mpsc::Sender<Control>,
     ) -> Result<(Option<Session>, Arc<Mailbox>), ReasonCode> {
         // A takeover storm could keep stealing the slot back; a few rounds is plenty for any
         // honest client.
         for _ in 0..8 {
-            let old = {
+            let (ack_tx, ack_rx) = oneshot::channel();
+            {
                 let mut sessions = self.lock_sessions();
                 let mut will_now = None;
-                let found = match sessions.slots.get_mut(client_id) {
-                    None => None,
-                    Some(Slot {
-                        state: SlotState::Online { control, .. },
-                        ..
-                    }) => Some(control.clone()),
-                    Some(_) => None,
-                };
-                if let Some(old) = found {
-                    old
+                if let Some(Slot {
+                    mailbox,
+                    state: SlotState::Online { conn_id: old, .. },
+                }) = sessions.slots.get(client_id)
+                {
+                    // Asked under the sessions lock: the old connection either sees the
+                    // request or has already filed the session offline.
+                    mailbox.request_takeover(*old, ack_tx);
                 } else {
                     // [MQTT-3.1.3-9]: reconnecting in time cancels a delayed will; a clean start
                     // ends the old session, which publishes it at once.
@@ -191,21 +178,18 @@ impl Broker {
                             will_now = Some(will);
                         }
                     }
-                    let result =
-                        self.claim_slot(&mut sessions, client_id, clean_start, conn_id, control);
+                    let result = self.claim_slot(&mut sessions, client_id, clean_start, conn_id);
                     drop(sessions);
                     if let Some(will) = will_now {
                         self.publish(Arc::new(will.into_message(now)), now);
                     }
                     return Ok(result);
                 }
-            };
-            let (ack_tx, ack_rx) = oneshot::channel();
-            if old.send(Control::Takeover(ack_tx)).await.is_ok() {
-                // The old connection closes and files its session offline before it answers;
-                // a connection stuck on a dead socket is given up on after the linger time.
-                let _ = tokio::time::timeout(self.settings.close_linger * 2, ack_rx).await;
-            } else {
+            }
+            // The old connection closes and files its session offline before it answers; a
+            // connection stuck on a dead socket is given up on after the linger time.
+            if let Ok(Err(_)) = tokio::time::timeout(self.settings.close_linger * 2, ack_rx).await {
+                // Dropped unanswered (a newer request replaced it): look again.
                 tokio::task::yield_now().await;
             }
         }
@@ -218,21 +202,17 @@ impl Broker {
         client_id: &Arc<str>,
         clean_start: bool,
         conn_id: u64,
-        control: &mpsc::Sender<Control>,
     ) -> (Option<Session>, Arc<Mailbox>) {
         sessions
             .timers
             .cancel(&TimerKey::Expire(Arc::clone(client_id)));
-        let online = SlotState::Online {
-            conn_id,
-            control: control.clone(),
-        };
+        let online = SlotState::Online { conn_id };
         let previous = sessions.slots.remove(client_id);
         let (session, mailbox) = match previous {
             Some(Slot {
                 mailbox,
                 state: SlotState::Offline { session },
-            }) if !clean_start => (Some(session), mailbox),
+            }) if !clean_start => (Some(*session), mailbox),
             Some(Slot {
                 state: SlotState::Offline { session },
                 ..
@@ -243,6 +223,8 @@ impl Broker {
             _ => (None, Arc::new(Mailbox::new(self.settings.max_queued))),
         };
         mailbox.set_online(true);
+        // A request left for a connection that is gone (its requester gave up) is dropped.
+        mailbox.take_takeover(conn_id);
         sessions.slots.insert(
             Arc::clone(client_id),
             Slot {
@@ -279,7 +261,9 @@ impl Broker {
             } else {
                 if let Some(slot) = sessions.slots.get_mut(client_id) {
                     slot.mailbox.set_online(false);
-                    slot.state = SlotState::Offline { session };
+                    slot.state = SlotState::Offline {
+                        session: Box::new(session),
+                    };
                 }
                 if expiry != u32::MAX {
                     let at = now + Duration::from_secs(u64::from(expiry));
@@ -532,16 +516,18 @@ impl Broker {
     }
 
     fn store_retained(&self, message: &Arc<Message>) {
+        // [MQTT-3.3.1-6], [MQTT-3.3.1-7]: an empty retained payload clears the topic.
+        // Otherwise the message may be kept for the broker's lifetime: it gets a payload
+        // allocation of its own instead of pinning the read buffer it arrived in.
+        let kept = (!message.payload.is_empty()).then(|| Arc::new(message.detached()));
         let mut retained = self
             .retained
             .lock()
             .expect("retained lock is never poisoned");
-        // [MQTT-3.3.1-6], [MQTT-3.3.1-7]: an empty retained payload clears the topic.
-        if message.payload.is_empty() {
-            retained.remove(&message.topic);
-        } else {
-            retained.insert(&message.topic, Arc::clone(message));
-        }
+        match kept {
+            Some(kept) => retained.insert(&message.topic, kept),
+            None => retained.remove(&message.topic),
+        };
     }
 
     fn lock_sessions(&self) -> std::sync::MutexGuard<'_, Sessions> {

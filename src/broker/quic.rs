@@ -210,14 +210,12 @@ impl QuicConnection {
             let paused = self.link.is_paused(clock::now());
             let link = &mut self.link;
             let deadline = link.channel.poll_timeout();
-            let deliverable = link.deliverable();
             tokio::select! {
                 biased;
                 _ = shutdown.cancelled(), if !shutting_down => {
                     shutting_down = true;
                     link.channel.handle_shutdown();
                 }
-                Some(control) = link.control_rx.recv() => link.handle_control(control),
                 _ = clock::sleep_until(handshake_deadline), if !handshake_done => {
                     tracing::debug!("QUIC handshake did not complete in time");
                     self.link.channel.handle_transport_closed();
@@ -239,7 +237,11 @@ impl QuicConnection {
                     None => self.link.channel.handle_transport_closed(),
                 },
                 _ = self.conn.closed() => self.link.channel.handle_transport_closed(),
-                _ = async { deliverable.as_deref().expect("guarded").notified().await }, if deliverable.is_some() => {}
+                signal = std::future::poll_fn(|cx| link.poll_mailbox(cx)) => {
+                    if let Some(ack) = signal {
+                        link.handle_takeover(ack);
+                    }
+                }
                 _ = async { clock::sleep_until(deadline.expect("guarded")).await }, if deadline.is_some() => {
                     self.link.channel.handle_timeout(clock::now());
                 }

@@ -5,7 +5,6 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
-use tokio::sync::mpsc;
 
 use super::*;
 use crate::codec::Publish;
@@ -42,11 +41,7 @@ async fn online(
     conn_id: u64,
     filter: &str,
 ) -> (Option<Session>, Arc<Mailbox>) {
-    let (tx, _rx) = mpsc::channel(1);
-    let (session, mailbox) = broker
-        .open_session(now, id, false, conn_id, &tx)
-        .await
-        .unwrap();
+    let (session, mailbox) = broker.open_session(now, id, false, conn_id).await.unwrap();
     let subscription = Subscription {
         filter: TopicFilter::parse(filter, 0).unwrap(),
         options: SubscriptionOptions {

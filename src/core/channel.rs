@@ -335,6 +335,20 @@ impl Channel {
         self.actions.pop_front()
     }
 
+    /// Gives back the memory that empty buffers and queues still hold, for a connection gone
+    /// quiet (an idle connection should cost its state, not its last burst's buffers).
+    pub fn trim(&mut self) {
+        if self.out.is_empty() && self.out.capacity() > 0 {
+            self.out = BytesMut::new();
+        }
+        if self.actions.is_empty() && self.actions.capacity() > 0 {
+            self.actions = VecDeque::new();
+        }
+        if let Some(session) = &mut self.session {
+            session.trim();
+        }
+    }
+
     /// The next instant at which `handle_timeout` must be called.
     pub fn poll_timeout(&self) -> Option<Instant> {
         match self.state {

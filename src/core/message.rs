@@ -47,6 +47,15 @@ impl Message {
         }
     }
 
+    /// A copy whose payload has an allocation of its own, for keeping: a payload sliced
+    /// from a connection's read buffer keeps that whole buffer (up to 64 KiB) alive.
+    pub fn detached(&self) -> Self {
+        Self {
+            payload: Bytes::copy_from_slice(&self.payload),
+            ..self.clone()
+        }
+    }
+
     pub fn is_expired(&self, now: Instant) -> bool {
         self.expires_at.is_some_and(|at| at <= now)
     }
@@ -87,4 +96,28 @@ pub struct Delivery {
     /// The flow whose subscription matched: the delivery goes out there if it is still open,
     /// on the control flow otherwise.
     pub flow: Flow,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_detached_copy_does_not_share_the_read_buffer() {
+        let buffer = Bytes::from(vec![7u8; 4096]);
+        let publish = Publish {
+            dup: false,
+            qos: QoS::AtMostOnce,
+            retain: true,
+            topic: "t".into(),
+            packet_id: None,
+            properties: Properties::default(),
+            payload: buffer.slice(100..110),
+        };
+        let message = Message::from_publish(publish, None, Instant::now());
+        let kept = message.detached();
+        assert_eq!(kept.payload, message.payload);
+        assert_ne!(kept.payload.as_ptr(), message.payload.as_ptr());
+        assert_eq!((kept.topic.as_str(), kept.retain), ("t", true));
+    }
 }

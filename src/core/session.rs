@@ -100,6 +100,20 @@ impl Session {
         }
     }
 
+    /// Gives back what empty in-flight tables still hold (see `Channel::trim`).
+    pub fn trim(&mut self) {
+        if self.outgoing.is_empty() && self.outgoing.capacity() > 0 {
+            self.outgoing = VecDeque::new();
+            self.first_seq = self.next_seq;
+        }
+        if self.ids_in_use.is_empty() {
+            self.ids_in_use.shrink_to_fit();
+        }
+        if self.awaiting_release.is_empty() {
+            self.awaiting_release.shrink_to_fit();
+        }
+    }
+
     pub fn inflight(&self) -> usize {
         self.inflight
     }
