@@ -39,7 +39,8 @@ pub struct Link {
     /// When the current wait on `pressure` is next checked for progress.
     pub pause_deadline: Option<Instant>,
     conn_id: u64,
-    takeover_acks: Vec<oneshot::Sender<()>>,
+    /// A takeover in progress: answered once our session is filed.
+    takeover_ack: Option<oneshot::Sender<()>>,
 }
 
 impl Link {
@@ -56,7 +57,7 @@ impl Link {
             pressure: Vec::new(),
             pressure_marks: Vec::new(),
             pause_deadline: None,
-            takeover_acks: Vec::new(),
+            takeover_ack: None,
         }
     }
 
@@ -76,7 +77,8 @@ impl Link {
 
     /// Another connection claims the session: close, and answer `ack` once it is filed.
     pub fn handle_takeover(&mut self, ack: oneshot::Sender<()>) {
-        self.takeover_acks.push(ack);
+        // A second request replaces the first, whose requester then looks again.
+        self.takeover_ack = Some(ack);
         self.channel.handle_takeover();
     }
 
@@ -159,14 +161,14 @@ impl Link {
                     self.broker
                         .close_session(now, self.conn_id, &client_id, *close);
                     // A takeover asked for while we were closing is answered too.
-                    if let Some(mailbox) = self.mailbox.take() {
-                        self.takeover_acks
-                            .extend(mailbox.take_takeover(self.conn_id));
-                    }
+                    let late = self
+                        .mailbox
+                        .take()
+                        .and_then(|mailbox| mailbox.take_takeover(self.conn_id));
                     self.closed = true;
                     // The session is filed: a connection taking over need not wait for our
                     // last bytes to flush.
-                    for ack in self.takeover_acks.drain(..) {
+                    for ack in self.takeover_ack.take().into_iter().chain(late) {
                         let _ = ack.send(());
                     }
                 }

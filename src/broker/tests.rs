@@ -63,7 +63,7 @@ fn close(
     expiry: u32,
     will: Option<PendingWill>,
 ) {
-    let mut session = Session::new(id.to_string(), expiry);
+    let mut session = Session::new(Arc::clone(id), expiry);
     session.subscribe(Subscription {
         filter: TopicFilter::parse("#", 0).unwrap(),
         options: SubscriptionOptions::default(),

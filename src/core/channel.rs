@@ -151,6 +151,15 @@ enum State {
 /// Stop accepting deliveries while this many encoded bytes wait for the socket.
 const OUT_HIGH_WATER: usize = 256 * 1024;
 
+/// A connection's topic aliases ([MQTT-3.3.2-7]: they last as long as the connection).
+#[derive(Debug, Default)]
+struct Aliases {
+    /// Set by the client's PUBLISHes.
+    inbound: HashMap<u16, String>,
+    /// Set by ours, up to the client's Topic Alias Maximum.
+    outbound: HashMap<String, u16>,
+}
+
 pub struct Channel {
     limits: Arc<Limits>,
     state: State,
@@ -170,18 +179,18 @@ pub struct Channel {
     peer_receive_maximum: u16,
     peer_max_packet_size: u32,
     peer_topic_alias_maximum: u16,
-    inbound_aliases: HashMap<u16, String>,
-    outbound_aliases: HashMap<String, u16>,
+    /// Topic aliases in both directions; boxed, as most clients use none.
+    aliases: Option<Box<Aliases>>,
     /// Boxed: most connections have none, and the channel lives as long as they do.
     will: Option<Box<PendingWill>>,
     /// Open data flows with their pending output (QUIC multi-stream only).
     flows: Vec<(Flow, BytesMut)>,
     /// The flow of the packet being handled: replies go back on it.
     input_flow: Flow,
-    /// The identity the transport vouches for (a verified client certificate); it wins over
-    /// the CONNECT username.
-    peer_username: Option<String>,
+    /// The connection's username: CONNECT's, unless the transport vouched for an identity
+    /// (a verified client certificate), which wins.
     username: Option<String>,
+    username_from_transport: bool,
     /// Deliveries dropped because they were expired or too large for the client.
     pub dropped: u64,
 }
@@ -207,12 +216,11 @@ impl Channel {
             peer_receive_maximum: u16::MAX,
             peer_max_packet_size: u32::MAX,
             peer_topic_alias_maximum: 0,
-            inbound_aliases: HashMap::new(),
-            outbound_aliases: HashMap::new(),
+            aliases: None,
             will: None,
             flows: Vec::new(),
             input_flow: Flow::CONTROL,
-            peer_username: None,
+            username_from_transport: false,
             username: None,
             dropped: 0,
         }
@@ -221,7 +229,8 @@ impl Channel {
     /// Sets the username the transport established (e.g. from a client certificate's CN); it
     /// replaces whatever username CONNECT carries.
     pub fn set_peer_username(&mut self, username: String) {
-        self.peer_username = Some(username);
+        self.username = Some(username);
+        self.username_from_transport = true;
     }
 
     /// The connection's username: the transport's identity if any, else CONNECT's.
@@ -627,7 +636,9 @@ impl Channel {
             })
         });
 
-        self.username = self.peer_username.take().or(connect.username);
+        if !self.username_from_transport {
+            self.username = connect.username;
+        }
         self.client_id = Arc::from(client_id);
         self.state = State::AwaitSession;
         self.actions.push_back(Action::Connect {
@@ -643,7 +654,7 @@ impl Channel {
             return;
         }
         let session_present = session.is_some();
-        let mut session = session.unwrap_or_else(|| Session::new(self.client_id.to_string(), 0));
+        let mut session = session.unwrap_or_else(|| Session::new(Arc::clone(&self.client_id), 0));
         session.expiry_interval = self.expiry;
 
         let mut properties = Properties::default();
@@ -730,12 +741,15 @@ impl Channel {
                 return self.protocol_error(ReasonCode::TOPIC_ALIAS_INVALID);
             }
             if publish.topic.is_empty() {
-                match self.inbound_aliases.get(&alias) {
+                match self.aliases.as_ref().and_then(|a| a.inbound.get(&alias)) {
                     Some(topic) => publish.topic.clone_from(topic),
                     None => return self.protocol_error(ReasonCode::TOPIC_ALIAS_INVALID),
                 }
             } else {
-                self.inbound_aliases.insert(alias, publish.topic.clone());
+                self.aliases
+                    .get_or_insert_with(Box::default)
+                    .inbound
+                    .insert(alias, publish.topic.clone());
             }
         } else if publish.topic.is_empty() {
             return self.protocol_error(ReasonCode::PROTOCOL_ERROR);
@@ -1080,8 +1094,9 @@ impl Channel {
         let Packet::Publish(publish) = packet else {
             return;
         };
-        let known = self.outbound_aliases.get(&publish.topic).copied();
-        let next = self.outbound_aliases.len() + 1;
+        let outbound = self.aliases.as_ref().map(|a| &a.outbound);
+        let known = outbound.and_then(|o| o.get(&publish.topic).copied());
+        let next = outbound.map_or(0, HashMap::len) + 1;
         let alias = match known {
             Some(alias) => alias,
             None if next <= usize::from(self.peer_topic_alias_maximum) => {
@@ -1098,7 +1113,10 @@ impl Channel {
         };
         if self.fits(packet) {
             if let (None, Packet::Publish(publish)) = (known, &*packet) {
-                self.outbound_aliases.insert(publish.topic.clone(), alias);
+                self.aliases
+                    .get_or_insert_with(Box::default)
+                    .outbound
+                    .insert(publish.topic.clone(), alias);
             }
         } else if let Packet::Publish(publish) = packet {
             publish.properties.topic_alias = None;

@@ -7,6 +7,7 @@
 
 use std::collections::{HashMap, HashSet, VecDeque};
 use std::hash::{BuildHasherDefault, Hasher};
+use std::sync::Arc;
 
 use crate::codec::{QoS, SubscriptionOptions};
 use crate::core::message::{Delivery, Flow};
@@ -63,7 +64,7 @@ impl Outgoing {
 
 #[derive(Debug)]
 pub struct Session {
-    pub client_id: String,
+    pub client_id: Arc<str>,
     /// Seconds the session outlives its connection (0: ends with the connection).
     pub expiry_interval: u32,
     /// Keyed by flow and the filter exactly as subscribed (including any `$share/group/`
@@ -85,7 +86,7 @@ pub struct Session {
 }
 
 impl Session {
-    pub fn new(client_id: String, expiry_interval: u32) -> Self {
+    pub fn new(client_id: Arc<str>, expiry_interval: u32) -> Self {
         Self {
             client_id,
             expiry_interval,
