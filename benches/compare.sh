@@ -14,7 +14,9 @@
 #   CONN_HOLD [5]       seconds the storm's connections stay idle (RSS is read 1 s in)
 #   LAT_RATE [20000]    total msg/s of the latency cells (split over the publishers)
 #   PROTO [311]         MQTT version the bench speaks: 311 or 5 (rumqttd's v5 is partial)
-#   BROKERS [mosquitto rumqttd petrel]
+#   BROKERS [mosquitto rumqttd petrel petrel-tls petrel-quic]
+#                       petrel-tls / petrel-quic: Petrel measured over TLS (mqtts://) and
+#                       MQTT over QUIC (quic://) with its development certificate
 #   CELLS [all]         space-separated subset of the cell names below, e.g. "fanin-q0 conn"
 #   SKIP_BUILD [0]      1: use the existing target/release/petrel
 #   PETREL_BENCH_CACHE [~/.cache/petrel-bench]  where rumqttd is installed
@@ -34,7 +36,7 @@ CONNS=${CONNS:-10000}
 CONN_HOLD=${CONN_HOLD:-5}
 LAT_RATE=${LAT_RATE:-20000}
 PROTO=${PROTO:-311}
-BROKERS=${BROKERS:-"mosquitto rumqttd petrel"}
+BROKERS=${BROKERS:-"mosquitto rumqttd petrel petrel-tls petrel-quic"}
 CELLS=${CELLS:-all}
 SKIP_BUILD=${SKIP_BUILD:-0}
 CACHE=${PETREL_BENCH_CACHE:-$HOME/.cache/petrel-bench}
@@ -68,7 +70,7 @@ log() { printf '[compare %(%H:%M:%S)T] %s\n' -1 "$*" >&2; }
 # Only processes this script started and that are still running: the brokers, and the bench
 # and RSS sampler of the run in progress. Each is forgotten once it has been waited for, so a
 # recycled PID is never signalled.
-declare -A BPID BPORT
+declare -A BPID BPORT BURL BARGS
 BENCH_PID=""
 SAMPLER=""
 cleanup() {
@@ -145,7 +147,7 @@ for b in $BROKERS; do
     case $b in
     mosquitto) [[ -z $MOSQUITTO_ERROR ]] && ACTIVE+=(mosquitto) || log "skipping mosquitto: $MOSQUITTO_ERROR" ;;
     rumqttd) [[ -z $RUMQTTD_ERROR ]] && ACTIVE+=(rumqttd) || log "skipping rumqttd: $RUMQTTD_ERROR" ;;
-    petrel) ACTIVE+=(petrel) ;;
+    petrel | petrel-tls | petrel-quic) ACTIVE+=("$b") ;;
     *) log "unknown broker $b"; exit 1 ;;
     esac
 done
@@ -239,9 +241,30 @@ start_broker() { # broker
         "$PETREL" --tcp "127.0.0.1:$port" --data-dir "$dir/data" >>"$dir/broker.log" 2>&1 &
         url_port=$port
         ;;
+    petrel-tls)
+        # The development certificate (written to the data directory at start) names
+        # localhost; the bench trusts its CA.
+        rm -rf "$dir/data"
+        "$PETREL" --tls "127.0.0.1:$port" --data-dir "$dir/data" >>"$dir/broker.log" 2>&1 &
+        url_port=$port
+        BURL[$b]="mqtts://localhost:$port"
+        BARGS[$b]="--cafile $dir/data/certs/ca.pem"
+        ;;
+    petrel-quic)
+        # QUIC on a UDP port; the TCP listener is there to tell when the broker is up.
+        local quic_port
+        quic_port=$(free_port)
+        rm -rf "$dir/data"
+        "$PETREL" --tcp "127.0.0.1:$port" --quic "127.0.0.1:$quic_port" --data-dir "$dir/data" \
+            >>"$dir/broker.log" 2>&1 &
+        url_port=$port
+        BURL[$b]="quic://localhost:$quic_port"
+        BARGS[$b]="--cafile $dir/data/certs/ca.pem"
+        ;;
     esac
     BPID[$b]=$!
     BPORT[$b]=$url_port
+    [[ $b == petrel-tls || $b == petrel-quic ]] || { BURL[$b]="mqtt://127.0.0.1:$url_port"; BARGS[$b]=""; }
     local i
     for ((i = 0; i < 100; i++)); do
         if (exec 3<>"/dev/tcp/127.0.0.1/$url_port") 2>/dev/null; then
@@ -297,7 +320,7 @@ start_sampler() { # pid file
 run_cell() { # broker cell-name run-number bench-args...
     local b=$1 cell=$2 run=$3
     shift 3
-    local pid=${BPID[$b]} port=${BPORT[$b]}
+    local pid=${BPID[$b]} url=${BURL[$b]}
     local base=$OUT/$b/$cell-$run
     local limit=$((DURATION + DRAIN + 90))
     local duration=$DURATION
@@ -308,7 +331,8 @@ run_cell() { # broker cell-name run-number bench-args...
     : >"$base.rss"
     start_sampler "$pid" "$base.rss"
     t0=$(date +%s.%N)
-    timeout --kill-after=5 "$limit" "$PETREL" bench -u "mqtt://127.0.0.1:$port" -V "$PROTO" \
+    # shellcheck disable=SC2086
+    timeout --kill-after=5 "$limit" "$PETREL" bench -u "$url" ${BARGS[$b]} -V "$PROTO" \
         --size "$SIZE" --duration "$duration" --drain "$DRAIN" --json "$@" \
         >"$base.json" 2>"$base.err" &
     BENCH_PID=$!

@@ -16,6 +16,9 @@ from pathlib import Path
 
 MARKER = "<!-- end of generated section: benches/compare.sh keeps everything below this line -->"
 BROKERS = [("mosquitto", "Mosquitto"), ("rumqttd", "rumqttd"), ("petrel", "Petrel")]
+# Petrel over each transport (same scenarios, no peer to compare with).
+TRANSPORTS = [("petrel", "TCP"), ("petrel-tls", "TLS"), ("petrel-quic", "QUIC")]
+NAMES = dict(BROKERS + [("petrel-tls", "Petrel TLS"), ("petrel-quic", "Petrel QUIC")])
 
 # cell, row label, metric, unit, higher is better
 ROWS = [
@@ -113,6 +116,8 @@ def main():
     recs = [json.loads(l) for l in results_path.read_text().splitlines() if l.strip()]
     out_dir = Path(env("OUT", str(results_path.parent)))
     present = [(k, name) for k, name in BROKERS if any(r["broker"] == k for r in recs)]
+    transports = [(k, name) for k, name in TRANSPORTS if any(r["broker"] == k for r in recs)]
+    everyone = [(k, NAMES[k]) for k in NAMES if any(r["broker"] == k for r in recs)]
 
     def runs(broker, cell):
         return [r for r in recs if r["broker"] == broker and r["cell"] == cell]
@@ -173,7 +178,7 @@ def main():
       "on a freshly started broker. Memory per idle connection = (broker VmRSS 1 s after all "
       "connected − VmRSS of the idle broker just before) ÷ connections.")
     w("- Broker RSS max: the largest VmRSS sampled every 100 ms from /proc/PID/status during the "
-      "throughput and latency runs (all three brokers stay up through them, runs interleaved).")
+      "throughput and latency runs (all brokers stay up through them, runs interleaved).")
     w("- Broker and bench CPU: % of one core, averaged over the run (so up to 200 % on 2 cores).")
     w("")
     w("## Results")
@@ -188,42 +193,45 @@ def main():
     w("|" + "---|" * (hdr.count("|") - 1))
     lagged = False
     stalled = []
+
+    def cell_text(k, cell, name, unit, value):
+        nonlocal lagged
+        text = fmt(value, unit)
+        if name == "rate":
+            bench_rate = med(k, cell, "bench_rate")
+            if value and bench_rate and value < 0.5 * bench_rate:
+                text += " †"
+                lagged = True
+            slow = [r for r in runs(k, cell) if r.get("bench")
+                    and r["bench"]["seconds"] > float(env("DURATION", "5")) + 5]
+            if slow:
+                text += " ‡"
+                stalled.append(f"{NAMES[k]} {cell}: publishing lasted "
+                               + ", ".join(f"{r['bench']['seconds']:.0f} s" for r in slow))
+            lost = med(k, cell, "lost_pct")
+            dup = med(k, cell, "dup")
+            notes = []
+            if lost:
+                notes.append(f"lost {lost:.2g} %")
+            if dup:
+                notes.append(f"{dup:,.0f} dup")
+            if notes:
+                text += " (" + ", ".join(notes) + ")"
+        if name == "conn_p99":
+            fails = med(k, cell, "connect_failures")
+            if fails:
+                text += f" ({fails:,.0f} failed)"
+        if not any(r.get("bench") for r in runs(k, cell)):
+            errs = [r.get("error", "") for r in runs(k, cell)]
+            text = "failed" + (f": {errs[0][:60]}" if errs and errs[0] else "")
+        return text
+
     for cell, label, name, unit, higher in ROWS:
         if not any(r["cell"] == cell for r in recs):
             continue
         label = label.format(lat=lat, conns=conns)
         vals = {k: med(k, cell, name) for k, _ in present}
-        cells = []
-        for k, _ in present:
-            text = fmt(vals[k], unit)
-            if name == "rate":
-                bench_rate = med(k, cell, "bench_rate")
-                if vals[k] and bench_rate and vals[k] < 0.5 * bench_rate:
-                    text += " †"
-                    lagged = True
-                slow = [r for r in runs(k, cell) if r.get("bench")
-                        and r["bench"]["seconds"] > float(env("DURATION", "5")) + 5]
-                if slow:
-                    text += " ‡"
-                    stalled.append(f"{dict(BROKERS)[k]} {cell}: publishing lasted "
-                                   + ", ".join(f"{r['bench']['seconds']:.0f} s" for r in slow))
-                lost = med(k, cell, "lost_pct")
-                dup = med(k, cell, "dup")
-                notes = []
-                if lost:
-                    notes.append(f"lost {lost:.2g} %")
-                if dup:
-                    notes.append(f"{dup:,.0f} dup")
-                if notes:
-                    text += " (" + ", ".join(notes) + ")"
-            if name == "conn_p99":
-                fails = med(k, cell, "connect_failures")
-                if fails:
-                    text += f" ({fails:,.0f} failed)"
-            if not any(r.get("bench") for r in runs(k, cell)):
-                errs = [r.get("error", "") for r in runs(k, cell)]
-                text = "failed" + (f": {errs[0][:60]}" if errs and errs[0] else "")
-            cells.append(text)
+        cells = [cell_text(k, cell, name, unit, vals[k]) for k, _ in present]
         row = f"| {label} | {unit} | {'higher' if higher else 'lower'} | " + " | ".join(cells)
         if has_petrel:
             ratios = []
@@ -249,6 +257,48 @@ def main():
       "higher is better, below 1 where lower is better. \"lost\" is the share of expected "
       f"deliveries not received by the end of the drain ({env('DRAIN')} s after the publishers "
       "stopped): messages a broker dropped (QoS 0 may, by design) or was still delivering then.")
+    if len(transports) > 1:
+        w("")
+        w("### Petrel over TLS and MQTT over QUIC")
+        w("")
+        w("The same scenarios against Petrel's TLS listener (`mqtts://`, TLS 1.3) and its MQTT "
+          "over QUIC listener (`quic://`, EMQX's single-stream mapping), each with the development "
+          "certificate, beside plain TCP. There is no peer figure to compare with (Mosquitto has no "
+          "QUIC; rumqttd neither); the ratios are to Petrel over TCP, and the load generator pays "
+          "for its half of every TLS and QUIC connection on the same two cores.")
+        w("")
+        hdr = "| scenario | unit | better | " + " | ".join(n for _, n in transports)
+        hdr += " | " + " | ".join(f"{n} ÷ TCP" for k, n in transports if k != "petrel")
+        hdr += " | bench CPU % (" + " / ".join(n for _, n in transports) + ") |"
+        w(hdr)
+        w("|" + "---|" * (hdr.count("|") - 1))
+        for cell, label, name, unit, higher in ROWS:
+            if not any(r["cell"] == cell for r in recs):
+                continue
+            label = label.format(lat=lat, conns=conns)
+            vals = {k: med(k, cell, name) for k, _ in transports}
+            row = f"| {label} | {unit} | {'higher' if higher else 'lower'} | " + " | ".join(
+                cell_text(k, cell, name, unit, vals[k]) for k, _ in transports)
+            ratios = []
+            for k, _ in transports:
+                if k == "petrel":
+                    continue
+                p, o = vals.get(k), vals.get("petrel")
+                ratios.append(f"{p / o:.2f}×" if p is not None and o else "–")
+            row += " | " + " | ".join(ratios)
+            row += " | " + " / ".join(fmt(med(k, cell, "bench_cpu")) for k, _ in transports) + " |"
+            w(row)
+        rss_t = {}
+        for k, _ in transports:
+            vals = [r["rss_max_kb"] for r in recs if r["broker"] == k and r["cell"] in THROUGHPUT_CELLS]
+            rss_t[k] = max(vals) / 1024 if vals else None
+        row = "| broker RSS max during throughput runs | MiB | lower | " + " | ".join(
+            fmt(rss_t[k]) for k, _ in transports)
+        row += " | " + " | ".join(
+            f"{rss_t[k] / rss_t['petrel']:.2f}×" if rss_t.get(k) and rss_t.get("petrel") else "–"
+            for k, _ in transports if k != "petrel")
+        row += " | |"
+        w(row)
     if lagged:
         w("")
         w("† Deliveries lagged far behind publishing: the steady rate while publishing is under half "
@@ -271,7 +321,7 @@ def main():
     w("| cell | broker | sent/s | steady delivered/s | bench delivered/s | lost % | dup | p50 µs | p99 µs | broker CPU % | bench CPU % | broker RSS max MiB |")
     w("|---|---|---|---|---|---|---|---|---|---|---|---|")
     for cell in THROUGHPUT_CELLS:
-        for k, n in present:
+        for k, n in everyone:
             rs = runs(k, cell)
             if not rs:
                 continue
@@ -283,7 +333,7 @@ def main():
               f"{med(k, cell, 'lost_pct'):.2f} | {fmt(med(k, cell, 'dup'))} | {fmt(med(k, cell, 'p50'))} | "
               f"{fmt(med(k, cell, 'p99'))} | {fmt(median(r['broker_cpu_percent'] for r in ok))} | "
               f"{fmt(med(k, cell, 'bench_cpu'))} | {fmt(median(r['rss_max_kb'] / 1024 for r in ok))} |")
-    for k, n in present:
+    for k, n in everyone:
         ok = [r for r in runs(k, "conn") if r.get("bench")]
         if ok:
             w(f"| conn | {n} | 99 % in {fmt(med(k, 'conn', 'conn_p99'))} ms, all in "
@@ -315,16 +365,19 @@ def main():
                 if line.startswith(key + " ") or line.startswith(key + "="):
                     defaults.append(f"`{section}.{line}`")
     w("Petrel: defaults (`petrel.example.toml` at report time: " + ", ".join(defaults) + "), "
-      "TCP listener only:")
+      "one listener per measured transport (the QUIC run also has a TCP listener, only to see "
+      "that the broker is up):")
     w("")
     w("```")
-    w("target/release/petrel --tcp 127.0.0.1:PORT --data-dir TMP/data")
+    w("target/release/petrel --tcp 127.0.0.1:PORT --data-dir TMP/data                        # Petrel")
+    w("target/release/petrel --tls 127.0.0.1:PORT --data-dir TMP/data                        # Petrel TLS")
+    w("target/release/petrel --tcp 127.0.0.1:PORT2 --quic 127.0.0.1:PORT --data-dir TMP/data # Petrel QUIC")
     w("```")
     for k, fname in (("mosquitto", "mosquitto.conf"), ("rumqttd", "rumqttd.toml")):
         p = out_dir / k / fname
         if p.exists():
             w("")
-            w(f"{dict(BROKERS)[k]} (`{'mosquitto -c' if k == 'mosquitto' else 'rumqttd -q -c'} {fname}`; PORT is a free port chosen per start):")
+            w(f"{NAMES[k]} (`{'mosquitto -c' if k == 'mosquitto' else 'rumqttd -q -c'} {fname}`; PORT is a free port chosen per start):")
             w("")
             w("```")
             text = p.read_text()
@@ -343,7 +396,8 @@ def main():
     w("```")
     w("")
     w(f"This report: `{env('COMMAND_LINE')}`. Each run is one `petrel bench` against "
-      "`mqtt://127.0.0.1:PORT`:")
+      "`mqtt://127.0.0.1:PORT` (Petrel TLS: `-u mqtts://localhost:PORT --cafile TMP/data/certs/ca.pem`; "
+      "Petrel QUIC: `-u quic://localhost:PORT --cafile TMP/data/certs/ca.pem`):")
     w("")
     w("```")
     seen = set()
