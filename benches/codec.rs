@@ -5,7 +5,8 @@
 use bytes::{Bytes, BytesMut};
 use criterion::{criterion_group, criterion_main, BenchmarkId, Criterion, Throughput};
 use petrel::codec::{
-    encode, Ack, Codec, Packet, Properties, ProtocolVersion, Publish, QoS, ReasonCode,
+    encode, Ack, Codec, Connect, Packet, Properties, ProtocolVersion, Publish, QoS, ReasonCode,
+    Subscribe, SubscriptionOptions,
 };
 
 fn publish(size: usize, version: ProtocolVersion) -> Packet {
@@ -80,5 +81,62 @@ fn bench_acks(c: &mut Criterion) {
     group.finish();
 }
 
-criterion_group!(benches, bench_publish, bench_acks);
+/// CONNECT and SUBSCRIBE: once per connection or subscription, not per message, but a
+/// connection storm decodes 10 k of each.
+fn bench_control(c: &mut Criterion) {
+    let mut group = c.benchmark_group("control");
+    for version in [ProtocolVersion::V311, ProtocolVersion::V5] {
+        let connect = Packet::Connect(Box::new(Connect {
+            protocol: version,
+            clean_start: true,
+            keep_alive: 60,
+            client_id: "vehicle-0042-telemetry".into(),
+            will: None,
+            username: Some("fleet".into()),
+            password: Some(Bytes::from_static(b"secret")),
+            properties: Properties::default(),
+        }));
+        let subscribe = Packet::Subscribe(Subscribe {
+            packet_id: 9,
+            properties: Properties::default(),
+            filters: vec![
+                (
+                    "vehicles/+/telemetry/#".into(),
+                    SubscriptionOptions::default(),
+                ),
+                (
+                    "fleet/commands/car-42".into(),
+                    SubscriptionOptions::default(),
+                ),
+            ],
+        });
+        for (name, packet) in [("connect", &connect), ("subscribe", &subscribe)] {
+            let mut wire = BytesMut::new();
+            encode(packet, version, &mut wire);
+            let wire = wire.freeze();
+            let id = format!("{name}/{version:?}");
+            group.bench_with_input(BenchmarkId::new("decode", &id), &wire, |b, wire| {
+                b.iter(|| {
+                    // A fresh codec: CONNECT is the first packet a connection decodes.
+                    let mut codec = Codec::new(1 << 20);
+                    if name == "subscribe" {
+                        codec = Codec::with_version(version, 1 << 20);
+                    }
+                    let mut buf = BytesMut::from(&wire[..]);
+                    codec.decode(&mut buf).unwrap().unwrap()
+                })
+            });
+            group.bench_with_input(BenchmarkId::new("encode", &id), packet, |b, packet| {
+                let mut out = BytesMut::with_capacity(wire.len() * 2);
+                b.iter(|| {
+                    out.clear();
+                    encode(packet, version, &mut out);
+                })
+            });
+        }
+    }
+    group.finish();
+}
+
+criterion_group!(benches, bench_publish, bench_acks, bench_control);
 criterion_main!(benches);

@@ -1,5 +1,7 @@
-//! Router micro-benchmarks: topic-filter matching against 10 k / 100 k subscriptions with
-//! wildcards, and the broker's fan-out of one publish to 1 / 100 / 10 k subscribers.
+//! Core micro-benchmarks: topic-filter matching against 10 k / 100 k subscriptions with
+//! wildcards, the broker's fan-out of one publish to 1 / 100 / 10 k subscribers, and a
+//! session's in-flight bookkeeping (one outgoing QoS 1 / QoS 2 message tracked and
+//! acknowledged with a full window in flight).
 //!
 //! `cargo bench --bench router`.
 
@@ -11,9 +13,10 @@ use criterion::{criterion_group, criterion_main, BenchmarkId, Criterion, Through
 use petrel::broker::{Broker, Settings};
 use petrel::codec::{Publish, QoS, SubscriptionOptions};
 use petrel::core::channel::Limits;
+use petrel::core::message::Delivery;
 use petrel::core::message::{Flow, Message};
 use petrel::core::router::SubscriptionTree;
-use petrel::core::session::Subscription;
+use petrel::core::session::{Session, Subscription};
 use petrel::core::topic::TopicFilter;
 
 /// `n` subscriptions shaped like a fleet: exact topics, `+` in the middle and `#` tails.
@@ -104,5 +107,37 @@ fn bench_fan_out(c: &mut Criterion) {
     group.finish();
 }
 
-criterion_group!(benches, bench_match, bench_fan_out);
+fn bench_inflight(c: &mut Criterion) {
+    const WINDOW: usize = 128;
+    let mut group = c.benchmark_group("inflight");
+    for qos in [QoS::AtLeastOnce, QoS::ExactlyOnce] {
+        let delivery = Delivery {
+            message: message(),
+            qos,
+            retain: false,
+            subscription_ids: Vec::new(),
+            flow: Flow::CONTROL,
+        };
+        let mut session = Session::new(Arc::from("bench"), 0);
+        let mut window = std::collections::VecDeque::with_capacity(WINDOW);
+        for _ in 0..WINDOW {
+            window.push_back(session.track(delivery.clone()).unwrap());
+        }
+        group.throughput(Throughput::Elements(1));
+        group.bench_function(BenchmarkId::new("track_and_ack", format!("{qos:?}")), |b| {
+            b.iter(|| {
+                // The oldest is acknowledged (QoS 2: PUBREC then PUBCOMP), a new one sent.
+                let id = window.pop_front().unwrap();
+                if qos == QoS::ExactlyOnce {
+                    session.received(id).unwrap();
+                }
+                assert!(session.complete(id, qos == QoS::ExactlyOnce));
+                window.push_back(session.track(delivery.clone()).unwrap());
+            })
+        });
+    }
+    group.finish();
+}
+
+criterion_group!(benches, bench_match, bench_fan_out, bench_inflight);
 criterion_main!(benches);

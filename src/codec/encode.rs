@@ -10,7 +10,7 @@
 use bytes::{BufMut, BytesMut};
 
 use super::model::{
-    Ack, ConnAck, Connect, Packet, Properties, ProtocolVersion, Publish, SubAck, Subscribe,
+    Ack, ConnAck, Connect, Packet, Properties, ProtocolVersion, Publish, QoS, SubAck, Subscribe,
     SubscriptionOptions, UnsubAck, Unsubscribe,
 };
 use super::properties::{properties_len, write_properties};
@@ -45,6 +45,53 @@ pub fn encoded_len(packet: &Packet, version: ProtocolVersion) -> usize {
     }
     let remaining = body_len(packet, version);
     1 + varint_len(remaining) + remaining
+}
+
+/// A PUBLISH without properties, borrowed from its parts: what the broker writes to each
+/// subscriber straight from the shared message, with no `Publish` built per delivery. In v5
+/// it carries an empty property list; the bytes are those of [`encode`] given the same
+/// `Publish` with default properties.
+#[derive(Debug, Clone, Copy)]
+pub struct PublishRef<'a> {
+    pub dup: bool,
+    pub qos: QoS,
+    pub retain: bool,
+    pub topic: &'a str,
+    pub packet_id: Option<u16>,
+    pub payload: &'a [u8],
+}
+
+impl PublishRef<'_> {
+    fn remaining(&self, version: ProtocolVersion) -> usize {
+        string_len(self.topic)
+            + if self.packet_id.is_some() { 2 } else { 0 }
+            + usize::from(version.is_v5())
+            + self.payload.len()
+    }
+
+    /// Exact number of bytes [`PublishRef::encode`] appends.
+    pub fn encoded_len(&self, version: ProtocolVersion) -> usize {
+        let remaining = self.remaining(version);
+        1 + varint_len(remaining) + remaining
+    }
+
+    /// Appends the PUBLISH.
+    pub fn encode(&self, version: ProtocolVersion, out: &mut BytesMut) {
+        let remaining = self.remaining(version);
+        out.reserve(1 + varint_len(remaining) + remaining);
+        out.put_u8(
+            3 << 4 | u8::from(self.dup) << 3 | (self.qos as u8) << 1 | u8::from(self.retain),
+        );
+        put_varint(out, remaining);
+        put_string(out, self.topic);
+        if let Some(id) = self.packet_id {
+            out.put_u16(id);
+        }
+        if version.is_v5() {
+            out.put_u8(0);
+        }
+        out.put_slice(self.payload);
+    }
 }
 
 fn header_flags(packet: &Packet) -> u8 {

@@ -20,6 +20,6 @@ mod reason;
 mod tests;
 
 pub use decode::{Codec, DecodeError};
-pub use encode::{encode, encoded_len};
+pub use encode::{encode, encoded_len, PublishRef};
 pub use model::*;
 pub use reason::ReasonCode;

@@ -524,3 +524,47 @@ fn size_guard_counts_the_fixed_header() {
     codec.set_max_packet_size(2);
     assert_eq!(codec.decode(&mut hex("C0 00")), Ok(Some(Packet::PingReq)));
 }
+
+#[test]
+fn a_borrowed_publish_encodes_like_the_packet_with_no_properties() {
+    let payloads = [
+        Bytes::new(),
+        Bytes::from_static(b"hello"),
+        Bytes::from(vec![9u8; 300]),
+    ];
+    for version in [V31, V311, V5] {
+        for qos in [QoS::AtMostOnce, QoS::AtLeastOnce, QoS::ExactlyOnce] {
+            for (dup, retain) in [(false, false), (true, true)] {
+                // [MQTT-3.3.1-2]: no DUP at QoS 0.
+                let dup = dup && qos != QoS::AtMostOnce;
+                for payload in &payloads {
+                    let packet_id = (qos != QoS::AtMostOnce).then_some(0xBEEF);
+                    let owned = Packet::Publish(Publish {
+                        dup,
+                        qos,
+                        retain,
+                        topic: "a/b/c".into(),
+                        packet_id,
+                        properties: Properties::default(),
+                        payload: payload.clone(),
+                    });
+                    let borrowed = super::PublishRef {
+                        dup,
+                        qos,
+                        retain,
+                        topic: "a/b/c",
+                        packet_id,
+                        payload,
+                    };
+                    let (mut a, mut b) = (BytesMut::new(), BytesMut::new());
+                    encode(&owned, version, &mut a);
+                    borrowed.encode(version, &mut b);
+                    assert_eq!(a, b, "{version:?} {qos:?} dup={dup} len={}", payload.len());
+                    assert_eq!(borrowed.encoded_len(version), b.len());
+                    let decoded = Codec::with_version(version, MAX).decode(&mut b).unwrap();
+                    assert_eq!(decoded, Some(owned));
+                }
+            }
+        }
+    }
+}

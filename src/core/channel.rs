@@ -17,7 +17,8 @@ use bytes::BytesMut;
 
 use crate::codec::{
     self, Ack, ConnAck, Connect, DecodeError, Disconnect, Packet, Properties, ProtocolVersion,
-    Publish, QoS, ReasonCode, SubAck, Subscribe, SubscriptionOptions, UnsubAck, Unsubscribe,
+    Publish, PublishRef, QoS, ReasonCode, SubAck, Subscribe, SubscriptionOptions, UnsubAck,
+    Unsubscribe,
 };
 use crate::core::message::{Delivery, Flow, Message};
 use crate::core::session::{Outgoing, Session, Subscription};
@@ -1007,6 +1008,9 @@ impl Channel {
             delivery.flow = Flow::CONTROL;
         }
         let flow = delivery.flow;
+        let Err(delivery) = self.deliver_direct(delivery) else {
+            return;
+        };
         let mut publish = self.build_publish(now, &delivery, false);
         if delivery.qos != QoS::AtMostOnce {
             publish.packet_id = Some(u16::MAX); // same size as the id it will get
@@ -1031,6 +1035,63 @@ impl Channel {
         self.send_publish(flow, packet);
     }
 
+    /// The common case, written straight from the shared message with no `Publish` built
+    /// (no topic copied, no properties cloned): MQTT 3.1/3.1.1, or v5 for a message without
+    /// properties, expiry or subscription identifiers, on a flow without topic aliases.
+    /// Gives the delivery back when the full path is needed.
+    fn deliver_direct(&mut self, delivery: Delivery) -> Result<(), Delivery> {
+        let message = &delivery.message;
+        if self.version.is_v5()
+            && (!delivery.subscription_ids.is_empty()
+                || message.expires_at.is_some()
+                || !message.properties.is_empty())
+        {
+            return Err(delivery);
+        }
+        if delivery.flow.is_control() && self.peer_topic_alias_maximum > 0 {
+            return Err(delivery);
+        }
+        let qos = delivery.qos;
+        let publish = PublishRef {
+            dup: false,
+            qos,
+            retain: delivery.retain,
+            topic: &message.topic,
+            // The same size as the id it will get.
+            packet_id: (qos != QoS::AtMostOnce).then_some(u16::MAX),
+            payload: &message.payload,
+        };
+        if !self.fits_len(|| publish.encoded_len(self.version)) {
+            self.dropped += 1;
+            return Ok(());
+        }
+        let flow = delivery.flow;
+        let message = Arc::clone(message);
+        let retain = delivery.retain;
+        let mut packet_id = None;
+        if qos != QoS::AtMostOnce {
+            let Some(session) = self.session.as_mut() else {
+                return Ok(());
+            };
+            let Some(id) = session.track(delivery) else {
+                self.dropped += 1;
+                return Ok(());
+            };
+            packet_id = Some(id);
+        }
+        let version = self.version;
+        let publish = PublishRef {
+            dup: false,
+            qos,
+            retain,
+            topic: &message.topic,
+            packet_id,
+            payload: &message.payload,
+        };
+        publish.encode(version, self.out_for(flow));
+        Ok(())
+    }
+
     /// Resends an unacknowledged PUBLISH after reconnect; one that no longer fits the
     /// client's Maximum Packet Size is abandoned (counted) rather than kept forever.
     fn resend(&mut self, now: Instant, delivery: &Delivery, id: u16) {
@@ -1046,10 +1107,15 @@ impl Channel {
     }
 
     fn fits(&self, packet: &Packet) -> bool {
-        // A client that set no maximum takes anything MQTT can frame, and a message that
-        // came in under our own (smaller) maximum stays frameable: skip the measuring.
+        self.fits_len(|| codec::encoded_len(packet, self.version))
+    }
+
+    /// Whether a packet of `len()` bytes may go to the client. A client that set no maximum
+    /// takes anything MQTT can frame, and a message that came in under our own (smaller)
+    /// maximum stays frameable: then nothing is measured.
+    fn fits_len(&self, len: impl FnOnce() -> usize) -> bool {
         (self.peer_max_packet_size == u32::MAX && self.limits.max_packet_size < 256 * 1024 * 1024)
-            || codec::encoded_len(packet, self.version) <= self.peer_max_packet_size as usize
+            || len() <= self.peer_max_packet_size as usize
     }
 
     fn build_publish(&self, now: Instant, delivery: &Delivery, dup: bool) -> Publish {
@@ -1133,13 +1199,18 @@ impl Channel {
 
     /// Encodes onto `flow`'s output, or the control flow's if `flow` is not open.
     fn send_on(&mut self, flow: Flow, packet: &Packet) {
+        let version = self.version;
+        codec::encode(packet, version, self.out_for(flow));
+    }
+
+    /// The output of `flow`, or the control flow's if that flow is not open.
+    fn out_for(&mut self, flow: Flow) -> &mut BytesMut {
         if !flow.is_control() {
-            if let Some((_, out)) = self.flows.iter_mut().find(|(f, _)| *f == flow) {
-                codec::encode(packet, self.version, out);
-                return;
+            if let Some(i) = self.flows.iter().position(|(f, _)| *f == flow) {
+                return &mut self.flows[i].1;
             }
         }
-        self.send(packet);
+        &mut self.out
     }
 
     fn is_open(&self, flow: Flow) -> bool {
