@@ -14,11 +14,13 @@ use super::mailbox::{Mailbox, Signal};
 use super::{clock, Broker};
 use crate::codec::ReasonCode;
 use crate::core::channel::{Action, Channel};
-use crate::core::message::Flow;
+use crate::core::message::{Delivery, Flow};
 
 /// How long a paused publisher waits for an overfilled subscriber that takes no messages at
 /// all before going on (that subscriber's mailbox then drops what exceeds its hard bound).
 const MAX_PAUSE: Duration = Duration::from_secs(1);
+/// Deliveries taken from the mailbox under one lock.
+const PUMP_BATCH: usize = 16;
 
 pub struct Link {
     pub broker: Arc<Broker>,
@@ -281,10 +283,25 @@ impl Link {
         let Some(mailbox) = &self.mailbox else { return };
         let now = self.now;
         let mut offered = 0u64;
-        while self.channel.can_deliver() && room() {
-            let Some(delivery) = mailbox.pop() else { break };
-            self.channel.deliver(now, delivery);
-            offered += 1;
+        // Taken in batches, one lock each; what the channel cannot take goes back.
+        let mut batch: [Option<Delivery>; PUMP_BATCH] = Default::default();
+        'pump: while self.channel.can_deliver() && room() {
+            // No more than the window takes: QoS 1/2 deliveries past it would go back.
+            let take = self.channel.delivery_room().min(PUMP_BATCH);
+            let n = mailbox.pop_batch(&mut batch[..take]);
+            if n == 0 {
+                break;
+            }
+            for i in 0..n {
+                if i > 0 && !(self.channel.can_deliver() && room()) {
+                    mailbox.unpop(batch[i..n].iter_mut().filter_map(Option::take));
+                    break 'pump;
+                }
+                if let Some(delivery) = batch[i].take() {
+                    self.channel.deliver(now, delivery);
+                    offered += 1;
+                }
+            }
         }
         self.count_drops(offered);
     }

@@ -118,19 +118,45 @@ impl Mailbox {
 
     /// Takes the oldest queued delivery.
     pub fn pop(&self) -> Option<Delivery> {
-        let (delivery, len) = {
-            let mut inner = self.lock();
-            let delivery = inner.queue.pop_front();
-            (delivery, inner.queue.len())
-        };
-        if delivery.is_some() {
-            self.popped.fetch_add(1, Ordering::Relaxed);
-        }
-        if delivery.is_some() && len == self.low_water() {
-            self.stalled.store(false, Ordering::Relaxed);
-            self.drained.notify_waiters();
-        }
+        let mut slot = [None];
+        self.pop_batch(&mut slot);
+        let [delivery] = slot;
         delivery
+    }
+
+    /// Takes up to `out.len()` of the oldest deliveries, in order, under one lock; returns how
+    /// many. Deliveries the caller cannot take after all go back with [`Mailbox::unpop`].
+    pub fn pop_batch(&self, out: &mut [Option<Delivery>]) -> usize {
+        let (n, before) = {
+            let mut inner = self.lock();
+            let before = inner.queue.len();
+            let n = out.len().min(before);
+            for (slot, delivery) in out.iter_mut().zip(inner.queue.drain(..n)) {
+                *slot = Some(delivery);
+            }
+            (n, before)
+        };
+        if n > 0 {
+            self.popped.fetch_add(n as u64, Ordering::Relaxed);
+            let low = self.low_water();
+            if before > low && before - n <= low {
+                self.stalled.store(false, Ordering::Relaxed);
+                self.drained.notify_waiters();
+            }
+        }
+        n
+    }
+
+    /// Puts deliveries taken by [`Mailbox::pop_batch`] back at the front, in their order.
+    pub fn unpop(&self, deliveries: impl DoubleEndedIterator<Item = Delivery>) {
+        let mut inner = self.lock();
+        let mut returned = 0u64;
+        for delivery in deliveries.rev() {
+            inner.queue.push_front(delivery);
+            returned += 1;
+        }
+        drop(inner);
+        self.popped.fetch_sub(returned, Ordering::Relaxed);
     }
 
     fn low_water(&self) -> usize {
@@ -310,6 +336,31 @@ mod tests {
             Pushed::Pressured,
             "pushes back again"
         );
+    }
+
+    #[test]
+    fn a_batch_is_taken_in_order_and_what_is_put_back_comes_first() {
+        let m = Mailbox::new(8);
+        let ids: Vec<u32> = (1..=5).collect();
+        for &id in &ids {
+            let mut d = delivery(QoS::AtLeastOnce);
+            d.subscription_ids = vec![id];
+            m.push(d);
+        }
+        let mut batch: [Option<Delivery>; 3] = Default::default();
+        assert_eq!(m.pop_batch(&mut batch), 3);
+        assert_eq!(m.popped(), 3);
+        let taken: Vec<u32> = batch.iter().flatten().map(|d| d.subscription_ids[0]).collect();
+        assert_eq!(taken, [1, 2, 3]);
+        // The first was used; the other two go back in front of 4 and 5.
+        m.unpop(batch[1..].iter_mut().filter_map(Option::take));
+        assert_eq!(m.popped(), 1);
+        let rest: Vec<u32> = std::iter::from_fn(|| m.pop())
+            .map(|d| d.subscription_ids[0])
+            .collect();
+        assert_eq!(rest, [2, 3, 4, 5]);
+        let mut empty: [Option<Delivery>; 2] = Default::default();
+        assert_eq!(m.pop_batch(&mut empty), 0);
     }
 
     #[test]

@@ -44,6 +44,24 @@ use crate::transport::certs::DevCerts;
 use anyhow::Context as _;
 use mailbox::{Mailbox, Pushed};
 
+/// What `route` builds per publish, kept per thread so that routing allocates nothing once
+/// warm: the deliveries to push, and (for fan-out) an index of them by session and flow.
+/// Empty between calls (the deliveries are moved out), so it holds no message alive.
+#[derive(Default)]
+struct RouteScratch {
+    targets: Vec<(Arc<Mailbox>, Delivery)>,
+    /// Keyed by the mailbox's address (one mailbox per session) and flow: no client controls
+    /// these keys, so a fast unkeyed hash is safe.
+    index: HashMap<(*const Mailbox, Flow), usize, rustc_hash::FxBuildHasher>,
+}
+
+/// Entries a thread's route scratch keeps between publishes (about 64 KiB of targets).
+const SCRATCH_KEEP: usize = 1024;
+
+thread_local! {
+    static ROUTE_SCRATCH: std::cell::RefCell<RouteScratch> = std::cell::RefCell::default();
+}
+
 /// Who holds a subscription: a client, on one of its flows.
 type SubscriberKey = (Arc<str>, Flow);
 
@@ -446,73 +464,84 @@ impl Broker {
         if message.is_expired(now) {
             return;
         }
-        let mut targets: Vec<(Arc<Mailbox>, Delivery)> = Vec::new();
-        // Overlapping subscriptions of one session are found by a scan while there are few
-        // targets, by an index once there are many (fan-out).
-        let mut index: Option<HashMap<(*const Mailbox, Flow), usize>> = None;
-        {
-            let router = self.router.read().expect("router lock is never poisoned");
-            router.for_each_match(
-                &message.topic,
-                |_, route| route.mailbox.is_online(),
-                |(client, flow), route| {
-                    // [MQTT-3.8.3-3] No Local.
-                    if route.options.no_local && message.publisher.as_deref() == Some(&**client) {
-                        return;
+        ROUTE_SCRATCH.with_borrow_mut(|scratch| {
+            self.collect_targets(&message, scratch);
+            for (mailbox, delivery) in scratch.targets.drain(..) {
+                match mailbox.push(delivery) {
+                    Pushed::Queued => {}
+                    Pushed::Pressured => pressured.push(mailbox),
+                    Pushed::Dropped => {
+                        self.metrics
+                            .messages_dropped
+                            .fetch_add(1, Ordering::Relaxed);
                     }
-                    let qos = message.qos.min(route.options.qos);
-                    // [MQTT-3.3.1-12, -13] Retain As Published.
-                    let retain = route.options.retain_as_published && message.retain;
-                    let key = (Arc::as_ptr(&route.mailbox), *flow);
-                    let found = match &index {
-                        Some(index) => index.get(&key).copied(),
-                        None => targets
-                            .iter()
-                            .position(|(m, d)| Arc::as_ptr(m) == key.0 && d.flow == key.1),
-                    };
-                    match found {
-                        Some(i) => {
-                            let delivery = &mut targets[i].1;
-                            delivery.qos = delivery.qos.max(qos);
-                            delivery.retain |= retain;
-                            delivery.subscription_ids.extend(route.id);
-                        }
-                        None => {
-                            if let Some(index) = &mut index {
-                                index.insert(key, targets.len());
-                            } else if targets.len() >= 16 {
-                                let mut built: HashMap<_, _> = targets
-                                    .iter()
-                                    .enumerate()
-                                    .map(|(i, (m, d))| ((Arc::as_ptr(m), d.flow), i))
-                                    .collect();
-                                built.insert(key, targets.len());
-                                index = Some(built);
-                            }
-                            let delivery = Delivery {
-                                message: Arc::clone(&message),
-                                qos,
-                                retain,
-                                subscription_ids: route.id.into_iter().collect(),
-                                flow: *flow,
-                            };
-                            targets.push((Arc::clone(&route.mailbox), delivery));
-                        }
-                    }
-                },
-            );
-        }
-        for (mailbox, delivery) in targets {
-            match mailbox.push(delivery) {
-                Pushed::Queued => {}
-                Pushed::Pressured => pressured.push(mailbox),
-                Pushed::Dropped => {
-                    self.metrics
-                        .messages_dropped
-                        .fetch_add(1, Ordering::Relaxed);
                 }
             }
-        }
+            scratch.index.clear();
+            // A rare huge fan-out does not keep its buffers for the thread's lifetime.
+            scratch.targets.shrink_to(SCRATCH_KEEP);
+            scratch.index.shrink_to(SCRATCH_KEEP);
+        });
+    }
+
+    /// Fills `scratch.targets` with one delivery per session and flow matching `message`.
+    fn collect_targets(&self, message: &Arc<Message>, scratch: &mut RouteScratch) {
+        let RouteScratch { targets, index } = scratch;
+        // Overlapping subscriptions of one session are found by a scan while there are few
+        // targets, by an index once there are many (fan-out).
+        let mut indexed = false;
+        let router = self.router.read().expect("router lock is never poisoned");
+        router.for_each_match(
+            &message.topic,
+            |_, route| route.mailbox.is_online(),
+            |(client, flow), route| {
+                // [MQTT-3.8.3-3] No Local.
+                if route.options.no_local && message.publisher.as_deref() == Some(&**client) {
+                    return;
+                }
+                let qos = message.qos.min(route.options.qos);
+                // [MQTT-3.3.1-12, -13] Retain As Published.
+                let retain = route.options.retain_as_published && message.retain;
+                let key = (Arc::as_ptr(&route.mailbox), *flow);
+                let found = if indexed {
+                    index.get(&key).copied()
+                } else {
+                    targets
+                        .iter()
+                        .position(|(m, d)| Arc::as_ptr(m) == key.0 && d.flow == key.1)
+                };
+                match found {
+                    Some(i) => {
+                        let delivery = &mut targets[i].1;
+                        delivery.qos = delivery.qos.max(qos);
+                        delivery.retain |= retain;
+                        delivery.subscription_ids.extend(route.id);
+                    }
+                    None => {
+                        if indexed {
+                            index.insert(key, targets.len());
+                        } else if targets.len() >= 16 {
+                            index.extend(
+                                targets
+                                    .iter()
+                                    .enumerate()
+                                    .map(|(i, (m, d))| ((Arc::as_ptr(m), d.flow), i)),
+                            );
+                            index.insert(key, targets.len());
+                            indexed = true;
+                        }
+                        let delivery = Delivery {
+                            message: Arc::clone(message),
+                            qos,
+                            retain,
+                            subscription_ids: route.id.into_iter().collect(),
+                            flow: *flow,
+                        };
+                        targets.push((Arc::clone(&route.mailbox), delivery));
+                    }
+                }
+            },
+        );
     }
 
     fn store_retained(&self, message: &Arc<Message>) {

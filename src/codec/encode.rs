@@ -75,8 +75,9 @@ impl PublishRef<'_> {
         1 + varint_len(remaining) + remaining
     }
 
-    /// Appends the PUBLISH.
-    pub fn encode(&self, version: ProtocolVersion, out: &mut BytesMut) {
+    /// Appends the PUBLISH; returns where in `out` its packet id is, if it has one (so a
+    /// caller can write the packet first and fill in the id it gets afterwards).
+    pub fn encode(&self, version: ProtocolVersion, out: &mut BytesMut) -> Option<usize> {
         let remaining = self.remaining(version);
         out.reserve(1 + varint_len(remaining) + remaining);
         out.put_u8(
@@ -84,13 +85,15 @@ impl PublishRef<'_> {
         );
         put_varint(out, remaining);
         put_string(out, self.topic);
-        if let Some(id) = self.packet_id {
+        let id_at = self.packet_id.map(|id| {
             out.put_u16(id);
-        }
+            out.len() - 2
+        });
         if version.is_v5() {
             out.put_u8(0);
         }
         out.put_slice(self.payload);
+        id_at
     }
 }
 

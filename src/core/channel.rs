@@ -990,10 +990,18 @@ impl Channel {
     /// Whether the driver may offer another delivery now: connected, the in-flight window has
     /// room, and the write buffer is not backed up.
     pub fn can_deliver(&self) -> bool {
+        self.delivery_room() > 0
+    }
+
+    /// How many QoS 1/2 deliveries the channel could take now (0 when it can take none).
+    pub fn delivery_room(&self) -> usize {
         let window = usize::from(self.peer_receive_maximum.min(self.limits.max_inflight));
-        self.state == State::Connected
-            && self.out.len() < OUT_HIGH_WATER
-            && self.session.as_ref().is_some_and(|s| s.inflight() < window)
+        match &self.session {
+            Some(session) if self.state == State::Connected && self.out.len() < OUT_HIGH_WATER => {
+                window.saturating_sub(session.inflight())
+            }
+            _ => 0,
+        }
     }
 
     /// Send one message to this client. Expired messages and messages larger than the
@@ -1057,38 +1065,40 @@ impl Channel {
             qos,
             retain: delivery.retain,
             topic: &message.topic,
-            // The same size as the id it will get.
-            packet_id: (qos != QoS::AtMostOnce).then_some(u16::MAX),
+            // A placeholder of the same size as the id it gets below.
+            packet_id: (qos != QoS::AtMostOnce).then_some(0),
             payload: &message.payload,
         };
         if !self.fits_len(|| publish.encoded_len(self.version)) {
             self.dropped += 1;
             return Ok(());
         }
+        // Written first, then tracked (which takes the delivery) and the id filled in, so
+        // the shared message is not even reference-counted once more.
         let flow = delivery.flow;
-        let message = Arc::clone(message);
-        let retain = delivery.retain;
-        let mut packet_id = None;
-        if qos != QoS::AtMostOnce {
-            let Some(session) = self.session.as_mut() else {
-                return Ok(());
-            };
-            let Some(id) = session.track(delivery) else {
-                self.dropped += 1;
-                return Ok(());
-            };
-            packet_id = Some(id);
-        }
-        let version = self.version;
-        let publish = PublishRef {
-            dup: false,
-            qos,
-            retain,
-            topic: &message.topic,
-            packet_id,
-            payload: &message.payload,
+        let out = match self
+            .flows
+            .iter_mut()
+            .find(|(f, _)| !flow.is_control() && *f == flow)
+        {
+            Some((_, out)) => out,
+            None => &mut self.out,
         };
-        publish.encode(version, self.out_for(flow));
+        let start = out.len();
+        let Some(id_at) = publish.encode(self.version, out) else {
+            return Ok(());
+        };
+        match self
+            .session
+            .as_mut()
+            .and_then(|session| session.track(delivery))
+        {
+            Some(id) => out[id_at..id_at + 2].copy_from_slice(&id.to_be_bytes()),
+            None => {
+                out.truncate(start);
+                self.dropped += 1;
+            }
+        }
         Ok(())
     }
 
