@@ -350,7 +350,11 @@ mod tests {
         let mut batch: [Option<Delivery>; 3] = Default::default();
         assert_eq!(m.pop_batch(&mut batch), 3);
         assert_eq!(m.popped(), 3);
-        let taken: Vec<u32> = batch.iter().flatten().map(|d| d.subscription_ids[0]).collect();
+        let taken: Vec<u32> = batch
+            .iter()
+            .flatten()
+            .map(|d| d.subscription_ids[0])
+            .collect();
         assert_eq!(taken, [1, 2, 3]);
         // The first was used; the other two go back in front of 4 and 5.
         m.unpop(batch[1..].iter_mut().filter_map(Option::take));

@@ -17,10 +17,10 @@ fn connack(session_present: bool, receive_maximum: Option<u16>) -> ConnAck {
     ConnAck {
         session_present,
         code: ReasonCode::SUCCESS,
-        properties: Properties {
+        properties: Properties::from(crate::codec::PropertySet {
             receive_maximum,
-            ..Properties::default()
-        },
+            ..Default::default()
+        }),
     }
 }
 

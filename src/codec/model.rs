@@ -266,7 +266,7 @@ pub struct Auth {
 /// are not allowed in the packet they arrived in and single-instance properties given twice;
 /// the encoder writes whatever is set (callers set only what the packet allows).
 #[derive(Debug, Clone, PartialEq, Eq, Default)]
-pub struct Properties {
+pub struct PropertySet {
     /// 0x01
     pub payload_format_indicator: Option<u8>,
     /// 0x02, seconds
@@ -323,8 +323,92 @@ pub struct Properties {
     pub shared_subscription_available: Option<u8>,
 }
 
+/// No properties at all: what an absent property section reads as.
+static EMPTY: PropertySet = PropertySet {
+    payload_format_indicator: None,
+    message_expiry_interval: None,
+    content_type: None,
+    response_topic: None,
+    correlation_data: None,
+    subscription_identifiers: Vec::new(),
+    session_expiry_interval: None,
+    assigned_client_identifier: None,
+    server_keep_alive: None,
+    authentication_method: None,
+    authentication_data: None,
+    request_problem_information: None,
+    will_delay_interval: None,
+    request_response_information: None,
+    response_information: None,
+    server_reference: None,
+    reason_string: None,
+    receive_maximum: None,
+    topic_alias_maximum: None,
+    topic_alias: None,
+    maximum_qos: None,
+    retain_available: None,
+    user_properties: Vec::new(),
+    maximum_packet_size: None,
+    wildcard_subscription_available: None,
+    subscription_identifier_available: None,
+    shared_subscription_available: None,
+};
+
+/// A packet's properties: a [`PropertySet`] allocated only when the packet has any, so a
+/// packet without properties (every MQTT 3.1.1 packet, most MQTT 5 ones) is small to move
+/// and builds no set. Reads go through `Deref` (an empty set when there is none); writes
+/// through `DerefMut` allocate the set on first use, or [`Properties::get_mut`] looks
+/// without allocating.
+#[derive(Clone, Default)]
+pub struct Properties(Option<Box<PropertySet>>);
+
 impl Properties {
+    /// Whether no property is set.
     pub fn is_empty(&self) -> bool {
-        *self == Self::default()
+        self.0.as_deref().is_none_or(|set| *set == EMPTY)
+    }
+
+    /// The set, if one was allocated: for changing properties that may well be absent
+    /// without allocating a set to find that out.
+    pub fn get_mut(&mut self) -> Option<&mut PropertySet> {
+        self.0.as_deref_mut()
+    }
+}
+
+impl std::ops::Deref for Properties {
+    type Target = PropertySet;
+
+    fn deref(&self) -> &PropertySet {
+        self.0.as_deref().unwrap_or(&EMPTY)
+    }
+}
+
+impl std::ops::DerefMut for Properties {
+    fn deref_mut(&mut self) -> &mut PropertySet {
+        self.0.get_or_insert_with(Box::default)
+    }
+}
+
+impl From<PropertySet> for Properties {
+    fn from(set: PropertySet) -> Self {
+        if set == EMPTY {
+            Self(None)
+        } else {
+            Self(Some(Box::new(set)))
+        }
+    }
+}
+
+impl PartialEq for Properties {
+    fn eq(&self, other: &Self) -> bool {
+        **self == **other
+    }
+}
+
+impl Eq for Properties {}
+
+impl std::fmt::Debug for Properties {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        (**self).fmt(f)
     }
 }

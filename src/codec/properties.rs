@@ -10,7 +10,7 @@ use bytes::{BufMut, BytesMut};
 
 use super::decode::{DecodeError, Reader};
 use super::encode::{put_binary, put_string, put_varint, varint_len};
-use super::model::Properties;
+use super::model::{Properties, PropertySet};
 
 /// Where a property section sits. Will properties (inside the CONNECT payload) are their own
 /// context; PUBACK, PUBREC, PUBREL and PUBCOMP allow the same properties and share `ACK`.
@@ -101,7 +101,10 @@ pub(super) fn read_properties(r: &mut Reader, ctx: Context) -> Result<Properties
     let mut section = r.take(len).ok_or(DecodeError::Malformed(
         "property length runs past the end of the packet",
     ))?;
-    let mut props = Properties::default();
+    if section.is_empty() {
+        return Ok(Properties::default());
+    }
+    let mut props = PropertySet::default();
     while !section.is_empty() {
         let id = section.varint()?;
         let spec = lookup(id).ok_or(DecodeError::Malformed("unknown property identifier"))?;
@@ -110,17 +113,24 @@ pub(super) fn read_properties(r: &mut Reader, ctx: Context) -> Result<Properties
         }
         read_value(&mut props, spec, &mut section, ctx)?;
     }
-    Ok(props)
+    Ok(props.into())
 }
 
 /// Bytes `write_properties` appends: the length prefix and the properties.
 pub(super) fn properties_len(props: &Properties) -> usize {
+    if props.is_empty() {
+        return 1;
+    }
     let body = body_len(props);
     varint_len(body) + body
 }
 
 /// Appends a property section: its length, then every property that is set, in table order.
 pub(super) fn write_properties(props: &Properties, out: &mut BytesMut) {
+    if props.is_empty() {
+        out.put_u8(0);
+        return;
+    }
     put_varint(out, body_len(props));
     write_body(props, out);
 }
@@ -157,7 +167,7 @@ macro_rules! property_table {
         )*];
 
         fn read_value(
-            props: &mut Properties,
+            props: &mut PropertySet,
             spec: &PropertySpec,
             r: &mut Reader,
             ctx: Context,
@@ -173,7 +183,7 @@ macro_rules! property_table {
             Ok(())
         }
 
-        fn body_len(props: &Properties) -> usize {
+        fn body_len(props: &PropertySet) -> usize {
             let mut len = 0;
             $(property_table!(@each $card props.$field, |value| {
                 len += varint_len($id) + property_table!(@len $ty value);
@@ -181,7 +191,7 @@ macro_rules! property_table {
             len
         }
 
-        fn write_body(props: &Properties, out: &mut BytesMut) {
+        fn write_body(props: &PropertySet, out: &mut BytesMut) {
             $(property_table!(@each $card props.$field, |value| {
                 put_varint(out, $id);
                 property_table!(@put $ty out, value);
@@ -191,7 +201,7 @@ macro_rules! property_table {
         /// Test support: clears what `ctx` does not allow and keeps one instance of what may
         /// not repeat there, so generated properties are valid for the packet.
         #[cfg(test)]
-        pub(super) fn restrict_to(props: &mut Properties, ctx: Context) {
+        pub(super) fn restrict_to(props: &mut PropertySet, ctx: Context) {
             $(
                 let spec = lookup($id).unwrap();
                 if !spec.allowed.contains(ctx) {

@@ -134,17 +134,17 @@ fn v5_connect_fixture_with_properties_and_will_properties() {
             payload: bytes("bye"),
             qos: QoS::AtLeastOnce,
             retain: false,
-            properties: Properties {
+            properties: Properties::from(crate::codec::PropertySet {
                 will_delay_interval: Some(5),
                 ..Default::default()
-            },
+            }),
         }),
         username: Some("u".into()),
         password: Some(bytes("p")),
-        properties: Properties {
+        properties: Properties::from(crate::codec::PropertySet {
             session_expiry_interval: Some(10),
             ..Default::default()
-        },
+        }),
     }));
     let mut codec = Codec::new(MAX);
     let mut buf = wire.clone();
@@ -195,10 +195,10 @@ fn v5_puback_short_forms() {
     let with_reason = Packet::PubRec(Ack {
         packet_id: 1,
         reason: ReasonCode::SUCCESS,
-        properties: Properties {
+        properties: Properties::from(crate::codec::PropertySet {
             reason_string: Some("bad".into()),
             ..Default::default()
-        },
+        }),
     });
     let wire = hex("50 0A 00 01 00 06 1F 00 03 62 61 64");
     assert_eq!(decode_one(V5, wire.clone()), with_reason);
@@ -244,10 +244,10 @@ fn v5_disconnect_and_auth_short_forms() {
     assert_eq!(decode_one(V5, hex("F0 00")), auth);
     let cont = Packet::Auth(Auth {
         reason: ReasonCode::CONTINUE_AUTHENTICATION,
-        properties: Properties {
+        properties: Properties::from(crate::codec::PropertySet {
             authentication_method: Some("x".into()),
             ..Default::default()
-        },
+        }),
     });
     assert_eq!(encoded(&cont, V5), hex("F0 06 18 04 15 00 01 78"));
     assert_eq!(decode_one(V5, hex("F0 06 18 04 15 00 01 78")), cont);
@@ -567,4 +567,21 @@ fn a_borrowed_publish_encodes_like_the_packet_with_no_properties() {
             }
         }
     }
+}
+
+#[test]
+fn properties_are_allocated_only_when_set_and_compare_by_content() {
+    use super::PropertySet;
+    let none = Properties::default();
+    assert!(none.is_empty());
+    assert_eq!(none.topic_alias, None, "reads see an empty set");
+    assert_eq!(Properties::from(PropertySet::default()), none);
+    let mut some = Properties::default();
+    assert!(some.get_mut().is_none(), "looking does not allocate");
+    some.topic_alias = Some(3);
+    assert!(!some.is_empty());
+    assert_ne!(some, none);
+    some.topic_alias = None;
+    assert!(some.is_empty());
+    assert_eq!(some, none, "an emptied set equals no set");
 }

@@ -736,7 +736,11 @@ impl Channel {
         if !publish.properties.subscription_identifiers.is_empty() {
             return self.protocol_error(ReasonCode::PROTOCOL_ERROR);
         }
-        if let Some(alias) = publish.properties.topic_alias.take() {
+        let alias = publish
+            .properties
+            .get_mut()
+            .and_then(|set| set.topic_alias.take());
+        if let Some(alias) = alias {
             // [MQTT-3.3.2-8], [MQTT-3.3.2-9]
             if alias == 0 || alias > limits.topic_alias_maximum {
                 return self.protocol_error(ReasonCode::TOPIC_ALIAS_INVALID);

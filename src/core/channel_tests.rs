@@ -433,10 +433,10 @@ fn normal_disconnect_discards_the_will_and_0x04_keeps_it() {
     ] {
         let mut h = Harness::new(Limits::default());
         let mut c = connect(ProtocolVersion::V5, "will");
-        let will_props = Properties {
+        let will_props = Properties::from(crate::codec::PropertySet {
             will_delay_interval: Some(30),
-            ..Properties::default()
-        };
+            ..Default::default()
+        });
         c.will = Some(Will {
             topic: "w".into(),
             payload: Bytes::from_static(b"x"),
@@ -506,6 +506,7 @@ fn client_id_rules_differ_by_version() {
     let assigned = connack
         .properties
         .assigned_client_identifier
+        .clone()
         .expect("[MQTT-3.2.2-16]");
     assert!(!assigned.is_empty());
 }

@@ -30,12 +30,13 @@ impl Message {
     /// Builds the routed message from an inbound PUBLISH whose topic alias is already resolved.
     pub fn from_publish(publish: Publish, publisher: Option<Arc<str>>, now: Instant) -> Self {
         let mut properties = publish.properties;
-        let expires_at = properties
-            .message_expiry_interval
-            .take()
-            .map(|secs| now + Duration::from_secs(u64::from(secs)));
-        properties.topic_alias = None;
-        properties.subscription_identifiers.clear();
+        // Looked at without allocating: most messages have no properties.
+        let expires_at = properties.get_mut().and_then(|set| {
+            set.topic_alias = None;
+            set.subscription_identifiers.clear();
+            set.message_expiry_interval.take()
+        });
+        let expires_at = expires_at.map(|secs| now + Duration::from_secs(u64::from(secs)));
         Self {
             topic: publish.topic,
             payload: publish.payload,

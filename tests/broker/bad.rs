@@ -396,10 +396,10 @@ fn subscribe_with_properties(
 #[tokio::test]
 async fn bad_subscription_identifier_zero() {
     let broker = TestBroker::start().await;
-    let properties = Properties {
+    let properties = Properties::from(petrel::codec::PropertySet {
         subscription_identifiers: vec![0],
         ..Default::default()
-    };
+    });
     let bytes = encoded(
         &subscribe_with_properties(properties, "t", qos_options(QoS::AtMostOnce)),
         ProtocolVersion::V5,

@@ -101,10 +101,12 @@ async fn conn_v5_empty_client_id_gets_assigned_identifier() {
     let a = connack_a
         .properties
         .assigned_client_identifier
+        .clone()
         .expect("assigned id");
     let b = connack_b
         .properties
         .assigned_client_identifier
+        .clone()
         .expect("assigned id");
     assert!(!a.is_empty() && !b.is_empty());
     assert_ne!(a, b, "assigned ids are unique");

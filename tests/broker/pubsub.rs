@@ -196,10 +196,10 @@ async fn sub_overlapping_subscriptions_deliver_once_with_highest_qos_and_all_ids
         (2, "a/#", QoS::AtLeastOnce, 2),
         (3, "a/b", QoS::AtMostOnce, 3),
     ] {
-        let properties = Properties {
+        let properties = Properties::from(petrel::codec::PropertySet {
             subscription_identifiers: vec![sub_id],
             ..Default::default()
-        };
+        });
         sub.send(&Packet::Subscribe(Subscribe {
             packet_id,
             properties,

@@ -139,10 +139,10 @@ async fn retain_on_subscribe_carries_the_subscription_identifier_and_granted_qos
     let broker = TestBroker::start().await;
     publish_retained(broker.addr, "ids", b"kept", None).await;
     let (mut client, _) = RawClient::connect_v5(broker.addr, "c").await;
-    let properties = petrel::codec::Properties {
+    let properties = petrel::codec::Properties::from(petrel::codec::PropertySet {
         subscription_identifiers: vec![7],
         ..Default::default()
-    };
+    });
     client
         .send(&petrel::codec::Packet::Subscribe(
             petrel::codec::Subscribe {

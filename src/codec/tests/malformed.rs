@@ -533,10 +533,11 @@ fn samples(version: ProtocolVersion) -> Vec<Packet> {
     let v5 = version.is_v5();
     let props = |p: Properties| if v5 { p } else { Properties::default() };
     let reason = |r: ReasonCode| if v5 { r } else { ReasonCode::SUCCESS };
-    let user = || Properties {
+    let user_set = || crate::codec::PropertySet {
         user_properties: vec![("k".into(), "v".into())],
         ..Default::default()
     };
+    let user = || Properties::from(user_set());
     let ack = Ack {
         packet_id: 9,
         reason: reason(ReasonCode::UNSPECIFIED_ERROR),
@@ -553,25 +554,25 @@ fn samples(version: ProtocolVersion) -> Vec<Packet> {
                 payload: bytes("gone"),
                 qos: QoS::ExactlyOnce,
                 retain: true,
-                properties: props(Properties {
+                properties: props(Properties::from(crate::codec::PropertySet {
                     will_delay_interval: Some(3),
                     ..Default::default()
-                }),
+                })),
             }),
             username: Some("user".into()),
             password: Some(bytes("pw")),
-            properties: props(Properties {
+            properties: props(Properties::from(crate::codec::PropertySet {
                 receive_maximum: Some(10),
-                ..user()
-            }),
+                ..user_set()
+            })),
         })),
         Packet::ConnAck(ConnAck {
             session_present: true,
             code: ReasonCode::SUCCESS,
-            properties: props(Properties {
+            properties: props(Properties::from(crate::codec::PropertySet {
                 maximum_qos: Some(1),
-                ..user()
-            }),
+                ..user_set()
+            })),
         }),
         Packet::Publish(Publish {
             dup: true,
@@ -579,10 +580,10 @@ fn samples(version: ProtocolVersion) -> Vec<Packet> {
             retain: true,
             topic: "a/b".into(),
             packet_id: Some(5),
-            properties: props(Properties {
+            properties: props(Properties::from(crate::codec::PropertySet {
                 subscription_identifiers: vec![1, 300],
-                ..user()
-            }),
+                ..user_set()
+            })),
             payload: Bytes::from_static(b"payload"),
         }),
         Packet::PubAck(ack.clone()),
@@ -591,10 +592,10 @@ fn samples(version: ProtocolVersion) -> Vec<Packet> {
         Packet::PubComp(ack),
         Packet::Subscribe(Subscribe {
             packet_id: 3,
-            properties: props(Properties {
+            properties: props(Properties::from(crate::codec::PropertySet {
                 subscription_identifiers: vec![7],
-                ..user()
-            }),
+                ..user_set()
+            })),
             filters: vec![
                 (
                     "a/+".into(),
@@ -635,10 +636,10 @@ fn samples(version: ProtocolVersion) -> Vec<Packet> {
     if v5 {
         all.push(Packet::Auth(Auth {
             reason: ReasonCode::CONTINUE_AUTHENTICATION,
-            properties: Properties {
+            properties: Properties::from(crate::codec::PropertySet {
                 authentication_method: Some("m".into()),
-                ..user()
-            },
+                ..user_set()
+            }),
         }));
     }
     all

@@ -99,7 +99,7 @@ fn properties(ctx: Context, v5: bool) -> BoxedStrategy<Properties> {
     );
     (a, b, c)
         .prop_map(move |(a, b, c)| {
-            let mut p = Properties {
+            let mut p = Properties::from(crate::codec::PropertySet {
                 payload_format_indicator: a.0,
                 message_expiry_interval: a.1,
                 content_type: a.2,
@@ -127,7 +127,7 @@ fn properties(ctx: Context, v5: bool) -> BoxedStrategy<Properties> {
                 wildcard_subscription_available: c.6,
                 subscription_identifier_available: c.7,
                 shared_subscription_available: c.8,
-            };
+            });
             restrict_to(&mut p, ctx);
             p
         })
