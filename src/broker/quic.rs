@@ -120,10 +120,6 @@ async fn serve(
 }
 
 /// What the stream tasks tell the connection task.
-#[expect(
-    clippy::large_enum_variant,
-    reason = "Packet is nearly every event; boxing it would allocate per packet"
-)]
 enum Event {
     /// A stream was accepted: its writer, and the writer task's handle.
     Opened(Flow, Writer, tokio::task::JoinHandle<()>),

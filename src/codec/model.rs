@@ -365,7 +365,10 @@ pub struct Properties(Option<Box<PropertySet>>);
 impl Properties {
     /// Whether no property is set.
     pub fn is_empty(&self) -> bool {
-        self.0.as_deref().is_none_or(|set| *set == EMPTY)
+        match self.0.as_deref() {
+            None => true,
+            Some(set) => *set == EMPTY,
+        }
     }
 
     /// The set, if one was allocated: for changing properties that may well be absent
