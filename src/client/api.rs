@@ -206,10 +206,6 @@ impl std::fmt::Display for DisconnectReason {
 
 /// What happens to a client; every event carries the instant it happened.
 #[derive(Debug, Clone)]
-#[expect(
-    clippy::large_enum_variant,
-    reason = "messages are nearly every event; boxing them would allocate per message"
-)]
 pub enum Event {
     Connected {
         url: ServerUrl,

@@ -43,10 +43,6 @@ const INBOUND_QUEUE: usize = 64;
 
 /// What the readers tell the driver.
 #[derive(Debug)]
-#[expect(
-    clippy::large_enum_variant,
-    reason = "Packet is nearly every event; boxing it would allocate per packet"
-)]
 pub enum Inbound {
     Packet(Route, Packet),
     Invalid(Route, DecodeError),
