@@ -371,6 +371,17 @@ impl Properties {
         }
     }
 
+    /// Whether no set was ever allocated (cheaper than [`Properties::is_empty`], which also
+    /// looks inside one).
+    pub(crate) fn is_unset(&self) -> bool {
+        self.0.is_none()
+    }
+
+    /// Wraps a set known to hold at least one property.
+    pub(crate) fn non_empty(set: PropertySet) -> Self {
+        Self(Some(Box::new(set)))
+    }
+
     /// The set, if one was allocated: for changing properties that may well be absent
     /// without allocating a set to find that out.
     pub fn get_mut(&mut self) -> Option<&mut PropertySet> {

@@ -113,12 +113,13 @@ pub(super) fn read_properties(r: &mut Reader, ctx: Context) -> Result<Properties
         }
         read_value(&mut props, spec, &mut section, ctx)?;
     }
-    Ok(props.into())
+    // At least one property was read.
+    Ok(Properties::non_empty(props))
 }
 
 /// Bytes `write_properties` appends: the length prefix and the properties.
 pub(super) fn properties_len(props: &Properties) -> usize {
-    if props.is_empty() {
+    if props.is_unset() {
         return 1;
     }
     let body = body_len(props);
@@ -127,7 +128,7 @@ pub(super) fn properties_len(props: &Properties) -> usize {
 
 /// Appends a property section: its length, then every property that is set, in table order.
 pub(super) fn write_properties(props: &Properties, out: &mut BytesMut) {
-    if props.is_empty() {
+    if props.is_unset() {
         out.put_u8(0);
         return;
     }
