@@ -30,6 +30,7 @@ ticks() { awk '{print $14 + $15}' "/proc/$1/stat"; }
 
 run() { # label binary
     local label=$1 bin=$2 port t0 t1 out i
+    shift 2
     port=$(free_port)
     rm -rf "$DATA/data"
     "$bin" --tcp "127.0.0.1:$port" --data-dir "$DATA/data" >/dev/null 2>&1 &
