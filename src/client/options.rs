@@ -215,6 +215,10 @@ pub struct ClientOptions {
     pub event_capacity: usize,
     /// The largest packet we accept (v5: announced as Maximum Packet Size).
     pub max_packet_size: u32,
+    /// The local address TCP-based connections (TCP, TLS, WS, WSS) are made from; `None`:
+    /// the system's choice. A load generator spreads many connections over several
+    /// addresses, as one address has only so many ephemeral ports.
+    pub local_addr: Option<std::net::IpAddr>,
 }
 
 impl ClientOptions {
@@ -255,6 +259,7 @@ impl ClientOptions {
             offline_buffer: 1000,
             event_capacity: 1024,
             max_packet_size: 1024 * 1024,
+            local_addr: None,
         })
     }
 
@@ -357,6 +362,12 @@ impl ClientOptions {
     }
 
     /// Default: 10 s.
+    /// Makes TCP-based connections from this local address (see [`ClientOptions::local_addr`]).
+    pub fn local_addr(mut self, addr: std::net::IpAddr) -> Self {
+        self.local_addr = Some(addr);
+        self
+    }
+
     pub fn connect_timeout(mut self, timeout: Duration) -> Self {
         self.connect_timeout = timeout;
         self

@@ -57,6 +57,7 @@ pub struct TransportContext {
     /// One endpoint per address family, made on first use.
     endpoints: Mutex<HashMap<bool, Endpoint>>,
     server_name: Option<String>,
+    local_addr: Option<IpAddr>,
 }
 
 impl TransportContext {
@@ -88,6 +89,7 @@ impl TransportContext {
             quic,
             endpoints: Mutex::new(HashMap::new()),
             server_name: options.tls.server_name.clone(),
+            local_addr: options.local_addr,
         })
     }
 
@@ -369,9 +371,10 @@ impl Link {
             return Ok(link);
         }
 
-        let tcp = match url.socket_addr() {
-            Some(addr) => TcpStream::connect(addr).await?,
-            None => TcpStream::connect((url.host.as_str(), url.port)).await?,
+        let tcp = match (ctx.local_addr, url.socket_addr()) {
+            (None, Some(addr)) => TcpStream::connect(addr).await?,
+            (None, None) => TcpStream::connect((url.host.as_str(), url.port)).await?,
+            (Some(local), addr) => connect_from(local, addr, url).await?,
         };
         tcp.set_nodelay(true)?;
         link.remote = tcp.peer_addr().ok();
@@ -568,6 +571,34 @@ pub fn encoded(packet: &Packet, version: ProtocolVersion) -> Bytes {
     let mut out = BytesMut::new();
     encode(packet, version, &mut out);
     out.freeze()
+}
+
+/// Connects from a given local address (port chosen by the system) to the URL's address of
+/// the same family.
+async fn connect_from(
+    local: IpAddr,
+    addr: Option<SocketAddr>,
+    url: &ServerUrl,
+) -> std::io::Result<TcpStream> {
+    let addr = match addr {
+        Some(addr) => addr,
+        None => tokio::net::lookup_host((url.host.as_str(), url.port))
+            .await?
+            .find(|a| a.is_ipv4() == local.is_ipv4())
+            .ok_or_else(|| {
+                std::io::Error::new(
+                    std::io::ErrorKind::AddrNotAvailable,
+                    format!("{} has no address of the local address's family", url.host),
+                )
+            })?,
+    };
+    let socket = if local.is_ipv4() {
+        tokio::net::TcpSocket::new_v4()?
+    } else {
+        tokio::net::TcpSocket::new_v6()?
+    };
+    socket.bind(SocketAddr::new(local, 0))?;
+    socket.connect(addr).await
 }
 
 fn server_name(ctx: &TransportContext, url: &ServerUrl) -> String {

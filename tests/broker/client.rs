@@ -515,3 +515,26 @@ async fn tls_needs_trust_unless_insecure() {
     broker.shutdown().await;
     let _ = std::fs::remove_dir_all(other);
 }
+
+#[tokio::test]
+async fn connections_are_made_from_the_chosen_local_address() {
+    // A plain listener shows where the client's TCP connection comes from.
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let port = listener.local_addr().unwrap().port();
+    let source: std::net::IpAddr = "127.0.0.2".parse().unwrap();
+    let options = ClientOptions::new(&format!("mqtt://127.0.0.1:{port}"))
+        .unwrap()
+        .client_id("from-127-0-0-2")
+        .reconnect(None)
+        .connect_timeout(Duration::from_secs(2))
+        .local_addr(source);
+    let client = tokio::spawn(Client::connect(options));
+    let (_socket, peer) = tokio::time::timeout(LONG, listener.accept())
+        .await
+        .expect("the client connects")
+        .unwrap();
+    assert_eq!(peer.ip(), source);
+    // Nobody answers CONNECT here: the attempt ends with an error, within its timeout.
+    let attempt = tokio::time::timeout(LONG, client).await.unwrap().unwrap();
+    assert!(attempt.is_err());
+}
