@@ -125,6 +125,14 @@ def main():
     def med(broker, cell, name):
         return median(metric(r, name) for r in runs(broker, cell) if r.get("bench"))
 
+    def rss_max(brokers):
+        """Largest RSS (MiB) of each broker over the throughput and latency cells."""
+        out = {}
+        for k, _ in brokers:
+            vals = [r["rss_max_kb"] for r in recs if r["broker"] == k and r["cell"] in THROUGHPUT_CELLS]
+            out[k] = max(vals) / 1024 if vals else None
+        return out
+
     provisional = env("PROVISIONAL") == "1"
     lat = f"{int(float(env('LAT_RATE', '20000'))):,}"
     conns = f"{int(env('CONNS', '10000')):,}"
@@ -241,11 +249,7 @@ def main():
             row += " | " + " | ".join(ratios)
         row += " | " + " / ".join(fmt(med(k, cell, "bench_cpu")) for k, _ in present) + " |"
         w(row)
-    # RSS max over the throughput cells.
-    rss = {}
-    for k, _ in present:
-        vals = [r["rss_max_kb"] for r in recs if r["broker"] == k and r["cell"] in THROUGHPUT_CELLS]
-        rss[k] = max(vals) / 1024 if vals else None
+    rss = rss_max(present)
     row = "| broker RSS max during throughput runs | MiB | lower | " + " | ".join(fmt(rss[k]) for k, _ in present)
     if has_petrel:
         row += " | " + " | ".join(
@@ -288,10 +292,7 @@ def main():
             row += " | " + " | ".join(ratios)
             row += " | " + " / ".join(fmt(med(k, cell, "bench_cpu")) for k, _ in transports) + " |"
             w(row)
-        rss_t = {}
-        for k, _ in transports:
-            vals = [r["rss_max_kb"] for r in recs if r["broker"] == k and r["cell"] in THROUGHPUT_CELLS]
-            rss_t[k] = max(vals) / 1024 if vals else None
+        rss_t = rss_max(transports)
         row = "| broker RSS max during throughput runs | MiB | lower | " + " | ".join(
             fmt(rss_t[k]) for k, _ in transports)
         row += " | " + " | ".join(
