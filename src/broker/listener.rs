@@ -135,7 +135,7 @@ impl Accept {
                         let serve = connection::serve(broker, stream, peer, "tcp", None, shutdown);
                         self.tracker.spawn(serve);
                     } else {
-                        self.tracker.spawn(self.serve(stream, peer));
+                        self.serve(stream, peer);
                     }
                 }
                 Err(err) => {
@@ -150,50 +150,59 @@ impl Accept {
         }
     }
 
-    /// The future for one connection: handshake within the timeout, then MQTT.
-    fn serve(
-        &self,
-        stream: TcpStream,
-        peer: SocketAddr,
-    ) -> impl std::future::Future<Output = ()> + Send + 'static {
+    /// The future for one connection: handshake within the timeout, then MQTT. Each kind
+    /// is a task of its own type, and the handshake is boxed: it is freed once done, and a
+    /// connection's task holds only the driver for its own stream (one future type for all
+    /// kinds would size every TLS connection's task for the WSS handshake).
+    fn serve(&self, stream: TcpStream, peer: SocketAddr) {
         let handshake = self.handshake.clone();
-        let timeout = self.handshake_timeout;
+        let deadline = tokio::time::Instant::now() + self.handshake_timeout;
         let broker = Arc::clone(&self.broker);
         let shutdown = self.shutdown.clone();
         let transport = self.kind.as_str();
-        async move {
-            // One deadline covers every step (TLS, then the upgrade for WSS).
-            let guard = Guard {
-                deadline: tokio::time::Instant::now() + timeout,
-                shutdown: &shutdown,
-                transport,
-                peer,
-            };
-            match handshake {
-                Handshake::None => {
-                    connection::serve(broker, stream, peer, transport, None, shutdown).await
-                }
-                Handshake::Tls(tls) => {
-                    let Some((stream, username)) = guard.run(tls.accept(stream)).await else {
+        let guard = Guard {
+            deadline,
+            shutdown: shutdown.clone(),
+            transport,
+            peer,
+        };
+        match handshake {
+            Handshake::None => {
+                self.tracker.spawn(connection::serve(
+                    broker, stream, peer, transport, None, shutdown,
+                ));
+            }
+            Handshake::Tls(tls) => {
+                self.tracker.spawn(async move {
+                    let step = Box::pin(guard.run(tls.accept(stream)));
+                    let Some((stream, username)) = step.await else {
                         return;
                     };
                     connection::serve(broker, stream, peer, transport, username, shutdown).await
-                }
-                Handshake::Ws(ws) => {
-                    let Some(stream) = guard.run(ws.accept(stream)).await else {
+                });
+            }
+            Handshake::Ws(ws) => {
+                self.tracker.spawn(async move {
+                    let step = Box::pin(guard.run(ws.accept(stream)));
+                    let Some(stream) = step.await else {
                         return;
                     };
                     connection::serve(broker, stream, peer, transport, None, shutdown).await
-                }
-                Handshake::Wss(tls, ws) => {
-                    let Some((stream, username)) = guard.run(tls.accept(stream)).await else {
-                        return;
-                    };
-                    let Some(stream) = guard.run(ws.accept(stream)).await else {
+                });
+            }
+            Handshake::Wss(tls, ws) => {
+                self.tracker.spawn(async move {
+                    // One deadline covers both steps.
+                    let steps = Box::pin(async move {
+                        let (stream, username) = guard.clone().run(tls.accept(stream)).await?;
+                        let stream = guard.run(ws.accept(stream)).await?;
+                        Some((stream, username))
+                    });
+                    let Some((stream, username)) = steps.await else {
                         return;
                     };
                     connection::serve(broker, stream, peer, transport, username, shutdown).await
-                }
+                });
             }
         }
     }
@@ -201,16 +210,17 @@ impl Accept {
 
 /// Runs handshake steps until a shared deadline or shutdown. A failure is the peer's doing
 /// (or the network's), so it is logged at debug only.
-struct Guard<'a> {
+#[derive(Clone)]
+struct Guard {
     deadline: tokio::time::Instant,
-    shutdown: &'a CancellationToken,
+    shutdown: CancellationToken,
     transport: &'static str,
     peer: SocketAddr,
 }
 
-impl Guard<'_> {
+impl Guard {
     async fn run<T, E: std::fmt::Display>(
-        &self,
+        self,
         step: impl std::future::Future<Output = Result<T, E>>,
     ) -> Option<T> {
         let (transport, peer) = (self.transport, self.peer);
