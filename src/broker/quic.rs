@@ -23,14 +23,15 @@
 //!   `peer` follows it too.
 
 use std::collections::HashMap;
+use std::future::Future;
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::Arc;
+use std::task::Poll;
 use std::time::Duration;
 
 use bytes::{Bytes, BytesMut};
 use quinn::{Connection, Endpoint, Incoming, RecvStream, SendStream, VarInt};
-use tokio::io::AsyncReadExt;
 use tokio::sync::{mpsc, watch};
 use tokio::task::JoinSet;
 use tokio_util::sync::CancellationToken;
@@ -495,14 +496,30 @@ async fn read_packets(
         let v = v.expect("waited for Some");
         Codec::with_version(v, max_packet_size)
     };
-    let mut buf = BytesMut::with_capacity(4096);
+    // A busy stream reads into a reused buffer; one that has nothing to read gives an
+    // empty buffer back before waiting, so an idle stream holds none.
+    let mut buf = BytesMut::new();
     loop {
-        if buf.capacity() - buf.len() < 512 {
-            buf.reserve(4096);
-        }
-        match recv.read_buf(&mut buf).await {
-            Ok(0) | Err(_) => break,
-            Ok(_) => {}
+        let read = {
+            let mut read = std::pin::pin!(recv.read_chunk(usize::MAX, true));
+            match std::future::poll_fn(|cx| Poll::Ready(read.as_mut().poll(cx))).await {
+                Poll::Ready(read) => read,
+                Poll::Pending => {
+                    if buf.is_empty() {
+                        buf = BytesMut::new();
+                    }
+                    read.await
+                }
+            }
+        };
+        match read {
+            Ok(Some(chunk)) => {
+                if buf.capacity() - buf.len() < chunk.bytes.len() {
+                    buf.reserve(chunk.bytes.len().max(4096));
+                }
+                buf.extend_from_slice(&chunk.bytes);
+            }
+            Ok(None) | Err(_) => break,
         }
         loop {
             match codec.decode(&mut buf) {
