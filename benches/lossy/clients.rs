@@ -118,6 +118,17 @@ pub struct Phase {
     pub seconds: f64,
 }
 
+impl Phase {
+    /// `seconds` of publishing at QoS `qos`, `rate` messages per second in total.
+    pub fn paced(qos: u8, rate: f64, seconds: f64) -> Self {
+        Self {
+            qos,
+            load: Load::Paced { rate },
+            seconds,
+        }
+    }
+}
+
 /// Everything the client half needs (sent to a child process as JSON in [`SPEC_VAR`]).
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct ClientSpec {

@@ -255,14 +255,6 @@ fn template(transport: Transport, quic_cc: QuicCc, phases: Vec<Phase>) -> Client
     }
 }
 
-fn paced(qos: u8, rate: f64, seconds: f64) -> Phase {
-    Phase {
-        qos,
-        load: Load::Paced { rate },
-        seconds,
-    }
-}
-
 /// Packet mode for everything, so TCP and QUIC cross exactly the same path.
 fn packet_case(
     group: Group,
@@ -341,8 +333,8 @@ fn migration_cases(base: u64, seconds: f64, transports: &[Transport]) -> Vec<Cas
                 transport,
                 QuicCc::Cubic,
                 vec![
-                    paced(1, MATRIX_RATE, seconds),
-                    paced(2, MATRIX_RATE, seconds),
+                    Phase::paced(1, MATRIX_RATE, seconds),
+                    Phase::paced(2, MATRIX_RATE, seconds),
                 ],
             );
             spec.rebind_every = rebind;
@@ -379,7 +371,7 @@ fn blackout_cases(
             let mut spec = template(
                 transport,
                 QuicCc::Cubic,
-                vec![paced(q, MATRIX_RATE, seconds)],
+                vec![Phase::paced(q, MATRIX_RATE, seconds)],
             );
             spec.keep_alive = keep_alive;
             spec.drain = 40.0;
@@ -411,7 +403,9 @@ fn quick(base: u64) -> Vec<Case> {
         let mut spec = template(
             transport,
             QuicCc::Cubic,
-            (0..=2).map(|q| paced(q, REFERENCE_RATE, 2.0)).collect(),
+            (0..=2)
+                .map(|q| Phase::paced(q, REFERENCE_RATE, 2.0))
+                .collect(),
         );
         spec.reconnect_probes = 1;
         cases.push(packet_case(
@@ -456,7 +450,7 @@ fn full(base: u64) -> Vec<Case> {
             let spec = template(
                 transport,
                 quic_cc,
-                vec![paced(0, REFERENCE_RATE, l.reference_seconds)],
+                vec![Phase::paced(0, REFERENCE_RATE, l.reference_seconds)],
             );
             cases.push(packet_case(
                 Group::Reference,
@@ -472,7 +466,7 @@ fn full(base: u64) -> Vec<Case> {
     for (i, name) in MATRIX_PROFILES.iter().enumerate() {
         for transport in Transport::ALL {
             let mut phases: Vec<Phase> = (0..=2)
-                .map(|q| paced(q, MATRIX_RATE, l.matrix_seconds))
+                .map(|q| Phase::paced(q, MATRIX_RATE, l.matrix_seconds))
                 .collect();
             phases.push(Phase {
                 qos: 1,

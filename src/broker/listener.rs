@@ -127,16 +127,7 @@ impl Accept {
                     if let Err(err) = stream.set_nodelay(true) {
                         tracing::debug!(%peer, %err, "cannot set TCP_NODELAY");
                     }
-                    if matches!(self.handshake, Handshake::None) {
-                        // Plain TCP gets a task of its own type: sharing the TLS and
-                        // WebSocket one would size every idle connection for a WSS stream.
-                        let broker = Arc::clone(&self.broker);
-                        let shutdown = self.shutdown.clone();
-                        let serve = connection::serve(broker, stream, peer, "tcp", None, shutdown);
-                        self.tracker.spawn(serve);
-                    } else {
-                        self.serve(stream, peer);
-                    }
+                    self.serve(stream, peer);
                 }
                 Err(err) => {
                     tracing::warn!(kind = %self.kind, %err, "accept failed; backing off {backoff:?}");
@@ -150,7 +141,7 @@ impl Accept {
         }
     }
 
-    /// The future for one connection: handshake within the timeout, then MQTT. Each kind
+    /// Spawns one connection: handshake within the timeout, then MQTT. Each kind
     /// is a task of its own type, and the handshake is boxed: it is freed once done, and a
     /// connection's task holds only the driver for its own stream (one future type for all
     /// kinds would size every TLS connection's task for the WSS handshake).

@@ -1056,7 +1056,8 @@ impl Channel {
         if self.version.is_v5()
             && (!delivery.subscription_ids.is_empty()
                 || message.expires_at.is_some()
-                || !message.properties.is_empty())
+                // Messages drop an emptied property set (`Message::from_publish`).
+                || !message.properties.is_unset())
         {
             return Err(delivery);
         }
@@ -1080,14 +1081,8 @@ impl Channel {
         // Written first, then tracked (which takes the delivery) and the id filled in, so
         // the shared message is not even reference-counted once more.
         let flow = delivery.flow;
-        let out = match self
-            .flows
-            .iter_mut()
-            .find(|(f, _)| !flow.is_control() && *f == flow)
-        {
-            Some((_, out)) => out,
-            None => &mut self.out,
-        };
+        // Borrowed field by field: the session is needed while `out` is held.
+        let out = flow_out(&mut self.flows, &mut self.out, flow);
         let start = out.len();
         let Some(id_at) = publish.encode(self.version, out) else {
             return Ok(());
@@ -1214,17 +1209,11 @@ impl Channel {
     /// Encodes onto `flow`'s output, or the control flow's if `flow` is not open.
     fn send_on(&mut self, flow: Flow, packet: &Packet) {
         let version = self.version;
-        codec::encode(packet, version, self.out_for(flow));
-    }
-
-    /// The output of `flow`, or the control flow's if that flow is not open.
-    fn out_for(&mut self, flow: Flow) -> &mut BytesMut {
-        if !flow.is_control() {
-            if let Some(i) = self.flows.iter().position(|(f, _)| *f == flow) {
-                return &mut self.flows[i].1;
-            }
-        }
-        &mut self.out
+        codec::encode(
+            packet,
+            version,
+            flow_out(&mut self.flows, &mut self.out, flow),
+        );
     }
 
     fn is_open(&self, flow: Flow) -> bool {
@@ -1234,6 +1223,21 @@ impl Channel {
     fn send(&mut self, packet: &Packet) {
         codec::encode(packet, self.version, &mut self.out);
     }
+}
+
+/// The output of `flow` among the open data flows, or the control flow's `out` if that flow
+/// is not open.
+fn flow_out<'a>(
+    flows: &'a mut [(Flow, BytesMut)],
+    out: &'a mut BytesMut,
+    flow: Flow,
+) -> &'a mut BytesMut {
+    if !flow.is_control() {
+        if let Some((_, flow_out)) = flows.iter_mut().find(|(f, _)| *f == flow) {
+            return flow_out;
+        }
+    }
+    out
 }
 
 fn is_shared(filter: &str) -> bool {

@@ -39,7 +39,7 @@ impl Message {
         let expires_at = expires_at.map(|secs| now + Duration::from_secs(u64::from(secs)));
         // A set left empty (it held only per-hop properties) is dropped, so that every
         // delivery sees "no properties" without comparing.
-        if !properties.is_unset() && properties.is_empty() {
+        if properties.is_empty() {
             properties = Properties::default();
         }
         Self {

@@ -25,7 +25,7 @@ mod clients;
 #[path = "../../benches/lossy/path.rs"]
 mod path;
 
-use clients::{ClientReport, ClientSpec, Load, Phase, QuicCc, Transport};
+use clients::{ClientReport, ClientSpec, Phase, QuicCc, Transport};
 use path::{ChildCommand, Setup, Via};
 
 /// The client half of packet-mode runs: started by the tests below inside the link's
@@ -67,14 +67,6 @@ fn spec(transport: Transport, phases: Vec<Phase>) -> ClientSpec {
         reconnect_probes: 0,
         rebind_every: None,
         result_file: None,
-    }
-}
-
-fn paced(qos: u8, rate: f64, seconds: f64) -> Phase {
-    Phase {
-        qos,
-        load: Load::Paced { rate },
-        seconds,
     }
 }
 
@@ -121,7 +113,7 @@ async fn lossy_qos1_and_qos2_complete_over_tcp_and_quic_per_topic() {
         return;
     };
     for transport in [Transport::Tcp, Transport::QuicPerTopic] {
-        let phases = vec![paced(1, 500.0, 1.5), paced(2, 500.0, 1.5)];
+        let phases = vec![Phase::paced(1, 500.0, 1.5), Phase::paced(2, 500.0, 1.5)];
         let outcome = path::run(&setup, spec(transport, phases), &child())
             .await
             .unwrap();
@@ -150,7 +142,7 @@ async fn lossy_blackout_resumes_persistent_sessions_without_loss_or_duplicates()
     let Some(setup) = packet_setup(tunnel, seed) else {
         return;
     };
-    let mut spec = spec(Transport::Tcp, vec![paced(2, 200.0, 5.0)]);
+    let mut spec = spec(Transport::Tcp, vec![Phase::paced(2, 200.0, 5.0)]);
     spec.keep_alive = 1;
     let outcome = path::run(&setup, spec, &child()).await.unwrap();
     let report = &outcome.report;
@@ -191,7 +183,7 @@ async fn lossy_quic_handover_migrates_without_reconnect() {
     };
     let mut spec = spec(
         Transport::QuicPerTopic,
-        vec![paced(1, 200.0, 2.5), paced(2, 200.0, 2.5)],
+        vec![Phase::paced(1, 200.0, 2.5), Phase::paced(2, 200.0, 2.5)],
     );
     spec.rebind_every = Some(1.5);
     let outcome = path::run(&setup, spec, &child()).await.unwrap();
