@@ -41,6 +41,7 @@ pub struct Config {
     pub session: SessionSection,
     pub log: LogSection,
     pub quic: QuicSettings,
+    pub auth: crate::auth::AuthSettings,
     pub listeners: Vec<ListenerConfig>,
 }
 
@@ -52,6 +53,7 @@ impl Default for Config {
             session: SessionSection::default(),
             log: LogSection::default(),
             quic: QuicSettings::default(),
+            auth: crate::auth::AuthSettings::default(),
             listeners: ListenerKind::ALL
                 .iter()
                 .map(|&kind| ListenerConfig::new(kind, kind.default_bind()))

@@ -16,6 +16,7 @@
 //! Dependency direction: `codec <- core <- broker -> transport`; `config` builds `broker`
 //! settings.
 
+pub mod auth;
 pub mod broker;
 pub mod client;
 pub mod codec;

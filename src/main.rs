@@ -74,12 +74,80 @@ enum Command {
         #[arg(long, value_name = "NAME", default_value = "petrel-client")]
         client_cn: String,
     },
+    /// Add, update or delete a user in a password file (mosquitto_passwd's format and flags):
+    /// `petrel passwd [-c] FILE USER` reads the password from standard input,
+    /// `-b FILE USER PASSWORD` takes it from the command line, `-D FILE USER` deletes.
+    Passwd(PasswdArgs),
     /// Publish messages (mosquitto_pub habits) over mqtt://, mqtts://, ws://, wss:// or quic://.
     Pub(petrel::tools::pubsub::PubArgs),
     /// Subscribe and print messages (mosquitto_sub habits) over any transport.
     Sub(petrel::tools::pubsub::SubArgs),
     /// End-to-end load generator: throughput, latency percentiles, losses, duplicates.
     Bench(Box<petrel::tools::bench::BenchArgs>),
+}
+
+#[derive(Debug, clap::Args)]
+struct PasswdArgs {
+    /// Create the file (replacing an existing one).
+    #[arg(short = 'c')]
+    create: bool,
+    /// Batch mode: the password is the last argument.
+    #[arg(short = 'b')]
+    batch: bool,
+    /// Delete the user.
+    #[arg(short = 'D', conflicts_with_all = ["create", "batch"])]
+    delete: bool,
+    file: PathBuf,
+    username: String,
+    password: Option<String>,
+}
+
+fn passwd(args: PasswdArgs) -> anyhow::Result<()> {
+    use petrel::auth::password::{PasswordFile, PasswordHash};
+    anyhow::ensure!(
+        !args.username.contains(':') && !args.username.is_empty(),
+        "a username must be non-empty and contain no ':'"
+    );
+    let mut file = if args.create {
+        PasswordFile::default()
+    } else {
+        PasswordFile::load(&args.file).map_err(anyhow::Error::msg)?
+    };
+    if args.delete {
+        anyhow::ensure!(
+            file.remove(&args.username),
+            "user {} not found",
+            args.username
+        );
+    } else {
+        let password = match (args.batch, args.password) {
+            (true, Some(password)) => password,
+            (true, None) => anyhow::bail!("-b needs a password after the username"),
+            (false, Some(_)) => anyhow::bail!("a password on the command line needs -b"),
+            (false, None) => {
+                eprint!("Password: ");
+                let mut line = String::new();
+                std::io::stdin().read_line(&mut line)?;
+                line.trim_end_matches(['\r', '\n']).to_owned()
+            }
+        };
+        file.set(
+            &args.username,
+            PasswordHash::new_pbkdf2(password.as_bytes()),
+        );
+    }
+    write_private(&args.file, &file.to_text())
+        .with_context(|| format!("cannot write {}", args.file.display()))
+}
+
+/// Writes a file readable by its owner only (it holds password hashes).
+fn write_private(path: &std::path::Path, text: &str) -> std::io::Result<()> {
+    use std::io::Write as _;
+    let mut options = std::fs::OpenOptions::new();
+    options.write(true).create(true).truncate(true);
+    #[cfg(unix)]
+    std::os::unix::fs::OpenOptionsExt::mode(&mut options, 0o600);
+    options.open(path)?.write_all(text.as_bytes())
 }
 
 fn main() -> ExitCode {
@@ -112,6 +180,13 @@ fn main() -> ExitCode {
             }
         }
         Some(Command::Serve(args)) => run(args),
+        Some(Command::Passwd(args)) => match passwd(args) {
+            Ok(()) => ExitCode::SUCCESS,
+            Err(err) => {
+                eprintln!("error: {err:#}");
+                ExitCode::FAILURE
+            }
+        },
         Some(Command::Pub(args)) => tool(petrel::tools::pubsub::publish(args)),
         Some(Command::Sub(args)) => tool(petrel::tools::pubsub::subscribe(args)),
         Some(Command::Bench(args)) => tool(async move {
@@ -202,24 +277,32 @@ async fn serve(config: Config) -> anyhow::Result<()> {
     })?;
     let broker = RunningBroker::start(&config).await?;
     tracing::info!(data_dir = %config.broker.data_dir.display(), "petrel {} ready", env!("CARGO_PKG_VERSION"));
-    wait_for_signal().await;
+    wait_for_signal(&broker).await;
     tracing::info!("shutting down");
     broker.shutdown().await;
     Ok(())
 }
 
-async fn wait_for_signal() {
+/// Waits for Ctrl-C or SIGTERM; SIGHUP reloads the password and ACL files meanwhile.
+async fn wait_for_signal(broker: &RunningBroker) {
     #[cfg(unix)]
     {
         use tokio::signal::unix::{signal, SignalKind};
-        match signal(SignalKind::terminate()) {
-            Ok(mut term) => {
+        match (
+            signal(SignalKind::terminate()),
+            signal(SignalKind::hangup()),
+        ) {
+            (Ok(mut term), Ok(mut hup)) => loop {
                 tokio::select! {
-                    _ = tokio::signal::ctrl_c() => {}
-                    _ = term.recv() => {}
+                    _ = tokio::signal::ctrl_c() => break,
+                    _ = term.recv() => break,
+                    _ = hup.recv() => match broker.broker.auth().reload() {
+                        Ok(()) => tracing::info!("reloaded: {}", broker.broker.auth().describe()),
+                        Err(err) => tracing::error!("reload failed, the old rules stay: {err}"),
+                    },
                 }
-            }
-            Err(_) => {
+            },
+            _ => {
                 let _ = tokio::signal::ctrl_c().await;
             }
         }

@@ -70,7 +70,7 @@ where
         .metrics
         .connections_total
         .fetch_add(1, Ordering::Relaxed);
-    let mut connection = Connection::new(broker, stream, peer_username);
+    let mut connection = Connection::new(broker, stream, peer, peer_username);
     async move {
         connection.run(&shutdown).instrument(span).await;
         connection
@@ -112,9 +112,14 @@ impl<S> Connection<S>
 where
     S: AsyncRead + AsyncWrite + Unpin + Send,
 {
-    fn new(broker: Arc<Broker>, stream: S, peer_username: Option<String>) -> Self {
+    fn new(
+        broker: Arc<Broker>,
+        stream: S,
+        peer: SocketAddr,
+        peer_username: Option<String>,
+    ) -> Self {
         let codec = Codec::new(broker.limits().max_packet_size);
-        let mut link = Link::new(broker);
+        let mut link = Link::new(broker, peer);
         if let Some(username) = peer_username {
             link.channel.set_peer_username(username);
         }

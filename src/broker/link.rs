@@ -3,6 +3,7 @@
 //! routing, (un)subscribing, closing) and moving deliveries from the session's mailbox into
 //! the channel while its window has room.
 
+use std::net::SocketAddr;
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::task::{Context, Poll};
@@ -12,12 +13,17 @@ use tokio::sync::oneshot;
 
 use super::mailbox::{Mailbox, Signal};
 use super::{clock, Broker};
+use crate::auth::{Credentials, Refusal};
 use crate::codec::ReasonCode;
+use crate::core::access::{Access, Authorizer as _};
 use crate::core::channel::{Action, Channel};
 use crate::core::message::{Delivery, Flow};
 
 /// How long a paused publisher waits for an overfilled subscriber that takes no messages at
 /// all before going on (that subscriber's mailbox then drops what exceeds its hard bound).
+/// How long a refused CONNECT waits for its CONNACK: guessing passwords costs a second a try.
+pub const AUTH_FAILURE_DELAY: Duration = Duration::from_secs(1);
+
 const MAX_PAUSE: Duration = Duration::from_secs(1);
 /// Deliveries taken from the mailbox under one lock.
 const PUMP_BATCH: usize = 16;
@@ -41,13 +47,16 @@ pub struct Link {
     /// When the current wait on `pressure` is next checked for progress.
     pub pause_deadline: Option<Instant>,
     conn_id: u64,
+    /// The client's address, as the listener saw it (for authentication).
+    peer: SocketAddr,
     /// A takeover in progress: answered once our session is filed.
     takeover_ack: Option<oneshot::Sender<()>>,
 }
 
 impl Link {
-    pub fn new(broker: Arc<Broker>) -> Self {
+    pub fn new(broker: Arc<Broker>, peer: SocketAddr) -> Self {
         Self {
+            peer,
             conn_id: broker.next_conn_id(),
             channel: Channel::new(Arc::clone(broker.limits()), clock::now()),
             now: clock::now(),
@@ -106,6 +115,9 @@ impl Link {
         if let Some(username) = self.channel.username() {
             span.record("username", username);
         }
+        if let Err(code) = self.authenticate(&client_id).await {
+            return self.channel.reject(code);
+        }
         let opened = self
             .broker
             .open_session(self.now, &client_id, clean_start, self.conn_id)
@@ -119,6 +131,66 @@ impl Link {
             }
             Err(code) => self.channel.reject(code),
         }
+    }
+
+    /// Decides the CONNECT's credentials and its will's topic; sets the ACL for the rest of
+    /// the connection. A refusal is logged with the peer, counted, and answered only after
+    /// [`AUTH_FAILURE_DELAY`], so guessing passwords is slow.
+    async fn authenticate(&mut self, client_id: &str) -> Result<(), ReasonCode> {
+        let auth = Arc::clone(self.broker.auth());
+        let password = self.channel.take_password();
+        let credentials = Credentials {
+            client_id,
+            username: self.channel.username(),
+            password: password.as_deref(),
+            peer: self.peer,
+            certified: self.channel.username_is_certified(),
+        };
+        let refused = match auth.authenticate(&credentials) {
+            Err(refusal) => {
+                tracing::info!(
+                    peer = %self.peer,
+                    username = credentials.username.unwrap_or(""),
+                    ?refusal,
+                    "connection refused: {}",
+                    match refusal {
+                        Refusal::AnonymousNotAllowed if auth.has_passwords() =>
+                            "no username; set auth.allow_anonymous = true to accept anonymous clients",
+                        Refusal::AnonymousNotAllowed =>
+                            "not on loopback; set auth.password_file, or auth.allow_anonymous = true",
+                        Refusal::BadCredentials => "bad username or password",
+                    }
+                );
+                Some(refusal.reason_code())
+            }
+            Ok(()) => None,
+        };
+        let refused = refused.or_else(|| {
+            if !auth.has_acl() {
+                return None;
+            }
+            let denied = self.channel.will_topic().is_some_and(|topic| {
+                !auth.allows(client_id, credentials.username, Access::Publish, topic)
+            });
+            // Mosquitto refuses a CONNECT whose will the client may not publish.
+            denied.then(|| {
+                tracing::debug!(peer = %self.peer, "connection refused: will topic not allowed");
+                ReasonCode::NOT_AUTHORIZED
+            })
+        });
+        if let Some(code) = refused {
+            self.broker
+                .metrics
+                .auth_failures
+                .fetch_add(1, Ordering::Relaxed);
+            tokio::time::sleep(AUTH_FAILURE_DELAY).await;
+            self.tick();
+            return Err(code);
+        }
+        if auth.has_acl() {
+            self.channel.set_authorizer(auth);
+        }
+        Ok(())
     }
 
     /// Carries out actions up to a `Connect`, which it returns for the caller to await.
@@ -310,7 +382,11 @@ impl Link {
     /// happen, and not as delivered.
     fn count_drops(&mut self, offered: u64) {
         let dropped = std::mem::take(&mut self.channel.dropped);
+        let denied = std::mem::take(&mut self.channel.denied);
         let metrics = &self.broker.metrics;
+        if denied > 0 {
+            metrics.acl_denied.fetch_add(denied, Ordering::Relaxed);
+        }
         if dropped > 0 {
             metrics
                 .messages_dropped

@@ -31,6 +31,7 @@ use tokio::sync::{oneshot, Notify};
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
+use crate::auth::AuthService;
 use crate::codec::{ReasonCode, SubscriptionOptions};
 use crate::config::{Config, ListenerKind};
 use crate::core::channel::{Close, Limits, PendingWill};
@@ -112,6 +113,10 @@ pub struct Metrics {
     pub sessions_expired: AtomicU64,
     /// Times a publishing connection paused because a subscriber's queue was over capacity.
     pub publisher_pauses: AtomicU64,
+    /// CONNECTs refused for their credentials or the anonymous policy.
+    pub auth_failures: AtomicU64,
+    /// Publishes, subscriptions and deliveries the ACL refused.
+    pub acl_denied: AtomicU64,
 }
 
 /// Broker settings outside the protocol limits.
@@ -133,6 +138,7 @@ pub struct Broker {
     sessions: Mutex<Sessions>,
     timers_changed: Notify,
     next_conn_id: AtomicU64,
+    auth: Arc<AuthService>,
     pub metrics: Metrics,
 }
 
@@ -145,8 +151,20 @@ impl Broker {
             sessions: Mutex::new(Sessions::default()),
             timers_changed: Notify::new(),
             next_conn_id: AtomicU64::new(1),
+            auth: Arc::new(AuthService::default()),
             metrics: Metrics::default(),
         }
+    }
+
+    /// The broker with these authentication and authorization rules in place of the
+    /// default (anonymous clients from loopback only, no ACL).
+    pub fn with_auth(mut self, auth: Arc<AuthService>) -> Self {
+        self.auth = auth;
+        self
+    }
+
+    pub fn auth(&self) -> &Arc<AuthService> {
+        &self.auth
     }
 
     pub fn limits(&self) -> &Arc<Limits> {
@@ -607,7 +625,10 @@ impl RunningBroker {
     /// Binds every configured listener and starts serving.
     pub async fn start(config: &Config) -> anyhow::Result<Self> {
         let settings = config.settings();
-        let broker = Arc::new(Broker::new(settings));
+        let auth = AuthService::load(&config.auth)
+            .map_err(|err| anyhow::anyhow!("authentication: {err}"))?;
+        tracing::info!("authentication: {}", auth.describe());
+        let broker = Arc::new(Broker::new(settings).with_auth(Arc::new(auth)));
         let shutdown = CancellationToken::new();
         let tracker = TaskTracker::new();
         let mut listeners = Vec::new();

@@ -161,7 +161,7 @@ struct QuicConnection {
 impl QuicConnection {
     fn new(broker: Arc<Broker>, conn: Connection, peer: SocketAddr) -> Self {
         Self {
-            link: Link::new(broker),
+            link: Link::new(broker, peer),
             conn,
             peer,
             writers: HashMap::new(),

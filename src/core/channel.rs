@@ -13,13 +13,14 @@ use std::collections::{HashMap, VecDeque};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use bytes::BytesMut;
+use bytes::{Bytes, BytesMut};
 
 use crate::codec::{
     self, Ack, ConnAck, Connect, DecodeError, Disconnect, Packet, Properties, ProtocolVersion,
     Publish, PublishRef, QoS, ReasonCode, SubAck, Subscribe, SubscriptionOptions, UnsubAck,
     Unsubscribe,
 };
+use crate::core::access::{Access, Authorizer};
 use crate::core::message::{Delivery, Flow, Message};
 use crate::core::session::{Outgoing, Session, Subscription};
 use crate::core::topic::{validate_topic_name, TopicFilter};
@@ -192,8 +193,51 @@ pub struct Channel {
     /// (a verified client certificate), which wins.
     username: Option<String>,
     username_from_transport: bool,
+    /// CONNECT's password, until the shell takes it to authenticate.
+    password: Option<Bytes>,
+    /// Topic permissions, when the shell set an authorizer (none: everything allowed).
+    access: Option<Box<AccessCheck>>,
     /// Deliveries dropped because they were expired or too large for the client.
     pub dropped: u64,
+    /// Publishes, subscriptions and deliveries the authorizer refused.
+    pub denied: u64,
+}
+
+/// An authorizer and this connection's answers from it, dropped when the rules change.
+struct AccessCheck {
+    authorizer: Arc<dyn Authorizer>,
+    generation: u64,
+    /// Per topic, the answer for each [`Access`] asked so far.
+    cache: HashMap<Box<str>, [Option<bool>; 3]>,
+}
+
+/// Answers kept per connection; past this the cache starts over.
+const ACCESS_CACHE_ENTRIES: usize = 256;
+
+impl AccessCheck {
+    fn allows(
+        &mut self,
+        client_id: &str,
+        username: Option<&str>,
+        access: Access,
+        topic: &str,
+    ) -> bool {
+        let generation = self.authorizer.generation();
+        if generation != self.generation {
+            self.generation = generation;
+            self.cache.clear();
+        }
+        let slot = access as usize;
+        if let Some(answer) = self.cache.get(topic).and_then(|answers| answers[slot]) {
+            return answer;
+        }
+        let answer = self.authorizer.allows(client_id, username, access, topic);
+        if self.cache.len() >= ACCESS_CACHE_ENTRIES && !self.cache.contains_key(topic) {
+            self.cache.clear();
+        }
+        self.cache.entry(Box::from(topic)).or_default()[slot] = Some(answer);
+        answer
+    }
 }
 
 impl Channel {
@@ -223,7 +267,10 @@ impl Channel {
             input_flow: Flow::CONTROL,
             username_from_transport: false,
             username: None,
+            password: None,
+            access: None,
             dropped: 0,
+            denied: 0,
         }
     }
 
@@ -237,6 +284,38 @@ impl Channel {
     /// The connection's username: the transport's identity if any, else CONNECT's.
     pub fn username(&self) -> Option<&str> {
         self.username.as_deref()
+    }
+
+    /// Whether the username came from the transport (a verified client certificate).
+    pub fn username_is_certified(&self) -> bool {
+        self.username_from_transport
+    }
+
+    /// CONNECT's password, handed over once for authentication.
+    pub fn take_password(&mut self) -> Option<Bytes> {
+        self.password.take()
+    }
+
+    /// The topic of the will CONNECT carried, for the shell's permission check.
+    pub fn will_topic(&self) -> Option<&str> {
+        self.will.as_ref().map(|will| &*will.message.topic)
+    }
+
+    /// Checks every PUBLISH, SUBSCRIBE and delivery against `authorizer` from now on.
+    pub fn set_authorizer(&mut self, authorizer: Arc<dyn Authorizer>) {
+        self.access = Some(Box::new(AccessCheck {
+            generation: authorizer.generation(),
+            authorizer,
+            cache: HashMap::new(),
+        }));
+    }
+
+    /// Whether this client may do `access` on `topic`; always true without an authorizer.
+    fn allowed(&mut self, access: Access, topic: &str) -> bool {
+        let Some(check) = self.access.as_deref_mut() else {
+            return true;
+        };
+        check.allows(&self.client_id, self.username.as_deref(), access, topic)
     }
 
     pub fn version(&self) -> ProtocolVersion {
@@ -640,6 +719,7 @@ impl Channel {
         if !self.username_from_transport {
             self.username = connect.username;
         }
+        self.password = connect.password;
         self.client_id = Arc::from(client_id);
         self.state = State::AwaitSession;
         self.actions.push_back(Action::Connect {
@@ -771,6 +851,11 @@ impl Channel {
         } else if publish.topic.starts_with("$SYS/") || publish.topic == "$SYS" {
             // $SYS belongs to the broker: clients cannot inject into it.
             refused = Some(ReasonCode::NOT_AUTHORIZED);
+        } else if !self.allowed(Access::Publish, &publish.topic) {
+            // MQTT 5 hears 0x87; 3.1.1 has no negative ack, so the message is acknowledged
+            // and dropped, as Mosquitto does.
+            self.denied += 1;
+            refused = Some(ReasonCode::NOT_AUTHORIZED);
         }
 
         let id = publish.packet_id.unwrap_or(0);
@@ -868,6 +953,10 @@ impl Channel {
         }
         if filter.has_wildcards() && !limits.wildcard_subscription_available {
             return ReasonCode::WILDCARD_SUBSCRIPTIONS_NOT_SUPPORTED;
+        }
+        if !self.allowed(Access::Subscribe, filter.filter()) {
+            self.denied += 1;
+            return ReasonCode::NOT_AUTHORIZED;
         }
         let Some(session) = self.session.as_mut() else {
             return ReasonCode::UNSPECIFIED_ERROR;
@@ -1013,6 +1102,13 @@ impl Channel {
     pub fn deliver(&mut self, now: Instant, mut delivery: Delivery) {
         if self.state != State::Connected || delivery.message.is_expired(now) {
             self.dropped += 1;
+            return;
+        }
+        if self.access.is_some() && !self.allowed(Access::Receive, &delivery.message.topic) {
+            // A permission removed since the subscription was made, or a retained or will
+            // message the client may not read: dropped, and counted as denied too.
+            self.dropped += 1;
+            self.denied += 1;
             return;
         }
         delivery.qos = delivery.qos.min(self.limits.maximum_qos);

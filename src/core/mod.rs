@@ -9,6 +9,7 @@
 //! - `channel`: the per-connection protocol state machine (CONNECT to close).
 //! - `timers`: one deadline table for session expiry and delayed wills.
 
+pub mod access;
 pub mod channel;
 pub mod message;
 pub mod retain;

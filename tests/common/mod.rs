@@ -405,6 +405,43 @@ impl RawClient {
         }
     }
 
+    /// Subscribes to several filters at once; returns the SUBACK's reason codes.
+    pub async fn subscribe_codes(
+        &mut self,
+        packet_id: u16,
+        filters: &[&str],
+        qos: QoS,
+    ) -> Vec<ReasonCode> {
+        self.send(&Packet::Subscribe(Subscribe {
+            packet_id,
+            properties: Properties::default(),
+            filters: filters
+                .iter()
+                .map(|f| ((*f).to_owned(), qos_options(qos)))
+                .collect(),
+        }))
+        .await;
+        match self.expect_packet().await {
+            Packet::SubAck(suback) if suback.packet_id == packet_id => suback.reasons,
+            other => panic!("expected SUBACK {packet_id}, got {other:?}"),
+        }
+    }
+
+    /// Publishes at QoS 1 and returns the PUBACK's reason code, with any PUBLISH that
+    /// arrived before it.
+    pub async fn publish_ack(&mut self, publish: Publish) -> (ReasonCode, Vec<Publish>) {
+        let id = publish.packet_id.expect("a QoS 1 publish");
+        self.send(&Packet::Publish(publish)).await;
+        let mut before = Vec::new();
+        loop {
+            match self.expect_packet().await {
+                Packet::PubAck(ack) if ack.packet_id == id => return (ack.reason, before),
+                Packet::Publish(publish) => before.push(publish),
+                other => panic!("expected PUBACK {id}, got {other:?}"),
+            }
+        }
+    }
+
     /// Publishes and completes the QoS flow from the publisher's side.
     pub async fn publish_acked(&mut self, publish: Publish) {
         let qos = publish.qos;
