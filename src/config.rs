@@ -705,8 +705,29 @@ mod tests {
         assert_eq!(config.session.v3_expiry, defaults.session.v3_expiry);
         assert_eq!(config.mqtt.connect_timeout, defaults.mqtt.connect_timeout);
         assert_eq!(config.listeners, defaults.listeners);
+        assert_eq!(config.auth, defaults.auth);
         let kinds: Vec<_> = config.listeners.iter().map(|l| l.kind).collect();
         assert_eq!(kinds, ListenerKind::ALL);
+    }
+
+    #[test]
+    fn auth_keys_set_from_the_command_line_like_mosquitto_names() {
+        let config = load(
+            "",
+            &[("PETREL_AUTH__ALLOW_ANONYMOUS", "false")],
+            &[
+                "auth.password_file=/etc/petrel/passwd",
+                "auth.acl_file=/etc/petrel/acl",
+            ],
+        )
+        .unwrap();
+        assert_eq!(config.auth.allow_anonymous, Some(false));
+        assert_eq!(config.auth.password_file, Some("/etc/petrel/passwd".into()));
+        assert_eq!(config.auth.acl_file, Some("/etc/petrel/acl".into()));
+        let err = load("[auth]\npassword = 5\n", &[], &[])
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("password"), "{err}");
     }
 
     #[test]

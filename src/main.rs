@@ -154,8 +154,11 @@ fn main() -> ExitCode {
     let cli = Cli::parse();
     match cli.command {
         Some(Command::CheckConfig { file }) => {
-            match Config::load(Some(&file), std::env::vars(), &[]) {
-                Ok(_) => {
+            let checked = Config::load(Some(&file), std::env::vars(), &[])
+                .map_err(|err| err.to_string())
+                .and_then(|config| petrel::auth::AuthService::load(&config.auth).map(drop));
+            match checked {
+                Ok(()) => {
                     println!("{}: ok", file.display());
                     ExitCode::SUCCESS
                 }
