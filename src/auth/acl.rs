@@ -34,12 +34,12 @@ enum Grant {
 
 impl Grant {
     fn allows(self, access: Access) -> bool {
-        match (self, access) {
-            (Self::ReadWrite, _) => true,
-            (Self::Read, Access::Subscribe | Access::Receive) => true,
-            (Self::Write, Access::Publish) => true,
-            _ => false,
-        }
+        matches!(
+            (self, access),
+            (Self::ReadWrite, _)
+                | (Self::Read, Access::Subscribe | Access::Receive)
+                | (Self::Write, Access::Publish)
+        )
     }
 }
 
