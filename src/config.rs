@@ -378,7 +378,7 @@ impl TryFrom<ListenerFile> for ListenerConfig {
         if !kind.uses_tls() {
             if let Some((key, _)) = tls_keys.iter().find(|(_, set)| *set) {
                 return Err(format!(
-                    "`{key}` applies to tls and wss listeners, not to kind = \"{kind}\""
+                    "`{key}` applies to tls, wss and quic listeners, not to kind = \"{kind}\""
                 ));
             }
         }
@@ -389,17 +389,6 @@ impl TryFrom<ListenerFile> for ListenerConfig {
         }
         if kind == ListenerKind::Tcp && file.handshake_timeout.is_some() {
             return Err("`handshake_timeout` does not apply to kind = \"tcp\"".into());
-        }
-        if kind == ListenerKind::Quic {
-            let mtls = [
-                ("verify", file.verify.is_some()),
-                ("client_ca", file.client_ca.is_some()),
-            ];
-            if let Some((key, _)) = mtls.iter().chain(&tls_keys[4..]).find(|(_, set)| *set) {
-                return Err(format!(
-                    "`{key}` (client certificates) is not supported on kind = \"quic\" yet"
-                ));
-            }
         }
         if file.cert.is_some() != file.key.is_some() {
             return Err("`cert` and `key` must be given together".into());

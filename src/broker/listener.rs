@@ -86,8 +86,15 @@ fn spawn_quic(
         );
     };
     let settings = &broker.settings().quic;
-    let server = crate::transport::quic::server_config(cert, key, settings)
-        .with_context(|| format!("cannot set up the quic listener on {}", config.bind))?;
+    let tls = &config.tls;
+    let server = crate::transport::quic::server_config(
+        cert,
+        key,
+        tls.verify,
+        tls.client_ca.as_deref(),
+        settings,
+    )
+    .with_context(|| format!("cannot set up the quic listener on {}", config.bind))?;
     let endpoint = quinn::Endpoint::server(server, config.bind)
         .with_context(|| format!("cannot bind the quic listener to udp {}", config.bind))?;
     let addr = endpoint.local_addr()?;
@@ -96,6 +103,7 @@ fn spawn_quic(
         endpoint,
         Arc::clone(broker),
         settings.retry,
+        tls.peer_cert_as_username,
         config.handshake_timeout,
         tracker.clone(),
         shutdown.clone(),

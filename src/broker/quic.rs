@@ -41,7 +41,9 @@ use tracing::Instrument;
 use super::link::Link;
 use super::{clock, Broker};
 use crate::codec::{Codec, DecodeError, Packet, ProtocolVersion, ReasonCode};
+use crate::config::PeerCertAsUsername;
 use crate::core::message::Flow;
+use crate::transport::tls::peer_username;
 
 /// Packets held while the handshake completes; a client sending more in 0-RTT is cut off.
 const MAX_HELD: usize = 1024;
@@ -56,6 +58,7 @@ pub async fn accept(
     endpoint: Endpoint,
     broker: Arc<Broker>,
     retry: bool,
+    peer_cert_as_username: PeerCertAsUsername,
     handshake_timeout: Duration,
     tracker: TaskTracker,
     shutdown: CancellationToken,
@@ -77,6 +80,7 @@ pub async fn accept(
         tracker.spawn(serve(
             Arc::clone(&broker),
             incoming,
+            peer_cert_as_username,
             handshake_timeout,
             shutdown.clone(),
         ));
@@ -89,6 +93,7 @@ pub async fn accept(
 async fn serve(
     broker: Arc<Broker>,
     incoming: Incoming,
+    peer_cert_as_username: PeerCertAsUsername,
     handshake_timeout: Duration,
     shutdown: CancellationToken,
 ) {
@@ -111,7 +116,7 @@ async fn serve(
             .connections_total
             .fetch_add(1, Ordering::Relaxed);
         let metrics = Arc::clone(&broker);
-        QuicConnection::new(broker, conn.clone(), peer)
+        QuicConnection::new(broker, conn.clone(), peer, peer_cert_as_username)
             .run(handshake, handshake_timeout, shutdown)
             .await;
         metrics.metrics.connections.fetch_sub(1, Ordering::Relaxed);
@@ -156,11 +161,20 @@ struct QuicConnection {
     control_writer: Option<tokio::task::JoinHandle<()>>,
     tasks: JoinSet<()>,
     held: Vec<(Flow, Packet)>,
+    /// Whether (and how) a verified client certificate names the username; `None` once
+    /// applied.
+    peer_cert_as_username: PeerCertAsUsername,
 }
 
 impl QuicConnection {
-    fn new(broker: Arc<Broker>, conn: Connection, peer: SocketAddr) -> Self {
+    fn new(
+        broker: Arc<Broker>,
+        conn: Connection,
+        peer: SocketAddr,
+        peer_cert_as_username: PeerCertAsUsername,
+    ) -> Self {
         Self {
+            peer_cert_as_username,
             link: Link::new(broker, peer),
             conn,
             peer,
@@ -256,6 +270,19 @@ impl QuicConnection {
         flow.is_control() || self.writers.contains_key(&flow)
     }
 
+    /// The username the client's verified certificate maps to, once per connection.
+    fn certificate_username(&mut self) -> Option<String> {
+        let rule = std::mem::replace(&mut self.peer_cert_as_username, PeerCertAsUsername::None);
+        if rule == PeerCertAsUsername::None {
+            return None;
+        }
+        let identity = self.conn.peer_identity()?;
+        let chain = identity
+            .downcast::<Vec<rustls_pki_types::CertificateDer<'static>>>()
+            .ok()?;
+        peer_username(chain.first()?, rule)
+    }
+
     fn handle_event(&mut self, event: Event, handshake_done: bool) {
         let now = self.link.tick();
         match &event {
@@ -288,6 +315,14 @@ impl QuicConnection {
                         | Packet::Unsubscribe(_)
                         | Packet::PingReq
                 );
+                if matches!(packet, Packet::Connect(_)) {
+                    // Listeners with client certificates have no 0-RTT, so the handshake
+                    // (and the certificate's verification) is complete by now.
+                    if let Some(username) = self.certificate_username() {
+                        self.link.channel.set_peer_username(username);
+                    }
+                }
+                let channel = &mut self.link.channel;
                 if handshake_done || replay_safe {
                     channel.handle_flow_packet(now, flow, packet);
                 } else if self.held.len() < MAX_HELD {

@@ -15,7 +15,7 @@ use quinn::congestion::{BbrConfig, CubicConfig, NewRenoConfig};
 use quinn::{IdleTimeout, MtuDiscoveryConfig, ServerConfig, TransportConfig, VarInt};
 
 use super::{certs, tls, TransportError};
-use crate::config::{Congestion, QuicSettings};
+use crate::config::{ClientVerify, Congestion, QuicSettings};
 
 /// The ALPN protocol id EMQX and its clients use for MQTT over QUIC.
 pub const ALPN: &[u8] = b"mqtt";
@@ -24,21 +24,34 @@ pub const ALPN: &[u8] = b"mqtt";
 pub fn server_config(
     cert: &Path,
     key: &Path,
+    verify: ClientVerify,
+    client_ca: Option<&Path>,
     settings: &QuicSettings,
 ) -> Result<ServerConfig, TransportError> {
     let chain = certs::load_certs(cert)?;
     let key = certs::load_key(key)?;
-    let mut crypto = rustls::ServerConfig::builder_with_provider(tls::provider())
+    let builder = rustls::ServerConfig::builder_with_provider(tls::provider())
         .with_protocol_versions(&[&rustls::version::TLS13])
-        .map_err(|e| TransportError::Config(e.to_string()))?
-        .with_no_client_auth()
+        .map_err(|e| TransportError::Config(e.to_string()))?;
+    let verifier = tls::client_verifier(verify, client_ca)?;
+    let client_auth = verifier.is_some();
+    let builder = match verifier {
+        None => builder.with_no_client_auth(),
+        Some(verifier) => builder.with_client_cert_verifier(verifier),
+    };
+    let mut crypto = builder
         .with_single_cert(chain, key)
         .map_err(|e| TransportError::Config(e.to_string()))?;
     crypto.alpn_protocols = vec![ALPN.to_vec()];
     // 0-RTT: rustls requires exactly u32::MAX for QUIC; what early data may do is decided by
     // the connection driver (nothing that is not replay-safe takes effect before the
-    // handshake completes).
-    crypto.max_early_data_size = if settings.zero_rtt { u32::MAX } else { 0 };
+    // handshake completes). With client certificates there is no 0-RTT: the certificate is
+    // the identity, and a CONNECT must not act before it has been verified.
+    crypto.max_early_data_size = if settings.zero_rtt && !client_auth {
+        u32::MAX
+    } else {
+        0
+    };
     let crypto = quinn::crypto::rustls::QuicServerConfig::try_from(crypto)
         .map_err(|e| TransportError::Config(format!("QUIC needs a TLS 1.3 cipher suite: {e}")))?;
     let mut config = ServerConfig::with_crypto(Arc::new(crypto));

@@ -82,31 +82,42 @@ fn server_config(
     let builder = ServerConfig::builder_with_provider(Arc::clone(&provider))
         .with_safe_default_protocol_versions()
         .map_err(tls_config)?;
-    let builder = match (verify, client_ca) {
-        (ClientVerify::None, _) => builder.with_no_client_auth(),
+    let builder = match client_verifier(verify, client_ca)? {
+        None => builder.with_no_client_auth(),
+        Some(verifier) => builder.with_client_cert_verifier(verifier),
+    };
+    builder.with_single_cert(chain, key).map_err(tls_config)
+}
+
+/// The client-certificate verifier for `verify` against `client_ca`: `None` when client
+/// certificates are not asked for. Shared by the TLS, WSS and QUIC listeners.
+pub fn client_verifier(
+    verify: ClientVerify,
+    client_ca: Option<&Path>,
+) -> Result<Option<Arc<dyn rustls::server::danger::ClientCertVerifier>>, TransportError> {
+    let ca = match (verify, client_ca) {
+        (ClientVerify::None, _) => return Ok(None),
         (_, None) => {
             return Err(TransportError::Config(
                 "`verify` other than \"none\" needs `client_ca`".into(),
             ))
         }
-        (verify, Some(ca)) => {
-            let mut roots = RootCertStore::empty();
-            for cert in certs::load_certs(ca)? {
-                roots.add(cert).map_err(|e| TransportError::Pem {
-                    path: ca.to_owned(),
-                    message: e.to_string(),
-                })?;
-            }
-            let verifier = WebPkiClientVerifier::builder_with_provider(Arc::new(roots), provider);
-            let verifier = if verify == ClientVerify::Optional {
-                verifier.allow_unauthenticated()
-            } else {
-                verifier
-            };
-            builder.with_client_cert_verifier(verifier.build().map_err(tls_config)?)
-        }
+        (_, Some(ca)) => ca,
     };
-    builder.with_single_cert(chain, key).map_err(tls_config)
+    let mut roots = RootCertStore::empty();
+    for cert in certs::load_certs(ca)? {
+        roots.add(cert).map_err(|e| TransportError::Pem {
+            path: ca.to_owned(),
+            message: e.to_string(),
+        })?;
+    }
+    let verifier = WebPkiClientVerifier::builder_with_provider(Arc::new(roots), provider());
+    let verifier = if verify == ClientVerify::Optional {
+        verifier.allow_unauthenticated()
+    } else {
+        verifier
+    };
+    Ok(Some(verifier.build().map_err(tls_config)?))
 }
 
 fn tls_config(err: impl std::fmt::Display) -> TransportError {

@@ -35,6 +35,13 @@ struct Mtls {
 
 impl Mtls {
     async fn start(verify: ClientVerify) -> Self {
+        Self::start_with(verify, |_| {}).await
+    }
+
+    async fn start_with(
+        verify: ClientVerify,
+        tweak: impl FnOnce(&mut petrel::config::Config),
+    ) -> Self {
         let scratch = std::env::temp_dir().join(format!(
             "petrel-mtls-{}-{}",
             std::process::id(),
@@ -50,6 +57,7 @@ impl Mtls {
                 listener.tls.client_ca = Some(bundle.join("ca.pem"));
                 listener.tls.peer_cert_as_username = PeerCertAsUsername::Cn;
             }
+            tweak(c);
         })
         .await;
         Self {
@@ -138,4 +146,62 @@ async fn tls_mtls_optional_accepts_clients_with_and_without_a_certificate() {
     assert!(mtls.connects(Some(&mtls.bundle)).await);
     assert!(!mtls.connects(Some(&mtls.foreign)).await);
     mtls.shutdown().await;
+}
+
+/// QUIC takes client certificates like TLS: with anonymous clients refused and an ACL that
+/// names only the certificate's CN, a client presenting the certificate connects and uses its
+/// topics (so the CN became its username), and a client without one is refused.
+#[tokio::test]
+async fn quic_mtls_required_makes_the_certificate_cn_the_username() {
+    let scratch = std::env::temp_dir().join(format!("petrel-quic-acl-{}", unique("acl")));
+    std::fs::create_dir_all(&scratch).unwrap();
+    let acl = scratch.join("acl");
+    std::fs::write(&acl, "user petrel-client\ntopic readwrite mtls/#\n").unwrap();
+    let mtls = Mtls::start_with(ClientVerify::Required, |c| {
+        c.auth.allow_anonymous = Some(false);
+        c.auth.acl_file = Some(acl.clone());
+    })
+    .await;
+    let url = format!(
+        "quic://127.0.0.1:{}",
+        mtls.broker.addr(ListenerKind::Quic).port()
+    );
+    let options = |with_cert: bool| {
+        let options = petrel::client::ClientOptions::new(&url)
+            .unwrap()
+            .client_id(unique("quic-mtls"))
+            .ca_file(mtls.bundle.join("ca.pem"))
+            .connect_timeout(std::time::Duration::from_secs(5))
+            .reconnect(None);
+        if with_cert {
+            options.client_cert(
+                mtls.bundle.join("client.pem"),
+                mtls.bundle.join("client.key"),
+            )
+        } else {
+            options
+        }
+    };
+    let (client, mut events) = crate::client::connect(options(true)).await;
+    client
+        .subscribe("mtls/#", petrel::client::QoS::AtLeastOnce)
+        .await
+        .expect("the ACL grants the CN's topics");
+    client
+        .publish(petrel::client::Message::new("mtls/1", "hi").qos(petrel::client::QoS::AtLeastOnce))
+        .await
+        .expect("published");
+    let message = crate::client::next_message(&mut events).await;
+    assert_eq!(message.topic, "mtls/1");
+    client.disconnect().await.unwrap();
+
+    let refused = tokio::time::timeout(
+        crate::client::LONG,
+        petrel::client::Client::connect(options(false)),
+    )
+    .await
+    .expect("refused in time");
+    assert!(refused.is_err(), "a client without a certificate connected");
+    mtls.shutdown().await;
+    let _ = std::fs::remove_dir_all(scratch);
 }
