@@ -2,10 +2,12 @@
 //!
 //! # Layout
 //! - [`codec`]: sans-IO wire format for every MQTT version; imports nothing else of ours.
-//! - [`core`]: sans-IO broker logic with time passed in: topics, the subscription trie, the
-//!   retained store, sessions, and the per-connection protocol state machine (`Channel`).
-//! - [`broker`]: the async shell: listeners, connection drivers, the shared session table and
-//!   router, timers. The only module that spawns tasks, owns sockets or reads the clock.
+//! - [`core`]: sans-IO broker logic with time and randomness passed in: topics, the
+//!   subscription trie, the retained store, sessions, the session registry (resume, takeover,
+//!   expiry, wills), fan-out, and the per-connection protocol state machine (`Channel`).
+//! - [`broker`]: the async shell: listeners, connection drivers, the locks around the
+//!   registry and the router, mailboxes, timers. The only module that spawns tasks, owns
+//!   sockets or reads the clock; it carries out what `core` decides.
 //! - [`transport`]: what turns an accepted socket into an MQTT byte stream: TLS (rustls,
 //!   optional mTLS), WebSocket, and the development certificates. No tasks, no clock.
 //! - [`config`]: the TOML file model, overrides, and validated runtime settings.
@@ -27,8 +29,9 @@ pub mod transport;
 
 #[cfg(test)]
 mod layering {
-    //! Keeps the sans-IO promise honest: codec and core never mention the runtime, sockets
-    //! or the clock.
+    //! Keeps the layering honest: codec and core import neither the runtime, sockets nor the
+    //! shell. (The clock, randomness and spawning are compiler checks: `clippy.toml`'s
+    //! disallowed methods and types, denied in `codec` and `core`.)
 
     fn sources(dir: &str) -> Vec<(std::path::PathBuf, String)> {
         let root = std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
@@ -58,15 +61,7 @@ mod layering {
 
     #[test]
     fn codec_and_core_stay_sans_io() {
-        let forbidden = [
-            "tokio",
-            "std::net",
-            "Instant::now",
-            "SystemTime",
-            "thread::spawn",
-            "crate::broker",
-            "crate::config",
-        ];
+        let forbidden = ["tokio", "std::net", "crate::broker", "crate::config"];
         for dir in ["codec", "core"] {
             let files = sources(dir);
             assert!(!files.is_empty());

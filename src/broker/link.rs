@@ -55,10 +55,12 @@ pub struct Link {
 
 impl Link {
     pub fn new(broker: Arc<Broker>, peer: SocketAddr) -> Self {
+        let conn_id = broker.next_conn_id();
+        let assignable_id = broker.assignable_client_id(conn_id);
         Self {
             peer,
-            conn_id: broker.next_conn_id(),
-            channel: Channel::new(Arc::clone(broker.limits()), clock::now()),
+            conn_id,
+            channel: Channel::new(Arc::clone(broker.limits()), clock::now(), assignable_id),
             now: clock::now(),
             broker,
             mailbox: None,

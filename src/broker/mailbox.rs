@@ -21,7 +21,7 @@
 
 use std::collections::VecDeque;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::sync::Mutex;
+use std::sync::{Arc, Mutex};
 use std::task::{Context, Poll};
 
 use futures_util::task::AtomicWaker;
@@ -261,6 +261,12 @@ impl Mailbox {
 
     fn lock(&self) -> std::sync::MutexGuard<'_, Inner> {
         self.inner.lock().expect("mailbox lock is never poisoned")
+    }
+}
+
+impl crate::core::registry::SessionHandle for Arc<Mailbox> {
+    fn set_online(&self, online: bool) {
+        Mailbox::set_online(self, online);
     }
 }
 

@@ -21,7 +21,6 @@ pub mod listener;
 pub mod mailbox;
 pub mod quic;
 
-use std::collections::HashMap;
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, RwLock};
@@ -32,73 +31,22 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
 use crate::auth::AuthService;
-use crate::codec::{ReasonCode, SubscriptionOptions};
+use crate::codec::ReasonCode;
 use crate::config::{Config, ListenerKind};
-use crate::core::channel::{Close, Limits, PendingWill};
-use crate::core::message::{Delivery, Flow, Message};
+use crate::core::channel::{AssignedClientId, Close, Limits, PendingWill};
+use crate::core::fanout::{self, Fanout, Route, Routes};
+use crate::core::message::{Flow, Message};
+use crate::core::registry::{EndReason, Event, Open, Registry};
 use crate::core::retain::RetainedStore;
-use crate::core::router::SubscriptionTree;
 use crate::core::session::{Session, Subscription};
-use crate::core::timers::TimerTable;
 use crate::core::topic::TopicFilter;
 use crate::transport::certs::DevCerts;
 use anyhow::Context as _;
 use mailbox::{Mailbox, Pushed};
 
-/// What `route` builds per publish, kept per thread so that routing allocates nothing once
-/// warm: the deliveries to push, and (for fan-out) an index of them by session and flow.
-/// Empty between calls (the deliveries are moved out), so it holds no message alive.
-#[derive(Default)]
-struct RouteScratch {
-    targets: Vec<(Arc<Mailbox>, Delivery)>,
-    /// Keyed by the mailbox's address (one mailbox per session) and flow: no client controls
-    /// these keys, so a fast unkeyed hash is safe.
-    index: HashMap<(*const Mailbox, Flow), usize, rustc_hash::FxBuildHasher>,
-}
-
-/// Entries a thread's route scratch keeps between publishes (about 64 KiB of targets).
-const SCRATCH_KEEP: usize = 1024;
-
 thread_local! {
-    static ROUTE_SCRATCH: std::cell::RefCell<RouteScratch> = std::cell::RefCell::default();
-}
-
-/// Who holds a subscription: a client, on one of its flows.
-type SubscriberKey = (Arc<str>, Flow);
-
-/// A subscription as the router holds it.
-#[derive(Debug)]
-struct Route {
-    mailbox: Arc<Mailbox>,
-    options: SubscriptionOptions,
-    id: Option<u32>,
-}
-
-#[derive(Debug)]
-enum SlotState {
-    /// Served by the connection with this id (reached through the slot's mailbox).
-    Online { conn_id: u64 },
-    /// Boxed: most slots are online, and the table holds one per client.
-    Offline { session: Box<Session> },
-}
-
-#[derive(Debug)]
-struct Slot {
-    mailbox: Arc<Mailbox>,
-    state: SlotState,
-}
-
-#[derive(Debug, Clone, PartialEq, Eq, Hash)]
-enum TimerKey {
-    Expire(Arc<str>),
-    Will(Arc<str>),
-}
-
-#[derive(Debug, Default)]
-struct Sessions {
-    slots: HashMap<Arc<str>, Slot>,
-    wills: HashMap<Arc<str>, PendingWill>,
-    timers: TimerTable<TimerKey>,
+    /// Each routing thread's fan-out buffers, so that routing allocates nothing once warm.
+    static FANOUT: std::cell::RefCell<Fanout<Mailbox>> = std::cell::RefCell::default();
 }
 
 /// Counters, read by logs, tests and (later) `$SYS`.
@@ -132,12 +80,13 @@ pub struct Settings {
 
 pub struct Broker {
     settings: Settings,
-    /// Keyed by client id and flow: a QUIC data stream's subscriptions are its own.
-    router: RwLock<SubscriptionTree<SubscriberKey, Route>>,
+    router: RwLock<Routes<Mailbox>>,
     retained: Mutex<RetainedStore<Arc<Message>>>,
-    sessions: Mutex<Sessions>,
+    sessions: Mutex<Registry<Arc<Mailbox>>>,
     timers_changed: Notify,
     next_conn_id: AtomicU64,
+    /// Keys the client ids the broker assigns, so that they cannot be guessed.
+    client_id_key: std::hash::RandomState,
     auth: Arc<AuthService>,
     pub metrics: Metrics,
 }
@@ -146,11 +95,12 @@ impl Broker {
     pub fn new(settings: Settings) -> Self {
         Self {
             settings,
-            router: RwLock::new(SubscriptionTree::new()),
+            router: RwLock::new(Routes::new()),
             retained: Mutex::new(RetainedStore::new()),
-            sessions: Mutex::new(Sessions::default()),
+            sessions: Mutex::new(Registry::default()),
             timers_changed: Notify::new(),
             next_conn_id: AtomicU64::new(1),
+            client_id_key: std::hash::RandomState::new(),
             auth: Arc::new(AuthService::default()),
             metrics: Metrics::default(),
         }
@@ -179,8 +129,18 @@ impl Broker {
         self.next_conn_id.fetch_add(1, Ordering::Relaxed)
     }
 
+    /// The client id connection `conn_id` gives its client if the client sends none.
+    fn assignable_client_id(&self, conn_id: u64) -> AssignedClientId {
+        use std::hash::BuildHasher as _;
+        AssignedClientId {
+            secret: self.client_id_key.hash_one(conn_id),
+            serial: conn_id,
+        }
+    }
+
     /// Finds the session for a CONNECT: resumes an offline one, takes one over from another
-    /// connection, or starts anew. Returns the session to resume (`None`: new) and the mailbox.
+    /// connection, or starts anew (the registry decides). Returns the session to resume
+    /// (`None`: new) and the mailbox.
     pub async fn open_session(
         &self,
         now: Instant,
@@ -192,35 +152,27 @@ impl Broker {
         // honest client.
         for _ in 0..8 {
             let (ack_tx, ack_rx) = oneshot::channel();
-            {
+            let opened = {
                 let mut sessions = self.lock_sessions();
-                let mut will_now = None;
-                if let Some(Slot {
-                    mailbox,
-                    state: SlotState::Online { conn_id: old, .. },
-                }) = sessions.slots.get(client_id)
-                {
-                    // Asked under the sessions lock: the old connection either sees the
-                    // request or has already filed the session offline.
-                    mailbox.request_takeover(*old, ack_tx);
-                } else {
-                    // [MQTT-3.1.3-9]: reconnecting in time cancels a delayed will; a clean start
-                    // ends the old session, which publishes it at once.
-                    sessions
-                        .timers
-                        .cancel(&TimerKey::Will(Arc::clone(client_id)));
-                    if let Some(will) = sessions.wills.remove(client_id) {
-                        if clean_start {
-                            will_now = Some(will);
-                        }
+                let new_mailbox = || Arc::new(Mailbox::new(self.settings.max_queued));
+                match sessions.open(client_id, clean_start, conn_id, new_mailbox) {
+                    Open::Busy { handle, conn_id } => {
+                        // Asked under the sessions lock: the old connection either sees the
+                        // request or has already filed the session offline.
+                        handle.request_takeover(conn_id, ack_tx);
+                        None
                     }
-                    let result = self.claim_slot(&mut sessions, client_id, clean_start, conn_id);
-                    drop(sessions);
-                    if let Some(will) = will_now {
-                        self.publish(Arc::new(will.into_message(now)), now);
+                    Open::Ready { session, handle } => {
+                        // A request left for a connection that is gone (its requester gave
+                        // up) is dropped.
+                        handle.take_takeover(conn_id);
+                        Some((session, handle, self.carry_out(&mut sessions)))
                     }
-                    return Ok(result);
                 }
+            };
+            if let Some((session, mailbox, wills)) = opened {
+                self.publish_wills(wills, now);
+                return Ok((session, mailbox));
             }
             // The old connection closes and files its session offline before it answers; a
             // connection stuck on a dead socket is given up on after the linger time.
@@ -232,133 +184,60 @@ impl Broker {
         Err(ReasonCode::SERVER_BUSY)
     }
 
-    fn claim_slot(
-        &self,
-        sessions: &mut Sessions,
-        client_id: &Arc<str>,
-        clean_start: bool,
-        conn_id: u64,
-    ) -> (Option<Session>, Arc<Mailbox>) {
-        sessions
-            .timers
-            .cancel(&TimerKey::Expire(Arc::clone(client_id)));
-        let online = SlotState::Online { conn_id };
-        let previous = sessions.slots.remove(client_id);
-        let (session, mailbox) = match previous {
-            Some(Slot {
-                mailbox,
-                state: SlotState::Offline { session },
-            }) if !clean_start => (Some(*session), mailbox),
-            Some(Slot {
-                state: SlotState::Offline { session },
-                ..
-            }) => {
-                self.drop_subscriptions(client_id, &session);
-                (None, Arc::new(Mailbox::new(self.settings.max_queued)))
-            }
-            _ => (None, Arc::new(Mailbox::new(self.settings.max_queued))),
-        };
-        mailbox.set_online(true);
-        // A request left for a connection that is gone (its requester gave up) is dropped.
-        mailbox.take_takeover(conn_id);
-        sessions.slots.insert(
-            Arc::clone(client_id),
-            Slot {
-                mailbox: Arc::clone(&mailbox),
-                state: online,
-            },
-        );
-        (session, mailbox)
-    }
-
     /// A connection ended: file its session offline (or end it) and deal with its will.
     pub fn close_session(&self, now: Instant, conn_id: u64, client_id: &Arc<str>, close: Close) {
-        let mut publish_now = None;
-        {
+        let wills = {
             let mut sessions = self.lock_sessions();
-            let ours = matches!(
-                sessions.slots.get(client_id),
-                Some(Slot { state: SlotState::Online { conn_id: c, .. }, .. }) if *c == conn_id
-            );
-            if !ours {
-                // Never registered (refused CONNECT): only a will could be due, and a refused
-                // CONNECT has none.
-                return;
-            }
-            let Some(session) = close.session else {
-                sessions.slots.remove(client_id);
-                return;
-            };
-            let expiry = session.expiry_interval;
-            if expiry == 0 {
-                self.drop_subscriptions(client_id, &session);
-                sessions.slots.remove(client_id);
-                publish_now = close.will;
-            } else {
-                if let Some(slot) = sessions.slots.get_mut(client_id) {
-                    slot.mailbox.set_online(false);
-                    slot.state = SlotState::Offline {
-                        session: Box::new(session),
-                    };
-                }
-                if expiry != u32::MAX {
-                    let at = now + Duration::from_secs(u64::from(expiry));
-                    sessions
-                        .timers
-                        .schedule(TimerKey::Expire(Arc::clone(client_id)), at);
-                }
-                if let Some(will) = close.will {
-                    let delay = will.delay;
-                    if delay == 0 {
-                        publish_now = Some(will);
-                    } else {
-                        let at = now + Duration::from_secs(u64::from(delay.min(expiry)));
-                        sessions
-                            .timers
-                            .schedule(TimerKey::Will(Arc::clone(client_id)), at);
-                        sessions.wills.insert(Arc::clone(client_id), will);
-                    }
-                }
+            let before = sessions.poll_timeout();
+            sessions.close(now, conn_id, client_id, close);
+            if sessions.poll_timeout() != before {
                 self.timers_changed.notify_one();
             }
-        }
-        if let Some(will) = publish_now {
-            self.publish(Arc::new(will.into_message(now)), now);
-        }
+            self.carry_out(&mut sessions)
+        };
+        self.publish_wills(wills, now);
     }
 
     /// Fires every due session-expiry and will timer; returns the next deadline.
     pub fn handle_timers(&self, now: Instant) -> Option<Instant> {
-        let mut wills = Vec::new();
-        let next = {
+        let (wills, next) = {
             let mut sessions = self.lock_sessions();
-            while let Some(key) = sessions.timers.pop_due(now) {
-                match key {
-                    TimerKey::Will(id) => wills.extend(sessions.wills.remove(&id)),
-                    TimerKey::Expire(id) => {
-                        if let Some(Slot {
-                            state: SlotState::Offline { session },
-                            ..
-                        }) = sessions.slots.remove(&id)
-                        {
-                            self.drop_subscriptions(&id, &session);
-                            self.metrics
-                                .sessions_expired
-                                .fetch_add(1, Ordering::Relaxed);
-                            tracing::debug!(client_id = %id, "session expired");
-                        }
-                        // The session ended before the will delay: publish it now.
-                        sessions.timers.cancel(&TimerKey::Will(Arc::clone(&id)));
-                        wills.extend(sessions.wills.remove(&id));
+            sessions.handle_timeout(now);
+            (self.carry_out(&mut sessions), sessions.poll_timeout())
+        };
+        self.publish_wills(wills, now);
+        next
+    }
+
+    /// Carries out the registry's events under the sessions lock: an ended session's
+    /// subscriptions leave the router. Returns the wills to publish once the lock is released.
+    fn carry_out(&self, sessions: &mut Registry<Arc<Mailbox>>) -> Vec<PendingWill> {
+        let mut wills = Vec::new();
+        while let Some(event) = sessions.poll_event() {
+            match event {
+                Event::Ended {
+                    client_id,
+                    session,
+                    reason,
+                } => {
+                    self.drop_subscriptions(&client_id, &session);
+                    if reason == EndReason::Expired {
+                        self.metrics
+                            .sessions_expired
+                            .fetch_add(1, Ordering::Relaxed);
+                        tracing::debug!(%client_id, "session expired");
                     }
                 }
+                Event::Will(will) => wills.push(will),
             }
-            sessions.timers.next_deadline()
-        };
+        }
+        wills
+    }
+
+    fn publish_wills(&self, wills: Vec<PendingWill>, now: Instant) {
         for will in wills {
             self.publish(Arc::new(will.into_message(now)), now);
         }
-        next
     }
 
     /// Runs the session timers until `shutdown`.
@@ -401,7 +280,7 @@ impl Broker {
         send_retained: bool,
     ) {
         let route = Route {
-            mailbox: Arc::clone(mailbox),
+            handle: Arc::clone(mailbox),
             options: subscription.options,
             id: subscription.id,
         };
@@ -416,39 +295,15 @@ impl Broker {
         if !send_retained {
             return;
         }
-        let mut matches = Vec::new();
-        let mut expired = Vec::new();
-        {
-            let retained = self
+        let deliveries = fanout::retained_deliveries(
+            &mut self
                 .retained
                 .lock()
-                .expect("retained lock is never poisoned");
-            retained.for_each_match(&subscription.filter, |topic, message| {
-                if message.is_expired(now) {
-                    expired.push(topic.to_owned());
-                } else {
-                    matches.push(Arc::clone(message));
-                }
-            });
-        }
-        if !expired.is_empty() {
-            let mut retained = self
-                .retained
-                .lock()
-                .expect("retained lock is never poisoned");
-            for topic in expired {
-                retained.remove(&topic);
-            }
-        }
-        for message in matches {
-            let qos = message.qos.min(subscription.options.qos);
-            let delivery = Delivery {
-                message,
-                qos,
-                retain: true,
-                subscription_ids: subscription.id.into_iter().collect(),
-                flow: subscription.flow,
-            };
+                .expect("retained lock is never poisoned"),
+            subscription,
+            now,
+        );
+        for delivery in deliveries {
             if mailbox.push(delivery) == Pushed::Dropped {
                 self.metrics
                     .messages_dropped
@@ -482,9 +337,12 @@ impl Broker {
         if message.is_expired(now) {
             return;
         }
-        ROUTE_SCRATCH.with_borrow_mut(|scratch| {
-            self.collect_targets(&message, scratch);
-            for (mailbox, delivery) in scratch.targets.drain(..) {
+        FANOUT.with_borrow_mut(|fanout| {
+            {
+                let router = self.router.read().expect("router lock is never poisoned");
+                fanout.collect(&router, &message, Mailbox::is_online);
+            }
+            for (mailbox, delivery) in fanout.drain() {
                 match mailbox.push(delivery) {
                     Pushed::Queued => {}
                     Pushed::Pressured => pressured.push(mailbox),
@@ -495,89 +353,23 @@ impl Broker {
                     }
                 }
             }
-            scratch.index.clear();
-            // A rare huge fan-out does not keep its buffers for the thread's lifetime.
-            scratch.targets.shrink_to(SCRATCH_KEEP);
-            scratch.index.shrink_to(SCRATCH_KEEP);
+            fanout.trim();
         });
     }
 
-    /// Fills `scratch.targets` with one delivery per session and flow matching `message`.
-    fn collect_targets(&self, message: &Arc<Message>, scratch: &mut RouteScratch) {
-        let RouteScratch { targets, index } = scratch;
-        // Overlapping subscriptions of one session are found by a scan while there are few
-        // targets, by an index once there are many (fan-out).
-        let mut indexed = false;
-        let router = self.router.read().expect("router lock is never poisoned");
-        router.for_each_match(
+    fn store_retained(&self, message: &Message) {
+        let entry = fanout::retained_entry(message);
+        fanout::store_retained(
+            &mut self
+                .retained
+                .lock()
+                .expect("retained lock is never poisoned"),
             &message.topic,
-            |_, route| route.mailbox.is_online(),
-            |(client, flow), route| {
-                // [MQTT-3.8.3-3] No Local.
-                if route.options.no_local && message.publisher.as_deref() == Some(&**client) {
-                    return;
-                }
-                let qos = message.qos.min(route.options.qos);
-                // [MQTT-3.3.1-12, -13] Retain As Published.
-                let retain = route.options.retain_as_published && message.retain;
-                let key = (Arc::as_ptr(&route.mailbox), *flow);
-                let found = if indexed {
-                    index.get(&key).copied()
-                } else {
-                    targets
-                        .iter()
-                        .position(|(m, d)| Arc::as_ptr(m) == key.0 && d.flow == key.1)
-                };
-                match found {
-                    Some(i) => {
-                        let delivery = &mut targets[i].1;
-                        delivery.qos = delivery.qos.max(qos);
-                        delivery.retain |= retain;
-                        delivery.subscription_ids.extend(route.id);
-                    }
-                    None => {
-                        if indexed {
-                            index.insert(key, targets.len());
-                        } else if targets.len() >= 16 {
-                            index.extend(
-                                targets
-                                    .iter()
-                                    .enumerate()
-                                    .map(|(i, (m, d))| ((Arc::as_ptr(m), d.flow), i)),
-                            );
-                            index.insert(key, targets.len());
-                            indexed = true;
-                        }
-                        let delivery = Delivery {
-                            message: Arc::clone(message),
-                            qos,
-                            retain,
-                            subscription_ids: route.id.into_iter().collect(),
-                            flow: *flow,
-                        };
-                        targets.push((Arc::clone(&route.mailbox), delivery));
-                    }
-                }
-            },
+            entry,
         );
     }
 
-    fn store_retained(&self, message: &Arc<Message>) {
-        // [MQTT-3.3.1-6], [MQTT-3.3.1-7]: an empty retained payload clears the topic.
-        // Otherwise the message may be kept for the broker's lifetime: it gets a payload
-        // allocation of its own instead of pinning the read buffer it arrived in.
-        let kept = (!message.payload.is_empty()).then(|| Arc::new(message.detached()));
-        let mut retained = self
-            .retained
-            .lock()
-            .expect("retained lock is never poisoned");
-        match kept {
-            Some(kept) => retained.insert(&message.topic, kept),
-            None => retained.remove(&message.topic),
-        };
-    }
-
-    fn lock_sessions(&self) -> std::sync::MutexGuard<'_, Sessions> {
+    fn lock_sessions(&self) -> std::sync::MutexGuard<'_, Registry<Arc<Mailbox>>> {
         self.sessions
             .lock()
             .expect("sessions lock is never poisoned")
@@ -585,7 +377,7 @@ impl Broker {
 
     /// Number of sessions known (online and offline).
     pub fn session_count(&self) -> usize {
-        self.lock_sessions().slots.len()
+        self.lock_sessions().len()
     }
 
     pub fn retained_count(&self) -> usize {

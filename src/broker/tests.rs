@@ -8,7 +8,7 @@ use bytes::Bytes;
 
 use super::*;
 use crate::codec::Publish;
-use crate::codec::QoS;
+use crate::codec::{QoS, SubscriptionOptions};
 use crate::core::channel::Initiator;
 
 fn broker() -> Broker {

@@ -11,12 +11,15 @@
 //! fixtures, one test per malformed input, and the property-based round trips in
 //! `tests/proptests.rs`).
 
+#![deny(clippy::disallowed_methods, clippy::disallowed_types)]
+
 mod decode;
 mod encode;
 mod model;
 mod properties;
 mod reason;
 #[cfg(test)]
+#[allow(clippy::disallowed_methods)] // tests make up instants from the real clock
 mod tests;
 
 pub use decode::{Codec, DecodeError};

@@ -170,6 +170,8 @@ pub struct Channel {
     actions: VecDeque<Action>,
     session: Option<Session>,
     client_id: Arc<str>,
+    /// The id to give a client that sent none.
+    assignable_id: AssignedClientId,
     assigned_client_id: bool,
     requested_expiry: u32,
     expiry: u32,
@@ -241,7 +243,7 @@ impl AccessCheck {
 }
 
 impl Channel {
-    pub fn new(limits: Arc<Limits>, now: Instant) -> Self {
+    pub fn new(limits: Arc<Limits>, now: Instant, assignable_id: AssignedClientId) -> Self {
         let connect_deadline = now + limits.connect_timeout;
         Self {
             limits,
@@ -251,6 +253,7 @@ impl Channel {
             actions: VecDeque::new(),
             session: None,
             client_id: Arc::from(""),
+            assignable_id,
             assigned_client_id: false,
             requested_expiry: 0,
             expiry: 0,
@@ -648,7 +651,7 @@ impl Channel {
             if !allowed {
                 return self.refuse(ReasonCode::CLIENT_IDENTIFIER_NOT_VALID);
             }
-            client_id = assigned_client_id();
+            client_id = self.assignable_id.to_client_id();
             self.assigned_client_id = true;
         }
         if client_id.len() > limits.max_client_id_len {
@@ -1340,17 +1343,22 @@ fn is_shared(filter: &str) -> bool {
     filter.starts_with("$share/") || filter.starts_with("$queue/")
 }
 
-/// A client id for a v5 client that sent none: unique within this process and hard to guess.
-fn assigned_client_id() -> String {
-    use std::hash::{BuildHasher, Hasher};
-    use std::sync::atomic::{AtomicU64, Ordering};
-    static NEXT: AtomicU64 = AtomicU64::new(1);
-    let n = NEXT.fetch_add(1, Ordering::Relaxed);
-    let mut hasher = std::collections::hash_map::RandomState::new().build_hasher();
-    hasher.write_u64(n);
-    format!("petrel-{:016x}{n:x}", hasher.finish())
+/// The client id a client that sent none is given [MQTT-3.1.3-6]. The shell draws it per
+/// connection (randomness is an input here, like time): `serial` makes it unique within the
+/// process, `secret` hard to guess. It is formatted only when used.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct AssignedClientId {
+    pub secret: u64,
+    pub serial: u64,
+}
+
+impl AssignedClientId {
+    fn to_client_id(self) -> String {
+        format!("petrel-{:016x}{:x}", self.secret, self.serial)
+    }
 }
 
 #[cfg(test)]
 #[path = "channel_tests.rs"]
+#[allow(clippy::disallowed_methods)] // tests make up instants from the real clock
 mod tests;

@@ -21,7 +21,14 @@ impl Harness {
     fn new(limits: Limits) -> Self {
         let now = Instant::now();
         Self {
-            channel: Channel::new(Arc::new(limits), now),
+            channel: Channel::new(
+                Arc::new(limits),
+                now,
+                AssignedClientId {
+                    secret: 0x5eed,
+                    serial: 1,
+                },
+            ),
             now,
             version: ProtocolVersion::V5,
             session: None,

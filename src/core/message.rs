@@ -105,6 +105,7 @@ pub struct Delivery {
 }
 
 #[cfg(test)]
+#[allow(clippy::disallowed_methods)] // tests make up instants from the real clock
 mod tests {
     use super::*;
 

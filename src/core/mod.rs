@@ -8,10 +8,17 @@
 //! - `session`: what survives a reconnect: subscriptions, in-flight and QoS 2 state.
 //! - `channel`: the per-connection protocol state machine (CONNECT to close).
 //! - `timers`: one deadline table for session expiry and delayed wills.
+//! - `registry`: the session table: resume, takeover, clean start, expiry, wills.
+//! - `fanout`: one publish to one delivery per session and flow (merge rules), retained
+//!   messages for a new subscription.
+
+#![deny(clippy::disallowed_methods, clippy::disallowed_types)]
 
 pub mod access;
 pub mod channel;
+pub mod fanout;
 pub mod message;
+pub mod registry;
 pub mod retain;
 pub mod router;
 pub mod session;

@@ -250,6 +250,7 @@ impl<M> RetainedStore<M> {
 }
 
 #[cfg(test)]
+#[allow(clippy::disallowed_methods)] // tests make up instants from the real clock
 mod tests {
     use super::*;
     use crate::core::topic::filter_matches;

@@ -336,6 +336,7 @@ fn visit_node<K, V>(
 }
 
 #[cfg(test)]
+#[allow(clippy::disallowed_methods)] // tests make up instants from the real clock
 mod tests {
     use super::*;
     use crate::core::topic::filter_matches;

@@ -291,6 +291,7 @@ impl Session {
 }
 
 #[cfg(test)]
+#[allow(clippy::disallowed_methods)] // tests make up instants from the real clock
 mod tests {
     use super::*;
     use crate::core::message::Message;

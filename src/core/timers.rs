@@ -85,6 +85,7 @@ impl<K: Clone + Eq + Hash> TimerTable<K> {
 }
 
 #[cfg(test)]
+#[allow(clippy::disallowed_methods)] // tests make up instants from the real clock
 mod tests {
     use super::*;
     use std::time::Duration;

@@ -220,6 +220,7 @@ pub fn filter_matches(filter: &str, topic: &str) -> bool {
 }
 
 #[cfg(test)]
+#[allow(clippy::disallowed_methods)] // tests make up instants from the real clock
 mod tests {
     use super::*;
 
