@@ -8,14 +8,17 @@
 
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
-use std::sync::Arc;
 use std::time::Duration;
 
 use serde::{Deserialize, Deserializer};
 
-use crate::broker::Settings;
-use crate::codec::QoS;
-use crate::core::channel::Limits;
+pub use crate::broker::listener::{ListenerConfig, ListenerKind};
+use crate::broker::listener::{DEFAULT_HANDSHAKE_TIMEOUT, DEFAULT_WS_PATH};
+#[cfg(test)]
+use crate::duration::parse_duration;
+use crate::duration::{deserialize as duration, deserialize_some as some_duration};
+pub use crate::transport::quic::{Congestion, QuicSettings};
+pub use crate::transport::tls::{ClientVerify, PeerCertAsUsername, TlsSettings};
 
 /// The largest packet MQTT can frame: 256 MB.
 pub const MAX_PACKET_SIZE_CEILING: u32 = 268_435_455 + 5;
@@ -42,6 +45,7 @@ pub struct Config {
     pub log: LogSection,
     pub quic: QuicSettings,
     pub auth: crate::auth::AuthSettings,
+    #[serde(deserialize_with = "listeners")]
     pub listeners: Vec<ListenerConfig>,
 }
 
@@ -103,7 +107,7 @@ pub struct MqttSection {
 
 impl Default for MqttSection {
     fn default() -> Self {
-        let limits = Limits::default();
+        let limits = crate::core::channel::Limits::default();
         Self {
             max_packet_size: limits.max_packet_size,
             receive_maximum: limits.receive_maximum,
@@ -138,7 +142,7 @@ pub struct SessionSection {
 
 impl Default for SessionSection {
     fn default() -> Self {
-        let limits = Limits::default();
+        let limits = crate::core::channel::Limits::default();
         Self {
             max_queued: 1000,
             v3_expiry: Duration::from_secs(u64::from(limits.v3_session_expiry)),
@@ -163,187 +167,6 @@ impl Default for LogSection {
 }
 
 /// The transports a listener can serve.
-/// Tuning of every QUIC listener, sized for messaging over lossy links (see
-/// `transport::quic`). Defaults are documented in `petrel.example.toml`.
-#[derive(Debug, Clone, Deserialize)]
-#[serde(deny_unknown_fields, default)]
-pub struct QuicSettings {
-    /// Bytes one stream may have in flight towards the broker.
-    pub stream_receive_window: u64,
-    /// Bytes all streams of a connection may have in flight towards the broker.
-    pub receive_window: u64,
-    /// Bytes the broker keeps unacknowledged towards one client.
-    pub send_window: u64,
-    /// Bidirectional streams a client may have open (control plus data streams).
-    pub max_streams: u32,
-    #[serde(deserialize_with = "duration")]
-    pub initial_rtt: Duration,
-    /// QUIC PINGs from the broker, keeping NAT bindings open ("0s": none).
-    #[serde(deserialize_with = "duration")]
-    pub keep_alive_interval: Duration,
-    /// A connection with no packet from the peer for this long is gone.
-    #[serde(deserialize_with = "duration")]
-    pub idle_timeout: Duration,
-    pub congestion: Congestion,
-    pub mtu_discovery: bool,
-    /// Accept 0-RTT resumption (only replay-safe packets act before the handshake completes).
-    pub zero_rtt: bool,
-    /// Validate client addresses with a Retry round trip before any handshake work.
-    pub retry: bool,
-}
-
-impl Default for QuicSettings {
-    fn default() -> Self {
-        Self {
-            stream_receive_window: 256 * 1024,
-            receive_window: 1024 * 1024,
-            send_window: 1024 * 1024,
-            max_streams: 10,
-            initial_rtt: Duration::from_millis(333),
-            keep_alive_interval: Duration::from_secs(15),
-            idle_timeout: Duration::from_secs(60),
-            congestion: Congestion::Cubic,
-            mtu_discovery: true,
-            zero_rtt: true,
-            retry: false,
-        }
-    }
-}
-
-/// The QUIC congestion controller.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
-#[serde(rename_all = "lowercase")]
-pub enum Congestion {
-    Cubic,
-    NewReno,
-    Bbr,
-}
-
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
-#[serde(rename_all = "lowercase")]
-pub enum ListenerKind {
-    Tcp,
-    Tls,
-    Ws,
-    Wss,
-    /// MQTT over QUIC (UDP), EMQX-compatible.
-    Quic,
-}
-
-impl ListenerKind {
-    /// Every kind, in the order the default configuration starts them.
-    pub const ALL: [ListenerKind; 5] = [Self::Tcp, Self::Tls, Self::Ws, Self::Wss, Self::Quic];
-
-    pub fn as_str(self) -> &'static str {
-        match self {
-            Self::Tcp => "tcp",
-            Self::Tls => "tls",
-            Self::Ws => "ws",
-            Self::Wss => "wss",
-            Self::Quic => "quic",
-        }
-    }
-
-    /// The conventional port for the kind, on every interface (as EMQX).
-    pub fn default_bind(self) -> SocketAddr {
-        let port = match self {
-            Self::Tcp => 1883,
-            Self::Tls => 8883,
-            Self::Ws => 8083,
-            Self::Wss => 8084,
-            Self::Quic => 14567,
-        };
-        SocketAddr::from(([0, 0, 0, 0], port))
-    }
-
-    /// Whether the transport runs over TLS (and so reads `cert` and `key`).
-    pub fn uses_tls(self) -> bool {
-        matches!(self, Self::Tls | Self::Wss | Self::Quic)
-    }
-
-    /// Whether the transport frames MQTT in WebSocket messages (and so reads `path`).
-    pub fn uses_websocket(self) -> bool {
-        matches!(self, Self::Ws | Self::Wss)
-    }
-}
-
-impl std::fmt::Display for ListenerKind {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.write_str(self.as_str())
-    }
-}
-
-/// Whether a TLS listener asks clients for a certificate (mTLS).
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
-#[serde(rename_all = "lowercase")]
-pub enum ClientVerify {
-    /// No client certificate is requested.
-    #[default]
-    None,
-    /// A certificate is requested; clients without one are accepted, a bad one is refused.
-    Optional,
-    /// Clients must present a certificate signed by `client_ca`.
-    Required,
-}
-
-/// Which part of a verified client certificate becomes the MQTT username.
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
-#[serde(rename_all = "lowercase")]
-pub enum PeerCertAsUsername {
-    /// The CONNECT username stands.
-    #[default]
-    None,
-    /// The subject's Common Name.
-    Cn,
-    /// The first DNS Subject Alternative Name.
-    San,
-}
-
-/// TLS settings of a `tls` or `wss` listener.
-#[derive(Debug, Clone, Default, PartialEq, Eq)]
-pub struct TlsSettings {
-    /// Server certificate chain (PEM) and its private key; both `None` means the development
-    /// certificate under `<data_dir>/certs/`, made on first use.
-    pub cert: Option<PathBuf>,
-    pub key: Option<PathBuf>,
-    pub verify: ClientVerify,
-    /// CA certificates (PEM) that sign acceptable client certificates.
-    pub client_ca: Option<PathBuf>,
-    pub peer_cert_as_username: PeerCertAsUsername,
-}
-
-/// The WebSocket path served when none is configured.
-pub const DEFAULT_WS_PATH: &str = "/mqtt";
-/// How long a TLS handshake or WebSocket upgrade may take when not configured.
-pub const DEFAULT_HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
-
-/// One listener, validated: keys that do not apply to its kind were refused when parsing.
-#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
-#[serde(try_from = "ListenerFile")]
-pub struct ListenerConfig {
-    pub kind: ListenerKind,
-    pub bind: SocketAddr,
-    /// Used by `tls` and `wss`.
-    pub tls: TlsSettings,
-    /// The HTTP path of the WebSocket upgrade (`ws` and `wss`).
-    pub path: String,
-    /// A TLS handshake or WebSocket upgrade still unfinished after this long is closed.
-    pub handshake_timeout: Duration,
-}
-
-impl ListenerConfig {
-    /// A listener of `kind` on `bind` with every other setting at its default.
-    pub fn new(kind: ListenerKind, bind: SocketAddr) -> Self {
-        Self {
-            kind,
-            bind,
-            tls: TlsSettings::default(),
-            path: DEFAULT_WS_PATH.to_owned(),
-            handshake_timeout: DEFAULT_HANDSHAKE_TIMEOUT,
-        }
-    }
-}
-
 /// A `[[listeners]]` entry as written in the file.
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -360,10 +183,17 @@ struct ListenerFile {
     handshake_timeout: Option<Duration>,
 }
 
-impl TryFrom<ListenerFile> for ListenerConfig {
-    type Error = String;
+/// `[[listeners]]`, each entry checked by [`listener`].
+fn listeners<'de, D: Deserializer<'de>>(deserializer: D) -> Result<Vec<ListenerConfig>, D::Error> {
+    Vec::<ListenerFile>::deserialize(deserializer)?
+        .into_iter()
+        .map(|file| listener(file).map_err(serde::de::Error::custom))
+        .collect()
+}
 
-    fn try_from(file: ListenerFile) -> Result<Self, String> {
+/// A listener entry, validated: keys that do not apply to its kind are refused.
+fn listener(file: ListenerFile) -> Result<ListenerConfig, String> {
+    {
         let kind = file.kind;
         let tls_keys = [
             ("cert", file.cert.is_some()),
@@ -411,7 +241,7 @@ impl TryFrom<ListenerFile> for ListenerConfig {
         if handshake_timeout.is_zero() {
             return Err("`handshake_timeout` must be more than zero".into());
         }
-        Ok(Self {
+        Ok(ListenerConfig {
             kind,
             bind: file.bind.unwrap_or_else(|| kind.default_bind()),
             tls: TlsSettings {
@@ -570,36 +400,6 @@ impl Config {
             self.listeners = named;
         }
     }
-
-    /// The runtime settings the broker is built from.
-    pub fn settings(&self) -> Settings {
-        let m = &self.mqtt;
-        let secs = |d: Duration| u32::try_from(d.as_secs()).unwrap_or(u32::MAX);
-        let limits = Limits {
-            max_packet_size: m.max_packet_size,
-            receive_maximum: m.receive_maximum,
-            max_inflight: m.max_inflight,
-            topic_alias_maximum: m.topic_alias_maximum,
-            max_keepalive: m.max_keepalive,
-            maximum_qos: QoS::from_u8(m.maximum_qos).unwrap_or(QoS::ExactlyOnce),
-            retain_available: m.retain_available,
-            wildcard_subscription_available: m.wildcard_subscription_available,
-            shared_subscription_available: m.shared_subscription_available,
-            subscription_identifiers_available: m.subscription_identifiers_available,
-            max_topic_levels: m.max_topic_levels,
-            max_client_id_len: m.max_client_id_len,
-            max_subscriptions: m.max_subscriptions,
-            connect_timeout: m.connect_timeout,
-            v3_session_expiry: secs(self.session.v3_expiry),
-            max_session_expiry: secs(self.session.max_expiry),
-        };
-        Settings {
-            limits: Arc::new(limits),
-            max_queued: self.session.max_queued,
-            close_linger: self.broker.close_linger,
-            quic: Arc::new(self.quic.clone()),
-        }
-    }
 }
 
 /// Sets `section.key` from a command-line or environment string: TOML syntax when it parses
@@ -616,52 +416,6 @@ fn set_key(table: &mut toml::Table, section: &str, key: &str, value: &str) {
     if let toml::Value::Table(section) = entry {
         section.insert(key.to_owned(), parsed);
     }
-}
-
-/// Durations as `"500ms"`, `"10s"`, `"5m"`, `"2h"`, `"1d"`, a bare number of seconds, or
-/// `"never"`.
-fn duration<'de, D: Deserializer<'de>>(deserializer: D) -> Result<Duration, D::Error> {
-    #[derive(Deserialize)]
-    #[serde(untagged)]
-    enum Raw {
-        Seconds(u64),
-        Text(String),
-    }
-    match Raw::deserialize(deserializer)? {
-        Raw::Seconds(secs) => Ok(Duration::from_secs(secs)),
-        Raw::Text(text) => parse_duration(&text).map_err(serde::de::Error::custom),
-    }
-}
-
-fn some_duration<'de, D: Deserializer<'de>>(deserializer: D) -> Result<Option<Duration>, D::Error> {
-    duration(deserializer).map(Some)
-}
-
-pub fn parse_duration(text: &str) -> Result<Duration, String> {
-    let text = text.trim();
-    if text == "never" {
-        return Ok(Duration::MAX);
-    }
-    let split = text
-        .find(|c: char| !c.is_ascii_digit())
-        .unwrap_or(text.len());
-    let (digits, unit) = text.split_at(split);
-    let n: u64 = digits
-        .parse()
-        .map_err(|_| format!("`{text}` is not a duration like 10s, 500ms, 5m, 2h"))?;
-    let d = match unit.trim() {
-        "ms" => Duration::from_millis(n),
-        "" | "s" => Duration::from_secs(n),
-        "m" => Duration::from_secs(n * 60),
-        "h" => Duration::from_secs(n * 3600),
-        "d" => Duration::from_secs(n * 86_400),
-        other => {
-            return Err(format!(
-                "unknown duration unit `{other}` in `{text}` (use ms, s, m, h, d)"
-            ))
-        }
-    };
-    Ok(d)
 }
 
 #[cfg(test)]

@@ -10,13 +10,17 @@
 //!   sockets or reads the clock; it carries out what `core` decides.
 //! - [`transport`]: what turns an accepted socket into an MQTT byte stream: TLS (rustls,
 //!   optional mTLS), WebSocket, and the development certificates. No tasks, no clock.
-//! - [`config`]: the TOML file model, overrides, and validated runtime settings.
+//! - [`config`]: the TOML file model: parse, layer (file, environment, `--set`), validate.
+//!   Settings types live with their owners (`transport::tls`, `transport::quic`,
+//!   `broker::listener`, `auth`); `config` re-exports the ones a file names.
+//! - [`server`]: the wiring: validated configuration to each subsystem, listeners bound.
+//! - `duration`: durations in settings (`"10s"`, `"never"`), shared by every settings type.
 //! - [`client`]: the async MQTT client library (every transport by URL, QUIC stream policy,
 //!   reconnect and session resume); its protocol state is sans-IO like `core`.
 //! - [`tools`]: `petrel pub`, `petrel sub` and `petrel bench`, built on `client`.
 //!
-//! Dependency direction: `codec <- core <- broker -> transport`; `config` builds `broker`
-//! settings.
+//! Dependency direction: `codec <- core <- broker -> transport`; `config` reads the settings
+//! types of `broker`, `transport` and `auth`; `server` builds everything from `config`.
 
 pub mod auth;
 pub mod broker;
@@ -24,6 +28,8 @@ pub mod client;
 pub mod codec;
 pub mod config;
 pub mod core;
+pub mod duration;
+pub mod server;
 pub mod tools;
 pub mod transport;
 

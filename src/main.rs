@@ -6,8 +6,8 @@ use std::process::ExitCode;
 
 use anyhow::Context as _;
 use clap::{Parser, Subcommand};
-use petrel::broker::RunningBroker;
 use petrel::config::{Config, ListenerKind};
+use petrel::server::RunningBroker;
 use tracing_subscriber::EnvFilter;
 
 /// Petrel, a QUIC-first MQTT broker (MQTT 3.1, 3.1.1 and 5.0).

@@ -18,8 +18,8 @@ use std::time::Duration;
 
 use anyhow::Context as _;
 use netem::{LinkStats, PacketLink, Profile, Relay};
-use petrel::broker::RunningBroker;
 use petrel::config::Config;
+use petrel::server::RunningBroker;
 
 use super::clients::{self, ClientReport, ClientSpec, QuicCc, Transport, SPEC_VAR};
 

@@ -8,14 +8,99 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::Context as _;
+use serde::Deserialize;
 use tokio::net::{TcpListener, TcpStream};
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
 use super::{connection, Broker};
-use crate::config::{ListenerConfig, ListenerKind};
-use crate::transport::tls::TlsAcceptor;
+use crate::transport::tls::{TlsAcceptor, TlsSettings};
 use crate::transport::ws::WsAcceptor;
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum ListenerKind {
+    Tcp,
+    Tls,
+    Ws,
+    Wss,
+    /// MQTT over QUIC (UDP), EMQX-compatible.
+    Quic,
+}
+
+impl ListenerKind {
+    /// Every kind, in the order the default configuration starts them.
+    pub const ALL: [ListenerKind; 5] = [Self::Tcp, Self::Tls, Self::Ws, Self::Wss, Self::Quic];
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Tcp => "tcp",
+            Self::Tls => "tls",
+            Self::Ws => "ws",
+            Self::Wss => "wss",
+            Self::Quic => "quic",
+        }
+    }
+
+    /// The conventional port for the kind, on every interface (as EMQX).
+    pub fn default_bind(self) -> SocketAddr {
+        let port = match self {
+            Self::Tcp => 1883,
+            Self::Tls => 8883,
+            Self::Ws => 8083,
+            Self::Wss => 8084,
+            Self::Quic => 14567,
+        };
+        SocketAddr::from(([0, 0, 0, 0], port))
+    }
+
+    /// Whether the transport runs over TLS (and so reads `cert` and `key`).
+    pub fn uses_tls(self) -> bool {
+        matches!(self, Self::Tls | Self::Wss | Self::Quic)
+    }
+
+    /// Whether the transport frames MQTT in WebSocket messages (and so reads `path`).
+    pub fn uses_websocket(self) -> bool {
+        matches!(self, Self::Ws | Self::Wss)
+    }
+}
+
+impl std::fmt::Display for ListenerKind {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+/// The WebSocket path served when none is configured.
+pub const DEFAULT_WS_PATH: &str = "/mqtt";
+/// How long a TLS handshake or WebSocket upgrade may take when not configured.
+pub const DEFAULT_HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// One listener, validated: keys that do not apply to its kind were refused when parsing.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ListenerConfig {
+    pub kind: ListenerKind,
+    pub bind: SocketAddr,
+    /// Used by `tls` and `wss`.
+    pub tls: TlsSettings,
+    /// The HTTP path of the WebSocket upgrade (`ws` and `wss`).
+    pub path: String,
+    /// A TLS handshake or WebSocket upgrade still unfinished after this long is closed.
+    pub handshake_timeout: Duration,
+}
+
+impl ListenerConfig {
+    /// A listener of `kind` on `bind` with every other setting at its default.
+    pub fn new(kind: ListenerKind, bind: SocketAddr) -> Self {
+        Self {
+            kind,
+            bind,
+            tls: TlsSettings::default(),
+            path: DEFAULT_WS_PATH.to_owned(),
+            handshake_timeout: DEFAULT_HANDSHAKE_TIMEOUT,
+        }
+    }
+}
 
 /// What a listener does to an accepted socket before MQTT starts.
 #[derive(Clone)]

@@ -21,18 +21,15 @@ pub mod listener;
 pub mod mailbox;
 pub mod quic;
 
-use std::net::SocketAddr;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, RwLock};
 use std::time::{Duration, Instant};
 
 use tokio::sync::{oneshot, Notify};
 use tokio_util::sync::CancellationToken;
-use tokio_util::task::TaskTracker;
 
 use crate::auth::AuthService;
 use crate::codec::ReasonCode;
-use crate::config::{Config, ListenerKind};
 use crate::core::channel::{AssignedClientId, Close, Limits, PendingWill};
 use crate::core::fanout::{self, Fanout, Route, Routes};
 use crate::core::message::{Flow, Message};
@@ -40,8 +37,6 @@ use crate::core::registry::{EndReason, Event, Open, Registry};
 use crate::core::retain::RetainedStore;
 use crate::core::session::{Session, Subscription};
 use crate::core::topic::TopicFilter;
-use crate::transport::certs::DevCerts;
-use anyhow::Context as _;
 use mailbox::{Mailbox, Pushed};
 
 thread_local! {
@@ -75,7 +70,7 @@ pub struct Settings {
     pub max_queued: usize,
     /// How long a closing connection may take to flush before it is dropped.
     pub close_linger: Duration,
-    pub quic: Arc<crate::config::QuicSettings>,
+    pub quic: Arc<crate::transport::quic::QuicSettings>,
 }
 
 pub struct Broker {
@@ -385,100 +380,6 @@ impl Broker {
             .lock()
             .expect("retained lock is never poisoned")
             .len()
-    }
-}
-
-/// The development certificate under `<data_dir>/certs/`, made on first use. Its CA is logged
-/// so that clients can be pointed at it.
-fn dev_certs_in(data_dir: &std::path::Path) -> anyhow::Result<DevCerts> {
-    let dir = data_dir.join("certs");
-    let dev = DevCerts::ensure(&dir).with_context(|| {
-        format!(
-            "cannot set up development certificates in {}",
-            dir.display()
-        )
-    })?;
-    tracing::info!(
-        ca = %dev.ca.display(),
-        "TLS listeners without `cert` use the development certificate; trust this CA in clients"
-    );
-    Ok(dev)
-}
-
-/// A started broker: its listeners' addresses and the handle to stop it.
-pub struct RunningBroker {
-    pub broker: Arc<Broker>,
-    listeners: Vec<(ListenerKind, SocketAddr)>,
-    shutdown: CancellationToken,
-    tracker: TaskTracker,
-}
-
-impl RunningBroker {
-    /// Binds every configured listener and starts serving.
-    pub async fn start(config: &Config) -> anyhow::Result<Self> {
-        let settings = config.settings();
-        let auth = AuthService::load(&config.auth)
-            .map_err(|err| anyhow::anyhow!("authentication: {err}"))?;
-        tracing::info!("authentication: {}", auth.describe());
-        let broker = Arc::new(Broker::new(settings).with_auth(Arc::new(auth)));
-        let shutdown = CancellationToken::new();
-        let tracker = TaskTracker::new();
-        let mut listeners = Vec::new();
-        let mut dev_certs = None;
-        for listener in &config.listeners {
-            let mut listener = listener.clone();
-            if listener.kind.uses_tls() && listener.tls.cert.is_none() {
-                let dev = match &dev_certs {
-                    Some(dev) => dev,
-                    None => dev_certs.insert(dev_certs_in(&config.broker.data_dir)?),
-                };
-                listener.tls.cert = Some(dev.cert.clone());
-                listener.tls.key = Some(dev.key.clone());
-            }
-            match listener::spawn(&broker, &listener, &tracker, &shutdown).await {
-                Ok(addr) => listeners.push((listener.kind, addr)),
-                Err(err) => {
-                    shutdown.cancel();
-                    return Err(err);
-                }
-            }
-        }
-        tracker.spawn(Arc::clone(&broker).run_timers(shutdown.clone()));
-        Ok(Self {
-            broker,
-            listeners,
-            shutdown,
-            tracker,
-        })
-    }
-
-    pub fn listeners(&self) -> &[(ListenerKind, SocketAddr)] {
-        &self.listeners
-    }
-
-    /// The first listener of `kind`.
-    pub fn addr(&self, kind: ListenerKind) -> Option<SocketAddr> {
-        self.listeners
-            .iter()
-            .find(|(k, _)| *k == kind)
-            .map(|(_, a)| *a)
-    }
-
-    pub fn shutdown_token(&self) -> CancellationToken {
-        self.shutdown.clone()
-    }
-
-    /// Stops accepting, tells every client (v5: DISCONNECT 0x8B) and waits for the tasks.
-    pub async fn shutdown(self) {
-        self.shutdown.cancel();
-        self.tracker.close();
-        let linger = self.broker.settings.close_linger + Duration::from_secs(1);
-        if tokio::time::timeout(linger, self.tracker.wait())
-            .await
-            .is_err()
-        {
-            tracing::warn!("some connections did not close in time");
-        }
     }
 }
 

@@ -41,9 +41,9 @@ use tracing::Instrument;
 use super::link::Link;
 use super::{clock, Broker};
 use crate::codec::{Codec, DecodeError, Packet, ProtocolVersion, ReasonCode};
-use crate::config::PeerCertAsUsername;
 use crate::core::message::Flow;
 use crate::transport::tls::peer_username;
+use crate::transport::tls::PeerCertAsUsername;
 
 /// Packets held while the handshake completes; a client sending more in 0-RTT is cut off.
 const MAX_HELD: usize = 1024;

@@ -11,7 +11,7 @@ use bytes::Bytes;
 use super::streams::QuicStreams;
 use super::{ClientError, Message};
 use crate::codec::{Properties, ProtocolVersion};
-use crate::config::QuicSettings;
+use crate::transport::quic::QuicSettings;
 
 /// The transport a URL scheme selects.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]

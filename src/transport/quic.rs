@@ -10,12 +10,70 @@
 
 use std::path::Path;
 use std::sync::Arc;
+use std::time::Duration;
 
 use quinn::congestion::{BbrConfig, CubicConfig, NewRenoConfig};
 use quinn::{IdleTimeout, MtuDiscoveryConfig, ServerConfig, TransportConfig, VarInt};
+use serde::Deserialize;
 
+use super::tls::ClientVerify;
 use super::{certs, tls, TransportError};
-use crate::config::{ClientVerify, Congestion, QuicSettings};
+use crate::duration::deserialize as duration;
+
+/// Tuning of every QUIC listener, sized for messaging over lossy links (see below). Defaults are documented in `petrel.example.toml`.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct QuicSettings {
+    /// Bytes one stream may have in flight towards the broker.
+    pub stream_receive_window: u64,
+    /// Bytes all streams of a connection may have in flight towards the broker.
+    pub receive_window: u64,
+    /// Bytes the broker keeps unacknowledged towards one client.
+    pub send_window: u64,
+    /// Bidirectional streams a client may have open (control plus data streams).
+    pub max_streams: u32,
+    #[serde(deserialize_with = "duration")]
+    pub initial_rtt: Duration,
+    /// QUIC PINGs from the broker, keeping NAT bindings open ("0s": none).
+    #[serde(deserialize_with = "duration")]
+    pub keep_alive_interval: Duration,
+    /// A connection with no packet from the peer for this long is gone.
+    #[serde(deserialize_with = "duration")]
+    pub idle_timeout: Duration,
+    pub congestion: Congestion,
+    pub mtu_discovery: bool,
+    /// Accept 0-RTT resumption (only replay-safe packets act before the handshake completes).
+    pub zero_rtt: bool,
+    /// Validate client addresses with a Retry round trip before any handshake work.
+    pub retry: bool,
+}
+
+impl Default for QuicSettings {
+    fn default() -> Self {
+        Self {
+            stream_receive_window: 256 * 1024,
+            receive_window: 1024 * 1024,
+            send_window: 1024 * 1024,
+            max_streams: 10,
+            initial_rtt: Duration::from_millis(333),
+            keep_alive_interval: Duration::from_secs(15),
+            idle_timeout: Duration::from_secs(60),
+            congestion: Congestion::Cubic,
+            mtu_discovery: true,
+            zero_rtt: true,
+            retry: false,
+        }
+    }
+}
+
+/// The QUIC congestion controller.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Congestion {
+    Cubic,
+    NewReno,
+    Bbr,
+}
 
 /// The ALPN protocol id EMQX and its clients use for MQTT over QUIC.
 pub const ALPN: &[u8] = b"mqtt";

@@ -4,17 +4,56 @@
 //! The provider is passed explicitly to every builder, never taken from a process-wide
 //! default, so the QUIC transport can share the same choice.
 
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
 use rustls::crypto::CryptoProvider;
 use rustls::server::WebPkiClientVerifier;
 use rustls::{RootCertStore, ServerConfig};
+use serde::Deserialize;
 use tokio::io::{AsyncRead, AsyncWrite};
 use tokio_rustls::server::TlsStream;
 
 use super::{certs, x509, TransportError};
-use crate::config::{ClientVerify, PeerCertAsUsername, TlsSettings};
+
+/// Whether a TLS listener asks clients for a certificate (mTLS).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum ClientVerify {
+    /// No client certificate is requested.
+    #[default]
+    None,
+    /// A certificate is requested; clients without one are accepted, a bad one is refused.
+    Optional,
+    /// Clients must present a certificate signed by `client_ca`.
+    Required,
+}
+
+/// Which part of a verified client certificate becomes the MQTT username.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum PeerCertAsUsername {
+    /// The CONNECT username stands.
+    #[default]
+    None,
+    /// The subject's Common Name.
+    Cn,
+    /// The first DNS Subject Alternative Name.
+    San,
+}
+
+/// TLS settings of a `tls` or `wss` listener.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct TlsSettings {
+    /// Server certificate chain (PEM) and its private key; both `None` means the development
+    /// certificate under `<data_dir>/certs/`, made on first use.
+    pub cert: Option<PathBuf>,
+    pub key: Option<PathBuf>,
+    pub verify: ClientVerify,
+    /// CA certificates (PEM) that sign acceptable client certificates.
+    pub client_ca: Option<PathBuf>,
+    pub peer_cert_as_username: PeerCertAsUsername,
+}
 
 /// The one crypto provider of every rustls configuration in Petrel.
 pub fn provider() -> Arc<CryptoProvider> {

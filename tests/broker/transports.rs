@@ -14,9 +14,9 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use bytes::BytesMut;
-use petrel::broker::RunningBroker;
 use petrel::codec::{encode, Codec, Packet, ProtocolVersion};
 use petrel::config::{Config, ListenerKind, MAX_PACKET_SIZE_CEILING};
+use petrel::server::RunningBroker;
 use rustls_pki_types::pem::PemObject as _;
 use rustls_pki_types::{CertificateDer, PrivateKeyDer, ServerName};
 use tokio::io::{AsyncRead, AsyncReadExt as _, AsyncWrite, AsyncWriteExt as _};

@@ -15,12 +15,12 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
 use bytes::{Bytes, BytesMut};
-use petrel::broker::RunningBroker;
 use petrel::codec::{
     encode, Ack, ConnAck, Connect, Disconnect, Packet, Properties, ProtocolVersion, Publish, QoS,
     ReasonCode, SubAck, Subscribe, SubscriptionOptions, Unsubscribe, Will,
 };
 use petrel::config::{Config, ListenerKind};
+use petrel::server::RunningBroker;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 use tokio::sync::mpsc;

@@ -1,0 +1,145 @@
+//! Where the server is wired: from the validated configuration, each subsystem is built from
+//! its own settings type (`broker::Settings` and `core::channel::Limits`, `auth::AuthSettings`,
+//! each listener's `ListenerConfig` with its `transport` settings), the listeners are bound and
+//! the broker's tasks started. `config` only parses, layers and validates; no other module
+//! reads the `Config` as a whole.
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::Context as _;
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+
+use crate::auth::AuthService;
+use crate::broker::listener::ListenerKind;
+use crate::broker::{Broker, Settings};
+use crate::codec::QoS;
+use crate::config::Config;
+use crate::core::channel::Limits;
+use crate::transport::certs::DevCerts;
+
+/// The broker's runtime settings, from the validated configuration.
+fn broker_settings(config: &Config) -> Settings {
+    let m = &config.mqtt;
+    let secs = |d: Duration| u32::try_from(d.as_secs()).unwrap_or(u32::MAX);
+    let limits = Limits {
+        max_packet_size: m.max_packet_size,
+        receive_maximum: m.receive_maximum,
+        max_inflight: m.max_inflight,
+        topic_alias_maximum: m.topic_alias_maximum,
+        max_keepalive: m.max_keepalive,
+        maximum_qos: QoS::from_u8(m.maximum_qos).unwrap_or(QoS::ExactlyOnce),
+        retain_available: m.retain_available,
+        wildcard_subscription_available: m.wildcard_subscription_available,
+        shared_subscription_available: m.shared_subscription_available,
+        subscription_identifiers_available: m.subscription_identifiers_available,
+        max_topic_levels: m.max_topic_levels,
+        max_client_id_len: m.max_client_id_len,
+        max_subscriptions: m.max_subscriptions,
+        connect_timeout: m.connect_timeout,
+        v3_session_expiry: secs(config.session.v3_expiry),
+        max_session_expiry: secs(config.session.max_expiry),
+    };
+    Settings {
+        limits: Arc::new(limits),
+        max_queued: config.session.max_queued,
+        close_linger: config.broker.close_linger,
+        quic: Arc::new(config.quic.clone()),
+    }
+}
+
+/// The development certificate under `<data_dir>/certs/`, made on first use. Its CA is logged
+/// so that clients can be pointed at it.
+fn dev_certs_in(data_dir: &std::path::Path) -> anyhow::Result<DevCerts> {
+    let dir = data_dir.join("certs");
+    let dev = DevCerts::ensure(&dir).with_context(|| {
+        format!(
+            "cannot set up development certificates in {}",
+            dir.display()
+        )
+    })?;
+    tracing::info!(
+        ca = %dev.ca.display(),
+        "TLS listeners without `cert` use the development certificate; trust this CA in clients"
+    );
+    Ok(dev)
+}
+
+/// A started broker: its listeners' addresses and the handle to stop it.
+pub struct RunningBroker {
+    pub broker: Arc<Broker>,
+    listeners: Vec<(ListenerKind, SocketAddr)>,
+    shutdown: CancellationToken,
+    tracker: TaskTracker,
+}
+
+impl RunningBroker {
+    /// Binds every configured listener and starts serving.
+    pub async fn start(config: &Config) -> anyhow::Result<Self> {
+        let settings = broker_settings(config);
+        let auth = AuthService::load(&config.auth)
+            .map_err(|err| anyhow::anyhow!("authentication: {err}"))?;
+        tracing::info!("authentication: {}", auth.describe());
+        let broker = Arc::new(Broker::new(settings).with_auth(Arc::new(auth)));
+        let shutdown = CancellationToken::new();
+        let tracker = TaskTracker::new();
+        let mut listeners = Vec::new();
+        let mut dev_certs = None;
+        for listener in &config.listeners {
+            let mut listener = listener.clone();
+            if listener.kind.uses_tls() && listener.tls.cert.is_none() {
+                let dev = match &dev_certs {
+                    Some(dev) => dev,
+                    None => dev_certs.insert(dev_certs_in(&config.broker.data_dir)?),
+                };
+                listener.tls.cert = Some(dev.cert.clone());
+                listener.tls.key = Some(dev.key.clone());
+            }
+            match crate::broker::listener::spawn(&broker, &listener, &tracker, &shutdown).await {
+                Ok(addr) => listeners.push((listener.kind, addr)),
+                Err(err) => {
+                    shutdown.cancel();
+                    return Err(err);
+                }
+            }
+        }
+        tracker.spawn(Arc::clone(&broker).run_timers(shutdown.clone()));
+        Ok(Self {
+            broker,
+            listeners,
+            shutdown,
+            tracker,
+        })
+    }
+
+    pub fn listeners(&self) -> &[(ListenerKind, SocketAddr)] {
+        &self.listeners
+    }
+
+    /// The first listener of `kind`.
+    pub fn addr(&self, kind: ListenerKind) -> Option<SocketAddr> {
+        self.listeners
+            .iter()
+            .find(|(k, _)| *k == kind)
+            .map(|(_, a)| *a)
+    }
+
+    pub fn shutdown_token(&self) -> CancellationToken {
+        self.shutdown.clone()
+    }
+
+    /// Stops accepting, tells every client (v5: DISCONNECT 0x8B) and waits for the tasks.
+    pub async fn shutdown(self) {
+        self.shutdown.cancel();
+        self.tracker.close();
+        let linger = self.broker.settings().close_linger + Duration::from_secs(1);
+        if tokio::time::timeout(linger, self.tracker.wait())
+            .await
+            .is_err()
+        {
+            tracing::warn!("some connections did not close in time");
+        }
+    }
+}
