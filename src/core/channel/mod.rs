@@ -1,0 +1,565 @@
+//! The per-connection MQTT protocol state machine, from the first byte to the close.
+//!
+//! A `Channel` takes decoded packets, decode errors, deliveries and timeouts, each with `now`,
+//! and produces encoded bytes to write (`out`) and [`Action`]s for the broker shell: find the
+//! session for a CONNECT, route a message, (un)subscribe in the router, close. It owns the
+//! connection-scoped state (keep-alive, topic aliases, the peer's limits) and, once accepted,
+//! the client's [`Session`]. It never touches sockets, tasks or the clock.
+//!
+//! Contract for the driver: after every input, drain `poll_action` until `None`, write `out`,
+//! and re-arm one timer to `poll_timeout`. Deliveries are offered only while `can_deliver`.
+//!
+//! This file holds the state, the dispatch of inputs, timers and the close; each concern's
+//! handlers are an `impl Channel` of their own: `connect` (CONNECT to CONNACK, identity and
+//! permissions), `publish` (inbound PUBLISH and its handshakes), `subscribe`, `deliver`
+//! (outbound PUBLISH) and `flows` (QUIC data streams).
+
+use std::collections::{HashMap, VecDeque};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use bytes::{Bytes, BytesMut};
+
+use crate::codec::{
+    self, Ack, ConnAck, Connect, DecodeError, Disconnect, Packet, Properties, ProtocolVersion,
+    Publish, PublishRef, QoS, ReasonCode, SubAck, Subscribe, SubscriptionOptions, UnsubAck,
+    Unsubscribe,
+};
+use crate::core::access::{Access, Authorizer};
+use crate::core::message::{Delivery, Flow, Message};
+use crate::core::session::{Outgoing, Session, Subscription};
+use crate::core::topic::{validate_topic_name, TopicFilter};
+
+mod connect;
+mod deliver;
+mod flows;
+mod publish;
+mod subscribe;
+
+use connect::AccessCheck;
+pub use connect::AssignedClientId;
+use flows::flow_out;
+
+/// Broker-wide protocol limits and capabilities, announced in CONNACK and enforced here.
+#[derive(Debug, Clone)]
+pub struct Limits {
+    pub max_packet_size: u32,
+    /// Our Receive Maximum: inbound QoS 2 messages awaiting PUBREL per connection.
+    pub receive_maximum: u16,
+    /// Cap on outgoing unacknowledged QoS 1/2 messages, whatever the client allows.
+    pub max_inflight: u16,
+    pub topic_alias_maximum: u16,
+    /// Server Keep Alive ceiling in seconds (0: no ceiling).
+    pub max_keepalive: u16,
+    pub maximum_qos: QoS,
+    pub retain_available: bool,
+    pub wildcard_subscription_available: bool,
+    pub shared_subscription_available: bool,
+    pub subscription_identifiers_available: bool,
+    /// Topic levels allowed in names and filters (0: no limit).
+    pub max_topic_levels: usize,
+    pub max_client_id_len: usize,
+    /// Subscriptions per session (0: no limit).
+    pub max_subscriptions: usize,
+    pub connect_timeout: Duration,
+    /// Session expiry given to 3.1 / 3.1.1 clients that connect with clean session 0.
+    pub v3_session_expiry: u32,
+    /// Ceiling on the Session Expiry Interval a v5 client may ask for.
+    pub max_session_expiry: u32,
+}
+
+impl Default for Limits {
+    fn default() -> Self {
+        Self {
+            max_packet_size: 1024 * 1024,
+            receive_maximum: 100,
+            max_inflight: 128,
+            topic_alias_maximum: 65535,
+            max_keepalive: 65535,
+            maximum_qos: QoS::ExactlyOnce,
+            retain_available: true,
+            wildcard_subscription_available: true,
+            shared_subscription_available: true,
+            subscription_identifiers_available: true,
+            max_topic_levels: 128,
+            max_client_id_len: 65535,
+            max_subscriptions: 0,
+            connect_timeout: Duration::from_secs(10),
+            v3_session_expiry: 2 * 60 * 60,
+            max_session_expiry: u32::MAX,
+        }
+    }
+}
+
+/// Who ended a connection (for logs and metrics).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Initiator {
+    Client,
+    Broker,
+    Transport,
+}
+
+/// A will message waiting for its connection to end abnormally.
+#[derive(Debug, Clone)]
+pub struct PendingWill {
+    /// The will as it will be routed; its `expires_at` is set only when it is published.
+    pub message: Message,
+    /// Will Delay Interval in seconds (0: publish at once).
+    pub delay: u32,
+    /// The will's Message Expiry Interval, which runs from publication, not from CONNECT
+    /// [MQTT-3.1.3-9: "sent as the Publication Expiry Interval when the Server publishes"].
+    pub expiry_interval: Option<u32>,
+}
+
+impl PendingWill {
+    /// The message to route when the will is published at `now`.
+    pub fn into_message(self, now: Instant) -> Message {
+        let mut message = self.message;
+        message.expires_at = self
+            .expiry_interval
+            .map(|secs| now + Duration::from_secs(u64::from(secs)));
+        message
+    }
+}
+
+#[derive(Debug)]
+pub struct Close {
+    pub reason: ReasonCode,
+    pub initiator: Initiator,
+    /// The will to publish (after its delay), when the close calls for it.
+    pub will: Option<PendingWill>,
+    /// The session, when one was accepted: the shell keeps it offline or discards it.
+    pub session: Option<Session>,
+}
+
+/// What the broker shell must do on the channel's behalf.
+#[derive(Debug)]
+pub enum Action {
+    /// CONNECT passed validation: take over or create the session, then call
+    /// [`Channel::accept`] (or [`Channel::reject`]).
+    Connect {
+        client_id: Arc<str>,
+        clean_start: bool,
+    },
+    Route(Arc<Message>),
+    Subscribe {
+        subscription: Subscription,
+        send_retained: bool,
+    },
+    /// Remove the router's mirror of the session's subscription on `flow`.
+    Unsubscribe {
+        filter: TopicFilter,
+        flow: Flow,
+    },
+    /// A data flow's stream must be closed (malformed input or a packet not allowed there);
+    /// the connection lives on.
+    CloseFlow(Flow),
+    Close(Box<Close>),
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum State {
+    AwaitConnect,
+    AwaitSession,
+    Connected,
+    Closed,
+}
+
+/// Stop accepting deliveries while this many encoded bytes wait for the socket.
+const OUT_HIGH_WATER: usize = 256 * 1024;
+
+/// A connection's topic aliases ([MQTT-3.3.2-7]: they last as long as the connection).
+#[derive(Debug, Default)]
+struct Aliases {
+    /// Set by the client's PUBLISHes.
+    inbound: HashMap<u16, String>,
+    /// Set by ours, up to the client's Topic Alias Maximum.
+    outbound: HashMap<String, u16>,
+}
+
+pub struct Channel {
+    limits: Arc<Limits>,
+    state: State,
+    version: ProtocolVersion,
+    out: BytesMut,
+    actions: VecDeque<Action>,
+    session: Option<Session>,
+    client_id: Arc<str>,
+    /// The id to give a client that sent none.
+    assignable_id: AssignedClientId,
+    assigned_client_id: bool,
+    requested_expiry: u32,
+    expiry: u32,
+    /// Keep-alive as negotiated, in seconds (0: none).
+    keep_alive: u16,
+    server_keep_alive: Option<u16>,
+    last_rx: Instant,
+    connect_deadline: Instant,
+    peer_receive_maximum: u16,
+    peer_max_packet_size: u32,
+    peer_topic_alias_maximum: u16,
+    /// Topic aliases in both directions; boxed, as most clients use none.
+    aliases: Option<Box<Aliases>>,
+    /// Boxed: most connections have none, and the channel lives as long as they do.
+    will: Option<Box<PendingWill>>,
+    /// Open data flows with their pending output (QUIC multi-stream only).
+    flows: Vec<(Flow, BytesMut)>,
+    /// The flow of the packet being handled: replies go back on it.
+    input_flow: Flow,
+    /// The connection's username: CONNECT's, unless the transport vouched for an identity
+    /// (a verified client certificate), which wins.
+    username: Option<String>,
+    username_from_transport: bool,
+    /// CONNECT's password, until the shell takes it to authenticate.
+    password: Option<Bytes>,
+    /// Topic permissions, when the shell set an authorizer (none: everything allowed).
+    access: Option<Box<AccessCheck>>,
+    /// Deliveries dropped because they were expired or too large for the client.
+    pub dropped: u64,
+    /// Publishes, subscriptions and deliveries the authorizer refused.
+    pub denied: u64,
+}
+
+impl Channel {
+    pub fn new(limits: Arc<Limits>, now: Instant, assignable_id: AssignedClientId) -> Self {
+        let connect_deadline = now + limits.connect_timeout;
+        Self {
+            limits,
+            state: State::AwaitConnect,
+            version: ProtocolVersion::V311,
+            out: BytesMut::new(),
+            actions: VecDeque::new(),
+            session: None,
+            client_id: Arc::from(""),
+            assignable_id,
+            assigned_client_id: false,
+            requested_expiry: 0,
+            expiry: 0,
+            keep_alive: 0,
+            server_keep_alive: None,
+            last_rx: now,
+            connect_deadline,
+            peer_receive_maximum: u16::MAX,
+            peer_max_packet_size: u32::MAX,
+            peer_topic_alias_maximum: 0,
+            aliases: None,
+            will: None,
+            flows: Vec::new(),
+            input_flow: Flow::CONTROL,
+            username_from_transport: false,
+            username: None,
+            password: None,
+            access: None,
+            dropped: 0,
+            denied: 0,
+        }
+    }
+
+    pub fn version(&self) -> ProtocolVersion {
+        self.version
+    }
+
+    pub fn client_id(&self) -> &Arc<str> {
+        &self.client_id
+    }
+
+    pub fn is_closed(&self) -> bool {
+        self.state == State::Closed
+    }
+
+    pub fn is_connected(&self) -> bool {
+        self.state == State::Connected
+    }
+
+    /// Encoded bytes waiting to be written; the driver writes and clears (or advances) them.
+    pub fn out(&mut self) -> &mut BytesMut {
+        &mut self.out
+    }
+
+    pub fn poll_action(&mut self) -> Option<Action> {
+        self.actions.pop_front()
+    }
+
+    /// Gives back the memory that empty buffers and queues still hold, for a connection gone
+    /// quiet (an idle connection should cost its state, not its last burst's buffers).
+    pub fn trim(&mut self) {
+        if self.out.is_empty() && self.out.capacity() > 0 {
+            self.out = BytesMut::new();
+        }
+        if self.actions.is_empty() && self.actions.capacity() > 0 {
+            self.actions = VecDeque::new();
+        }
+        if let Some(session) = &mut self.session {
+            session.trim();
+        }
+    }
+
+    /// The next instant at which `handle_timeout` must be called.
+    pub fn poll_timeout(&self) -> Option<Instant> {
+        match self.state {
+            State::AwaitConnect | State::AwaitSession => Some(self.connect_deadline),
+            State::Connected if self.keep_alive > 0 => {
+                // [MQTT-3.1.2-24]: one and a half times the keep-alive.
+                Some(self.last_rx + Duration::from_millis(u64::from(self.keep_alive) * 1500))
+            }
+            _ => None,
+        }
+    }
+
+    pub fn handle_timeout(&mut self, now: Instant) {
+        match self.state {
+            State::AwaitConnect | State::AwaitSession if now >= self.connect_deadline => {
+                self.close(
+                    ReasonCode::MAXIMUM_CONNECT_TIME,
+                    Initiator::Broker,
+                    false,
+                    false,
+                );
+            }
+            State::Connected if self.poll_timeout().is_some_and(|deadline| now >= deadline) => {
+                self.close(
+                    ReasonCode::KEEP_ALIVE_TIMEOUT,
+                    Initiator::Broker,
+                    true,
+                    true,
+                );
+            }
+            _ => {}
+        }
+    }
+
+    /// The peer closed the stream or it failed: an abnormal end unless DISCONNECT came first.
+    pub fn handle_transport_closed(&mut self) {
+        if self.state != State::Closed {
+            self.close(
+                ReasonCode::UNSPECIFIED_ERROR,
+                Initiator::Transport,
+                false,
+                true,
+            );
+        }
+    }
+
+    /// The broker is stopping: v5 clients hear "Server shutting down"; no will is published.
+    pub fn handle_shutdown(&mut self) {
+        if self.state != State::Closed {
+            self.close(
+                ReasonCode::SERVER_SHUTTING_DOWN,
+                Initiator::Broker,
+                true,
+                false,
+            );
+        }
+    }
+
+    /// Another connection claimed this client id [MQTT-3.1.4-3].
+    pub fn handle_takeover(&mut self) {
+        if self.state != State::Closed {
+            self.close(
+                ReasonCode::SESSION_TAKEN_OVER,
+                Initiator::Broker,
+                true,
+                true,
+            );
+        }
+    }
+
+    pub fn handle_decode_error(&mut self, err: &DecodeError) {
+        match (self.state, err) {
+            (State::Closed, _) => {}
+            (State::AwaitConnect, DecodeError::UnsupportedProtocol { .. }) => {
+                // Answered in the 3.1.1 form (return code 1): a client of an unknown level
+                // cannot read a v5 CONNACK [MQTT-3.1.2-2].
+                self.version = ProtocolVersion::V311;
+                self.send(&Packet::ConnAck(ConnAck {
+                    session_present: false,
+                    code: ReasonCode::UNSUPPORTED_PROTOCOL_VERSION,
+                    properties: Properties::default(),
+                }));
+                self.close(err.reason_code(), Initiator::Client, false, false);
+            }
+            (State::AwaitConnect, _) => {
+                self.close(err.reason_code(), Initiator::Client, false, false)
+            }
+            _ => self.close(err.reason_code(), Initiator::Client, true, true),
+        }
+    }
+
+    /// A packet on the control flow (the only flow of TCP, TLS and WebSocket connections).
+    pub fn handle_packet(&mut self, now: Instant, packet: Packet) {
+        self.handle_flow_packet(now, Flow::CONTROL, packet);
+    }
+
+    /// A packet on `flow`. Data flows carry only PUBLISH, its acks, SUBSCRIBE and UNSUBSCRIBE
+    /// (the EMQX mapping); anything else closes that flow alone, except PINGREQ, which counts
+    /// as traffic but gets no answer there.
+    pub fn handle_flow_packet(&mut self, now: Instant, flow: Flow, packet: Packet) {
+        if !flow.is_control() {
+            if self.state != State::Connected {
+                // The driver must hold data flows until CONNACK; one that did not is dropped.
+                self.actions.push_back(Action::CloseFlow(flow));
+                return;
+            }
+            let allowed = matches!(
+                packet,
+                Packet::Publish(_)
+                    | Packet::PubAck(_)
+                    | Packet::PubRec(_)
+                    | Packet::PubRel(_)
+                    | Packet::PubComp(_)
+                    | Packet::Subscribe(_)
+                    | Packet::Unsubscribe(_)
+                    | Packet::PingReq
+            );
+            if !allowed {
+                self.actions.push_back(Action::CloseFlow(flow));
+                self.handle_flow_closed(now, flow);
+                return;
+            }
+            self.last_rx = now;
+            if matches!(packet, Packet::PingReq) {
+                return;
+            }
+            self.input_flow = flow;
+            self.handle_connected(now, packet);
+            self.input_flow = Flow::CONTROL;
+            return;
+        }
+        match self.state {
+            State::AwaitConnect => match packet {
+                Packet::Connect(connect) => self.handle_connect(now, *connect),
+                // [MQTT-3.1.0-1] the first packet must be CONNECT.
+                _ => self.close(ReasonCode::PROTOCOL_ERROR, Initiator::Client, false, false),
+            },
+            // Nothing may follow CONNECT before CONNACK is sent; the driver holds input
+            // while the session is being fetched, so anything here is a protocol error.
+            State::AwaitSession => {
+                self.close(ReasonCode::PROTOCOL_ERROR, Initiator::Client, false, true)
+            }
+            State::Connected => {
+                self.last_rx = now;
+                self.handle_connected(now, packet);
+            }
+            State::Closed => {}
+        }
+    }
+
+    fn handle_connected(&mut self, now: Instant, packet: Packet) {
+        match packet {
+            Packet::Publish(publish) => self.handle_publish(now, publish),
+            Packet::PubAck(ack) => {
+                if let Some(session) = self.session.as_mut() {
+                    session.complete(ack.packet_id, false);
+                }
+            }
+            Packet::PubRec(ack) => self.handle_pubrec(ack),
+            Packet::PubRel(ack) => {
+                let key = (self.input_flow, ack.packet_id);
+                let known = self
+                    .session
+                    .as_mut()
+                    .is_some_and(|s| s.awaiting_release.remove(&key));
+                let reason = if known {
+                    ReasonCode::SUCCESS
+                } else {
+                    ReasonCode::PACKET_IDENTIFIER_NOT_FOUND
+                };
+                self.reply(&Packet::PubComp(Ack::new(ack.packet_id, reason)));
+            }
+            Packet::PubComp(ack) => {
+                if let Some(session) = self.session.as_mut() {
+                    session.complete(ack.packet_id, true);
+                }
+            }
+            Packet::Subscribe(subscribe) => self.handle_subscribe(subscribe),
+            Packet::Unsubscribe(unsubscribe) => self.handle_unsubscribe(unsubscribe),
+            Packet::PingReq => self.send(&Packet::PingResp),
+            Packet::Disconnect(disconnect) => self.handle_disconnect(disconnect),
+            // Enhanced authentication is not offered, so AUTH is unexpected [MQTT-4.12.0-1];
+            // a second CONNECT is a protocol error [MQTT-3.1.0-2]; the rest only servers send.
+            Packet::Auth(_)
+            | Packet::Connect(_)
+            | Packet::ConnAck(_)
+            | Packet::SubAck(_)
+            | Packet::UnsubAck(_)
+            | Packet::PingResp => self.protocol_error(ReasonCode::PROTOCOL_ERROR),
+        }
+    }
+
+    fn handle_disconnect(&mut self, disconnect: Disconnect) {
+        if let Some(expiry) = disconnect.properties.session_expiry_interval {
+            // [MQTT-3.14.2-2]: a session that was to end with the connection cannot be
+            // extended at DISCONNECT.
+            if self.requested_expiry == 0 && expiry != 0 {
+                return self.protocol_error(ReasonCode::PROTOCOL_ERROR);
+            }
+            self.expiry = expiry.min(self.limits.max_session_expiry);
+            if let Some(session) = self.session.as_mut() {
+                session.expiry_interval = self.expiry;
+            }
+        }
+        // [MQTT-3.14.4-3]: a normal DISCONNECT discards the will; 0x04 keeps it.
+        let keep_will = disconnect.reason == ReasonCode::DISCONNECT_WITH_WILL;
+        self.close(disconnect.reason, Initiator::Client, false, keep_will);
+    }
+
+    fn protocol_error(&mut self, reason: ReasonCode) {
+        self.close(reason, Initiator::Client, true, true);
+    }
+
+    fn close(
+        &mut self,
+        reason: ReasonCode,
+        initiator: Initiator,
+        send_disconnect: bool,
+        publish_will: bool,
+    ) {
+        if self.state == State::Closed {
+            return;
+        }
+        if send_disconnect && self.state == State::Connected && self.version.is_v5() {
+            self.send(&Packet::Disconnect(Disconnect::new(reason)));
+        }
+        self.state = State::Closed;
+        let will = if publish_will {
+            self.will.take().map(|w| *w)
+        } else {
+            None
+        };
+        self.will = None;
+        let session = self.session.take();
+        self.actions.push_back(Action::Close(Box::new(Close {
+            reason,
+            initiator,
+            will,
+            session,
+        })));
+    }
+
+    /// Answers on the flow of the packet being handled.
+    fn reply(&mut self, packet: &Packet) {
+        self.send_on(self.input_flow, packet);
+    }
+
+    /// Encodes onto `flow`'s output, or the control flow's if `flow` is not open.
+    fn send_on(&mut self, flow: Flow, packet: &Packet) {
+        let version = self.version;
+        codec::encode(
+            packet,
+            version,
+            flow_out(&mut self.flows, &mut self.out, flow),
+        );
+    }
+
+    fn is_open(&self, flow: Flow) -> bool {
+        flow.is_control() || self.flows.iter().any(|(f, _)| *f == flow)
+    }
+
+    fn send(&mut self, packet: &Packet) {
+        codec::encode(packet, self.version, &mut self.out);
+    }
+}
+
+#[cfg(test)]
+#[allow(clippy::disallowed_methods)] // tests make up instants from the real clock
+mod tests;

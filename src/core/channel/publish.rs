@@ -1,0 +1,110 @@
+//! Inbound PUBLISH and its QoS handshakes: topic aliases, validation, permissions, QoS 2
+//! deduplication under our Receive Maximum, routing.
+
+use super::*;
+
+impl Channel {
+    pub(super) fn handle_publish(&mut self, now: Instant, mut publish: Publish) {
+        let limits = Arc::clone(&self.limits);
+        if publish.qos > limits.maximum_qos {
+            return self.protocol_error(ReasonCode::QOS_NOT_SUPPORTED);
+        }
+        if publish.retain && !limits.retain_available {
+            return self.protocol_error(ReasonCode::RETAIN_NOT_SUPPORTED);
+        }
+        // [MQTT-3.3.4-6]: only the server sends subscription identifiers.
+        if !publish.properties.subscription_identifiers.is_empty() {
+            return self.protocol_error(ReasonCode::PROTOCOL_ERROR);
+        }
+        let alias = publish
+            .properties
+            .get_mut()
+            .and_then(|set| set.topic_alias.take());
+        if let Some(alias) = alias {
+            // [MQTT-3.3.2-8], [MQTT-3.3.2-9]
+            if alias == 0 || alias > limits.topic_alias_maximum {
+                return self.protocol_error(ReasonCode::TOPIC_ALIAS_INVALID);
+            }
+            if publish.topic.is_empty() {
+                match self.aliases.as_ref().and_then(|a| a.inbound.get(&alias)) {
+                    Some(topic) => publish.topic.clone_from(topic),
+                    None => return self.protocol_error(ReasonCode::TOPIC_ALIAS_INVALID),
+                }
+            } else {
+                self.aliases
+                    .get_or_insert_with(Box::default)
+                    .inbound
+                    .insert(alias, publish.topic.clone());
+            }
+        } else if publish.topic.is_empty() {
+            return self.protocol_error(ReasonCode::PROTOCOL_ERROR);
+        }
+        if validate_topic_name(&publish.topic, limits.max_topic_levels).is_err() {
+            return self.protocol_error(ReasonCode::TOPIC_NAME_INVALID);
+        }
+
+        let mut refused = None;
+        if publish.properties.payload_format_indicator == Some(1)
+            && std::str::from_utf8(&publish.payload).is_err()
+        {
+            refused = Some(ReasonCode::PAYLOAD_FORMAT_INVALID);
+        } else if publish.topic.starts_with("$SYS/") || publish.topic == "$SYS" {
+            // $SYS belongs to the broker: clients cannot inject into it.
+            refused = Some(ReasonCode::NOT_AUTHORIZED);
+        } else if !self.allowed(Access::Publish, &publish.topic) {
+            // MQTT 5 hears 0x87; 3.1.1 has no negative ack, so the message is acknowledged
+            // and dropped, as Mosquitto does.
+            self.denied += 1;
+            refused = Some(ReasonCode::NOT_AUTHORIZED);
+        }
+
+        let id = publish.packet_id.unwrap_or(0);
+        match publish.qos {
+            QoS::AtMostOnce => {}
+            QoS::AtLeastOnce => {
+                let reason = refused.unwrap_or(ReasonCode::SUCCESS);
+                self.reply(&Packet::PubAck(Ack::new(id, reason)));
+            }
+            QoS::ExactlyOnce => {
+                let Some(session) = self.session.as_mut() else {
+                    return;
+                };
+                let key = (self.input_flow, id);
+                if session.awaiting_release.contains(&key) {
+                    // A resend of a message we already have [MQTT-4.3.3-9]: acknowledge again,
+                    // never route twice.
+                    self.reply(&Packet::PubRec(Ack::new(id, ReasonCode::SUCCESS)));
+                    return;
+                }
+                if refused.is_none() {
+                    if session.awaiting_release.len() >= usize::from(limits.receive_maximum) {
+                        return self.protocol_error(ReasonCode::RECEIVE_MAXIMUM_EXCEEDED);
+                    }
+                    session.awaiting_release.insert(key);
+                }
+                let reason = refused.unwrap_or(ReasonCode::SUCCESS);
+                self.reply(&Packet::PubRec(Ack::new(id, reason)));
+            }
+        }
+        if refused.is_none() {
+            let message = Message::from_publish(publish, Some(Arc::clone(&self.client_id)), now);
+            self.actions.push_back(Action::Route(Arc::new(message)));
+        }
+    }
+
+    pub(super) fn handle_pubrec(&mut self, ack: Ack) {
+        let Some(session) = self.session.as_mut() else {
+            return;
+        };
+        if ack.reason.is_failure() {
+            session.abandon(ack.packet_id);
+            return;
+        }
+        let reason = if session.received(ack.packet_id).is_some() {
+            ReasonCode::SUCCESS
+        } else {
+            ReasonCode::PACKET_IDENTIFIER_NOT_FOUND
+        };
+        self.reply(&Packet::PubRel(Ack::new(ack.packet_id, reason)));
+    }
+}

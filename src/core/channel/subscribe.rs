@@ -1,0 +1,132 @@
+//! SUBSCRIBE and UNSUBSCRIBE: filter validation, capabilities, permissions, granted QoS,
+//! the retained-message rules of each subscription.
+
+use super::*;
+
+pub(super) fn is_shared(filter: &str) -> bool {
+    filter.starts_with("$share/") || filter.starts_with("$queue/")
+}
+
+impl Channel {
+    pub(super) fn handle_subscribe(&mut self, subscribe: Subscribe) {
+        let limits = Arc::clone(&self.limits);
+        let id = subscribe
+            .properties
+            .subscription_identifiers
+            .first()
+            .copied();
+        if id.is_some() && !limits.subscription_identifiers_available {
+            return self.protocol_error(ReasonCode::SUBSCRIPTION_IDENTIFIERS_NOT_SUPPORTED);
+        }
+        // [MQTT-3.8.3-4]: No Local on a shared subscription is a protocol error.
+        if subscribe
+            .filters
+            .iter()
+            .any(|(f, o)| o.no_local && is_shared(f))
+        {
+            return self.protocol_error(ReasonCode::PROTOCOL_ERROR);
+        }
+        let mut reasons = Vec::with_capacity(subscribe.filters.len());
+        for (raw, options) in subscribe.filters {
+            let reason = self.subscribe_one(&raw, options, id, &limits);
+            reasons.push(reason);
+        }
+        self.reply(&Packet::SubAck(SubAck {
+            packet_id: subscribe.packet_id,
+            properties: Properties::default(),
+            reasons,
+        }));
+    }
+
+    pub(super) fn subscribe_one(
+        &mut self,
+        raw: &str,
+        options: SubscriptionOptions,
+        id: Option<u32>,
+        limits: &Limits,
+    ) -> ReasonCode {
+        let Ok(filter) = TopicFilter::parse(raw, limits.max_topic_levels) else {
+            return ReasonCode::TOPIC_FILTER_INVALID;
+        };
+        if filter.share_group().is_some() && !limits.shared_subscription_available {
+            return ReasonCode::SHARED_SUBSCRIPTIONS_NOT_SUPPORTED;
+        }
+        if filter.has_wildcards() && !limits.wildcard_subscription_available {
+            return ReasonCode::WILDCARD_SUBSCRIPTIONS_NOT_SUPPORTED;
+        }
+        if !self.allowed(Access::Subscribe, filter.filter()) {
+            self.denied += 1;
+            return ReasonCode::NOT_AUTHORIZED;
+        }
+        let Some(session) = self.session.as_mut() else {
+            return ReasonCode::UNSPECIFIED_ERROR;
+        };
+        let flow = self.input_flow;
+        let is_new = !session
+            .subscriptions
+            .contains_key(&(flow, filter.as_str().to_owned()));
+        if is_new
+            && limits.max_subscriptions > 0
+            && session.subscriptions.len() >= limits.max_subscriptions
+        {
+            return ReasonCode::QUOTA_EXCEEDED;
+        }
+        let granted = options.qos.min(limits.maximum_qos);
+        let subscription = Subscription {
+            filter,
+            options: SubscriptionOptions {
+                qos: granted,
+                ..options
+            },
+            id,
+            flow,
+        };
+        session.subscribe(subscription.clone());
+        // Retain Handling [MQTT-3.3.1-9, -10, -11]; shared subscriptions get no retained
+        // messages on subscribe [MQTT-4.8.2-?] (as EMQX and Mosquitto do).
+        let send_retained = subscription.filter.share_group().is_none()
+            && match options.retain_handling {
+                0 => true,
+                1 => is_new,
+                _ => false,
+            };
+        self.actions.push_back(Action::Subscribe {
+            subscription,
+            send_retained,
+        });
+        ReasonCode(granted as u8)
+    }
+
+    pub(super) fn handle_unsubscribe(&mut self, unsubscribe: Unsubscribe) {
+        let mut reasons = Vec::with_capacity(unsubscribe.filters.len());
+        for raw in unsubscribe.filters {
+            let flow = self.input_flow;
+            let removed = self
+                .session
+                .as_mut()
+                .and_then(|s| s.unsubscribe(flow, &raw));
+            let reason = match removed {
+                Some(subscription) => {
+                    self.actions.push_back(Action::Unsubscribe {
+                        filter: subscription.filter,
+                        flow,
+                    });
+                    ReasonCode::SUCCESS
+                }
+                None if TopicFilter::parse(&raw, self.limits.max_topic_levels).is_err() => {
+                    ReasonCode::TOPIC_FILTER_INVALID
+                }
+                None => ReasonCode::NO_SUBSCRIPTION_EXISTED,
+            };
+            reasons.push(reason);
+        }
+        if !self.version.is_v5() {
+            reasons.clear();
+        }
+        self.reply(&Packet::UnsubAck(UnsubAck {
+            packet_id: unsubscribe.packet_id,
+            properties: Properties::default(),
+            reasons,
+        }));
+    }
+}

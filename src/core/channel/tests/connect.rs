@@ -1,0 +1,89 @@
+//! CONNECT and CONNACK: keep-alive negotiation, client ids, the first-packet rules, identity.
+
+use super::*;
+
+#[test]
+fn server_keep_alive_caps_v5_keep_alive() {
+    let limits = Limits {
+        max_keepalive: 30,
+        ..Limits::default()
+    };
+    let mut h = Harness::new(limits);
+    let mut c = connect(ProtocolVersion::V5, "cap");
+    c.keep_alive = 600;
+    let connack = h.connect(c);
+    assert_eq!(connack.properties.server_keep_alive, Some(30));
+    let start = h.now;
+    h.advance_to_deadline();
+    assert_eq!(h.now, start + Duration::from_secs(45));
+}
+
+#[test]
+fn client_id_rules_differ_by_version() {
+    let mut h = Harness::new(Limits::default());
+    let mut c = connect(ProtocolVersion::V311, "");
+    c.clean_start = false;
+    h.channel.handle_packet(h.now, Packet::Connect(Box::new(c)));
+    h.version = ProtocolVersion::V311;
+    match h.packets().as_slice() {
+        [Packet::ConnAck(ack)] => assert_eq!(ack.code, ReasonCode::CLIENT_IDENTIFIER_NOT_VALID),
+        other => panic!("expected a refusal, got {other:?}"),
+    }
+
+    let mut h = Harness::new(Limits::default());
+    h.channel.handle_packet(
+        h.now,
+        Packet::Connect(Box::new(connect(ProtocolVersion::V31, ""))),
+    );
+    h.version = ProtocolVersion::V31;
+    assert!(matches!(h.packets().as_slice(), [Packet::ConnAck(a)] if a.code.is_failure()));
+
+    let mut h = Harness::new(Limits::default());
+    let connack = h.connect(connect(ProtocolVersion::V5, ""));
+    let assigned = connack
+        .properties
+        .assigned_client_identifier
+        .clone()
+        .expect("[MQTT-3.2.2-16]");
+    assert!(!assigned.is_empty());
+}
+
+#[test]
+fn second_connect_and_first_packet_rules() {
+    let mut h = Harness::new(Limits::default());
+    h.packet(Packet::PingReq);
+    assert!(
+        h.channel.is_closed(),
+        "[MQTT-3.1.0-1] first packet must be CONNECT"
+    );
+
+    let mut h = Harness::new(Limits::default());
+    h.connect(connect(ProtocolVersion::V5, "twice"));
+    h.packet(Packet::Connect(Box::new(connect(
+        ProtocolVersion::V5,
+        "twice",
+    ))));
+    assert_eq!(
+        h.packets(),
+        vec![Packet::Disconnect(Disconnect::new(
+            ReasonCode::PROTOCOL_ERROR
+        ))]
+    );
+}
+
+#[test]
+fn the_transports_peer_username_replaces_the_connect_username() {
+    let mut h = Harness::new(Limits::default());
+    h.channel.set_peer_username("petrel-client".into());
+    let mut c = connect(ProtocolVersion::V311, "mtls");
+    c.username = Some("claimed".into());
+    let connack = h.connect(c);
+    assert_eq!(connack.code, ReasonCode::SUCCESS);
+    assert_eq!(h.channel.username(), Some("petrel-client"));
+
+    let mut plain = Harness::new(Limits::default());
+    let mut c = connect(ProtocolVersion::V5, "plain");
+    c.username = Some("claimed".into());
+    plain.connect(c);
+    assert_eq!(plain.channel.username(), Some("claimed"));
+}

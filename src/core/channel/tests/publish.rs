@@ -1,0 +1,86 @@
+//! Inbound PUBLISH: QoS 2 deduplication and our Receive Maximum, topic aliases.
+
+use super::*;
+
+#[test]
+fn broker_receive_maximum_is_enforced_on_inbound_qos2() {
+    let limits = Limits {
+        receive_maximum: 2,
+        ..Limits::default()
+    };
+    let mut h = Harness::new(limits);
+    h.connect(connect(ProtocolVersion::V5, "rm"));
+    h.packet(Packet::Publish(publish("t", QoS::ExactlyOnce, Some(1))));
+    h.packet(Packet::Publish(publish("t", QoS::ExactlyOnce, Some(2))));
+    assert_eq!(h.packets().len(), 2, "two PUBRECs");
+    h.packet(Packet::Publish(publish("t", QoS::ExactlyOnce, Some(3))));
+    assert_eq!(
+        h.packets(),
+        vec![Packet::Disconnect(Disconnect::new(
+            ReasonCode::RECEIVE_MAXIMUM_EXCEEDED
+        ))]
+    );
+    assert!(h.channel.is_closed());
+}
+
+#[test]
+fn inbound_qos2_is_routed_once_even_when_resent() {
+    let mut h = Harness::new(Limits::default());
+    h.connect(connect(ProtocolVersion::V311, "eo"));
+    h.packet(Packet::Publish(publish("t", QoS::ExactlyOnce, Some(7))));
+    let mut again = publish("t", QoS::ExactlyOnce, Some(7));
+    again.dup = true;
+    h.packet(Packet::Publish(again));
+    let routes = h
+        .actions()
+        .into_iter()
+        .filter(|a| matches!(a, Action::Route(_)))
+        .count();
+    assert_eq!(routes, 1);
+    assert_eq!(
+        h.packets(),
+        vec![
+            Packet::PubRec(Ack::new(7, ReasonCode::SUCCESS)),
+            Packet::PubRec(Ack::new(7, ReasonCode::SUCCESS))
+        ]
+    );
+    h.packet(Packet::PubRel(Ack::new(7, ReasonCode::SUCCESS)));
+    assert_eq!(
+        h.packets(),
+        vec![Packet::PubComp(Ack::new(7, ReasonCode::SUCCESS))]
+    );
+}
+
+#[test]
+fn topic_alias_rules_on_ingress() {
+    let mut h = Harness::new(Limits {
+        topic_alias_maximum: 5,
+        ..Limits::default()
+    });
+    h.connect(connect(ProtocolVersion::V5, "alias"));
+    let mut define = publish("long/topic", QoS::AtMostOnce, None);
+    define.properties.topic_alias = Some(3);
+    h.packet(Packet::Publish(define));
+    let mut reuse = publish("", QoS::AtMostOnce, None);
+    reuse.properties.topic_alias = Some(3);
+    h.packet(Packet::Publish(reuse));
+    let topics: Vec<String> = h
+        .actions()
+        .into_iter()
+        .filter_map(|a| match a {
+            Action::Route(m) => Some(m.topic.clone()),
+            _ => None,
+        })
+        .collect();
+    assert_eq!(topics, vec!["long/topic", "long/topic"]);
+
+    let mut too_big = publish("x", QoS::AtMostOnce, None);
+    too_big.properties.topic_alias = Some(6);
+    h.packet(Packet::Publish(too_big));
+    assert_eq!(
+        h.packets(),
+        vec![Packet::Disconnect(Disconnect::new(
+            ReasonCode::TOPIC_ALIAS_INVALID
+        ))]
+    );
+}
