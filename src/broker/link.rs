@@ -315,7 +315,7 @@ impl Link {
 
 /// Resolves when every mailbox in `pressure` has drained, or at `deadline` (a free function
 /// over the two fields, so a driver's `select!` can borrow the rest of its `Link` meanwhile).
-pub async fn relief(pressure: &[Arc<Mailbox>], deadline: Option<Instant>) {
+async fn relief(pressure: &[Arc<Mailbox>], deadline: Option<Instant>) {
     let Some(deadline) = deadline else { return };
     let drained = async {
         for mailbox in pressure {

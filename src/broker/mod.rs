@@ -9,13 +9,15 @@
 //!
 //! - `mailbox`: a session's bounded delivery queue.
 //! - `link`: a channel's ties to the broker, shared by every transport's driver.
-//! - `connection`: the driver loop for byte-stream transports.
+//! - `driver`: the one connection driver loop, over a transport's `Wire`.
+//! - `connection`: the byte-stream transports' `Wire` (TCP, TLS, WS, WSS).
 //! - `listener`: accept loops.
-//! - `quic`: the MQTT-over-QUIC driver (control and data streams).
+//! - `quic`: the MQTT-over-QUIC `Wire` (control and data streams) and its stream tasks.
 //! - `clock`: the one place that reads the time.
 
 pub mod clock;
 pub mod connection;
+pub mod driver;
 pub mod link;
 pub mod listener;
 pub mod mailbox;

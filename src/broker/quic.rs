@@ -1,10 +1,11 @@
 //! The MQTT-over-QUIC driver, wire-compatible with EMQX in single- and multi-stream mode.
 //!
 //! The first client-opened bidirectional stream is the control stream ([`Flow::CONTROL`]);
-//! every further one is a data flow with plain MQTT framing. One task per connection owns the
-//! [`Link`] (the channel and its session); each stream has a reader task that decodes packets
-//! into an event queue and a writer task fed with encoded bytes, so a stalled stream never
-//! blocks another (the point of per-topic streams on lossy links).
+//! every further one is a data flow with plain MQTT framing. One task per connection runs the
+//! common `driver::Driver` over a [`QuicWire`]; each stream has a reader task (the shared
+//! `PacketReader`) that decodes packets into an event queue and a writer task fed with encoded
+//! bytes, so a stalled stream never blocks another (the point of per-topic streams on lossy
+//! links).
 //!
 //! Policies, beyond the wire mapping:
 //! - Data streams opened before CONNACK are accepted but not read until CONNECT is accepted
@@ -22,12 +23,13 @@
 //! - Migration is quinn's: the connection follows the client's new address, and the span's
 //!   `peer` follows it too.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, VecDeque};
 use std::future::Future;
 use std::net::SocketAddr;
+use std::pin::Pin;
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::Arc;
-use std::task::Poll;
+use std::task::{Context, Poll};
 use std::time::Duration;
 
 use bytes::{Bytes, BytesMut};
@@ -38,10 +40,12 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 use tracing::Instrument;
 
+use super::driver::{Driver, Wire};
 use super::link::Link;
 use super::{clock, Broker};
 use crate::codec::{Codec, DecodeError, Packet, ProtocolVersion, ReasonCode};
 use crate::core::message::Flow;
+use crate::transport::reader::PacketReader;
 use crate::transport::tls::peer_username;
 use crate::transport::tls::PeerCertAsUsername;
 
@@ -116,8 +120,17 @@ async fn serve(
             .connections_total
             .fetch_add(1, Ordering::Relaxed);
         let metrics = Arc::clone(&broker);
-        QuicConnection::new(broker, conn.clone(), peer, peer_cert_as_username)
-            .run(handshake, handshake_timeout, shutdown)
+        let max_packet_size = broker.limits().max_packet_size;
+        let wire = QuicWire::new(
+            conn,
+            peer,
+            peer_cert_as_username,
+            handshake,
+            clock::now() + handshake_timeout,
+            max_packet_size,
+        );
+        Driver::new(Link::new(broker, peer), wire)
+            .run(&shutdown)
             .await;
         metrics.metrics.connections.fetch_sub(1, Ordering::Relaxed);
     }
@@ -153,115 +166,71 @@ impl Drop for Writer {
     }
 }
 
-struct QuicConnection {
-    link: Link,
+/// One QUIC connection as the driver sees it: the streams' writers, the events their tasks
+/// report, and the handshake.
+pub struct QuicWire {
     conn: Connection,
     peer: SocketAddr,
     writers: HashMap<Flow, Writer>,
     control_writer: Option<tokio::task::JoinHandle<()>>,
     tasks: JoinSet<()>,
+    events: mpsc::Receiver<Event>,
+    /// Events received and not yet handed to the channel.
+    received: VecDeque<Event>,
+    /// Tells the data streams' readers the protocol version once CONNACK is out.
+    version: watch::Sender<Option<ProtocolVersion>>,
+    /// Resolves when the handshake completes; `None` once it has.
+    handshake: Option<Pin<Box<quinn::ZeroRttAccepted>>>,
+    handshake_deadline: Pin<Box<tokio::time::Sleep>>,
+    /// Packets received in 0-RTT that may not act before the handshake completes.
     held: Vec<(Flow, Packet)>,
+    closed: Pin<Box<dyn Future<Output = ()> + Send>>,
     /// Whether (and how) a verified client certificate names the username; `None` once
     /// applied.
     peer_cert_as_username: PeerCertAsUsername,
 }
 
-impl QuicConnection {
+/// Events taken from the stream tasks per wake-up, at most.
+const EVENTS_PER_WAKE: usize = 64;
+
+impl QuicWire {
     fn new(
-        broker: Arc<Broker>,
         conn: Connection,
         peer: SocketAddr,
         peer_cert_as_username: PeerCertAsUsername,
-    ) -> Self {
-        Self {
-            peer_cert_as_username,
-            link: Link::new(broker, peer),
-            conn,
-            peer,
-            writers: HashMap::new(),
-            control_writer: None,
-            tasks: JoinSet::new(),
-            held: Vec::new(),
-        }
-    }
-
-    async fn run(
-        mut self,
         handshake: quinn::ZeroRttAccepted,
-        handshake_timeout: Duration,
-        shutdown: CancellationToken,
-    ) {
-        let handshake_deadline = clock::now() + handshake_timeout;
-        let max_packet_size = self.link.broker.limits().max_packet_size;
-        let (events_tx, mut events) = mpsc::channel(64);
-        let (version_tx, version_rx) = watch::channel(None);
-        self.tasks.spawn(accept_streams(
-            self.conn.clone(),
+        handshake_deadline: std::time::Instant,
+        max_packet_size: u32,
+    ) -> Self {
+        let (events_tx, events) = mpsc::channel(64);
+        let (version, version_rx) = watch::channel(None);
+        let mut tasks = JoinSet::new();
+        tasks.spawn(accept_streams(
+            conn.clone(),
             events_tx,
             version_rx,
             max_packet_size,
         ));
-        let mut handshake = std::pin::pin!(handshake);
-        let mut handshake_done = false;
-        let mut shutting_down = false;
-        loop {
-            self.flush();
-            if self.link.closed {
-                break;
-            }
-            if self.link.channel.is_connected() && version_tx.borrow().is_none() {
-                // CONNACK is out: data streams may now be read, in the connection's version.
-                let _ = version_tx.send(Some(self.link.channel.version()));
-            }
-            let writers = &self.writers;
-            self.link
-                .pump_deliveries(|| backlog(writers) < BACKLOG_HIGH_WATER);
-            self.flush();
-
-            let paused = self.link.is_paused(clock::now());
-            let link = &mut self.link;
-            let deadline = link.channel.poll_timeout();
-            tokio::select! {
-                biased;
-                _ = shutdown.cancelled(), if !shutting_down => {
-                    shutting_down = true;
-                    link.channel.handle_shutdown();
-                }
-                _ = clock::sleep_until(handshake_deadline), if !handshake_done => {
-                    tracing::debug!("QUIC handshake did not complete in time");
-                    self.link.channel.handle_transport_closed();
-                }
-                _ = &mut handshake, if !handshake_done => {
-                    handshake_done = true;
-                    for (flow, packet) in std::mem::take(&mut self.held) {
-                        if !self.is_live(flow) {
-                            continue;
-                        }
-                        let now = self.link.tick();
-                        self.link.channel.handle_flow_packet(now, flow, packet);
-                        self.link.carry_out_actions().await;
-                    }
-                }
-                _ = super::link::relief(&link.pressure, link.pause_deadline), if paused => {}
-                event = events.recv(), if !paused => match event {
-                    Some(event) => self.handle_event(event, handshake_done),
-                    None => self.link.channel.handle_transport_closed(),
-                },
-                _ = self.conn.closed() => self.link.channel.handle_transport_closed(),
-                signal = std::future::poll_fn(|cx| link.poll_mailbox(cx)) => {
-                    if let Some(ack) = signal {
-                        link.handle_takeover(ack);
-                    }
-                }
-                _ = async { clock::sleep_until(deadline.expect("guarded")).await }, if deadline.is_some() => {
-                    self.link.channel.handle_timeout(clock::now());
-                }
-            }
-            self.link.tick();
-            self.link.carry_out_actions().await;
-            self.follow_migration();
+        let closing = conn.clone();
+        Self {
+            closed: Box::pin(async move {
+                closing.closed().await;
+            }),
+            conn,
+            peer,
+            writers: HashMap::new(),
+            control_writer: None,
+            tasks,
+            events,
+            received: VecDeque::new(),
+            version,
+            handshake: Some(Box::pin(handshake)),
+            handshake_deadline: Box::pin(tokio::time::sleep_until(tokio::time::Instant::from_std(
+                handshake_deadline,
+            ))),
+            held: Vec::new(),
+            peer_cert_as_username,
         }
-        self.close().await;
     }
 
     /// Whether input on `flow` is still acted on: the control flow until the connection ends,
@@ -283,8 +252,7 @@ impl QuicConnection {
         peer_username(chain.first()?, rule)
     }
 
-    fn handle_event(&mut self, event: Event, handshake_done: bool) {
-        let now = self.link.tick();
+    fn handle_event(&mut self, link: &mut Link, event: Event, now: std::time::Instant) {
         match &event {
             // Late input from a data flow that was already closed (its reader is stopping).
             Event::Packet(flow, _) | Event::Invalid(flow, _) | Event::Ended(flow)
@@ -294,7 +262,6 @@ impl QuicConnection {
             }
             _ => {}
         }
-        let channel = &mut self.link.channel;
         match event {
             Event::Opened(flow, writer, handle) => {
                 if flow.is_control() {
@@ -303,7 +270,7 @@ impl QuicConnection {
                     self.tasks.spawn(async move {
                         let _ = handle.await;
                     });
-                    channel.open_flow(flow);
+                    link.channel.open_flow(flow);
                 }
                 self.writers.insert(flow, writer);
             }
@@ -319,46 +286,48 @@ impl QuicConnection {
                     // Listeners with client certificates have no 0-RTT, so the handshake
                     // (and the certificate's verification) is complete by now.
                     if let Some(username) = self.certificate_username() {
-                        self.link.channel.set_peer_username(username);
+                        link.channel.set_peer_username(username);
                     }
                 }
-                let channel = &mut self.link.channel;
-                if handshake_done || replay_safe {
-                    channel.handle_flow_packet(now, flow, packet);
+                if self.handshake.is_none() || replay_safe {
+                    link.channel.handle_flow_packet(now, flow, packet);
                 } else if self.held.len() < MAX_HELD {
                     self.held.push((flow, packet));
                 } else {
-                    channel.handle_transport_closed();
+                    link.channel.handle_transport_closed();
                 }
             }
             Event::Invalid(flow, err) => {
                 tracing::debug!(%err, flow = flow.0, "bad packet from client");
-                channel.handle_flow_error(now, flow, &err);
+                link.channel.handle_flow_error(now, flow, &err);
             }
             Event::Ended(flow) => {
                 self.writers.remove(&flow);
-                channel.handle_flow_closed(now, flow);
+                link.channel.handle_flow_closed(now, flow);
             }
         }
     }
 
     /// Hands every flow's encoded output to its writer, and resets the streams of flows the
     /// channel closed.
-    fn flush(&mut self) {
+    fn flush(&mut self, link: &mut Link) {
         let writers = &self.writers;
-        let control = self.link.channel.out();
+        let control = link.channel.out();
         if !control.is_empty() {
             send(writers.get(&Flow::CONTROL), control);
         }
-        self.link
-            .channel
+        link.channel
             .drain_flow_output(|flow, out| send(writers.get(&flow), out));
-        for flow in self.link.closed_flows.drain(..) {
+        for flow in link.closed_flows.drain(..) {
             if let Some(writer) = self.writers.remove(&flow) {
                 let _ = writer.tx.send(Write::Reset(VarInt::from_u32(u32::from(
                     ReasonCode::MALFORMED_PACKET.0,
                 ))));
             }
+        }
+        if link.channel.is_connected() && self.version.borrow().is_none() {
+            // CONNACK is out: data streams may now be read, in the connection's version.
+            let _ = self.version.send(Some(link.channel.version()));
         }
     }
 
@@ -370,11 +339,88 @@ impl QuicConnection {
             self.peer = now;
         }
     }
+}
+
+impl Wire for QuicWire {
+    fn handle_input(&mut self, link: &mut Link, now: std::time::Instant) -> bool {
+        let Some(event) = self.received.pop_front() else {
+            return false;
+        };
+        self.handle_event(link, event, now);
+        true
+    }
+
+    fn poll_receive(&mut self, cx: &mut Context<'_>, link: &mut Link) -> Poll<()> {
+        let mut ready = false;
+        while self.received.len() < EVENTS_PER_WAKE {
+            match self.events.poll_recv(cx) {
+                Poll::Ready(Some(event)) => self.received.push_back(event),
+                Poll::Ready(None) => {
+                    link.channel.handle_transport_closed();
+                    return Poll::Ready(());
+                }
+                Poll::Pending => break,
+            }
+            ready = true;
+        }
+        if ready {
+            Poll::Ready(())
+        } else {
+            Poll::Pending
+        }
+    }
+
+    fn poll_send(&mut self, _cx: &mut Context<'_>, link: &mut Link) -> Poll<()> {
+        self.flush(link);
+        Poll::Ready(())
+    }
+
+    fn poll_transport(&mut self, cx: &mut Context<'_>, link: &mut Link) -> Poll<()> {
+        let mut ready = false;
+        if let Some(handshake) = &mut self.handshake {
+            if handshake.as_mut().poll(cx).is_ready() {
+                self.handshake = None;
+                // What was held goes first, in order, before anything received since.
+                let live: Vec<Event> = std::mem::take(&mut self.held)
+                    .into_iter()
+                    .map(|(flow, packet)| Event::Packet(flow, packet))
+                    .collect();
+                for event in live.into_iter().rev() {
+                    self.received.push_front(event);
+                }
+                ready = true;
+            } else if self.handshake_deadline.as_mut().poll(cx).is_ready() {
+                tracing::debug!("QUIC handshake did not complete in time");
+                self.handshake = None;
+                link.channel.handle_transport_closed();
+                ready = true;
+            }
+        }
+        if self.closed.as_mut().poll(cx).is_ready() {
+            link.channel.handle_transport_closed();
+            ready = true;
+        }
+        self.follow_migration();
+        if ready {
+            Poll::Ready(())
+        } else {
+            Poll::Pending
+        }
+    }
+
+    fn before_deliveries(&mut self, link: &mut Link) {
+        self.flush(link);
+    }
+
+    fn has_room(&self) -> bool {
+        backlog(&self.writers) < BACKLOG_HIGH_WATER
+    }
 
     /// Lets the control stream flush what the channel said last, then closes the connection
     /// with the MQTT reason code as the QUIC error code (0 for a normal end).
-    async fn close(mut self) {
-        let reason = self.link.close_reason.unwrap_or(ReasonCode::SUCCESS);
+    async fn close(mut self, link: &mut Link) {
+        self.flush(link);
+        let reason = link.close_reason.unwrap_or(ReasonCode::SUCCESS);
         let code = if reason == ReasonCode::DISCONNECT_WITH_WILL || !reason.is_failure() {
             0
         } else {
@@ -382,7 +428,7 @@ impl QuicConnection {
         };
         self.writers.clear(); // ends each writer after its queue: streams finish gracefully
         if let Some(handle) = self.control_writer.take() {
-            let linger = self.link.broker.settings().close_linger;
+            let linger = link.broker.settings().close_linger;
             let _ = tokio::time::timeout(linger, handle).await;
         }
         self.conn.close(VarInt::from_u32(u32::from(code)), b"");
@@ -522,7 +568,7 @@ async fn read_packets(
     mut version: watch::Receiver<Option<ProtocolVersion>>,
     max_packet_size: u32,
 ) {
-    let mut codec = if flow.is_control() {
+    let codec = if flow.is_control() {
         Codec::new(max_packet_size)
     } else {
         let Ok(v) = version.wait_for(Option::is_some).await else {
@@ -531,44 +577,19 @@ async fn read_packets(
         let v = v.expect("waited for Some");
         Codec::with_version(v, max_packet_size)
     };
-    // A busy stream reads into a reused buffer; one that has nothing to read gives an
-    // empty buffer back before waiting, so an idle stream holds none.
-    let mut buf = BytesMut::new();
-    loop {
-        let read = {
-            let mut read = std::pin::pin!(recv.read_chunk(usize::MAX, true));
-            match std::future::poll_fn(|cx| Poll::Ready(read.as_mut().poll(cx))).await {
-                Poll::Ready(read) => read,
-                Poll::Pending => {
-                    if buf.is_empty() {
-                        buf = BytesMut::new();
-                    }
-                    read.await
-                }
-            }
-        };
-        match read {
-            Ok(Some(chunk)) => {
-                if buf.capacity() - buf.len() < chunk.bytes.len() {
-                    buf.reserve(chunk.bytes.len().max(4096));
-                }
-                buf.extend_from_slice(&chunk.bytes);
-            }
-            Ok(None) | Err(_) => break,
-        }
-        loop {
-            match codec.decode(&mut buf) {
-                Ok(Some(packet)) => {
-                    if events.send(Event::Packet(flow, packet)).await.is_err() {
-                        return;
-                    }
-                }
-                Ok(None) => break,
-                Err(err) => {
-                    let _ = recv.stop(VarInt::from_u32(u32::from(err.reason_code().0)));
-                    let _ = events.send(Event::Invalid(flow, err)).await;
+    let mut reader = PacketReader::new(recv, codec);
+    while let Some(next) = reader.next().await {
+        match next {
+            Ok(packet) => {
+                if events.send(Event::Packet(flow, packet)).await.is_err() {
                     return;
                 }
+            }
+            Err(err) => {
+                let code = VarInt::from_u32(u32::from(err.reason_code().0));
+                let _ = reader.get_mut().stop(code);
+                let _ = events.send(Event::Invalid(flow, err)).await;
+                return;
             }
         }
     }

@@ -27,7 +27,7 @@ use rustls::client::danger::{HandshakeSignatureValid, ServerCertVerified, Server
 use rustls::crypto::CryptoProvider;
 use rustls::{DigitallySignedStruct, RootCertStore, SignatureScheme};
 use rustls_pki_types::{CertificateDer, ServerName, UnixTime};
-use tokio::io::{AsyncRead, AsyncReadExt as _, AsyncWrite, AsyncWriteExt as _};
+use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt as _};
 use tokio::net::TcpStream;
 use tokio::sync::mpsc;
 use tokio::task::JoinSet;
@@ -36,6 +36,7 @@ use super::options::{ClientOptions, ServerUrl, TlsOptions, Transport};
 use super::streams::{Route, StreamMap};
 use super::{ClientError, Stats};
 use crate::codec::{encode, Codec, ConnAck, DecodeError, Packet, ProtocolVersion};
+use crate::transport::reader::PacketReader;
 use crate::transport::{certs, quic, tls, ws};
 
 /// Decoded packets queued from all readers before they stop reading.
@@ -653,32 +654,21 @@ async fn websocket(
 
 async fn read_packets(
     route: Route,
-    mut read: impl AsyncRead + Unpin,
-    mut codec: Codec,
+    read: impl AsyncRead + Unpin,
+    codec: Codec,
     inbound: mpsc::Sender<Inbound>,
 ) {
-    let mut buf = BytesMut::with_capacity(4096);
-    loop {
-        loop {
-            match codec.decode(&mut buf) {
-                Ok(Some(packet)) => {
-                    if inbound.send(Inbound::Packet(route, packet)).await.is_err() {
-                        return;
-                    }
-                }
-                Ok(None) => break,
-                Err(err) => {
-                    let _ = inbound.send(Inbound::Invalid(route, err)).await;
-                    return;
-                }
+    let mut reader = PacketReader::new(read, codec);
+    while let Some(next) = reader.next().await {
+        let input = match next {
+            Ok(packet) => Inbound::Packet(route, packet),
+            Err(err) => {
+                let _ = inbound.send(Inbound::Invalid(route, err)).await;
+                return;
             }
-        }
-        if buf.capacity() - buf.len() < 512 {
-            buf.reserve(4096);
-        }
-        match read.read_buf(&mut buf).await {
-            Ok(0) | Err(_) => break,
-            Ok(_) => {}
+        };
+        if inbound.send(input).await.is_err() {
+            return;
         }
     }
     let _ = inbound.send(Inbound::Ended(route)).await;

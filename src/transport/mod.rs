@@ -12,11 +12,14 @@
 //!   WebSocket messages to a byte stream. WSS is [`ws`] over [`tls`].
 //! - [`quic`]: the QUIC endpoint configuration (ALPN `mqtt`, TLS 1.3, windows sized for
 //!   messaging, congestion control); the driver is `broker::quic`.
+//! - [`reader`]: `PacketReader`, the one read-and-decode path for every byte stream (the
+//!   broker's and the client's).
 //! - [`certs`]: the development CA and server certificate, `petrel certs`, PEM loading.
 //! - `x509`: just enough DER reading for expiry, CN and DNS SAN.
 
 pub mod certs;
 pub mod quic;
+pub mod reader;
 pub mod tls;
 pub mod ws;
 mod x509;
