@@ -32,8 +32,8 @@ const KEEP_OUT: usize = 4 * 1024;
 /// transport established (a client certificate's CN or SAN); it replaces the CONNECT username.
 ///
 /// A plain function returning the future: the connection is built here and the future
-/// owns it, so the task holds one `Driver` (an `async fn` keeps each argument twice, and a
-/// value moved from one `async` frame into another is kept in both).
+/// borrows it where it lies, so the task holds one `Driver` (an `async fn` keeps each
+/// argument twice, and a value moved from one `async` frame into another is kept in both).
 pub fn serve<S>(
     broker: Arc<Broker>,
     stream: S,
@@ -63,7 +63,7 @@ where
     if let Some(username) = peer_username {
         link.channel.set_peer_username(username);
     }
-    let driver = Driver::new(
+    let mut driver = Driver::new(
         link,
         StreamWire {
             reader: PacketReader::new(stream, codec),
@@ -142,7 +142,7 @@ where
 
     /// Flushes what the channel said last (CONNACK refusal, DISCONNECT) within the linger
     /// time, then shuts the stream down.
-    async fn close(mut self, link: &mut Link) {
+    async fn close(&mut self, link: &mut Link) {
         let linger = link.broker.settings().close_linger;
         let out = std::mem::take(link.channel.out());
         let stream = self.reader.get_mut();

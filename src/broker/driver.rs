@@ -64,7 +64,7 @@ pub trait Wire: Send {
     fn trim(&mut self) {}
 
     /// The channel has closed: send its last words within the linger time and close.
-    fn close(self, link: &mut Link) -> impl Future<Output = ()> + Send;
+    fn close(&mut self, link: &mut Link) -> impl Future<Output = ()> + Send;
 }
 
 /// One connection: its link and its transport.
@@ -97,7 +97,7 @@ impl<W: Wire> Driver<W> {
     }
 
     /// Serves the connection until its channel closes, then closes the transport.
-    pub async fn run(mut self, shutdown: &CancellationToken) {
+    pub async fn run(&mut self, shutdown: &CancellationToken) {
         let cancelled = std::pin::pin!(shutdown.cancelled());
         let timer = std::pin::pin!(tokio::time::sleep(Duration::ZERO));
         let mut waits = Waits {
@@ -150,8 +150,7 @@ impl<W: Wire> Driver<W> {
             self.link.carry_out_actions().await;
         }
         // Boxed: it runs once, and would otherwise enlarge every connection's task.
-        let Self { mut link, wire, .. } = self;
-        Box::pin(wire.close(&mut link)).await;
+        Box::pin(self.wire.close(&mut self.link)).await;
     }
 
     /// Feeds the channel every input already received, carrying out its actions after each,

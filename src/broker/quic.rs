@@ -418,7 +418,7 @@ impl Wire for QuicWire {
 
     /// Lets the control stream flush what the channel said last, then closes the connection
     /// with the MQTT reason code as the QUIC error code (0 for a normal end).
-    async fn close(mut self, link: &mut Link) {
+    async fn close(&mut self, link: &mut Link) {
         self.flush(link);
         let reason = link.close_reason.unwrap_or(ReasonCode::SUCCESS);
         let code = if reason == ReasonCode::DISCONNECT_WITH_WILL || !reason.is_failure() {
