@@ -11,7 +11,8 @@
 #        benches/ab.sh /tmp/petrel-old target/release/petrel --scenario fan-out --pubs 1 --subs 50 -q 1
 #
 # Environment: RUNS [3] alternations; DURATION [5] seconds; BENCH [the NEW binary] the
-# load generator (one binary for both sides, so only the broker differs).
+# load generator (one binary for both sides, so only the broker differs); TRANSPORT [tcp]
+# or quic (the broker listens on QUIC, the bench connects with quic:// and --insecure).
 set -euo pipefail
 (($# >= 2)) || { sed -n '2,13p' "$0"; exit 2; }
 A=$1 B=$2
@@ -23,8 +24,15 @@ DATA=$(mktemp -d)
 PID=""
 trap '[[ -n $PID ]] && kill "$PID" 2>/dev/null; rm -rf "$DATA"' EXIT
 
+TRANSPORT=${TRANSPORT:-tcp}
+case $TRANSPORT in
+tcp) LISTEN=--tcp SCHEME=mqtt EXTRA=() SOCK=SOCK_STREAM ;;
+quic) LISTEN=--quic SCHEME=quic EXTRA=(--insecure) SOCK=SOCK_DGRAM ;;
+*) echo "TRANSPORT is tcp or quic" >&2; exit 2 ;;
+esac
+
 free_port() {
-    python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])'
+    python3 -c "import socket; s=socket.socket(socket.AF_INET, socket.$SOCK); s.bind(('127.0.0.1',0)); print(s.getsockname()[1])"
 }
 ticks() { awk '{print $14 + $15}' "/proc/$1/stat"; }
 
@@ -33,14 +41,18 @@ run() { # label binary
     shift 2
     port=$(free_port)
     rm -rf "$DATA/data"
-    "$bin" --tcp "127.0.0.1:$port" --data-dir "$DATA/data" >/dev/null 2>&1 &
+    "$bin" "$LISTEN" "127.0.0.1:$port" --data-dir "$DATA/data" >/dev/null 2>&1 &
     PID=$!
     for ((i = 0; i < 50; i++)); do
+        if [[ $TRANSPORT == quic ]]; then
+            sleep 1 # nothing to probe without a QUIC handshake
+            break
+        fi
         (exec 3<>"/dev/tcp/127.0.0.1/$port") 2>/dev/null && break
         sleep 0.1
     done
     t0=$(ticks "$PID")
-    out=$(timeout $((DURATION + 60)) "$BENCH" bench -u "mqtt://127.0.0.1:$port" -V 311 --size 64 \
+    out=$(timeout $((DURATION + 60)) "$BENCH" bench -u "$SCHEME://127.0.0.1:$port" "${EXTRA[@]}" -V 311 --size 64 \
         --duration "$DURATION" --drain 3 --json --quiet "$@" 2>/dev/null || true)
     t1=$(ticks "$PID")
     kill "$PID" 2>/dev/null || true
