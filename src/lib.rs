@@ -2,10 +2,10 @@
 //!
 //! # Layout
 //! - [`codec`]: sans-IO wire format for every MQTT version; imports nothing else of ours.
-//! - [`core`]: sans-IO broker logic with time and randomness passed in: topics, the
+//! - `core`: sans-IO broker logic with time and randomness passed in: topics, the
 //!   subscription trie, the retained store, sessions, the session registry (resume, takeover,
 //!   expiry, wills), fan-out, and the per-connection protocol state machine (`Channel`).
-//! - [`broker`]: the async shell: listeners, connection drivers, the locks around the
+//! - `broker`: the async shell: listeners, connection drivers, the locks around the
 //!   registry and the router, mailboxes, timers. The only module that spawns tasks, owns
 //!   sockets or reads the clock; it carries out what `core` decides.
 //! - [`transport`]: what turns an accepted socket into an MQTT byte stream: TLS (rustls,
@@ -17,20 +17,32 @@
 //! - `duration`: durations in settings (`"10s"`, `"never"`), shared by every settings type.
 //! - [`client`]: the async MQTT client library (every transport by URL, QUIC stream policy,
 //!   reconnect and session resume); its protocol state is sans-IO like `core`.
-//! - [`tools`]: `petrel pub`, `petrel sub` and `petrel bench`, built on `client`.
 //!
 //! Dependency direction: `codec <- core <- broker -> transport`; `config` reads the settings
 //! types of `broker`, `transport` and `auth`; `server` builds everything from `config`.
+//!
+//! # Public API
+//! The client library ([`client`]), the wire format ([`codec`]), and what starts a broker:
+//! [`config`] and [`server`], with [`auth`] (password files) and [`transport`] (certificates,
+//! TLS and QUIC settings). `core` and `broker` are the crate's own (the `internals` feature
+//! opens them to the criterion benchmarks); the command-line tools live with the binary.
 
 pub mod auth;
+// The broker's internals belong to the crate; the `internals` feature opens them to the
+// criterion benchmarks only (`cargo bench --features internals --bench router`).
+#[cfg(feature = "internals")]
 pub mod broker;
+#[cfg(not(feature = "internals"))]
+pub(crate) mod broker;
 pub mod client;
 pub mod codec;
 pub mod config;
+#[cfg(feature = "internals")]
 pub mod core;
-pub mod duration;
+#[cfg(not(feature = "internals"))]
+pub(crate) mod core;
+pub(crate) mod duration;
 pub mod server;
-pub mod tools;
 pub mod transport;
 
 #[cfg(test)]

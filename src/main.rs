@@ -10,6 +10,8 @@ use petrel::config::{Config, ListenerKind};
 use petrel::server::RunningBroker;
 use tracing_subscriber::EnvFilter;
 
+mod tools;
+
 /// Petrel, a QUIC-first MQTT broker (MQTT 3.1, 3.1.1 and 5.0).
 ///
 /// With no arguments it serves MQTT over TCP (0.0.0.0:1883), TLS (8883), WebSocket (8083,
@@ -79,11 +81,11 @@ enum Command {
     /// `-b FILE USER PASSWORD` takes it from the command line, `-D FILE USER` deletes.
     Passwd(PasswdArgs),
     /// Publish messages (mosquitto_pub habits) over mqtt://, mqtts://, ws://, wss:// or quic://.
-    Pub(petrel::tools::pubsub::PubArgs),
+    Pub(tools::pubsub::PubArgs),
     /// Subscribe and print messages (mosquitto_sub habits) over any transport.
-    Sub(petrel::tools::pubsub::SubArgs),
+    Sub(tools::pubsub::SubArgs),
     /// End-to-end load generator: throughput, latency percentiles, losses, duplicates.
-    Bench(Box<petrel::tools::bench::BenchArgs>),
+    Bench(Box<tools::bench::BenchArgs>),
 }
 
 #[derive(Debug, clap::Args)]
@@ -190,11 +192,11 @@ fn main() -> ExitCode {
                 ExitCode::FAILURE
             }
         },
-        Some(Command::Pub(args)) => tool(petrel::tools::pubsub::publish(args)),
-        Some(Command::Sub(args)) => tool(petrel::tools::pubsub::subscribe(args)),
+        Some(Command::Pub(args)) => tool(tools::pubsub::publish(args)),
+        Some(Command::Sub(args)) => tool(tools::pubsub::subscribe(args)),
         Some(Command::Bench(args)) => tool(async move {
             let json = args.json;
-            let report = petrel::tools::bench::run(*args).await?;
+            let report = tools::bench::run(*args).await?;
             if json {
                 println!("{}", serde_json::to_string(&report)?);
             } else {

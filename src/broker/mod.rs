@@ -374,14 +374,14 @@ impl Broker {
 
     /// Number of sessions known (online and offline).
     pub fn session_count(&self) -> usize {
-        self.lock_sessions().len()
+        self.lock_sessions().count()
     }
 
     pub fn retained_count(&self) -> usize {
         self.retained
             .lock()
             .expect("retained lock is never poisoned")
-            .len()
+            .count()
     }
 }
 

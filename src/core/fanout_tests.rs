@@ -304,7 +304,7 @@ fn an_empty_retained_payload_clears_the_topic() {
     let mut store = RetainedStore::new();
     let kept = message("r", QoS::AtLeastOnce, true, None);
     store_retained(&mut store, "r", retained_entry(&kept));
-    assert_eq!(store.len(), 1);
+    assert_eq!(store.count(), 1);
     let mut empty = (*kept).clone();
     empty.payload = Bytes::new();
     assert!(retained_entry(&empty).is_none());
@@ -333,5 +333,5 @@ fn a_new_subscription_gets_live_retained_messages_and_expired_ones_go() {
     assert!(got[0].retain);
     assert_eq!(got[0].subscription_ids.to_vec(), [9]);
     assert_eq!(got[0].flow, Flow(8));
-    assert_eq!(store.len(), 1, "the expired message was removed");
+    assert_eq!(store.count(), 1, "the expired message was removed");
 }

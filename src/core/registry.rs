@@ -244,10 +244,11 @@ impl<M: SessionHandle> Registry<M> {
     }
 
     /// Sessions known, online and offline.
-    pub fn len(&self) -> usize {
+    pub fn count(&self) -> usize {
         self.slots.len()
     }
 
+    #[cfg(test)]
     pub fn is_empty(&self) -> bool {
         self.slots.is_empty()
     }

@@ -75,7 +75,7 @@ fn a_new_client_gets_a_new_online_session() {
     let (session, handle) = ready(registry.open(&id("a"), false, 1, Handle::default));
     assert!(session.is_none());
     assert!(handle.0.get(), "marked online");
-    assert_eq!(registry.len(), 1);
+    assert_eq!(registry.count(), 1);
     assert!(events(&mut registry).is_empty());
 }
 
@@ -133,7 +133,7 @@ fn an_offline_session_expires_at_its_interval() {
     assert!(!handle.0.get(), "marked offline");
     assert_eq!(registry.poll_timeout(), Some(t0 + Duration::from_secs(60)));
     registry.handle_timeout(t0 + Duration::from_secs(59));
-    assert_eq!(registry.len(), 1);
+    assert_eq!(registry.count(), 1);
     registry.handle_timeout(t0 + Duration::from_secs(60));
     assert_eq!(events(&mut registry), ["ended a Expired"]);
     assert!(registry.is_empty());
@@ -147,7 +147,7 @@ fn an_unlimited_session_never_expires() {
     ready(registry.open(&a, false, 1, Handle::default));
     registry.close(Instant::now(), 1, &a, closing(&a, u32::MAX, None));
     assert_eq!(registry.poll_timeout(), None);
-    assert_eq!(registry.len(), 1);
+    assert_eq!(registry.count(), 1);
 }
 
 #[test]
@@ -161,7 +161,7 @@ fn resuming_cancels_the_expiry_timer() {
     assert!(session.is_some());
     registry.handle_timeout(t0 + Duration::from_secs(120));
     assert!(events(&mut registry).is_empty());
-    assert_eq!(registry.len(), 1);
+    assert_eq!(registry.count(), 1);
 }
 
 #[test]
@@ -175,7 +175,7 @@ fn a_delayed_will_fires_at_its_delay() {
     assert_eq!(registry.poll_timeout(), Some(t0 + Duration::from_secs(10)));
     registry.handle_timeout(t0 + Duration::from_secs(10));
     assert_eq!(events(&mut registry), ["will w/a"]);
-    assert_eq!(registry.len(), 1, "the session outlives its will");
+    assert_eq!(registry.count(), 1, "the session outlives its will");
 }
 
 #[test]

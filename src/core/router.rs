@@ -233,6 +233,7 @@ impl<K: Eq + Hash + Clone, V> SubscriptionTree<K, V> {
     }
 
     /// The value of `client`'s subscription on exactly `filter` (shared or plain).
+    #[cfg(test)]
     pub fn get(&self, filter: &TopicFilter, client: &K) -> Option<&V> {
         let mut node = &self.root;
         for level in filter.filter().split('/') {
@@ -296,10 +297,12 @@ impl<K: Eq + Hash + Clone, V> SubscriptionTree<K, V> {
     }
 
     /// The number of (client, filter) subscriptions, shared ones included.
+    #[cfg(test)]
     pub fn len(&self) -> usize {
         self.len
     }
 
+    #[cfg(test)]
     pub fn is_empty(&self) -> bool {
         self.len == 0
     }

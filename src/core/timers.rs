@@ -54,10 +54,6 @@ impl<K: Clone + Eq + Hash> TimerTable<K> {
         }
     }
 
-    pub fn deadline(&self, key: &K) -> Option<Instant> {
-        self.by_key.get(key).map(|(at, _)| *at)
-    }
-
     /// The earliest deadline, if any: the driver sleeps until then.
     pub fn next_deadline(&self) -> Option<Instant> {
         self.by_time.first().map(|(at, _)| *at)
@@ -75,10 +71,12 @@ impl<K: Clone + Eq + Hash> TimerTable<K> {
         Some(key)
     }
 
+    #[cfg(test)]
     pub fn len(&self) -> usize {
         self.by_key.len()
     }
 
+    #[cfg(test)]
     pub fn is_empty(&self) -> bool {
         self.by_key.is_empty()
     }

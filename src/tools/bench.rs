@@ -20,7 +20,7 @@ use tokio::sync::watch;
 use tokio::task::JoinSet;
 
 use super::{generated_id, parse_qos, ConnectArgs};
-use crate::client::{Client, Event, Events, Message, QoS};
+use petrel::client::{Client, Event, Events, Message, QoS};
 
 /// Sequence, send time, publisher index.
 const HEADER: usize = 8 + 8 + 4;
@@ -486,7 +486,7 @@ async fn connect_all(
     Ok(clients.into_iter().map(|(_, c)| c).collect())
 }
 
-type Connecting = JoinSet<(usize, Result<(Client, Events), crate::client::ClientError>)>;
+type Connecting = JoinSet<(usize, Result<(Client, Events), petrel::client::ClientError>)>;
 
 async fn collect_connected(
     set: &mut Connecting,
@@ -535,7 +535,7 @@ async fn publish_loop(
             next_send += interval;
         }
         if pending.len() >= args.inflight {
-            let handle: crate::client::PublishHandle = pending.pop_front().expect("non-empty");
+            let handle: petrel::client::PublishHandle = pending.pop_front().expect("non-empty");
             let outcome = handle.await.context("publish failed")?;
             acks.saturating_record(outcome.latency.as_micros() as u64);
         }
@@ -681,7 +681,7 @@ async fn connection_storm(args: &BenchArgs, url: &str) -> anyhow::Result<BenchRe
 }
 
 async fn take_one(
-    set: &mut JoinSet<Result<(Client, Events), crate::client::ClientError>>,
+    set: &mut JoinSet<Result<(Client, Events), petrel::client::ClientError>>,
     clients: &mut Vec<(Client, Events)>,
     times: &mut Vec<f64>,
     failures: &mut u64,

@@ -1,4 +1,4 @@
-//! The command-line tools built on [`crate::client`]: `petrel pub`, `petrel sub` and
+//! The command-line tools built on [`petrel::client`]: `petrel pub`, `petrel sub` and
 //! `petrel bench`. They speak every transport the client does and work against any broker.
 //!
 //! - `pubsub`: publish and subscribe, with mosquitto_pub / mosquitto_sub habits.
@@ -10,7 +10,7 @@ pub mod pubsub;
 use std::path::PathBuf;
 use std::time::Duration;
 
-use crate::client::{ClientError, ClientOptions, QoS, QuicStreams, Version};
+use petrel::client::{ClientError, ClientOptions, QoS, QuicStreams, Version};
 
 /// Connection flags shared by every tool (mosquitto_pub/sub habits).
 #[derive(Debug, Clone, clap::Args)]

@@ -8,7 +8,7 @@ use anyhow::Context as _;
 use bytes::Bytes;
 
 use super::{generated_id, parse_qos, ConnectArgs};
-use crate::client::{Client, Event, Message, QoS, Received};
+use petrel::client::{Client, Event, Message, QoS, Received};
 
 #[derive(Debug, Clone, clap::Args)]
 pub struct PubArgs {
