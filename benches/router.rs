@@ -14,7 +14,7 @@ use petrel::broker::{Broker, Settings};
 use petrel::codec::{Publish, QoS, SubscriptionOptions};
 use petrel::core::channel::Limits;
 use petrel::core::message::Delivery;
-use petrel::core::message::{Flow, Message};
+use petrel::core::message::{AppMessage, Flow};
 use petrel::core::router::SubscriptionTree;
 use petrel::core::session::{Session, Subscription};
 use petrel::core::topic::TopicFilter;
@@ -52,7 +52,7 @@ fn bench_match(c: &mut Criterion) {
     group.finish();
 }
 
-fn message() -> Arc<Message> {
+fn message() -> Arc<AppMessage> {
     let publish = Publish {
         dup: false,
         qos: QoS::AtMostOnce,
@@ -62,7 +62,7 @@ fn message() -> Arc<Message> {
         properties: Default::default(),
         payload: Bytes::from_static(&[0x5a; 64]),
     };
-    Arc::new(Message::from_publish(publish, None, Instant::now()))
+    Arc::new(AppMessage::from_publish(publish, None, Instant::now()))
 }
 
 fn bench_fan_out(c: &mut Criterion) {

@@ -279,7 +279,7 @@ mod tests {
 
     use super::*;
     use crate::codec::{Publish, QoS};
-    use crate::core::message::{Flow, Message};
+    use crate::core::message::{AppMessage, Flow};
 
     fn delivery(qos: QoS) -> Delivery {
         let publish = Publish {
@@ -291,7 +291,7 @@ mod tests {
             properties: Default::default(),
             payload: Bytes::from_static(b"x"),
         };
-        let message = Arc::new(Message::from_publish(publish, None, Instant::now()));
+        let message = Arc::new(AppMessage::from_publish(publish, None, Instant::now()));
         Delivery {
             message,
             qos,

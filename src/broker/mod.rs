@@ -33,8 +33,8 @@ use tokio_util::sync::CancellationToken;
 use crate::auth::AuthService;
 use crate::codec::ReasonCode;
 use crate::core::channel::{AssignedClientId, Close, Limits, PendingWill};
-use crate::core::fanout::{self, Fanout, Route, Routes};
-use crate::core::message::{Flow, Message};
+use crate::core::fanout::{self, Fanout, Subscriber, Subscribers};
+use crate::core::message::{AppMessage, Flow};
 use crate::core::registry::{EndReason, Event, Open, Registry};
 use crate::core::retain::RetainedStore;
 use crate::core::session::{Session, Subscription};
@@ -77,8 +77,8 @@ pub struct Settings {
 
 pub struct Broker {
     settings: Settings,
-    router: RwLock<Routes<Mailbox>>,
-    retained: Mutex<RetainedStore<Arc<Message>>>,
+    router: RwLock<Subscribers<Mailbox>>,
+    retained: Mutex<RetainedStore<Arc<AppMessage>>>,
     sessions: Mutex<Registry<Arc<Mailbox>>>,
     timers_changed: Notify,
     next_conn_id: AtomicU64,
@@ -92,7 +92,7 @@ impl Broker {
     pub fn new(settings: Settings) -> Self {
         Self {
             settings,
-            router: RwLock::new(Routes::new()),
+            router: RwLock::new(Subscribers::new()),
             retained: Mutex::new(RetainedStore::new()),
             sessions: Mutex::new(Registry::default()),
             timers_changed: Notify::new(),
@@ -276,7 +276,7 @@ impl Broker {
         subscription: &Subscription,
         send_retained: bool,
     ) {
-        let route = Route {
+        let route = Subscriber {
             handle: Arc::clone(mailbox),
             options: subscription.options,
             id: subscription.id,
@@ -316,15 +316,15 @@ impl Broker {
             .remove(filter, &(Arc::clone(client_id), flow));
     }
 
-    /// Routes a message the broker itself publishes (a will), with no one to push back on.
-    pub fn publish(&self, message: Arc<Message>, now: Instant) {
+    /// Subscribers a message the broker itself publishes (a will), with no one to push back on.
+    pub fn publish(&self, message: Arc<AppMessage>, now: Instant) {
         self.route(message, now, &mut Vec::new());
     }
 
-    /// Routes a message to every matching subscription: one delivery per session and flow,
+    /// Subscribers a message to every matching subscription: one delivery per session and flow,
     /// with the highest granted QoS and every matching subscription identifier
     /// [MQTT-3.3.4-2, -3]. Mailboxes that push back (see `mailbox`) are added to `pressured`.
-    pub fn route(&self, message: Arc<Message>, now: Instant, pressured: &mut Vec<Arc<Mailbox>>) {
+    pub fn route(&self, message: Arc<AppMessage>, now: Instant, pressured: &mut Vec<Arc<Mailbox>>) {
         self.metrics
             .messages_received
             .fetch_add(1, Ordering::Relaxed);
@@ -354,7 +354,7 @@ impl Broker {
         });
     }
 
-    fn store_retained(&self, message: &Message) {
+    fn store_retained(&self, message: &AppMessage) {
         let entry = fanout::retained_entry(message);
         fanout::store_retained(
             &mut self

@@ -20,7 +20,7 @@ fn broker() -> Broker {
     })
 }
 
-fn message(topic: &str, now: Instant) -> Message {
+fn message(topic: &str, now: Instant) -> AppMessage {
     let publish = Publish {
         dup: false,
         qos: QoS::AtLeastOnce,
@@ -30,7 +30,7 @@ fn message(topic: &str, now: Instant) -> Message {
         properties: Default::default(),
         payload: Bytes::from_static(b"will"),
     };
-    Message::from_publish(publish, None, now)
+    AppMessage::from_publish(publish, None, now)
 }
 
 /// Opens a session for `id`, subscribes it to `filter`, and returns its mailbox.

@@ -1,5 +1,5 @@
 //! The client's one task: it owns the protocol state, the stream map and the current
-//! [`Link`], takes commands from the [`Client`](super::Client) handles, and sends events to
+//! [`ServerConnection`], takes commands from the [`Client`](super::Client) handles, and sends events to
 //! the application.
 //!
 //! The loop: carry out the state's outputs (encoded bytes to the link's writers, completions
@@ -26,7 +26,7 @@ use super::state::{
     ClientState, Completion, Failure, Output, PublishRequest, RequestId, StateError,
 };
 use super::streams::{Route, StreamMap};
-use super::transport::{encoded, AttemptError, Inbound, Link, TransportContext};
+use super::transport::{encoded, AttemptError, Inbound, ServerConnection, TransportContext};
 use super::{ClientError, Stats};
 use crate::codec::{ConnAck, Connect, Disconnect, Packet, Properties, Publish, ReasonCode, Will};
 
@@ -116,11 +116,11 @@ async fn connect_any(
     options: Arc<ClientOptions>,
     connect: Packet,
     stats: Arc<Stats>,
-) -> Result<(Link, ConnAck), ClientError> {
+) -> Result<(ServerConnection, ConnAck), ClientError> {
     let mut errors = Vec::new();
     let mut refused = None;
     for url in &options.urls {
-        let attempt = Link::open(
+        let attempt = ServerConnection::open(
             &ctx,
             url,
             &connect,
@@ -203,12 +203,12 @@ struct Driver {
     backlog: VecDeque<Event>,
     waiters: HashMap<RequestId, Waiter>,
     next_request: u64,
-    link: Option<Link>,
+    link: Option<ServerConnection>,
     rng: u64,
 }
 
 impl Driver {
-    async fn run(mut self, link: Link, connack: ConnAck) {
+    async fn run(mut self, link: ServerConnection, connack: ConnAck) {
         self.connected(link, connack);
         loop {
             let reason = match self.serve().await {
@@ -237,7 +237,7 @@ impl Driver {
         }
     }
 
-    fn connected(&mut self, link: Link, connack: ConnAck) {
+    fn connected(&mut self, link: ServerConnection, connack: ConnAck) {
         if let Some(id) = &connack.properties.assigned_client_identifier {
             self.client_id.clone_from(id);
         }

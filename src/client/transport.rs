@@ -1,4 +1,4 @@
-//! The client's side of every transport: a [`Link`] is one connection to a server, whichever
+//! The client's side of every transport: a [`ServerConnection`] is one connection to a server, whichever
 //! URL scheme chose it, as a set of routes (streams) with a writer task and a reader task
 //! each.
 //!
@@ -242,7 +242,7 @@ struct Writer {
 }
 
 /// One connection to a server: its routes, their tasks, and the inbound queue.
-pub struct Link {
+pub struct ServerConnection {
     /// Signalled by the writers each time they have written something: wakes a driver that
     /// stopped taking publishes while the backlog was high.
     pub written: Arc<tokio::sync::Notify>,
@@ -279,7 +279,7 @@ impl From<std::io::Error> for AttemptError {
     }
 }
 
-impl Link {
+impl ServerConnection {
     /// Opens the transport of `url` and runs CONNECT → CONNACK on it. The caller bounds the
     /// time this may take.
     pub async fn open(
@@ -562,7 +562,7 @@ impl Link {
     }
 }
 
-impl Drop for Link {
+impl Drop for ServerConnection {
     fn drop(&mut self) {
         self.abort();
     }

@@ -15,7 +15,7 @@ use std::collections::HashMap;
 use std::sync::Arc;
 use std::time::Instant;
 
-use super::message::{Delivery, Flow, Message};
+use super::message::{AppMessage, Delivery, Flow};
 use super::retain::RetainedStore;
 use super::router::SubscriptionTree;
 use super::session::Subscription;
@@ -27,7 +27,7 @@ pub type SubscriberKey = (Arc<str>, Flow);
 /// A subscription as the router holds it: the handle that reaches the subscriber's session
 /// and what the subscription asked for.
 #[derive(Debug)]
-pub struct Route<M> {
+pub struct Subscriber<M> {
     pub handle: Arc<M>,
     pub options: SubscriptionOptions,
     pub id: Option<u32>,
@@ -35,7 +35,7 @@ pub struct Route<M> {
 
 /// The subscription tree the shell keeps: keyed by client id and flow, so a QUIC data
 /// stream's subscriptions are its own.
-pub type Routes<M> = SubscriptionTree<SubscriberKey, Route<M>>;
+pub type Subscribers<M> = SubscriptionTree<SubscriberKey, Subscriber<M>>;
 
 /// Targets over which overlapping subscriptions are found by a scan; past this, by an index.
 const SCAN_LIMIT: usize = 16;
@@ -68,22 +68,22 @@ impl<M> Fanout<M> {
     /// `routes`; `online` tells which handles a shared group should prefer.
     pub fn collect(
         &mut self,
-        routes: &Routes<M>,
-        message: &Arc<Message>,
+        subscribers: &Subscribers<M>,
+        message: &Arc<AppMessage>,
         online: impl Fn(&M) -> bool,
     ) {
         let Self { targets, index } = self;
         let mut indexed = false;
-        routes.for_each_match(
+        subscribers.for_each_match(
             &message.topic,
-            |_, route| online(&route.handle),
-            |(client, flow), route| {
-                if route.options.no_local && message.publisher.as_deref() == Some(&**client) {
+            |_, subscriber| online(&subscriber.handle),
+            |(client, flow), subscriber| {
+                if subscriber.options.no_local && message.publisher.as_deref() == Some(&**client) {
                     return;
                 }
-                let qos = message.qos.min(route.options.qos);
-                let retain = route.options.retain_as_published && message.retain;
-                let key = (Arc::as_ptr(&route.handle), *flow);
+                let qos = message.qos.min(subscriber.options.qos);
+                let retain = subscriber.options.retain_as_published && message.retain;
+                let key = (Arc::as_ptr(&subscriber.handle), *flow);
                 let found = if indexed {
                     index.get(&key).copied()
                 } else {
@@ -95,7 +95,7 @@ impl<M> Fanout<M> {
                     let delivery = &mut targets[i].1;
                     delivery.qos = delivery.qos.max(qos);
                     delivery.retain |= retain;
-                    delivery.subscription_ids.extend(route.id);
+                    delivery.subscription_ids.extend(subscriber.id);
                     return;
                 }
                 if indexed {
@@ -114,10 +114,10 @@ impl<M> Fanout<M> {
                     message: Arc::clone(message),
                     qos,
                     retain,
-                    subscription_ids: route.id.into_iter().collect(),
+                    subscription_ids: subscriber.id.into_iter().collect(),
                     flow: *flow,
                 };
-                targets.push((Arc::clone(&route.handle), delivery));
+                targets.push((Arc::clone(&subscriber.handle), delivery));
             },
         );
     }
@@ -138,15 +138,15 @@ impl<M> Fanout<M> {
 /// The retained message to keep for `message`, or `None` when it clears its topic
 /// [MQTT-3.3.1-6, -7]. A kept message gets a payload allocation of its own instead of
 /// pinning the read buffer it arrived in; call this outside the retained store's lock.
-pub fn retained_entry(message: &Message) -> Option<Arc<Message>> {
+pub fn retained_entry(message: &AppMessage) -> Option<Arc<AppMessage>> {
     (!message.payload.is_empty()).then(|| Arc::new(message.detached()))
 }
 
 /// Stores (or clears) `topic`'s retained message, as [`retained_entry`] decided.
 pub fn store_retained(
-    store: &mut RetainedStore<Arc<Message>>,
+    store: &mut RetainedStore<Arc<AppMessage>>,
     topic: &str,
-    entry: Option<Arc<Message>>,
+    entry: Option<Arc<AppMessage>>,
 ) {
     match entry {
         Some(kept) => store.insert(topic, kept),
@@ -158,7 +158,7 @@ pub fn store_retained(
 /// granted QoS, with the subscription's identifier and the retain flag set; expired ones are
 /// removed from the store instead.
 pub fn retained_deliveries(
-    store: &mut RetainedStore<Arc<Message>>,
+    store: &mut RetainedStore<Arc<AppMessage>>,
     subscription: &Subscription,
     now: Instant,
 ) -> Vec<Delivery> {

@@ -20,7 +20,7 @@ fn handle(name: &'static str) -> Arc<Handle> {
     Arc::new(Handle { name, online: true })
 }
 
-fn message(topic: &str, qos: QoS, retain: bool, publisher: Option<&str>) -> Arc<Message> {
+fn message(topic: &str, qos: QoS, retain: bool, publisher: Option<&str>) -> Arc<AppMessage> {
     let publish = Publish {
         dup: false,
         qos,
@@ -30,7 +30,7 @@ fn message(topic: &str, qos: QoS, retain: bool, publisher: Option<&str>) -> Arc<
         properties: Default::default(),
         payload: Bytes::from_static(b"m"),
     };
-    Arc::new(Message::from_publish(
+    Arc::new(AppMessage::from_publish(
         publish,
         publisher.map(Arc::from),
         Instant::now(),
@@ -38,14 +38,14 @@ fn message(topic: &str, qos: QoS, retain: bool, publisher: Option<&str>) -> Arc<
 }
 
 fn subscribe(
-    routes: &mut Routes<Handle>,
+    routes: &mut Subscribers<Handle>,
     who: &Arc<Handle>,
     flow: Flow,
     filter: &str,
     options: SubscriptionOptions,
     id: Option<u32>,
 ) {
-    let route = Route {
+    let route = Subscriber {
         handle: Arc::clone(who),
         options,
         id,
@@ -63,8 +63,8 @@ fn qos(qos: QoS) -> SubscriptionOptions {
 
 /// (subscriber, flow, qos, retain, subscription ids) of each delivery, sorted.
 fn deliveries(
-    routes: &Routes<Handle>,
-    message: &Arc<Message>,
+    routes: &Subscribers<Handle>,
+    message: &Arc<AppMessage>,
 ) -> Vec<(&'static str, u64, QoS, bool, Vec<u32>)> {
     let mut fanout = Fanout::default();
     fanout.collect(routes, message, |h| h.online);
@@ -82,7 +82,7 @@ fn deliveries(
 
 #[test]
 fn overlapping_subscriptions_merge_into_one_delivery() {
-    let mut routes = Routes::new();
+    let mut routes = Subscribers::new();
     let a = handle("a");
     subscribe(
         &mut routes,
@@ -118,7 +118,7 @@ fn overlapping_subscriptions_merge_into_one_delivery() {
 
 #[test]
 fn the_granted_qos_caps_the_message_qos() {
-    let mut routes = Routes::new();
+    let mut routes = Subscribers::new();
     subscribe(
         &mut routes,
         &handle("a"),
@@ -133,7 +133,7 @@ fn the_granted_qos_caps_the_message_qos() {
 
 #[test]
 fn no_local_skips_the_publisher_only() {
-    let mut routes = Routes::new();
+    let mut routes = Subscribers::new();
     let options = SubscriptionOptions {
         no_local: true,
         ..qos(QoS::AtLeastOnce)
@@ -160,7 +160,7 @@ fn no_local_skips_the_publisher_only() {
 
 #[test]
 fn retain_as_published_keeps_the_flag_only_when_asked() {
-    let mut routes = Routes::new();
+    let mut routes = Subscribers::new();
     let keep = SubscriptionOptions {
         retain_as_published: true,
         ..qos(QoS::AtMostOnce)
@@ -186,7 +186,7 @@ fn retain_as_published_keeps_the_flag_only_when_asked() {
 
 #[test]
 fn each_flow_of_a_session_gets_its_own_delivery() {
-    let mut routes = Routes::new();
+    let mut routes = Subscribers::new();
     let a = handle("a");
     subscribe(
         &mut routes,
@@ -218,7 +218,7 @@ fn each_flow_of_a_session_gets_its_own_delivery() {
 fn many_subscribers_merge_the_same_way_through_the_index() {
     // Past the scan limit the merge goes through the index: every subscriber still gets one
     // delivery with both identifiers.
-    let mut routes = Routes::new();
+    let mut routes = Subscribers::new();
     let names: Vec<&'static str> = (0..40)
         .map(|i| &*Box::leak(format!("s{i:02}").into_boxed_str()))
         .collect();
@@ -248,7 +248,7 @@ fn many_subscribers_merge_the_same_way_through_the_index() {
 
 #[test]
 fn a_shared_group_delivers_to_one_online_member() {
-    let mut routes = Routes::new();
+    let mut routes = Subscribers::new();
     let offline = Arc::new(Handle {
         name: "offline",
         online: false,
@@ -278,7 +278,7 @@ fn a_shared_group_delivers_to_one_online_member() {
 
 #[test]
 fn the_buffers_are_empty_between_publishes() {
-    let mut routes = Routes::new();
+    let mut routes = Subscribers::new();
     subscribe(
         &mut routes,
         &handle("a"),

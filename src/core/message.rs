@@ -1,6 +1,6 @@
 //! An application message as it travels between sessions, and one delivery of it.
 //!
-//! A `Message` is built once per PUBLISH and shared behind an `Arc` by every subscriber; the
+//! An `AppMessage` (an MQTT Application Message) is built once per PUBLISH and shared behind an `Arc` by every subscriber; the
 //! payload is a `Bytes` slice of the read buffer, never copied. Expiry is an instant computed
 //! on arrival, so forwarding can tell the remaining lifetime without reading the clock.
 
@@ -12,7 +12,7 @@ use bytes::Bytes;
 use crate::codec::{Properties, Publish, QoS};
 
 #[derive(Debug, Clone)]
-pub struct Message {
+pub struct AppMessage {
     pub topic: String,
     pub payload: Bytes,
     pub qos: QoS,
@@ -26,7 +26,7 @@ pub struct Message {
     pub expires_at: Option<Instant>,
 }
 
-impl Message {
+impl AppMessage {
     /// Builds the routed message from an inbound PUBLISH whose topic alias is already resolved.
     pub fn from_publish(publish: Publish, publisher: Option<Arc<str>>, now: Instant) -> Self {
         let mut properties = publish.properties;
@@ -93,7 +93,7 @@ impl Flow {
 /// One message on its way to one subscriber, after overlapping subscriptions were merged.
 #[derive(Debug, Clone)]
 pub struct Delivery {
-    pub message: Arc<Message>,
+    pub message: Arc<AppMessage>,
     /// The granted QoS: the message's QoS capped by the subscription's.
     pub qos: QoS,
     /// The RETAIN flag to send (retained-on-subscribe, or Retain As Published).
@@ -121,7 +121,7 @@ mod tests {
             properties: Properties::default(),
             payload: buffer.slice(100..110),
         };
-        let message = Message::from_publish(publish, None, Instant::now());
+        let message = AppMessage::from_publish(publish, None, Instant::now());
         let kept = message.detached();
         assert_eq!(kept.payload, message.payload);
         assert_ne!(kept.payload.as_ptr(), message.payload.as_ptr());

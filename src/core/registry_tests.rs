@@ -9,7 +9,7 @@ use bytes::Bytes;
 use super::*;
 use crate::codec::{Publish, QoS, ReasonCode};
 use crate::core::channel::Initiator;
-use crate::core::message::Message;
+use crate::core::message::AppMessage;
 
 /// A handle that records whether the registry marked its session online.
 #[derive(Debug, Clone, Default)]
@@ -36,7 +36,7 @@ fn will(topic: &str, delay: u32) -> PendingWill {
         payload: Bytes::from_static(b"gone"),
     };
     PendingWill {
-        message: Message::from_publish(publish, None, Instant::now()),
+        message: AppMessage::from_publish(publish, None, Instant::now()),
         delay,
         expiry_interval: None,
     }

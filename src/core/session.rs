@@ -294,13 +294,13 @@ impl Session {
 #[allow(clippy::disallowed_methods)] // tests make up instants from the real clock
 mod tests {
     use super::*;
-    use crate::core::message::Message;
+    use crate::core::message::AppMessage;
     use bytes::Bytes;
     use std::sync::Arc;
 
     fn delivery(qos: QoS) -> Delivery {
         Delivery {
-            message: Arc::new(Message {
+            message: Arc::new(AppMessage {
                 topic: "t".into(),
                 payload: Bytes::from_static(b"x"),
                 qos,

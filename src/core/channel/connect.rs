@@ -178,7 +178,7 @@ impl Channel {
             };
             let expiry_interval = publish.properties.message_expiry_interval;
             let mut message =
-                Message::from_publish(publish, Some(Arc::from(client_id.as_str())), now);
+                AppMessage::from_publish(publish, Some(Arc::from(client_id.as_str())), now);
             message.expires_at = None;
             Box::new(PendingWill {
                 message,

@@ -76,7 +76,7 @@ impl Channel {
         if self.version.is_v5()
             && (!delivery.subscription_ids.is_empty()
                 || message.expires_at.is_some()
-                // Messages drop an emptied property set (`Message::from_publish`).
+                // Messages drop an emptied property set (`AppMessage::from_publish`).
                 || !message.properties.is_unset())
         {
             return Err(delivery);

@@ -26,7 +26,7 @@ use crate::codec::{
     Unsubscribe,
 };
 use crate::core::access::{Access, Authorizer};
-use crate::core::message::{Delivery, Flow, Message};
+use crate::core::message::{AppMessage, Delivery, Flow};
 use crate::core::session::{Outgoing, Session, Subscription};
 use crate::core::topic::{validate_topic_name, TopicFilter};
 
@@ -103,7 +103,7 @@ pub enum Initiator {
 #[derive(Debug, Clone)]
 pub struct PendingWill {
     /// The will as it will be routed; its `expires_at` is set only when it is published.
-    pub message: Message,
+    pub message: AppMessage,
     /// Will Delay Interval in seconds (0: publish at once).
     pub delay: u32,
     /// The will's Message Expiry Interval, which runs from publication, not from CONNECT
@@ -113,7 +113,7 @@ pub struct PendingWill {
 
 impl PendingWill {
     /// The message to route when the will is published at `now`.
-    pub fn into_message(self, now: Instant) -> Message {
+    pub fn into_message(self, now: Instant) -> AppMessage {
         let mut message = self.message;
         message.expires_at = self
             .expiry_interval
@@ -141,7 +141,7 @@ pub enum Action {
         client_id: Arc<str>,
         clean_start: bool,
     },
-    Route(Arc<Message>),
+    Route(Arc<AppMessage>),
     Subscribe {
         subscription: Subscription,
         send_retained: bool,

@@ -87,7 +87,7 @@ impl Channel {
             }
         }
         if refused.is_none() {
-            let message = Message::from_publish(publish, Some(Arc::clone(&self.client_id)), now);
+            let message = AppMessage::from_publish(publish, Some(Arc::clone(&self.client_id)), now);
             self.actions.push_back(Action::Route(Arc::new(message)));
         }
     }

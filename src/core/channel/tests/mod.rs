@@ -125,7 +125,7 @@ fn publish(topic: &str, qos: QoS, id: Option<u16>) -> Publish {
 }
 
 fn delivery(topic: &str, qos: QoS) -> Delivery {
-    let message = Message::from_publish(publish(topic, qos, None), None, Instant::now());
+    let message = AppMessage::from_publish(publish(topic, qos, None), None, Instant::now());
     Delivery {
         message: Arc::new(message),
         qos,
