@@ -4,6 +4,7 @@
 
 use bytes::{Bytes, BytesMut};
 use criterion::{criterion_group, criterion_main, BenchmarkId, Criterion, Throughput};
+use petrel::codec::PacketId;
 use petrel::codec::{
     encode, Ack, Codec, Connect, Packet, Properties, ProtocolVersion, Publish, QoS, ReasonCode,
     Subscribe, SubscriptionOptions,
@@ -21,7 +22,7 @@ fn publish(size: usize, version: ProtocolVersion) -> Packet {
         qos: QoS::AtLeastOnce,
         retain: false,
         topic: "vehicles/car-42/telemetry/speed".into(),
-        packet_id: Some(7),
+        packet_id: Some(PacketId(7)),
         properties,
         payload: Bytes::from(vec![0x5a; size]),
     })
@@ -59,7 +60,7 @@ fn bench_publish(c: &mut Criterion) {
 fn bench_acks(c: &mut Criterion) {
     let mut group = c.benchmark_group("puback");
     for version in [ProtocolVersion::V311, ProtocolVersion::V5] {
-        let packet = Packet::PubAck(Ack::new(7, ReasonCode::SUCCESS));
+        let packet = Packet::PubAck(Ack::new(PacketId(7), ReasonCode::SUCCESS));
         let mut wire = BytesMut::new();
         encode(&packet, version, &mut wire);
         let id = format!("{version:?}");
@@ -97,7 +98,7 @@ fn bench_control(c: &mut Criterion) {
             properties: Properties::default(),
         }));
         let subscribe = Packet::Subscribe(Subscribe {
-            packet_id: 9,
+            packet_id: PacketId(9),
             properties: Properties::default(),
             filters: vec![
                 (

@@ -16,7 +16,7 @@ use super::driver::{self, Command};
 use super::options::{ClientOptions, ServerUrl};
 use super::streams::Route;
 use super::{ClientError, Stats, StatsSnapshot};
-use crate::codec::{Properties, QoS, ReasonCode, SubscriptionOptions};
+use crate::codec::{PacketId, Properties, QoS, ReasonCode, SubscriptionOptions};
 
 /// An application message to publish (or the will).
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -171,7 +171,7 @@ pub struct Received {
     pub qos: QoS,
     pub retain: bool,
     pub dup: bool,
-    pub packet_id: Option<u16>,
+    pub packet_id: Option<PacketId>,
     pub properties: Properties,
     /// The stream it arrived on (always `Control` on byte-stream transports).
     pub route: Route,
@@ -240,7 +240,7 @@ impl Events {
 /// How a publish completed.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct PublishOutcome {
-    pub packet_id: Option<u16>,
+    pub packet_id: Option<PacketId>,
     /// The PUBACK / PUBCOMP reason code (success codes only; failures are errors).
     pub reason: ReasonCode,
     /// From the `publish` call to the completion (QoS 0: handed to the transport).

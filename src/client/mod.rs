@@ -65,7 +65,7 @@ pub use api::{
 pub use options::{Backoff, ClientOptions, ServerUrl, TlsOptions, Transport};
 pub use streams::{QuicStreams, Route, StreamGroup, StreamPolicy};
 
-pub use crate::codec::{Properties, ProtocolVersion as Version, QoS, ReasonCode};
+pub use crate::codec::{PacketId, Properties, ProtocolVersion as Version, QoS, ReasonCode};
 
 /// Why a client operation failed.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]

@@ -22,8 +22,8 @@ use std::time::{Duration, Instant};
 
 use super::streams::Route;
 use crate::codec::{
-    encoded_len, Ack, ConnAck, Packet, Properties, ProtocolVersion, Publish, QoS, ReasonCode,
-    Subscribe, SubscriptionOptions, Unsubscribe,
+    encoded_len, Ack, ConnAck, Packet, PacketId, Properties, ProtocolVersion, Publish, QoS,
+    ReasonCode, Subscribe, SubscriptionOptions, Unsubscribe,
 };
 
 /// Names a request of the application, so that its completion can find it.
@@ -55,7 +55,7 @@ pub enum Completion {
     /// QoS 0: handed to the transport; QoS 1: PUBACK; QoS 2: PUBCOMP. `latency` runs from
     /// the request to that moment.
     Published {
-        packet_id: Option<u16>,
+        packet_id: Option<PacketId>,
         reason: ReasonCode,
         latency: Duration,
     },
@@ -156,13 +156,13 @@ pub struct ClientState {
     multi_stream: bool,
     connected: bool,
     server: ServerLimits,
-    next_id: u16,
+    next_id: PacketId,
     seq: u64,
-    in_flight: BTreeMap<u16, InFlight>,
+    in_flight: BTreeMap<PacketId, InFlight>,
     queue: VecDeque<PublishRequest>,
-    inbound_qos2: HashSet<u16>,
+    inbound_qos2: HashSet<PacketId>,
     subscriptions: BTreeMap<String, SubRecord>,
-    pending: HashMap<u16, Pending>,
+    pending: HashMap<PacketId, Pending>,
     last_sent: Instant,
     ping_sent: Option<Instant>,
     out: VecDeque<Output>,
@@ -183,7 +183,7 @@ impl ClientState {
             multi_stream,
             connected: false,
             server: ServerLimits::default(),
-            next_id: 1,
+            next_id: PacketId(1),
             seq: 0,
             in_flight: BTreeMap::new(),
             queue: VecDeque::new(),
@@ -241,7 +241,7 @@ impl ClientState {
         self.ping_sent = None;
 
         // Requests in flight when the last connection died go out again first.
-        let mut pending: Vec<(u16, Pending)> = self.pending.drain().collect();
+        let mut pending: Vec<(PacketId, Pending)> = self.pending.drain().collect();
         pending.sort_by_key(|(id, _)| *id);
         for (id, p) in pending {
             match &p {
@@ -267,7 +267,8 @@ impl ClientState {
     /// The server kept the session: resend in send order, on the control stream (the server
     /// parked the old streams' state there).
     fn resume(&mut self, now: Instant) {
-        let mut ids: Vec<(u64, u16)> = self.in_flight.iter().map(|(id, f)| (f.seq, *id)).collect();
+        let mut ids: Vec<(u64, PacketId)> =
+            self.in_flight.iter().map(|(id, f)| (f.seq, *id)).collect();
         ids.sort_unstable();
         for (_, id) in ids {
             let Some(f) = self.in_flight.get_mut(&id) else {
@@ -312,7 +313,8 @@ impl ClientState {
     /// subscription is made anew on its route.
     fn restart(&mut self, now: Instant) {
         self.inbound_qos2.clear();
-        let mut ids: Vec<(u64, u16)> = self.in_flight.iter().map(|(id, f)| (f.seq, *id)).collect();
+        let mut ids: Vec<(u64, PacketId)> =
+            self.in_flight.iter().map(|(id, f)| (f.seq, *id)).collect();
         ids.sort_unstable();
         for (_, id) in ids {
             let Some(f) = self.in_flight.get_mut(&id) else {
@@ -570,7 +572,7 @@ impl ClientState {
         }
     }
 
-    fn handle_suback(&mut self, now: Instant, id: u16, reasons: Vec<ReasonCode>) {
+    fn handle_suback(&mut self, now: Instant, id: PacketId, reasons: Vec<ReasonCode>) {
         let Some(Pending::Subscribe(why, subscribe, route)) = self.pending.remove(&id) else {
             return;
         };
@@ -710,7 +712,7 @@ impl ClientState {
         }
     }
 
-    fn take_in_phase(&mut self, id: u16, phase: Phase) -> Option<InFlight> {
+    fn take_in_phase(&mut self, id: PacketId, phase: Phase) -> Option<InFlight> {
         match self.in_flight.get(&id) {
             Some(f) if f.phase == phase => self.in_flight.remove(&id),
             _ => None,
@@ -738,10 +740,10 @@ impl ClientState {
     }
 
     /// The next free packet id, skipping ids in use; `None` when all 65535 are.
-    fn allocate_id(&mut self) -> Option<u16> {
+    fn allocate_id(&mut self) -> Option<PacketId> {
         for _ in 0..u16::MAX {
             let id = self.next_id;
-            self.next_id = if id == u16::MAX { 1 } else { id + 1 };
+            self.next_id = id.next();
             if !self.in_flight.contains_key(&id) && !self.pending.contains_key(&id) {
                 return Some(id);
             }

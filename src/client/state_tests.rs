@@ -1,6 +1,7 @@
 //! `ClientState` in virtual time: packets in, outputs asserted, `now` advanced by hand.
 
 use super::*;
+use crate::codec::PacketId;
 use bytes::Bytes;
 
 const KEEP_ALIVE: Duration = Duration::from_secs(10);
@@ -59,7 +60,7 @@ fn publish_ids(outputs: &[Output]) -> Vec<(u16, bool)> {
     sent(outputs)
         .into_iter()
         .filter_map(|(_, p)| match p {
-            Packet::Publish(p) => Some((p.packet_id.unwrap(), p.dup)),
+            Packet::Publish(p) => Some((p.packet_id.unwrap().0, p.dup)),
             _ => None,
         })
         .collect()
@@ -78,7 +79,7 @@ fn inbound(id: u16, qos: QoS) -> Packet {
         qos,
         retain: false,
         topic: "t".into(),
-        packet_id: Some(id),
+        packet_id: Some(PacketId(id)),
         properties: Properties::default(),
         payload: Bytes::from_static(b"x"),
     })
@@ -90,7 +91,7 @@ fn packet_ids_skip_ids_in_use_and_wrap_after_65535() {
     s.handle_connack(now, &connack(false, None)).unwrap();
     s.publish(now, request(1, "t", QoS::AtLeastOnce, now))
         .unwrap();
-    s.next_id = u16::MAX;
+    s.next_id = PacketId(u16::MAX);
     s.publish(now, request(2, "t", QoS::AtLeastOnce, now))
         .unwrap();
     // 1 is still in flight, so after 65535 comes 2.
@@ -116,7 +117,7 @@ fn the_servers_receive_maximum_bounds_the_window() {
     s.handle_packet(
         later,
         Route::Control,
-        Packet::PubAck(Ack::new(1, ReasonCode::SUCCESS)),
+        Packet::PubAck(Ack::new(PacketId(1), ReasonCode::SUCCESS)),
     )
     .unwrap();
     let out = drain(&mut s);
@@ -144,7 +145,7 @@ fn unacknowledged_messages_are_resent_with_dup_after_a_reconnect() {
     s.handle_packet(
         now,
         Route::Control,
-        Packet::PubRec(Ack::new(3, ReasonCode::SUCCESS)),
+        Packet::PubRec(Ack::new(PacketId(3), ReasonCode::SUCCESS)),
     )
     .unwrap();
     drain(&mut s);
@@ -156,8 +157,8 @@ fn unacknowledged_messages_are_resent_with_dup_after_a_reconnect() {
     let summary: Vec<(Route, u8, u16, bool)> = out
         .iter()
         .map(|(r, p)| match p {
-            Packet::Publish(p) => (*r, 3, p.packet_id.unwrap(), p.dup),
-            Packet::PubRel(a) => (*r, 6, a.packet_id, false),
+            Packet::Publish(p) => (*r, 3, p.packet_id.unwrap().0, p.dup),
+            Packet::PubRel(a) => (*r, 6, a.packet_id.0, false),
             other => panic!("unexpected {other:?}"),
         })
         .collect();
@@ -183,7 +184,7 @@ fn a_new_session_completes_released_qos2_and_resends_the_rest() {
     s.handle_packet(
         now,
         Route::Control,
-        Packet::PubRec(Ack::new(1, ReasonCode::SUCCESS)),
+        Packet::PubRec(Ack::new(PacketId(1), ReasonCode::SUCCESS)),
     )
     .unwrap();
     drain(&mut s);
@@ -217,7 +218,7 @@ fn inbound_qos2_is_delivered_once_until_pubrel() {
     s.handle_packet(
         now,
         Route::Control,
-        Packet::PubRel(Ack::new(7, ReasonCode::SUCCESS)),
+        Packet::PubRel(Ack::new(PacketId(7), ReasonCode::SUCCESS)),
     )
     .unwrap();
     let out = drain(&mut s);
@@ -363,13 +364,13 @@ fn server_misbehaviour_is_an_error_not_a_panic() {
     s.handle_packet(
         now,
         Route::Control,
-        Packet::PubAck(Ack::new(55, ReasonCode::SUCCESS)),
+        Packet::PubAck(Ack::new(PacketId(55), ReasonCode::SUCCESS)),
     )
     .unwrap();
     s.handle_packet(
         now,
         Route::Control,
-        Packet::PubRec(Ack::new(56, ReasonCode::SUCCESS)),
+        Packet::PubRec(Ack::new(PacketId(56), ReasonCode::SUCCESS)),
     )
     .unwrap();
 }
@@ -386,7 +387,7 @@ fn pubcomp_packet_id_not_found_after_a_resent_pubrel_completes_the_publish() {
     s.handle_packet(
         now,
         Route::Control,
-        Packet::PubRec(Ack::new(1, ReasonCode::SUCCESS)),
+        Packet::PubRec(Ack::new(PacketId(1), ReasonCode::SUCCESS)),
     )
     .unwrap();
     drain(&mut s);
@@ -396,7 +397,10 @@ fn pubcomp_packet_id_not_found_after_a_resent_pubrel_completes_the_publish() {
     s.handle_packet(
         now,
         Route::Control,
-        Packet::PubComp(Ack::new(1, ReasonCode::PACKET_IDENTIFIER_NOT_FOUND)),
+        Packet::PubComp(Ack::new(
+            PacketId(1),
+            ReasonCode::PACKET_IDENTIFIER_NOT_FOUND,
+        )),
     )
     .unwrap();
     let done: Vec<bool> = drain(&mut s)

@@ -12,8 +12,8 @@
 use bytes::{Buf, Bytes, BytesMut};
 
 use super::model::{
-    Ack, Auth, ConnAck, Connect, Disconnect, Packet, ProtocolVersion, Publish, QoS, SubAck,
-    Subscribe, SubscriptionOptions, UnsubAck, Unsubscribe, Will,
+    Ack, Auth, ConnAck, Connect, Disconnect, Packet, PacketId, ProtocolVersion, Publish, QoS,
+    SubAck, Subscribe, SubscriptionOptions, UnsubAck, Unsubscribe, Will,
 };
 use super::properties::{read_properties, Context};
 use super::reason::ReasonCode;
@@ -580,10 +580,10 @@ impl Reader {
         Ok(value)
     }
 
-    fn packet_id(&mut self) -> Result<u16, DecodeError> {
+    fn packet_id(&mut self) -> Result<PacketId, DecodeError> {
         match self.u16()? {
             0 => Err(PACKET_ID_ZERO),
-            id => Ok(id),
+            id => Ok(PacketId(id)),
         }
     }
 

@@ -10,8 +10,8 @@
 use bytes::{BufMut, BytesMut};
 
 use super::model::{
-    Ack, ConnAck, Connect, Packet, Properties, ProtocolVersion, Publish, QoS, SubAck, Subscribe,
-    SubscriptionOptions, UnsubAck, Unsubscribe,
+    Ack, ConnAck, Connect, Packet, PacketId, Properties, ProtocolVersion, Publish, QoS, SubAck,
+    Subscribe, SubscriptionOptions, UnsubAck, Unsubscribe,
 };
 use super::properties::{properties_len, write_properties};
 use super::reason::ReasonCode;
@@ -57,7 +57,7 @@ pub struct PublishRef<'a> {
     pub qos: QoS,
     pub retain: bool,
     pub topic: &'a str,
-    pub packet_id: Option<u16>,
+    pub packet_id: Option<PacketId>,
     pub payload: &'a [u8],
 }
 
@@ -86,7 +86,7 @@ impl PublishRef<'_> {
         put_varint(out, remaining);
         put_string(out, self.topic);
         let id_at = self.packet_id.map(|id| {
-            out.put_u16(id);
+            out.put_u16(id.0);
             out.len() - 2
         });
         if version.is_v5() {
@@ -237,7 +237,7 @@ fn publish_len(p: &Publish, v5: bool) -> usize {
 fn put_publish(p: &Publish, v5: bool, out: &mut BytesMut) {
     put_string(out, &p.topic);
     if let Some(id) = p.packet_id {
-        out.put_u16(id);
+        out.put_u16(id.0);
     }
     put_v5_properties(&p.properties, v5, out);
     out.put_slice(&p.payload);
@@ -252,7 +252,7 @@ fn ack_len(a: &Ack, v5: bool) -> usize {
 }
 
 fn put_ack(a: &Ack, v5: bool, out: &mut BytesMut) {
-    out.put_u16(a.packet_id);
+    out.put_u16(a.packet_id.0);
     if v5 {
         put_reason_tail(a.reason, &a.properties, out);
     }
@@ -288,7 +288,7 @@ fn subscribe_len(s: &Subscribe, v5: bool) -> usize {
 }
 
 fn put_subscribe(s: &Subscribe, v5: bool, out: &mut BytesMut) {
-    out.put_u16(s.packet_id);
+    out.put_u16(s.packet_id.0);
     put_v5_properties(&s.properties, v5, out);
     for (filter, options) in &s.filters {
         put_string(out, filter);
@@ -310,7 +310,7 @@ fn suback_len(s: &SubAck, v5: bool) -> usize {
 }
 
 fn put_suback(s: &SubAck, v5: bool, out: &mut BytesMut) {
-    out.put_u16(s.packet_id);
+    out.put_u16(s.packet_id.0);
     put_v5_properties(&s.properties, v5, out);
     for reason in &s.reasons {
         // v3 has one failure return code, 0x80.
@@ -328,7 +328,7 @@ fn unsubscribe_len(u: &Unsubscribe, v5: bool) -> usize {
 }
 
 fn put_unsubscribe(u: &Unsubscribe, v5: bool, out: &mut BytesMut) {
-    out.put_u16(u.packet_id);
+    out.put_u16(u.packet_id.0);
     put_v5_properties(&u.properties, v5, out);
     for filter in &u.filters {
         put_string(out, filter);
@@ -345,7 +345,7 @@ fn unsuback_len(u: &UnsubAck, v5: bool) -> usize {
 }
 
 fn put_unsuback(u: &UnsubAck, v5: bool, out: &mut BytesMut) {
-    out.put_u16(u.packet_id);
+    out.put_u16(u.packet_id.0);
     if v5 {
         write_properties(&u.properties, out);
         for reason in &u.reasons {

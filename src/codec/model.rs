@@ -165,7 +165,7 @@ pub struct Publish {
     /// May be empty in v5 when a topic alias is given.
     pub topic: String,
     /// `Some` exactly when `qos > 0`; never zero.
-    pub packet_id: Option<u16>,
+    pub packet_id: Option<PacketId>,
     pub properties: Properties,
     pub payload: Bytes,
 }
@@ -183,16 +183,41 @@ impl std::fmt::Debug for Publish {
     }
 }
 
+/// A packet identifier [MQTT-2.2.1]: never zero on the wire (the decoder refuses 0, and the
+/// broker and the client allocate from 1). A newtype so that an id is never mistaken for
+/// another number where it crosses from the codec into a session.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub struct PacketId(pub u16);
+
+impl PacketId {
+    /// The id after this one, wrapping from 65,535 to 1.
+    pub fn next(self) -> Self {
+        Self(self.0.checked_add(1).unwrap_or(1))
+    }
+}
+
+impl std::fmt::Display for PacketId {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        self.0.fmt(f)
+    }
+}
+
+impl PartialEq<u16> for PacketId {
+    fn eq(&self, other: &u16) -> bool {
+        self.0 == *other
+    }
+}
+
 /// PUBACK, PUBREC, PUBREL and PUBCOMP share one shape.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Ack {
-    pub packet_id: u16,
+    pub packet_id: PacketId,
     pub reason: ReasonCode,
     pub properties: Properties,
 }
 
 impl Ack {
-    pub fn new(packet_id: u16, reason: ReasonCode) -> Self {
+    pub fn new(packet_id: PacketId, reason: ReasonCode) -> Self {
         Self {
             packet_id,
             reason,
@@ -213,14 +238,14 @@ pub struct SubscriptionOptions {
 
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Subscribe {
-    pub packet_id: u16,
+    pub packet_id: PacketId,
     pub properties: Properties,
     pub filters: Vec<(String, SubscriptionOptions)>,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct SubAck {
-    pub packet_id: u16,
+    pub packet_id: PacketId,
     pub properties: Properties,
     /// Granted QoS (0, 1, 2) or a failure code; v3 encodes every failure as 0x80.
     pub reasons: Vec<ReasonCode>,
@@ -228,14 +253,14 @@ pub struct SubAck {
 
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Unsubscribe {
-    pub packet_id: u16,
+    pub packet_id: PacketId,
     pub properties: Properties,
     pub filters: Vec<String>,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct UnsubAck {
-    pub packet_id: u16,
+    pub packet_id: PacketId,
     pub properties: Properties,
     /// Empty on v3 (the packet has no payload there).
     pub reasons: Vec<ReasonCode>,

@@ -5,6 +5,7 @@
 mod malformed;
 mod proptests;
 
+use crate::codec::PacketId;
 use bytes::{Bytes, BytesMut};
 
 use super::decode::parse_varint;
@@ -181,19 +182,19 @@ fn v31_connect_fixture_uses_mqisdp() {
 /// shortest form.
 #[test]
 fn v5_puback_short_forms() {
-    let success = Packet::PubAck(Ack::new(1, ReasonCode::SUCCESS));
+    let success = Packet::PubAck(Ack::new(PacketId(1), ReasonCode::SUCCESS));
     assert_eq!(decode_one(V5, hex("40 02 00 01")), success);
     assert_eq!(decode_one(V5, hex("40 04 00 01 00 00")), success);
     assert_eq!(encoded(&success, V5), hex("40 02 00 01"));
 
-    let no_match = Packet::PubAck(Ack::new(1, ReasonCode::NO_MATCHING_SUBSCRIBERS));
+    let no_match = Packet::PubAck(Ack::new(PacketId(1), ReasonCode::NO_MATCHING_SUBSCRIBERS));
     assert_eq!(decode_one(V5, hex("40 03 00 01 10")), no_match);
     assert_eq!(decode_one(V5, hex("40 04 00 01 10 00")), no_match);
     assert_eq!(encoded(&no_match, V5), hex("40 03 00 01 10"));
 
     // Reason String (0x1F) forces the full form even with a Success code.
     let with_reason = Packet::PubRec(Ack {
-        packet_id: 1,
+        packet_id: PacketId(1),
         reason: ReasonCode::SUCCESS,
         properties: Properties::from(crate::codec::PropertySet {
             reason_string: Some("bad".into()),
@@ -207,7 +208,7 @@ fn v5_puback_short_forms() {
 
 #[test]
 fn v3_acks_are_the_packet_id_alone() {
-    let ack = Ack::new(0x1234, ReasonCode::SUCCESS);
+    let ack = Ack::new(PacketId(0x1234), ReasonCode::SUCCESS);
     for (packet, wire) in [
         (Packet::PubAck(ack.clone()), "40 02 12 34"),
         (Packet::PubRec(ack.clone()), "50 02 12 34"),
@@ -215,7 +216,7 @@ fn v3_acks_are_the_packet_id_alone() {
         (Packet::PubComp(ack.clone()), "70 02 12 34"),
         (
             Packet::UnsubAck(UnsubAck {
-                packet_id: 0x1234,
+                packet_id: PacketId(0x1234),
                 properties: Properties::default(),
                 reasons: vec![],
             }),
@@ -377,7 +378,7 @@ fn connack_reserved_flags_are_malformed() {
 #[test]
 fn v3_suback_writes_every_failure_as_0x80() {
     let packet = Packet::SubAck(SubAck {
-        packet_id: 7,
+        packet_id: PacketId(7),
         properties: Properties::default(),
         reasons: vec![ReasonCode::GRANTED_QOS_1, ReasonCode::TOPIC_FILTER_INVALID],
     });
@@ -399,7 +400,7 @@ fn v3_suback_writes_every_failure_as_0x80() {
 fn v5_subscription_options_byte() {
     let wire = hex("82 09 00 0A 00 00 03 61 2F 62 2D");
     let expected = Packet::Subscribe(Subscribe {
-        packet_id: 10,
+        packet_id: PacketId(10),
         properties: Properties::default(),
         filters: vec![(
             "a/b".into(),
@@ -538,7 +539,7 @@ fn a_borrowed_publish_encodes_like_the_packet_with_no_properties() {
                 // [MQTT-3.3.1-2]: no DUP at QoS 0.
                 let dup = dup && qos != QoS::AtMostOnce;
                 for payload in &payloads {
-                    let packet_id = (qos != QoS::AtMostOnce).then_some(0xBEEF);
+                    let packet_id = (qos != QoS::AtMostOnce).then_some(PacketId(0xBEEF));
                     let owned = Packet::Publish(Publish {
                         dup,
                         qos,

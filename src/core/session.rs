@@ -9,7 +9,7 @@ use std::collections::{HashMap, HashSet, VecDeque};
 use std::hash::{BuildHasherDefault, Hasher};
 use std::sync::Arc;
 
-use crate::codec::{QoS, SubscriptionOptions};
+use crate::codec::{PacketId, QoS, SubscriptionOptions};
 use crate::core::message::{Delivery, Flow};
 use crate::core::topic::TopicFilter;
 
@@ -73,16 +73,16 @@ pub struct Session {
     /// Outgoing messages in the order they were sent, with their packet ids (a map ordered by
     /// send sequence keeps the resend order of [MQTT-4.4.0-1]). Ids come from one counter for
     /// all flows, so they never collide and an ack is found whichever flow carries it.
-    outgoing: VecDeque<Option<(u16, Outgoing)>>,
+    outgoing: VecDeque<Option<(PacketId, Outgoing)>>,
     /// The send sequence number of `outgoing[0]`.
     first_seq: u64,
     inflight: usize,
-    ids_in_use: HashMap<u16, u64, BuildHasherDefault<IdHasher>>,
-    next_packet_id: u16,
+    ids_in_use: HashMap<PacketId, u64, BuildHasherDefault<IdHasher>>,
+    next_packet_id: PacketId,
     next_seq: u64,
     /// Inbound QoS 2 packet ids (per flow: each stream is the client's own id space) for
     /// which PUBREC was sent and PUBREL not yet received.
-    pub awaiting_release: HashSet<(Flow, u16)>,
+    pub awaiting_release: HashSet<(Flow, PacketId)>,
 }
 
 impl Session {
@@ -95,7 +95,7 @@ impl Session {
             first_seq: 0,
             inflight: 0,
             ids_in_use: HashMap::default(),
-            next_packet_id: 1,
+            next_packet_id: PacketId(1),
             next_seq: 0,
             awaiting_release: HashSet::new(),
         }
@@ -121,11 +121,11 @@ impl Session {
 
     /// Outgoing QoS 1/2 messages awaiting their acknowledgement, in send order, with their
     /// packet ids.
-    pub fn outgoing(&self) -> impl Iterator<Item = &(u16, Outgoing)> {
+    pub fn outgoing(&self) -> impl Iterator<Item = &(PacketId, Outgoing)> {
         self.outgoing.iter().flatten()
     }
 
-    fn slot(&mut self, seq: u64) -> Option<&mut Option<(u16, Outgoing)>> {
+    fn slot(&mut self, seq: u64) -> Option<&mut Option<(PacketId, Outgoing)>> {
         let index = usize::try_from(seq.checked_sub(self.first_seq)?).ok()?;
         self.outgoing.get_mut(index)
     }
@@ -146,14 +146,14 @@ impl Session {
 
     /// Records an outgoing QoS 1/2 delivery under a fresh packet id. `None` if all 65,535 ids
     /// are in use (the caller's window keeps that from happening).
-    pub fn track(&mut self, delivery: Delivery) -> Option<u16> {
+    pub fn track(&mut self, delivery: Delivery) -> Option<PacketId> {
         debug_assert!(delivery.qos != QoS::AtMostOnce);
         if self.ids_in_use.len() >= usize::from(u16::MAX) {
             return None;
         }
         let id = loop {
             let id = self.next_packet_id;
-            self.next_packet_id = self.next_packet_id.checked_add(1).unwrap_or(1);
+            self.next_packet_id = id.next();
             if !self.ids_in_use.contains_key(&id) {
                 break id;
             }
@@ -172,7 +172,7 @@ impl Session {
 
     /// PUBACK (QoS 1) or PUBCOMP (QoS 2): forget the id. Returns whether it matched the
     /// expected state.
-    pub fn complete(&mut self, id: u16, qos2: bool) -> bool {
+    pub fn complete(&mut self, id: PacketId, qos2: bool) -> bool {
         let Some(&seq) = self.ids_in_use.get(&id) else {
             return false;
         };
@@ -191,7 +191,7 @@ impl Session {
     /// PUBREC: the QoS 2 message moves to the release phase. Returns the flow to send PUBREL
     /// on if the id was awaiting PUBREC or already releasing (a repeated PUBREC is answered
     /// again).
-    pub fn received(&mut self, id: u16) -> Option<Flow> {
+    pub fn received(&mut self, id: PacketId) -> Option<Flow> {
         let seq = *self.ids_in_use.get(&id)?;
         let (_, state) = self.slot(seq)?.as_mut()?;
         match state {
@@ -206,7 +206,7 @@ impl Session {
     }
 
     /// PUBREC with a failure reason: the message is finished without a release.
-    pub fn abandon(&mut self, id: u16) {
+    pub fn abandon(&mut self, id: PacketId) {
         if let Some(seq) = self.ids_in_use.remove(&id) {
             self.release(seq);
         }
@@ -261,7 +261,7 @@ impl Session {
                 _ => {}
             }
         }
-        let released: Vec<(Flow, u16)> = self
+        let released: Vec<(Flow, PacketId)> = self
             .awaiting_release
             .iter()
             .filter(|(f, _)| *f == flow)
@@ -350,11 +350,11 @@ mod tests {
     #[test]
     fn packet_ids_skip_ids_in_use_and_wrap() {
         let mut s = Session::new("c".into(), 0);
-        s.next_packet_id = u16::MAX;
+        s.next_packet_id = PacketId(u16::MAX);
         let a = s.track(delivery(QoS::AtLeastOnce)).unwrap();
         let b = s.track(delivery(QoS::AtLeastOnce)).unwrap();
-        assert_eq!((a, b), (u16::MAX, 1));
-        s.next_packet_id = u16::MAX;
+        assert_eq!((a, b), (PacketId(u16::MAX), PacketId(1)));
+        s.next_packet_id = PacketId(u16::MAX);
         let c = s.track(delivery(QoS::AtLeastOnce)).unwrap();
         assert_eq!(c, 2, "ids in use are skipped and 0 is never used");
     }

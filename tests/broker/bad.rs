@@ -3,6 +3,7 @@
 //! answer (a v5 reason code, a close for v3), and afterwards the broker still serves a fresh
 //! client.
 
+use petrel::codec::PacketId;
 use std::net::SocketAddr;
 use std::time::Duration;
 
@@ -387,7 +388,7 @@ fn subscribe_with_properties(
     options: SubscriptionOptions,
 ) -> Packet {
     Packet::Subscribe(Subscribe {
-        packet_id: 1,
+        packet_id: PacketId(1),
         properties,
         filters: vec![(filter.into(), options)],
     })
@@ -469,24 +470,30 @@ async fn bad_unsolicited_acks_do_not_corrupt_state() {
     let broker = TestBroker::start().await;
     let (mut client, _) = RawClient::connect_v5(broker.addr, "acks").await;
     client
-        .send(&Packet::PubAck(Ack::new(9, ReasonCode::SUCCESS)))
+        .send(&Packet::PubAck(Ack::new(PacketId(9), ReasonCode::SUCCESS)))
         .await;
     client
-        .send(&Packet::PubComp(Ack::new(9, ReasonCode::SUCCESS)))
+        .send(&Packet::PubComp(Ack::new(PacketId(9), ReasonCode::SUCCESS)))
         .await;
     client
-        .send(&Packet::PubRec(Ack::new(9, ReasonCode::SUCCESS)))
+        .send(&Packet::PubRec(Ack::new(PacketId(9), ReasonCode::SUCCESS)))
         .await;
     assert_eq!(
         client.expect_packet().await,
-        Packet::PubRel(Ack::new(9, ReasonCode::PACKET_IDENTIFIER_NOT_FOUND))
+        Packet::PubRel(Ack::new(
+            PacketId(9),
+            ReasonCode::PACKET_IDENTIFIER_NOT_FOUND
+        ))
     );
     client
-        .send(&Packet::PubRel(Ack::new(9, ReasonCode::SUCCESS)))
+        .send(&Packet::PubRel(Ack::new(PacketId(9), ReasonCode::SUCCESS)))
         .await;
     assert_eq!(
         client.expect_packet().await,
-        Packet::PubComp(Ack::new(9, ReasonCode::PACKET_IDENTIFIER_NOT_FOUND))
+        Packet::PubComp(Ack::new(
+            PacketId(9),
+            ReasonCode::PACKET_IDENTIFIER_NOT_FOUND
+        ))
     );
 
     // The client's own QoS 1 and 2 flows still work, in both directions.
@@ -496,17 +503,17 @@ async fn bad_unsolicited_acks_do_not_corrupt_state() {
         .await;
     assert_eq!(
         client.expect_packet().await,
-        Packet::PubRec(Ack::new(9, ReasonCode::SUCCESS))
+        Packet::PubRec(Ack::new(PacketId(9), ReasonCode::SUCCESS))
     );
     client
-        .send(&Packet::PubRel(Ack::new(9, ReasonCode::SUCCESS)))
+        .send(&Packet::PubRel(Ack::new(PacketId(9), ReasonCode::SUCCESS)))
         .await;
     // Our own message (routed at PUBREC time) and the PUBCOMP, in either order.
     let (mut got, mut completed) = (None, false);
     for _ in 0..2 {
         match client.expect_packet().await {
             Packet::Publish(p) => got = Some(p),
-            Packet::PubComp(ack) => completed = ack == Ack::new(9, ReasonCode::SUCCESS),
+            Packet::PubComp(ack) => completed = ack == Ack::new(PacketId(9), ReasonCode::SUCCESS),
             other => panic!("unexpected {other:?}"),
         }
     }
@@ -538,17 +545,17 @@ async fn bad_qos2_packet_id_reused_before_pubrel_is_not_routed_twice() {
             .await;
         assert_eq!(
             client.expect_packet().await,
-            Packet::PubRec(Ack::new(5, ReasonCode::SUCCESS))
+            Packet::PubRec(Ack::new(PacketId(5), ReasonCode::SUCCESS))
         );
     }
     assert_eq!(&sub.expect_publish().await.payload[..], b"first");
     sub.expect_silence().await;
     client
-        .send(&Packet::PubRel(Ack::new(5, ReasonCode::SUCCESS)))
+        .send(&Packet::PubRel(Ack::new(PacketId(5), ReasonCode::SUCCESS)))
         .await;
     assert_eq!(
         client.expect_packet().await,
-        Packet::PubComp(Ack::new(5, ReasonCode::SUCCESS))
+        Packet::PubComp(Ack::new(PacketId(5), ReasonCode::SUCCESS))
     );
     // After the release the id is free for a new message.
     client
@@ -678,7 +685,7 @@ async fn bad_subscribe_with_many_filters_bounded_by_quota() {
         .collect();
     client
         .send(&Packet::Subscribe(Subscribe {
-            packet_id: 1,
+            packet_id: PacketId(1),
             properties: Properties::default(),
             filters,
         }))
@@ -780,7 +787,7 @@ async fn expect_pipelined_answers(client: &mut RawClient) {
         rest.push(client.expect_packet().await);
     }
     assert!(
-        rest.contains(&Packet::PubAck(Ack::new(2, ReasonCode::SUCCESS))),
+        rest.contains(&Packet::PubAck(Ack::new(PacketId(2), ReasonCode::SUCCESS))),
         "{rest:?}"
     );
     assert!(rest.contains(&Packet::PingResp), "{rest:?}");

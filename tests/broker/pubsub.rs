@@ -1,6 +1,7 @@
 //! `pub_` / `sub_`: QoS flows, downgrade, wildcards, `$` topics, overlapping and shared
 //! subscriptions, No Local, Retain As Published, (un)subscribe answers.
 
+use petrel::codec::PacketId;
 use std::collections::BTreeSet;
 
 use petrel::codec::{
@@ -167,7 +168,10 @@ async fn sub_dollar_topics_not_matched_by_leading_wildcards() {
         .await;
     match publisher.expect_packet().await {
         Packet::PubAck(ack) => {
-            assert_eq!((ack.packet_id, ack.reason), (2, ReasonCode::NOT_AUTHORIZED))
+            assert_eq!(
+                (ack.packet_id, ack.reason),
+                (PacketId(2), ReasonCode::NOT_AUTHORIZED)
+            )
         }
         other => panic!("expected PUBACK, got {other:?}"),
     }
@@ -201,7 +205,7 @@ async fn sub_overlapping_subscriptions_deliver_once_with_highest_qos_and_all_ids
             ..Default::default()
         });
         sub.send(&Packet::Subscribe(Subscribe {
-            packet_id,
+            packet_id: PacketId(packet_id),
             properties,
             filters: vec![(filter.into(), qos_options(qos))],
         }))
@@ -414,7 +418,7 @@ async fn sub_invalid_filters_get_0x8f_and_valid_ones_are_granted() {
     filters.push(("ok/+/#".into(), qos_options(QoS::AtLeastOnce)));
     client
         .send(&Packet::Subscribe(Subscribe {
-            packet_id: 9,
+            packet_id: PacketId(9),
             properties: Properties::default(),
             filters,
         }))

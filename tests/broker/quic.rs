@@ -11,6 +11,7 @@ mod lifecycle;
 mod multi;
 mod single;
 
+use petrel::codec::PacketId;
 use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
@@ -350,7 +351,7 @@ impl QuicStream {
 
     pub async fn unsubscribe(&mut self, packet_id: u16, filter: &str) -> Vec<ReasonCode> {
         self.send(&Packet::Unsubscribe(Unsubscribe {
-            packet_id,
+            packet_id: PacketId(packet_id),
             properties: Properties::default(),
             filters: vec![filter.to_owned()],
         }))
@@ -364,7 +365,7 @@ impl QuicStream {
     /// Publishes on this stream and completes the publisher's side of the QoS flow on it.
     pub async fn publish_acked(&mut self, publish: Publish) {
         let qos = publish.qos;
-        let id = publish.packet_id.unwrap_or(0);
+        let id = publish.packet_id.unwrap_or(PacketId(0));
         self.send(&Packet::Publish(publish)).await;
         match qos {
             QoS::AtMostOnce => {}
@@ -379,7 +380,7 @@ impl QuicStream {
     }
 
     /// The next packet is the successful ack `kind` (PUBACK, PUBREC, PUBREL, PUBCOMP) for `id`.
-    pub async fn expect_ack(&mut self, id: u16, kind: &str) {
+    pub async fn expect_ack(&mut self, id: PacketId, kind: &str) {
         let packet = self.expect_packet().await;
         let ack = match (&packet, kind) {
             (Packet::PubAck(a), "PUBACK")
@@ -395,7 +396,7 @@ impl QuicStream {
         assert!(!ack.reason.is_failure(), "{packet:?}");
     }
 
-    pub async fn puback(&mut self, id: u16) {
+    pub async fn puback(&mut self, id: PacketId) {
         self.send(&Packet::PubAck(Ack::new(id, ReasonCode::SUCCESS)))
             .await;
     }
@@ -415,7 +416,7 @@ pub async fn expect_silence_on(streams: &mut [&mut QuicStream]) {
 }
 
 /// The packet id of a QoS 1/2 delivery.
-pub fn id_of(publish: &Publish) -> u16 {
+pub fn id_of(publish: &Publish) -> PacketId {
     publish
         .packet_id
         .expect("a QoS 1/2 delivery has a packet id")

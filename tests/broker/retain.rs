@@ -1,5 +1,6 @@
 //! `retain_`: retained messages on subscribe, clearing, Retain Handling, expiry.
 
+use petrel::codec::PacketId;
 use std::time::Duration;
 
 use petrel::codec::{QoS, SubscriptionOptions};
@@ -146,7 +147,7 @@ async fn retain_on_subscribe_carries_the_subscription_identifier_and_granted_qos
     client
         .send(&petrel::codec::Packet::Subscribe(
             petrel::codec::Subscribe {
-                packet_id: 1,
+                packet_id: PacketId(1),
                 properties,
                 filters: vec![("ids".into(), qos_options(QoS::AtMostOnce))],
             },

@@ -1,5 +1,6 @@
 //! `session_`: persistent sessions, offline queues, resends, QoS 2 exactly-once, expiry.
 
+use petrel::codec::PacketId;
 use std::sync::atomic::Ordering;
 
 use petrel::codec::{Ack, Connect, Packet, ProtocolVersion, QoS, ReasonCode};
@@ -142,7 +143,7 @@ async fn session_qos2_inbound_exactly_once_across_reconnect() {
         .await;
     assert_eq!(
         publisher.expect_packet().await,
-        Packet::PubRec(Ack::new(7, ReasonCode::SUCCESS))
+        Packet::PubRec(Ack::new(PacketId(7), ReasonCode::SUCCESS))
     );
     drop(publisher); // no PUBREL
 
@@ -154,7 +155,7 @@ async fn session_qos2_inbound_exactly_once_across_reconnect() {
     publisher.send(&Packet::Publish(dup)).await;
     assert_eq!(
         publisher.expect_packet().await,
-        Packet::PubRec(Ack::new(7, ReasonCode::SUCCESS))
+        Packet::PubRec(Ack::new(PacketId(7), ReasonCode::SUCCESS))
     );
 
     let got = sub.expect_publish().await;
@@ -167,19 +168,22 @@ async fn session_qos2_inbound_exactly_once_across_reconnect() {
     assert!(matches!(sub.expect_packet().await, Packet::PubRel(_)));
 
     publisher
-        .send(&Packet::PubRel(Ack::new(7, ReasonCode::SUCCESS)))
+        .send(&Packet::PubRel(Ack::new(PacketId(7), ReasonCode::SUCCESS)))
         .await;
     assert_eq!(
         publisher.expect_packet().await,
-        Packet::PubComp(Ack::new(7, ReasonCode::SUCCESS))
+        Packet::PubComp(Ack::new(PacketId(7), ReasonCode::SUCCESS))
     );
     // Released: a second PUBREL is for an unknown id.
     publisher
-        .send(&Packet::PubRel(Ack::new(7, ReasonCode::SUCCESS)))
+        .send(&Packet::PubRel(Ack::new(PacketId(7), ReasonCode::SUCCESS)))
         .await;
     assert_eq!(
         publisher.expect_packet().await,
-        Packet::PubComp(Ack::new(7, ReasonCode::PACKET_IDENTIFIER_NOT_FOUND))
+        Packet::PubComp(Ack::new(
+            PacketId(7),
+            ReasonCode::PACKET_IDENTIFIER_NOT_FOUND
+        ))
     );
     sub.expect_silence().await;
 }

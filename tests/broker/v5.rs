@@ -1,6 +1,7 @@
 //! `v5_`: topic aliases, message expiry, property pass-through, the client's and the broker's
 //! limits (Maximum Packet Size, Receive Maximum).
 
+use petrel::codec::PacketId;
 use std::time::Duration;
 
 use bytes::Bytes;
@@ -248,7 +249,7 @@ async fn v5_payload_format_invalid_refused_with_0x99() {
     publisher.send(&Packet::Publish(message)).await;
     assert_eq!(
         publisher.expect_packet().await,
-        Packet::PubAck(Ack::new(1, ReasonCode::PAYLOAD_FORMAT_INVALID))
+        Packet::PubAck(Ack::new(PacketId(1), ReasonCode::PAYLOAD_FORMAT_INVALID))
     );
     sub.expect_silence().await;
 }
@@ -374,23 +375,23 @@ async fn v5_broker_receive_maximum_enforced_with_0x93() {
             .await;
         assert_eq!(
             client.expect_packet().await,
-            Packet::PubRec(Ack::new(id, ReasonCode::SUCCESS))
+            Packet::PubRec(Ack::new(PacketId(id), ReasonCode::SUCCESS))
         );
     }
     // Releasing one makes room again.
     client
-        .send(&Packet::PubRel(Ack::new(1, ReasonCode::SUCCESS)))
+        .send(&Packet::PubRel(Ack::new(PacketId(1), ReasonCode::SUCCESS)))
         .await;
     assert_eq!(
         client.expect_packet().await,
-        Packet::PubComp(Ack::new(1, ReasonCode::SUCCESS))
+        Packet::PubComp(Ack::new(PacketId(1), ReasonCode::SUCCESS))
     );
     client
         .send(&publish("rm", QoS::ExactlyOnce, Some(3), b"x"))
         .await;
     assert_eq!(
         client.expect_packet().await,
-        Packet::PubRec(Ack::new(3, ReasonCode::SUCCESS))
+        Packet::PubRec(Ack::new(PacketId(3), ReasonCode::SUCCESS))
     );
     // A third unreleased one exceeds the maximum.
     client

@@ -10,6 +10,7 @@
     reason = "each test module uses a different subset of the helpers"
 )]
 
+use petrel::codec::PacketId;
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
@@ -92,7 +93,7 @@ pub async fn assert_broker_healthy(addr: SocketAddr) {
         matches!(
             ack,
             Packet::PubAck(Ack {
-                packet_id: 1,
+                packet_id: PacketId(1),
                 reason: ReasonCode::SUCCESS,
                 ..
             })
@@ -142,7 +143,7 @@ pub fn publish_struct(topic: &str, qos: QoS, packet_id: Option<u16>, payload: &[
         qos,
         retain: false,
         topic: topic.to_owned(),
-        packet_id,
+        packet_id: packet_id.map(PacketId),
         properties: Properties::default(),
         payload: Bytes::copy_from_slice(payload),
     }
@@ -150,7 +151,7 @@ pub fn publish_struct(topic: &str, qos: QoS, packet_id: Option<u16>, payload: &[
 
 pub fn subscribe_packet(packet_id: u16, filter: &str, options: SubscriptionOptions) -> Packet {
     Packet::Subscribe(Subscribe {
-        packet_id,
+        packet_id: PacketId(packet_id),
         properties: Properties::default(),
         filters: vec![(filter.to_owned(), options)],
     })
@@ -391,7 +392,7 @@ impl RawClient {
 
     pub async fn unsubscribe(&mut self, packet_id: u16, filter: &str) -> Vec<ReasonCode> {
         self.send(&Packet::Unsubscribe(Unsubscribe {
-            packet_id,
+            packet_id: PacketId(packet_id),
             properties: Properties::default(),
             filters: vec![filter.to_owned()],
         }))
@@ -413,7 +414,7 @@ impl RawClient {
         qos: QoS,
     ) -> Vec<ReasonCode> {
         self.send(&Packet::Subscribe(Subscribe {
-            packet_id,
+            packet_id: PacketId(packet_id),
             properties: Properties::default(),
             filters: filters
                 .iter()
@@ -445,7 +446,7 @@ impl RawClient {
     /// Publishes and completes the QoS flow from the publisher's side.
     pub async fn publish_acked(&mut self, publish: Publish) {
         let qos = publish.qos;
-        let id = publish.packet_id.unwrap_or(0);
+        let id = publish.packet_id.unwrap_or(PacketId(0));
         self.send(&Packet::Publish(publish)).await;
         match qos {
             QoS::AtMostOnce => {}

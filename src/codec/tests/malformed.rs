@@ -1,6 +1,7 @@
 //! One test per malformed or forbidden input, and truncation at every offset of every packet
 //! type: each must be a `DecodeError` of the right kind (or `Ok(None)`), never a panic.
 
+use crate::codec::PacketId;
 use bytes::{Bytes, BytesMut};
 
 use super::{
@@ -539,7 +540,7 @@ fn samples(version: ProtocolVersion) -> Vec<Packet> {
     };
     let user = || Properties::from(user_set());
     let ack = Ack {
-        packet_id: 9,
+        packet_id: PacketId(9),
         reason: reason(ReasonCode::UNSPECIFIED_ERROR),
         properties: props(user()),
     };
@@ -579,7 +580,7 @@ fn samples(version: ProtocolVersion) -> Vec<Packet> {
             qos: QoS::AtLeastOnce,
             retain: true,
             topic: "a/b".into(),
-            packet_id: Some(5),
+            packet_id: Some(PacketId(5)),
             properties: props(Properties::from(crate::codec::PropertySet {
                 subscription_identifiers: vec![1, 300],
                 ..user_set()
@@ -591,7 +592,7 @@ fn samples(version: ProtocolVersion) -> Vec<Packet> {
         Packet::PubRel(ack.clone()),
         Packet::PubComp(ack),
         Packet::Subscribe(Subscribe {
-            packet_id: 3,
+            packet_id: PacketId(3),
             properties: props(Properties::from(crate::codec::PropertySet {
                 subscription_identifiers: vec![7],
                 ..user_set()
@@ -608,17 +609,17 @@ fn samples(version: ProtocolVersion) -> Vec<Packet> {
             ],
         }),
         Packet::SubAck(SubAck {
-            packet_id: 3,
+            packet_id: PacketId(3),
             properties: props(user()),
             reasons: vec![ReasonCode::GRANTED_QOS_1, ReasonCode::UNSPECIFIED_ERROR],
         }),
         Packet::Unsubscribe(Unsubscribe {
-            packet_id: 4,
+            packet_id: PacketId(4),
             properties: props(user()),
             filters: vec!["a/+".into(), "b".into()],
         }),
         Packet::UnsubAck(UnsubAck {
-            packet_id: 4,
+            packet_id: PacketId(4),
             properties: props(user()),
             reasons: if v5 {
                 vec![ReasonCode::SUCCESS, ReasonCode::NO_SUBSCRIPTION_EXISTED]

@@ -12,6 +12,7 @@ use proptest::prelude::*;
 use proptest::strategy::{BoxedStrategy, Union};
 
 use crate::codec::properties::{restrict_to, Context};
+use crate::codec::PacketId;
 use crate::codec::{
     encode, encoded_len, Ack, Auth, Codec, ConnAck, Connect, DecodeError, Disconnect, Packet,
     Properties, ProtocolVersion, Publish, QoS, ReasonCode, SubAck, Subscribe, SubscriptionOptions,
@@ -50,8 +51,8 @@ fn qos() -> impl Strategy<Value = QoS> {
     ]
 }
 
-fn packet_id() -> impl Strategy<Value = u16> {
-    1..=u16::MAX
+fn packet_id() -> impl Strategy<Value = PacketId> {
+    (1..=u16::MAX).prop_map(PacketId)
 }
 
 fn reason() -> impl Strategy<Value = ReasonCode> {

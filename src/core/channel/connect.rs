@@ -248,7 +248,7 @@ impl Channel {
             self.rehome(flow);
         }
         // [MQTT-4.4.0-1]: resend unacknowledged PUBLISH (DUP set) and PUBREL, in order.
-        let resend: Vec<(u16, Outgoing)> = self
+        let resend: Vec<(PacketId, Outgoing)> = self
             .session
             .iter()
             .flat_map(|s| s.outgoing().cloned())

@@ -45,7 +45,7 @@ impl Channel {
         };
         let mut publish = self.build_publish(now, &delivery, false);
         if delivery.qos != QoS::AtMostOnce {
-            publish.packet_id = Some(u16::MAX); // same size as the id it will get
+            publish.packet_id = Some(PacketId(u16::MAX)); // same size as the id it will get
         }
         let mut packet = Packet::Publish(publish);
         if !self.fits(&packet) {
@@ -91,7 +91,7 @@ impl Channel {
             retain: delivery.retain,
             topic: &message.topic,
             // A placeholder of the same size as the id it gets below.
-            packet_id: (qos != QoS::AtMostOnce).then_some(0),
+            packet_id: (qos != QoS::AtMostOnce).then_some(PacketId(0)),
             payload: &message.payload,
         };
         if !self.fits_len(|| publish.encoded_len(self.version)) {
@@ -112,7 +112,7 @@ impl Channel {
             .as_mut()
             .and_then(|session| session.track(delivery))
         {
-            Some(id) => out[id_at..id_at + 2].copy_from_slice(&id.to_be_bytes()),
+            Some(id) => out[id_at..id_at + 2].copy_from_slice(&id.0.to_be_bytes()),
             None => {
                 out.truncate(start);
                 self.dropped += 1;
@@ -123,7 +123,7 @@ impl Channel {
 
     /// Resends an unacknowledged PUBLISH after reconnect; one that no longer fits the
     /// client's Maximum Packet Size is abandoned (counted) rather than kept forever.
-    pub(super) fn resend(&mut self, now: Instant, delivery: &Delivery, id: u16) {
+    pub(super) fn resend(&mut self, now: Instant, delivery: &Delivery, id: PacketId) {
         let mut publish = self.build_publish(now, delivery, true);
         publish.packet_id = Some(id);
         let packet = Packet::Publish(publish);

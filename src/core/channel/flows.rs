@@ -54,11 +54,11 @@ impl Channel {
 
     /// Moves a gone flow's subscriptions, in-flight messages and QoS 2 state to the control
     /// flow, mirrors the move in the router, and returns the in-flight entries that moved.
-    pub(super) fn rehome(&mut self, flow: Flow) -> Vec<(u16, Outgoing)> {
+    pub(super) fn rehome(&mut self, flow: Flow) -> Vec<(PacketId, Outgoing)> {
         let Some(session) = self.session.as_mut() else {
             return Vec::new();
         };
-        let in_flight: Vec<(u16, Outgoing)> = session
+        let in_flight: Vec<(PacketId, Outgoing)> = session
             .outgoing()
             .filter(|(_, o)| o.flow() == flow)
             .cloned()
@@ -80,7 +80,7 @@ impl Channel {
 
     /// [MQTT-4.4.0-1]: an unacknowledged PUBLISH goes again with DUP set, a PUBREL again as is,
     /// on the control flow.
-    pub(super) fn resend_outgoing(&mut self, now: Instant, id: u16, state: Outgoing) {
+    pub(super) fn resend_outgoing(&mut self, now: Instant, id: PacketId, state: Outgoing) {
         match state {
             Outgoing::Publish(mut delivery) => {
                 delivery.flow = Flow::CONTROL;

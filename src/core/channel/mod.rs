@@ -21,9 +21,9 @@ use std::time::{Duration, Instant};
 use bytes::{Bytes, BytesMut};
 
 use crate::codec::{
-    self, Ack, ConnAck, Connect, DecodeError, Disconnect, Packet, Properties, ProtocolVersion,
-    Publish, PublishRef, QoS, ReasonCode, SubAck, Subscribe, SubscriptionOptions, UnsubAck,
-    Unsubscribe,
+    self, Ack, ConnAck, Connect, DecodeError, Disconnect, Packet, PacketId, Properties,
+    ProtocolVersion, Publish, PublishRef, QoS, ReasonCode, SubAck, Subscribe, SubscriptionOptions,
+    UnsubAck, Unsubscribe,
 };
 use crate::core::access::{Access, Authorizer};
 use crate::core::message::{AppMessage, Delivery, Flow};

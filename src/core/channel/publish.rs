@@ -58,14 +58,14 @@ impl Channel {
             refused = Some(ReasonCode::NOT_AUTHORIZED);
         }
 
-        let id = publish.packet_id.unwrap_or(0);
-        match publish.qos {
-            QoS::AtMostOnce => {}
-            QoS::AtLeastOnce => {
+        // The decoder gives QoS 1 and 2 an id, and QoS 0 none.
+        match (publish.qos, publish.packet_id) {
+            (QoS::AtMostOnce, _) | (_, None) => {}
+            (QoS::AtLeastOnce, Some(id)) => {
                 let reason = refused.unwrap_or(ReasonCode::SUCCESS);
                 self.reply(&Packet::PubAck(Ack::new(id, reason)));
             }
-            QoS::ExactlyOnce => {
+            (QoS::ExactlyOnce, Some(id)) => {
                 let Some(session) = self.session.as_mut() else {
                     return;
                 };

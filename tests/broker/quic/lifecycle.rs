@@ -1,6 +1,7 @@
 //! A QUIC connection's life: connect timeout, stream credit, takeover, shutdown, migration,
 //! 0-RTT resumption and persistent sessions.
 
+use petrel::codec::PacketId;
 use std::time::Duration;
 
 use petrel::codec::{Packet, ProtocolVersion, QoS, ReasonCode};
@@ -214,7 +215,7 @@ async fn quic_zero_rtt_connect_and_publish_in_early_data() {
     )));
     control.send_raw(&flight).await;
     assert_eq!(control.expect_connack().await.code, ReasonCode::SUCCESS);
-    control.expect_ack(1, "PUBACK").await;
+    control.expect_ack(PacketId(1), "PUBACK").await;
     assert!(
         tokio::time::timeout(WAIT, accepted)
             .await

@@ -1,6 +1,7 @@
 //! Multi-stream mode: data streams with their own subscriptions, acks on the stream of the
 //! packet, deliveries on the stream of the subscription, and failures that end one stream.
 
+use petrel::codec::PacketId;
 use petrel::codec::{Ack, Packet, ProtocolVersion, QoS, ReasonCode, SubscriptionOptions};
 use quinn::VarInt;
 
@@ -69,18 +70,18 @@ async fn quic_qos2_on_data_streams_completes_on_those_streams() {
     let mut pub_data = publisher.data_stream().await;
     let packet = publish(&topic, QoS::ExactlyOnce, Some(9), b"once");
     pub_data.send(&packet).await;
-    pub_data.expect_ack(9, "PUBREC").await;
+    pub_data.expect_ack(PacketId(9), "PUBREC").await;
     // A resend before PUBREL is acknowledged again, never routed twice.
     let Packet::Publish(mut dup) = packet else {
         unreachable!()
     };
     dup.dup = true;
     pub_data.send(&Packet::Publish(dup)).await;
-    pub_data.expect_ack(9, "PUBREC").await;
+    pub_data.expect_ack(PacketId(9), "PUBREC").await;
     pub_data
-        .send(&Packet::PubRel(Ack::new(9, ReasonCode::SUCCESS)))
+        .send(&Packet::PubRel(Ack::new(PacketId(9), ReasonCode::SUCCESS)))
         .await;
-    pub_data.expect_ack(9, "PUBCOMP").await;
+    pub_data.expect_ack(PacketId(9), "PUBCOMP").await;
     publisher.control.expect_silence().await;
 
     // The subscriber's side of QoS 2 runs on its data stream too.

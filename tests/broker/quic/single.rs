@@ -1,6 +1,7 @@
 //! Single-stream mode: every packet on the control stream, as on a TCP socket; and interop
 //! with clients on other transports.
 
+use petrel::codec::PacketId;
 use petrel::codec::{Ack, Packet, ProtocolVersion, QoS, ReasonCode};
 use petrel::config::ListenerKind;
 use rumqttc::QoS as V4QoS;
@@ -34,7 +35,10 @@ async fn single_stream_round_trip(version: ProtocolVersion) {
     while !acked || delivered.is_none() {
         match control.expect_packet().await {
             Packet::PubAck(ack) if !acked => {
-                assert_eq!((ack.packet_id, ack.reason), (11, ReasonCode::SUCCESS));
+                assert_eq!(
+                    (ack.packet_id, ack.reason),
+                    (PacketId(11), ReasonCode::SUCCESS)
+                );
                 acked = true;
             }
             Packet::Publish(p) if delivered.is_none() => {
@@ -55,7 +59,10 @@ async fn single_stream_round_trip(version: ProtocolVersion) {
     while !pubrec || delivery.is_none() {
         match control.expect_packet().await {
             Packet::PubRec(ack) if !pubrec => {
-                assert_eq!((ack.packet_id, ack.reason), (12, ReasonCode::SUCCESS));
+                assert_eq!(
+                    (ack.packet_id, ack.reason),
+                    (PacketId(12), ReasonCode::SUCCESS)
+                );
                 pubrec = true;
             }
             Packet::Publish(p) if delivery.is_none() => {
@@ -67,7 +74,7 @@ async fn single_stream_round_trip(version: ProtocolVersion) {
     }
     let delivery = delivery.unwrap();
     control
-        .send(&Packet::PubRel(Ack::new(12, ReasonCode::SUCCESS)))
+        .send(&Packet::PubRel(Ack::new(PacketId(12), ReasonCode::SUCCESS)))
         .await;
     control
         .send(&Packet::PubRec(Ack::new(delivery, ReasonCode::SUCCESS)))

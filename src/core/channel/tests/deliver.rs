@@ -17,7 +17,7 @@ fn outgoing_window_honours_the_client_receive_maximum() {
         sent, 2,
         "the window closes after the client's Receive Maximum"
     );
-    let ids: Vec<u16> = h
+    let ids: Vec<PacketId> = h
         .packets()
         .into_iter()
         .filter_map(|p| match p {

@@ -1,6 +1,7 @@
 //! QUIC multi-stream flows (the EMQX mapping).
 
 use super::*;
+use crate::codec::PacketId;
 
 fn data_packets(h: &mut Harness, flow: Flow) -> Vec<Packet> {
     let mut codec = Codec::with_version(h.version, u32::MAX);
@@ -17,7 +18,7 @@ fn data_packets(h: &mut Harness, flow: Flow) -> Vec<Packet> {
 
 fn subscribe_packet(id: u16, filter: &str) -> Packet {
     Packet::Subscribe(Subscribe {
-        packet_id: id,
+        packet_id: PacketId(id),
         properties: Properties::default(),
         filters: vec![(
             filter.into(),
@@ -86,7 +87,7 @@ fn unsubscribe_on_another_flow_finds_no_subscription() {
         h.now,
         b,
         Packet::Unsubscribe(Unsubscribe {
-            packet_id: 2,
+            packet_id: PacketId(2),
             properties: Properties::default(),
             filters: vec!["x".into()],
         }),

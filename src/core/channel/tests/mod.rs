@@ -118,7 +118,7 @@ fn publish(topic: &str, qos: QoS, id: Option<u16>) -> Publish {
         qos,
         retain: false,
         topic: topic.into(),
-        packet_id: id,
+        packet_id: id.map(PacketId),
         properties: Properties::default(),
         payload: Bytes::from_static(b"payload"),
     }

@@ -1,6 +1,7 @@
 //! Inbound PUBLISH: QoS 2 deduplication and our Receive Maximum, topic aliases.
 
 use super::*;
+use crate::codec::PacketId;
 
 #[test]
 fn broker_receive_maximum_is_enforced_on_inbound_qos2() {
@@ -40,14 +41,14 @@ fn inbound_qos2_is_routed_once_even_when_resent() {
     assert_eq!(
         h.packets(),
         vec![
-            Packet::PubRec(Ack::new(7, ReasonCode::SUCCESS)),
-            Packet::PubRec(Ack::new(7, ReasonCode::SUCCESS))
+            Packet::PubRec(Ack::new(PacketId(7), ReasonCode::SUCCESS)),
+            Packet::PubRec(Ack::new(PacketId(7), ReasonCode::SUCCESS))
         ]
     );
-    h.packet(Packet::PubRel(Ack::new(7, ReasonCode::SUCCESS)));
+    h.packet(Packet::PubRel(Ack::new(PacketId(7), ReasonCode::SUCCESS)));
     assert_eq!(
         h.packets(),
-        vec![Packet::PubComp(Ack::new(7, ReasonCode::SUCCESS))]
+        vec![Packet::PubComp(Ack::new(PacketId(7), ReasonCode::SUCCESS))]
     );
 }
 

@@ -16,7 +16,7 @@ fn subscribe_grants_capped_qos_and_reports_retained_per_retain_handling() {
     };
     let subscribe = |id, rh| {
         Packet::Subscribe(Subscribe {
-            packet_id: id,
+            packet_id: PacketId(id),
             properties: Properties::default(),
             filters: vec![("a/+".into(), options(rh)), ("a/#/b".into(), options(rh))],
         })
