@@ -5,6 +5,7 @@
 //!
 //! `cargo bench --bench router`.
 
+use petrel::core::topic::TopicName;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -62,7 +63,12 @@ fn message() -> Arc<AppMessage> {
         properties: Default::default(),
         payload: Bytes::from_static(&[0x5a; 64]),
     };
-    Arc::new(AppMessage::from_publish(publish, None, Instant::now()))
+    Arc::new(AppMessage::from_publish(
+        TopicName::parse(publish.topic.clone(), 0).unwrap(),
+        publish,
+        None,
+        Instant::now(),
+    ))
 }
 
 fn bench_fan_out(c: &mut Criterion) {

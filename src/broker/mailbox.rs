@@ -272,6 +272,7 @@ impl crate::core::registry::SessionHandle for Arc<Mailbox> {
 
 #[cfg(test)]
 mod tests {
+    use crate::core::topic::TopicName;
     use std::sync::Arc;
     use std::time::Instant;
 
@@ -291,7 +292,12 @@ mod tests {
             properties: Default::default(),
             payload: Bytes::from_static(b"x"),
         };
-        let message = Arc::new(AppMessage::from_publish(publish, None, Instant::now()));
+        let message = Arc::new(AppMessage::from_publish(
+            TopicName::parse(publish.topic.clone(), 0).unwrap(),
+            publish,
+            None,
+            Instant::now(),
+        ));
         Delivery {
             message,
             qos,

@@ -1,6 +1,7 @@
 //! Session-table tests in virtual time: sessions are opened and closed with made-up instants
 //! and `handle_timers` is driven to the deadlines it reports.
 
+use crate::core::topic::TopicName;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -30,7 +31,12 @@ fn message(topic: &str, now: Instant) -> AppMessage {
         properties: Default::default(),
         payload: Bytes::from_static(b"will"),
     };
-    AppMessage::from_publish(publish, None, now)
+    AppMessage::from_publish(
+        TopicName::parse(publish.topic.clone(), 0).unwrap(),
+        publish,
+        None,
+        now,
+    )
 }
 
 /// Opens a session for `id`, subscribes it to `filter`, and returns its mailbox.

@@ -1,6 +1,7 @@
 //! Fan-out rules without tokio: subscriptions are put in a tree with plain handles and the
 //! deliveries of one publish are inspected.
 
+use crate::core::topic::TopicName;
 use std::time::Duration;
 
 use bytes::Bytes;
@@ -31,6 +32,7 @@ fn message(topic: &str, qos: QoS, retain: bool, publisher: Option<&str>) -> Arc<
         payload: Bytes::from_static(b"m"),
     };
     Arc::new(AppMessage::from_publish(
+        TopicName::parse(publish.topic.clone(), 0).unwrap(),
         publish,
         publisher.map(Arc::from),
         Instant::now(),

@@ -10,10 +10,11 @@ use std::time::{Duration, Instant};
 use bytes::Bytes;
 
 use crate::codec::{Properties, Publish, QoS};
+use crate::core::topic::TopicName;
 
 #[derive(Debug, Clone)]
 pub struct AppMessage {
-    pub topic: String,
+    pub topic: TopicName,
     pub payload: Bytes,
     pub qos: QoS,
     pub retain: bool,
@@ -27,8 +28,14 @@ pub struct AppMessage {
 }
 
 impl AppMessage {
-    /// Builds the routed message from an inbound PUBLISH whose topic alias is already resolved.
-    pub fn from_publish(publish: Publish, publisher: Option<Arc<str>>, now: Instant) -> Self {
+    /// Builds the routed message from an inbound PUBLISH whose topic alias is already resolved
+    /// and whose topic was parsed into `topic` (the PUBLISH's own `topic` is not read).
+    pub fn from_publish(
+        topic: TopicName,
+        publish: Publish,
+        publisher: Option<Arc<str>>,
+        now: Instant,
+    ) -> Self {
         let mut properties = publish.properties;
         // Looked at without allocating: most messages have no properties.
         let expires_at = properties.get_mut().and_then(|set| {
@@ -43,7 +50,7 @@ impl AppMessage {
             properties = Properties::default();
         }
         Self {
-            topic: publish.topic,
+            topic,
             payload: publish.payload,
             qos: publish.qos,
             retain: publish.retain,
@@ -121,7 +128,8 @@ mod tests {
             properties: Properties::default(),
             payload: buffer.slice(100..110),
         };
-        let message = AppMessage::from_publish(publish, None, Instant::now());
+        let topic = TopicName::parse(publish.topic.clone(), 0).unwrap();
+        let message = AppMessage::from_publish(topic, publish, None, Instant::now());
         let kept = message.detached();
         assert_eq!(kept.payload, message.payload);
         assert_ne!(kept.payload.as_ptr(), message.payload.as_ptr());

@@ -1,6 +1,7 @@
 //! The session lifecycle in virtual time, without tokio: sessions are opened and closed at
 //! made-up instants and `handle_timeout` is driven to the deadlines the registry reports.
 
+use crate::core::topic::TopicName;
 use std::cell::Cell;
 use std::rc::Rc;
 
@@ -36,7 +37,12 @@ fn will(topic: &str, delay: u32) -> PendingWill {
         payload: Bytes::from_static(b"gone"),
     };
     PendingWill {
-        message: AppMessage::from_publish(publish, None, Instant::now()),
+        message: AppMessage::from_publish(
+            TopicName::parse(publish.topic.clone(), 0).unwrap(),
+            publish,
+            None,
+            Instant::now(),
+        ),
         delay,
         expiry_interval: None,
     }

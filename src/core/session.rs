@@ -295,13 +295,14 @@ impl Session {
 mod tests {
     use super::*;
     use crate::core::message::AppMessage;
+    use crate::core::topic::TopicName;
     use bytes::Bytes;
     use std::sync::Arc;
 
     fn delivery(qos: QoS) -> Delivery {
         Delivery {
             message: Arc::new(AppMessage {
-                topic: "t".into(),
+                topic: TopicName::parse("t".into(), 0).unwrap(),
                 payload: Bytes::from_static(b"x"),
                 qos,
                 retain: false,

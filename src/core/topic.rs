@@ -39,6 +39,60 @@ const QUEUE_PREFIX: &str = "$queue/";
 /// The group name reported for EMQX's `$queue/{filter}` form.
 const QUEUE_GROUP: &str = "$queue";
 
+/// A valid topic name: what a PUBLISH (or a will) was validated into, and the only form in
+/// which a topic travels from a channel to the router, the retained store and other sessions.
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub struct TopicName(String);
+
+impl TopicName {
+    /// Parses a PUBLISH or will topic (see [`validate_topic_name`]).
+    pub fn parse(name: String, max_levels: usize) -> Result<Self, TopicError> {
+        validate_topic_name(&name, max_levels)?;
+        Ok(Self(name))
+    }
+
+    pub fn as_str(&self) -> &str {
+        &self.0
+    }
+
+    /// Whether it is under `$SYS`, the broker's own tree.
+    pub fn is_sys(&self) -> bool {
+        self.0 == "$SYS" || self.0.starts_with("$SYS/")
+    }
+}
+
+impl std::ops::Deref for TopicName {
+    type Target = str;
+
+    fn deref(&self) -> &str {
+        &self.0
+    }
+}
+
+impl std::fmt::Display for TopicName {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
+impl PartialEq<str> for TopicName {
+    fn eq(&self, other: &str) -> bool {
+        self.0 == other
+    }
+}
+
+impl PartialEq<&str> for TopicName {
+    fn eq(&self, other: &&str) -> bool {
+        self.0 == *other
+    }
+}
+
+impl From<TopicName> for String {
+    fn from(topic: TopicName) -> Self {
+        topic.0
+    }
+}
+
 /// Validates a PUBLISH topic name: non-empty, no `+` or `#`, at most `max_levels` levels
 /// (0 = no limit), at most 65535 bytes.
 pub fn validate_topic_name(name: &str, max_levels: usize) -> Result<(), TopicError> {
@@ -223,6 +277,27 @@ pub fn filter_matches(filter: &str, topic: &str) -> bool {
 #[allow(clippy::disallowed_methods)] // tests make up instants from the real clock
 mod tests {
     use super::*;
+
+    #[test]
+    fn topic_name_is_a_validated_topic() {
+        let name = TopicName::parse("a/b".into(), 0).unwrap();
+        assert_eq!(name, "a/b");
+        assert!(!name.is_sys());
+        assert!(TopicName::parse("$SYS/broker/uptime".into(), 0)
+            .unwrap()
+            .is_sys());
+        assert!(TopicName::parse("$SYS".into(), 0).unwrap().is_sys());
+        assert!(!TopicName::parse("$SYSTEM".into(), 0).unwrap().is_sys());
+        assert_eq!(
+            TopicName::parse("a/+".into(), 0),
+            Err(TopicError::WildcardInName)
+        );
+        assert_eq!(TopicName::parse(String::new(), 0), Err(TopicError::Empty));
+        assert_eq!(
+            TopicName::parse("a/b/c".into(), 2),
+            Err(TopicError::TooDeep(2))
+        );
+    }
 
     #[test]
     fn valid_filters() {

@@ -101,7 +101,7 @@ impl Channel {
         check.allows(&self.client_id, self.username.as_deref(), access, topic)
     }
 
-    pub(super) fn handle_connect(&mut self, now: Instant, connect: Connect) {
+    pub(super) fn handle_connect(&mut self, now: Instant, mut connect: Connect) {
         self.version = connect.protocol;
         self.last_rx = now;
         let limits = Arc::clone(&self.limits);
@@ -130,10 +130,13 @@ impl Channel {
         if props.authentication_method.is_some() {
             return self.refuse(ReasonCode::BAD_AUTHENTICATION_METHOD);
         }
-        if let Some(will) = &connect.will {
-            if validate_topic_name(&will.topic, limits.max_topic_levels).is_err() {
+        let mut will_topic = None;
+        if let Some(will) = &mut connect.will {
+            let topic = std::mem::take(&mut will.topic);
+            let Ok(topic) = TopicName::parse(topic, limits.max_topic_levels) else {
                 return self.refuse(ReasonCode::TOPIC_NAME_INVALID);
-            }
+            };
+            will_topic = Some(topic);
             if will.qos > limits.maximum_qos {
                 return self.refuse(ReasonCode::QOS_NOT_SUPPORTED);
             }
@@ -164,7 +167,7 @@ impl Channel {
         };
         self.expiry = self.requested_expiry.min(limits.max_session_expiry);
 
-        self.will = connect.will.map(|will| {
+        self.will = connect.will.zip(will_topic).map(|(will, topic)| {
             let mut properties = will.properties;
             let delay = properties.will_delay_interval.take().unwrap_or(0);
             let publish = Publish {
@@ -177,8 +180,8 @@ impl Channel {
                 payload: will.payload,
             };
             let expiry_interval = publish.properties.message_expiry_interval;
-            let mut message =
-                AppMessage::from_publish(publish, Some(Arc::from(client_id.as_str())), now);
+            let publisher = Some(Arc::from(client_id.as_str()));
+            let mut message = AppMessage::from_publish(topic, publish, publisher, now);
             message.expires_at = None;
             Box::new(PendingWill {
                 message,

@@ -153,7 +153,7 @@ impl Channel {
             dup,
             qos: delivery.qos,
             retain: delivery.retain,
-            topic: message.topic.clone(),
+            topic: message.topic.as_str().to_owned(),
             packet_id: None,
             properties: Properties::default(),
             payload: message.payload.clone(),

@@ -28,7 +28,7 @@ use crate::codec::{
 use crate::core::access::{Access, Authorizer};
 use crate::core::message::{AppMessage, Delivery, Flow};
 use crate::core::session::{Outgoing, Session, Subscription};
-use crate::core::topic::{validate_topic_name, TopicFilter};
+use crate::core::topic::{TopicFilter, TopicName};
 
 mod connect;
 mod deliver;

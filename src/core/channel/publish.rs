@@ -39,19 +39,20 @@ impl Channel {
         } else if publish.topic.is_empty() {
             return self.protocol_error(ReasonCode::PROTOCOL_ERROR);
         }
-        if validate_topic_name(&publish.topic, limits.max_topic_levels).is_err() {
+        let topic = std::mem::take(&mut publish.topic);
+        let Ok(topic) = TopicName::parse(topic, limits.max_topic_levels) else {
             return self.protocol_error(ReasonCode::TOPIC_NAME_INVALID);
-        }
+        };
 
         let mut refused = None;
         if publish.properties.payload_format_indicator == Some(1)
             && std::str::from_utf8(&publish.payload).is_err()
         {
             refused = Some(ReasonCode::PAYLOAD_FORMAT_INVALID);
-        } else if publish.topic.starts_with("$SYS/") || publish.topic == "$SYS" {
+        } else if topic.is_sys() {
             // $SYS belongs to the broker: clients cannot inject into it.
             refused = Some(ReasonCode::NOT_AUTHORIZED);
-        } else if !self.allowed(Access::Publish, &publish.topic) {
+        } else if !self.allowed(Access::Publish, &topic) {
             // MQTT 5 hears 0x87; 3.1.1 has no negative ack, so the message is acknowledged
             // and dropped, as Mosquitto does.
             self.denied += 1;
@@ -87,7 +88,8 @@ impl Channel {
             }
         }
         if refused.is_none() {
-            let message = AppMessage::from_publish(publish, Some(Arc::clone(&self.client_id)), now);
+            let message =
+                AppMessage::from_publish(topic, publish, Some(Arc::clone(&self.client_id)), now);
             self.actions.push_back(Action::Route(Arc::new(message)));
         }
     }

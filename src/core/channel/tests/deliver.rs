@@ -100,7 +100,12 @@ fn message_expiry_is_decremented_and_expired_messages_are_dropped() {
     h.connect(connect(ProtocolVersion::V5, "exp"));
     let mut p = publish("t", QoS::AtMostOnce, None);
     p.properties.message_expiry_interval = Some(10);
-    let message = Arc::new(AppMessage::from_publish(p, None, h.now));
+    let message = Arc::new(AppMessage::from_publish(
+        TopicName::parse(p.topic.clone(), 0).unwrap(),
+        p,
+        None,
+        h.now,
+    ));
     let d = Delivery {
         message,
         qos: QoS::AtMostOnce,

@@ -125,7 +125,9 @@ fn publish(topic: &str, qos: QoS, id: Option<u16>) -> Publish {
 }
 
 fn delivery(topic: &str, qos: QoS) -> Delivery {
-    let message = AppMessage::from_publish(publish(topic, qos, None), None, Instant::now());
+    let topic_name = TopicName::parse(topic.to_owned(), 0).unwrap();
+    let message =
+        AppMessage::from_publish(topic_name, publish(topic, qos, None), None, Instant::now());
     Delivery {
         message: Arc::new(message),
         qos,

@@ -69,7 +69,7 @@ fn topic_alias_rules_on_ingress() {
         .actions()
         .into_iter()
         .filter_map(|a| match a {
-            Action::Route(m) => Some(m.topic.clone()),
+            Action::Route(m) => Some(m.topic.to_string()),
             _ => None,
         })
         .collect();
