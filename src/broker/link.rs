@@ -17,6 +17,7 @@ use crate::auth::{Credentials, Refusal};
 use crate::codec::ReasonCode;
 use crate::core::access::{Access, Authorizer as _};
 use crate::core::channel::{Action, Channel};
+use crate::core::hooks::DropReason;
 use crate::core::message::{Delivery, Flow};
 
 /// How long a paused publisher waits for an overfilled subscriber that takes no messages at
@@ -389,11 +390,8 @@ impl Link {
         if denied > 0 {
             metrics.acl_denied.fetch_add(denied, Ordering::Relaxed);
         }
-        if dropped > 0 {
-            metrics
-                .messages_dropped
-                .fetch_add(dropped, Ordering::Relaxed);
-        }
+        self.broker
+            .count_dropped(dropped, DropReason::Undeliverable);
         let sent = offered.saturating_sub(dropped);
         if sent > 0 {
             metrics

@@ -34,6 +34,7 @@ use crate::auth::AuthService;
 use crate::codec::ReasonCode;
 use crate::core::channel::{AssignedClientId, Close, Limits, PendingWill};
 use crate::core::fanout::{self, Fanout, Subscriber, Subscribers};
+use crate::core::hooks::{DropReason, Hooks, Observation};
 use crate::core::message::{AppMessage, Flow};
 use crate::core::registry::{EndReason, Event, Open, Registry};
 use crate::core::retain::RetainedStore;
@@ -85,6 +86,7 @@ pub struct Broker {
     /// Keys the client ids the broker assigns, so that they cannot be guessed.
     client_id_key: std::hash::RandomState,
     auth: Arc<AuthService>,
+    hooks: Hooks,
     pub metrics: Metrics,
 }
 
@@ -99,6 +101,7 @@ impl Broker {
             next_conn_id: AtomicU64::new(1),
             client_id_key: std::hash::RandomState::new(),
             auth: Arc::new(AuthService::default()),
+            hooks: Hooks::default(),
             metrics: Metrics::default(),
         }
     }
@@ -108,6 +111,16 @@ impl Broker {
     pub fn with_auth(mut self, auth: Arc<AuthService>) -> Self {
         self.auth = auth;
         self
+    }
+
+    /// The broker with these seams (observer, store, peers) in place of none.
+    pub fn with_hooks(mut self, hooks: Hooks) -> Self {
+        self.hooks = hooks;
+        self
+    }
+
+    pub fn hooks(&self) -> &Hooks {
+        &self.hooks
     }
 
     pub fn auth(&self) -> &Arc<AuthService> {
@@ -169,6 +182,12 @@ impl Broker {
             };
             if let Some((session, mailbox, wills)) = opened {
                 self.publish_wills(wills, now);
+                if let Some(observer) = &self.hooks.observer {
+                    observer.observe(&Observation::Connected {
+                        client_id,
+                        session_present: session.is_some(),
+                    });
+                }
                 return Ok((session, mailbox));
             }
             // The old connection closes and files its session offline before it answers; a
@@ -183,9 +202,21 @@ impl Broker {
 
     /// A connection ended: file its session offline (or end it) and deal with its will.
     pub fn close_session(&self, now: Instant, conn_id: u64, client_id: &Arc<str>, close: Close) {
+        if let (Some(observer), true) = (&self.hooks.observer, close.session.is_some()) {
+            observer.observe(&Observation::Disconnected {
+                client_id,
+                reason: close.reason,
+                initiator: close.initiator,
+            });
+        }
         let wills = {
             let mut sessions = self.lock_sessions();
             let before = sessions.poll_timeout();
+            if let (Some(store), Some(session)) = (&self.hooks.store, &close.session) {
+                if session.expiry_interval != 0 && sessions.is_served_by(client_id, conn_id) {
+                    store.session_filed(session);
+                }
+            }
             sessions.close(now, conn_id, client_id, close);
             if sessions.poll_timeout() != before {
                 self.timers_changed.notify_one();
@@ -218,6 +249,15 @@ impl Broker {
                     reason,
                 } => {
                     self.drop_subscriptions(&client_id, &session);
+                    if let Some(store) = &self.hooks.store {
+                        store.session_ended(&client_id);
+                    }
+                    if let Some(observer) = &self.hooks.observer {
+                        observer.observe(&Observation::SessionEnded {
+                            client_id: &client_id,
+                            reason,
+                        });
+                    }
                     if reason == EndReason::Expired {
                         self.metrics
                             .sessions_expired
@@ -289,6 +329,12 @@ impl Broker {
                 (Arc::clone(client_id), subscription.flow),
                 route,
             );
+        if let Some(observer) = &self.hooks.observer {
+            observer.observe(&Observation::Subscribed {
+                client_id,
+                filter: subscription.filter.as_str(),
+            });
+        }
         if !send_retained {
             return;
         }
@@ -300,13 +346,13 @@ impl Broker {
             subscription,
             now,
         );
+        let mut dropped = 0;
         for delivery in deliveries {
             if mailbox.push(delivery) == Pushed::Dropped {
-                self.metrics
-                    .messages_dropped
-                    .fetch_add(1, Ordering::Relaxed);
+                dropped += 1;
             }
         }
+        self.count_dropped(dropped, DropReason::QueueFull);
     }
 
     pub fn unsubscribe(&self, client_id: &Arc<str>, filter: &TopicFilter, flow: Flow) {
@@ -314,14 +360,20 @@ impl Broker {
             .write()
             .expect("router lock is never poisoned")
             .remove(filter, &(Arc::clone(client_id), flow));
+        if let Some(observer) = &self.hooks.observer {
+            observer.observe(&Observation::Unsubscribed {
+                client_id,
+                filter: filter.as_str(),
+            });
+        }
     }
 
-    /// Subscribers a message the broker itself publishes (a will), with no one to push back on.
+    /// Routes a message the broker itself publishes (a will), with no one to push back on.
     pub fn publish(&self, message: Arc<AppMessage>, now: Instant) {
         self.route(message, now, &mut Vec::new());
     }
 
-    /// Subscribers a message to every matching subscription: one delivery per session and flow,
+    /// Routes a message to every matching subscription: one delivery per session and flow,
     /// with the highest granted QoS and every matching subscription identifier
     /// [MQTT-3.3.4-2, -3]. Mailboxes that push back (see `mailbox`) are added to `pressured`.
     pub fn route(&self, message: Arc<AppMessage>, now: Instant, pressured: &mut Vec<Arc<Mailbox>>) {
@@ -334,28 +386,49 @@ impl Broker {
         if message.is_expired(now) {
             return;
         }
-        FANOUT.with_borrow_mut(|fanout| {
+        let dropped = FANOUT.with_borrow_mut(|fanout| {
             {
                 let router = self.router.read().expect("router lock is never poisoned");
                 fanout.collect(&router, &message, Mailbox::is_online);
             }
+            let mut dropped = 0;
             for (mailbox, delivery) in fanout.drain() {
                 match mailbox.push(delivery) {
                     Pushed::Queued => {}
                     Pushed::Pressured => pressured.push(mailbox),
-                    Pushed::Dropped => {
-                        self.metrics
-                            .messages_dropped
-                            .fetch_add(1, Ordering::Relaxed);
-                    }
+                    Pushed::Dropped => dropped += 1,
                 }
             }
             fanout.trim();
+            dropped
         });
+        self.count_dropped(dropped, DropReason::QueueFull);
+        if let Some(peers) = &self.hooks.peers {
+            peers.forward(&message);
+        }
+    }
+
+    /// Counts deliveries dropped for `reason` and tells the observer.
+    pub fn count_dropped(&self, count: u64, reason: DropReason) {
+        if count == 0 {
+            return;
+        }
+        self.metrics
+            .messages_dropped
+            .fetch_add(count, Ordering::Relaxed);
+        if let Some(observer) = &self.hooks.observer {
+            observer.observe(&Observation::Dropped { count, reason });
+        }
     }
 
     fn store_retained(&self, message: &AppMessage) {
         let entry = fanout::retained_entry(message);
+        if let Some(store) = &self.hooks.store {
+            match &entry {
+                Some(kept) => store.retained_set(kept),
+                None => store.retained_cleared(&message.topic),
+            }
+        }
         fanout::store_retained(
             &mut self
                 .retained

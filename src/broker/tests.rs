@@ -11,6 +11,7 @@ use super::*;
 use crate::codec::Publish;
 use crate::codec::{QoS, SubscriptionOptions};
 use crate::core::channel::Initiator;
+use crate::core::hooks::{Hooks, Observation};
 
 fn broker() -> Broker {
     Broker::new(Settings {
@@ -250,4 +251,145 @@ async fn the_same_filter_on_two_flows_yields_two_deliveries() {
     b.unsubscribe(&id, &on_flow.filter, Flow(4));
     b.publish(Arc::new(message("m/y", t0)), t0);
     assert_eq!(mailbox.len(), 1, "unsubscribing one flow leaves the other");
+}
+
+/// Records what the seams are told, as one line each.
+#[derive(Default)]
+struct Recorder(std::sync::Mutex<Vec<String>>);
+
+impl Recorder {
+    fn push(&self, line: String) {
+        self.0.lock().unwrap().push(line);
+    }
+
+    fn take(&self) -> Vec<String> {
+        std::mem::take(&mut *self.0.lock().unwrap())
+    }
+}
+
+impl crate::core::hooks::Observer for Recorder {
+    fn observe(&self, observation: &Observation<'_>) {
+        self.push(format!("{observation:?}"));
+    }
+}
+
+impl crate::core::hooks::Store for Recorder {
+    fn session_filed(&self, session: &Session) {
+        self.push(format!("filed {}", session.client_id));
+    }
+
+    fn session_ended(&self, client_id: &str) {
+        self.push(format!("ended {client_id}"));
+    }
+
+    fn retained_set(&self, message: &AppMessage) {
+        self.push(format!("retained {}", message.topic));
+    }
+
+    fn retained_cleared(&self, topic: &str) {
+        self.push(format!("cleared {topic}"));
+    }
+}
+
+impl crate::core::hooks::Peers for Recorder {
+    fn forward(&self, message: &Arc<AppMessage>) {
+        self.push(format!("forward {}", message.topic));
+    }
+}
+
+fn hooked() -> (Broker, Arc<Recorder>, Arc<Recorder>, Arc<Recorder>) {
+    let (observer, store, peers) = <(Arc<Recorder>, Arc<Recorder>, Arc<Recorder>)>::default();
+    let hooks = Hooks {
+        observer: Some(Arc::clone(&observer) as _),
+        store: Some(Arc::clone(&store) as _),
+        peers: Some(Arc::clone(&peers) as _),
+    };
+    (broker().with_hooks(hooks), observer, store, peers)
+}
+
+#[tokio::test]
+async fn the_observer_hears_the_session_lifecycle_with_reasons() {
+    let (b, observer, _, _) = hooked();
+    let t0 = Instant::now();
+    let id: Arc<str> = Arc::from("seen");
+    online(&b, t0, &id, 1, "a/#").await;
+    close(&b, t0, &id, 1, 60, None);
+    online(&b, t0, &id, 2, "a/#").await;
+    close(&b, t0, &id, 2, 0, None);
+    assert_eq!(
+        observer.take(),
+        [
+            r#"Connected { client_id: "seen", session_present: false }"#,
+            r#"Subscribed { client_id: "seen", filter: "a/#" }"#,
+            r#"Disconnected { client_id: "seen", reason: 0x80 (Unspecified error), initiator: Transport }"#,
+            r#"Connected { client_id: "seen", session_present: true }"#,
+            r#"Subscribed { client_id: "seen", filter: "a/#" }"#,
+            r#"Disconnected { client_id: "seen", reason: 0x80 (Unspecified error), initiator: Transport }"#,
+            r#"SessionEnded { client_id: "seen", reason: Closed }"#,
+        ]
+    );
+}
+
+#[tokio::test]
+async fn the_store_hears_sessions_filed_and_ended_and_retained_changes() {
+    let (b, _, store, _) = hooked();
+    let t0 = Instant::now();
+    let id: Arc<str> = Arc::from("kept");
+    online(&b, t0, &id, 1, "nothing").await;
+    close(&b, t0, &id, 1, 10, None);
+    b.handle_timers(t0 + Duration::from_secs(10));
+    let mut retained = message("r/1", t0);
+    retained.retain = true;
+    b.publish(Arc::new(retained.clone()), t0);
+    retained.payload = Bytes::new();
+    b.publish(Arc::new(retained), t0);
+    assert_eq!(
+        store.take(),
+        ["filed kept", "ended kept", "retained r/1", "cleared r/1"]
+    );
+}
+
+#[tokio::test]
+async fn a_late_close_from_a_taken_over_connection_files_nothing() {
+    let (b, _, store, _) = hooked();
+    let t0 = Instant::now();
+    let id: Arc<str> = Arc::from("late");
+    online(&b, t0, &id, 1, "x").await;
+    close(&b, t0, &id, 1, 60, None);
+    online(&b, t0, &id, 2, "x").await;
+    store.take();
+    close(&b, t0, &id, 1, 60, None);
+    assert!(
+        store.take().is_empty(),
+        "connection 1 no longer serves the session"
+    );
+}
+
+#[tokio::test]
+async fn peers_are_offered_every_live_message_and_drops_are_observed() {
+    let (b, observer, _, peers) = hooked();
+    let t0 = Instant::now();
+    let (_, slow) = online(&b, t0, &Arc::from("slow"), 1, "t").await;
+    observer.take();
+    let mut pressured = Vec::new();
+    for _ in 0..41 {
+        b.route(Arc::new(message("t", t0)), t0, &mut pressured);
+    }
+    let mut expired = message("t", t0);
+    expired.expires_at = Some(t0);
+    b.route(
+        Arc::new(expired),
+        t0 + Duration::from_secs(1),
+        &mut pressured,
+    );
+    assert_eq!(slow.len(), 40);
+    assert_eq!(
+        peers.take().len(),
+        41,
+        "the expired message is not forwarded"
+    );
+    assert_eq!(
+        observer.take(),
+        [r#"Dropped { count: 1, reason: QueueFull }"#]
+    );
 }

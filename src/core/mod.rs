@@ -11,12 +11,14 @@
 //! - `registry`: the session table: resume, takeover, clean start, expiry, wills.
 //! - `fanout`: one publish to one delivery per session and flow (merge rules), retained
 //!   messages for a new subscription.
+//! - `hooks`: the seams the shell calls for observers, a durable store and peer nodes.
 
 #![deny(clippy::disallowed_methods, clippy::disallowed_types)]
 
 pub mod access;
 pub mod channel;
 pub mod fanout;
+pub mod hooks;
 pub mod message;
 pub mod registry;
 pub mod retain;

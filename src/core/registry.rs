@@ -233,6 +233,14 @@ impl<M: SessionHandle> Registry<M> {
         }
     }
 
+    /// Whether connection `conn_id` serves `client_id`'s session.
+    pub fn is_served_by(&self, client_id: &str, conn_id: u64) -> bool {
+        matches!(
+            self.slots.get(client_id),
+            Some(Slot { state: SlotState::Online { conn_id: c }, .. }) if *c == conn_id
+        )
+    }
+
     /// The next instant at which [`Registry::handle_timeout`] has work.
     pub fn poll_timeout(&self) -> Option<Instant> {
         self.timers.next_deadline()
