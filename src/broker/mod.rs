@@ -402,7 +402,9 @@ impl Broker {
             fanout.trim();
             dropped
         });
-        self.count_dropped(dropped, DropReason::QueueFull);
+        if dropped > 0 {
+            self.count_dropped(dropped, DropReason::QueueFull);
+        }
         if let Some(peers) = &self.hooks.peers {
             peers.forward(&message);
         }
