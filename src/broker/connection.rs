@@ -15,7 +15,7 @@ use std::task::{Context, Poll};
 use std::time::Instant;
 
 use bytes::{Buf, BytesMut};
-use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt};
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio_util::sync::CancellationToken;
 use tracing::Instrument;
 
@@ -141,7 +141,9 @@ where
     }
 
     /// Flushes what the channel said last (CONNACK refusal, DISCONNECT) within the linger
-    /// time, then shuts the stream down.
+    /// time, shuts our side down, and reads what the client still sends until it closes too:
+    /// closing a socket with unread input resets the connection, and a reset can destroy the
+    /// DISCONNECT (0x93, 0x95, ...) before the client has read why.
     async fn close(&mut self, link: &mut Link) {
         let linger = link.broker.settings().close_linger;
         let out = std::mem::take(link.channel.out());
@@ -150,7 +152,10 @@ where
             if !out.is_empty() {
                 stream.write_all(&out).await?;
             }
-            stream.shutdown().await
+            stream.shutdown().await?;
+            let mut sink = [0u8; 1024];
+            while stream.read(&mut sink).await? != 0 {}
+            Ok::<(), std::io::Error>(())
         })
         .await;
     }

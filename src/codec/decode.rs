@@ -51,6 +51,17 @@ const LONG_VARINT: DecodeError =
     DecodeError::Malformed("variable byte integer longer than 4 bytes");
 const PACKET_ID_ZERO: DecodeError =
     DecodeError::Protocol("[MQTT-2.2.1-3] packet identifier 0 where one is required");
+const EMPTY_FILTER: DecodeError = DecodeError::Malformed("[MQTT-4.7.3-1] empty topic filter");
+
+/// Control characters U+0001–U+001F and U+007F–U+009F in a client id, username, topic name or
+/// topic filter: the specification says they SHOULD NOT appear and a receiver MAY treat them
+/// as malformed [MQTT-1.5.4]; Mosquitto does, on every version, and so does Petrel.
+fn no_control_chars(s: &str, err: DecodeError) -> Result<(), DecodeError> {
+    if s.chars().any(|c| c.is_control()) {
+        return Err(err);
+    }
+    Ok(())
+}
 
 /// The decoding half of one connection's codec.
 #[derive(Debug, Clone)]
@@ -127,7 +138,7 @@ impl Codec {
         let mut r = Reader::new(frame);
         let packet = match version {
             // Only CONNECT gets here without a version (checked above).
-            None => Packet::Connect(Box::new(decode_connect(&mut r)?)),
+            None => Packet::Connect(Box::new(decode_connect(&mut r, flags)?)),
             Some(version) => decode_body(packet_type, flags, version, &mut r)?,
         };
         r.finish()?;
@@ -156,6 +167,8 @@ fn check_fixed_header(
         _ => {}
     }
     let expected = match packet_type {
+        // Checked once the protocol is known: MQTT 3.1 did not forbid these bits.
+        1 => return Ok(()),
         3 => {
             let qos = (flags >> 1) & 0b11;
             if qos == 3 {
@@ -207,13 +220,13 @@ fn decode_body(
 ) -> Result<Packet, DecodeError> {
     let v5 = version.is_v5();
     Ok(match packet_type {
-        1 => Packet::Connect(Box::new(decode_connect(r)?)),
+        1 => Packet::Connect(Box::new(decode_connect(r, flags)?)),
         2 => Packet::ConnAck(decode_connack(r, v5)?),
         3 => Packet::Publish(decode_publish(r, flags, v5)?),
-        4 => Packet::PubAck(decode_ack(r, v5)?),
-        5 => Packet::PubRec(decode_ack(r, v5)?),
-        6 => Packet::PubRel(decode_ack(r, v5)?),
-        7 => Packet::PubComp(decode_ack(r, v5)?),
+        4 => Packet::PubAck(decode_ack(r, packet_type, v5)?),
+        5 => Packet::PubRec(decode_ack(r, packet_type, v5)?),
+        6 => Packet::PubRel(decode_ack(r, packet_type, v5)?),
+        7 => Packet::PubComp(decode_ack(r, packet_type, v5)?),
         8 => Packet::Subscribe(decode_subscribe(r, v5)?),
         9 => Packet::SubAck(decode_suback(r, v5)?),
         10 => Packet::Unsubscribe(decode_unsubscribe(r, v5)?),
@@ -230,7 +243,11 @@ fn decode_body(
     })
 }
 
-fn decode_connect(r: &mut Reader) -> Result<Connect, DecodeError> {
+/// `header_flags` are the fixed header's low bits. MQTT 3.1 (`MQIsdp`) is looser than 3.1.1
+/// and 5.0: Mosquitto accepts a 3.1 CONNECT with flag bits in the fixed header or the reserved
+/// connect flag set (old firmware sends them), and so does Petrel; the later versions stay
+/// strict [MQTT-2.1.3-1], [MQTT-3.1.2-3].
+fn decode_connect(r: &mut Reader, header_flags: u8) -> Result<Connect, DecodeError> {
     // Name and level come first so an unknown protocol is reported as such, not as malformed.
     let name = r.binary()?;
     let level = r.u8()?;
@@ -241,9 +258,15 @@ fn decode_connect(r: &mut Reader) -> Result<Connect, DecodeError> {
         _ => return Err(DecodeError::UnsupportedProtocol { level }),
     };
     let v5 = protocol.is_v5();
+    let strict = protocol != ProtocolVersion::V31;
+    if strict && header_flags != 0 {
+        return Err(DecodeError::Malformed(
+            "[MQTT-2.1.3-1] reserved fixed header flags",
+        ));
+    }
 
     let flags = r.u8()?;
-    if flags & 0b0000_0001 != 0 {
+    if strict && flags & 0b0000_0001 != 0 {
         return Err(DecodeError::Malformed(
             "[MQTT-3.1.2-3] reserved connect flag set",
         ));
@@ -280,6 +303,10 @@ fn decode_connect(r: &mut Reader) -> Result<Connect, DecodeError> {
         Default::default()
     };
     let client_id = r.string()?;
+    no_control_chars(
+        &client_id,
+        DecodeError::Malformed("control character in the client identifier"),
+    )?;
     let will = if will_flag {
         let properties = if v5 {
             read_properties(r, Context::WILL)?
@@ -287,6 +314,13 @@ fn decode_connect(r: &mut Reader) -> Result<Connect, DecodeError> {
             Default::default()
         };
         let topic = r.string()?;
+        if topic.is_empty() {
+            return Err(DecodeError::Malformed("[MQTT-4.7.3-1] empty will topic"));
+        }
+        no_control_chars(
+            &topic,
+            DecodeError::Malformed("control character in the will topic"),
+        )?;
         let payload = r.binary()?;
         Some(Will {
             topic,
@@ -299,7 +333,12 @@ fn decode_connect(r: &mut Reader) -> Result<Connect, DecodeError> {
         None
     };
     let username = if username_flag {
-        Some(r.string()?)
+        let username = r.string()?;
+        no_control_chars(
+            &username,
+            DecodeError::Malformed("control character in the user name"),
+        )?;
+        Some(username)
     } else {
         None
     };
@@ -360,6 +399,10 @@ fn decode_publish(r: &mut Reader, flags: u8, v5: bool) -> Result<Publish, Decode
     if !v5 && topic.is_empty() {
         return Err(DecodeError::Malformed("[MQTT-4.7.3-1] empty topic name"));
     }
+    no_control_chars(
+        &topic,
+        DecodeError::Malformed("control character in the topic name"),
+    )?;
     let packet_id = if qos == QoS::AtMostOnce {
         None
     } else {
@@ -383,17 +426,50 @@ fn decode_publish(r: &mut Reader, flags: u8, v5: bool) -> Result<Publish, Decode
 
 /// PUBACK, PUBREC, PUBREL, PUBCOMP. In v5 the reason code and the properties may be omitted
 /// (§3.4.2.1): remaining length 2 means Success, 3 means no properties.
-fn decode_ack(r: &mut Reader, v5: bool) -> Result<Ack, DecodeError> {
+fn decode_ack(r: &mut Reader, packet_type: u8, v5: bool) -> Result<Ack, DecodeError> {
     let packet_id = r.packet_id()?;
     if !v5 {
         return Ok(Ack::new(packet_id, ReasonCode::SUCCESS));
     }
     let (reason, properties) = decode_reason_tail(r, Context::ACK)?;
+    if !ack_reason_allowed(packet_type, reason) {
+        return Err(DecodeError::Malformed(
+            "reason code not allowed in this ack",
+        ));
+    }
     Ok(Ack {
         packet_id,
         reason,
         properties,
     })
+}
+
+/// The reason codes each ack may carry (MQTT 5 §3.4.2.1, §3.5.2.1, §3.6.2.1, §3.7.2.1); any
+/// other makes the packet malformed.
+fn ack_reason_allowed(packet_type: u8, reason: ReasonCode) -> bool {
+    match packet_type {
+        // PUBACK and PUBREC.
+        4 | 5 => matches!(
+            reason.0,
+            0x00 | 0x10 | 0x80 | 0x83 | 0x87 | 0x90 | 0x91 | 0x97 | 0x99
+        ),
+        // PUBREL and PUBCOMP.
+        _ => matches!(reason.0, 0x00 | 0x92),
+    }
+}
+
+/// A SUBSCRIBE or UNSUBSCRIBE topic filter: at least one character [MQTT-4.7.3-1], no
+/// control characters.
+fn topic_filter(r: &mut Reader) -> Result<String, DecodeError> {
+    let filter = r.string()?;
+    if filter.is_empty() {
+        return Err(EMPTY_FILTER);
+    }
+    no_control_chars(
+        &filter,
+        DecodeError::Malformed("control character in a topic filter"),
+    )?;
+    Ok(filter)
 }
 
 /// The optional "reason code, then optional properties" tail of v5 acks, DISCONNECT and AUTH.
@@ -420,7 +496,7 @@ fn decode_subscribe(r: &mut Reader, v5: bool) -> Result<Subscribe, DecodeError> 
     };
     let mut filters = Vec::new();
     while !r.is_empty() {
-        let filter = r.string()?;
+        let filter = topic_filter(r)?;
         let options = decode_subscription_options(r.u8()?, v5)?;
         filters.push((filter, options));
     }
@@ -493,7 +569,7 @@ fn decode_unsubscribe(r: &mut Reader, v5: bool) -> Result<Unsubscribe, DecodeErr
     };
     let mut filters = Vec::new();
     while !r.is_empty() {
-        filters.push(r.string()?);
+        filters.push(topic_filter(r)?);
     }
     if filters.is_empty() {
         return Err(DecodeError::Protocol(

@@ -144,6 +144,14 @@ impl Session {
         }
     }
 
+    /// The state of the outgoing message in flight under `id`, if any.
+    pub fn outgoing_state(&self, id: PacketId) -> Option<&Outgoing> {
+        let seq = *self.ids_in_use.get(&id)?;
+        let index = usize::try_from(seq.checked_sub(self.first_seq)?).ok()?;
+        let (_, state) = self.outgoing.get(index)?.as_ref()?;
+        Some(state)
+    }
+
     /// Records an outgoing QoS 1/2 delivery under a fresh packet id. `None` if all 65,535 ids
     /// are in use (the caller's window keeps that from happening).
     pub fn track(&mut self, delivery: Delivery) -> Option<PacketId> {

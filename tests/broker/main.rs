@@ -8,6 +8,7 @@ mod common;
 mod auth;
 mod bad;
 mod client;
+mod conformance;
 mod conn;
 mod lossy;
 mod pubsub;

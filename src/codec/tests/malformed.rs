@@ -74,7 +74,9 @@ fn non_minimal_subscription_identifier_is_malformed() {
 fn reserved_fixed_header_flags_are_malformed_from_the_first_byte() {
     for version in [V31, V311, V5] {
         let last_type = if version.is_v5() { 15 } else { 14 };
-        for packet_type in (1..=last_type).filter(|&t| t != 3) {
+        // PUBLISH has flags of its own; CONNECT's are checked once its protocol is known
+        // (`connect_header_flags_are_malformed_except_on_mqtt_3_1`).
+        for packet_type in (2..=last_type).filter(|&t| t != 3) {
             let expected = if matches!(packet_type, 6 | 8 | 10) {
                 0b0010
             } else {
@@ -89,6 +91,37 @@ fn reserved_fixed_header_flags_are_malformed_from_the_first_byte() {
             }
         }
     }
+}
+
+#[test]
+fn connect_header_flags_are_malformed_except_on_mqtt_3_1() {
+    // CONNECT for 3.1.1 and 5.0 with fixed header flags 0x1: malformed.
+    let v311 = "10 0C 00 04 4D 51 54 54 04 02 00 3C 00 00";
+    let v5 = "10 0D 00 04 4D 51 54 54 05 02 00 3C 00 00 00";
+    for connect in [v311, v5] {
+        let mut bytes = hex(connect);
+        bytes[0] |= 0x01;
+        assert_malformed(Codec::new(MAX).decode(&mut bytes.clone()), "[MQTT-2.1.3-1]");
+        assert!(Codec::new(MAX).decode(&mut hex(connect)).unwrap().is_some());
+    }
+    // MQTT 3.1 did not forbid them, and Mosquitto accepts them: so does Petrel.
+    let mut v31 = hex("10 0E 00 06 4D 51 49 73 64 70 03 02 00 3C 00 00");
+    v31[0] |= 0x03;
+    assert!(matches!(
+        Codec::new(MAX).decode(&mut v31),
+        Ok(Some(Packet::Connect(_)))
+    ));
+}
+
+#[test]
+fn the_reserved_connect_flag_is_malformed_except_on_mqtt_3_1() {
+    let v311 = "10 0C 00 04 4D 51 54 54 04 03 00 3C 00 00";
+    assert_malformed(Codec::new(MAX).decode(&mut hex(v311)), "[MQTT-3.1.2-3]");
+    let v31 = "10 0E 00 06 4D 51 49 73 64 70 03 03 00 3C 00 00";
+    assert!(matches!(
+        Codec::new(MAX).decode(&mut hex(v31)),
+        Ok(Some(Packet::Connect(_)))
+    ));
 }
 
 #[test]
@@ -589,8 +622,15 @@ fn samples(version: ProtocolVersion) -> Vec<Packet> {
         }),
         Packet::PubAck(ack.clone()),
         Packet::PubRec(ack.clone()),
-        Packet::PubRel(ack.clone()),
-        Packet::PubComp(ack),
+        // PUBREL and PUBCOMP carry only 0x00 or 0x92.
+        Packet::PubRel(Ack {
+            reason: reason(ReasonCode::PACKET_IDENTIFIER_NOT_FOUND),
+            ..ack.clone()
+        }),
+        Packet::PubComp(Ack {
+            reason: reason(ReasonCode::PACKET_IDENTIFIER_NOT_FOUND),
+            ..ack
+        }),
         Packet::Subscribe(Subscribe {
             packet_id: PacketId(3),
             properties: props(Properties::from(crate::codec::PropertySet {
@@ -684,6 +724,159 @@ fn every_truncated_body_is_rejected() {
                     Ok(Some(other)) => assert_ne!(other, packet, "cut at {cut} decoded unchanged"),
                     other => panic!("{packet:?} cut at {cut}: {other:?}"),
                 }
+            }
+        }
+    }
+}
+
+fn connect_packet(version: ProtocolVersion, client_id: &str) -> Connect {
+    Connect {
+        protocol: version,
+        clean_start: true,
+        keep_alive: 60,
+        client_id: client_id.into(),
+        will: None,
+        username: None,
+        password: None,
+        properties: Properties::default(),
+    }
+}
+
+/// Decodes `packet` as the server would (CONNECT first, with no version yet).
+fn decode_as_server(
+    packet: &Packet,
+    version: ProtocolVersion,
+) -> Result<Option<Packet>, DecodeError> {
+    let mut wire = encoded(packet, version);
+    if matches!(packet, Packet::Connect(_)) {
+        return Codec::new(MAX).decode(&mut wire);
+    }
+    Codec::with_version(version, MAX).decode(&mut wire)
+}
+
+/// [MQTT-4.7.3-1]: a zero-length topic filter makes a SUBSCRIBE or UNSUBSCRIBE malformed, on
+/// every version (not a per-filter failure code).
+#[test]
+fn an_empty_topic_filter_is_malformed_in_subscribe_and_unsubscribe() {
+    for version in [V31, V311, V5] {
+        let subscribe = Packet::Subscribe(Subscribe {
+            packet_id: PacketId(1),
+            properties: Properties::default(),
+            filters: vec![
+                ("a".into(), SubscriptionOptions::default()),
+                (String::new(), SubscriptionOptions::default()),
+            ],
+        });
+        assert_malformed(decode_as_server(&subscribe, version), "[MQTT-4.7.3-1]");
+        let unsubscribe = Packet::Unsubscribe(Unsubscribe {
+            packet_id: PacketId(1),
+            properties: Properties::default(),
+            filters: vec!["a".into(), String::new()],
+        });
+        assert_malformed(decode_as_server(&unsubscribe, version), "[MQTT-4.7.3-1]");
+    }
+}
+
+/// Control characters (U+0001–U+001F, U+007F–U+009F) in a client id, user name, will topic,
+/// topic name, topic filter or unsubscribe filter are malformed on every version, as
+/// Mosquitto treats them.
+#[test]
+fn control_characters_are_malformed_where_mosquitto_refuses_them() {
+    for version in [V31, V311, V5] {
+        for bad in ["a\u{1}b", "\u{1f}", "a\u{7f}", "x\u{85}", "\u{9f}"] {
+            let mut connect = connect_packet(version, bad);
+            assert_malformed(
+                decode_as_server(&Packet::Connect(Box::new(connect.clone())), version),
+                "client identifier",
+            );
+            connect.client_id = "ok".into();
+            connect.username = Some(bad.into());
+            assert_malformed(
+                decode_as_server(&Packet::Connect(Box::new(connect.clone())), version),
+                "user name",
+            );
+            connect.username = None;
+            connect.will = Some(Will {
+                topic: bad.into(),
+                payload: Bytes::from_static(b"w"),
+                qos: QoS::AtMostOnce,
+                retain: false,
+                properties: Properties::default(),
+            });
+            assert_malformed(
+                decode_as_server(&Packet::Connect(Box::new(connect)), version),
+                "will topic",
+            );
+            let publish = Packet::Publish(Publish {
+                dup: false,
+                qos: QoS::AtMostOnce,
+                retain: false,
+                topic: bad.into(),
+                packet_id: None,
+                properties: Properties::default(),
+                payload: Bytes::new(),
+            });
+            assert_malformed(decode_as_server(&publish, version), "topic name");
+            let subscribe = Packet::Subscribe(Subscribe {
+                packet_id: PacketId(1),
+                properties: Properties::default(),
+                filters: vec![(bad.into(), SubscriptionOptions::default())],
+            });
+            assert_malformed(decode_as_server(&subscribe, version), "topic filter");
+            let unsubscribe = Packet::Unsubscribe(Unsubscribe {
+                packet_id: PacketId(1),
+                properties: Properties::default(),
+                filters: vec![bad.into()],
+            });
+            assert_malformed(decode_as_server(&unsubscribe, version), "topic filter");
+        }
+        // Characters outside those ranges are fine.
+        let fine = connect_packet(version, "car-é€😀\u{a0}");
+        assert!(decode_as_server(&Packet::Connect(Box::new(fine)), version)
+            .unwrap()
+            .is_some());
+    }
+}
+
+#[test]
+fn an_empty_will_topic_is_malformed() {
+    for version in [V31, V311, V5] {
+        let mut connect = connect_packet(version, "c");
+        connect.will = Some(Will {
+            topic: String::new(),
+            payload: Bytes::from_static(b"w"),
+            qos: QoS::AtMostOnce,
+            retain: false,
+            properties: Properties::default(),
+        });
+        assert_malformed(
+            decode_as_server(&Packet::Connect(Box::new(connect)), version),
+            "[MQTT-4.7.3-1]",
+        );
+    }
+}
+
+/// An ack with a reason code its packet type does not define is malformed (MQTT 5 §3.4.2.1,
+/// §3.5.2.1, §3.6.2.1, §3.7.2.1); every defined one decodes.
+#[test]
+fn an_ack_with_an_unknown_reason_code_is_malformed() {
+    let puback = [0x00, 0x10, 0x80, 0x83, 0x87, 0x90, 0x91, 0x97, 0x99];
+    let pubrel = [0x00, 0x92];
+    type Wrap = fn(Ack) -> Packet;
+    let wraps: [(Wrap, &[u8]); 4] = [
+        (Packet::PubAck, &puback),
+        (Packet::PubRec, &puback),
+        (Packet::PubRel, &pubrel),
+        (Packet::PubComp, &pubrel),
+    ];
+    for (wrap, allowed) in wraps {
+        for code in 0..=255u8 {
+            let packet = wrap(Ack::new(PacketId(1), ReasonCode(code)));
+            let result = decode_as_server(&packet, V5);
+            if allowed.contains(&code) {
+                assert_eq!(result, Ok(Some(packet)));
+            } else {
+                assert_malformed(result, "reason code");
             }
         }
     }

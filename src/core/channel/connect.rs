@@ -137,6 +137,12 @@ impl Channel {
                 return self.refuse(ReasonCode::TOPIC_NAME_INVALID);
             };
             will_topic = Some(topic);
+            // [MQTT-3.3.2-14]: a Response Topic is a topic name, without wildcards.
+            if let Some(response) = &will.properties.response_topic {
+                if TopicName::parse(response.clone(), 0).is_err() {
+                    return self.refuse(ReasonCode::PROTOCOL_ERROR);
+                }
+            }
             if will.qos > limits.maximum_qos {
                 return self.refuse(ReasonCode::QOS_NOT_SUPPORTED);
             }
@@ -236,11 +242,23 @@ impl Channel {
                 properties.session_expiry_interval = Some(self.expiry);
             }
         }
-        self.send(&Packet::ConnAck(ConnAck {
+        let connack = Packet::ConnAck(ConnAck {
             session_present,
             code: ReasonCode::SUCCESS,
             properties,
-        }));
+        });
+        if !self.fits(&connack) {
+            // [MQTT-3.1.2-24]: not even the CONNACK fits the client's Maximum Packet Size, so
+            // the connection cannot be served; the session is kept as if it had ended.
+            self.session = Some(session);
+            return self.close(
+                ReasonCode::PACKET_TOO_LARGE,
+                Initiator::Broker,
+                false,
+                false,
+            );
+        }
+        self.send(&connack);
         self.state = State::Connected;
 
         // The flows of the previous connection are gone: their subscriptions and state move

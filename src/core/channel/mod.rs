@@ -28,7 +28,7 @@ use crate::codec::{
 use crate::core::access::{Access, Authorizer};
 use crate::core::message::{AppMessage, Delivery, Flow};
 use crate::core::session::{Outgoing, Session, Subscription};
-use crate::core::topic::{TopicFilter, TopicName};
+use crate::core::topic::{TopicError, TopicFilter, TopicName};
 
 mod connect;
 mod deliver;
@@ -448,6 +448,9 @@ impl Channel {
         match packet {
             Packet::Publish(publish) => self.handle_publish(now, publish),
             Packet::PubAck(ack) => {
+                if self.wrong_ack(ack.packet_id, QoS::AtLeastOnce) {
+                    return self.protocol_error(ReasonCode::PROTOCOL_ERROR);
+                }
                 if let Some(session) = self.session.as_mut() {
                     session.complete(ack.packet_id, false);
                 }
@@ -467,6 +470,10 @@ impl Channel {
                 self.reply(&Packet::PubComp(Ack::new(ack.packet_id, reason)));
             }
             Packet::PubComp(ack) => {
+                if let Some(Outgoing::Publish(_)) = self.outgoing_state(ack.packet_id) {
+                    // PUBCOMP before PUBREL: the client skipped PUBREC.
+                    return self.protocol_error(ReasonCode::PROTOCOL_ERROR);
+                }
                 if let Some(session) = self.session.as_mut() {
                     session.complete(ack.packet_id, true);
                 }
@@ -501,6 +508,22 @@ impl Channel {
         // [MQTT-3.14.4-3]: a normal DISCONNECT discards the will; 0x04 keeps it.
         let keep_will = disconnect.reason == ReasonCode::DISCONNECT_WITH_WILL;
         self.close(disconnect.reason, Initiator::Client, false, keep_will);
+    }
+
+    /// The state of our outgoing message `id`, if one is in flight.
+    fn outgoing_state(&self, id: PacketId) -> Option<&Outgoing> {
+        self.session.as_ref()?.outgoing_state(id)
+    }
+
+    /// Whether an ack for `id` belongs to another QoS flow than the message in flight under
+    /// that id: PUBACK for a QoS 2 message, PUBREC for a QoS 1 message. An unknown id is not
+    /// wrong here (it may be a late duplicate).
+    fn wrong_ack(&self, id: PacketId, ack_for: QoS) -> bool {
+        match self.outgoing_state(id) {
+            Some(Outgoing::Publish(delivery)) => delivery.qos != ack_for,
+            Some(Outgoing::Release(_)) => ack_for == QoS::AtLeastOnce,
+            None => false,
+        }
     }
 
     fn protocol_error(&mut self, reason: ReasonCode) {
@@ -543,6 +566,9 @@ impl Channel {
 
     /// Encodes onto `flow`'s output, or the control flow's if `flow` is not open.
     fn send_on(&mut self, flow: Flow, packet: &Packet) {
+        if !self.may_send(packet) {
+            return;
+        }
         let version = self.version;
         codec::encode(
             packet,
@@ -556,7 +582,17 @@ impl Channel {
     }
 
     fn send(&mut self, packet: &Packet) {
+        if !self.may_send(packet) {
+            return;
+        }
         codec::encode(packet, self.version, &mut self.out);
+    }
+
+    /// A packet larger than the client's Maximum Packet Size is not sent at all
+    /// [MQTT-3.1.2-24]: an ack or SUBACK is dropped, a DISCONNECT left out (the connection
+    /// closes all the same). Measured only when the client set a maximum.
+    fn may_send(&self, packet: &Packet) -> bool {
+        self.peer_max_packet_size == u32::MAX || self.fits(packet)
     }
 }
 

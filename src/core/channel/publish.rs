@@ -28,7 +28,8 @@ impl Channel {
             if publish.topic.is_empty() {
                 match self.aliases.as_ref().and_then(|a| a.inbound.get(&alias)) {
                     Some(topic) => publish.topic.clone_from(topic),
-                    None => return self.protocol_error(ReasonCode::TOPIC_ALIAS_INVALID),
+                    // An alias never set, with no topic to set it to: a protocol error.
+                    None => return self.protocol_error(ReasonCode::PROTOCOL_ERROR),
                 }
             } else {
                 self.aliases
@@ -40,9 +41,20 @@ impl Channel {
             return self.protocol_error(ReasonCode::PROTOCOL_ERROR);
         }
         let topic = std::mem::take(&mut publish.topic);
-        let Ok(topic) = TopicName::parse(topic, limits.max_topic_levels) else {
-            return self.protocol_error(ReasonCode::TOPIC_NAME_INVALID);
+        let topic = match TopicName::parse(topic, limits.max_topic_levels) {
+            Ok(topic) => topic,
+            // Wildcards in a topic name make the packet malformed, as Mosquitto treats it.
+            Err(TopicError::WildcardInName) => {
+                return self.protocol_error(ReasonCode::MALFORMED_PACKET)
+            }
+            Err(_) => return self.protocol_error(ReasonCode::TOPIC_NAME_INVALID),
         };
+        // [MQTT-3.3.2-14]: a Response Topic is a topic name, without wildcards.
+        if let Some(response) = &publish.properties.response_topic {
+            if TopicName::parse(response.clone(), 0).is_err() {
+                return self.protocol_error(ReasonCode::PROTOCOL_ERROR);
+            }
+        }
 
         let mut refused = None;
         if publish.properties.payload_format_indicator == Some(1)
@@ -95,6 +107,9 @@ impl Channel {
     }
 
     pub(super) fn handle_pubrec(&mut self, ack: Ack) {
+        if self.wrong_ack(ack.packet_id, QoS::ExactlyOnce) {
+            return self.protocol_error(ReasonCode::PROTOCOL_ERROR);
+        }
         let Some(session) = self.session.as_mut() else {
             return;
         };

@@ -7,6 +7,17 @@ pub(super) fn is_shared(filter: &str) -> bool {
     filter.starts_with("$share/") || filter.starts_with("$queue/")
 }
 
+/// `$share/{group}/` or `$queue/` with nothing after: the topic filter proper is empty, which
+/// makes the packet malformed [MQTT-4.7.3-1] rather than the one filter invalid.
+fn shared_without_filter(filter: &str) -> bool {
+    if let Some(rest) = filter.strip_prefix("$share/") {
+        return rest
+            .split_once('/')
+            .is_some_and(|(_, topic)| topic.is_empty());
+    }
+    filter == "$queue/"
+}
+
 impl Channel {
     pub(super) fn handle_subscribe(&mut self, subscribe: Subscribe) {
         let limits = Arc::clone(&self.limits);
@@ -17,6 +28,13 @@ impl Channel {
             .copied();
         if id.is_some() && !limits.subscription_identifiers_available {
             return self.protocol_error(ReasonCode::SUBSCRIPTION_IDENTIFIERS_NOT_SUPPORTED);
+        }
+        if subscribe
+            .filters
+            .iter()
+            .any(|(f, _)| shared_without_filter(f))
+        {
+            return self.protocol_error(ReasonCode::MALFORMED_PACKET);
         }
         // [MQTT-3.8.3-4]: No Local on a shared subscription is a protocol error.
         if subscribe
@@ -98,6 +116,9 @@ impl Channel {
     }
 
     pub(super) fn handle_unsubscribe(&mut self, unsubscribe: Unsubscribe) {
+        if unsubscribe.filters.iter().any(|f| shared_without_filter(f)) {
+            return self.protocol_error(ReasonCode::MALFORMED_PACKET);
+        }
         let mut reasons = Vec::with_capacity(unsubscribe.filters.len());
         for raw in unsubscribe.filters {
             let flow = self.input_flow;

@@ -135,7 +135,8 @@ fn message_expiry_is_decremented_and_expired_messages_are_dropped() {
 fn too_large_deliveries_are_dropped_for_that_client() {
     let mut h = Harness::new(Limits::default());
     let mut c = connect(ProtocolVersion::V5, "small");
-    c.properties.maximum_packet_size = Some(20);
+    // Room for the CONNACK (24 bytes), not for the delivery.
+    c.properties.maximum_packet_size = Some(30);
     h.connect(c);
     h.channel.deliver(
         h.now,
