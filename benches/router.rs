@@ -82,6 +82,7 @@ fn bench_fan_out(c: &mut Criterion) {
             max_queued: 1 << 20,
             close_linger: Duration::from_millis(100),
             quic: Default::default(),
+            max_delayed: 0,
         });
         let now = Instant::now();
         let mut mailboxes = Vec::new();

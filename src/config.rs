@@ -44,6 +44,7 @@ pub struct Config {
     pub session: SessionSection,
     pub log: LogSection,
     pub quic: QuicSettings,
+    pub delayed: DelayedSection,
     pub auth: crate::auth::AuthSettings,
     #[serde(deserialize_with = "listeners")]
     pub listeners: Vec<ListenerConfig>,
@@ -57,6 +58,7 @@ impl Default for Config {
             session: SessionSection::default(),
             log: LogSection::default(),
             quic: QuicSettings::default(),
+            delayed: DelayedSection::default(),
             auth: crate::auth::AuthSettings::default(),
             listeners: ListenerKind::ALL
                 .iter()
@@ -103,6 +105,8 @@ pub struct MqttSection {
     pub max_subscriptions: usize,
     #[serde(deserialize_with = "duration")]
     pub connect_timeout: Duration,
+    /// `$exclusive/{filter}` subscriptions (EMQX's `mqtt.exclusive_subscription`).
+    pub exclusive_subscription: bool,
 }
 
 impl Default for MqttSection {
@@ -123,6 +127,25 @@ impl Default for MqttSection {
             max_client_id_len: limits.max_client_id_len,
             max_subscriptions: limits.max_subscriptions,
             connect_timeout: limits.connect_timeout,
+            exclusive_subscription: limits.exclusive_subscription,
+        }
+    }
+}
+
+/// `[delayed]`: EMQX's delayed publish (`$delayed/{seconds}/{topic}`).
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct DelayedSection {
+    pub enable: bool,
+    /// Delayed messages held at once (0: no limit); past it a publish gets 0x97.
+    pub max_delayed_messages: usize,
+}
+
+impl Default for DelayedSection {
+    fn default() -> Self {
+        Self {
+            enable: true,
+            max_delayed_messages: 0,
         }
     }
 }
@@ -449,6 +472,15 @@ mod tests {
         assert_eq!(config.mqtt.connect_timeout, defaults.mqtt.connect_timeout);
         assert_eq!(config.listeners, defaults.listeners);
         assert_eq!(config.auth, defaults.auth);
+        assert_eq!(
+            config.mqtt.exclusive_subscription,
+            defaults.mqtt.exclusive_subscription
+        );
+        assert_eq!(config.delayed.enable, defaults.delayed.enable);
+        assert_eq!(
+            config.delayed.max_delayed_messages,
+            defaults.delayed.max_delayed_messages
+        );
         let kinds: Vec<_> = config.listeners.iter().map(|l| l.kind).collect();
         assert_eq!(kinds, ListenerKind::ALL);
     }

@@ -41,12 +41,15 @@ fn broker_settings(config: &Config) -> Settings {
         connect_timeout: m.connect_timeout,
         v3_session_expiry: secs(config.session.v3_expiry),
         max_session_expiry: secs(config.session.max_expiry),
+        exclusive_subscription: m.exclusive_subscription,
+        delayed_publish: config.delayed.enable,
     };
     Settings {
         limits: Arc::new(limits),
         max_queued: config.session.max_queued,
         close_linger: config.broker.close_linger,
         quic: Arc::new(config.quic.clone()),
+        max_delayed: config.delayed.max_delayed_messages,
     }
 }
 

@@ -58,10 +58,12 @@ impl Link {
     pub fn new(broker: Arc<Broker>, peer: SocketAddr) -> Self {
         let conn_id = broker.next_conn_id();
         let assignable_id = broker.assignable_client_id(conn_id);
+        let mut channel = Channel::new(Arc::clone(broker.limits()), clock::now(), assignable_id);
+        channel.set_admission(Arc::clone(&broker) as Arc<dyn crate::core::access::Admission>);
         Self {
             peer,
             conn_id,
-            channel: Channel::new(Arc::clone(broker.limits()), clock::now(), assignable_id),
+            channel,
             now: clock::now(),
             broker,
             mailbox: None,
@@ -205,6 +207,7 @@ impl Link {
                     client_id,
                     clean_start,
                 } => return Some((client_id, clean_start)),
+                Action::Delay { message, at } => self.broker.delay(message, at),
                 Action::Route(message) => {
                     let before = self.pressure.len();
                     self.broker.route(message, now, &mut self.pressure);

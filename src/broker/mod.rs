@@ -23,7 +23,8 @@ pub mod listener;
 pub mod mailbox;
 pub mod quic;
 
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, RwLock};
 use std::time::{Duration, Instant};
 
@@ -32,7 +33,9 @@ use tokio_util::sync::CancellationToken;
 
 use crate::auth::AuthService;
 use crate::codec::ReasonCode;
+use crate::core::access::Admission;
 use crate::core::channel::{AssignedClientId, Close, Limits, PendingWill};
+use crate::core::delayed::DelayedQueue;
 use crate::core::fanout::{self, Fanout, Subscriber, Subscribers};
 use crate::core::hooks::{DropReason, Hooks, Observation};
 use crate::core::message::{AppMessage, Flow};
@@ -74,6 +77,8 @@ pub struct Settings {
     /// How long a closing connection may take to flush before it is dropped.
     pub close_linger: Duration,
     pub quic: Arc<crate::transport::quic::QuicSettings>,
+    /// Delayed messages held at once (0: no limit).
+    pub max_delayed: usize,
 }
 
 pub struct Broker {
@@ -81,6 +86,12 @@ pub struct Broker {
     router: RwLock<Subscribers<Mailbox>>,
     retained: Mutex<RetainedStore<Arc<AppMessage>>>,
     sessions: Mutex<Registry<Arc<Mailbox>>>,
+    /// `$delayed/` messages waiting for their time.
+    delayed: Mutex<DelayedQueue>,
+    /// Delayed messages admitted and not yet published (held against `max_delayed`).
+    delayed_admitted: AtomicUsize,
+    /// Who holds each `$exclusive/` filter (keyed without the prefix).
+    exclusive: Mutex<HashMap<Box<str>, Arc<str>>>,
     timers_changed: Notify,
     next_conn_id: AtomicU64,
     /// Keys the client ids the broker assigns, so that they cannot be guessed.
@@ -97,6 +108,9 @@ impl Broker {
             router: RwLock::new(Subscribers::new()),
             retained: Mutex::new(RetainedStore::new()),
             sessions: Mutex::new(Registry::default()),
+            delayed: Mutex::new(DelayedQueue::default()),
+            delayed_admitted: AtomicUsize::new(0),
+            exclusive: Mutex::new(HashMap::new()),
             timers_changed: Notify::new(),
             next_conn_id: AtomicU64::new(1),
             client_id_key: std::hash::RandomState::new(),
@@ -226,7 +240,8 @@ impl Broker {
         self.publish_wills(wills, now);
     }
 
-    /// Fires every due session-expiry and will timer; returns the next deadline.
+    /// Fires every due session-expiry, will and delayed-publish timer; returns the next
+    /// deadline.
     pub fn handle_timers(&self, now: Instant) -> Option<Instant> {
         let (wills, next) = {
             let mut sessions = self.lock_sessions();
@@ -234,7 +249,55 @@ impl Broker {
             (self.carry_out(&mut sessions), sessions.poll_timeout())
         };
         self.publish_wills(wills, now);
-        next
+        let (due, next_delayed) = {
+            let mut delayed = self.delayed.lock().expect("delayed lock is never poisoned");
+            let due: Vec<_> = std::iter::from_fn(|| delayed.pop_due(now)).collect();
+            (due, delayed.poll_timeout())
+        };
+        self.delayed_admitted
+            .fetch_sub(due.len(), Ordering::Relaxed);
+        for message in due {
+            self.publish(message, now);
+        }
+        match (next, next_delayed) {
+            (Some(a), Some(b)) => Some(a.min(b)),
+            (a, b) => a.or(b),
+        }
+    }
+
+    /// Holds a `$delayed/` message (admitted by `reserve_delayed`) until `at`.
+    pub fn delay(&self, message: Arc<AppMessage>, at: Instant) {
+        self.delayed
+            .lock()
+            .expect("delayed lock is never poisoned")
+            .push(at, message);
+        self.timers_changed.notify_one();
+    }
+
+    /// Delayed messages waiting.
+    pub fn delayed_count(&self) -> usize {
+        self.delayed
+            .lock()
+            .expect("delayed lock is never poisoned")
+            .count()
+    }
+
+    /// Lets go of the `$exclusive/` filters `client_id` holds among `filters`.
+    fn release_exclusive<'a>(
+        &self,
+        client_id: &str,
+        filters: impl Iterator<Item = &'a TopicFilter>,
+    ) {
+        let mut held = None;
+        for filter in filters.filter(|f| f.is_exclusive()) {
+            let held = held.get_or_insert_with(|| self.exclusive.lock().expect("never poisoned"));
+            if held
+                .get(filter.filter())
+                .is_some_and(|holder| &**holder == client_id)
+            {
+                held.remove(filter.filter());
+            }
+        }
     }
 
     /// Carries out the registry's events under the sessions lock: an ended session's
@@ -249,6 +312,10 @@ impl Broker {
                     reason,
                 } => {
                     self.drop_subscriptions(&client_id, &session);
+                    self.release_exclusive(
+                        &client_id,
+                        session.subscriptions.values().map(|s| &s.filter),
+                    );
                     if let Some(store) = &self.hooks.store {
                         store.session_ended(&client_id);
                     }
@@ -360,6 +427,7 @@ impl Broker {
             .write()
             .expect("router lock is never poisoned")
             .remove(filter, &(Arc::clone(client_id), flow));
+        self.release_exclusive(client_id, std::iter::once(filter));
         if let Some(observer) = &self.hooks.observer {
             observer.observe(&Observation::Unsubscribed {
                 client_id,
@@ -457,6 +525,32 @@ impl Broker {
             .lock()
             .expect("retained lock is never poisoned")
             .count()
+    }
+}
+
+/// The broker answers the channel's broker-wide questions from its shared state.
+impl Admission for Broker {
+    fn claim_exclusive(&self, filter: &str, client_id: &str) -> bool {
+        let mut held = self
+            .exclusive
+            .lock()
+            .expect("exclusive lock is never poisoned");
+        match held.get(filter) {
+            Some(holder) => &**holder == client_id,
+            None => {
+                held.insert(filter.into(), Arc::from(client_id));
+                true
+            }
+        }
+    }
+
+    fn reserve_delayed(&self) -> bool {
+        let max = self.settings.max_delayed;
+        self.delayed_admitted
+            .fetch_update(Ordering::Relaxed, Ordering::Relaxed, |n| {
+                (max == 0 || n < max).then_some(n + 1)
+            })
+            .is_ok()
     }
 }
 

@@ -19,6 +19,7 @@ fn broker() -> Broker {
         max_queued: 10,
         close_linger: Duration::from_millis(100),
         quic: Default::default(),
+        max_delayed: 0,
     })
 }
 

@@ -15,6 +15,18 @@ pub enum Access {
     Receive,
 }
 
+/// Broker-wide decisions the channel needs while it handles a packet, answered at once from
+/// shared state (the shell implements it over its locks): who holds an exclusive
+/// subscription, and room for one more delayed message. Without one, both always succeed.
+pub trait Admission: Send + Sync {
+    /// Claims the `$exclusive/` filter (without its prefix) for `client_id`; `false` if
+    /// another client holds it. Claiming again what one holds succeeds.
+    fn claim_exclusive(&self, filter: &str, client_id: &str) -> bool;
+
+    /// Reserves room for one more delayed message; `false` past the configured maximum.
+    fn reserve_delayed(&self) -> bool;
+}
+
 /// Decides access for one connected client. Called synchronously on the connection's task;
 /// implementations must not block.
 pub trait Authorizer: Send + Sync {

@@ -12,11 +12,13 @@
 //! - `fanout`: one publish to one delivery per session and flow (merge rules), retained
 //!   messages for a new subscription.
 //! - `hooks`: the seams the shell calls for observers, a durable store and peer nodes.
+//! - `delayed`: `$delayed/{seconds}/{topic}` and the queue of messages waiting for their time.
 
 #![deny(clippy::disallowed_methods, clippy::disallowed_types)]
 
 pub mod access;
 pub mod channel;
+pub mod delayed;
 pub mod fanout;
 pub mod hooks;
 pub mod message;

@@ -36,6 +36,8 @@ const MAX_TOPIC_BYTES: usize = 65_535;
 
 const SHARE_PREFIX: &str = "$share/";
 const QUEUE_PREFIX: &str = "$queue/";
+/// EMQX's exclusive subscription: one client at a time holds `$exclusive/{filter}`.
+const EXCLUSIVE_PREFIX: &str = "$exclusive/";
 /// The group name reported for EMQX's `$queue/{filter}` form.
 const QUEUE_GROUP: &str = "$queue";
 
@@ -136,6 +138,8 @@ pub struct TopicFilter {
     group: Option<(usize, usize)>,
     /// Byte offset in `full` where the matching filter starts.
     filter_start: usize,
+    /// `$exclusive/{filter}` (EMQX): matches as `{filter}`, held by one client at a time.
+    exclusive: bool,
 }
 
 impl TopicFilter {
@@ -167,6 +171,8 @@ impl TopicFilter {
             (Some((start, start + slash)), start + slash + 1)
         } else if s.starts_with(QUEUE_PREFIX) {
             (Some((0, QUEUE_GROUP.len())), QUEUE_PREFIX.len())
+        } else if s.starts_with(EXCLUSIVE_PREFIX) {
+            (None, EXCLUSIVE_PREFIX.len())
         } else {
             (None, 0)
         };
@@ -183,6 +189,7 @@ impl TopicFilter {
             full: s.into(),
             group,
             filter_start,
+            exclusive: group.is_none() && filter_start > 0,
         })
     }
 
@@ -194,6 +201,11 @@ impl TopicFilter {
     /// The part that matches topic names (share prefix removed).
     pub fn filter(&self) -> &str {
         &self.full[self.filter_start..]
+    }
+
+    /// Whether this is an exclusive subscription (`$exclusive/{filter}`).
+    pub fn is_exclusive(&self) -> bool {
+        self.exclusive
     }
 
     /// The share group name, if this is a shared subscription.

@@ -10,6 +10,7 @@ mod bad;
 mod client;
 mod conformance;
 mod conn;
+mod emqx;
 mod lossy;
 mod pubsub;
 mod quic;

@@ -85,6 +85,11 @@ impl Channel {
     }
 
     /// Checks every PUBLISH, SUBSCRIBE and delivery against `authorizer` from now on.
+    /// Answers broker-wide questions (exclusive subscriptions, the delayed quota).
+    pub fn set_admission(&mut self, admission: Arc<dyn Admission>) {
+        self.admission = Some(admission);
+    }
+
     pub fn set_authorizer(&mut self, authorizer: Arc<dyn Authorizer>) {
         self.access = Some(Box::new(AccessCheck {
             generation: authorizer.generation(),

@@ -25,7 +25,8 @@ use crate::codec::{
     ProtocolVersion, Publish, PublishRef, QoS, ReasonCode, SubAck, Subscribe, SubscriptionOptions,
     UnsubAck, Unsubscribe,
 };
-use crate::core::access::{Access, Authorizer};
+use crate::core::access::{Access, Admission, Authorizer};
+use crate::core::delayed;
 use crate::core::message::{AppMessage, Delivery, Flow};
 use crate::core::session::{Outgoing, Session, Subscription};
 use crate::core::topic::{TopicError, TopicFilter, TopicName};
@@ -66,6 +67,10 @@ pub struct Limits {
     pub v3_session_expiry: u32,
     /// Ceiling on the Session Expiry Interval a v5 client may ask for.
     pub max_session_expiry: u32,
+    /// `$exclusive/{filter}` subscriptions (EMQX); when off they are refused (0x8F).
+    pub exclusive_subscription: bool,
+    /// `$delayed/{seconds}/{topic}` publishes (EMQX); when off the topic is an ordinary one.
+    pub delayed_publish: bool,
 }
 
 impl Default for Limits {
@@ -87,6 +92,8 @@ impl Default for Limits {
             connect_timeout: Duration::from_secs(10),
             v3_session_expiry: 2 * 60 * 60,
             max_session_expiry: u32::MAX,
+            exclusive_subscription: true,
+            delayed_publish: true,
         }
     }
 }
@@ -142,6 +149,11 @@ pub enum Action {
         clean_start: bool,
     },
     Route(Arc<AppMessage>),
+    /// Publish `message` at `at` (a `$delayed/` publish, already admitted).
+    Delay {
+        message: Arc<AppMessage>,
+        at: Instant,
+    },
     Subscribe {
         subscription: Subscription,
         send_retained: bool,
@@ -214,6 +226,8 @@ pub struct Channel {
     password: Option<Bytes>,
     /// Topic permissions, when the shell set an authorizer (none: everything allowed).
     access: Option<Box<AccessCheck>>,
+    /// Broker-wide admission (exclusive subscriptions, the delayed quota); none: admitted.
+    admission: Option<Arc<dyn Admission>>,
     /// Deliveries dropped because they were expired or too large for the client.
     pub dropped: u64,
     /// Publishes, subscriptions and deliveries the authorizer refused.
@@ -250,6 +264,7 @@ impl Channel {
             username: None,
             password: None,
             access: None,
+            admission: None,
             dropped: 0,
             denied: 0,
         }

@@ -56,8 +56,16 @@ impl Channel {
             }
         }
 
+        // `$delayed/{seconds}/{topic}`: checked and routed as `{topic}`, later.
+        let (topic, delay) = self.delayed_target(topic);
         let mut refused = None;
-        if publish.properties.payload_format_indicator == Some(1)
+        if delay == Delay::Invalid {
+            // A `$delayed/` topic with a bad interval or no target: dropped and counted
+            // (MQTT 5: PUBACK 0x90), as EMQX drops it.
+            tracing::debug!(client_id = %self.client_id, "bad $delayed topic, dropped");
+            self.dropped += 1;
+            refused = Some(ReasonCode::TOPIC_NAME_INVALID);
+        } else if publish.properties.payload_format_indicator == Some(1)
             && std::str::from_utf8(&publish.payload).is_err()
         {
             refused = Some(ReasonCode::PAYLOAD_FORMAT_INVALID);
@@ -69,6 +77,15 @@ impl Channel {
             // and dropped, as Mosquitto does.
             self.denied += 1;
             refused = Some(ReasonCode::NOT_AUTHORIZED);
+        } else if delay != Delay::None
+            && !self
+                .admission
+                .as_ref()
+                .map_or(true, |a| a.reserve_delayed())
+        {
+            // Past `delayed.max_delayed_messages`.
+            self.dropped += 1;
+            refused = Some(ReasonCode::QUOTA_EXCEEDED);
         }
 
         // The decoder gives QoS 1 and 2 an id, and QoS 0 none.
@@ -102,7 +119,35 @@ impl Channel {
         if refused.is_none() {
             let message =
                 AppMessage::from_publish(topic, publish, Some(Arc::clone(&self.client_id)), now);
-            self.actions.push_back(Action::Route(Arc::new(message)));
+            let message = Arc::new(message);
+            self.actions.push_back(match delay {
+                Delay::After(after) => Action::Delay {
+                    message,
+                    at: now + after,
+                },
+                _ => Action::Route(message),
+            });
+        }
+    }
+
+    /// For a `$delayed/{seconds}/{topic}` publish (when enabled): the target topic and the
+    /// delay. Any other topic comes back as it is.
+    fn delayed_target(&self, topic: TopicName) -> (TopicName, Delay) {
+        if !self.limits.delayed_publish {
+            return (topic, Delay::None);
+        }
+        let target = match delayed::parse(&topic) {
+            None => return (topic, Delay::None),
+            Some(Err(_)) => None,
+            Some(Ok((after, target))) => {
+                TopicName::parse(target.to_owned(), self.limits.max_topic_levels)
+                    .ok()
+                    .map(|target| (target, after))
+            }
+        };
+        match target {
+            Some((target, after)) => (target, Delay::After(after)),
+            None => (topic, Delay::Invalid),
         }
     }
 
@@ -124,4 +169,14 @@ impl Channel {
         };
         self.reply(&Packet::PubRel(Ack::new(ack.packet_id, reason)));
     }
+}
+
+/// What a PUBLISH topic says about delaying it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Delay {
+    /// Not a `$delayed/` topic (or delayed publish is off).
+    None,
+    /// A `$delayed/` topic with a bad interval or target.
+    Invalid,
+    After(Duration),
 }

@@ -76,6 +76,18 @@ impl Channel {
             self.denied += 1;
             return ReasonCode::NOT_AUTHORIZED;
         }
+        if filter.is_exclusive() {
+            if !limits.exclusive_subscription {
+                return ReasonCode::TOPIC_FILTER_INVALID;
+            }
+            // Held by another client: EMQX answers Quota exceeded (3.1.1: 0x80).
+            let claimed = self.admission.as_ref().map_or(true, |a| {
+                a.claim_exclusive(filter.filter(), &self.client_id)
+            });
+            if !claimed {
+                return ReasonCode::QUOTA_EXCEEDED;
+            }
+        }
         let Some(session) = self.session.as_mut() else {
             return ReasonCode::UNSPECIFIED_ERROR;
         };
