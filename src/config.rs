@@ -14,6 +14,9 @@ use serde::{Deserialize, Deserializer};
 
 pub use crate::broker::listener::{ListenerConfig, ListenerKind};
 use crate::broker::listener::{DEFAULT_HANDSHAKE_TIMEOUT, DEFAULT_WS_PATH};
+use crate::codec::{QoS, SubscriptionOptions};
+use crate::core::rewrite::{AutoSubscribe, RewriteAction, RewriteRule, MAX_RULES};
+use crate::core::topic::TopicFilter;
 #[cfg(test)]
 use crate::duration::parse_duration;
 use crate::duration::{deserialize as duration, deserialize_some as some_duration};
@@ -45,6 +48,9 @@ pub struct Config {
     pub log: LogSection,
     pub quic: QuicSettings,
     pub delayed: DelayedSection,
+    pub auto_subscribe: AutoSubscribeSection,
+    /// `[[rewrite]]` rules, first match wins.
+    pub rewrite: Vec<RewriteFile>,
     pub auth: crate::auth::AuthSettings,
     #[serde(deserialize_with = "listeners")]
     pub listeners: Vec<ListenerConfig>,
@@ -59,6 +65,8 @@ impl Default for Config {
             log: LogSection::default(),
             quic: QuicSettings::default(),
             delayed: DelayedSection::default(),
+            auto_subscribe: AutoSubscribeSection::default(),
+            rewrite: Vec::new(),
             auth: crate::auth::AuthSettings::default(),
             listeners: ListenerKind::ALL
                 .iter()
@@ -130,6 +138,45 @@ impl Default for MqttSection {
             exclusive_subscription: limits.exclusive_subscription,
         }
     }
+}
+
+/// `[auto_subscribe]`: EMQX's automatic subscriptions, `[[auto_subscribe.topics]]`.
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct AutoSubscribeSection {
+    pub topics: Vec<AutoSubscribeFile>,
+}
+
+/// One `[[auto_subscribe.topics]]` entry, with EMQX's names.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct AutoSubscribeFile {
+    /// The filter; `${clientid}`, `${username}`, `${host}` and `${port}` are replaced.
+    pub topic: String,
+    #[serde(default)]
+    pub qos: u8,
+    /// Retain Handling (0, 1, 2).
+    #[serde(default)]
+    pub rh: u8,
+    /// Retain As Published.
+    #[serde(default)]
+    pub rap: bool,
+    /// No Local.
+    #[serde(default)]
+    pub nl: bool,
+}
+
+/// One `[[rewrite]]` rule, with EMQX's names.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RewriteFile {
+    /// `publish`, `subscribe` or `all`.
+    pub action: String,
+    /// A topic filter the topic must match.
+    pub source_topic: String,
+    /// A regular expression whose groups `$1`…`$N` `dest_topic` may use.
+    pub re: String,
+    pub dest_topic: String,
 }
 
 /// `[delayed]`: EMQX's delayed publish (`$delayed/{seconds}/{topic}`).
@@ -340,7 +387,89 @@ impl Config {
         Ok(config)
     }
 
+    /// The `[[rewrite]]` rules, parsed (filters, regular expressions).
+    pub fn rewrite_rules(&self) -> Result<Vec<RewriteRule>, ConfigError> {
+        let invalid = |i: usize, field: &str, message: String| ConfigError::Invalid {
+            key: format!("rewrite[{i}].{field}"),
+            message,
+        };
+        if self.rewrite.len() > MAX_RULES {
+            return Err(ConfigError::Invalid {
+                key: "rewrite".into(),
+                message: format!("at most {MAX_RULES} rules"),
+            });
+        }
+        self.rewrite
+            .iter()
+            .enumerate()
+            .map(|(i, rule)| {
+                let action = match rule.action.as_str() {
+                    "publish" => RewriteAction::Publish,
+                    "subscribe" => RewriteAction::Subscribe,
+                    "all" => RewriteAction::All,
+                    other => {
+                        return Err(invalid(
+                            i,
+                            "action",
+                            format!("`{other}` is not publish, subscribe or all"),
+                        ))
+                    }
+                };
+                let source = TopicFilter::parse(&rule.source_topic, 0)
+                    .map_err(|e| invalid(i, "source_topic", e.to_string()))?;
+                let re =
+                    regex::Regex::new(&rule.re).map_err(|e| invalid(i, "re", e.to_string()))?;
+                Ok(RewriteRule {
+                    action,
+                    source,
+                    re,
+                    dest: rule.dest_topic.clone(),
+                })
+            })
+            .collect()
+    }
+
+    /// The `[[auto_subscribe.topics]]` rules, checked.
+    pub fn auto_subscribe_rules(&self) -> Result<Vec<AutoSubscribe>, ConfigError> {
+        let topics = &self.auto_subscribe.topics;
+        if topics.len() > MAX_RULES {
+            return Err(ConfigError::Invalid {
+                key: "auto_subscribe.topics".into(),
+                message: format!("at most {MAX_RULES} rules"),
+            });
+        }
+        topics
+            .iter()
+            .enumerate()
+            .map(|(i, rule)| {
+                let invalid = |field: &str, message: &str| ConfigError::Invalid {
+                    key: format!("auto_subscribe.topics[{i}].{field}"),
+                    message: message.into(),
+                };
+                let qos =
+                    QoS::from_u8(rule.qos).ok_or_else(|| invalid("qos", "must be 0, 1 or 2"))?;
+                if rule.rh > 2 {
+                    return Err(invalid("rh", "must be 0, 1 or 2"));
+                }
+                if rule.topic.is_empty() {
+                    return Err(invalid("topic", "must not be empty"));
+                }
+                Ok(AutoSubscribe {
+                    topic: rule.topic.clone(),
+                    options: SubscriptionOptions {
+                        qos,
+                        no_local: rule.nl,
+                        retain_as_published: rule.rap,
+                        retain_handling: rule.rh,
+                    },
+                })
+            })
+            .collect()
+    }
+
     pub fn validate(&self) -> Result<(), ConfigError> {
+        self.rewrite_rules()?;
+        self.auto_subscribe_rules()?;
         let invalid = |key: &str, message: &str| {
             Err(ConfigError::Invalid {
                 key: key.into(),

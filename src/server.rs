@@ -21,7 +21,7 @@ use crate::core::channel::Limits;
 use crate::transport::certs::DevCerts;
 
 /// The broker's runtime settings, from the validated configuration.
-fn broker_settings(config: &Config) -> Settings {
+fn broker_settings(config: &Config) -> anyhow::Result<Settings> {
     let m = &config.mqtt;
     let secs = |d: Duration| u32::try_from(d.as_secs()).unwrap_or(u32::MAX);
     let limits = Limits {
@@ -43,14 +43,16 @@ fn broker_settings(config: &Config) -> Settings {
         max_session_expiry: secs(config.session.max_expiry),
         exclusive_subscription: m.exclusive_subscription,
         delayed_publish: config.delayed.enable,
+        rewrite: config.rewrite_rules()?,
+        auto_subscribe: config.auto_subscribe_rules()?,
     };
-    Settings {
+    Ok(Settings {
         limits: Arc::new(limits),
         max_queued: config.session.max_queued,
         close_linger: config.broker.close_linger,
         quic: Arc::new(config.quic.clone()),
         max_delayed: config.delayed.max_delayed_messages,
-    }
+    })
 }
 
 /// The development certificate under `<data_dir>/certs/`, made on first use. Its CA is logged
@@ -81,7 +83,7 @@ pub struct RunningBroker {
 impl RunningBroker {
     /// Binds every configured listener and starts serving.
     pub async fn start(config: &Config) -> anyhow::Result<Self> {
-        let settings = broker_settings(config);
+        let settings = broker_settings(config)?;
         let auth = AuthService::load(&config.auth)
             .map_err(|err| anyhow::anyhow!("authentication: {err}"))?;
         tracing::info!("authentication: {}", auth.describe());

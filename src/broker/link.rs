@@ -133,6 +133,10 @@ impl Link {
                 // A takeover may have taken a while.
                 let now = self.tick();
                 self.channel.accept(now, session);
+                if !self.broker.limits().auto_subscribe.is_empty() {
+                    let host = self.peer.ip().to_string();
+                    self.channel.auto_subscribe(&host, self.peer.port());
+                }
             }
             Err(code) => self.channel.reject(code),
         }

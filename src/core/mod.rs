@@ -12,6 +12,7 @@
 //! - `fanout`: one publish to one delivery per session and flow (merge rules), retained
 //!   messages for a new subscription.
 //! - `hooks`: the seams the shell calls for observers, a durable store and peer nodes.
+//! - `rewrite`: EMQX's topic rewrite rules and automatic subscriptions.
 //! - `delayed`: `$delayed/{seconds}/{topic}` and the queue of messages waiting for their time.
 
 #![deny(clippy::disallowed_methods, clippy::disallowed_types)]
@@ -24,6 +25,7 @@ pub mod hooks;
 pub mod message;
 pub mod registry;
 pub mod retain;
+pub mod rewrite;
 pub mod router;
 pub mod session;
 pub mod timers;

@@ -206,3 +206,167 @@ async fn exclusive_subscription_switched_off_is_refused() {
         [ReasonCode::TOPIC_FILTER_INVALID]
     );
 }
+
+fn rewrite_rule(action: &str, source: &str, re: &str, dest: &str) -> petrel::config::RewriteFile {
+    petrel::config::RewriteFile {
+        action: action.into(),
+        source_topic: source.into(),
+        re: re.into(),
+        dest_topic: dest.into(),
+    }
+}
+
+/// EMQX's documented example: `x/y/{n}` becomes `z/y/{n}` for publish and subscribe.
+#[tokio::test]
+async fn topic_rewrite_applies_to_publish_subscribe_and_unsubscribe() {
+    let broker = TestBroker::start_with(|c| {
+        c.rewrite
+            .push(rewrite_rule("publish", "x/#", r"^x/y/(.+)$", "z/y/$1"));
+        c.rewrite
+            .push(rewrite_rule("subscribe", "s/+", r"^s/(\d+)$", "z/y/$1"));
+        c.rewrite.push(rewrite_rule(
+            "all",
+            "c/+",
+            r"^c/(.+)$",
+            "own/${clientid}/$1",
+        ));
+    })
+    .await;
+    for version in [V311, V5] {
+        let (mut sub, _) =
+            RawClient::connect_ok(broker.addr, connect_packet(version, "rsub")).await;
+        sub.subscribe(1, "z/y/#", QoS::AtMostOnce).await;
+        let (mut publisher, _) =
+            RawClient::connect_ok(broker.addr, connect_packet(version, "rpub")).await;
+        publisher
+            .publish_acked(publish_struct("x/y/1", QoS::AtLeastOnce, Some(1), b"p"))
+            .await;
+        assert_eq!(sub.expect_publish().await.topic, "z/y/1");
+        // A publish the regular expression does not match goes out as it is.
+        publisher
+            .publish_acked(publish_struct("x/1", QoS::AtLeastOnce, Some(2), b"q"))
+            .await;
+        sub.expect_silence().await;
+
+        // Subscribing to s/7 subscribes to z/y/7; unsubscribing s/7 undoes it.
+        let (mut other, _) =
+            RawClient::connect_ok(broker.addr, connect_packet(version, "rother")).await;
+        other.subscribe(1, "s/7", QoS::AtMostOnce).await;
+        publisher
+            .publish_acked(publish_struct("z/y/7", QoS::AtMostOnce, None, b"r"))
+            .await;
+        assert_eq!(other.expect_publish().await.topic, "z/y/7");
+        assert_eq!(sub.expect_publish().await.topic, "z/y/7");
+        let codes = other.unsubscribe(2, "s/7").await;
+        if version.is_v5() {
+            assert_eq!(codes, [ReasonCode::SUCCESS]);
+        }
+        publisher
+            .publish_acked(publish_struct("z/y/7", QoS::AtMostOnce, None, b"s"))
+            .await;
+        assert_eq!(sub.expect_publish().await.topic, "z/y/7");
+        other.expect_silence().await;
+
+        // Placeholders: c/x from client rpub lands on own/rpub/x.
+        sub.subscribe(2, "own/#", QoS::AtMostOnce).await;
+        publisher
+            .publish_acked(publish_struct("c/x", QoS::AtMostOnce, None, b"t"))
+            .await;
+        assert_eq!(sub.expect_publish().await.topic, "own/rpub/x");
+        for client in [sub, publisher, other] {
+            client.disconnect().await;
+        }
+    }
+}
+
+#[tokio::test]
+async fn auto_subscribe_subscribes_every_client_that_connects() {
+    let broker = TestBroker::start_with(|c| {
+        c.auto_subscribe
+            .topics
+            .push(petrel::config::AutoSubscribeFile {
+                topic: "cmd/${clientid}/#".into(),
+                qos: 1,
+                rh: 0,
+                rap: false,
+                nl: false,
+            });
+    })
+    .await;
+    let (mut publisher, _) = RawClient::connect_v5(broker.addr, "commander").await;
+    let mut retained = publish_struct("cmd/car-5/boot", QoS::AtLeastOnce, Some(1), b"r");
+    retained.retain = true;
+    publisher.publish_acked(retained).await;
+    for (version, id) in [(V311, "car-3"), (V5, "car-5")] {
+        let (mut car, _) = RawClient::connect_ok(broker.addr, connect_packet(version, id)).await;
+        if id == "car-5" {
+            // Retained messages come with an automatic subscription too.
+            let got = car.expect_publish().await;
+            assert_eq!((got.topic.as_str(), got.retain), ("cmd/car-5/boot", true));
+            car.send(&Packet::PubAck(petrel::codec::Ack::new(
+                got.packet_id.unwrap(),
+                ReasonCode::SUCCESS,
+            )))
+            .await;
+        }
+        publisher
+            .publish_acked(publish_struct(
+                &format!("cmd/{id}/go"),
+                QoS::AtLeastOnce,
+                Some(2),
+                b"go",
+            ))
+            .await;
+        let got = car.expect_publish().await;
+        assert_eq!(
+            (got.topic, got.qos),
+            (format!("cmd/{id}/go"), QoS::AtLeastOnce)
+        );
+        car.send(&Packet::PubAck(petrel::codec::Ack::new(
+            got.packet_id.unwrap(),
+            ReasonCode::SUCCESS,
+        )))
+        .await;
+        car.expect_silence().await;
+    }
+}
+
+#[test]
+fn bad_rewrite_and_auto_subscribe_rules_name_their_key() {
+    let load = |text: &str| {
+        let dir = std::env::temp_dir().join(unique("petrel-rules"));
+        std::fs::create_dir_all(&dir).unwrap();
+        let path = dir.join("petrel.toml");
+        std::fs::write(&path, text).unwrap();
+        let result = petrel::config::Config::load(Some(&path), std::iter::empty(), &[]);
+        let _ = std::fs::remove_dir_all(dir);
+        result.err().map(|e| e.to_string())
+    };
+    let err = load(
+        "[[rewrite]]\naction = \"all\"\nsource_topic = \"x/#\"\nre = \"(\"\ndest_topic = \"y\"\n",
+    );
+    assert!(
+        err.as_deref().is_some_and(|e| e.contains("rewrite[0].re")),
+        "{err:?}"
+    );
+    let err = load(
+        "[[rewrite]]\naction = \"both\"\nsource_topic = \"x/#\"\nre = \"x\"\ndest_topic = \"y\"\n",
+    );
+    assert!(
+        err.as_deref()
+            .is_some_and(|e| e.contains("rewrite[0].action")),
+        "{err:?}"
+    );
+    let err = load("[[auto_subscribe.topics]]\ntopic = \"t\"\nqos = 3\n");
+    assert!(
+        err.as_deref()
+            .is_some_and(|e| e.contains("auto_subscribe.topics[0].qos")),
+        "{err:?}"
+    );
+    let many = "[[auto_subscribe.topics]]\ntopic = \"t\"\n".repeat(31);
+    assert!(load(&many).is_some_and(|e| e.contains("at most 30")));
+    assert_eq!(
+        load("[[auto_subscribe.topics]]\ntopic = \"t/${clientid}\"\nqos = 2\nrh = 1\n"),
+        None
+    );
+}

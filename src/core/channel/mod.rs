@@ -28,6 +28,7 @@ use crate::codec::{
 use crate::core::access::{Access, Admission, Authorizer};
 use crate::core::delayed;
 use crate::core::message::{AppMessage, Delivery, Flow};
+use crate::core::rewrite::{self, AutoSubscribe, RewriteAction, RewriteRule};
 use crate::core::session::{Outgoing, Session, Subscription};
 use crate::core::topic::{TopicError, TopicFilter, TopicName};
 
@@ -71,6 +72,10 @@ pub struct Limits {
     pub exclusive_subscription: bool,
     /// `$delayed/{seconds}/{topic}` publishes (EMQX); when off the topic is an ordinary one.
     pub delayed_publish: bool,
+    /// Topic rewrite rules (EMQX), first match wins.
+    pub rewrite: Vec<RewriteRule>,
+    /// Subscriptions every client gets when it connects (EMQX's auto subscribe).
+    pub auto_subscribe: Vec<AutoSubscribe>,
 }
 
 impl Default for Limits {
@@ -94,6 +99,8 @@ impl Default for Limits {
             max_session_expiry: u32::MAX,
             exclusive_subscription: true,
             delayed_publish: true,
+            rewrite: Vec::new(),
+            auto_subscribe: Vec::new(),
         }
     }
 }

@@ -40,6 +40,9 @@ impl Channel {
         } else if publish.topic.is_empty() {
             return self.protocol_error(ReasonCode::PROTOCOL_ERROR);
         }
+        if let Some(rewritten) = self.rewritten(RewriteAction::Publish, &publish.topic) {
+            publish.topic = rewritten;
+        }
         let topic = std::mem::take(&mut publish.topic);
         let topic = match TopicName::parse(topic, limits.max_topic_levels) {
             Ok(topic) => topic,

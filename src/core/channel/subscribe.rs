@@ -56,6 +56,40 @@ impl Channel {
         }));
     }
 
+    /// The topic or filter `raw` after the first rewrite rule for `action` that matches it
+    /// (EMQX's topic rewrite); `None` when no rule changes it.
+    pub(super) fn rewritten(&self, action: RewriteAction, raw: &str) -> Option<String> {
+        if self.limits.rewrite.is_empty() {
+            return None;
+        }
+        let username = self.username.as_deref();
+        rewrite::rewrite(&self.limits.rewrite, action, raw, &self.client_id, username)
+    }
+
+    /// Subscribes the client to every `auto_subscribe` filter, with `host` and `port` (the
+    /// client's address) for the placeholders: as if it had sent the SUBSCRIBE itself (rewrite,
+    /// ACL and retained messages apply), without a SUBACK.
+    pub fn auto_subscribe(&mut self, host: &str, port: u16) {
+        if self.limits.auto_subscribe.is_empty() || self.state != State::Connected {
+            return;
+        }
+        let limits = Arc::clone(&self.limits);
+        for rule in &limits.auto_subscribe {
+            let username = self.username.clone();
+            let filter = rewrite::expand(
+                &rule.topic,
+                &self.client_id,
+                username.as_deref(),
+                host,
+                port,
+            );
+            let reason = self.subscribe_one(&filter, rule.options, None, &limits);
+            if reason.is_failure() {
+                tracing::debug!(client_id = %self.client_id, %filter, %reason, "auto subscription refused");
+            }
+        }
+    }
+
     pub(super) fn subscribe_one(
         &mut self,
         raw: &str,
@@ -63,6 +97,8 @@ impl Channel {
         id: Option<u32>,
         limits: &Limits,
     ) -> ReasonCode {
+        let rewritten = self.rewritten(RewriteAction::Subscribe, raw);
+        let raw = rewritten.as_deref().unwrap_or(raw);
         let Ok(filter) = TopicFilter::parse(raw, limits.max_topic_levels) else {
             return ReasonCode::TOPIC_FILTER_INVALID;
         };
@@ -133,6 +169,9 @@ impl Channel {
         }
         let mut reasons = Vec::with_capacity(unsubscribe.filters.len());
         for raw in unsubscribe.filters {
+            let raw = self
+                .rewritten(RewriteAction::Subscribe, &raw)
+                .unwrap_or(raw);
             let flow = self.input_flow;
             let removed = self
                 .session
