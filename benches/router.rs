@@ -45,7 +45,7 @@ fn bench_match(c: &mut Criterion) {
                 i = i.wrapping_add(1);
                 let topic = format!("vehicles/car-{}/telemetry/speed", i % n as u32);
                 let mut hits = 0;
-                tree.for_each_match(&topic, |_, _| true, |_, _| hits += 1);
+                tree.for_each_match(topic.as_str(), |_, _| true, |_, _| hits += 1);
                 hits
             })
         });
@@ -83,6 +83,8 @@ fn bench_fan_out(c: &mut Criterion) {
             close_linger: Duration::from_millis(100),
             quic: Default::default(),
             max_delayed: 0,
+            shared_strategy: Default::default(),
+            group_strategies: Default::default(),
         });
         let now = Instant::now();
         let mut mailboxes = Vec::new();

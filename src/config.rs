@@ -16,6 +16,7 @@ pub use crate::broker::listener::{ListenerConfig, ListenerKind};
 use crate::broker::listener::{DEFAULT_HANDSHAKE_TIMEOUT, DEFAULT_WS_PATH};
 use crate::codec::{QoS, SubscriptionOptions};
 use crate::core::rewrite::{AutoSubscribe, RewriteAction, RewriteRule, MAX_RULES};
+pub use crate::core::router::SharedStrategy;
 use crate::core::topic::TopicFilter;
 #[cfg(test)]
 use crate::duration::parse_duration;
@@ -49,6 +50,8 @@ pub struct Config {
     pub quic: QuicSettings,
     pub delayed: DelayedSection,
     pub auto_subscribe: AutoSubscribeSection,
+    /// `[shared_subscription_group.NAME] strategy = "..."`: a group's own strategy.
+    pub shared_subscription_group: std::collections::HashMap<String, SharedGroupSettings>,
     /// `[[rewrite]]` rules, first match wins.
     pub rewrite: Vec<RewriteFile>,
     pub auth: crate::auth::AuthSettings,
@@ -66,6 +69,7 @@ impl Default for Config {
             quic: QuicSettings::default(),
             delayed: DelayedSection::default(),
             auto_subscribe: AutoSubscribeSection::default(),
+            shared_subscription_group: Default::default(),
             rewrite: Vec::new(),
             auth: crate::auth::AuthSettings::default(),
             listeners: ListenerKind::ALL
@@ -115,6 +119,9 @@ pub struct MqttSection {
     pub connect_timeout: Duration,
     /// `$exclusive/{filter}` subscriptions (EMQX's `mqtt.exclusive_subscription`).
     pub exclusive_subscription: bool,
+    /// How a shared group picks a member (EMQX's names); `[shared_subscription_group.NAME]`
+    /// sets it per group.
+    pub shared_subscription_strategy: SharedStrategy,
 }
 
 impl Default for MqttSection {
@@ -136,6 +143,7 @@ impl Default for MqttSection {
             max_subscriptions: limits.max_subscriptions,
             connect_timeout: limits.connect_timeout,
             exclusive_subscription: limits.exclusive_subscription,
+            shared_subscription_strategy: SharedStrategy::default(),
         }
     }
 }
@@ -164,6 +172,13 @@ pub struct AutoSubscribeFile {
     /// No Local.
     #[serde(default)]
     pub nl: bool,
+}
+
+/// `[shared_subscription_group.NAME]`.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct SharedGroupSettings {
+    pub strategy: SharedStrategy,
 }
 
 /// One `[[rewrite]]` rule, with EMQX's names.

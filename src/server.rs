@@ -52,6 +52,12 @@ fn broker_settings(config: &Config) -> anyhow::Result<Settings> {
         close_linger: config.broker.close_linger,
         quic: Arc::new(config.quic.clone()),
         max_delayed: config.delayed.max_delayed_messages,
+        shared_strategy: config.mqtt.shared_subscription_strategy,
+        group_strategies: config
+            .shared_subscription_group
+            .iter()
+            .map(|(name, group)| (name.as_str().into(), group.strategy))
+            .collect(),
     })
 }
 

@@ -41,6 +41,7 @@ use crate::core::hooks::{DropReason, Hooks, Observation};
 use crate::core::message::{AppMessage, Flow};
 use crate::core::registry::{EndReason, Event, Open, Registry};
 use crate::core::retain::RetainedStore;
+use crate::core::router::SharedStrategy;
 use crate::core::session::{Session, Subscription};
 use crate::core::topic::TopicFilter;
 use mailbox::{Mailbox, Pushed};
@@ -79,6 +80,9 @@ pub struct Settings {
     pub quic: Arc<crate::transport::quic::QuicSettings>,
     /// Delayed messages held at once (0: no limit).
     pub max_delayed: usize,
+    /// How shared groups pick a member: by group name, and for the rest.
+    pub shared_strategy: SharedStrategy,
+    pub group_strategies: HashMap<Box<str>, SharedStrategy>,
 }
 
 pub struct Broker {
@@ -103,9 +107,11 @@ pub struct Broker {
 
 impl Broker {
     pub fn new(settings: Settings) -> Self {
+        let mut router = Subscribers::new();
+        router.set_strategies(settings.shared_strategy, settings.group_strategies.clone());
         Self {
             settings,
-            router: RwLock::new(Subscribers::new()),
+            router: RwLock::new(router),
             retained: Mutex::new(RetainedStore::new()),
             sessions: Mutex::new(Registry::default()),
             delayed: Mutex::new(DelayedQueue::default()),

@@ -20,6 +20,8 @@ fn broker() -> Broker {
         close_linger: Duration::from_millis(100),
         quic: Default::default(),
         max_delayed: 0,
+        shared_strategy: Default::default(),
+        group_strategies: Default::default(),
     })
 }
 

@@ -17,7 +17,7 @@ use std::time::Instant;
 
 use super::message::{AppMessage, Delivery, Flow};
 use super::retain::RetainedStore;
-use super::router::SubscriptionTree;
+use super::router::{Dispatch, SubscriptionTree};
 use super::session::Subscription;
 use crate::codec::SubscriptionOptions;
 
@@ -74,8 +74,12 @@ impl<M> Fanout<M> {
     ) {
         let Self { targets, index } = self;
         let mut indexed = false;
+        let dispatch = Dispatch {
+            topic: &message.topic,
+            publisher: message.publisher.as_deref(),
+        };
         subscribers.for_each_match(
-            &message.topic,
+            dispatch,
             |_, subscriber| online(&subscriber.handle),
             |(client, flow), subscriber| {
                 if subscriber.options.no_local && message.publisher.as_deref() == Some(&**client) {

@@ -14,11 +14,53 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 
 use super::topic::TopicFilter;
 
+/// How a shared group picks the member for a message (EMQX's strategies).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, serde::Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum SharedStrategy {
+    /// Each member in turn.
+    #[default]
+    RoundRobin,
+    /// Each member in turn, one turn for the whole group (the same as `round_robin` on a
+    /// single node, where one dispatcher serves every publisher).
+    RoundRobinPerGroup,
+    /// A member chosen at random for each message.
+    Random,
+    /// The same member until it leaves (or cannot take messages).
+    Sticky,
+    /// The same member for every message of one publisher.
+    HashClientid,
+    /// The same member for every message on one topic.
+    HashTopic,
+    /// Members on this node first: on a single node, `random`.
+    Local,
+}
+
 /// Subscriptions by filter. `K` identifies a client (e.g. `Arc<str>`), `V` is the caller's
 /// per-subscription data (QoS, options, subscription id, …).
 pub struct SubscriptionTree<K, V> {
     root: Node<K, V>,
     len: usize,
+    /// The strategy of groups not named in `group_strategies`.
+    strategy: SharedStrategy,
+    group_strategies: HashMap<Box<str>, SharedStrategy>,
+}
+
+/// What a shared group's strategy may look at: the message's topic and publisher.
+#[derive(Debug, Clone, Copy)]
+pub struct Dispatch<'a> {
+    pub topic: &'a str,
+    pub publisher: Option<&'a str>,
+}
+
+/// A topic alone (no publisher: `hash_clientid` treats it as one anonymous publisher).
+impl<'a> From<&'a str> for Dispatch<'a> {
+    fn from(topic: &'a str) -> Self {
+        Dispatch {
+            topic,
+            publisher: None,
+        }
+    }
 }
 
 /// One filter level. The node reached by a filter's levels holds that filter's subscriptions.
@@ -33,6 +75,7 @@ struct Node<K, V> {
 /// A `$share/{name}/…` group on one filter: each matching message goes to one member.
 struct SharedGroup<K, V> {
     name: Box<str>,
+    strategy: SharedStrategy,
     members: Vec<(K, V)>,
     /// Index of the member to try first next time. Relaxed: concurrent routers under a read lock
     /// may occasionally pick the same member, which only perturbs fairness.
@@ -133,7 +176,20 @@ impl<K: Eq + Hash + Clone, V> SubscriptionTree<K, V> {
         SubscriptionTree {
             root: Node::new(),
             len: 0,
+            strategy: SharedStrategy::default(),
+            group_strategies: HashMap::new(),
         }
+    }
+
+    /// The strategy of shared groups created from now on: `per_group` by name, `default`
+    /// for the rest.
+    pub fn set_strategies(
+        &mut self,
+        default: SharedStrategy,
+        per_group: HashMap<Box<str>, SharedStrategy>,
+    ) {
+        self.strategy = default;
+        self.group_strategies = per_group;
     }
 
     /// Inserts or replaces `client`'s subscription on `filter`. A shared filter joins group
@@ -150,8 +206,14 @@ impl<K: Eq + Hash + Clone, V> SubscriptionTree<K, V> {
                 let group = match node.groups.iter().position(|g| &*g.name == name) {
                     Some(i) => &mut node.groups[i],
                     None => {
+                        let strategy = self
+                            .group_strategies
+                            .get(name)
+                            .copied()
+                            .unwrap_or(self.strategy);
                         node.groups.push(SharedGroup {
                             name: name.into(),
+                            strategy,
                             members: Vec::new(),
                             cursor: AtomicUsize::new(0),
                         });
@@ -258,12 +320,14 @@ impl<K: Eq + Hash + Clone, V> SubscriptionTree<K, V> {
     ///
     /// `topic` is a valid topic name. Filters starting with a wildcard do not match topics
     /// starting with `$` [MQTT-4.7.2-1].
-    pub fn for_each_match(
+    pub fn for_each_match<'a>(
         &self,
-        topic: &str,
+        dispatch: impl Into<Dispatch<'a>>,
         eligible: impl Fn(&K, &V) -> bool,
         mut visit: impl FnMut(&K, &V),
     ) {
+        let dispatch = dispatch.into();
+        let topic = dispatch.topic;
         let dollar = topic.starts_with('$');
         let mut frontier: Vec<&Node<K, V>> = vec![&self.root];
         let mut next: Vec<&Node<K, V>> = Vec::new();
@@ -272,7 +336,7 @@ impl<K: Eq + Hash + Clone, V> SubscriptionTree<K, V> {
             for node in frontier.drain(..) {
                 if wildcards_allowed {
                     if let Some(hash) = node.hash.as_deref() {
-                        visit_node(hash, &eligible, &mut visit);
+                        visit_node(hash, dispatch, &eligible, &mut visit);
                     }
                     if let Some(plus) = node.plus.as_deref() {
                         next.push(plus);
@@ -288,10 +352,10 @@ impl<K: Eq + Hash + Clone, V> SubscriptionTree<K, V> {
             std::mem::swap(&mut frontier, &mut next);
         }
         for node in frontier {
-            visit_node(node, &eligible, &mut visit);
+            visit_node(node, dispatch, &eligible, &mut visit);
             // `a/#` also matches `a` [MQTT-4.7.1-1].
             if let Some(hash) = node.hash.as_deref() {
-                visit_node(hash, &eligible, &mut visit);
+                visit_node(hash, dispatch, &eligible, &mut visit);
             }
         }
     }
@@ -311,6 +375,7 @@ impl<K: Eq + Hash + Clone, V> SubscriptionTree<K, V> {
 /// Visits every plain subscriber of `node` and one member of each of its shared groups.
 fn visit_node<K, V>(
     node: &Node<K, V>,
+    dispatch: Dispatch<'_>,
     eligible: &impl Fn(&K, &V) -> bool,
     visit: &mut impl FnMut(&K, &V),
 ) {
@@ -318,24 +383,67 @@ fn visit_node<K, V>(
         visit(k, v);
     }
     for group in &node.groups {
-        let n = group.members.len();
-        if n == 0 {
-            continue;
+        if let Some(chosen) = group.pick(dispatch, eligible) {
+            let (k, v) = &group.members[chosen];
+            visit(k, v);
         }
-        let start = group.cursor.load(Ordering::Relaxed) % n;
+    }
+}
+
+impl<K, V> SharedGroup<K, V> {
+    /// The member for one message: where the strategy points, or the next eligible member
+    /// from there (any member if none is eligible).
+    fn pick(&self, dispatch: Dispatch<'_>, eligible: &impl Fn(&K, &V) -> bool) -> Option<usize> {
+        let n = self.members.len();
+        if n == 0 {
+            return None;
+        }
+        let start = match self.strategy {
+            SharedStrategy::RoundRobin
+            | SharedStrategy::RoundRobinPerGroup
+            | SharedStrategy::Sticky => self.cursor.load(Ordering::Relaxed),
+            // A counter through a mixing function: uniform, and no randomness to pass in.
+            SharedStrategy::Random | SharedStrategy::Local => {
+                mix(self.cursor.fetch_add(1, Ordering::Relaxed) as u64) as usize
+            }
+            SharedStrategy::HashClientid => stable_hash(dispatch.publisher.unwrap_or("")),
+            SharedStrategy::HashTopic => stable_hash(dispatch.topic),
+        } % n;
         let chosen = (0..n)
             .map(|i| (start + i) % n)
             .find(|&i| {
-                let (k, v) = &group.members[i];
+                let (k, v) = &self.members[i];
                 eligible(k, v)
             })
             .unwrap_or(start);
-        group
-            .cursor
-            .store(chosen.wrapping_add(1), Ordering::Relaxed);
-        let (k, v) = &group.members[chosen];
-        visit(k, v);
+        match self.strategy {
+            SharedStrategy::RoundRobin | SharedStrategy::RoundRobinPerGroup => {
+                self.cursor.store(chosen.wrapping_add(1), Ordering::Relaxed);
+            }
+            // Stays on the chosen member until it is no longer eligible.
+            SharedStrategy::Sticky => self.cursor.store(chosen, Ordering::Relaxed),
+            _ => {}
+        }
+        Some(chosen)
     }
+}
+
+/// splitmix64's finaliser: spreads consecutive counters over the whole range.
+fn mix(mut x: u64) -> u64 {
+    x = x.wrapping_add(0x9E37_79B9_7F4A_7C15);
+    x = (x ^ (x >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
+    x = (x ^ (x >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
+    x ^ (x >> 31)
+}
+
+/// A hash that is the same in every process (FNV-1a, mixed), so a publisher or a topic maps
+/// to the same member across restarts as long as the group's members do not change.
+fn stable_hash(s: &str) -> usize {
+    let mut h: u64 = 0xCBF2_9CE4_8422_2325;
+    for b in s.bytes() {
+        h = (h ^ u64::from(b)).wrapping_mul(0x0000_0100_0000_01B3);
+    }
+    mix(h) as usize
 }
 
 #[cfg(test)]
@@ -440,6 +548,91 @@ mod tests {
         assert!(order.windows(2).all(|w| w[0] != w[1]), "{order:?}");
     }
 
+    /// Members of group `g` on `s/+` chosen for `n` messages from `publishers` (in turn) on
+    /// `topics` (in turn), with every member eligible but `ineligible`.
+    fn picks(
+        strategy: SharedStrategy,
+        members: u32,
+        n: usize,
+        publishers: &[&str],
+        topics: &[&str],
+        ineligible: Option<u32>,
+    ) -> Vec<u32> {
+        let mut t = SubscriptionTree::new();
+        t.set_strategies(
+            SharedStrategy::RoundRobin,
+            HashMap::from([("g".into(), strategy)]),
+        );
+        for c in 0..members {
+            t.insert(&tf("$share/g/s/+"), c, ());
+        }
+        let mut got = Vec::new();
+        for i in 0..n {
+            let dispatch = Dispatch {
+                topic: topics[i % topics.len()],
+                publisher: Some(publishers[i % publishers.len()]),
+            };
+            t.for_each_match(dispatch, |k, _| Some(*k) != ineligible, |k, _| got.push(*k));
+        }
+        got
+    }
+
+    fn counts(picks: &[u32], members: usize) -> Vec<usize> {
+        let mut counts = vec![0; members];
+        for &p in picks {
+            counts[p as usize] += 1;
+        }
+        counts
+    }
+
+    #[test]
+    fn each_strategy_distributes_as_emqx_documents() {
+        use SharedStrategy::*;
+        for strategy in [RoundRobin, RoundRobinPerGroup] {
+            let got = picks(strategy, 4, 40, &["p"], &["s/x"], None);
+            assert_eq!(counts(&got, 4), [10, 10, 10, 10], "{strategy:?}");
+        }
+        // Random: every member gets a fair share of 4,000 messages, not a fixed order.
+        for strategy in [Random, Local] {
+            let got = picks(strategy, 4, 4000, &["p"], &["s/x"], None);
+            assert!(
+                counts(&got, 4).iter().all(|&c| (800..1200).contains(&c)),
+                "{strategy:?}"
+            );
+            assert!(got.windows(2).any(|w| w[0] == w[1]), "not round robin");
+        }
+        // Sticky: one member for everything until it cannot take messages.
+        let got = picks(Sticky, 4, 20, &["p", "q"], &["s/x", "s/y"], None);
+        assert!(got.iter().all(|&m| m == got[0]), "{got:?}");
+        let away = picks(Sticky, 4, 20, &["p"], &["s/x"], Some(0));
+        assert!(away.iter().all(|&m| m == away[0] && m != 0), "{away:?}");
+        // hash_clientid: each publisher always to one member; hash_topic: each topic.
+        let publishers = ["car-1", "car-2", "car-3", "car-4", "car-5", "car-6"];
+        let got = picks(HashClientid, 3, 60, &publishers, &["s/x", "s/y"], None);
+        for (i, p) in got.iter().enumerate() {
+            assert_eq!(
+                *p,
+                got[i % publishers.len()],
+                "publisher {}",
+                publishers[i % 6]
+            );
+        }
+        assert!(
+            counts(&got, 3).iter().filter(|&&c| c > 0).count() > 1,
+            "all on one member"
+        );
+        let topics = ["s/1", "s/2", "s/3", "s/4", "s/5", "s/6", "s/7"];
+        let got = picks(HashTopic, 3, 70, &["a", "b"], &topics, None);
+        for (i, p) in got.iter().enumerate() {
+            assert_eq!(*p, got[i % topics.len()], "topic {}", topics[i % 7]);
+        }
+        // A member that cannot take messages is passed over by every strategy.
+        for strategy in [RoundRobin, Random, Sticky, HashClientid, HashTopic] {
+            let got = picks(strategy, 3, 30, &["p", "q"], &["s/x", "s/y"], Some(1));
+            assert!(!got.contains(&1), "{strategy:?}: {got:?}");
+        }
+    }
+
     #[test]
     fn eligibility_skips_members() {
         let mut t = SubscriptionTree::new();
@@ -509,7 +702,7 @@ mod tests {
         t.insert(&tf(&deep), 1u32, ());
         t.insert(&tf(&format!("{deep}#")), 2u32, ());
         let mut got = Vec::new();
-        t.for_each_match(&deep, |_, _| true, |k, _| got.push(*k));
+        t.for_each_match(deep.as_str(), |_, _| true, |k, _| got.push(*k));
         got.sort();
         assert_eq!(got, [1, 2]);
         assert_eq!(t.remove(&tf(&deep), &1), Some(()));

@@ -370,3 +370,77 @@ fn bad_rewrite_and_auto_subscribe_rules_name_their_key() {
         None
     );
 }
+
+/// `[mqtt] shared_subscription_strategy` for every group, `[shared_subscription_group.NAME]`
+/// for one: sticky keeps one member, hash_clientid keeps each publisher on one member.
+#[tokio::test]
+async fn shared_subscription_strategies_are_configured_broker_wide_and_per_group() {
+    let broker = TestBroker::start_with(|c| {
+        c.mqtt.shared_subscription_strategy = petrel::config::SharedStrategy::Sticky;
+        c.shared_subscription_group.insert(
+            "byclient".into(),
+            petrel::config::SharedGroupSettings {
+                strategy: petrel::config::SharedStrategy::HashClientid,
+            },
+        );
+    })
+    .await;
+    for (group, publishers) in [("sticky", 1usize), ("byclient", 4)] {
+        let filter = format!("$share/{group}/shared/{group}");
+        let mut members = Vec::new();
+        for m in 0..3 {
+            let (mut member, _) =
+                RawClient::connect_v5(broker.addr, &format!("{group}-m{m}")).await;
+            member.subscribe(1, &filter, QoS::AtMostOnce).await;
+            members.push(member);
+        }
+        let mut senders = Vec::new();
+        for p in 0..publishers {
+            senders.push(
+                RawClient::connect_v5(broker.addr, &format!("{group}-p{p}"))
+                    .await
+                    .0,
+            );
+        }
+        let topic = format!("shared/{group}");
+        for round in 0..3 {
+            for (p, sender) in senders.iter_mut().enumerate() {
+                let payload = format!("{p}:{round}");
+                sender
+                    .publish_acked(publish_struct(
+                        &topic,
+                        QoS::AtMostOnce,
+                        None,
+                        payload.as_bytes(),
+                    ))
+                    .await;
+            }
+        }
+        // Which member got each publisher's messages.
+        let mut owner = std::collections::HashMap::new();
+        let mut total = 0;
+        for (m, member) in members.iter_mut().enumerate() {
+            while let Read::Packet(packet) = member.read(QUIET).await {
+                let Packet::Publish(publish) = *packet else {
+                    continue;
+                };
+                let text = String::from_utf8(publish.payload.to_vec()).unwrap();
+                let publisher = text.split(':').next().unwrap().to_owned();
+                let previous = owner.insert(publisher.clone(), m);
+                assert!(
+                    previous.is_none_or(|p| p == m),
+                    "{group}: {publisher} split across members"
+                );
+                total += 1;
+            }
+        }
+        assert_eq!(
+            total,
+            3 * publishers,
+            "{group}: every message to one member"
+        );
+        if group == "sticky" {
+            assert_eq!(owner.len(), 1);
+        }
+    }
+}
