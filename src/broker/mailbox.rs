@@ -67,6 +67,8 @@ pub struct Mailbox {
     /// The queue fell to half its capacity (wakes paused publishers).
     drained: Notify,
     online: AtomicBool,
+    /// At the hard bound: a shared group passes this member over for the next one.
+    full: AtomicBool,
     /// A publisher waited on this mailbox in vain; it stops pushing back until it drains.
     stalled: AtomicBool,
     dropped: AtomicU64,
@@ -82,6 +84,7 @@ impl Mailbox {
             waker: AtomicWaker::new(),
             drained: Notify::new(),
             online: AtomicBool::new(true),
+            full: AtomicBool::new(false),
             stalled: AtomicBool::new(false),
             dropped: AtomicU64::new(0),
             popped: AtomicU64::new(0),
@@ -97,6 +100,9 @@ impl Mailbox {
                 None
             } else {
                 inner.queue.push_back(delivery);
+                if len + 1 >= self.capacity * HARD_FACTOR {
+                    self.full.store(true, Ordering::Relaxed);
+                }
                 Some(len + 1)
             }
         };
@@ -134,6 +140,9 @@ impl Mailbox {
             for (slot, delivery) in out.iter_mut().zip(inner.queue.drain(..n)) {
                 *slot = Some(delivery);
             }
+            if n > 0 {
+                self.full.store(false, Ordering::Relaxed);
+            }
             (n, before)
         };
         if n > 0 {
@@ -155,12 +164,21 @@ impl Mailbox {
             inner.queue.push_front(delivery);
             returned += 1;
         }
+        if inner.queue.len() >= self.capacity * HARD_FACTOR {
+            self.full.store(true, Ordering::Relaxed);
+        }
         drop(inner);
         self.popped.fetch_sub(returned, Ordering::Relaxed);
     }
 
     fn low_water(&self) -> usize {
         self.capacity / 2
+    }
+
+    /// Whether a delivery pushed now would be queued (not dropped at the hard bound): a
+    /// shared group hands a message to a member that can take it.
+    pub fn accepts(&self) -> bool {
+        !self.full.load(Ordering::Relaxed)
     }
 
     /// Whether a paused publisher may go on.

@@ -463,7 +463,8 @@ impl Broker {
         let dropped = FANOUT.with_borrow_mut(|fanout| {
             {
                 let router = self.router.read().expect("router lock is never poisoned");
-                fanout.collect(&router, &message, Mailbox::is_online);
+                // A shared group picks among members that are online and can take it.
+                fanout.collect(&router, &message, |m| m.is_online() && m.accepts());
             }
             let mut dropped = 0;
             for (mailbox, delivery) in fanout.drain() {

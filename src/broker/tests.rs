@@ -396,3 +396,29 @@ async fn peers_are_offered_every_live_message_and_drops_are_observed() {
         [r#"Dropped { count: 1, reason: QueueFull }"#]
     );
 }
+
+#[tokio::test]
+async fn a_shared_group_passes_a_full_member_over_for_the_next() {
+    let b = broker();
+    let t0 = Instant::now();
+    let (_, full) = online(&b, t0, &Arc::from("full"), 1, "$share/g/t").await;
+    let (_, other) = online(&b, t0, &Arc::from("other"), 2, "$share/g/t").await;
+    let mut pressured = Vec::new();
+    // Fill "full" to its hard bound (4 x max_queued) while "other" keeps draining.
+    while full.accepts() {
+        b.route(Arc::new(message("t", t0)), t0, &mut pressured);
+        while other.pop().is_some() {}
+    }
+    assert_eq!(full.len(), 40);
+    for _ in 0..10 {
+        b.route(Arc::new(message("t", t0)), t0, &mut pressured);
+    }
+    assert_eq!(
+        other.len(),
+        10,
+        "every message went to the member that could take it"
+    );
+    assert_eq!(b.metrics.messages_dropped.load(Ordering::Relaxed), 0);
+    full.pop();
+    assert!(full.accepts(), "room again once it takes one");
+}

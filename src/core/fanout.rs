@@ -65,7 +65,8 @@ impl<M> Default for Fanout<M> {
 
 impl<M> Fanout<M> {
     /// Collects one delivery per session and flow subscribed to `message`'s topic in
-    /// `routes`; `online` tells which handles a shared group should prefer.
+    /// `subscribers`; `online` tells which handles a shared group may pick (online, with room),
+    /// passing over the others while any member qualifies.
     pub fn collect(
         &mut self,
         subscribers: &Subscribers<M>,
