@@ -271,12 +271,15 @@ impl Broker {
         }
     }
 
-    /// Holds a `$delayed/` message (admitted by `reserve_delayed`) until `at`.
+    /// Holds a `$delayed/` message (admitted by `reserve_delayed`) until `at`. It is kept
+    /// with a payload of its own: a slice of the read buffer it came in would keep that whole
+    /// buffer alive for the delay.
     pub fn delay(&self, message: Arc<AppMessage>, at: Instant) {
+        let kept = Arc::new(message.detached());
         self.delayed
             .lock()
             .expect("delayed lock is never poisoned")
-            .push(at, message);
+            .push(at, kept);
         self.timers_changed.notify_one();
     }
 
