@@ -126,6 +126,7 @@ fn bench_inflight(c: &mut Criterion) {
             retain: false,
             subscription_ids: Vec::new(),
             flow: Flow::CONTROL,
+            shared: None,
         };
         let mut session = Session::new(Arc::from("bench"), 0);
         let mut window = std::collections::VecDeque::with_capacity(WINDOW);

@@ -38,11 +38,11 @@ use crate::core::channel::{AssignedClientId, Close, Limits, PendingWill};
 use crate::core::delayed::DelayedQueue;
 use crate::core::fanout::{self, Fanout, Subscriber, Subscribers};
 use crate::core::hooks::{DropReason, Hooks, Observation};
-use crate::core::message::{AppMessage, Flow};
+use crate::core::message::{AppMessage, Delivery, Flow};
 use crate::core::registry::{EndReason, Event, Open, Registry};
 use crate::core::retain::RetainedStore;
-use crate::core::router::SharedStrategy;
-use crate::core::session::{Session, Subscription};
+use crate::core::router::{Dispatch, SharedStrategy};
+use crate::core::session::{Outgoing, Session, Subscription};
 use crate::core::topic::TopicFilter;
 use mailbox::{Mailbox, Pushed};
 
@@ -221,7 +221,16 @@ impl Broker {
     }
 
     /// A connection ended: file its session offline (or end it) and deal with its will.
-    pub fn close_session(&self, now: Instant, conn_id: u64, client_id: &Arc<str>, close: Close) {
+    pub fn close_session(
+        &self,
+        now: Instant,
+        conn_id: u64,
+        client_id: &Arc<str>,
+        mut close: Close,
+    ) {
+        if let Some(session) = &mut close.session {
+            self.redispatch(client_id, session);
+        }
         if let (Some(observer), true) = (&self.hooks.observer, close.session.is_some()) {
             observer.observe(&Observation::Disconnected {
                 client_id,
@@ -289,6 +298,56 @@ impl Broker {
             .lock()
             .expect("delayed lock is never poisoned")
             .count()
+    }
+
+    /// EMQX's redispatch: the unacknowledged QoS 1/2 messages a leaving member of a shared
+    /// group got through that group go to another member that can take them, and leave the
+    /// session; with no other member they stay for the session's return.
+    fn redispatch(&self, client_id: &Arc<str>, session: &mut Session) {
+        let unacknowledged: Vec<_> = session
+            .outgoing()
+            .filter_map(|(id, state)| match state {
+                Outgoing::Publish(delivery) => {
+                    Some((*id, delivery.shared.clone()?, Arc::clone(&delivery.message)))
+                }
+                Outgoing::Release(_) => None,
+            })
+            .collect();
+        if unacknowledged.is_empty() {
+            return;
+        }
+        let mut dropped = 0;
+        let router = self.router.read().expect("router lock is never poisoned");
+        for (id, filter, message) in unacknowledged {
+            let dispatch = Dispatch {
+                topic: &message.topic,
+                publisher: message.publisher.as_deref(),
+            };
+            let other = router.pick_shared(&filter, dispatch, |(member, _), subscriber| {
+                member != client_id && subscriber.handle.is_online() && subscriber.handle.accepts()
+            });
+            let Some(((_, flow), subscriber)) = other else {
+                continue;
+            };
+            let delivery = Delivery {
+                qos: message.qos.min(subscriber.options.qos),
+                message,
+                retain: false,
+                subscription_ids: subscriber.id.into_iter().collect(),
+                flow: *flow,
+                shared: Some(filter),
+            };
+            if subscriber.handle.push(delivery) == Pushed::Dropped {
+                // Kept for the session's return instead.
+                dropped += 1;
+                continue;
+            }
+            session.abandon(id);
+        }
+        drop(router);
+        if dropped > 0 {
+            self.count_dropped(dropped, DropReason::QueueFull);
+        }
     }
 
     /// Lets go of the `$exclusive/` filters `client_id` holds among `filters`.
@@ -396,6 +455,10 @@ impl Broker {
             handle: Arc::clone(mailbox),
             options: subscription.options,
             id: subscription.id,
+            shared: subscription
+                .filter
+                .share_group()
+                .map(|_| Arc::new(subscription.filter.clone())),
         };
         self.router
             .write()

@@ -19,6 +19,7 @@ use super::message::{AppMessage, Delivery, Flow};
 use super::retain::RetainedStore;
 use super::router::{Dispatch, SubscriptionTree};
 use super::session::Subscription;
+use super::topic::TopicFilter;
 use crate::codec::SubscriptionOptions;
 
 /// Who holds a subscription: a client, on one of its flows.
@@ -31,6 +32,8 @@ pub struct Subscriber<M> {
     pub handle: Arc<M>,
     pub options: SubscriptionOptions,
     pub id: Option<u32>,
+    /// The shared subscription's filter, for a member of a `$share/` group.
+    pub shared: Option<Arc<TopicFilter>>,
 }
 
 /// The subscription tree the shell keeps: keyed by client id and flow, so a QUIC data
@@ -101,6 +104,8 @@ impl<M> Fanout<M> {
                     delivery.qos = delivery.qos.max(qos);
                     delivery.retain |= retain;
                     delivery.subscription_ids.extend(subscriber.id);
+                    // Wanted by more than one of its subscriptions: not the group's alone.
+                    delivery.shared = None;
                     return;
                 }
                 if indexed {
@@ -121,6 +126,7 @@ impl<M> Fanout<M> {
                     retain,
                     subscription_ids: subscriber.id.into_iter().collect(),
                     flow: *flow,
+                    shared: subscriber.shared.clone(),
                 };
                 targets.push((Arc::clone(&subscriber.handle), delivery));
             },
@@ -179,6 +185,7 @@ pub fn retained_deliveries(
                 retain: true,
                 subscription_ids: subscription.id.into_iter().collect(),
                 flow: subscription.flow,
+                shared: None,
             });
         }
     });

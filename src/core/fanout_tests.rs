@@ -47,13 +47,15 @@ fn subscribe(
     options: SubscriptionOptions,
     id: Option<u32>,
 ) {
+    let filter = TopicFilter::parse(filter, 0).unwrap();
     let route = Subscriber {
         handle: Arc::clone(who),
         options,
         id,
+        shared: filter.share_group().map(|_| Arc::new(filter.clone())),
     };
     let key = (Arc::from(who.name), flow);
-    routes.insert(&TopicFilter::parse(filter, 0).unwrap(), key, route);
+    routes.insert(&filter, key, route);
 }
 
 fn qos(qos: QoS) -> SubscriptionOptions {

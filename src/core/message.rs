@@ -10,7 +10,7 @@ use std::time::{Duration, Instant};
 use bytes::Bytes;
 
 use crate::codec::{Properties, Publish, QoS};
-use crate::core::topic::TopicName;
+use crate::core::topic::{TopicFilter, TopicName};
 
 #[derive(Debug, Clone)]
 pub struct AppMessage {
@@ -109,6 +109,9 @@ pub struct Delivery {
     /// The flow whose subscription matched: the delivery goes out there if it is still open,
     /// on the control flow otherwise.
     pub flow: Flow,
+    /// The shared subscription it came through, if that alone chose this session: when the
+    /// session's connection goes, an unacknowledged delivery goes to another member.
+    pub shared: Option<Arc<TopicFilter>>,
 }
 
 #[cfg(test)]

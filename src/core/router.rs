@@ -361,6 +361,24 @@ impl<K: Eq + Hash + Clone, V> SubscriptionTree<K, V> {
     }
 
     /// The number of (client, filter) subscriptions, shared ones included.
+    /// A member of `filter`'s shared group that `eligible` accepts, chosen by the group's
+    /// strategy; `None` if the group is gone or no member qualifies.
+    pub fn pick_shared<'a>(
+        &self,
+        filter: &TopicFilter,
+        dispatch: Dispatch<'a>,
+        eligible: impl Fn(&K, &V) -> bool,
+    ) -> Option<(&K, &V)> {
+        let name = filter.share_group()?;
+        let mut node = &self.root;
+        for level in filter.filter().split('/') {
+            node = node.child(level)?;
+        }
+        let group = node.groups.iter().find(|g| &*g.name == name)?;
+        let (k, v) = &group.members[group.pick(dispatch, &eligible)?];
+        eligible(k, v).then_some((k, v))
+    }
+
     #[cfg(test)]
     pub fn len(&self) -> usize {
         self.len

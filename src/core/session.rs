@@ -322,6 +322,7 @@ mod tests {
             retain: false,
             subscription_ids: Vec::new(),
             flow: Flow::CONTROL,
+            shared: None,
         }
     }
 

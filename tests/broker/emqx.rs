@@ -444,3 +444,49 @@ async fn shared_subscription_strategies_are_configured_broker_wide_and_per_group
         }
     }
 }
+
+/// EMQX's redispatch: a member of a shared group that leaves with unacknowledged QoS 1
+/// messages has them go to another member, and not again to itself when it returns.
+#[tokio::test]
+async fn a_leaving_shared_member_has_its_unacknowledged_messages_redispatched() {
+    let broker = TestBroker::start().await;
+    for version in [V311, V5] {
+        let filter = format!("$share/rd/{}", unique("rd"));
+        let topic = filter.splitn(3, '/').nth(2).unwrap().to_owned();
+        let mut leaving_connect = connect_packet(version, &unique("leaving"));
+        leaving_connect.clean_start = false;
+        if version.is_v5() {
+            leaving_connect.properties.session_expiry_interval = Some(60);
+        }
+        let (mut leaving, _) = RawClient::connect_ok(broker.addr, leaving_connect.clone()).await;
+        leaving.subscribe(1, &filter, QoS::AtLeastOnce).await;
+        let (mut staying, _) =
+            RawClient::connect_ok(broker.addr, connect_packet(version, &unique("staying"))).await;
+        staying.subscribe(1, &filter, QoS::AtLeastOnce).await;
+        let (mut publisher, _) = RawClient::connect_v5(broker.addr, &unique("rdpub")).await;
+        for (id, payload) in [(1u16, "m1"), (2, "m2")] {
+            publisher
+                .publish_acked(publish_struct(
+                    &topic,
+                    QoS::AtLeastOnce,
+                    Some(id),
+                    payload.as_bytes(),
+                ))
+                .await;
+        }
+        // Round robin: one message each. The leaving member never acknowledges its own.
+        let kept = leaving.expect_publish().await;
+        let mut got =
+            vec![String::from_utf8(staying.expect_publish().await.payload.to_vec()).unwrap()];
+        drop(leaving);
+        let redispatched = staying.expect_publish().await;
+        got.push(String::from_utf8(redispatched.payload.to_vec()).unwrap());
+        got.sort();
+        assert_eq!(got, ["m1", "m2"], "{version:?}");
+        assert_eq!(redispatched.payload, kept.payload);
+        // Back with its session, the member does not get it again.
+        let (mut back, connack) = RawClient::connect_ok(broker.addr, leaving_connect).await;
+        assert!(connack.session_present);
+        back.expect_silence().await;
+    }
+}

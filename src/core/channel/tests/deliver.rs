@@ -112,6 +112,7 @@ fn message_expiry_is_decremented_and_expired_messages_are_dropped() {
         retain: false,
         subscription_ids: vec![4],
         flow: Flow::CONTROL,
+        shared: None,
     };
     h.now += Duration::from_secs(3);
     h.channel.deliver(h.now, d.clone());

@@ -134,6 +134,7 @@ fn delivery(topic: &str, qos: QoS) -> Delivery {
         retain: false,
         subscription_ids: Vec::new(),
         flow: Flow::CONTROL,
+        shared: None,
     }
 }
 
