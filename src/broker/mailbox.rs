@@ -156,6 +156,25 @@ impl Mailbox {
         n
     }
 
+    /// Takes out the queued deliveries `take` selects, leaving the rest in order.
+    pub fn take_where(&self, take: impl Fn(&Delivery) -> bool) -> Vec<Delivery> {
+        let mut inner = self.lock();
+        let mut taken = Vec::new();
+        let mut kept = VecDeque::with_capacity(inner.queue.len());
+        for delivery in inner.queue.drain(..) {
+            if take(&delivery) {
+                taken.push(delivery);
+            } else {
+                kept.push_back(delivery);
+            }
+        }
+        inner.queue = kept;
+        if inner.queue.len() < self.capacity * HARD_FACTOR {
+            self.full.store(false, Ordering::Relaxed);
+        }
+        taken
+    }
+
     /// Puts deliveries taken by [`Mailbox::pop_batch`] back at the front, in their order.
     pub fn unpop(&self, deliveries: impl DoubleEndedIterator<Item = Delivery>) {
         let mut inner = self.lock();

@@ -228,8 +228,12 @@ impl Broker {
         client_id: &Arc<str>,
         mut close: Close,
     ) {
-        if let Some(session) = &mut close.session {
-            self.redispatch(client_id, session);
+        // A session taken over stays with its client; any other close redispatches.
+        if let (Some(session), false) = (
+            &mut close.session,
+            close.reason == ReasonCode::SESSION_TAKEN_OVER,
+        ) {
+            self.redispatch(conn_id, client_id, session);
         }
         if let (Some(observer), true) = (&self.hooks.observer, close.session.is_some()) {
             observer.observe(&Observation::Disconnected {
@@ -300,54 +304,78 @@ impl Broker {
             .count()
     }
 
-    /// EMQX's redispatch: the unacknowledged QoS 1/2 messages a leaving member of a shared
-    /// group got through that group go to another member that can take them, and leave the
-    /// session; with no other member they stay for the session's return.
-    fn redispatch(&self, client_id: &Arc<str>, session: &mut Session) {
+    /// EMQX's redispatch: what a leaving member of a shared group got through that group and
+    /// has not acknowledged (QoS 1/2 in flight) or not yet been sent (queued in its mailbox)
+    /// goes to another member that can take it, and leaves the session; with no other member
+    /// it stays for the session's return.
+    fn redispatch(&self, conn_id: u64, client_id: &Arc<str>, session: &mut Session) {
         let unacknowledged: Vec<_> = session
             .outgoing()
             .filter_map(|(id, state)| match state {
-                Outgoing::Publish(delivery) => {
-                    Some((*id, delivery.shared.clone()?, Arc::clone(&delivery.message)))
+                Outgoing::Publish(delivery) if delivery.shared.is_some() => {
+                    Some((*id, delivery.clone()))
                 }
-                Outgoing::Release(_) => None,
+                _ => None,
             })
             .collect();
-        if unacknowledged.is_empty() {
+        let mailbox = self
+            .lock_sessions()
+            .served_handle(client_id, conn_id)
+            .map(Arc::clone);
+        let queued = mailbox
+            .as_ref()
+            .map(|m| m.take_where(|d| d.shared.is_some()))
+            .unwrap_or_default();
+        if unacknowledged.is_empty() && queued.is_empty() {
             return;
         }
-        let mut dropped = 0;
         let router = self.router.read().expect("router lock is never poisoned");
-        for (id, filter, message) in unacknowledged {
-            let dispatch = Dispatch {
-                topic: &message.topic,
-                publisher: message.publisher.as_deref(),
-            };
-            let other = router.pick_shared(&filter, dispatch, |(member, _), subscriber| {
-                member != client_id && subscriber.handle.is_online() && subscriber.handle.accepts()
-            });
-            let Some(((_, flow), subscriber)) = other else {
-                continue;
-            };
-            let delivery = Delivery {
-                qos: message.qos.min(subscriber.options.qos),
-                message,
-                retain: false,
-                subscription_ids: subscriber.id.into_iter().collect(),
-                flow: *flow,
-                shared: Some(filter),
-            };
-            if subscriber.handle.push(delivery) == Pushed::Dropped {
-                // Kept for the session's return instead.
-                dropped += 1;
-                continue;
+        for (id, delivery) in unacknowledged {
+            if self.to_other_member(&router, client_id, delivery) {
+                session.abandon(id);
             }
-            session.abandon(id);
         }
+        let stay: Vec<_> = queued
+            .into_iter()
+            .filter(|delivery| !self.to_other_member(&router, client_id, delivery.clone()))
+            .collect();
         drop(router);
-        if dropped > 0 {
-            self.count_dropped(dropped, DropReason::QueueFull);
+        if let Some(mailbox) = mailbox {
+            mailbox.unpop(stay.into_iter());
         }
+    }
+
+    /// Sends a shared delivery to a member of its group other than `client_id` that can take
+    /// it; `false` if there is none (or it was dropped after all).
+    fn to_other_member(
+        &self,
+        router: &Subscribers<Mailbox>,
+        client_id: &Arc<str>,
+        delivery: Delivery,
+    ) -> bool {
+        let Some(filter) = delivery.shared else {
+            return false;
+        };
+        let message = delivery.message;
+        let dispatch = Dispatch {
+            topic: &message.topic,
+            publisher: message.publisher.as_deref(),
+        };
+        let other = router.pick_shared(&filter, dispatch, |(member, _), subscriber| {
+            member != client_id && subscriber.handle.is_online() && subscriber.handle.accepts()
+        });
+        let Some(((_, flow), subscriber)) = other else {
+            return false;
+        };
+        let delivery = Delivery {
+            qos: message.qos.min(subscriber.options.qos),
+            message: Arc::clone(&message),
+            retain: false,
+            subscription_ids: subscriber.id.into_iter().collect(),
+            flow: *flow,
+            shared: Some(filter),
+        };
+        subscriber.handle.push(delivery) != Pushed::Dropped
     }
 
     /// Lets go of the `$exclusive/` filters `client_id` holds among `filters`.

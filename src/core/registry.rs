@@ -233,6 +233,17 @@ impl<M: SessionHandle> Registry<M> {
         }
     }
 
+    /// The handle of the session connection `conn_id` serves as `client_id`.
+    pub fn served_handle(&self, client_id: &str, conn_id: u64) -> Option<&M> {
+        match self.slots.get(client_id)? {
+            Slot {
+                handle,
+                state: SlotState::Online { conn_id: c },
+            } if *c == conn_id => Some(handle),
+            _ => None,
+        }
+    }
+
     /// Whether connection `conn_id` serves `client_id`'s session.
     pub fn is_served_by(&self, client_id: &str, conn_id: u64) -> bool {
         matches!(

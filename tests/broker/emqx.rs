@@ -446,7 +446,8 @@ async fn shared_subscription_strategies_are_configured_broker_wide_and_per_group
 }
 
 /// EMQX's redispatch: a member of a shared group that leaves with unacknowledged QoS 1
-/// messages has them go to another member, and not again to itself when it returns.
+/// messages (in flight, or still queued behind its Receive Maximum) has them go to another
+/// member, and not again to itself when it returns.
 #[tokio::test]
 async fn a_leaving_shared_member_has_its_unacknowledged_messages_redispatched() {
     let broker = TestBroker::start().await;
@@ -457,6 +458,8 @@ async fn a_leaving_shared_member_has_its_unacknowledged_messages_redispatched() 
         leaving_connect.clean_start = false;
         if version.is_v5() {
             leaving_connect.properties.session_expiry_interval = Some(60);
+            // One in flight at a time: the member's second message waits in its queue.
+            leaving_connect.properties.receive_maximum = Some(1);
         }
         let (mut leaving, _) = RawClient::connect_ok(broker.addr, leaving_connect.clone()).await;
         leaving.subscribe(1, &filter, QoS::AtLeastOnce).await;
@@ -464,27 +467,36 @@ async fn a_leaving_shared_member_has_its_unacknowledged_messages_redispatched() 
             RawClient::connect_ok(broker.addr, connect_packet(version, &unique("staying"))).await;
         staying.subscribe(1, &filter, QoS::AtLeastOnce).await;
         let (mut publisher, _) = RawClient::connect_v5(broker.addr, &unique("rdpub")).await;
-        for (id, payload) in [(1u16, "m1"), (2, "m2")] {
+        let sent = ["m1", "m2", "m3", "m4"];
+        for (id, payload) in sent.iter().enumerate() {
             publisher
                 .publish_acked(publish_struct(
                     &topic,
                     QoS::AtLeastOnce,
-                    Some(id),
+                    Some(id as u16 + 1),
                     payload.as_bytes(),
                 ))
                 .await;
         }
-        // Round robin: one message each. The leaving member never acknowledges its own.
-        let kept = leaving.expect_publish().await;
-        let mut got =
-            vec![String::from_utf8(staying.expect_publish().await.payload.to_vec()).unwrap()];
+        // Round robin: two messages each. The leaving member acknowledges none.
+        let first = leaving.expect_publish().await;
+        let mut got = Vec::new();
+        for _ in 0..2 {
+            let publish = staying.expect_publish().await;
+            got.push(String::from_utf8(publish.payload.to_vec()).unwrap());
+        }
         drop(leaving);
-        let redispatched = staying.expect_publish().await;
-        got.push(String::from_utf8(redispatched.payload.to_vec()).unwrap());
+        for _ in 0..2 {
+            let publish = staying.expect_publish().await;
+            got.push(String::from_utf8(publish.payload.to_vec()).unwrap());
+        }
         got.sort();
-        assert_eq!(got, ["m1", "m2"], "{version:?}");
-        assert_eq!(redispatched.payload, kept.payload);
-        // Back with its session, the member does not get it again.
+        assert_eq!(
+            got, sent,
+            "{version:?}: the staying member has every message"
+        );
+        assert!(got.contains(&String::from_utf8(first.payload.to_vec()).unwrap()));
+        // Back with its session, the member does not get them again.
         let (mut back, connack) = RawClient::connect_ok(broker.addr, leaving_connect).await;
         assert!(connack.session_present);
         back.expect_silence().await;
