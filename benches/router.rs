@@ -17,7 +17,7 @@ use petrel::core::channel::Limits;
 use petrel::core::message::Delivery;
 use petrel::core::message::{AppMessage, Flow};
 use petrel::core::router::SubscriptionTree;
-use petrel::core::session::{Session, Subscription};
+use petrel::core::session::{Completed, Session, Subscription};
 use petrel::core::topic::TopicFilter;
 
 /// `n` subscriptions shaped like a fleet: exact topics, `+` in the middle and `#` tails.
@@ -141,7 +141,7 @@ fn bench_inflight(c: &mut Criterion) {
                 if qos == QoS::ExactlyOnce {
                     session.received(id).unwrap();
                 }
-                assert!(session.complete(id, qos == QoS::ExactlyOnce));
+                assert!(session.complete(id, qos == QoS::ExactlyOnce) == Completed::Done);
                 window.push_back(session.track(delivery.clone()).unwrap());
             })
         });

@@ -309,6 +309,14 @@ impl Broker {
     /// goes to another member that can take it, and leaves the session; with no other member
     /// it stays for the session's return.
     fn redispatch(&self, conn_id: u64, client_id: &Arc<str>, session: &mut Session) {
+        // Most sessions have no shared subscription: no lock, no queue scan for them.
+        let shared = session
+            .subscriptions
+            .values()
+            .any(|s| s.filter.share_group().is_some());
+        if !shared {
+            return;
+        }
         let unacknowledged: Vec<_> = session
             .outgoing()
             .filter_map(|(id, state)| match state {

@@ -44,6 +44,16 @@ pub struct Subscription {
     pub flow: Flow,
 }
 
+/// What an acknowledgement did to an outgoing message ([`Session::complete`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Completed {
+    Done,
+    /// No message in flight under that id (a late duplicate, or never sent).
+    Unknown,
+    /// The id is in flight in another QoS flow than the ack's.
+    WrongFlow,
+}
+
 /// The state of one outgoing QoS 1/2 message.
 #[derive(Debug, Clone)]
 pub enum Outgoing {
@@ -178,22 +188,25 @@ impl Session {
         Some(id)
     }
 
-    /// PUBACK (QoS 1) or PUBCOMP (QoS 2): forget the id. Returns whether it matched the
-    /// expected state.
-    pub fn complete(&mut self, id: PacketId, qos2: bool) -> bool {
+    /// PUBACK (QoS 1) or PUBCOMP (QoS 2, after PUBREL): forgets the id when it is in the
+    /// state the ack completes; says whether it was, unknown, or in flight in another QoS flow
+    /// (PUBACK for QoS 2, PUBCOMP before PUBREC), which is the client's protocol error. One
+    /// lookup for both answers: this is on every acknowledgement's path.
+    pub fn complete(&mut self, id: PacketId, qos2: bool) -> Completed {
         let Some(&seq) = self.ids_in_use.get(&id) else {
-            return false;
+            return Completed::Unknown;
         };
         let expected = match self.slot(seq) {
             Some(Some((_, Outgoing::Publish(d)))) => !qos2 && d.qos == QoS::AtLeastOnce,
             Some(Some((_, Outgoing::Release(_)))) => qos2,
-            _ => false,
+            _ => return Completed::Unknown,
         };
-        if expected {
-            self.release(seq);
-            self.ids_in_use.remove(&id);
+        if !expected {
+            return Completed::WrongFlow;
         }
-        expected
+        self.release(seq);
+        self.ids_in_use.remove(&id);
+        Completed::Done
     }
 
     /// PUBREC: the QoS 2 message moves to the release phase. Returns the flow to send PUBREL
@@ -332,12 +345,15 @@ mod tests {
         let id = s.track(delivery(QoS::AtLeastOnce)).unwrap();
         assert_eq!(s.inflight(), 1);
         assert!(
-            !s.complete(id, true),
+            s.complete(id, true) != Completed::Done,
             "PUBCOMP does not complete a QoS 1 message"
         );
-        assert!(s.complete(id, false));
+        assert!(s.complete(id, false) == Completed::Done);
         assert_eq!(s.inflight(), 0);
-        assert!(!s.complete(id, false), "a second PUBACK is unknown");
+        assert!(
+            s.complete(id, false) != Completed::Done,
+            "a second PUBACK is unknown"
+        );
     }
 
     #[test]
@@ -345,7 +361,7 @@ mod tests {
         let mut s = Session::new("c".into(), 0);
         let id = s.track(delivery(QoS::ExactlyOnce)).unwrap();
         assert!(
-            !s.complete(id, true),
+            s.complete(id, true) != Completed::Done,
             "PUBCOMP before PUBREC is out of order"
         );
         assert_eq!(s.received(id), Some(Flow::CONTROL));
@@ -353,7 +369,7 @@ mod tests {
             s.outgoing().next(),
             Some((_, Outgoing::Release(Flow::CONTROL)))
         ));
-        assert!(s.complete(id, true));
+        assert!(s.complete(id, true) == Completed::Done);
         assert_eq!(s.inflight(), 0);
     }
 

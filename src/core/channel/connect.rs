@@ -144,7 +144,7 @@ impl Channel {
             will_topic = Some(topic);
             // [MQTT-3.3.2-14]: a Response Topic is a topic name, without wildcards.
             if let Some(response) = &will.properties.response_topic {
-                if TopicName::parse(response.clone(), 0).is_err() {
+                if validate_topic_name(response, 0).is_err() {
                     return self.refuse(ReasonCode::PROTOCOL_ERROR);
                 }
             }

@@ -29,8 +29,8 @@ use crate::core::access::{Access, Admission, Authorizer};
 use crate::core::delayed;
 use crate::core::message::{AppMessage, Delivery, Flow};
 use crate::core::rewrite::{self, AutoSubscribe, RewriteAction, RewriteRule};
-use crate::core::session::{Outgoing, Session, Subscription};
-use crate::core::topic::{TopicError, TopicFilter, TopicName};
+use crate::core::session::{Completed, Outgoing, Session, Subscription};
+use crate::core::topic::{validate_topic_name, TopicError, TopicFilter, TopicName};
 
 mod connect;
 mod deliver;
@@ -469,14 +469,7 @@ impl Channel {
     fn handle_connected(&mut self, now: Instant, packet: Packet) {
         match packet {
             Packet::Publish(publish) => self.handle_publish(now, publish),
-            Packet::PubAck(ack) => {
-                if self.wrong_ack(ack.packet_id, QoS::AtLeastOnce) {
-                    return self.protocol_error(ReasonCode::PROTOCOL_ERROR);
-                }
-                if let Some(session) = self.session.as_mut() {
-                    session.complete(ack.packet_id, false);
-                }
-            }
+            Packet::PubAck(ack) => self.handle_completion(ack.packet_id, false),
             Packet::PubRec(ack) => self.handle_pubrec(ack),
             Packet::PubRel(ack) => {
                 let key = (self.input_flow, ack.packet_id);
@@ -491,15 +484,7 @@ impl Channel {
                 };
                 self.reply(&Packet::PubComp(Ack::new(ack.packet_id, reason)));
             }
-            Packet::PubComp(ack) => {
-                if let Some(Outgoing::Publish(_)) = self.outgoing_state(ack.packet_id) {
-                    // PUBCOMP before PUBREL: the client skipped PUBREC.
-                    return self.protocol_error(ReasonCode::PROTOCOL_ERROR);
-                }
-                if let Some(session) = self.session.as_mut() {
-                    session.complete(ack.packet_id, true);
-                }
-            }
+            Packet::PubComp(ack) => self.handle_completion(ack.packet_id, true),
             Packet::Subscribe(subscribe) => self.handle_subscribe(subscribe),
             Packet::Unsubscribe(unsubscribe) => self.handle_unsubscribe(unsubscribe),
             Packet::PingReq => self.send(&Packet::PingResp),
@@ -532,20 +517,21 @@ impl Channel {
         self.close(disconnect.reason, Initiator::Client, false, keep_will);
     }
 
-    /// The state of our outgoing message `id`, if one is in flight.
-    fn outgoing_state(&self, id: PacketId) -> Option<&Outgoing> {
-        self.session.as_ref()?.outgoing_state(id)
+    /// PUBACK (`qos2` false) or PUBCOMP: completes the message in flight under `id`. An ack
+    /// of another QoS flow (PUBACK for QoS 2, PUBCOMP before PUBREL) is a protocol error; an
+    /// unknown id is ignored (it may be a late duplicate).
+    fn handle_completion(&mut self, id: PacketId, qos2: bool) {
+        let completed = self.session.as_mut().map(|s| s.complete(id, qos2));
+        if completed == Some(Completed::WrongFlow) {
+            self.protocol_error(ReasonCode::PROTOCOL_ERROR);
+        }
     }
 
-    /// Whether an ack for `id` belongs to another QoS flow than the message in flight under
-    /// that id: PUBACK for a QoS 2 message, PUBREC for a QoS 1 message. An unknown id is not
-    /// wrong here (it may be a late duplicate).
-    fn wrong_ack(&self, id: PacketId, ack_for: QoS) -> bool {
-        match self.outgoing_state(id) {
-            Some(Outgoing::Publish(delivery)) => delivery.qos != ack_for,
-            Some(Outgoing::Release(_)) => ack_for == QoS::AtLeastOnce,
-            None => false,
-        }
+    /// Whether a PUBREC for `id` belongs to a QoS 1 message in flight (another QoS flow). An
+    /// unknown id is not wrong here: it is answered with 0x92.
+    fn pubrec_for_qos1(&self, id: PacketId) -> bool {
+        let state = self.session.as_ref().and_then(|s| s.outgoing_state(id));
+        matches!(state, Some(Outgoing::Publish(d)) if d.qos == QoS::AtLeastOnce)
     }
 
     fn protocol_error(&mut self, reason: ReasonCode) {

@@ -54,7 +54,7 @@ impl Channel {
         };
         // [MQTT-3.3.2-14]: a Response Topic is a topic name, without wildcards.
         if let Some(response) = &publish.properties.response_topic {
-            if TopicName::parse(response.clone(), 0).is_err() {
+            if validate_topic_name(response, 0).is_err() {
                 return self.protocol_error(ReasonCode::PROTOCOL_ERROR);
             }
         }
@@ -155,7 +155,7 @@ impl Channel {
     }
 
     pub(super) fn handle_pubrec(&mut self, ack: Ack) {
-        if self.wrong_ack(ack.packet_id, QoS::ExactlyOnce) {
+        if self.pubrec_for_qos1(ack.packet_id) {
             return self.protocol_error(ReasonCode::PROTOCOL_ERROR);
         }
         let Some(session) = self.session.as_mut() else {
