@@ -17,6 +17,7 @@ use crate::broker::listener::{DEFAULT_HANDSHAKE_TIMEOUT, DEFAULT_WS_PATH};
 use crate::codec::{QoS, SubscriptionOptions};
 use crate::core::rewrite::{AutoSubscribe, RewriteAction, RewriteRule, MAX_RULES};
 pub use crate::core::router::SharedStrategy;
+pub use crate::storage::{Durability, StorageSettings};
 use crate::core::topic::TopicFilter;
 #[cfg(test)]
 use crate::duration::parse_duration;
@@ -55,6 +56,7 @@ pub struct Config {
     /// `[[rewrite]]` rules, first match wins.
     pub rewrite: Vec<RewriteFile>,
     pub auth: crate::auth::AuthSettings,
+    pub storage: StorageSettings,
     #[serde(deserialize_with = "listeners")]
     pub listeners: Vec<ListenerConfig>,
 }
@@ -72,6 +74,7 @@ impl Default for Config {
             shared_subscription_group: Default::default(),
             rewrite: Vec::new(),
             auth: crate::auth::AuthSettings::default(),
+            storage: StorageSettings::default(),
             listeners: ListenerKind::ALL
                 .iter()
                 .map(|&kind| ListenerConfig::new(kind, kind.default_bind()))
@@ -515,6 +518,12 @@ impl Config {
         }
         if self.session.max_queued == 0 {
             return invalid("session.max_queued", "must be at least 1");
+        }
+        if self.storage.group_window > Duration::from_secs(1) {
+            return invalid(
+                "storage.group_window",
+                "at most 1s (every acknowledgement waits up to this long)",
+            );
         }
         if self.listeners.is_empty() {
             return invalid("listeners", "at least one listener is needed");

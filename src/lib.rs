@@ -43,6 +43,7 @@ pub mod core;
 pub(crate) mod core;
 pub(crate) mod duration;
 pub mod server;
+pub mod storage;
 pub mod transport;
 
 #[cfg(test)]

@@ -86,6 +86,65 @@ enum Command {
     Sub(tools::pubsub::SubArgs),
     /// End-to-end load generator: throughput, latency percentiles, losses, duplicates.
     Bench(Box<tools::bench::BenchArgs>),
+    /// Inspect or repair the durable store (`<data_dir>/store`) while the broker is stopped.
+    #[command(subcommand)]
+    Store(StoreCommand),
+}
+
+#[derive(Debug, Subcommand)]
+enum StoreCommand {
+    /// Read every file and record without changing anything; exits non-zero if the broker
+    /// would refuse to start over it.
+    Check {
+        /// The store directory (`<data_dir>/store`, or the data directory holding it).
+        dir: PathBuf,
+    },
+    /// Keep every record that can be read: damaged files are cut at their first bad frame,
+    /// unreadable records dropped (each reported); the originals are moved into
+    /// `DIR/damaged-<time>/`, never deleted.
+    Repair {
+        /// The store directory (`<data_dir>/store`, or the data directory holding it).
+        dir: PathBuf,
+    },
+}
+
+/// The store directory named on the command line: the directory itself, or the `store`
+/// directory inside a data directory.
+fn store_dir(dir: PathBuf) -> PathBuf {
+    let inner = petrel::storage::store_dir(&dir);
+    if inner.is_dir() {
+        inner
+    } else {
+        dir
+    }
+}
+
+fn store(command: StoreCommand) -> ExitCode {
+    match command {
+        StoreCommand::Check { dir } => {
+            let dir = store_dir(dir);
+            let report = petrel::storage::check::check(&dir);
+            print!("{}: {}", dir.display(), report.text);
+            if report.healthy {
+                ExitCode::SUCCESS
+            } else {
+                ExitCode::FAILURE
+            }
+        }
+        StoreCommand::Repair { dir } => {
+            let dir = store_dir(dir);
+            match petrel::storage::check::repair(&dir) {
+                Ok(text) => {
+                    print!("{text}");
+                    ExitCode::SUCCESS
+                }
+                Err(err) => {
+                    eprintln!("error: {err}");
+                    ExitCode::FAILURE
+                }
+            }
+        }
+    }
 }
 
 #[derive(Debug, clap::Args)]
@@ -185,6 +244,7 @@ fn main() -> ExitCode {
             }
         }
         Some(Command::Serve(args)) => run(args),
+        Some(Command::Store(command)) => store(command),
         Some(Command::Passwd(args)) => match passwd(args) {
             Ok(()) => ExitCode::SUCCESS,
             Err(err) => {

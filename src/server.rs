@@ -16,7 +16,9 @@ use crate::auth::AuthService;
 use crate::broker::listener::ListenerKind;
 use crate::broker::{Broker, Settings};
 use crate::codec::QoS;
-use crate::config::Config;
+use crate::config::{Config, Durability};
+use crate::core::hooks::Hooks;
+use crate::storage::Embedded;
 use crate::core::channel::Limits;
 use crate::transport::certs::DevCerts;
 
@@ -45,6 +47,7 @@ fn broker_settings(config: &Config) -> anyhow::Result<Settings> {
         delayed_publish: config.delayed.enable,
         rewrite: config.rewrite_rules()?,
         auto_subscribe: config.auto_subscribe_rules()?,
+        durable: config.storage.durability != Durability::None,
     };
     Ok(Settings {
         limits: Arc::new(limits),
@@ -81,6 +84,8 @@ fn dev_certs_in(data_dir: &std::path::Path) -> anyhow::Result<DevCerts> {
 /// A started broker: its listeners' addresses and the handle to stop it.
 pub struct RunningBroker {
     pub broker: Arc<Broker>,
+    /// The durable store, unless `storage.durability = "none"`.
+    pub store: Option<Arc<Embedded>>,
     listeners: Vec<(ListenerKind, SocketAddr)>,
     shutdown: CancellationToken,
     tracker: TaskTracker,
@@ -93,7 +98,25 @@ impl RunningBroker {
         let auth = AuthService::load(&config.auth)
             .map_err(|err| anyhow::anyhow!("authentication: {err}"))?;
         tracing::info!("authentication: {}", auth.describe());
-        let broker = Arc::new(Broker::new(settings).with_auth(Arc::new(auth)));
+        let mut broker = Broker::new(settings).with_auth(Arc::new(auth));
+        let mut store = None;
+        let mut recovered = None;
+        if config.storage.durability != Durability::None {
+            std::fs::create_dir_all(&config.broker.data_dir).with_context(|| {
+                format!("cannot create data_dir {}", config.broker.data_dir.display())
+            })?;
+            let (opened, read) = crate::storage::open(&config.broker.data_dir, &config.storage)?;
+            broker = broker.with_hooks(Hooks {
+                store: Some(Arc::clone(&opened) as Arc<dyn crate::core::hooks::Store>),
+                ..Hooks::default()
+            });
+            store = Some(opened);
+            recovered = Some(read);
+        }
+        let broker = Arc::new(broker);
+        if let Some(recovered) = recovered {
+            broker.restore(recovered, crate::broker::clock::now());
+        }
         let shutdown = CancellationToken::new();
         let tracker = TaskTracker::new();
         let mut listeners = Vec::new();
@@ -119,6 +142,7 @@ impl RunningBroker {
         tracker.spawn(Arc::clone(&broker).run_timers(shutdown.clone()));
         Ok(Self {
             broker,
+            store,
             listeners,
             shutdown,
             tracker,
@@ -151,6 +175,10 @@ impl RunningBroker {
             .is_err()
         {
             tracing::warn!("some connections did not close in time");
+        }
+        // Every session is filed: commit what is queued and stop the writer.
+        if let Some(store) = &self.store {
+            store.close();
         }
     }
 }

@@ -149,6 +149,11 @@ impl<W: Wire> Driver<W> {
             }
             self.link.carry_out_actions().await;
         }
+        // Last words go only once what they acknowledge is on disk.
+        let linger = self.link.broker.settings().close_linger;
+        if !Box::pin(self.link.durable(linger)).await {
+            self.link.channel.handle_store_failed();
+        }
         // Boxed: it runs once, and would otherwise enlarge every connection's task.
         Box::pin(self.wire.close(&mut self.link)).await;
     }
@@ -177,8 +182,14 @@ impl<W: Wire> Driver<W> {
             ready = true;
         }
         ready |= self.wire.poll_transport(cx, &mut self.link).is_ready();
-        // Ready only on a failure: what was written needs no turn of the loop.
-        let _ = self.wire.poll_send(cx, &mut self.link);
+        // Output that acknowledges what is not yet on disk waits for the store's commit, and
+        // so does further input (its answers would wait behind it anyway): the client's own
+        // window then batches its messages into the commits.
+        let durable = self.link.poll_durable(cx).is_ready();
+        if durable {
+            // Ready only on a failure: what was written needs no turn of the loop.
+            let _ = self.wire.poll_send(cx, &mut self.link);
+        }
         ready |= self.link.channel.is_closed();
         match &mut waits.relief {
             Some(relief) => {
@@ -187,7 +198,8 @@ impl<W: Wire> Driver<W> {
                     ready = true;
                 }
             }
-            None => ready |= self.wire.poll_receive(cx, &mut self.link).is_ready(),
+            None if durable => ready |= self.wire.poll_receive(cx, &mut self.link).is_ready(),
+            None => {}
         }
         if let Poll::Ready(takeover) = self.link.poll_mailbox(cx) {
             if let Some(ack) = takeover {

@@ -17,7 +17,7 @@ use crate::auth::{Credentials, Refusal};
 use crate::codec::ReasonCode;
 use crate::core::access::{Access, Authorizer as _};
 use crate::core::channel::{Action, Channel};
-use crate::core::hooks::DropReason;
+use crate::core::hooks::{DropReason, Ticket};
 use crate::core::message::{Delivery, Flow};
 
 /// How long a paused publisher waits for an overfilled subscriber that takes no messages at
@@ -52,6 +52,11 @@ pub struct Link {
     peer: SocketAddr,
     /// A takeover in progress: answered once our session is filed.
     takeover_ack: Option<oneshot::Sender<()>>,
+    /// The store's ticket that the output written so far depends on (0: none): nothing is
+    /// sent until it is on disk.
+    ticket: Ticket,
+    /// The persistent session's subscriptions changed: its record is saved again.
+    session_changed: bool,
 }
 
 impl Link {
@@ -74,6 +79,59 @@ impl Link {
             pressure_marks: Vec::new(),
             pause_deadline: None,
             takeover_ack: None,
+            ticket: 0,
+            session_changed: false,
+        }
+    }
+
+    /// Ready when the output written so far may go to the client: everything it depends on
+    /// is on disk. A failed commit closes the connection with nothing more sent (see
+    /// `Channel::handle_store_failed`).
+    pub fn poll_durable(&mut self, cx: &mut Context<'_>) -> Poll<()> {
+        if self.ticket == 0 {
+            return Poll::Ready(());
+        }
+        let Some(store) = &self.broker.hooks().store else {
+            self.ticket = 0;
+            return Poll::Ready(());
+        };
+        match store.poll_durable(cx, self.ticket) {
+            Poll::Pending => Poll::Pending,
+            Poll::Ready(result) => {
+                self.ticket = 0;
+                if result.is_err() {
+                    tracing::warn!("a store commit failed: closing without acknowledging");
+                    self.channel.handle_store_failed();
+                }
+                Poll::Ready(())
+            }
+        }
+    }
+
+    /// Waits (up to `linger`) for the output written so far to be on disk; `false` if it
+    /// is not (the output must then be dropped).
+    pub async fn durable(&mut self, linger: Duration) -> bool {
+        let waited =
+            tokio::time::timeout(linger, std::future::poll_fn(|cx| self.poll_durable(cx))).await;
+        waited.is_ok() && self.ticket == 0
+    }
+
+    /// Hands the channel's changes to the persistent session's state to the store; the
+    /// ones the client's next packets depend on hold the output until they are on disk.
+    fn record_changes(&mut self) {
+        let Some(store) = &self.broker.hooks().store else {
+            return;
+        };
+        while let Some(change) = self.channel.poll_change() {
+            let ticket = store.changed(self.channel.client_id(), change);
+            if change.gates_output() {
+                self.ticket = self.ticket.max(ticket);
+            }
+        }
+        if std::mem::take(&mut self.session_changed) && self.channel.is_durable() {
+            if let Some(session) = self.channel.session() {
+                self.ticket = self.ticket.max(store.session_saved(session));
+            }
         }
     }
 
@@ -129,10 +187,22 @@ impl Link {
             .await;
         match opened {
             Ok((session, mailbox)) => {
-                self.mailbox = Some(mailbox);
+                let present = session.is_some();
                 // A takeover may have taken a while.
                 let now = self.tick();
                 self.channel.accept(now, session);
+                if let Some(store) = &self.broker.hooks().store {
+                    let durable = self.channel.is_durable();
+                    mailbox.set_durable(&client_id, durable);
+                    if durable {
+                        self.session_changed = true;
+                    } else if present {
+                        // A persistent session resumed by a connection that ends it: the
+                        // store forgets it now rather than keep it through a crash.
+                        store.session_ended(&client_id);
+                    }
+                }
+                self.mailbox = Some(mailbox);
                 if !self.broker.limits().auto_subscribe.is_empty() {
                     let host = self.peer.ip().to_string();
                     self.channel.auto_subscribe(&host, self.peer.port());
@@ -212,10 +282,14 @@ impl Link {
                     clean_start,
                 } => return Some((client_id, clean_start)),
                 Action::Delay { message, at } => self.broker.delay(message, at),
-                Action::Route(message) => {
+                Action::Route { message, ack } => {
                     let before = self.pressure.len();
-                    self.broker.route(message, now, &mut self.pressure);
+                    let routed = self.broker.route(message, now, &mut self.pressure);
+                    self.ticket = self.ticket.max(routed.ticket);
                     self.keep_new_pressure(before, now);
+                    if let Some(ack) = ack {
+                        self.channel.acknowledge(ack, routed.refused);
+                    }
                 }
                 Action::Subscribe {
                     subscription,
@@ -231,13 +305,16 @@ impl Link {
                             send_retained,
                         );
                     }
+                    self.session_changed = true;
                 }
                 Action::Unsubscribe { filter, flow } => {
                     self.broker
-                        .unsubscribe(self.channel.client_id(), &filter, flow)
+                        .unsubscribe(self.channel.client_id(), &filter, flow);
+                    self.session_changed = true;
                 }
                 Action::CloseFlow(flow) => self.closed_flows.push(flow),
                 Action::Close(close) => {
+                    self.record_changes();
                     tracing::debug!(reason = %close.reason, initiator = ?close.initiator, "connection closed");
                     self.count_drops(0);
                     self.close_reason = Some(close.reason);
@@ -258,6 +335,7 @@ impl Link {
                 }
             }
         }
+        self.record_changes();
         None
     }
 
@@ -386,6 +464,7 @@ impl Link {
             }
         }
         self.count_drops(offered);
+        self.record_changes();
     }
 
     /// Deliveries the channel dropped (expired, too large for the client) are counted as they

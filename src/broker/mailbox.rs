@@ -74,6 +74,11 @@ pub struct Mailbox {
     dropped: AtomicU64,
     /// Deliveries taken so far: the progress a paused publisher watches.
     popped: AtomicU64,
+    /// The session's client id, once it is known to be persistent (`durable`).
+    client_id: std::sync::OnceLock<Arc<str>>,
+    /// QoS 1/2 deliveries are stored before they are queued (a persistent session, with a
+    /// durable store).
+    durable: AtomicBool,
 }
 
 impl Mailbox {
@@ -88,6 +93,35 @@ impl Mailbox {
             stalled: AtomicBool::new(false),
             dropped: AtomicU64::new(0),
             popped: AtomicU64::new(0),
+            client_id: std::sync::OnceLock::new(),
+            durable: AtomicBool::new(false),
+        }
+    }
+
+    /// Whether QoS 1/2 deliveries to `client_id`'s session are stored before they are queued.
+    pub fn set_durable(&self, client_id: &Arc<str>, durable: bool) {
+        if durable {
+            let _ = self.client_id.set(Arc::clone(client_id));
+        }
+        self.durable.store(durable, Ordering::Relaxed);
+    }
+
+    /// The client id to store deliveries under, when they are stored.
+    pub fn durable_client(&self) -> Option<&Arc<str>> {
+        if self.durable.load(Ordering::Relaxed) {
+            self.client_id.get()
+        } else {
+            None
+        }
+    }
+
+    /// Queues deliveries read back from the store at start-up, whatever the bound (they
+    /// were accepted before; the session's client drains them).
+    pub fn restore(&self, deliveries: Vec<Delivery>) {
+        let mut inner = self.lock();
+        inner.queue.extend(deliveries);
+        if inner.queue.len() >= self.capacity * HARD_FACTOR {
+            self.full.store(true, Ordering::Relaxed);
         }
     }
 
@@ -342,6 +376,7 @@ mod tests {
             subscription_ids: Vec::new(),
             flow: Flow::CONTROL,
             shared: None,
+            stored: None,
         }
     }
 

@@ -32,17 +32,17 @@ use tokio::sync::{oneshot, Notify};
 use tokio_util::sync::CancellationToken;
 
 use crate::auth::AuthService;
-use crate::codec::ReasonCode;
+use crate::codec::{QoS, ReasonCode};
 use crate::core::access::Admission;
 use crate::core::channel::{AssignedClientId, Close, Limits, PendingWill};
 use crate::core::delayed::DelayedQueue;
 use crate::core::fanout::{self, Fanout, Subscriber, Subscribers};
-use crate::core::hooks::{DropReason, Hooks, Observation};
+use crate::core::hooks::{DropReason, Hooks, Observation, Refused, Ticket};
 use crate::core::message::{AppMessage, Delivery, Flow};
 use crate::core::registry::{EndReason, Event, Open, Registry};
 use crate::core::retain::RetainedStore;
 use crate::core::router::{Dispatch, SharedStrategy};
-use crate::core::session::{Outgoing, Session, Subscription};
+use crate::core::session::{Change, Outgoing, Session, Subscription};
 use crate::core::topic::TopicFilter;
 use mailbox::{Mailbox, Pushed};
 
@@ -67,6 +67,38 @@ pub struct Metrics {
     pub auth_failures: AtomicU64,
     /// Publishes, subscriptions and deliveries the ACL refused.
     pub acl_denied: AtomicU64,
+    /// Persistent messages refused because the store was full or failing (0x97).
+    pub store_refused: AtomicU64,
+}
+
+/// What routing a message came to.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Routed {
+    /// The store's ticket for what routing stored (0: nothing): the publisher's
+    /// acknowledgement waits until it is on disk.
+    pub ticket: Ticket,
+    /// Why (part of) it could not be taken: 0x97 when the store is full or failing.
+    pub refused: Option<ReasonCode>,
+}
+
+impl Routed {
+    fn stored(&mut self, ticket: Ticket) {
+        self.ticket = self.ticket.max(ticket);
+    }
+
+    fn refuse(&mut self, refused: Refused) {
+        if self.refused.is_none() {
+            match refused {
+                Refused::Full => tracing::warn!(
+                    "store full (storage.max_bytes): a persistent message was refused (0x97)"
+                ),
+                Refused::Failed => {
+                    tracing::warn!("store failing: a persistent message was refused (0x97)")
+                }
+            }
+        }
+        self.refused = Some(ReasonCode::QUOTA_EXCEEDED);
+    }
 }
 
 /// Broker settings outside the protocol limits.
@@ -247,7 +279,7 @@ impl Broker {
             let before = sessions.poll_timeout();
             if let (Some(store), Some(session)) = (&self.hooks.store, &close.session) {
                 if session.expiry_interval != 0 && sessions.is_served_by(client_id, conn_id) {
-                    store.session_filed(session);
+                    store.session_filed(session, close.will.as_ref());
                 }
             }
             sessions.close(now, conn_id, client_id, close);
@@ -340,12 +372,19 @@ impl Broker {
         let router = self.router.read().expect("router lock is never poisoned");
         for (id, delivery) in unacknowledged {
             if self.to_other_member(&router, client_id, delivery) {
-                session.abandon(id);
+                let key = session.abandon(id);
+                self.forget(client_id, key);
             }
         }
         let stay: Vec<_> = queued
             .into_iter()
-            .filter(|delivery| !self.to_other_member(&router, client_id, delivery.clone()))
+            .filter(|delivery| {
+                let moved = self.to_other_member(&router, client_id, delivery.clone());
+                if moved {
+                    self.forget(client_id, delivery.stored);
+                }
+                !moved
+            })
             .collect();
         drop(router);
         if let Some(mailbox) = mailbox {
@@ -382,8 +421,41 @@ impl Broker {
             subscription_ids: subscriber.id.into_iter().collect(),
             flow: *flow,
             shared: Some(filter),
+            stored: None,
         };
-        subscriber.handle.push(delivery) != Pushed::Dropped
+        matches!(self.push_delivery(&subscriber.handle, delivery), Ok((pushed, _)) if pushed != Pushed::Dropped)
+    }
+
+    /// The store forgets a delivery that left `client_id`'s session.
+    fn forget(&self, client_id: &str, key: Option<crate::core::session::StoreKey>) {
+        if let (Some(store), Some(key)) = (&self.hooks.store, key) {
+            store.changed(client_id, Change::Done { key });
+        }
+    }
+
+    /// Queues a delivery in a session's mailbox, stored first when the session is
+    /// persistent and the delivery QoS 1/2. Returns the store's ticket for it (0: not
+    /// stored).
+    fn push_delivery(
+        &self,
+        mailbox: &Mailbox,
+        mut delivery: Delivery,
+    ) -> Result<(Pushed, Ticket), Refused> {
+        let (Some(store), Some(client_id), false) = (
+            &self.hooks.store,
+            mailbox.durable_client(),
+            delivery.qos == QoS::AtMostOnce,
+        ) else {
+            return Ok((mailbox.push(delivery), 0));
+        };
+        let key = store.next_key();
+        delivery.stored = Some(key);
+        let ticket = store.queued(client_id, key, &delivery)?;
+        let pushed = mailbox.push(delivery);
+        if pushed == Pushed::Dropped {
+            store.changed(client_id, Change::Done { key });
+        }
+        Ok((pushed, ticket))
     }
 
     /// Lets go of the `$exclusive/` filters `client_id` holds among `filters`.
@@ -487,23 +559,7 @@ impl Broker {
         subscription: &Subscription,
         send_retained: bool,
     ) {
-        let route = Subscriber {
-            handle: Arc::clone(mailbox),
-            options: subscription.options,
-            id: subscription.id,
-            shared: subscription
-                .filter
-                .share_group()
-                .map(|_| Arc::new(subscription.filter.clone())),
-        };
-        self.router
-            .write()
-            .expect("router lock is never poisoned")
-            .insert(
-                &subscription.filter,
-                (Arc::clone(client_id), subscription.flow),
-                route,
-            );
+        self.subscribe_route(client_id, mailbox, subscription);
         if let Some(observer) = &self.hooks.observer {
             observer.observe(&Observation::Subscribed {
                 client_id,
@@ -530,6 +586,27 @@ impl Broker {
         self.count_dropped(dropped, DropReason::QueueFull);
     }
 
+    /// Puts a session's subscription into the router.
+    fn subscribe_route(&self, client_id: &Arc<str>, mailbox: &Arc<Mailbox>, subscription: &Subscription) {
+        let route = Subscriber {
+            handle: Arc::clone(mailbox),
+            options: subscription.options,
+            id: subscription.id,
+            shared: subscription
+                .filter
+                .share_group()
+                .map(|_| Arc::new(subscription.filter.clone())),
+        };
+        self.router
+            .write()
+            .expect("router lock is never poisoned")
+            .insert(
+                &subscription.filter,
+                (Arc::clone(client_id), subscription.flow),
+                route,
+            );
+    }
+
     pub fn unsubscribe(&self, client_id: &Arc<str>, filter: &TopicFilter, flow: Flow) {
         self.router
             .write()
@@ -549,18 +626,43 @@ impl Broker {
         self.route(message, now, &mut Vec::new());
     }
 
+    /// Counts a refusal by the store.
+    fn count_refused(&self, routed: &Routed) {
+        if routed.refused.is_some() {
+            self.metrics.store_refused.fetch_add(1, Ordering::Relaxed);
+        }
+    }
+
     /// Routes a message to every matching subscription: one delivery per session and flow,
     /// with the highest granted QoS and every matching subscription identifier
     /// [MQTT-3.3.4-2, -3]. Mailboxes that push back (see `mailbox`) are added to `pressured`.
-    pub fn route(&self, message: Arc<AppMessage>, now: Instant, pressured: &mut Vec<Arc<Mailbox>>) {
+    ///
+    /// Deliveries to persistent sessions are stored first; a retained message is stored
+    /// before it replaces the old one. When the store refuses (full, failing), the retained
+    /// message is not kept nor routed, a refused delivery is dropped, and the answer says
+    /// 0x97 for the publisher.
+    pub fn route(
+        &self,
+        message: Arc<AppMessage>,
+        now: Instant,
+        pressured: &mut Vec<Arc<Mailbox>>,
+    ) -> Routed {
         self.metrics
             .messages_received
             .fetch_add(1, Ordering::Relaxed);
+        let mut routed = Routed::default();
         if message.retain {
-            self.store_retained(&message);
+            match self.store_retained(&message) {
+                Ok(ticket) => routed.stored(ticket),
+                Err(refused) => {
+                    routed.refuse(refused);
+                    self.count_refused(&routed);
+                    return routed;
+                }
+            }
         }
         if message.is_expired(now) {
-            return;
+            return routed;
         }
         let dropped = FANOUT.with_borrow_mut(|fanout| {
             {
@@ -570,10 +672,17 @@ impl Broker {
             }
             let mut dropped = 0;
             for (mailbox, delivery) in fanout.drain() {
-                match mailbox.push(delivery) {
-                    Pushed::Queued => {}
-                    Pushed::Pressured => pressured.push(mailbox),
-                    Pushed::Dropped => dropped += 1,
+                match self.push_delivery(&mailbox, delivery) {
+                    Ok((Pushed::Queued, ticket)) => routed.stored(ticket),
+                    Ok((Pushed::Pressured, ticket)) => {
+                        routed.stored(ticket);
+                        pressured.push(mailbox);
+                    }
+                    Ok((Pushed::Dropped, _)) => dropped += 1,
+                    Err(refused) => {
+                        routed.refuse(refused);
+                        dropped += 1;
+                    }
                 }
             }
             fanout.trim();
@@ -582,9 +691,11 @@ impl Broker {
         if dropped > 0 {
             self.count_dropped(dropped, DropReason::QueueFull);
         }
+        self.count_refused(&routed);
         if let Some(peers) = &self.hooks.peers {
             peers.forward(&message);
         }
+        routed
     }
 
     /// Counts deliveries dropped for `reason` and tells the observer.
@@ -600,13 +711,16 @@ impl Broker {
         }
     }
 
-    fn store_retained(&self, message: &AppMessage) {
+    /// Keeps (or clears) a retained message, in the store first; returns the store's ticket
+    /// (0: no store).
+    fn store_retained(&self, message: &AppMessage) -> Result<Ticket, Refused> {
         let entry = fanout::retained_entry(message);
+        let mut ticket = 0;
         if let Some(store) = &self.hooks.store {
-            match &entry {
-                Some(kept) => store.retained_set(kept),
+            ticket = match &entry {
+                Some(kept) => store.retained_set(kept)?,
                 None => store.retained_cleared(&message.topic),
-            }
+            };
         }
         fanout::store_retained(
             &mut self
@@ -616,6 +730,56 @@ impl Broker {
             &message.topic,
             entry,
         );
+        Ok(ticket)
+    }
+
+    /// Puts back what a durable store held at start-up: retained messages, and persistent
+    /// sessions offline with their subscriptions in the router, their queued deliveries in
+    /// their mailboxes, and their expiry and will timers counted across the downtime (a
+    /// session that expired meanwhile ends at the first timer turn, its will published).
+    pub fn restore(&self, recovered: crate::storage::Recovered, now: Instant) {
+        let crate::storage::Recovered {
+            sessions,
+            retained,
+            expired,
+            expired_retained,
+            ..
+        } = recovered;
+        if let Some(store) = &self.hooks.store {
+            for (client_id, key) in expired {
+                store.changed(&client_id, Change::Done { key });
+            }
+            for topic in expired_retained {
+                store.retained_cleared(&topic);
+            }
+        }
+        {
+            let mut store = self
+                .retained
+                .lock()
+                .expect("retained lock is never poisoned");
+            for message in retained {
+                let topic = message.topic.as_str().to_owned();
+                store.insert(&topic, Arc::new(message));
+            }
+        }
+        for restored in sessions {
+            let client_id = Arc::clone(&restored.session.client_id);
+            let mailbox = Arc::new(Mailbox::new(self.settings.max_queued));
+            mailbox.set_durable(&client_id, true);
+            mailbox.restore(restored.queued);
+            for subscription in restored.session.subscriptions.values() {
+                if subscription.filter.is_exclusive() {
+                    self.claim_exclusive(subscription.filter.filter(), &client_id);
+                }
+                self.subscribe_route(&client_id, &mailbox, subscription);
+            }
+            let expires_at = restored.expires_in.map(|left| now + left);
+            let will = restored.will.map(|(will, left)| (will, now + left));
+            self.lock_sessions()
+                .restore(restored.session, mailbox, expires_at, will);
+        }
+        self.timers_changed.notify_one();
     }
 
     fn lock_sessions(&self) -> std::sync::MutexGuard<'_, Registry<Arc<Mailbox>>> {

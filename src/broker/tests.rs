@@ -277,20 +277,56 @@ impl crate::core::hooks::Observer for Recorder {
 }
 
 impl crate::core::hooks::Store for Recorder {
-    fn session_filed(&self, session: &Session) {
+    fn next_key(&self) -> crate::core::session::StoreKey {
+        0
+    }
+
+    fn session_saved(&self, session: &Session) -> Ticket {
+        self.push(format!("saved {}", session.client_id));
+        0
+    }
+
+    fn session_filed(&self, session: &Session, _will: Option<&PendingWill>) -> Ticket {
         self.push(format!("filed {}", session.client_id));
+        0
     }
 
-    fn session_ended(&self, client_id: &str) {
+    fn session_ended(&self, client_id: &str) -> Ticket {
         self.push(format!("ended {client_id}"));
+        0
     }
 
-    fn retained_set(&self, message: &AppMessage) {
+    fn queued(
+        &self,
+        client_id: &str,
+        _key: crate::core::session::StoreKey,
+        delivery: &Delivery,
+    ) -> Result<Ticket, crate::core::hooks::Refused> {
+        self.push(format!("queued {client_id} {}", delivery.message.topic));
+        Ok(0)
+    }
+
+    fn changed(&self, client_id: &str, change: crate::core::session::Change) -> Ticket {
+        self.push(format!("changed {client_id} {change:?}"));
+        0
+    }
+
+    fn retained_set(&self, message: &AppMessage) -> Result<Ticket, crate::core::hooks::Refused> {
         self.push(format!("retained {}", message.topic));
+        Ok(0)
     }
 
-    fn retained_cleared(&self, topic: &str) {
+    fn retained_cleared(&self, topic: &str) -> Ticket {
         self.push(format!("cleared {topic}"));
+        0
+    }
+
+    fn poll_durable(
+        &self,
+        _cx: &mut std::task::Context<'_>,
+        _ticket: Ticket,
+    ) -> std::task::Poll<Result<(), crate::core::hooks::Refused>> {
+        std::task::Poll::Ready(Ok(()))
     }
 }
 

@@ -127,6 +127,7 @@ impl<M> Fanout<M> {
                     subscription_ids: subscriber.id.into_iter().collect(),
                     flow: *flow,
                     shared: subscriber.shared.clone(),
+                    stored: None,
                 };
                 targets.push((Arc::clone(&subscriber.handle), delivery));
             },
@@ -186,6 +187,7 @@ pub fn retained_deliveries(
                 subscription_ids: subscription.id.into_iter().collect(),
                 flow: subscription.flow,
                 shared: None,
+                stored: None,
             });
         }
     });

@@ -4,22 +4,25 @@
 //!
 //! - [`Observer`]: what happened, with reasons (connected, disconnected, subscribed,
 //!   unsubscribed, session ended, deliveries dropped) — for `$SYS`, an HTTP API, Prometheus.
-//! - [`Store`]: what must outlive the process (a session filed offline or ended, a retained
-//!   message set or cleared) — for the durable store. Acknowledging a PUBLISH only after its
-//!   commit will be a decision the channel asks for and the shell answers asynchronously, like
-//!   a CONNECT's session (`Action::Connect`); that part comes with the store itself.
+//! - [`Store`]: what must outlive the process (persistent sessions, their queued and in-flight
+//!   deliveries, inbound QoS 2 state, retained messages) — for the durable store. The channel
+//!   asks for the routing of a QoS 1/2 PUBLISH before it acknowledges it
+//!   (`Action::Route { ack }`, answered by `Channel::acknowledge`), and the shell holds a
+//!   connection's output until the store's [`Ticket`] for it is on disk.
 //! - [`Peers`]: every message routed here, offered to other nodes — for clustering.
 //!
 //! Every seam is optional ([`Hooks`]); a broker without any pays one branch per call site.
 //! Implementations must not block: they are called from connection tasks, some under the
-//! sessions lock (`Store::session_filed`, `Store::session_ended`).
+//! sessions lock (`Store::session_filed`, `Store::session_ended`). A store's writes only
+//! queue; its disk work happens on a thread of its own.
 
 use std::sync::Arc;
+use std::task::{Context, Poll};
 
-use super::channel::Initiator;
-use super::message::AppMessage;
+use super::channel::{Initiator, PendingWill};
+use super::message::{AppMessage, Delivery};
 use super::registry::EndReason;
-use super::session::Session;
+use super::session::{Change, Session, StoreKey};
 use crate::codec::ReasonCode;
 
 /// Why deliveries were dropped instead of sent.
@@ -71,16 +74,44 @@ pub trait Observer: Send + Sync {
     fn observe(&self, observation: &Observation<'_>);
 }
 
-/// Told of what a durable store must record. Every method defaults to nothing.
+/// A place in the durable store's log: everything written up to it is on disk once
+/// [`Store::poll_durable`] says so.
+pub type Ticket = u64;
+
+/// Why the store did not take a write.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Refused {
+    /// Past `storage.max_bytes`.
+    Full,
+    /// The disk failed the last write.
+    Failed,
+}
+
+/// The durable store: told of everything that must outlive the process, in order. Writes
+/// return at once with a [`Ticket`]; what depends on a write (an acknowledgement the client
+/// acts on) waits until [`Store::poll_durable`] says that ticket is on disk, so many writes
+/// share one commit (group commit). Implementations: `storage::Embedded` (one node), later
+/// the clustered store.
 pub trait Store: Send + Sync {
-    /// A session went offline and is kept until it expires.
-    fn session_filed(&self, _session: &Session) {}
-    /// A session ended; nothing of it is kept.
-    fn session_ended(&self, _client_id: &str) {}
+    /// A fresh key for a delivery about to be queued for a persistent session.
+    fn next_key(&self) -> StoreKey;
+    /// A persistent session was opened or resumed, or its subscriptions changed.
+    fn session_saved(&self, session: &Session) -> Ticket;
+    /// A persistent session went offline, with the will it must publish after its delay.
+    fn session_filed(&self, session: &Session, will: Option<&PendingWill>) -> Ticket;
+    /// A session ended: nothing of it is kept.
+    fn session_ended(&self, client_id: &str) -> Ticket;
+    /// A delivery was queued for the persistent session `client_id` under `key`.
+    fn queued(&self, client_id: &str, key: StoreKey, delivery: &Delivery)
+        -> Result<Ticket, Refused>;
+    /// The persistent session's state changed (see [`Change`]).
+    fn changed(&self, client_id: &str, change: Change) -> Ticket;
     /// A retained message was set (a copy with a payload of its own).
-    fn retained_set(&self, _message: &AppMessage) {}
+    fn retained_set(&self, message: &AppMessage) -> Result<Ticket, Refused>;
     /// A retained message was cleared (an empty retained PUBLISH).
-    fn retained_cleared(&self, _topic: &str) {}
+    fn retained_cleared(&self, topic: &str) -> Ticket;
+    /// Ready once everything up to `ticket` is on disk (`Err`: a write up to it failed).
+    fn poll_durable(&self, cx: &mut Context<'_>, ticket: Ticket) -> Poll<Result<(), Refused>>;
 }
 
 /// Offered every message routed on this node, after local fan-out.

@@ -112,6 +112,8 @@ pub struct Delivery {
     /// The shared subscription it came through, if that alone chose this session: when the
     /// session's connection goes, an unacknowledged delivery goes to another member.
     pub shared: Option<Arc<TopicFilter>>,
+    /// Its key in the durable store, when it was stored for a persistent session.
+    pub stored: Option<crate::core::session::StoreKey>,
 }
 
 #[cfg(test)]

@@ -208,6 +208,38 @@ impl<M: SessionHandle> Registry<M> {
         }
     }
 
+    /// Files a persistent session read back from a durable store at start-up: offline, ending
+    /// at `expires_at` (`None`: never; an instant already past ends it at the next
+    /// `handle_timeout`), with a will due at `will.1` unless the session ends first.
+    pub fn restore(
+        &mut self,
+        session: Session,
+        handle: M,
+        expires_at: Option<Instant>,
+        will: Option<(PendingWill, Instant)>,
+    ) {
+        let client_id = Arc::clone(&session.client_id);
+        handle.set_online(false);
+        if let Some(at) = expires_at {
+            self.timers
+                .schedule(TimerKey::Expire(Arc::clone(&client_id)), at);
+        }
+        if let Some((will, at)) = will {
+            let at = expires_at.map_or(at, |end| at.min(end));
+            self.timers.schedule(TimerKey::Will(Arc::clone(&client_id)), at);
+            self.wills.insert(Arc::clone(&client_id), will);
+        }
+        self.slots.insert(
+            client_id,
+            Slot {
+                handle,
+                state: SlotState::Offline {
+                    session: Box::new(session),
+                },
+            },
+        );
+    }
+
     /// Fires every session-expiry and will timer due at `now`.
     pub fn handle_timeout(&mut self, now: Instant) {
         while let Some(key) = self.timers.pop_due(now) {

@@ -44,10 +44,50 @@ pub struct Subscription {
     pub flow: Flow,
 }
 
+/// Where a durable store keeps a queued delivery (its sequence number, unique store-wide):
+/// set on a [`Delivery`] routed to a persistent session, so that the channel can say what
+/// became of it.
+pub type StoreKey = u64;
+
+/// What happened to a persistent session's state that its durable record must follow, in
+/// the order it happened ([`Channel::poll_change`](crate::core::channel::Channel)).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Change {
+    /// A stored delivery was sent under packet id `id` (resends reuse it); `exactly_once`
+    /// when it went at QoS 2, whose id must be on disk before the PUBLISH leaves.
+    Sent {
+        key: StoreKey,
+        id: PacketId,
+        exactly_once: bool,
+    },
+    /// The client's PUBREC for a stored QoS 2 delivery: PUBREL is next (and must not go
+    /// before this is on disk: after it the client may deliver).
+    Released { key: StoreKey, id: PacketId },
+    /// A stored delivery is finished (acknowledged, or dropped): forget it.
+    Done { key: StoreKey },
+    /// An inbound QoS 2 message was accepted (PUBREC): a repeat must not be routed again.
+    Held { flow: Flow, id: PacketId },
+    /// Its PUBREL came: the id is free again.
+    Freed { flow: Flow, id: PacketId },
+}
+
+impl Change {
+    /// Whether the bytes written after this change may reach the client only once it is on
+    /// disk (an acknowledgement the client acts on, or a QoS 2 packet id).
+    pub fn gates_output(&self) -> bool {
+        match self {
+            Self::Sent { exactly_once, .. } => *exactly_once,
+            Self::Released { .. } | Self::Held { .. } | Self::Freed { .. } => true,
+            Self::Done { .. } => false,
+        }
+    }
+}
+
 /// What an acknowledgement did to an outgoing message ([`Session::complete`]).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Completed {
-    Done,
+    /// Finished; with the store key of a stored delivery.
+    Done(Option<StoreKey>),
     /// No message in flight under that id (a late duplicate, or never sent).
     Unknown,
     /// The id is in flight in another QoS flow than the ack's.
@@ -59,15 +99,16 @@ pub enum Completed {
 pub enum Outgoing {
     /// QoS 1 sent, waiting for PUBACK; or QoS 2 sent, waiting for PUBREC.
     Publish(Delivery),
-    /// QoS 2 PUBREL sent (on this flow), waiting for PUBCOMP.
-    Release(Flow),
+    /// QoS 2 PUBREL sent (on this flow), waiting for PUBCOMP; with the store key of a
+    /// stored delivery.
+    Release(Flow, Option<StoreKey>),
 }
 
 impl Outgoing {
     pub fn flow(&self) -> Flow {
         match self {
             Self::Publish(delivery) => delivery.flow,
-            Self::Release(flow) => *flow,
+            Self::Release(flow, _) => *flow,
         }
     }
 }
@@ -196,9 +237,11 @@ impl Session {
         let Some(&seq) = self.ids_in_use.get(&id) else {
             return Completed::Unknown;
         };
-        let expected = match self.slot(seq) {
-            Some(Some((_, Outgoing::Publish(d)))) => !qos2 && d.qos == QoS::AtLeastOnce,
-            Some(Some((_, Outgoing::Release(_)))) => qos2,
+        let (expected, key) = match self.slot(seq) {
+            Some(Some((_, Outgoing::Publish(d)))) => {
+                (!qos2 && d.qos == QoS::AtLeastOnce, d.stored)
+            }
+            Some(Some((_, Outgoing::Release(_, key)))) => (qos2, *key),
             _ => return Completed::Unknown,
         };
         if !expected {
@@ -206,31 +249,56 @@ impl Session {
         }
         self.release(seq);
         self.ids_in_use.remove(&id);
-        Completed::Done
+        Completed::Done(key)
     }
 
     /// PUBREC: the QoS 2 message moves to the release phase. Returns the flow to send PUBREL
     /// on if the id was awaiting PUBREC or already releasing (a repeated PUBREC is answered
-    /// again).
-    pub fn received(&mut self, id: PacketId) -> Option<Flow> {
+    /// again), with the store key of a stored delivery that moved just now.
+    pub fn received(&mut self, id: PacketId) -> Option<(Flow, Option<StoreKey>)> {
         let seq = *self.ids_in_use.get(&id)?;
         let (_, state) = self.slot(seq)?.as_mut()?;
         match state {
             Outgoing::Publish(d) if d.qos == QoS::ExactlyOnce => {
-                let flow = d.flow;
-                *state = Outgoing::Release(flow);
-                Some(flow)
+                let (flow, key) = (d.flow, d.stored);
+                *state = Outgoing::Release(flow, key);
+                Some((flow, key))
             }
             Outgoing::Publish(_) => None,
-            Outgoing::Release(flow) => Some(*flow),
+            Outgoing::Release(flow, _) => Some((*flow, None)),
         }
     }
 
-    /// PUBREC with a failure reason: the message is finished without a release.
-    pub fn abandon(&mut self, id: PacketId) {
-        if let Some(seq) = self.ids_in_use.remove(&id) {
-            self.release(seq);
+    /// PUBREC with a failure reason, or a message that can no longer be sent: finished
+    /// without a release. Returns the store key of a stored delivery.
+    pub fn abandon(&mut self, id: PacketId) -> Option<StoreKey> {
+        let seq = self.ids_in_use.remove(&id)?;
+        let key = match self.slot(seq) {
+            Some(Some((_, Outgoing::Publish(d)))) => d.stored,
+            Some(Some((_, Outgoing::Release(_, key)))) => *key,
+            _ => None,
+        };
+        self.release(seq);
+        key
+    }
+
+    /// Puts back an outgoing message a durable store kept, under the packet id it was sent
+    /// with, before the session is resumed (it is resent with DUP then). `false` if the id is
+    /// already in use (a corrupted store; the caller queues the delivery anew).
+    pub fn restore_outgoing(&mut self, id: PacketId, state: Outgoing) -> bool {
+        if id.0 == 0 || self.ids_in_use.contains_key(&id) {
+            return false;
         }
+        let seq = self.next_seq;
+        self.next_seq += 1;
+        if self.outgoing.is_empty() {
+            self.first_seq = seq;
+        }
+        self.ids_in_use.insert(id, seq);
+        self.outgoing.push_back(Some((id, state)));
+        self.inflight += 1;
+        self.next_packet_id = id.next();
+        true
     }
 
     /// Adds or replaces a subscription; returns whether it existed.
@@ -278,7 +346,7 @@ impl Session {
         for (_, state) in self.outgoing.iter_mut().flatten() {
             match state {
                 Outgoing::Publish(d) if d.flow == flow => d.flow = Flow::CONTROL,
-                Outgoing::Release(f) if *f == flow => *f = Flow::CONTROL,
+                Outgoing::Release(f, _) if *f == flow => *f = Flow::CONTROL,
                 _ => {}
             }
         }
@@ -336,6 +404,7 @@ mod tests {
             subscription_ids: Vec::new(),
             flow: Flow::CONTROL,
             shared: None,
+            stored: None,
         }
     }
 
@@ -345,13 +414,13 @@ mod tests {
         let id = s.track(delivery(QoS::AtLeastOnce)).unwrap();
         assert_eq!(s.inflight(), 1);
         assert!(
-            s.complete(id, true) != Completed::Done,
+            s.complete(id, true) != Completed::Done(None),
             "PUBCOMP does not complete a QoS 1 message"
         );
-        assert!(s.complete(id, false) == Completed::Done);
+        assert!(s.complete(id, false) == Completed::Done(None));
         assert_eq!(s.inflight(), 0);
         assert!(
-            s.complete(id, false) != Completed::Done,
+            s.complete(id, false) != Completed::Done(None),
             "a second PUBACK is unknown"
         );
     }
@@ -361,15 +430,15 @@ mod tests {
         let mut s = Session::new("c".into(), 0);
         let id = s.track(delivery(QoS::ExactlyOnce)).unwrap();
         assert!(
-            s.complete(id, true) != Completed::Done,
+            s.complete(id, true) != Completed::Done(None),
             "PUBCOMP before PUBREC is out of order"
         );
-        assert_eq!(s.received(id), Some(Flow::CONTROL));
+        assert_eq!(s.received(id), Some((Flow::CONTROL, None)));
         assert!(matches!(
             s.outgoing().next(),
-            Some((_, Outgoing::Release(Flow::CONTROL)))
+            Some((_, Outgoing::Release(Flow::CONTROL, None)))
         ));
-        assert!(s.complete(id, true) == Completed::Done);
+        assert!(s.complete(id, true) == Completed::Done(None));
         assert_eq!(s.inflight(), 0);
     }
 

@@ -38,6 +38,28 @@ pub const QUIET: Duration = Duration::from_millis(300);
 pub struct TestBroker {
     pub running: RunningBroker,
     pub addr: SocketAddr,
+    /// The broker's own data directory (its durable store), removed when it is dropped.
+    pub data_dir: TempDir,
+}
+
+/// A directory removed when dropped.
+pub struct TempDir(pub std::path::PathBuf);
+
+impl Drop for TempDir {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
+}
+
+/// A fresh data directory for one broker of this test process.
+pub fn temp_data_dir(prefix: &str) -> std::path::PathBuf {
+    let dir = std::env::temp_dir().join(format!(
+        "petrel-{prefix}-{}-{}",
+        std::process::id(),
+        UNIQUE.fetch_add(1, Ordering::Relaxed)
+    ));
+    let _ = std::fs::remove_dir_all(&dir);
+    dir
 }
 
 impl TestBroker {
@@ -45,16 +67,23 @@ impl TestBroker {
         Self::start_with(|_| {}).await
     }
 
-    /// Starts a broker with the defaults, a short close linger, and `tweak` applied.
+    /// Starts a broker with the defaults (a durable store in a data directory of its own),
+    /// a short close linger, and `tweak` applied.
     pub async fn start_with(tweak: impl FnOnce(&mut Config)) -> Self {
         let mut config = Config::default();
         config.override_listeners(&["127.0.0.1:0".parse().unwrap()]);
         config.broker.close_linger = Duration::from_millis(500);
+        config.broker.data_dir = temp_data_dir("broker");
         tweak(&mut config);
         config.validate().unwrap();
+        let data_dir = TempDir(config.broker.data_dir.clone());
         let running = RunningBroker::start(&config).await.unwrap();
         let addr = running.addr(ListenerKind::Tcp).unwrap();
-        Self { running, addr }
+        Self {
+            running,
+            addr,
+            data_dir,
+        }
     }
 
     pub fn messages_dropped(&self) -> u64 {

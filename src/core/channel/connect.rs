@@ -222,6 +222,7 @@ impl Channel {
         let session_present = session.is_some();
         let mut session = session.unwrap_or_else(|| Session::new(Arc::clone(&self.client_id), 0));
         session.expiry_interval = self.expiry;
+        self.durable = self.limits.durable && self.expiry != 0;
 
         let mut properties = Properties::default();
         if self.version.is_v5() {

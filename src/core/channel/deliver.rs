@@ -26,14 +26,14 @@ impl Channel {
     pub fn deliver(&mut self, now: Instant, mut delivery: Delivery) {
         if self.state != State::Connected || delivery.message.is_expired(now) {
             self.dropped += 1;
-            return;
+            return self.forget(delivery.stored);
         }
         if self.access.is_some() && !self.allowed(Access::Receive, &delivery.message.topic) {
             // A permission removed since the subscription was made, or a retained or will
             // message the client may not read: dropped, and counted as denied too.
             self.dropped += 1;
             self.denied += 1;
-            return;
+            return self.forget(delivery.stored);
         }
         delivery.qos = delivery.qos.min(self.limits.maximum_qos);
         if !self.is_open(delivery.flow) {
@@ -50,16 +50,18 @@ impl Channel {
         let mut packet = Packet::Publish(publish);
         if !self.fits(&packet) {
             self.dropped += 1;
-            return;
+            return self.forget(delivery.stored);
         }
         if delivery.qos != QoS::AtMostOnce {
+            let (key, qos) = (delivery.stored, delivery.qos);
             let Some(session) = self.session.as_mut() else {
                 return;
             };
             let Some(id) = session.track(delivery) else {
                 self.dropped += 1;
-                return;
+                return self.forget(key);
             };
+            self.sent(key, id, qos);
             if let Packet::Publish(publish) = &mut packet {
                 publish.packet_id = Some(id);
             }
@@ -96,11 +98,12 @@ impl Channel {
         };
         if !self.fits_len(|| publish.encoded_len(self.version)) {
             self.dropped += 1;
+            self.forget(delivery.stored);
             return Ok(());
         }
         // Written first, then tracked (which takes the delivery) and the id filled in, so
         // the shared message is not even reference-counted once more.
-        let flow = delivery.flow;
+        let (flow, key) = (delivery.flow, delivery.stored);
         // Borrowed field by field: the session is needed while `out` is held.
         let out = flow_out(&mut self.flows, &mut self.out, flow);
         let start = out.len();
@@ -112,13 +115,29 @@ impl Channel {
             .as_mut()
             .and_then(|session| session.track(delivery))
         {
-            Some(id) => out[id_at..id_at + 2].copy_from_slice(&id.0.to_be_bytes()),
+            Some(id) => {
+                out[id_at..id_at + 2].copy_from_slice(&id.0.to_be_bytes());
+                self.sent(key, id, qos);
+            }
             None => {
                 out.truncate(start);
                 self.dropped += 1;
+                self.forget(key);
             }
         }
         Ok(())
+    }
+
+    /// A stored delivery went out under `id`: the store records the id (a resend after a
+    /// restart reuses it).
+    fn sent(&mut self, key: Option<StoreKey>, id: PacketId, qos: QoS) {
+        if let Some(key) = key {
+            self.changes.push_back(Change::Sent {
+                key,
+                id,
+                exactly_once: qos == QoS::ExactlyOnce,
+            });
+        }
     }
 
     /// Resends an unacknowledged PUBLISH after reconnect; one that no longer fits the
@@ -130,8 +149,9 @@ impl Channel {
         if self.fits(&packet) {
             self.send_publish(delivery.flow, packet);
         } else if let Some(session) = self.session.as_mut() {
-            session.abandon(id);
+            let key = session.abandon(id);
             self.dropped += 1;
+            self.forget(key);
         }
     }
 

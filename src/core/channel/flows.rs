@@ -86,7 +86,7 @@ impl Channel {
                 delivery.flow = Flow::CONTROL;
                 self.resend(now, &delivery, id);
             }
-            Outgoing::Release(_) => self.send(&Packet::PubRel(Ack::new(id, ReasonCode::SUCCESS))),
+            Outgoing::Release(..) => self.send(&Packet::PubRel(Ack::new(id, ReasonCode::SUCCESS))),
         }
     }
 

@@ -29,7 +29,7 @@ use crate::core::access::{Access, Admission, Authorizer};
 use crate::core::delayed;
 use crate::core::message::{AppMessage, Delivery, Flow};
 use crate::core::rewrite::{self, AutoSubscribe, RewriteAction, RewriteRule};
-use crate::core::session::{Completed, Outgoing, Session, Subscription};
+use crate::core::session::{Change, Completed, Outgoing, Session, StoreKey, Subscription};
 use crate::core::topic::{validate_topic_name, TopicError, TopicFilter, TopicName};
 
 mod connect;
@@ -76,6 +76,9 @@ pub struct Limits {
     pub rewrite: Vec<RewriteRule>,
     /// Subscriptions every client gets when it connects (EMQX's auto subscribe).
     pub auto_subscribe: Vec<AutoSubscribe>,
+    /// A durable store records persistent sessions: the channel reports their changes
+    /// ([`Channel::poll_change`]).
+    pub durable: bool,
 }
 
 impl Default for Limits {
@@ -101,6 +104,7 @@ impl Default for Limits {
             delayed_publish: true,
             rewrite: Vec::new(),
             auto_subscribe: Vec::new(),
+            durable: false,
         }
     }
 }
@@ -155,7 +159,12 @@ pub enum Action {
         client_id: Arc<str>,
         clean_start: bool,
     },
-    Route(Arc<AppMessage>),
+    /// Route the message; then answer `ack` (the PUBACK or PUBREC of a QoS 1/2 PUBLISH)
+    /// with [`Channel::acknowledge`], saying whether it could be stored.
+    Route {
+        message: Arc<AppMessage>,
+        ack: Option<PendingAck>,
+    },
     /// Publish `message` at `at` (a `$delayed/` publish, already admitted).
     Delay {
         message: Arc<AppMessage>,
@@ -174,6 +183,15 @@ pub enum Action {
     /// the connection lives on.
     CloseFlow(Flow),
     Close(Box<Close>),
+}
+
+/// The acknowledgement of an inbound QoS 1/2 PUBLISH, waiting for the message to be routed
+/// (and, for persistent subscribers, stored): [`Channel::acknowledge`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct PendingAck {
+    flow: Flow,
+    id: PacketId,
+    qos: QoS,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -235,6 +253,11 @@ pub struct Channel {
     access: Option<Box<AccessCheck>>,
     /// Broker-wide admission (exclusive subscriptions, the delayed quota); none: admitted.
     admission: Option<Arc<dyn Admission>>,
+    /// Whether the session's changes go to a durable store (`limits.durable` and a session
+    /// that outlives the connection).
+    durable: bool,
+    /// Changes to the persistent session's state, for the store, in order.
+    changes: VecDeque<Change>,
     /// Deliveries dropped because they were expired or too large for the client.
     pub dropped: u64,
     /// Publishes, subscriptions and deliveries the authorizer refused.
@@ -272,6 +295,8 @@ impl Channel {
             password: None,
             access: None,
             admission: None,
+            durable: false,
+            changes: VecDeque::new(),
             dropped: 0,
             denied: 0,
         }
@@ -289,6 +314,16 @@ impl Channel {
         self.state == State::Closed
     }
 
+    /// Whether the session's changes go to the durable store.
+    pub fn is_durable(&self) -> bool {
+        self.durable
+    }
+
+    /// The session this connection serves, once accepted.
+    pub fn session(&self) -> Option<&Session> {
+        self.session.as_ref()
+    }
+
     pub fn is_connected(&self) -> bool {
         self.state == State::Connected
     }
@@ -296,6 +331,19 @@ impl Channel {
     /// Encoded bytes waiting to be written; the driver writes and clears (or advances) them.
     pub fn out(&mut self) -> &mut BytesMut {
         &mut self.out
+    }
+
+    /// The next change to the persistent session's state for the durable store to record,
+    /// in the order they happened.
+    pub fn poll_change(&mut self) -> Option<Change> {
+        self.changes.pop_front()
+    }
+
+    /// A stored delivery will not be sent after all: the store forgets it.
+    pub(super) fn forget(&mut self, key: Option<StoreKey>) {
+        if let Some(key) = key {
+            self.changes.push_back(Change::Done { key });
+        }
     }
 
     pub fn poll_action(&mut self) -> Option<Action> {
@@ -363,6 +411,22 @@ impl Channel {
     }
 
     /// The broker is stopping: v5 clients hear "Server shutting down"; no will is published.
+    /// The durable store could not record what this connection's pending output depends on
+    /// (a disk error): nothing more is sent (an acknowledgement of what was not stored must
+    /// never go out), and the connection closes; the client sends again on its next one.
+    pub fn handle_store_failed(&mut self) {
+        self.out.clear();
+        for (_, out) in &mut self.flows {
+            out.clear();
+        }
+        self.close(
+            ReasonCode::UNSPECIFIED_ERROR,
+            Initiator::Broker,
+            false,
+            true,
+        );
+    }
+
     pub fn handle_shutdown(&mut self) {
         if self.state != State::Closed {
             self.close(
@@ -477,6 +541,12 @@ impl Channel {
                     .session
                     .as_mut()
                     .is_some_and(|s| s.awaiting_release.remove(&key));
+                if known && self.durable {
+                    self.changes.push_back(Change::Freed {
+                        flow: key.0,
+                        id: key.1,
+                    });
+                }
                 let reason = if known {
                     ReasonCode::SUCCESS
                 } else {
@@ -522,8 +592,10 @@ impl Channel {
     /// unknown id is ignored (it may be a late duplicate).
     fn handle_completion(&mut self, id: PacketId, qos2: bool) {
         let completed = self.session.as_mut().map(|s| s.complete(id, qos2));
-        if completed == Some(Completed::WrongFlow) {
-            self.protocol_error(ReasonCode::PROTOCOL_ERROR);
+        match completed {
+            Some(Completed::WrongFlow) => self.protocol_error(ReasonCode::PROTOCOL_ERROR),
+            Some(Completed::Done(Some(key))) => self.changes.push_back(Change::Done { key }),
+            _ => {}
         }
     }
 

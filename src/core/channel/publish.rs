@@ -92,11 +92,15 @@ impl Channel {
         }
 
         // The decoder gives QoS 1 and 2 an id, and QoS 0 none.
+        let mut ack = None;
         match (publish.qos, publish.packet_id) {
             (QoS::AtMostOnce, _) | (_, None) => {}
             (QoS::AtLeastOnce, Some(id)) => {
-                let reason = refused.unwrap_or(ReasonCode::SUCCESS);
-                self.reply(&Packet::PubAck(Ack::new(id, reason)));
+                ack = Some(PendingAck {
+                    flow: self.input_flow,
+                    id,
+                    qos: QoS::AtLeastOnce,
+                });
             }
             (QoS::ExactlyOnce, Some(id)) => {
                 let Some(session) = self.session.as_mut() else {
@@ -109,28 +113,77 @@ impl Channel {
                     self.reply(&Packet::PubRec(Ack::new(id, ReasonCode::SUCCESS)));
                     return;
                 }
-                if refused.is_none() {
-                    if session.awaiting_release.len() >= usize::from(limits.receive_maximum) {
-                        return self.protocol_error(ReasonCode::RECEIVE_MAXIMUM_EXCEEDED);
-                    }
-                    session.awaiting_release.insert(key);
+                if refused.is_none()
+                    && session.awaiting_release.len() >= usize::from(limits.receive_maximum)
+                {
+                    return self.protocol_error(ReasonCode::RECEIVE_MAXIMUM_EXCEEDED);
                 }
-                let reason = refused.unwrap_or(ReasonCode::SUCCESS);
-                self.reply(&Packet::PubRec(Ack::new(id, reason)));
+                ack = Some(PendingAck {
+                    flow: self.input_flow,
+                    id,
+                    qos: QoS::ExactlyOnce,
+                });
             }
         }
-        if refused.is_none() {
-            let message =
-                AppMessage::from_publish(topic, publish, Some(Arc::clone(&self.client_id)), now);
-            let message = Arc::new(message);
-            self.actions.push_back(match delay {
-                Delay::After(after) => Action::Delay {
+        if let Some(reason) = refused {
+            if let Some(ack) = ack {
+                self.send_ack(ack, reason);
+            }
+            return;
+        }
+        let message =
+            AppMessage::from_publish(topic, publish, Some(Arc::clone(&self.client_id)), now);
+        let message = Arc::new(message);
+        match delay {
+            // A delayed message is held in memory: acknowledged at once.
+            Delay::After(after) => {
+                if let Some(ack) = ack {
+                    self.acknowledge(ack, None);
+                }
+                self.actions.push_back(Action::Delay {
                     message,
                     at: now + after,
-                },
-                _ => Action::Route(message),
-            });
+                });
+            }
+            _ => self.actions.push_back(Action::Route { message, ack }),
         }
+    }
+
+    /// The shell routed the message a PUBLISH carried: acknowledge it, or say why it could
+    /// not be taken (`refused`, 0x97 when the durable store is full or failing). MQTT 3.1.1
+    /// has no negative acknowledgement: the connection closes instead, so the client sends
+    /// the message again on its next one.
+    pub fn acknowledge(&mut self, ack: PendingAck, refused: Option<ReasonCode>) {
+        if self.state != State::Connected {
+            return;
+        }
+        if let Some(reason) = refused {
+            if !self.version.is_v5() {
+                return self.close(reason, Initiator::Broker, false, true);
+            }
+            return self.send_ack(ack, reason);
+        }
+        if ack.qos == QoS::ExactlyOnce {
+            let Some(session) = self.session.as_mut() else {
+                return;
+            };
+            session.awaiting_release.insert((ack.flow, ack.id));
+            if self.durable {
+                self.changes.push_back(Change::Held {
+                    flow: ack.flow,
+                    id: ack.id,
+                });
+            }
+        }
+        self.send_ack(ack, ReasonCode::SUCCESS);
+    }
+
+    fn send_ack(&mut self, ack: PendingAck, reason: ReasonCode) {
+        let packet = match ack.qos {
+            QoS::ExactlyOnce => Packet::PubRec(Ack::new(ack.id, reason)),
+            _ => Packet::PubAck(Ack::new(ack.id, reason)),
+        };
+        self.send_on(ack.flow, &packet);
     }
 
     /// For a `$delayed/{seconds}/{topic}` publish (when enabled): the target topic and the
@@ -162,13 +215,20 @@ impl Channel {
             return;
         };
         if ack.reason.is_failure() {
-            session.abandon(ack.packet_id);
-            return;
+            let key = session.abandon(ack.packet_id);
+            return self.forget(key);
         }
-        let reason = if session.received(ack.packet_id).is_some() {
-            ReasonCode::SUCCESS
-        } else {
-            ReasonCode::PACKET_IDENTIFIER_NOT_FOUND
+        let reason = match session.received(ack.packet_id) {
+            Some((_, key)) => {
+                if let Some(key) = key {
+                    self.changes.push_back(Change::Released {
+                        key,
+                        id: ack.packet_id,
+                    });
+                }
+                ReasonCode::SUCCESS
+            }
+            None => ReasonCode::PACKET_IDENTIFIER_NOT_FOUND,
         };
         self.reply(&Packet::PubRel(Ack::new(ack.packet_id, reason)));
     }

@@ -113,6 +113,7 @@ fn message_expiry_is_decremented_and_expired_messages_are_dropped() {
         subscription_ids: vec![4],
         flow: Flow::CONTROL,
         shared: None,
+        stored: None,
     };
     h.now += Duration::from_secs(3);
     h.channel.deliver(h.now, d.clone());

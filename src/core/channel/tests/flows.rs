@@ -36,13 +36,8 @@ fn flow_acks_and_subacks_go_back_on_the_flow_that_carried_the_packet() {
     h.connect(connect(ProtocolVersion::V5, "flows"));
     let data = Flow(4);
     h.channel.open_flow(data);
-    h.channel.handle_flow_packet(
-        h.now,
-        data,
-        Packet::Publish(publish("t", QoS::AtLeastOnce, Some(9))),
-    );
-    h.channel
-        .handle_flow_packet(h.now, data, subscribe_packet(3, "s/#"));
+    h.flow_packet(data, Packet::Publish(publish("t", QoS::AtLeastOnce, Some(9))));
+    h.flow_packet(data, subscribe_packet(3, "s/#"));
     assert!(h.packets().is_empty(), "nothing on the control flow");
     let on_data = data_packets(&mut h, data);
     assert!(matches!(&on_data[0], Packet::PubAck(a) if a.packet_id == 9));

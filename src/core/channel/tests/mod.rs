@@ -15,6 +15,8 @@ struct Harness {
     now: Instant,
     version: ProtocolVersion,
     session: Option<Session>,
+    /// Actions taken out to answer a Route's acknowledgement, kept for `actions()`.
+    seen: Vec<Action>,
 }
 
 impl Harness {
@@ -32,6 +34,7 @@ impl Harness {
             now,
             version: ProtocolVersion::V5,
             session: None,
+            seen: Vec::new(),
         }
     }
 
@@ -61,8 +64,26 @@ impl Harness {
         }
     }
 
+    /// Handles a packet, answering a routed PUBLISH's acknowledgement as the shell does
+    /// (routed, nothing refused).
     fn packet(&mut self, packet: Packet) {
         self.channel.handle_packet(self.now, packet);
+        self.answer_routes();
+    }
+
+    /// As `packet`, on a data flow.
+    fn flow_packet(&mut self, flow: Flow, packet: Packet) {
+        self.channel.handle_flow_packet(self.now, flow, packet);
+        self.answer_routes();
+    }
+
+    fn answer_routes(&mut self) {
+        while let Some(action) = self.channel.poll_action() {
+            if let Action::Route { ack: Some(ack), .. } = &action {
+                self.channel.acknowledge(*ack, None);
+            }
+            self.seen.push(action);
+        }
     }
 
     /// Decodes everything the channel has written since the last call.
@@ -77,7 +98,9 @@ impl Harness {
     }
 
     fn actions(&mut self) -> Vec<Action> {
-        std::iter::from_fn(|| self.channel.poll_action()).collect()
+        let mut actions = std::mem::take(&mut self.seen);
+        actions.extend(std::iter::from_fn(|| self.channel.poll_action()));
+        actions
     }
 
     /// Advance virtual time to the channel's next deadline and fire it.
@@ -135,6 +158,7 @@ fn delivery(topic: &str, qos: QoS) -> Delivery {
         subscription_ids: Vec::new(),
         flow: Flow::CONTROL,
         shared: None,
+        stored: None,
     }
 }
 

@@ -35,7 +35,7 @@ fn inbound_qos2_is_routed_once_even_when_resent() {
     let routes = h
         .actions()
         .into_iter()
-        .filter(|a| matches!(a, Action::Route(_)))
+        .filter(|a| matches!(a, Action::Route { .. }))
         .count();
     assert_eq!(routes, 1);
     assert_eq!(
@@ -69,7 +69,7 @@ fn topic_alias_rules_on_ingress() {
         .actions()
         .into_iter()
         .filter_map(|a| match a {
-            Action::Route(m) => Some(m.topic.to_string()),
+            Action::Route { message: m, .. } => Some(m.topic.to_string()),
             _ => None,
         })
         .collect();
