@@ -284,12 +284,22 @@ impl Link {
                 Action::Delay { message, at } => self.broker.delay(message, at),
                 Action::Route { message, ack } => {
                     let before = self.pressure.len();
+                    // What routing stores and the record that a QoS 2 message was received
+                    // commit together: a crash between them would route a resend twice.
+                    let store = self.broker.hooks().store.clone();
+                    if let Some(store) = &store {
+                        store.begin_group();
+                    }
                     let routed = self.broker.route(message, now, &mut self.pressure);
                     self.ticket = self.ticket.max(routed.ticket);
-                    self.keep_new_pressure(before, now);
                     if let Some(ack) = ack {
                         self.channel.acknowledge(ack, routed.refused);
                     }
+                    if let Some(store) = &store {
+                        self.record_changes();
+                        self.ticket = self.ticket.max(store.end_group());
+                    }
+                    self.keep_new_pressure(before, now);
                 }
                 Action::Subscribe {
                     subscription,

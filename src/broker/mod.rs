@@ -765,6 +765,13 @@ impl Broker {
         }
         for restored in sessions {
             let client_id = Arc::clone(&restored.session.client_id);
+            tracing::debug!(
+                %client_id,
+                awaiting_release = ?restored.session.awaiting_release,
+                inflight = restored.session.inflight(),
+                queued = restored.queued.len(),
+                "session restored"
+            );
             let mailbox = Arc::new(Mailbox::new(self.settings.max_queued));
             mailbox.set_durable(&client_id, true);
             mailbox.restore(restored.queued);

@@ -110,6 +110,14 @@ pub trait Store: Send + Sync {
     fn retained_set(&self, message: &AppMessage) -> Result<Ticket, Refused>;
     /// A retained message was cleared (an empty retained PUBLISH).
     fn retained_cleared(&self, topic: &str) -> Ticket;
+    /// Writes until [`Store::end_group`] on this thread are committed together or not at
+    /// all (a routed QoS 2 message and the record that it was received).
+    fn begin_group(&self) {}
+    /// Ends the group; returns its ticket (0: it wrote nothing). The writes made in the group
+    /// returned ticket 0.
+    fn end_group(&self) -> Ticket {
+        0
+    }
     /// Ready once everything up to `ticket` is on disk (`Err`: a write up to it failed).
     fn poll_durable(&self, cx: &mut Context<'_>, ticket: Ticket) -> Poll<Result<(), Refused>>;
 }

@@ -158,6 +158,13 @@ pub struct Embedded {
     writer: Mutex<Option<std::thread::JoinHandle<()>>>,
 }
 
+thread_local! {
+    /// This thread's open group of writes (`Store::begin_group`), kept with its buffer.
+    static GROUP: std::cell::RefCell<(bool, Vec<Write>)> = const {
+        std::cell::RefCell::new((false, Vec::new()))
+    };
+}
+
 /// Failed ranges remembered for late waiters.
 const FAILED_KEPT: usize = 64;
 /// A group commit goes early once this many writes are waiting.
@@ -221,9 +228,29 @@ impl Embedded {
     }
 
     fn submit(&self, write: Write) -> Ticket {
+        let write = GROUP.with_borrow_mut(|(open, writes)| {
+            if *open {
+                writes.push(write);
+                None
+            } else {
+                Some(write)
+            }
+        });
+        match write {
+            Some(write) => self.enqueue(std::iter::once(write)),
+            None => 0,
+        }
+    }
+
+    /// Queues writes under one lock: the writer takes them into one commit.
+    fn enqueue(&self, writes: impl ExactSizeIterator<Item = Write>) -> Ticket {
+        let n = writes.len() as u64;
+        if n == 0 {
+            return 0;
+        }
         let mut pending = self.shared.pending.lock().expect("never poisoned");
-        pending.writes.push(write);
-        pending.last += 1;
+        pending.writes.extend(writes);
+        pending.last += n;
         let first = pending.since.is_none();
         if first {
             pending.since = Some(Instant::now());
@@ -398,6 +425,17 @@ impl Store for Embedded {
 
     fn retained_cleared(&self, topic: &str) -> Ticket {
         self.submit(Write::Delete(vec![record::retained_key(topic)]))
+    }
+
+    fn begin_group(&self) {
+        GROUP.with_borrow_mut(|(open, _)| *open = true);
+    }
+
+    fn end_group(&self) -> Ticket {
+        GROUP.with_borrow_mut(|(open, writes)| {
+            *open = false;
+            self.enqueue(writes.drain(..))
+        })
     }
 
     fn poll_durable(&self, cx: &mut Context<'_>, ticket: Ticket) -> Poll<Result<(), Refused>> {

@@ -108,6 +108,7 @@ impl Channel {
                 };
                 let key = (self.input_flow, id);
                 if session.awaiting_release.contains(&key) {
+                    tracing::debug!(client_id = %self.client_id, %id, dup = publish.dup, "QoS 2 resend not routed again");
                     // A resend of a message we already have [MQTT-4.3.3-9]: acknowledge again,
                     // never route twice.
                     self.reply(&Packet::PubRec(Ack::new(id, ReasonCode::SUCCESS)));
