@@ -127,6 +127,7 @@ fn bench_inflight(c: &mut Criterion) {
             subscription_ids: Vec::new(),
             flow: Flow::CONTROL,
             shared: None,
+            stored: None,
         };
         let mut session = Session::new(Arc::from("bench"), 0);
         let mut window = std::collections::VecDeque::with_capacity(WINDOW);
@@ -141,7 +142,7 @@ fn bench_inflight(c: &mut Criterion) {
                 if qos == QoS::ExactlyOnce {
                     session.received(id).unwrap();
                 }
-                assert!(session.complete(id, qos == QoS::ExactlyOnce) == Completed::Done);
+                assert!(session.complete(id, qos == QoS::ExactlyOnce) == Completed::Done(None));
                 window.push_back(session.track(delivery.clone()).unwrap());
             })
         });

@@ -17,11 +17,11 @@ use crate::broker::listener::{DEFAULT_HANDSHAKE_TIMEOUT, DEFAULT_WS_PATH};
 use crate::codec::{QoS, SubscriptionOptions};
 use crate::core::rewrite::{AutoSubscribe, RewriteAction, RewriteRule, MAX_RULES};
 pub use crate::core::router::SharedStrategy;
-pub use crate::storage::{Durability, StorageSettings};
 use crate::core::topic::TopicFilter;
 #[cfg(test)]
 use crate::duration::parse_duration;
 use crate::duration::{deserialize as duration, deserialize_some as some_duration};
+pub use crate::storage::{Durability, StorageSettings};
 pub use crate::transport::quic::{Congestion, QuicSettings};
 pub use crate::transport::tls::{ClientVerify, PeerCertAsUsername, TlsSettings};
 

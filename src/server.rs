@@ -17,9 +17,9 @@ use crate::broker::listener::ListenerKind;
 use crate::broker::{Broker, Settings};
 use crate::codec::QoS;
 use crate::config::{Config, Durability};
+use crate::core::channel::Limits;
 use crate::core::hooks::Hooks;
 use crate::storage::Embedded;
-use crate::core::channel::Limits;
 use crate::transport::certs::DevCerts;
 
 /// The broker's runtime settings, from the validated configuration.
@@ -103,7 +103,10 @@ impl RunningBroker {
         let mut recovered = None;
         if config.storage.durability != Durability::None {
             std::fs::create_dir_all(&config.broker.data_dir).with_context(|| {
-                format!("cannot create data_dir {}", config.broker.data_dir.display())
+                format!(
+                    "cannot create data_dir {}",
+                    config.broker.data_dir.display()
+                )
             })?;
             let (opened, read) = crate::storage::open(&config.broker.data_dir, &config.storage)?;
             broker = broker.with_hooks(Hooks {

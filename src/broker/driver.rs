@@ -191,15 +191,13 @@ impl<W: Wire> Driver<W> {
             let _ = self.wire.poll_send(cx, &mut self.link);
         }
         ready |= self.link.channel.is_closed();
-        match &mut waits.relief {
-            Some(relief) => {
-                if relief.as_mut().poll(cx).is_ready() {
-                    waits.relief = None;
-                    ready = true;
-                }
+        if let Some(relief) = &mut waits.relief {
+            if relief.as_mut().poll(cx).is_ready() {
+                waits.relief = None;
+                ready = true;
             }
-            None if durable => ready |= self.wire.poll_receive(cx, &mut self.link).is_ready(),
-            None => {}
+        } else if durable {
+            ready |= self.wire.poll_receive(cx, &mut self.link).is_ready();
         }
         if let Poll::Ready(takeover) = self.link.poll_mailbox(cx) {
             if let Some(ack) = takeover {

@@ -587,7 +587,12 @@ impl Broker {
     }
 
     /// Puts a session's subscription into the router.
-    fn subscribe_route(&self, client_id: &Arc<str>, mailbox: &Arc<Mailbox>, subscription: &Subscription) {
+    fn subscribe_route(
+        &self,
+        client_id: &Arc<str>,
+        mailbox: &Arc<Mailbox>,
+        subscription: &Subscription,
+    ) {
         let route = Subscriber {
             handle: Arc::clone(mailbox),
             options: subscription.options,

@@ -102,8 +102,12 @@ pub trait Store: Send + Sync {
     /// A session ended: nothing of it is kept.
     fn session_ended(&self, client_id: &str) -> Ticket;
     /// A delivery was queued for the persistent session `client_id` under `key`.
-    fn queued(&self, client_id: &str, key: StoreKey, delivery: &Delivery)
-        -> Result<Ticket, Refused>;
+    fn queued(
+        &self,
+        client_id: &str,
+        key: StoreKey,
+        delivery: &Delivery,
+    ) -> Result<Ticket, Refused>;
     /// The persistent session's state changed (see [`Change`]).
     fn changed(&self, client_id: &str, change: Change) -> Ticket;
     /// A retained message was set (a copy with a payload of its own).

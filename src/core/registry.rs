@@ -226,7 +226,8 @@ impl<M: SessionHandle> Registry<M> {
         }
         if let Some((will, at)) = will {
             let at = expires_at.map_or(at, |end| at.min(end));
-            self.timers.schedule(TimerKey::Will(Arc::clone(&client_id)), at);
+            self.timers
+                .schedule(TimerKey::Will(Arc::clone(&client_id)), at);
             self.wills.insert(Arc::clone(&client_id), will);
         }
         self.slots.insert(

@@ -238,9 +238,7 @@ impl Session {
             return Completed::Unknown;
         };
         let (expected, key) = match self.slot(seq) {
-            Some(Some((_, Outgoing::Publish(d)))) => {
-                (!qos2 && d.qos == QoS::AtLeastOnce, d.stored)
-            }
+            Some(Some((_, Outgoing::Publish(d)))) => (!qos2 && d.qos == QoS::AtLeastOnce, d.stored),
             Some(Some((_, Outgoing::Release(_, key)))) => (qos2, *key),
             _ => return Completed::Unknown,
         };

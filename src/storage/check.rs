@@ -55,7 +55,9 @@ pub fn check(dir: &Path) -> Report {
     let bad = undecodable(&records);
     let mut counts: BTreeMap<char, usize> = BTreeMap::new();
     for key in records.keys() {
-        *counts.entry(key.first().map_or('?', |&b| b as char)).or_default() += 1;
+        *counts
+            .entry(key.first().map_or('?', |&b| b as char))
+            .or_default() += 1;
     }
     let _ = writeln!(
         report.text,
@@ -73,7 +75,11 @@ pub fn check(dir: &Path) -> Report {
     let _ = writeln!(
         report.text,
         "{}",
-        if report.healthy { "ok" } else { "damaged: `petrel store repair` drops the unreadable records" }
+        if report.healthy {
+            "ok"
+        } else {
+            "damaged: `petrel store repair` drops the unreadable records"
+        }
     );
     report
 }
@@ -163,6 +169,10 @@ pub fn repair(dir: &Path) -> Result<String, String> {
         use engine::Engine as _;
         log.apply(chunk).map_err(|e| e.to_string())?;
     }
-    let _ = writeln!(text, "{kept} record(s) kept in a fresh store in {}", dir.display());
+    let _ = writeln!(
+        text,
+        "{kept} record(s) kept in a fresh store in {}",
+        dir.display()
+    );
     Ok(text)
 }

@@ -38,10 +38,16 @@ use super::record;
 /// One write, as the store queues it for the writer thread.
 #[derive(Debug)]
 pub enum Write {
-    Put { key: Vec<u8>, value: Vec<u8> },
+    Put {
+        key: Vec<u8>,
+        value: Vec<u8>,
+    },
     Delete(Vec<Vec<u8>>),
     /// A session ended: its record and everything under its prefixes go.
-    EndSession { key: Vec<u8>, prefixes: [Vec<u8>; 3] },
+    EndSession {
+        key: Vec<u8>,
+        prefixes: [Vec<u8>; 3],
+    },
 }
 
 impl Write {
@@ -136,7 +142,13 @@ fn io_err(path: &Path) -> impl FnOnce(std::io::Error) -> LogError + '_ {
 
 /// The log files in `dir`: the newest base, the segments after it (in order), and the
 /// files a finished or interrupted compaction left behind.
-fn list(dir: &Path) -> Result<(Option<LogFile>, Vec<LogFile>, Vec<PathBuf>), LogError> {
+/// The live records: key to value.
+pub type Records = BTreeMap<Vec<u8>, Vec<u8>>;
+
+/// A store directory's files: the newest base, the segments after it, and leftovers.
+type Listing = (Option<LogFile>, Vec<LogFile>, Vec<PathBuf>);
+
+fn list(dir: &Path) -> Result<Listing, LogError> {
     let mut files = Vec::new();
     let mut leftovers = Vec::new();
     for entry in std::fs::read_dir(dir).map_err(io_err(dir))? {
@@ -189,9 +201,17 @@ fn list(dir: &Path) -> Result<(Option<LogFile>, Vec<LogFile>, Vec<PathBuf>), Log
 
 /// One operation read back from a frame; `at` is where a put's value lies in its file.
 enum Op<'a> {
-    Put { key: &'a [u8], value: &'a [u8], at: u64 },
-    Delete { key: &'a [u8] },
-    DeletePrefix { prefix: &'a [u8] },
+    Put {
+        key: &'a [u8],
+        value: &'a [u8],
+        at: u64,
+    },
+    Delete {
+        key: &'a [u8],
+    },
+    DeletePrefix {
+        prefix: &'a [u8],
+    },
 }
 
 /// How a file's replay ended.
@@ -212,7 +232,10 @@ fn read_u32(bytes: &[u8]) -> u32 {
 fn ops(body: &[u8], body_at: u64, mut visit: impl FnMut(Op<'_>)) -> Result<(), &'static str> {
     let mut at = 0usize;
     let take = |at: &mut usize, n: usize| -> Result<std::ops::Range<usize>, &'static str> {
-        let end = at.checked_add(n).filter(|&e| e <= body.len()).ok_or("operation cut short")?;
+        let end = at
+            .checked_add(n)
+            .filter(|&e| e <= body.len())
+            .ok_or("operation cut short")?;
         let range = *at..end;
         *at = end;
         Ok(range)
@@ -270,9 +293,7 @@ fn replay(path: &Path, mut visit: impl FnMut(Op<'_>)) -> Result<Replayed, LogErr
                 return torn("frame header cut short");
             }
             let mut frame_header = [0u8; FRAME_HEADER as usize];
-            reader
-                .read_exact(&mut frame_header)
-                .map_err(io_err(path))?;
+            reader.read_exact(&mut frame_header).map_err(io_err(path))?;
             let body_len = u64::from(read_u32(&frame_header));
             let crc = read_u32(&frame_header[4..]);
             if body_len > MAX_FRAME || len - offset - FRAME_HEADER < body_len {
@@ -337,10 +358,7 @@ fn sync_dir(dir: &Path) -> std::io::Result<()> {
 }
 
 fn create_log(path: &Path) -> std::io::Result<File> {
-    let mut file = OpenOptions::new()
-        .create_new(true)
-        .write(true)
-        .open(path)?;
+    let mut file = OpenOptions::new().create_new(true).write(true).open(path)?;
     file.write_all(MAGIC)?;
     file.write_all(&LOG_VERSION.to_le_bytes())?;
     file.sync_all()?;
@@ -409,7 +427,8 @@ fn compact(dir: &Path, sources: &[LogFile], number: u64) -> Result<u64, LogError
     let path = dir.join(file_name(Kind::Base, number));
     let tmp = dir.join(format!("{}.tmp", file_name(Kind::Base, number)));
     let _ = std::fs::remove_file(&tmp);
-    let mut out = std::io::BufWriter::with_capacity(1 << 20, create_log(&tmp).map_err(io_err(&tmp))?);
+    let mut out =
+        std::io::BufWriter::with_capacity(1 << 20, create_log(&tmp).map_err(io_err(&tmp))?);
     let mut buf = Vec::with_capacity(4 << 20);
     let mut value = Vec::new();
     let mut live = 0u64;
@@ -471,17 +490,11 @@ pub struct Opened {
 
 /// Reads every file in `dir` into the live records, in order. With `cut_torn`, a torn
 /// tail is cut off the file (and logged); without, the files are only read.
-pub fn read_dir(
-    dir: &Path,
-    cut_torn: bool,
-) -> Result<(BTreeMap<Vec<u8>, Vec<u8>>, Opened), LogError> {
+pub fn read_dir(dir: &Path, cut_torn: bool) -> Result<(Records, Opened), LogError> {
     read_sources(dir, cut_torn).map(|(records, opened, _)| (records, opened))
 }
 
-fn read_sources(
-    dir: &Path,
-    cut_torn: bool,
-) -> Result<(BTreeMap<Vec<u8>, Vec<u8>>, Opened, Vec<LogFile>), LogError> {
+fn read_sources(dir: &Path, cut_torn: bool) -> Result<(Records, Opened, Vec<LogFile>), LogError> {
     let (base, segments, leftovers) = list(dir)?;
     if cut_torn {
         for path in leftovers {
@@ -570,7 +583,11 @@ pub fn open(dir: &Path) -> Result<Log, LogError> {
     let _ = std::fs::remove_file(&path);
     let current = create_log(&path).map_err(io_err(&path))?;
     sync_dir(dir).map_err(io_err(dir))?;
-    tracing::debug!(files = opened.files, frames = opened.frames, "store log replayed");
+    tracing::debug!(
+        files = opened.files,
+        frames = opened.frames,
+        "store log replayed"
+    );
     let mut log = Log {
         dir: dir.to_owned(),
         current,
@@ -613,7 +630,12 @@ impl Log {
         self.size = HEADER_LEN;
         self.finish_compaction(false);
         if self.compaction.is_none() && self.sealed.len() >= COMPACT_AFTER {
-            let sources: Vec<LogFile> = self.base.iter().cloned().chain(self.sealed.iter().cloned()).collect();
+            let sources: Vec<LogFile> = self
+                .base
+                .iter()
+                .cloned()
+                .chain(self.sealed.iter().cloned())
+                .collect();
             let upto = self.sealed.last().map_or(0, |s| s.number);
             let dir = self.dir.clone();
             let count = self.sealed.len();
@@ -763,7 +785,8 @@ mod tests {
         let dir = temp_dir("reopen");
         {
             let mut log = open(&dir).unwrap();
-            log.apply(&[put("a1", "x"), put("a2", "y"), put("b", "z")]).unwrap();
+            log.apply(&[put("a1", "x"), put("a2", "y"), put("b", "z")])
+                .unwrap();
             log.apply(&[Write::Delete(vec![b"b".to_vec()])]).unwrap();
             log.apply(&[Write::EndSession {
                 key: b"zz".to_vec(),
@@ -818,10 +841,7 @@ mod tests {
         bytes[at] ^= 0x40;
         std::fs::write(&path, &bytes).unwrap();
         let err = open(&dir).err().expect("damage is refused");
-        assert!(
-            matches!(err, LogError::Damaged { .. }),
-            "{err}"
-        );
+        assert!(matches!(err, LogError::Damaged { .. }), "{err}");
         let _ = std::fs::remove_dir_all(&dir);
     }
 
@@ -833,7 +853,10 @@ mod tests {
         let mut bytes = std::fs::read(&path).unwrap();
         bytes[8] = 9;
         std::fs::write(&path, &bytes).unwrap();
-        assert!(matches!(open(&dir), Err(LogError::Version { version: 9, .. })));
+        assert!(matches!(
+            open(&dir),
+            Err(LogError::Version { version: 9, .. })
+        ));
         std::fs::write(&path, b"hello world, not a log").unwrap();
         assert!(matches!(open(&dir), Err(LogError::NotALog { .. })));
         let _ = std::fs::remove_dir_all(&dir);
@@ -863,7 +886,9 @@ mod tests {
             .map(|i| format!("k{i:04}"))
             .collect();
         assert_eq!(keys(&records), expected);
-        assert!(records.values().all(|v| v.len() == big.len() || v == &record::meta_value()));
+        assert!(records
+            .values()
+            .all(|v| v.len() == big.len() || v == &record::meta_value()));
         let _ = std::fs::remove_dir_all(&dir);
     }
 }

@@ -37,7 +37,9 @@ use crate::core::hooks::{Refused, Store, Ticket};
 use crate::core::message::{AppMessage, Delivery};
 use crate::core::session::{Change, Session, StoreKey};
 use engine::{Engine, Write};
-use record::{SentAs, StoredDelivery, StoredMessage, StoredSession, StoredSubscription, StoredWill};
+use record::{
+    SentAs, StoredDelivery, StoredMessage, StoredSession, StoredSubscription, StoredWill,
+};
 
 pub use recover::Recovered;
 
@@ -171,7 +173,11 @@ const FAILED_KEPT: usize = 64;
 const GROUP_MAX_WRITES: usize = 8192;
 
 impl Embedded {
-    fn start(engine: Box<dyn Engine>, settings: &StorageSettings, recovered: &Recovered) -> Arc<Self> {
+    fn start(
+        engine: Box<dyn Engine>,
+        settings: &StorageSettings,
+        recovered: &Recovered,
+    ) -> Arc<Self> {
         let shared = Arc::new(Shared {
             pending: Mutex::new(Pending::default()),
             work: Condvar::new(),
@@ -453,7 +459,10 @@ impl Store for Embedded {
         }
         if shared.any_failed.load(Ordering::Acquire) {
             let failed = shared.failed.lock().expect("never poisoned");
-            if failed.iter().any(|&(from, to)| (from..=to).contains(&ticket)) {
+            if failed
+                .iter()
+                .any(|&(from, to)| (from..=to).contains(&ticket))
+            {
                 return Poll::Ready(Err(Refused::Failed));
             }
         }

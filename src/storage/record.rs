@@ -19,8 +19,8 @@
 
 use bytes::{Buf, BufMut, Bytes, BytesMut};
 
-use crate::codec::{self, Codec, Packet, PacketId, Properties, ProtocolVersion, Publish, QoS};
 use crate::codec::SubscriptionOptions;
+use crate::codec::{self, Codec, Packet, PacketId, Properties, ProtocolVersion, Publish, QoS};
 
 /// The version of the record format; a store of another version is refused at start-up.
 pub const FORMAT: u8 = 1;
@@ -525,7 +525,9 @@ pub fn decode(key: &[u8], value: &[u8]) -> Result<Record, RecordError> {
             v.version()?;
             let message = v.message()?;
             if message.topic.as_bytes() != rest {
-                return Err(RecordError::Malformed("retained topic differs from its key"));
+                return Err(RecordError::Malformed(
+                    "retained topic differs from its key",
+                ));
             }
             Ok(Record::Retained(message))
         }

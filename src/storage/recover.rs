@@ -13,7 +13,9 @@ use crate::core::session::{Outgoing, Session, StoreKey, Subscription};
 use crate::core::topic::{TopicFilter, TopicName};
 
 use super::engine::Write;
-use super::record::{self, Record, RecordError, SentAs, StoredDelivery, StoredMessage, StoredSession};
+use super::record::{
+    self, Record, RecordError, SentAs, StoredDelivery, StoredMessage, StoredSession,
+};
 
 /// A persistent session as the store kept it.
 #[derive(Debug)]
@@ -96,56 +98,60 @@ pub fn read(records: BTreeMap<Vec<u8>, Vec<u8>>) -> Result<Recovered, ReadError>
     let mut next_key = 0u64;
     let mut bad = None;
     let mut visit = |key: &[u8], value: &[u8]| {
-            let record = match record::decode(key, value) {
-                Ok(record) => record,
-                Err(error) => {
-                    bad = Some(ReadError::Record {
-                        key: show_key(key),
-                        error,
-                    });
-                    return false;
-                }
-            };
-            if Write::is_admitted(key) {
-                sizes.insert(key.to_vec(), value.len() as u64);
+        let record = match record::decode(key, value) {
+            Ok(record) => record,
+            Err(error) => {
+                bad = Some(ReadError::Record {
+                    key: show_key(key),
+                    error,
+                });
+                return false;
             }
-            match record {
-                Record::Meta(version) if version != record::FORMAT => {
-                    bad = Some(ReadError::Version(version));
-                    return false;
-                }
-                Record::Meta(_) => {}
-                Record::Session { client_id, session } => {
-                    clients.entry(client_id).or_default().session = Some(session);
-                }
-                Record::Queued {
-                    client_id,
-                    key,
-                    delivery,
-                } => {
-                    next_key = next_key.max(key + 1);
-                    clients
-                        .entry(client_id)
-                        .or_default()
-                        .queued
-                        .insert(key, delivery);
-                }
-                Record::Sent {
-                    client_id,
-                    key,
-                    sent,
-                } => {
-                    clients.entry(client_id).or_default().sent.insert(key, sent);
-                }
-                Record::Inbound {
-                    client_id,
-                    flow,
-                    id,
-                } => clients.entry(client_id).or_default().inbound.push((flow, id)),
-                Record::Retained(message) => retained.push(message),
-            }
-            true
         };
+        if Write::is_admitted(key) {
+            sizes.insert(key.to_vec(), value.len() as u64);
+        }
+        match record {
+            Record::Meta(version) if version != record::FORMAT => {
+                bad = Some(ReadError::Version(version));
+                return false;
+            }
+            Record::Meta(_) => {}
+            Record::Session { client_id, session } => {
+                clients.entry(client_id).or_default().session = Some(session);
+            }
+            Record::Queued {
+                client_id,
+                key,
+                delivery,
+            } => {
+                next_key = next_key.max(key + 1);
+                clients
+                    .entry(client_id)
+                    .or_default()
+                    .queued
+                    .insert(key, delivery);
+            }
+            Record::Sent {
+                client_id,
+                key,
+                sent,
+            } => {
+                clients.entry(client_id).or_default().sent.insert(key, sent);
+            }
+            Record::Inbound {
+                client_id,
+                flow,
+                id,
+            } => clients
+                .entry(client_id)
+                .or_default()
+                .inbound
+                .push((flow, id)),
+            Record::Retained(message) => retained.push(message),
+        }
+        true
+    };
     for (key, value) in &records {
         if !visit(key, value) {
             break;
@@ -173,10 +179,18 @@ pub fn read(records: BTreeMap<Vec<u8>, Vec<u8>>) -> Result<Recovered, ReadError>
         let client_id: Arc<str> = Arc::from(client_id);
         let Some(stored) = gathered.session.take() else {
             // Deliveries of a session whose record is gone (it ended mid-commit): dropped.
-            out.expired.extend(gathered.queued.keys().map(|k| (Arc::clone(&client_id), *k)));
+            out.expired
+                .extend(gathered.queued.keys().map(|k| (Arc::clone(&client_id), *k)));
             continue;
         };
-        out.sessions.push(session(&client_id, stored, gathered, now, wall, &mut out.expired));
+        out.sessions.push(session(
+            &client_id,
+            stored,
+            gathered,
+            now,
+            wall,
+            &mut out.expired,
+        ));
     }
     Ok(out)
 }
@@ -248,8 +262,9 @@ fn session(
             stored: Some(key),
         };
         let restored = match gathered.sent.get(&key) {
-            Some(sent) if sent.released => session
-                .restore_outgoing(sent.id, Outgoing::Release(Flow::CONTROL, Some(key))),
+            Some(sent) if sent.released => {
+                session.restore_outgoing(sent.id, Outgoing::Release(Flow::CONTROL, Some(key)))
+            }
             Some(sent) => session.restore_outgoing(sent.id, Outgoing::Publish(delivery.clone())),
             None => false,
         };

@@ -10,6 +10,7 @@ mod bad;
 mod client;
 mod conformance;
 mod conn;
+mod durable;
 mod emqx;
 mod lossy;
 mod pubsub;

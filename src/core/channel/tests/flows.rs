@@ -36,7 +36,10 @@ fn flow_acks_and_subacks_go_back_on_the_flow_that_carried_the_packet() {
     h.connect(connect(ProtocolVersion::V5, "flows"));
     let data = Flow(4);
     h.channel.open_flow(data);
-    h.flow_packet(data, Packet::Publish(publish("t", QoS::AtLeastOnce, Some(9))));
+    h.flow_packet(
+        data,
+        Packet::Publish(publish("t", QoS::AtLeastOnce, Some(9))),
+    );
     h.flow_packet(data, subscribe_packet(3, "s/#"));
     assert!(h.packets().is_empty(), "nothing on the control flow");
     let on_data = data_packets(&mut h, data);
