@@ -215,6 +215,12 @@ impl Embedded {
         self.shared.work.notify_one();
         if let Some(writer) = self.writer.lock().expect("never poisoned").take() {
             let _ = writer.join();
+            tracing::info!(
+                commits = self.commits(),
+                bytes_written = self.bytes_written(),
+                live_bytes = self.used_bytes(),
+                "store closed"
+            );
         }
     }
 

@@ -85,6 +85,10 @@ pub struct BenchArgs {
     /// connecting slows once about half of them are in use. Default: the system's choice.
     #[arg(long, value_delimiter = ',', value_name = "IP,...")]
     pub source_addrs: Vec<std::net::IpAddr>,
+    /// Persistent sessions for every client (3.1.1: clean session 0; 5: session expiry
+    /// 300 s), so the broker keeps, and with a durable store writes, each delivery.
+    #[arg(long)]
+    pub persistent: bool,
     /// Write the report as one JSON object on standard output.
     #[arg(long)]
     pub json: bool,
@@ -469,11 +473,14 @@ async fn connect_all(
     let mut set = JoinSet::new();
     let mut clients = Vec::with_capacity(n);
     for i in 0..n {
-        let options = args
+        let mut options = args
             .connect
             .options(&generated_id(&format!("{role}-{i}")))?
             .offline_buffer(args.inflight.max(1000))
             .event_capacity(4096);
+        if args.persistent {
+            options = options.persistent(300);
+        }
         set.spawn(async move { (i, Client::connect(options).await) });
         if set.len() >= args.connect_concurrency.max(1) {
             collect_connected(&mut set, &mut clients, role).await?;
