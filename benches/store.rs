@@ -17,21 +17,27 @@ use std::time::{Duration, Instant};
 use bytes::Bytes;
 use petrel::codec::{Properties, QoS, SubscriptionOptions};
 use petrel::storage::engine::{self, Engine, Write};
-use petrel::storage::record::{self, StoredDelivery, StoredMessage, StoredSession, StoredSubscription};
+use petrel::storage::record::{
+    self, StoredDelivery, StoredMessage, StoredSession, StoredSubscription,
+};
 
 fn write_bytes() -> u64 {
     std::fs::read_to_string("/proc/self/io")
         .ok()
         .and_then(|io| {
             io.lines()
-                .find_map(|l| l.strip_prefix("write_bytes: ").map(|v| v.trim().parse().ok()))
+                .find_map(|l| {
+                    l.strip_prefix("write_bytes: ")
+                        .map(|v| v.trim().parse().ok())
+                })
                 .flatten()
         })
         .unwrap_or(0)
 }
 
 fn fresh(name: &str) -> PathBuf {
-    let dir = std::env::temp_dir().join(format!("petrel-store-bench-{name}-{}", std::process::id()));
+    let dir =
+        std::env::temp_dir().join(format!("petrel-store-bench-{name}-{}", std::process::id()));
     let _ = std::fs::remove_dir_all(&dir);
     dir
 }
@@ -74,7 +80,11 @@ fn workload_a(batch: u64) {
     let secs = started.elapsed().as_secs_f64();
     let written = write_bytes() - before;
     let disk: u64 = std::fs::read_dir(&dir)
-        .map(|d| d.filter_map(|e| e.ok()?.metadata().ok()).map(|m| m.len()).sum())
+        .map(|d| {
+            d.filter_map(|e| e.ok()?.metadata().ok())
+                .map(|m| m.len())
+                .sum()
+        })
         .unwrap_or(0);
     println!(
         "A log B={batch:<4} records/s {:>9.0}  commits/s {:>7.0}  bytes/record {:>6.0}  disk {:.1} MB",
@@ -160,7 +170,10 @@ fn status_kib(pid: u32, field: &str) -> u64 {
         .ok()
         .and_then(|s| {
             s.lines()
-                .find_map(|l| l.strip_prefix(field).map(|v| v.trim().trim_end_matches(" kB").trim().parse().ok()))
+                .find_map(|l| {
+                    l.strip_prefix(field)
+                        .map(|v| v.trim().trim_end_matches(" kB").trim().parse().ok())
+                })
                 .flatten()
         })
         .unwrap_or(0)
@@ -193,7 +206,11 @@ fn start_up(data_dir: &Path, label: &str) {
     let _ = child.kill();
     let _ = child.wait();
     let disk: u64 = std::fs::read_dir(data_dir.join("store"))
-        .map(|d| d.filter_map(|e| e.ok()?.metadata().ok()).map(|m| m.len()).sum())
+        .map(|d| {
+            d.filter_map(|e| e.ok()?.metadata().ok())
+                .map(|m| m.len())
+                .sum()
+        })
         .unwrap_or(0);
     println!(
         "B {label}: listening after {:.0} ms, RSS {:.1} MiB (peak {:.1} MiB), store {:.1} MB",
@@ -206,7 +223,10 @@ fn start_up(data_dir: &Path, label: &str) {
 
 fn main() {
     // `cargo bench` passes `--bench`; a filter argument selects a part.
-    let only: Vec<String> = std::env::args().skip(1).filter(|a| !a.starts_with("--")).collect();
+    let only: Vec<String> = std::env::args()
+        .skip(1)
+        .filter(|a| !a.starts_with("--"))
+        .collect();
     let wants = |part: &str| only.is_empty() || only.iter().any(|o| o == part);
     if wants("a") {
         for batch in [1, 16, 128] {
@@ -222,7 +242,10 @@ fn main() {
         let dir = fresh("startup");
         let started = Instant::now();
         write_store(&dir, 10_000, 10, 100_000);
-        println!("B wrote 10,000 sessions x 10 queued + 100,000 retained in {:.1} s", started.elapsed().as_secs_f64());
+        println!(
+            "B wrote 10,000 sessions x 10 queued + 100,000 retained in {:.1} s",
+            started.elapsed().as_secs_f64()
+        );
         // The first start compacts the log into a base; the second reads the base.
         start_up(&dir, "first start (replays the log, compacts)");
         start_up(&dir, "second start (reads the base)");

@@ -14,6 +14,8 @@
 //!   Settings types live with their owners (`transport::tls`, `transport::quic`,
 //!   `broker::listener`, `auth`); `config` re-exports the ones a file names.
 //! - [`server`]: the wiring: validated configuration to each subsystem, listeners bound.
+//! - [`storage`]: the durable store behind the core's `Store` seam: an append-only log of
+//!   checksummed group commits, read back at start-up; `petrel store check/repair`.
 //! - `duration`: durations in settings (`"10s"`, `"never"`), shared by every settings type.
 //! - [`client`]: the async MQTT client library (every transport by URL, QUIC stream policy,
 //!   reconnect and session resume); its protocol state is sans-IO like `core`.
@@ -113,6 +115,22 @@ mod layering {
             assert!(
                 !text.contains("crate::core"),
                 "{} reaches into core",
+                path.display()
+            );
+        }
+    }
+
+    #[test]
+    fn storage_plugs_into_the_core_seam_only() {
+        for (path, text) in sources("storage") {
+            for word in ["crate::broker", "crate::config", "tokio"] {
+                assert!(!text.contains(word), "{} mentions `{word}`", path.display());
+            }
+        }
+        for (path, text) in sources("core") {
+            assert!(
+                !text.contains("crate::storage"),
+                "{} reaches into storage",
                 path.display()
             );
         }
