@@ -281,7 +281,18 @@ impl Link {
                     client_id,
                     clean_start,
                 } => return Some((client_id, clean_start)),
-                Action::Delay { message, at } => self.broker.delay(message, at),
+                Action::Delay { message, at, ack } => {
+                    let refused = match self.broker.delay(message, at) {
+                        Ok(ticket) => {
+                            self.ticket = self.ticket.max(ticket);
+                            None
+                        }
+                        Err(_) => Some(crate::codec::ReasonCode::QUOTA_EXCEEDED),
+                    };
+                    if let Some(ack) = ack {
+                        self.channel.acknowledge(ack, refused);
+                    }
+                }
                 Action::Route { message, ack } => {
                     let before = self.pressure.len();
                     // What routing stores and the record that a QoS 2 message was received

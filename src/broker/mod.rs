@@ -307,8 +307,13 @@ impl Broker {
         };
         self.delayed_admitted
             .fetch_sub(due.len(), Ordering::Relaxed);
-        for message in due {
+        for (message, stored) in due {
+            // Routed (its deliveries stored) before the store forgets it: a crash in between
+            // publishes it again rather than never.
             self.publish(message, now);
+            if let (Some(store), Some(key)) = (&self.hooks.store, stored) {
+                store.delayed_done(key);
+            }
         }
         match (next, next_delayed) {
             (Some(a), Some(b)) => Some(a.min(b)),
@@ -319,13 +324,33 @@ impl Broker {
     /// Holds a `$delayed/` message (admitted by `reserve_delayed`) until `at`. It is kept
     /// with a payload of its own: a slice of the read buffer it came in would keep that whole
     /// buffer alive for the delay.
-    pub fn delay(&self, message: Arc<AppMessage>, at: Instant) {
+    ///
+    /// A QoS 1/2 message is stored first (returns the store's ticket, 0 if not stored); when
+    /// the store refuses it, it is not held (nor counted against `max_delayed`).
+    pub fn delay(&self, message: Arc<AppMessage>, at: Instant) -> Result<Ticket, Refused> {
         let kept = Arc::new(message.detached());
+        let mut ticket = 0;
+        let mut stored = None;
+        if let (Some(store), false) = (&self.hooks.store, kept.qos == QoS::AtMostOnce) {
+            let key = store.next_key();
+            match store.delayed_held(key, &kept, at) {
+                Ok(t) => {
+                    ticket = t;
+                    stored = Some(key);
+                }
+                Err(refused) => {
+                    self.delayed_admitted.fetch_sub(1, Ordering::Relaxed);
+                    self.metrics.store_refused.fetch_add(1, Ordering::Relaxed);
+                    return Err(refused);
+                }
+            }
+        }
         self.delayed
             .lock()
             .expect("delayed lock is never poisoned")
-            .push(at, kept);
+            .push(at, kept, stored);
         self.timers_changed.notify_one();
+        Ok(ticket)
     }
 
     /// Delayed messages waiting.
@@ -748,8 +773,16 @@ impl Broker {
             retained,
             expired,
             expired_retained,
+            delayed,
             ..
         } = recovered;
+        {
+            let mut queue = self.delayed.lock().expect("delayed lock is never poisoned");
+            for (key, left, message) in delayed {
+                queue.push(now + left, Arc::new(message), Some(key));
+                self.delayed_admitted.fetch_add(1, Ordering::Relaxed);
+            }
+        }
         if let Some(store) = &self.hooks.store {
             for (client_id, key) in expired {
                 store.changed(&client_id, Change::Done { key });

@@ -311,6 +311,20 @@ impl crate::core::hooks::Store for Recorder {
         0
     }
 
+    fn delayed_held(
+        &self,
+        _key: crate::core::session::StoreKey,
+        message: &AppMessage,
+        _at: Instant,
+    ) -> Result<Ticket, crate::core::hooks::Refused> {
+        self.push(format!("delayed {}", message.topic));
+        Ok(0)
+    }
+
+    fn delayed_done(&self, _key: crate::core::session::StoreKey) -> Ticket {
+        0
+    }
+
     fn retained_set(&self, message: &AppMessage) -> Result<Ticket, crate::core::hooks::Refused> {
         self.push(format!("retained {}", message.topic));
         Ok(0)

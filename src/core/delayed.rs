@@ -9,6 +9,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use super::message::AppMessage;
+use super::session::StoreKey;
 
 /// The topic prefix of a delayed publish.
 pub const PREFIX: &str = "$delayed/";
@@ -50,6 +51,8 @@ struct Entry {
     /// Arrival order, so that messages due at the same instant go out in the order they came.
     seq: u64,
     message: Arc<AppMessage>,
+    /// Its key in the durable store, when it was stored.
+    stored: Option<StoreKey>,
 }
 
 impl PartialEq for Entry {
@@ -80,19 +83,26 @@ pub struct DelayedQueue {
 }
 
 impl DelayedQueue {
-    /// Holds `message` until `at`.
-    pub fn push(&mut self, at: Instant, message: Arc<AppMessage>) {
+    /// Holds `message` until `at` (`stored`: its key in the durable store).
+    pub fn push(&mut self, at: Instant, message: Arc<AppMessage>, stored: Option<StoreKey>) {
         let seq = self.next_seq;
         self.next_seq += 1;
-        self.heap.push(Reverse(Entry { at, seq, message }));
+        self.heap.push(Reverse(Entry {
+            at,
+            seq,
+            message,
+            stored,
+        }));
     }
 
     /// The next message due at `now`, if any.
-    pub fn pop_due(&mut self, now: Instant) -> Option<Arc<AppMessage>> {
+    pub fn pop_due(&mut self, now: Instant) -> Option<(Arc<AppMessage>, Option<StoreKey>)> {
         if self.heap.peek()?.0.at > now {
             return None;
         }
-        self.heap.pop().map(|Reverse(entry)| entry.message)
+        self.heap
+            .pop()
+            .map(|Reverse(entry)| (entry.message, entry.stored))
     }
 
     /// When the next message is due.
@@ -173,18 +183,16 @@ mod tests {
     fn messages_come_out_when_due_in_due_then_arrival_order() {
         let t0 = Instant::now();
         let mut queue = DelayedQueue::default();
-        queue.push(t0 + Duration::from_secs(5), message("b"));
-        queue.push(t0 + Duration::from_secs(1), message("a"));
-        queue.push(t0 + Duration::from_secs(5), message("c"));
+        queue.push(t0 + Duration::from_secs(5), message("b"), None);
+        queue.push(t0 + Duration::from_secs(1), message("a"), Some(7));
+        queue.push(t0 + Duration::from_secs(5), message("c"), None);
         assert_eq!(queue.poll_timeout(), Some(t0 + Duration::from_secs(1)));
         assert!(queue.pop_due(t0).is_none());
-        assert_eq!(
-            queue.pop_due(t0 + Duration::from_secs(1)).unwrap().topic,
-            "a"
-        );
+        let (first, stored) = queue.pop_due(t0 + Duration::from_secs(1)).unwrap();
+        assert_eq!((first.topic.as_str(), stored), ("a", Some(7)));
         assert!(queue.pop_due(t0 + Duration::from_secs(4)).is_none());
         let due: Vec<_> = std::iter::from_fn(|| queue.pop_due(t0 + Duration::from_secs(9)))
-            .map(|m| m.topic.to_string())
+            .map(|(m, _)| m.topic.to_string())
             .collect();
         assert_eq!(due, ["b", "c"]);
         assert_eq!(queue.count(), 0);

@@ -110,6 +110,15 @@ pub trait Store: Send + Sync {
     ) -> Result<Ticket, Refused>;
     /// The persistent session's state changed (see [`Change`]).
     fn changed(&self, client_id: &str, change: Change) -> Ticket;
+    /// A `$delayed/` message is held under `key` until `at`.
+    fn delayed_held(
+        &self,
+        key: StoreKey,
+        message: &AppMessage,
+        at: std::time::Instant,
+    ) -> Result<Ticket, Refused>;
+    /// The delayed message `key` was published.
+    fn delayed_done(&self, key: StoreKey) -> Ticket;
     /// A retained message was set (a copy with a payload of its own).
     fn retained_set(&self, message: &AppMessage) -> Result<Ticket, Refused>;
     /// A retained message was cleared (an empty retained PUBLISH).

@@ -61,12 +61,13 @@ pub fn check(dir: &Path) -> Report {
     }
     let _ = writeln!(
         report.text,
-        "sessions {}, queued deliveries {}, in flight {}, inbound QoS 2 {}, retained {}",
+        "sessions {}, queued deliveries {}, in flight {}, inbound QoS 2 {}, retained {}, delayed {}",
         counts.get(&'S').unwrap_or(&0),
         counts.get(&'Q').unwrap_or(&0),
         counts.get(&'P').unwrap_or(&0),
         counts.get(&'I').unwrap_or(&0),
         counts.get(&'R').unwrap_or(&0),
+        counts.get(&'D').unwrap_or(&0),
     );
     for (key, error) in &bad {
         let _ = writeln!(report.text, "unreadable record {key}: {error}");

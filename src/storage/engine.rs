@@ -51,10 +51,13 @@ pub enum Write {
 }
 
 impl Write {
-    /// Whether a record of this key counts against `max_bytes` (queued deliveries and
-    /// retained messages; sessions and small markers do not).
+    /// Whether a record of this key counts against `max_bytes` (queued deliveries, retained
+    /// and delayed messages; sessions and small markers do not).
     pub fn is_admitted(key: &[u8]) -> bool {
-        matches!(key.first(), Some(&record::QUEUED) | Some(&record::RETAINED))
+        matches!(
+            key.first(),
+            Some(&record::QUEUED) | Some(&record::RETAINED) | Some(&record::DELAYED)
+        )
     }
 
     /// Bytes this write admitted against `max_bytes`.

@@ -426,6 +426,24 @@ impl Store for Embedded {
         self.submit(write)
     }
 
+    fn delayed_held(
+        &self,
+        key: StoreKey,
+        message: &AppMessage,
+        at: Instant,
+    ) -> Result<Ticket, Refused> {
+        let value = record::delayed_value(instant_to_ms(at), &stored_message(message));
+        self.admit(value.len() as u64)?;
+        Ok(self.submit(Write::Put {
+            key: record::delayed_key(key),
+            value,
+        }))
+    }
+
+    fn delayed_done(&self, key: StoreKey) -> Ticket {
+        self.submit(Write::Delete(vec![record::delayed_key(key)]))
+    }
+
     fn retained_set(&self, message: &AppMessage) -> Result<Ticket, Refused> {
         let value = record::retained_value(&stored_message(message));
         self.admit(value.len() as u64)?;
@@ -455,11 +473,10 @@ impl Store for Embedded {
         if shared.decided.load(Ordering::Acquire) < ticket {
             let mut waiters = shared.waiters.lock().expect("never poisoned");
             // Looked at again under the lock the writer takes to wake: no wake-up is lost.
+            // (A connection polled again before the commit adds its waker again: every
+            // commit empties the list of what it decided, so that stays bounded.)
             if shared.decided.load(Ordering::Acquire) < ticket {
-                match waiters.iter_mut().find(|(_, w)| w.will_wake(cx.waker())) {
-                    Some(entry) => entry.0 = entry.0.min(ticket),
-                    None => waiters.push((ticket, cx.waker().clone())),
-                }
+                waiters.push((ticket, cx.waker().clone()));
                 return Poll::Pending;
             }
         }

@@ -11,6 +11,7 @@
 //! | `P` len client key(u64) | the packet id it was sent with, and whether PUBREC came |
 //! | `I` len client flow(u64) id(u16) | an inbound QoS 2 message awaiting PUBREL |
 //! | `R` topic | a retained message |
+//! | `D` key(u64) | a `$delayed/` message: when it is due (wall clock), and the message |
 //!
 //! Every value starts with the record format's version byte. A message is kept as an MQTT 5
 //! PUBLISH (our codec writes and reads it, properties and all) behind a small header with what
@@ -34,6 +35,7 @@ pub const QUEUED: u8 = b'Q';
 pub const PACKET_ID: u8 = b'P';
 pub const INBOUND: u8 = b'I';
 pub const RETAINED: u8 = b'R';
+pub const DELAYED: u8 = b'D';
 
 /// Why a record could not be read.
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
@@ -128,6 +130,12 @@ pub enum Record {
         id: PacketId,
     },
     Retained(StoredMessage),
+    Delayed {
+        key: u64,
+        /// When it is due, in milliseconds since the Unix epoch.
+        due_ms: u64,
+        message: StoredMessage,
+    },
 }
 
 // ---- keys ----
@@ -277,6 +285,21 @@ pub fn sent_value(sent: SentAs) -> Vec<u8> {
 pub fn retained_value(m: &StoredMessage) -> Vec<u8> {
     let mut out = BytesMut::with_capacity(32 + m.topic.len() + m.payload.len());
     out.put_u8(FORMAT);
+    put_message(&mut out, m);
+    out.to_vec()
+}
+
+pub fn delayed_key(key: u64) -> Vec<u8> {
+    let mut k = Vec::with_capacity(9);
+    k.push(DELAYED);
+    k.extend_from_slice(&key.to_be_bytes());
+    k
+}
+
+pub fn delayed_value(due_ms: u64, m: &StoredMessage) -> Vec<u8> {
+    let mut out = BytesMut::with_capacity(40 + m.topic.len() + m.payload.len());
+    out.put_u8(FORMAT);
+    out.put_u64(due_ms);
     put_message(&mut out, m);
     out.to_vec()
 }
@@ -530,6 +553,16 @@ pub fn decode(key: &[u8], value: &[u8]) -> Result<Record, RecordError> {
                 ));
             }
             Ok(Record::Retained(message))
+        }
+        DELAYED => {
+            let key = u64_key(rest)?;
+            v.version()?;
+            let due_ms = v.u64()?;
+            Ok(Record::Delayed {
+                key,
+                due_ms,
+                message: v.message()?,
+            })
         }
         other => Err(RecordError::UnknownKind(other)),
     }

@@ -40,6 +40,9 @@ pub struct Recovered {
     pub expired: Vec<(Arc<str>, StoreKey)>,
     /// Retained messages that expired meanwhile: to clear.
     pub expired_retained: Vec<String>,
+    /// `$delayed/` messages with their keys and the time left until they are due (zero:
+    /// due while the broker was down, published at once).
+    pub delayed: Vec<(StoreKey, Duration, AppMessage)>,
     /// The next free delivery key.
     pub next_key: u64,
     /// Sizes of live queued deliveries and retained messages (for `max_bytes`).
@@ -94,6 +97,7 @@ struct Gathered {
 pub fn read(records: BTreeMap<Vec<u8>, Vec<u8>>) -> Result<Recovered, ReadError> {
     let mut clients: BTreeMap<String, Gathered> = BTreeMap::new();
     let mut retained = Vec::new();
+    let mut delayed: Vec<(u64, u64, StoredMessage)> = Vec::new();
     let mut sizes = BTreeMap::new();
     let mut next_key = 0u64;
     let mut bad = None;
@@ -149,6 +153,14 @@ pub fn read(records: BTreeMap<Vec<u8>, Vec<u8>>) -> Result<Recovered, ReadError>
                 .inbound
                 .push((flow, id)),
             Record::Retained(message) => retained.push(message),
+            Record::Delayed {
+                key,
+                due_ms,
+                message,
+            } => {
+                next_key = next_key.max(key + 1);
+                delayed.push((key, due_ms, message));
+            }
         }
         true
     };
@@ -168,6 +180,12 @@ pub fn read(records: BTreeMap<Vec<u8>, Vec<u8>>) -> Result<Recovered, ReadError>
         sizes,
         ..Recovered::default()
     };
+    for (key, due_ms, message) in delayed {
+        if let Some(message) = app_message(message, now, wall) {
+            let left = Duration::from_millis(due_ms.saturating_sub(wall));
+            out.delayed.push((key, left, message));
+        }
+    }
     for message in retained {
         match app_message(message, now, wall) {
             Some(m) if !m.is_expired(now) => out.retained.push(m),

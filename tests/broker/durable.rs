@@ -244,6 +244,64 @@ async fn durable_expiry_counts_across_the_downtime() {
     fresh.expect_silence().await;
 }
 
+#[tokio::test]
+async fn durable_delayed_publishes_survive_a_crash() {
+    let dir = TempDir(temp_data_dir("durable-delayed"));
+    let mut broker = Process::start(&dir.0, &[]);
+    let (mut sub, _) =
+        RawClient::connect_ok(broker.addr, persistent(ProtocolVersion::V5, "l-sub")).await;
+    sub.subscribe(1, "later/#", QoS::AtLeastOnce).await;
+    sub.disconnect().await;
+    let (mut publisher, _) = RawClient::connect_v5(broker.addr, "l-pub").await;
+    // One due while the broker is down, one after it is back.
+    publisher
+        .publish_acked(publish_struct(
+            "$delayed/1/later/a",
+            QoS::AtLeastOnce,
+            Some(1),
+            b"a",
+        ))
+        .await;
+    publisher
+        .publish_acked(publish_struct(
+            "$delayed/4/later/b",
+            QoS::AtLeastOnce,
+            Some(2),
+            b"b",
+        ))
+        .await;
+    broker.kill();
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    broker.crash_and_restart();
+    let (mut sub, _) =
+        RawClient::connect_ok(broker.addr, persistent(ProtocolVersion::V5, "l-sub")).await;
+    let first = sub.expect_publish().await;
+    assert_eq!(
+        first.topic, "later/a",
+        "the one due during the downtime, at once"
+    );
+    sub.send(&Packet::PubAck(Ack::new(
+        first.packet_id.unwrap(),
+        ReasonCode::SUCCESS,
+    )))
+    .await;
+    // The other when it is due (bounded wait: it was 4 s from the publish).
+    let mut second = None;
+    for _ in 0..4 {
+        match sub.read(Duration::from_secs(2)).await {
+            Read::Packet(packet) => {
+                if let Packet::Publish(p) = *packet {
+                    second = Some(p);
+                    break;
+                }
+            }
+            Read::Closed => panic!("closed"),
+            Read::TimedOut => {}
+        }
+    }
+    assert_eq!(second.expect("the later one is published").topic, "later/b");
+}
+
 /// The newest segment of a stopped broker's store.
 fn newest_segment(dir: &Path) -> PathBuf {
     let mut segments: Vec<PathBuf> = std::fs::read_dir(dir.join("store"))

@@ -165,10 +165,12 @@ pub enum Action {
         message: Arc<AppMessage>,
         ack: Option<PendingAck>,
     },
-    /// Publish `message` at `at` (a `$delayed/` publish, already admitted).
+    /// Publish `message` at `at` (a `$delayed/` publish, already admitted); then answer
+    /// `ack` with [`Channel::acknowledge`], as for `Route`.
     Delay {
         message: Arc<AppMessage>,
         at: Instant,
+        ack: Option<PendingAck>,
     },
     Subscribe {
         subscription: Subscription,

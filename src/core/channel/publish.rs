@@ -135,19 +135,14 @@ impl Channel {
         let message =
             AppMessage::from_publish(topic, publish, Some(Arc::clone(&self.client_id)), now);
         let message = Arc::new(message);
-        match delay {
-            // A delayed message is held in memory: acknowledged at once.
-            Delay::After(after) => {
-                if let Some(ack) = ack {
-                    self.acknowledge(ack, None);
-                }
-                self.actions.push_back(Action::Delay {
-                    message,
-                    at: now + after,
-                });
-            }
-            _ => self.actions.push_back(Action::Route { message, ack }),
-        }
+        self.actions.push_back(match delay {
+            Delay::After(after) => Action::Delay {
+                message,
+                at: now + after,
+                ack,
+            },
+            _ => Action::Route { message, ack },
+        });
     }
 
     /// The shell routed the message a PUBLISH carried: acknowledge it, or say why it could
