@@ -35,6 +35,17 @@ fn write_bytes() -> u64 {
         .unwrap_or(0)
 }
 
+/// Bytes in the files of `dir`.
+fn dir_bytes(dir: &Path) -> u64 {
+    std::fs::read_dir(dir)
+        .map(|d| {
+            d.filter_map(|e| e.ok()?.metadata().ok())
+                .map(|m| m.len())
+                .sum()
+        })
+        .unwrap_or(0)
+}
+
 fn fresh(name: &str) -> PathBuf {
     let dir =
         std::env::temp_dir().join(format!("petrel-store-bench-{name}-{}", std::process::id()));
@@ -79,13 +90,7 @@ fn workload_a(batch: u64) {
     }
     let secs = started.elapsed().as_secs_f64();
     let written = write_bytes() - before;
-    let disk: u64 = std::fs::read_dir(&dir)
-        .map(|d| {
-            d.filter_map(|e| e.ok()?.metadata().ok())
-                .map(|m| m.len())
-                .sum()
-        })
-        .unwrap_or(0);
+    let disk = dir_bytes(&dir);
     println!(
         "A log B={batch:<4} records/s {:>9.0}  commits/s {:>7.0}  bytes/record {:>6.0}  disk {:.1} MB",
         RECORDS as f64 / secs,
@@ -205,13 +210,7 @@ fn start_up(data_dir: &Path, label: &str) {
     let hwm = status_kib(child.id(), "VmHWM:");
     let _ = child.kill();
     let _ = child.wait();
-    let disk: u64 = std::fs::read_dir(data_dir.join("store"))
-        .map(|d| {
-            d.filter_map(|e| e.ok()?.metadata().ok())
-                .map(|m| m.len())
-                .sum()
-        })
-        .unwrap_or(0);
+    let disk = dir_bytes(&data_dir.join("store"));
     println!(
         "B {label}: listening after {:.0} ms, RSS {:.1} MiB (peak {:.1} MiB), store {:.1} MB",
         took.as_secs_f64() * 1000.0,

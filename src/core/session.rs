@@ -217,16 +217,20 @@ impl Session {
                 break id;
             }
         };
+        self.push_outgoing(id, Outgoing::Publish(delivery));
+        Some(id)
+    }
+
+    /// Appends an outgoing message in send order under `id` (not in use).
+    fn push_outgoing(&mut self, id: PacketId, state: Outgoing) {
         let seq = self.next_seq;
         self.next_seq += 1;
         if self.outgoing.is_empty() {
             self.first_seq = seq;
         }
         self.ids_in_use.insert(id, seq);
-        self.outgoing
-            .push_back(Some((id, Outgoing::Publish(delivery))));
+        self.outgoing.push_back(Some((id, state)));
         self.inflight += 1;
-        Some(id)
     }
 
     /// PUBACK (QoS 1) or PUBCOMP (QoS 2, after PUBREL): forgets the id when it is in the
@@ -287,14 +291,7 @@ impl Session {
         if id.0 == 0 || self.ids_in_use.contains_key(&id) {
             return false;
         }
-        let seq = self.next_seq;
-        self.next_seq += 1;
-        if self.outgoing.is_empty() {
-            self.first_seq = seq;
-        }
-        self.ids_in_use.insert(id, seq);
-        self.outgoing.push_back(Some((id, state)));
-        self.inflight += 1;
+        self.push_outgoing(id, state);
         self.next_packet_id = id.next();
         true
     }

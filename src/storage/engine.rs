@@ -420,7 +420,9 @@ fn compact(dir: &Path, sources: &[LogFile], number: u64) -> Result<u64, LogError
             Op::Delete { key } => {
                 index.remove(key);
             }
-            Op::DeletePrefix { prefix } => remove_prefix(&mut index, prefix),
+            Op::DeletePrefix { prefix } => {
+                remove_prefix(&mut index, prefix);
+            }
         })?;
     }
     let files: Vec<File> = sources
@@ -471,15 +473,14 @@ fn compact(dir: &Path, sources: &[LogFile], number: u64) -> Result<u64, LogError
     Ok(live)
 }
 
-fn remove_prefix<V>(map: &mut BTreeMap<Vec<u8>, V>, prefix: &[u8]) {
+/// Removes every key under `prefix`; returns the values removed.
+pub(crate) fn remove_prefix<V>(map: &mut BTreeMap<Vec<u8>, V>, prefix: &[u8]) -> Vec<V> {
     let keys: Vec<Vec<u8>> = map
         .range(prefix.to_vec()..)
         .take_while(|(k, _)| k.starts_with(prefix))
         .map(|(k, _)| k.clone())
         .collect();
-    for key in keys {
-        map.remove(&key);
-    }
+    keys.iter().filter_map(|key| map.remove(key)).collect()
 }
 
 /// What opening found, for the start-up log and `petrel store check`.
@@ -515,7 +516,9 @@ fn read_sources(dir: &Path, cut_torn: bool) -> Result<(Records, Opened, Vec<LogF
             Op::Delete { key } => {
                 records.remove(key);
             }
-            Op::DeletePrefix { prefix } => remove_prefix(&mut records, prefix),
+            Op::DeletePrefix { prefix } => {
+                remove_prefix(&mut records, prefix);
+            }
         })?;
         opened.files += 1;
         opened.frames += replayed.frames;

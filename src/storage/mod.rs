@@ -599,14 +599,9 @@ fn account(sizes: &mut BTreeMap<Vec<u8>, u64>, batch: &[Write]) -> u64 {
             }
             Write::EndSession { prefixes, .. } => {
                 for prefix in prefixes {
-                    let keys: Vec<Vec<u8>> = sizes
-                        .range(prefix.clone()..)
-                        .take_while(|(k, _)| k.starts_with(prefix))
-                        .map(|(k, _)| k.clone())
-                        .collect();
-                    for key in keys {
-                        freed += sizes.remove(&key).unwrap_or(0);
-                    }
+                    freed += engine::remove_prefix(sizes, prefix)
+                        .into_iter()
+                        .sum::<u64>();
                 }
             }
         }
