@@ -80,6 +80,20 @@ impl Process {
         self.wait_listening();
     }
 
+    /// SIGTERM (a graceful stop), then the same directory and port again.
+    fn stop_and_restart(&mut self) {
+        let status = Command::new("kill")
+            .arg("-TERM")
+            .arg(self.child.id().to_string())
+            .status()
+            .unwrap();
+        assert!(status.success());
+        let exited = self.child.wait().unwrap();
+        assert!(exited.success(), "a graceful stop exits 0: {exited}");
+        self.child = Self::spawn(&self.dir, self.addr, &self.log, &[]);
+        self.wait_listening();
+    }
+
     fn kill(&mut self) {
         let _ = self.child.kill();
         let _ = self.child.wait();
@@ -214,6 +228,57 @@ async fn durable_sigkill_keeps_sessions_queues_retained_and_inbound_qos2() {
     assert_eq!(
         (&retained.payload[..], retained.retain),
         (&b"kept"[..], true)
+    );
+}
+
+#[tokio::test]
+async fn durable_a_graceful_restart_delivers_everything_once() {
+    let dir = TempDir(temp_data_dir("durable-graceful"));
+    let mut broker = Process::start(&dir.0, &[]);
+    let (mut sub, _) =
+        RawClient::connect_ok(broker.addr, persistent(ProtocolVersion::V311, "g-sub")).await;
+    sub.subscribe(1, "g/#", QoS::AtLeastOnce).await;
+    // Two of five received and left unacknowledged, three still queued, then a clean stop.
+    let (mut publisher, _) = RawClient::connect_v311(broker.addr, "g-pub").await;
+    for i in 1..=5u16 {
+        publisher
+            .publish_acked(publish_struct("g/t", QoS::AtLeastOnce, Some(i), &[i as u8]))
+            .await;
+    }
+    let first = sub.expect_publish().await;
+    let second = sub.expect_publish().await;
+    assert_eq!((first.payload[0], second.payload[0]), (1, 2));
+    drop(sub);
+    broker.stop_and_restart();
+    assert!(broker.log_text().contains("store closed"));
+    let (mut sub, connack) =
+        RawClient::connect_ok(broker.addr, persistent(ProtocolVersion::V311, "g-sub")).await;
+    assert!(connack.session_present);
+    let mut got = Vec::new();
+    loop {
+        match sub.read(QUIET).await {
+            Read::Packet(packet) => {
+                let Packet::Publish(p) = *packet else {
+                    panic!("{packet:?}")
+                };
+                got.push((p.payload[0], p.dup, p.packet_id));
+                sub.send(&Packet::PubAck(Ack::new(
+                    p.packet_id.unwrap(),
+                    ReasonCode::SUCCESS,
+                )))
+                .await;
+            }
+            Read::TimedOut => break,
+            Read::Closed => panic!("closed"),
+        }
+    }
+    let payloads: Vec<u8> = got.iter().map(|(p, ..)| *p).collect();
+    assert_eq!(payloads, [1, 2, 3, 4, 5], "each once, in order: {got:?}");
+    // The two in flight went again with DUP and the packet ids they had.
+    assert_eq!(
+        (got[0].1, got[0].2, got[1].1, got[1].2),
+        (true, first.packet_id, true, second.packet_id),
+        "{got:?}"
     );
 }
 
