@@ -63,7 +63,7 @@ fn key(i: u64) -> Vec<u8> {
 fn workload_a(batch: u64) {
     const RECORDS: u64 = 200_000;
     let dir = fresh(&format!("a{batch}"));
-    let value = vec![0xa5u8; 250];
+    let value = Bytes::from(vec![0xa5u8; 250]);
     let before = write_bytes();
     let started = Instant::now();
     let mut commits = 0u64;
@@ -140,7 +140,7 @@ fn write_store(data_dir: &Path, sessions: u64, queued: u64, retained: u64) {
         for _ in 0..queued {
             writes.push(Write::Put {
                 key: record::queued_key(&client, key_no),
-                value: record::delivery_value(&StoredDelivery {
+                value: record::stored_delivery_value(&StoredDelivery {
                     qos: QoS::AtLeastOnce,
                     retain: false,
                     subscription_ids: Vec::new(),
@@ -160,7 +160,7 @@ fn write_store(data_dir: &Path, sessions: u64, queued: u64, retained: u64) {
         m.retain = true;
         writes.push(Write::Put {
             key: record::retained_key(&m.topic),
-            value: record::retained_value(&m),
+            value: record::retained_value(m.as_ref()),
         });
         if writes.len() >= 1000 {
             log.apply(&writes).expect("commit");

@@ -159,11 +159,14 @@ pub fn repair(dir: &Path) -> Result<String, String> {
             .unwrap_or_default();
         records.remove(&raw);
     }
-    records.insert(record::META.to_vec(), record::meta_value());
+    records.insert(record::META.to_vec(), record::meta_value().to_vec());
     let mut log = engine::open(dir).map_err(|e| e.to_string())?;
     let writes: Vec<engine::Write> = records
         .into_iter()
-        .map(|(key, value)| engine::Write::Put { key, value })
+        .map(|(key, value)| engine::Write::Put {
+            key,
+            value: value.into(),
+        })
         .collect();
     let kept = writes.len();
     for chunk in writes.chunks(4096) {

@@ -40,7 +40,7 @@ use super::record;
 pub enum Write {
     Put {
         key: Vec<u8>,
-        value: Vec<u8>,
+        value: bytes::Bytes,
     },
     Delete(Vec<Vec<u8>>),
     /// A session ended: its record and everything under its prefixes go.
@@ -473,14 +473,16 @@ fn compact(dir: &Path, sources: &[LogFile], number: u64) -> Result<u64, LogError
     Ok(live)
 }
 
-/// Removes every key under `prefix`; returns the values removed.
-pub(crate) fn remove_prefix<V>(map: &mut BTreeMap<Vec<u8>, V>, prefix: &[u8]) -> Vec<V> {
+/// Removes every key under `prefix`.
+fn remove_prefix<V>(map: &mut BTreeMap<Vec<u8>, V>, prefix: &[u8]) {
     let keys: Vec<Vec<u8>> = map
         .range(prefix.to_vec()..)
         .take_while(|(k, _)| k.starts_with(prefix))
         .map(|(k, _)| k.clone())
         .collect();
-    keys.iter().filter_map(|key| map.remove(key)).collect()
+    for key in keys {
+        map.remove(&key);
+    }
 }
 
 /// What opening found, for the start-up log and `petrel store check`.
@@ -613,7 +615,7 @@ pub fn open(dir: &Path) -> Result<Log, LogError> {
         }])
         .map_err(io_err(dir))?;
         log.records
-            .insert(record::META.to_vec(), record::meta_value());
+            .insert(record::META.to_vec(), record::meta_value().to_vec());
     }
     Ok(log)
 }
@@ -769,7 +771,7 @@ mod tests {
     fn put(key: &str, value: &str) -> Write {
         Write::Put {
             key: key.as_bytes().to_vec(),
-            value: value.as_bytes().to_vec(),
+            value: bytes::Bytes::copy_from_slice(value.as_bytes()),
         }
     }
 

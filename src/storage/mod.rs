@@ -23,7 +23,6 @@ pub mod engine;
 pub mod record;
 pub mod recover;
 
-use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Condvar, Mutex};
@@ -37,9 +36,7 @@ use crate::core::hooks::{Refused, Store, Ticket};
 use crate::core::message::{AppMessage, Delivery};
 use crate::core::session::{Change, Session, StoreKey};
 use engine::{Engine, Write};
-use record::{
-    SentAs, StoredDelivery, StoredMessage, StoredSession, StoredSubscription, StoredWill,
-};
+use record::{MessageRef, SentAs, StoredMessage, StoredSession, StoredSubscription, StoredWill};
 
 pub use recover::Recovered;
 
@@ -192,7 +189,11 @@ impl Embedded {
             commits: AtomicU64::new(0),
             bytes_written: AtomicU64::new(0),
         });
-        let sizes = recovered.sizes.clone();
+        let sizes: Sizes = recovered
+            .sizes
+            .iter()
+            .map(|(k, v)| (k.clone(), *v))
+            .collect();
         let writer = {
             let shared = Arc::clone(&shared);
             std::thread::Builder::new()
@@ -319,15 +320,29 @@ fn instant_to_ms(at: Instant) -> u64 {
     }
 }
 
-fn stored_message(m: &AppMessage) -> StoredMessage {
-    StoredMessage {
-        topic: m.topic.as_str().to_owned(),
-        payload: m.payload.clone(),
+fn message_ref(m: &AppMessage) -> MessageRef<'_> {
+    MessageRef {
+        topic: m.topic.as_str(),
+        payload: &m.payload,
         qos: m.qos,
         retain: m.retain,
-        properties: m.properties.clone(),
-        publisher: m.publisher.as_deref().map(str::to_owned),
+        properties: &m.properties,
+        publisher: m.publisher.as_deref(),
         expires_at_ms: m.expires_at.map(instant_to_ms),
+    }
+}
+
+/// An owned copy, for a will kept in a session record.
+fn stored_message(m: &AppMessage) -> StoredMessage {
+    let r = message_ref(m);
+    StoredMessage {
+        topic: r.topic.to_owned(),
+        payload: m.payload.clone(),
+        qos: r.qos,
+        retain: r.retain,
+        properties: m.properties.clone(),
+        publisher: r.publisher.map(str::to_owned),
+        expires_at_ms: r.expires_at_ms,
     }
 }
 
@@ -384,13 +399,13 @@ impl Store for Embedded {
         key: StoreKey,
         delivery: &Delivery,
     ) -> Result<Ticket, Refused> {
-        let value = record::delivery_value(&StoredDelivery {
-            qos: delivery.qos,
-            retain: delivery.retain,
-            subscription_ids: delivery.subscription_ids.clone(),
-            shared: delivery.shared.as_ref().map(|f| f.as_str().to_owned()),
-            message: stored_message(&delivery.message),
-        });
+        let value = record::delivery_value(
+            delivery.qos,
+            delivery.retain,
+            &delivery.subscription_ids,
+            delivery.shared.as_ref().map(|f| f.as_str()),
+            message_ref(&delivery.message),
+        );
         self.admit(value.len() as u64)?;
         Ok(self.submit(Write::Put {
             key: record::queued_key(client_id, key),
@@ -432,7 +447,7 @@ impl Store for Embedded {
         message: &AppMessage,
         at: Instant,
     ) -> Result<Ticket, Refused> {
-        let value = record::delayed_value(instant_to_ms(at), &stored_message(message));
+        let value = record::delayed_value(instant_to_ms(at), message_ref(message));
         self.admit(value.len() as u64)?;
         Ok(self.submit(Write::Put {
             key: record::delayed_key(key),
@@ -445,7 +460,7 @@ impl Store for Embedded {
     }
 
     fn retained_set(&self, message: &AppMessage) -> Result<Ticket, Refused> {
-        let value = record::retained_value(&stored_message(message));
+        let value = record::retained_value(message_ref(message));
         self.admit(value.len() as u64)?;
         Ok(self.submit(Write::Put {
             key: record::retained_key(&message.topic),
@@ -494,7 +509,10 @@ impl Store for Embedded {
 }
 
 /// The writer thread: commits what is pending, one batch at a time, until shutdown.
-fn write_loop(shared: &Shared, mut engine: Box<dyn Engine>, mut sizes: BTreeMap<Vec<u8>, u64>) {
+/// Sizes of live records that count against `max_bytes`, by key.
+type Sizes = rustc_hash::FxHashMap<Vec<u8>, u64>;
+
+fn write_loop(shared: &Shared, mut engine: Box<dyn Engine>, mut sizes: Sizes) {
     let window = match shared.settings.durability {
         Durability::Group => shared.settings.group_window,
         _ => Duration::ZERO,
@@ -583,9 +601,11 @@ fn write_loop(shared: &Shared, mut engine: Box<dyn Engine>, mut sizes: BTreeMap<
 }
 
 /// Keeps the sizes of live queued deliveries and retained messages current after a commit;
-/// returns the bytes that records replaced or deleted freed.
-fn account(sizes: &mut BTreeMap<Vec<u8>, u64>, batch: &[Write]) -> u64 {
+/// returns the bytes that records replaced or deleted freed. (A hash map: this is on every
+/// message's path; the rare ended session is found by one pass over it per batch.)
+fn account(sizes: &mut Sizes, batch: &[Write]) -> u64 {
     let mut freed = 0;
+    let mut ended: Vec<&[u8]> = Vec::new();
     for write in batch {
         match write {
             Write::Put { key, value } if Write::is_admitted(key) => {
@@ -598,13 +618,18 @@ fn account(sizes: &mut BTreeMap<Vec<u8>, u64>, batch: &[Write]) -> u64 {
                 }
             }
             Write::EndSession { prefixes, .. } => {
-                for prefix in prefixes {
-                    freed += engine::remove_prefix(sizes, prefix)
-                        .into_iter()
-                        .sum::<u64>();
-                }
+                ended.extend(prefixes.iter().map(Vec::as_slice));
             }
         }
+    }
+    if !ended.is_empty() {
+        sizes.retain(|key, size| {
+            let gone = ended.iter().any(|prefix| key.starts_with(prefix));
+            if gone {
+                freed += *size;
+            }
+            !gone
+        });
     }
     freed
 }

@@ -21,7 +21,9 @@
 use bytes::{Buf, BufMut, Bytes, BytesMut};
 
 use crate::codec::SubscriptionOptions;
-use crate::codec::{self, Codec, Packet, PacketId, Properties, ProtocolVersion, Publish, QoS};
+use crate::codec::{
+    self, Codec, Packet, PacketId, Properties, ProtocolVersion, Publish, PublishRef, QoS,
+};
 
 /// The version of the record format; a store of another version is refused at start-up.
 pub const FORMAT: u8 = 1;
@@ -61,6 +63,32 @@ pub struct StoredMessage {
     pub publisher: Option<String>,
     /// When it expires, in milliseconds since the Unix epoch.
     pub expires_at_ms: Option<u64>,
+}
+
+/// A message as it is written: borrowed from the broker's own, nothing copied first.
+#[derive(Debug, Clone, Copy)]
+pub struct MessageRef<'a> {
+    pub topic: &'a str,
+    pub payload: &'a [u8],
+    pub qos: QoS,
+    pub retain: bool,
+    pub properties: &'a Properties,
+    pub publisher: Option<&'a str>,
+    pub expires_at_ms: Option<u64>,
+}
+
+impl StoredMessage {
+    pub fn as_ref(&self) -> MessageRef<'_> {
+        MessageRef {
+            topic: &self.topic,
+            payload: &self.payload,
+            qos: self.qos,
+            retain: self.retain,
+            properties: &self.properties,
+            publisher: self.publisher.as_deref(),
+            expires_at_ms: self.expires_at_ms,
+        }
+    }
 }
 
 /// A will waiting for its delay, kept with its offline session.
@@ -208,8 +236,8 @@ fn put_opt_u32(out: &mut BytesMut, v: Option<u32>) {
     }
 }
 
-fn put_message(out: &mut BytesMut, m: &StoredMessage) {
-    match &m.publisher {
+fn put_message(out: &mut BytesMut, m: MessageRef<'_>) {
+    match m.publisher {
         Some(p) => {
             out.put_u8(1);
             put_str(out, p);
@@ -217,14 +245,28 @@ fn put_message(out: &mut BytesMut, m: &StoredMessage) {
         None => out.put_u8(0),
     }
     out.put_u64(m.expires_at_ms.unwrap_or(0));
+    let packet_id = (m.qos != QoS::AtMostOnce).then_some(PacketId(1));
+    if m.properties.is_empty() {
+        // The common case: written straight from the parts.
+        PublishRef {
+            dup: false,
+            qos: m.qos,
+            retain: m.retain,
+            topic: m.topic,
+            packet_id,
+            payload: m.payload,
+        }
+        .encode(ProtocolVersion::V5, out);
+        return;
+    }
     let publish = Packet::Publish(Publish {
         dup: false,
         qos: m.qos,
         retain: m.retain,
-        topic: m.topic.clone(),
-        packet_id: (m.qos != QoS::AtMostOnce).then_some(PacketId(1)),
+        topic: m.topic.to_owned(),
+        packet_id,
         properties: m.properties.clone(),
-        payload: m.payload.clone(),
+        payload: Bytes::copy_from_slice(m.payload),
     });
     codec::encode(&publish, ProtocolVersion::V5, out);
 }
@@ -236,7 +278,7 @@ fn options_byte(o: SubscriptionOptions) -> u8 {
         | ((o.retain_handling & 3) << 4)
 }
 
-pub fn session_value(s: &StoredSession) -> Vec<u8> {
+pub fn session_value(s: &StoredSession) -> Bytes {
     let mut out = BytesMut::with_capacity(32 + s.subscriptions.len() * 32);
     out.put_u8(FORMAT);
     out.put_u32(s.expiry_interval);
@@ -252,41 +294,69 @@ pub fn session_value(s: &StoredSession) -> Vec<u8> {
             out.put_u8(1);
             out.put_u32(will.delay);
             put_opt_u32(&mut out, will.expiry_interval);
-            put_message(&mut out, &will.message);
+            put_message(&mut out, will.message.as_ref());
         }
         None => out.put_u8(0),
     }
-    out.to_vec()
+    out.freeze()
 }
 
-pub fn delivery_value(d: &StoredDelivery) -> Vec<u8> {
-    let mut out = BytesMut::with_capacity(64 + d.message.topic.len() + d.message.payload.len());
+/// A queued delivery: its QoS, RETAIN flag, subscription identifiers and shared filter, and
+/// the message.
+pub fn delivery_value(
+    qos: QoS,
+    retain: bool,
+    subscription_ids: &[u32],
+    shared: Option<&str>,
+    message: MessageRef<'_>,
+) -> Bytes {
+    let shared = shared.unwrap_or("");
+    let mut out = BytesMut::with_capacity(
+        48 + 4 * subscription_ids.len()
+            + shared.len()
+            + message.topic.len()
+            + message.payload.len()
+            + message.publisher.map_or(0, str::len),
+    );
     out.put_u8(FORMAT);
-    out.put_u8(d.qos as u8);
-    out.put_u8(u8::from(d.retain));
-    out.put_u32(u32::try_from(d.subscription_ids.len()).unwrap_or(u32::MAX));
-    for id in &d.subscription_ids {
+    out.put_u8(qos as u8);
+    out.put_u8(u8::from(retain));
+    out.put_u32(u32::try_from(subscription_ids.len()).unwrap_or(u32::MAX));
+    for id in subscription_ids {
         out.put_u32(*id);
     }
-    put_str(&mut out, d.shared.as_deref().unwrap_or(""));
-    put_message(&mut out, &d.message);
-    out.to_vec()
+    put_str(&mut out, shared);
+    put_message(&mut out, message);
+    out.freeze()
 }
 
-pub fn sent_value(sent: SentAs) -> Vec<u8> {
-    vec![
+/// [`delivery_value`] of a read-back delivery.
+pub fn stored_delivery_value(d: &StoredDelivery) -> Bytes {
+    delivery_value(
+        d.qos,
+        d.retain,
+        &d.subscription_ids,
+        d.shared.as_deref(),
+        d.message.as_ref(),
+    )
+}
+
+pub fn sent_value(sent: SentAs) -> Bytes {
+    Bytes::copy_from_slice(&[
         FORMAT,
         (sent.id.0 >> 8) as u8,
         sent.id.0 as u8,
         u8::from(sent.released),
-    ]
+    ])
 }
 
-pub fn retained_value(m: &StoredMessage) -> Vec<u8> {
-    let mut out = BytesMut::with_capacity(32 + m.topic.len() + m.payload.len());
+pub fn retained_value(m: MessageRef<'_>) -> Bytes {
+    let mut out = BytesMut::with_capacity(
+        32 + m.topic.len() + m.payload.len() + m.publisher.map_or(0, str::len),
+    );
     out.put_u8(FORMAT);
     put_message(&mut out, m);
-    out.to_vec()
+    out.freeze()
 }
 
 pub fn delayed_key(key: u64) -> Vec<u8> {
@@ -296,20 +366,20 @@ pub fn delayed_key(key: u64) -> Vec<u8> {
     k
 }
 
-pub fn delayed_value(due_ms: u64, m: &StoredMessage) -> Vec<u8> {
+pub fn delayed_value(due_ms: u64, m: MessageRef<'_>) -> Bytes {
     let mut out = BytesMut::with_capacity(40 + m.topic.len() + m.payload.len());
     out.put_u8(FORMAT);
     out.put_u64(due_ms);
     put_message(&mut out, m);
-    out.to_vec()
+    out.freeze()
 }
 
-pub fn inbound_value() -> Vec<u8> {
-    vec![FORMAT]
+pub fn inbound_value() -> Bytes {
+    Bytes::from_static(&[FORMAT])
 }
 
-pub fn meta_value() -> Vec<u8> {
-    vec![FORMAT]
+pub fn meta_value() -> Bytes {
+    Bytes::from_static(&[FORMAT])
 }
 
 // ---- reading ----
@@ -627,7 +697,7 @@ mod tests {
 
     #[test]
     fn another_format_version_is_refused() {
-        let mut value = retained_value(&message("t", b"x"));
+        let mut value = retained_value(message("t", b"x").as_ref()).to_vec();
         value[0] = FORMAT + 1;
         assert_eq!(
             decode(&retained_key("t"), &value),
@@ -651,7 +721,7 @@ mod tests {
                 shared: None,
                 message: message(&topic, &payload),
             };
-            let record = decode(&queued_key(&client, key), &delivery_value(&delivery)).unwrap();
+            let record = decode(&queued_key(&client, key), &stored_delivery_value(&delivery)).unwrap();
             prop_assert_eq!(record, Record::Queued { client_id: client, key, delivery });
         }
 
