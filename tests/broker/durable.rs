@@ -17,6 +17,8 @@ struct Process {
     addr: SocketAddr,
     dir: PathBuf,
     log: PathBuf,
+    /// Arguments beyond `--tcp` and `--data-dir`, given again on every restart.
+    extra: Vec<String>,
 }
 
 fn free_addr() -> SocketAddr {
@@ -28,18 +30,20 @@ impl Process {
     fn start(dir: &Path, extra: &[&str]) -> Self {
         let addr = free_addr();
         let log = dir.with_extension("log");
-        let child = Self::spawn(dir, addr, &log, extra);
+        let extra: Vec<String> = extra.iter().map(|s| s.to_string()).collect();
+        let child = Self::spawn(dir, addr, &log, &extra);
         let mut this = Self {
             child,
             addr,
             dir: dir.to_owned(),
             log,
+            extra,
         };
         this.wait_listening();
         this
     }
 
-    fn spawn(dir: &Path, addr: SocketAddr, log: &Path, extra: &[&str]) -> Child {
+    fn spawn(dir: &Path, addr: SocketAddr, log: &Path, extra: &[String]) -> Child {
         let out = std::fs::OpenOptions::new()
             .create(true)
             .append(true)
@@ -76,7 +80,7 @@ impl Process {
     fn crash_and_restart(&mut self) {
         self.child.kill().unwrap();
         self.child.wait().unwrap();
-        self.child = Self::spawn(&self.dir, self.addr, &self.log, &[]);
+        self.child = Self::spawn(&self.dir, self.addr, &self.log, &self.extra);
         self.wait_listening();
     }
 
@@ -90,7 +94,7 @@ impl Process {
         assert!(status.success());
         let exited = self.child.wait().unwrap();
         assert!(exited.success(), "a graceful stop exits 0: {exited}");
-        self.child = Self::spawn(&self.dir, self.addr, &self.log, &[]);
+        self.child = Self::spawn(&self.dir, self.addr, &self.log, &self.extra);
         self.wait_listening();
     }
 
@@ -365,6 +369,61 @@ async fn durable_delayed_publishes_survive_a_crash() {
         }
     }
     assert_eq!(second.expect("the later one is published").topic, "later/b");
+}
+
+#[tokio::test]
+async fn durable_a_quic_multi_stream_session_survives_a_crash() {
+    use petrel::client::{Client, ClientOptions, Event, QuicStreams, StreamPolicy};
+    let dir = TempDir(temp_data_dir("durable-quic"));
+    let quic = std::net::UdpSocket::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap();
+    let mut broker = Process::start(&dir.0, &["--quic", &quic.to_string()]);
+    let options = || {
+        ClientOptions::new(&format!("quic://{quic}"))
+            .unwrap()
+            .client_id("q-sub")
+            .persistent(600)
+            .insecure(true)
+            .streams(QuicStreams {
+                policy: StreamPolicy::PerTopic,
+                ..QuicStreams::default()
+            })
+            .connect_timeout(Duration::from_secs(5))
+    };
+    // Subscribed on a data stream of its own, then gone with its session kept.
+    let (client, mut events) = Client::connect(options()).await.unwrap();
+    client
+        .subscribe("qd/#", petrel::client::QoS::AtLeastOnce)
+        .await
+        .unwrap();
+    client.disconnect().await.unwrap();
+    drop(events);
+    let mut publisher = V4::connect(broker.addr, "q-pub").await;
+    for i in 0..10u8 {
+        publisher
+            .publish("qd/x", rumqttc::QoS::AtLeastOnce, false, &[i])
+            .await;
+    }
+    publisher.disconnect().await;
+    broker.crash_and_restart();
+    // The session maps back onto the new connection's control stream: everything arrives.
+    let (_client, new_events) = Client::connect(options()).await.unwrap();
+    events = new_events;
+    let mut got = Vec::new();
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+    while got.len() < 10 {
+        match tokio::time::timeout_at(deadline, events.recv()).await {
+            Ok(Some(Event::Connected {
+                session_present, ..
+            })) => assert!(session_present),
+            Ok(Some(Event::Message(m))) => got.push(m.payload[0]),
+            Ok(Some(_)) => {}
+            Ok(None) | Err(_) => panic!("only {got:?} arrived"),
+        }
+    }
+    assert_eq!(got, (0..10).collect::<Vec<u8>>());
 }
 
 /// The newest segment of a stopped broker's store.
