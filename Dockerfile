@@ -18,11 +18,13 @@ COPY --from=build /src/target/release/petrel /usr/local/bin/petrel
 COPY petrel.example.toml /opt/petrel/etc/petrel.toml
 USER petrel
 WORKDIR /opt/petrel
+# The durable store (sessions, queues, retained messages: /opt/petrel/data/store) and the
+# development certificates live here; keep it on a volume so they outlive the container.
 VOLUME /opt/petrel/data
 # MQTT over TCP, TLS, WebSocket, WebSocket over TLS, and (to come) QUIC.
 EXPOSE 1883 8883 8083 8084 14567/udp
 # docker stop sends SIGTERM: Petrel stops accepting, tells MQTT 5 clients "Server shutting
-# down" and drains within broker.close_linger. The exec form makes petrel PID 1, and it
-# handles SIGTERM itself.
+# down" and drains within broker.close_linger, then commits the store. The exec form makes
+# petrel PID 1, and it handles SIGTERM itself.
 STOPSIGNAL SIGTERM
 ENTRYPOINT ["/usr/local/bin/petrel", "--config", "/opt/petrel/etc/petrel.toml", "--data-dir", "/opt/petrel/data"]
