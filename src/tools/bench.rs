@@ -85,6 +85,15 @@ pub struct BenchArgs {
     /// connecting slows once about half of them are in use. Default: the system's choice.
     #[arg(long, value_delimiter = ',', value_name = "IP,...")]
     pub source_addrs: Vec<std::net::IpAddr>,
+    /// Publish through EMQX's delayed publish (`$delayed/SECONDS/topic`); latency is then
+    /// measured from the publish plus the delay (how late each message fired).
+    #[arg(long, value_name = "SECONDS")]
+    pub delay: Option<u32>,
+    /// Subscribers join the shared group GROUP (`$share/GROUP/...`): each message goes to
+    /// one of them, so one delivery is expected per message (duplicates are counted per
+    /// subscriber only).
+    #[arg(long, value_name = "GROUP")]
+    pub share: Option<String>,
     /// Persistent sessions for every client (3.1.1: clean session 0; 5: session expiry
     /// 300 s), so the broker keeps, and with a durable store writes, each delivery.
     #[arg(long)]
@@ -328,9 +337,15 @@ pub async fn run(args: BenchArgs) -> anyhow::Result<BenchReport> {
         Scenario::Sub => (0, args.subs),
         _ => (args.pubs, args.subs),
     };
-    let topic_of = |p: usize| match args.scenario {
-        Scenario::FanOut => format!("{prefix}/all"),
-        _ => format!("{prefix}/{p}"),
+    let topic_of = |p: usize| {
+        let topic = match args.scenario {
+            Scenario::FanOut => format!("{prefix}/all"),
+            _ => format!("{prefix}/{p}"),
+        };
+        match args.delay {
+            Some(seconds) => format!("$delayed/{seconds}/{topic}"),
+            None => topic,
+        }
     };
     let filter_of = |s: usize| match args.scenario {
         Scenario::P2p => format!("{prefix}/{s}"),
@@ -339,6 +354,10 @@ pub async fn run(args: BenchArgs) -> anyhow::Result<BenchReport> {
         _ => format!("{prefix}/#"),
     };
 
+    let filter_of = |s: usize| match &args.share {
+        Some(group) => format!("$share/{group}/{}", filter_of(s)),
+        None => filter_of(s),
+    };
     // Subscribers first, so nothing published is missed.
     let subscribers = connect_all(&args, "bench-sub", subs).await?;
     for (i, (client, _)) in subscribers.iter().enumerate() {
@@ -352,7 +371,15 @@ pub async fn run(args: BenchArgs) -> anyhow::Result<BenchReport> {
     let mut sub_tasks = JoinSet::new();
     for (client, events) in subscribers {
         let counters = Arc::clone(&counters);
-        sub_tasks.spawn(collect(client, events, pubs, counters, stop_rx.clone()));
+        let delay_ns = u64::from(args.delay.unwrap_or(0)) * 1_000_000_000;
+        sub_tasks.spawn(collect(
+            client,
+            events,
+            pubs,
+            counters,
+            stop_rx.clone(),
+            delay_ns,
+        ));
     }
     let started = Instant::now();
     let deadline = started + Duration::from_secs(args.duration);
@@ -381,13 +408,15 @@ pub async fn run(args: BenchArgs) -> anyhow::Result<BenchReport> {
     let publishing = started.elapsed().as_secs_f64();
     let sent = counters.sent.load(Ordering::Relaxed);
     let per_message = match args.scenario {
+        Scenario::FanIn | Scenario::FanOut if args.share.is_some() => 1,
         Scenario::FanIn | Scenario::FanOut => subs as u64,
         Scenario::P2p => 1,
         Scenario::Pub | Scenario::Sub | Scenario::Conn => 0,
     };
     let expected = sent * per_message;
     // Drain: wait for stragglers, bounded.
-    let drain_until = Instant::now() + Duration::from_secs(args.drain);
+    let drain_until =
+        Instant::now() + Duration::from_secs(args.drain + u64::from(args.delay.unwrap_or(0)));
     while counters.delivered.load(Ordering::Relaxed) < expected && Instant::now() < drain_until {
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
@@ -581,6 +610,7 @@ async fn collect(
     pubs: usize,
     counters: Arc<Counters>,
     mut stop: watch::Receiver<bool>,
+    delay_ns: u64,
 ) -> Tally {
     let mut tally = Tally::new(pubs);
     loop {
@@ -590,7 +620,9 @@ async fn collect(
         };
         let Some(event) = event else { break };
         match event {
-            Event::Message(message) if tally.record(&message.payload, unix_ns()) => {
+            Event::Message(message)
+                if tally.record(&message.payload, unix_ns().saturating_sub(delay_ns)) =>
+            {
                 counters.delivered.fetch_add(1, Ordering::Relaxed);
             }
             Event::Reconnecting { .. } => {
