@@ -55,6 +55,8 @@ pub struct Link {
     /// The store's ticket that the output written so far depends on (0: none): nothing is
     /// sent until it is on disk.
     ticket: Ticket,
+    /// The lowest ticket it depends on (every commit between the two must have succeeded).
+    ticket_from: Ticket,
     /// The persistent session's subscriptions changed: its record is saved again.
     session_changed: bool,
 }
@@ -80,6 +82,7 @@ impl Link {
             pause_deadline: None,
             takeover_ack: None,
             ticket: 0,
+            ticket_from: 0,
             session_changed: false,
         }
     }
@@ -95,7 +98,7 @@ impl Link {
             self.ticket = 0;
             return Poll::Ready(());
         };
-        match store.poll_durable(cx, self.ticket) {
+        match store.poll_durable(cx, self.ticket_from, self.ticket) {
             Poll::Pending => Poll::Pending,
             Poll::Ready(result) => {
                 self.ticket = 0;
@@ -106,6 +109,22 @@ impl Link {
                 Poll::Ready(())
             }
         }
+    }
+
+    /// The output written from now on depends on `ticket` too.
+    fn hold(&mut self, ticket: Ticket) {
+        if ticket == 0 {
+            return;
+        }
+        if self.ticket == 0 || ticket < self.ticket_from {
+            self.ticket_from = ticket;
+        }
+        self.ticket = self.ticket.max(ticket);
+    }
+
+    /// Whether output written so far waits for a store commit (see `poll_durable`).
+    pub fn output_held(&self) -> bool {
+        self.ticket != 0
     }
 
     /// Waits (up to `linger`) for the output written so far to be on disk; `false` if it
@@ -119,18 +138,19 @@ impl Link {
     /// Hands the channel's changes to the persistent session's state to the store; the
     /// ones the client's next packets depend on hold the output until they are on disk.
     fn record_changes(&mut self) {
-        let Some(store) = &self.broker.hooks().store else {
+        let Some(store) = self.broker.hooks().store.clone() else {
             return;
         };
         while let Some(change) = self.channel.poll_change() {
             let ticket = store.changed(self.channel.client_id(), change);
             if change.gates_output() {
-                self.ticket = self.ticket.max(ticket);
+                self.hold(ticket);
             }
         }
         if std::mem::take(&mut self.session_changed) && self.channel.is_durable() {
             if let Some(session) = self.channel.session() {
-                self.ticket = self.ticket.max(store.session_saved(session));
+                let ticket = store.session_saved(session);
+                self.hold(ticket);
             }
         }
     }
@@ -284,7 +304,7 @@ impl Link {
                 Action::Delay { message, at, ack } => {
                     let refused = match self.broker.delay(message, at) {
                         Ok(ticket) => {
-                            self.ticket = self.ticket.max(ticket);
+                            self.hold(ticket);
                             None
                         }
                         Err(_) => Some(crate::codec::ReasonCode::QUOTA_EXCEEDED),
@@ -298,17 +318,15 @@ impl Link {
                     // What routing stores and the record that a QoS 2 message was received
                     // commit together: a crash between them would route a resend twice.
                     let store = self.broker.hooks().store.clone();
-                    if let Some(store) = &store {
-                        store.begin_group();
-                    }
+                    let group = store.as_deref().map(Group::begin);
                     let routed = self.broker.route(message, now, &mut self.pressure);
-                    self.ticket = self.ticket.max(routed.ticket);
+                    self.hold(routed.ticket);
                     if let Some(ack) = ack {
                         self.channel.acknowledge(ack, routed.refused);
                     }
-                    if let Some(store) = &store {
+                    if let Some(group) = group {
                         self.record_changes();
-                        self.ticket = self.ticket.max(store.end_group());
+                        self.hold(group.end());
                     }
                     self.keep_new_pressure(before, now);
                 }
@@ -417,6 +435,30 @@ impl Link {
             self.pause_deadline = Some(now + MAX_PAUSE);
         }
         true
+    }
+}
+
+/// A group of store writes that commit together; ended when dropped, so that a panic while
+/// routing can never leave the store waiting on a group nobody ends.
+struct Group<'a>(&'a dyn crate::core::hooks::Store, bool);
+
+impl<'a> Group<'a> {
+    fn begin(store: &'a dyn crate::core::hooks::Store) -> Self {
+        store.begin_group();
+        Self(store, false)
+    }
+
+    fn end(mut self) -> Ticket {
+        self.1 = true;
+        self.0.end_group()
+    }
+}
+
+impl Drop for Group<'_> {
+    fn drop(&mut self) {
+        if !self.1 {
+            self.0.end_group();
+        }
     }
 }
 

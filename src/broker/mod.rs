@@ -533,7 +533,14 @@ impl Broker {
                         tracing::debug!(%client_id, "session expired");
                     }
                 }
-                Event::Will(will) => wills.push(will),
+                Event::Will(will) => {
+                    if let (Some(store), Some(client_id)) =
+                        (&self.hooks.store, will.message.publisher.as_deref())
+                    {
+                        store.will_published(client_id);
+                    }
+                    wills.push(will);
+                }
             }
         }
         wills
@@ -779,7 +786,8 @@ impl Broker {
         {
             let mut queue = self.delayed.lock().expect("delayed lock is never poisoned");
             for (key, left, message) in delayed {
-                queue.push(now + left, Arc::new(message), Some(key));
+                let at = now.checked_add(left).unwrap_or(now);
+                queue.push(at, Arc::new(message), Some(key));
                 self.delayed_admitted.fetch_add(1, Ordering::Relaxed);
             }
         }
@@ -803,6 +811,18 @@ impl Broker {
         }
         for restored in sessions {
             let client_id = Arc::clone(&restored.session.client_id);
+            if let Some(store) = &self.hooks.store {
+                for &(flow, id) in &restored.inbound_rehomed {
+                    store.changed(&client_id, Change::Freed { flow, id });
+                    store.changed(
+                        &client_id,
+                        Change::Held {
+                            flow: Flow::CONTROL,
+                            id,
+                        },
+                    );
+                }
+            }
             tracing::debug!(
                 %client_id,
                 awaiting_release = ?restored.session.awaiting_release,
@@ -819,8 +839,13 @@ impl Broker {
                 }
                 self.subscribe_route(&client_id, &mailbox, subscription);
             }
-            let expires_at = restored.expires_in.map(|left| now + left);
-            let will = restored.will.map(|(will, left)| (will, now + left));
+            let expires_at = restored.expires_in.map(|left| {
+                now.checked_add(left)
+                    .unwrap_or(now + Duration::from_secs(1 << 32))
+            });
+            let will = restored
+                .will
+                .map(|(will, left)| (will, now.checked_add(left).unwrap_or(now)));
             self.lock_sessions()
                 .restore(restored.session, mailbox, expires_at, will);
         }

@@ -409,7 +409,10 @@ impl Wire for QuicWire {
     }
 
     fn before_deliveries(&mut self, link: &mut Link) {
-        self.flush(link);
+        // Output waiting for the store goes in `poll_send`, once the driver saw it durable.
+        if !link.output_held() {
+            self.flush(link);
+        }
     }
 
     fn has_room(&self) -> bool {

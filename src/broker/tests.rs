@@ -338,7 +338,8 @@ impl crate::core::hooks::Store for Recorder {
     fn poll_durable(
         &self,
         _cx: &mut std::task::Context<'_>,
-        _ticket: Ticket,
+        _from: Ticket,
+        _upto: Ticket,
     ) -> std::task::Poll<Result<(), crate::core::hooks::Refused>> {
         std::task::Poll::Ready(Ok(()))
     }

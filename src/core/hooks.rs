@@ -99,6 +99,10 @@ pub trait Store: Send + Sync {
     fn session_saved(&self, session: &Session) -> Ticket;
     /// A persistent session went offline, with the will it must publish after its delay.
     fn session_filed(&self, session: &Session, will: Option<&PendingWill>) -> Ticket;
+    /// The pending will of `client_id`'s offline session was published.
+    fn will_published(&self, _client_id: &str) -> Ticket {
+        0
+    }
     /// A session ended: nothing of it is kept.
     fn session_ended(&self, client_id: &str) -> Ticket;
     /// A delivery was queued for the persistent session `client_id` under `key`.
@@ -131,8 +135,14 @@ pub trait Store: Send + Sync {
     fn end_group(&self) -> Ticket {
         0
     }
-    /// Ready once everything up to `ticket` is on disk (`Err`: a write up to it failed).
-    fn poll_durable(&self, cx: &mut Context<'_>, ticket: Ticket) -> Poll<Result<(), Refused>>;
+    /// Ready once everything up to `upto` is on disk; `Err` if a commit holding any ticket
+    /// from `from` to `upto` failed.
+    fn poll_durable(
+        &self,
+        cx: &mut Context<'_>,
+        from: Ticket,
+        upto: Ticket,
+    ) -> Poll<Result<(), Refused>>;
 }
 
 /// Offered every message routed on this node, after local fan-out.

@@ -46,7 +46,7 @@ pub enum Write {
     /// A session ended: its record and everything under its prefixes go.
     EndSession {
         key: Vec<u8>,
-        prefixes: [Vec<u8>; 3],
+        prefixes: [Vec<u8>; 4],
     },
 }
 
@@ -532,6 +532,15 @@ fn read_sources(dir: &Path, cut_torn: bool) -> Result<(Records, Opened, Vec<LogF
                     reason: "snapshot cut short",
                 });
             }
+            // Only the newest segment can end in an interrupted write; anywhere else the
+            // bytes are damage, and they are kept for `petrel store repair` to judge.
+            if sources.last().map(|l| &l.path) != Some(&source.path) {
+                return Err(LogError::Damaged {
+                    file: show(&source.path),
+                    offset: replayed.valid_end,
+                    reason: "a sealed segment ends in a bad frame",
+                });
+            }
             opened.torn += replayed.torn;
             if cut_torn {
                 tracing::warn!(
@@ -566,6 +575,8 @@ pub struct Log {
     compaction: Option<std::thread::JoinHandle<Result<(LogFile, usize), LogError>>>,
     records: BTreeMap<Vec<u8>, Vec<u8>>,
     written: u64,
+    /// A failed write could be neither cut off nor left behind in a sealed segment.
+    broken: bool,
 }
 
 /// Opens (or creates) the log in `dir`: replays it, cuts a torn tail, compacts what it
@@ -607,6 +618,7 @@ pub fn open(dir: &Path) -> Result<Log, LogError> {
         compaction: None,
         records,
         written: 0,
+        broken: false,
     };
     if fresh {
         log.apply(&[Write::Put {
@@ -723,16 +735,23 @@ impl Engine for Log {
             }
         }
         end_frame(&mut self.buf, start);
+        if self.broken {
+            return Err(std::io::Error::other(
+                "the log could not be repaired after a failed write; restart the broker",
+            ));
+        }
+        // Written at the end of what is committed (not at the file cursor, which a failed
+        // write may have moved past bytes since cut off).
         let written = self
             .current
-            .write_all(&self.buf)
+            .write_all_at(&self.buf, self.size)
             .and_then(|()| self.current.sync_data());
         if let Err(err) = written {
-            // Nothing after a torn frame may follow it in the same file: cut it off, or
-            // failing that, go on in a new segment (a torn end of a segment is cut at the
-            // next start).
-            if self.current.set_len(self.size).is_err() {
-                let _ = self.rotate();
+            // Nothing may follow a torn frame in the same file: cut it off, or failing that,
+            // go on in a new segment (a torn end is cut at the next start); failing both,
+            // refuse every later write rather than append after garbage.
+            if self.current.set_len(self.size).is_err() && self.rotate().is_err() {
+                self.broken = true;
             }
             return Err(err);
         }
@@ -798,7 +817,7 @@ mod tests {
             log.apply(&[Write::Delete(vec![b"b".to_vec()])]).unwrap();
             log.apply(&[Write::EndSession {
                 key: b"zz".to_vec(),
-                prefixes: [b"a".to_vec(), b"q".to_vec(), b"r".to_vec()],
+                prefixes: [b"a".to_vec(), b"q".to_vec(), b"r".to_vec(), b"w".to_vec()],
             }])
             .unwrap();
             log.apply(&[put("c", "w")]).unwrap();

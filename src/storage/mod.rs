@@ -120,9 +120,21 @@ pub fn open(
     Ok((store, recovered))
 }
 
+/// Commits that failed: the newest ranges, and how far the forgotten ones went.
+#[derive(Default)]
+struct FailedRanges {
+    ranges: Vec<(Ticket, Ticket)>,
+    forgotten_upto: Ticket,
+}
+
 #[derive(Default)]
 struct Pending {
     writes: Vec<Write>,
+    /// Groups in progress (`Store::begin_group`): their token and where in `writes` they
+    /// start. A commit never takes a group's first write without its last: it stops at the
+    /// oldest open group.
+    open_groups: Vec<(u64, usize)>,
+    next_group: u64,
     /// The ticket of the last write in `writes`.
     last: Ticket,
     /// When the oldest write in `writes` was queued.
@@ -137,7 +149,7 @@ struct Shared {
     decided: AtomicU64,
     waiters: Mutex<Vec<(Ticket, Waker)>>,
     /// Ticket ranges whose commit failed (the newest few).
-    failed: Mutex<Vec<(Ticket, Ticket)>>,
+    failed: Mutex<FailedRanges>,
     any_failed: AtomicBool,
     /// The last commit failed: new deliveries and retained messages are refused.
     failing: AtomicBool,
@@ -158,10 +170,8 @@ pub struct Embedded {
 }
 
 thread_local! {
-    /// This thread's open group of writes (`Store::begin_group`), kept with its buffer.
-    static GROUP: std::cell::RefCell<(bool, Vec<Write>)> = const {
-        std::cell::RefCell::new((false, Vec::new()))
-    };
+    /// This thread's open group of writes (`Store::begin_group`), by its token.
+    static GROUP: std::cell::Cell<Option<u64>> = const { std::cell::Cell::new(None) };
 }
 
 /// Failed ranges remembered for late waiters.
@@ -180,7 +190,7 @@ impl Embedded {
             work: Condvar::new(),
             decided: AtomicU64::new(0),
             waiters: Mutex::new(Vec::new()),
-            failed: Mutex::new(Vec::new()),
+            failed: Mutex::new(FailedRanges::default()),
             any_failed: AtomicBool::new(false),
             failing: AtomicBool::new(false),
             used: AtomicU64::new(recovered.live_bytes()),
@@ -241,18 +251,7 @@ impl Embedded {
     }
 
     fn submit(&self, write: Write) -> Ticket {
-        let write = GROUP.with_borrow_mut(|(open, writes)| {
-            if *open {
-                writes.push(write);
-                None
-            } else {
-                Some(write)
-            }
-        });
-        match write {
-            Some(write) => self.enqueue(std::iter::once(write)),
-            None => 0,
-        }
+        self.enqueue(std::iter::once(write))
     }
 
     /// Queues writes under one lock: the writer takes them into one commit.
@@ -346,7 +345,7 @@ fn stored_message(m: &AppMessage) -> StoredMessage {
     }
 }
 
-fn stored_session(session: &Session, offline: bool, will: Option<&PendingWill>) -> StoredSession {
+fn stored_session(session: &Session, offline: bool) -> StoredSession {
     StoredSession {
         expiry_interval: session.expiry_interval,
         offline_since_ms: offline.then(wall_ms),
@@ -359,11 +358,8 @@ fn stored_session(session: &Session, offline: bool, will: Option<&PendingWill>) 
                 id: s.id,
             })
             .collect(),
-        will: will.filter(|w| w.delay > 0).map(|w| StoredWill {
-            message: stored_message(&w.message),
-            delay: w.delay,
-            expiry_interval: w.expiry_interval,
-        }),
+        // Kept under its own key (`session_filed`).
+        will: None,
     }
 }
 
@@ -373,17 +369,36 @@ impl Store for Embedded {
     }
 
     fn session_saved(&self, session: &Session) -> Ticket {
+        // Connected again: a will waiting from the last connection is cancelled.
+        self.submit(Write::Delete(vec![record::will_key(&session.client_id)]));
         self.submit(Write::Put {
             key: record::session_key(&session.client_id),
-            value: record::session_value(&stored_session(session, false, None)),
+            value: record::session_value(&stored_session(session, false)),
         })
     }
 
     fn session_filed(&self, session: &Session, will: Option<&PendingWill>) -> Ticket {
+        // The will under its own key, so that publishing it forgets it (`will_published`).
+        let will_key = record::will_key(&session.client_id);
+        self.submit(match will.filter(|w| w.delay > 0) {
+            Some(w) => Write::Put {
+                key: will_key,
+                value: record::will_value(&StoredWill {
+                    message: stored_message(&w.message),
+                    delay: w.delay,
+                    expiry_interval: w.expiry_interval,
+                }),
+            },
+            None => Write::Delete(vec![will_key]),
+        });
         self.submit(Write::Put {
             key: record::session_key(&session.client_id),
-            value: record::session_value(&stored_session(session, true, will)),
+            value: record::session_value(&stored_session(session, true)),
         })
+    }
+
+    fn will_published(&self, client_id: &str) -> Ticket {
+        self.submit(Write::Delete(vec![record::will_key(client_id)]))
     }
 
     fn session_ended(&self, client_id: &str) -> Ticket {
@@ -473,34 +488,50 @@ impl Store for Embedded {
     }
 
     fn begin_group(&self) {
-        GROUP.with_borrow_mut(|(open, _)| *open = true);
+        let mut pending = self.shared.pending.lock().expect("never poisoned");
+        let token = pending.next_group;
+        pending.next_group += 1;
+        let start = pending.writes.len();
+        pending.open_groups.push((token, start));
+        drop(pending);
+        GROUP.set(Some(token));
     }
 
     fn end_group(&self) -> Ticket {
-        GROUP.with_borrow_mut(|(open, writes)| {
-            *open = false;
-            self.enqueue(writes.drain(..))
-        })
+        let Some(token) = GROUP.take() else {
+            return 0;
+        };
+        let mut pending = self.shared.pending.lock().expect("never poisoned");
+        pending.open_groups.retain(|(t, _)| *t != token);
+        let last = pending.last;
+        drop(pending);
+        // The writer may be waiting for this group to close.
+        self.shared.work.notify_one();
+        last
     }
 
-    fn poll_durable(&self, cx: &mut Context<'_>, ticket: Ticket) -> Poll<Result<(), Refused>> {
+    fn poll_durable(
+        &self,
+        cx: &mut Context<'_>,
+        from: Ticket,
+        upto: Ticket,
+    ) -> Poll<Result<(), Refused>> {
         let shared = &self.shared;
-        if shared.decided.load(Ordering::Acquire) < ticket {
+        if shared.decided.load(Ordering::Acquire) < upto {
             let mut waiters = shared.waiters.lock().expect("never poisoned");
             // Looked at again under the lock the writer takes to wake: no wake-up is lost.
             // (A connection polled again before the commit adds its waker again: every
             // commit empties the list of what it decided, so that stays bounded.)
-            if shared.decided.load(Ordering::Acquire) < ticket {
-                waiters.push((ticket, cx.waker().clone()));
+            if shared.decided.load(Ordering::Acquire) < upto {
+                waiters.push((upto, cx.waker().clone()));
                 return Poll::Pending;
             }
         }
         if shared.any_failed.load(Ordering::Acquire) {
             let failed = shared.failed.lock().expect("never poisoned");
-            if failed
-                .iter()
-                .any(|&(from, to)| (from..=to).contains(&ticket))
-            {
+            // Ranges too old to be kept count as failed for anyone still asking about them.
+            let overlaps = failed.ranges.iter().any(|&(a, b)| a <= upto && b >= from);
+            if overlaps || (failed.forgotten_upto != 0 && from <= failed.forgotten_upto) {
                 return Poll::Ready(Err(Refused::Failed));
             }
         }
@@ -541,9 +572,34 @@ fn write_loop(shared: &Shared, mut engine: Box<dyn Engine>, mut sizes: Sizes) {
                     }
                 }
             }
-            std::mem::swap(&mut batch, &mut pending.writes);
-            pending.since = None;
-            (pending.last, pending.shutdown)
+            // Up to the oldest open group: its writes go together, in a later commit (at
+            // shutdown every connection is gone: everything goes).
+            let cut = match pending.shutdown {
+                true => pending.writes.len(),
+                false => pending
+                    .open_groups
+                    .iter()
+                    .map(|(_, start)| *start)
+                    .min()
+                    .unwrap_or(pending.writes.len()),
+            };
+            if cut == 0 && !pending.writes.is_empty() && !pending.shutdown {
+                // Everything waiting belongs to a group still being written: a moment more.
+                drop(
+                    shared
+                        .work
+                        .wait_timeout(pending, Duration::from_micros(200))
+                        .expect("never poisoned"),
+                );
+                continue;
+            }
+            let held = pending.writes.len() - cut;
+            batch.extend(pending.writes.drain(..cut));
+            for (_, start) in &mut pending.open_groups {
+                *start -= cut;
+            }
+            pending.since = (held > 0).then(Instant::now);
+            (pending.last - held as u64, pending.shutdown)
         };
         if !batch.is_empty() {
             let first = last + 1 - batch.len() as u64;
@@ -565,10 +621,11 @@ fn write_loop(shared: &Shared, mut engine: Box<dyn Engine>, mut sizes: Sizes) {
                     );
                     shared.failing.store(true, Ordering::Relaxed);
                     let mut failed = shared.failed.lock().expect("never poisoned");
-                    if failed.len() >= FAILED_KEPT {
-                        failed.remove(0);
+                    if failed.ranges.len() >= FAILED_KEPT {
+                        let (_, upto) = failed.ranges.remove(0);
+                        failed.forgotten_upto = failed.forgotten_upto.max(upto);
                     }
-                    failed.push((first, last));
+                    failed.ranges.push((first, last));
                     shared.any_failed.store(true, Ordering::Release);
                     // What these writes admitted is not held after all.
                     let admitted: u64 = batch.iter().map(Write::admitted_bytes).sum();

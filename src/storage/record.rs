@@ -12,6 +12,7 @@
 //! | `I` len client flow(u64) id(u16) | an inbound QoS 2 message awaiting PUBREL |
 //! | `R` topic | a retained message |
 //! | `D` key(u64) | a `$delayed/` message: when it is due (wall clock), and the message |
+//! | `W` len client | the will of an offline session, waiting for its delay |
 //!
 //! Every value starts with the record format's version byte. A message is kept as an MQTT 5
 //! PUBLISH (our codec writes and reads it, properties and all) behind a small header with what
@@ -38,6 +39,7 @@ pub const PACKET_ID: u8 = b'P';
 pub const INBOUND: u8 = b'I';
 pub const RETAINED: u8 = b'R';
 pub const DELAYED: u8 = b'D';
+pub const WILL: u8 = b'W';
 
 /// Why a record could not be read.
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
@@ -158,6 +160,10 @@ pub enum Record {
         id: PacketId,
     },
     Retained(StoredMessage),
+    Will {
+        client_id: String,
+        will: StoredWill,
+    },
     Delayed {
         key: u64,
         /// When it is due, in milliseconds since the Unix epoch.
@@ -203,13 +209,29 @@ pub fn inbound_key(client_id: &str, flow: u64, id: PacketId) -> Vec<u8> {
     k
 }
 
-/// The prefixes under which everything of one client's session lives, besides its `S` key.
-pub fn client_prefixes(client_id: &str) -> [Vec<u8>; 3] {
+/// The prefixes under which everything of one client's session lives, besides its `S` key
+/// (the last is its will's whole key).
+pub fn client_prefixes(client_id: &str) -> [Vec<u8>; 4] {
     [
         client_key(QUEUED, client_id, 0),
         client_key(PACKET_ID, client_id, 0),
         client_key(INBOUND, client_id, 0),
+        will_key(client_id),
     ]
+}
+
+pub fn will_key(client_id: &str) -> Vec<u8> {
+    client_key(WILL, client_id, 0)
+}
+
+pub fn will_value(will: &StoredWill) -> Bytes {
+    let mut out =
+        BytesMut::with_capacity(32 + will.message.topic.len() + will.message.payload.len());
+    out.put_u8(FORMAT);
+    out.put_u32(will.delay);
+    put_opt_u32(&mut out, will.expiry_interval);
+    put_message(&mut out, will.message.as_ref());
+    out.freeze()
 }
 
 pub fn retained_key(topic: &str) -> Vec<u8> {
@@ -623,6 +645,23 @@ pub fn decode(key: &[u8], value: &[u8]) -> Result<Record, RecordError> {
                 ));
             }
             Ok(Record::Retained(message))
+        }
+        WILL => {
+            let (client_id, rest) = client_of(rest)?;
+            if !rest.is_empty() {
+                return Err(RecordError::Malformed("bad will key"));
+            }
+            v.version()?;
+            let delay = v.u32()?;
+            let expiry_interval = v.opt_u32()?;
+            Ok(Record::Will {
+                client_id,
+                will: StoredWill {
+                    delay,
+                    expiry_interval,
+                    message: v.message()?,
+                },
+            })
         }
         DELAYED => {
             let key = u64_key(rest)?;

@@ -29,6 +29,9 @@ pub struct RecoveredSession {
     pub expires_in: Option<Duration>,
     /// A will waiting for its delay, with the delay left.
     pub will: Option<(PendingWill, Duration)>,
+    /// Inbound QoS 2 ids stored under a data flow, now the control flow's: the store must
+    /// follow (`Change::Freed` of the old key, `Change::Held` of the new).
+    pub inbound_rehomed: Vec<(Flow, PacketId)>,
 }
 
 /// What a store held.
@@ -87,6 +90,7 @@ pub fn show_key(key: &[u8]) -> String {
 #[derive(Default)]
 struct Gathered {
     session: Option<StoredSession>,
+    will: Option<super::record::StoredWill>,
     queued: BTreeMap<u64, StoredDelivery>,
     sent: HashMap<u64, SentAs>,
     inbound: Vec<(u64, PacketId)>,
@@ -141,6 +145,7 @@ pub fn read(records: BTreeMap<Vec<u8>, Vec<u8>>) -> Result<Recovered, ReadError>
                 key,
                 sent,
             } => {
+                next_key = next_key.max(key + 1);
                 clients.entry(client_id).or_default().sent.insert(key, sent);
             }
             Record::Inbound {
@@ -160,6 +165,9 @@ pub fn read(records: BTreeMap<Vec<u8>, Vec<u8>>) -> Result<Recovered, ReadError>
             } => {
                 next_key = next_key.max(key + 1);
                 delayed.push((key, due_ms, message));
+            }
+            Record::Will { client_id, will } => {
+                clients.entry(client_id).or_default().will = Some(will);
             }
         }
         true
@@ -244,7 +252,7 @@ fn session(
         Duration::from_secs(u64::from(stored.expiry_interval))
             .saturating_sub(Duration::from_millis(offline_ms))
     });
-    let will = stored.will.and_then(|will| {
+    let will = gathered.will.or(stored.will).and_then(|will| {
         let message = app_message(will.message, now, wall)?;
         let left = Duration::from_secs(u64::from(will.delay))
             .saturating_sub(Duration::from_millis(offline_ms));
@@ -259,11 +267,20 @@ fn session(
     });
     let mut queued = Vec::new();
     for (key, stored) in gathered.queued {
+        let sent = gathered.sent.get(&key).copied();
+        // Past PUBREC: the client waits for PUBREL under that id, whatever the message.
+        if let Some(sent) = sent.filter(|s| s.released) {
+            if session.restore_outgoing(sent.id, Outgoing::Release(Flow::CONTROL, Some(key))) {
+                continue;
+            }
+        }
         let Some(message) = app_message(stored.message, now, wall) else {
             expired.push((Arc::clone(client_id), key));
             continue;
         };
-        if message.is_expired(now) {
+        // An expired message that was never sent is dropped; one already sent under an id
+        // goes again (the client may hold that id).
+        if message.is_expired(now) && sent.is_none() {
             expired.push((Arc::clone(client_id), key));
             continue;
         }
@@ -279,25 +296,31 @@ fn session(
                 .map(Arc::new),
             stored: Some(key),
         };
-        let restored = match gathered.sent.get(&key) {
-            Some(sent) if sent.released => {
-                session.restore_outgoing(sent.id, Outgoing::Release(Flow::CONTROL, Some(key)))
+        let restored = match sent {
+            Some(sent) if !sent.released => {
+                session.restore_outgoing(sent.id, Outgoing::Publish(delivery.clone()))
             }
-            Some(sent) => session.restore_outgoing(sent.id, Outgoing::Publish(delivery.clone())),
-            None => false,
+            _ => false,
         };
         if !restored {
             queued.push(delivery);
         }
     }
-    for (_, id) in gathered.inbound {
-        session.awaiting_release.insert((Flow::CONTROL, id));
+    let mut inbound_rehomed = Vec::new();
+    for (flow, id) in gathered.inbound {
+        // A data stream's id space is gone with its connection: the control flow's now.
+        if flow != 0 && session.awaiting_release.insert((Flow::CONTROL, id)) {
+            inbound_rehomed.push((Flow(flow), id));
+        } else {
+            session.awaiting_release.insert((Flow::CONTROL, id));
+        }
     }
     RecoveredSession {
         session,
         queued,
         expires_in,
         will,
+        inbound_rehomed,
     }
 }
 
@@ -306,7 +329,9 @@ fn app_message(m: StoredMessage, now: Instant, wall: u64) -> Option<AppMessage> 
     let topic = TopicName::parse(m.topic, 0).ok()?;
     let expires_at = m.expires_at_ms.map(|at| {
         if at > wall {
-            now + Duration::from_millis(at - wall)
+            // A far-future time from a damaged record must not overflow the clock.
+            now.checked_add(Duration::from_millis(at - wall))
+                .unwrap_or(now + Duration::from_secs(u64::from(u32::MAX)))
         } else {
             now.checked_sub(Duration::from_millis(1)).unwrap_or(now)
         }

@@ -63,6 +63,18 @@ impl Channel {
             .filter(|(_, o)| o.flow() == flow)
             .cloned()
             .collect();
+        if self.durable && !flow.is_control() {
+            // The store follows inbound QoS 2 ids to the control flow too.
+            for &(f, id) in &session.awaiting_release {
+                if f == flow && !session.awaiting_release.contains(&(Flow::CONTROL, id)) {
+                    self.changes.push_back(Change::Freed { flow, id });
+                    self.changes.push_back(Change::Held {
+                        flow: Flow::CONTROL,
+                        id,
+                    });
+                }
+            }
+        }
         for (old, new) in session.rehome(flow) {
             self.actions.push_back(Action::Unsubscribe {
                 filter: old.filter,

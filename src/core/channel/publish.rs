@@ -108,6 +108,14 @@ impl Channel {
                 };
                 let key = (self.input_flow, id);
                 if session.awaiting_release.contains(&key) {
+                    // Written again, and the PUBREC held on it: what this acknowledges must be
+                    // on disk (after a failed commit the memory may know more than the disk).
+                    if self.durable {
+                        self.changes.push_back(Change::Held {
+                            flow: key.0,
+                            id: key.1,
+                        });
+                    }
                     tracing::debug!(client_id = %self.client_id, %id, dup = publish.dup, "QoS 2 resend not routed again");
                     // A resend of a message we already have [MQTT-4.3.3-9]: acknowledge again,
                     // never route twice.
