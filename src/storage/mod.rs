@@ -596,7 +596,7 @@ fn write_loop(shared: &Shared, mut engine: Box<dyn Engine>, mut sizes: Sizes) {
             let held = pending.writes.len() - cut;
             batch.extend(pending.writes.drain(..cut));
             for (_, start) in &mut pending.open_groups {
-                *start -= cut;
+                *start = start.saturating_sub(cut);
             }
             pending.since = (held > 0).then(Instant::now);
             (pending.last - held as u64, pending.shutdown)
