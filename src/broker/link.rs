@@ -17,7 +17,7 @@ use crate::auth::{Credentials, Refusal};
 use crate::codec::ReasonCode;
 use crate::core::access::{Access, Authorizer as _};
 use crate::core::channel::{Action, Channel};
-use crate::core::hooks::{DropReason, Ticket};
+use crate::core::hooks::{DropReason, Store, Ticket};
 use crate::core::message::{Delivery, Flow};
 
 /// How long a paused publisher waits for an overfilled subscriber that takes no messages at
@@ -52,6 +52,8 @@ pub struct Link {
     peer: SocketAddr,
     /// A takeover in progress: answered once our session is filed.
     takeover_ack: Option<oneshot::Sender<()>>,
+    /// The broker's durable store, if it has one (a handle of the connection's own).
+    store: Option<Arc<dyn Store>>,
     /// The store's ticket that the output written so far depends on (0: none): nothing is
     /// sent until it is on disk.
     ticket: Ticket,
@@ -67,6 +69,7 @@ impl Link {
         let assignable_id = broker.assignable_client_id(conn_id);
         let mut channel = Channel::new(Arc::clone(broker.limits()), clock::now(), assignable_id);
         channel.set_admission(Arc::clone(&broker) as Arc<dyn crate::core::access::Admission>);
+        let store = broker.hooks().store.clone();
         Self {
             peer,
             conn_id,
@@ -81,6 +84,7 @@ impl Link {
             pressure_marks: Vec::new(),
             pause_deadline: None,
             takeover_ack: None,
+            store,
             ticket: 0,
             ticket_from: 0,
             session_changed: false,
@@ -94,7 +98,7 @@ impl Link {
         if self.ticket == 0 {
             return Poll::Ready(());
         }
-        let Some(store) = &self.broker.hooks().store else {
+        let Some(store) = &self.store else {
             self.ticket = 0;
             return Poll::Ready(());
         };
@@ -138,9 +142,15 @@ impl Link {
     /// Hands the channel's changes to the persistent session's state to the store; the
     /// ones the client's next packets depend on hold the output until they are on disk.
     fn record_changes(&mut self) {
-        let Some(store) = self.broker.hooks().store.clone() else {
+        // Taken out for the while (not cloned: this runs after every turn).
+        let Some(store) = self.store.take() else {
             return;
         };
+        self.record_changes_to(&*store);
+        self.store = Some(store);
+    }
+
+    fn record_changes_to(&mut self, store: &dyn Store) {
         while let Some(change) = self.channel.poll_change() {
             let ticket = store.changed(self.channel.client_id(), change);
             if change.gates_output() {
@@ -211,7 +221,7 @@ impl Link {
                 // A takeover may have taken a while.
                 let now = self.tick();
                 self.channel.accept(now, session);
-                if let Some(store) = &self.broker.hooks().store {
+                if let Some(store) = &self.store {
                     let durable = self.channel.is_durable();
                     mailbox.set_durable(&client_id, durable);
                     if durable {
@@ -317,17 +327,18 @@ impl Link {
                     let before = self.pressure.len();
                     // What routing stores and the record that a QoS 2 message was received
                     // commit together: a crash between them would route a resend twice.
-                    let store = self.broker.hooks().store.clone();
+                    let store = self.store.take();
                     let group = store.as_deref().map(Group::begin);
                     let routed = self.broker.route(message, now, &mut self.pressure);
                     self.hold(routed.ticket);
                     if let Some(ack) = ack {
                         self.channel.acknowledge(ack, routed.refused);
                     }
-                    if let Some(group) = group {
-                        self.record_changes();
+                    if let (Some(group), Some(store)) = (group, store.as_deref()) {
+                        self.record_changes_to(store);
                         self.hold(group.end());
                     }
+                    self.store = store;
                     self.keep_new_pressure(before, now);
                 }
                 Action::Subscribe {
@@ -440,10 +451,10 @@ impl Link {
 
 /// A group of store writes that commit together; ended when dropped, so that a panic while
 /// routing can never leave the store waiting on a group nobody ends.
-struct Group<'a>(&'a dyn crate::core::hooks::Store, bool);
+struct Group<'a>(&'a dyn Store, bool);
 
 impl<'a> Group<'a> {
-    fn begin(store: &'a dyn crate::core::hooks::Store) -> Self {
+    fn begin(store: &'a dyn Store) -> Self {
         store.begin_group();
         Self(store, false)
     }
