@@ -134,7 +134,6 @@ fn write_store(data_dir: &Path, sessions: u64, queued: u64, retained: u64) {
                     },
                     id: None,
                 }],
-                will: None,
             }),
         });
         for _ in 0..queued {

@@ -36,7 +36,7 @@ use crate::core::hooks::{Refused, Store, Ticket};
 use crate::core::message::{AppMessage, Delivery};
 use crate::core::session::{Change, Session, StoreKey};
 use engine::{Engine, Write};
-use record::{MessageRef, SentAs, StoredMessage, StoredSession, StoredSubscription, StoredWill};
+use record::{MessageRef, SentAs, StoredSession, StoredSubscription};
 
 pub use recover::Recovered;
 
@@ -331,20 +331,6 @@ fn message_ref(m: &AppMessage) -> MessageRef<'_> {
     }
 }
 
-/// An owned copy, for a will kept in a session record.
-fn stored_message(m: &AppMessage) -> StoredMessage {
-    let r = message_ref(m);
-    StoredMessage {
-        topic: r.topic.to_owned(),
-        payload: m.payload.clone(),
-        qos: r.qos,
-        retain: r.retain,
-        properties: m.properties.clone(),
-        publisher: r.publisher.map(str::to_owned),
-        expires_at_ms: r.expires_at_ms,
-    }
-}
-
 fn stored_session(session: &Session, offline: bool) -> StoredSession {
     StoredSession {
         expiry_interval: session.expiry_interval,
@@ -358,8 +344,6 @@ fn stored_session(session: &Session, offline: bool) -> StoredSession {
                 id: s.id,
             })
             .collect(),
-        // Kept under its own key (`session_filed`).
-        will: None,
     }
 }
 
@@ -383,11 +367,7 @@ impl Store for Embedded {
         self.submit(match will.filter(|w| w.delay > 0) {
             Some(w) => Write::Put {
                 key: will_key,
-                value: record::will_value(&StoredWill {
-                    message: stored_message(&w.message),
-                    delay: w.delay,
-                    expiry_interval: w.expiry_interval,
-                }),
+                value: record::will_value(w.delay, w.expiry_interval, message_ref(&w.message)),
             },
             None => Write::Delete(vec![will_key]),
         });

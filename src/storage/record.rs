@@ -115,7 +115,6 @@ pub struct StoredSession {
     /// crash: the session went offline when the broker stopped).
     pub offline_since_ms: Option<u64>,
     pub subscriptions: Vec<StoredSubscription>,
-    pub will: Option<StoredWill>,
 }
 
 /// A delivery queued for a persistent session.
@@ -224,13 +223,13 @@ pub fn will_key(client_id: &str) -> Vec<u8> {
     client_key(WILL, client_id, 0)
 }
 
-pub fn will_value(will: &StoredWill) -> Bytes {
-    let mut out =
-        BytesMut::with_capacity(32 + will.message.topic.len() + will.message.payload.len());
+/// A will waiting for its delay: the delay, its Message Expiry Interval, the message.
+pub fn will_value(delay: u32, expiry_interval: Option<u32>, message: MessageRef<'_>) -> Bytes {
+    let mut out = BytesMut::with_capacity(32 + message.topic.len() + message.payload.len());
     out.put_u8(FORMAT);
-    out.put_u32(will.delay);
-    put_opt_u32(&mut out, will.expiry_interval);
-    put_message(&mut out, will.message.as_ref());
+    out.put_u32(delay);
+    put_opt_u32(&mut out, expiry_interval);
+    put_message(&mut out, message);
     out.freeze()
 }
 
@@ -310,15 +309,6 @@ pub fn session_value(s: &StoredSession) -> Bytes {
         put_str(&mut out, &sub.filter);
         out.put_u8(options_byte(sub.options));
         put_opt_u32(&mut out, sub.id);
-    }
-    match &s.will {
-        Some(will) => {
-            out.put_u8(1);
-            out.put_u32(will.delay);
-            put_opt_u32(&mut out, will.expiry_interval);
-            put_message(&mut out, will.message.as_ref());
-        }
-        None => out.put_u8(0),
     }
     out.freeze()
 }
@@ -561,24 +551,12 @@ pub fn decode(key: &[u8], value: &[u8]) -> Result<Record, RecordError> {
                     id,
                 });
             }
-            let will = if v.bool()? {
-                let delay = v.u32()?;
-                let expiry_interval = v.opt_u32()?;
-                Some(StoredWill {
-                    delay,
-                    expiry_interval,
-                    message: v.message()?,
-                })
-            } else {
-                None
-            };
             Ok(Record::Session {
                 client_id,
                 session: StoredSession {
                     expiry_interval,
                     offline_since_ms,
                     subscriptions,
-                    will,
                 },
             })
         }
@@ -695,9 +673,21 @@ mod tests {
     }
 
     #[test]
-    fn a_session_with_a_will_reads_back() {
+    fn a_session_and_its_will_read_back() {
         let mut will = message("will/t", b"gone");
         will.properties.content_type = Some("text/plain".into());
+        let value = will_value(30, None, will.as_ref());
+        assert_eq!(
+            decode(&will_key("c1"), &value).unwrap(),
+            Record::Will {
+                client_id: "c1".into(),
+                will: StoredWill {
+                    message: will,
+                    delay: 30,
+                    expiry_interval: None,
+                },
+            }
+        );
         let session = StoredSession {
             expiry_interval: 3600,
             offline_since_ms: Some(1_700_000_000_000),
@@ -711,11 +701,6 @@ mod tests {
                 },
                 id: Some(7),
             }],
-            will: Some(StoredWill {
-                message: will,
-                delay: 30,
-                expiry_interval: None,
-            }),
         };
         let record = decode(&session_key("c1"), &session_value(&session)).unwrap();
         assert_eq!(

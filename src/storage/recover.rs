@@ -252,7 +252,7 @@ fn session(
         Duration::from_secs(u64::from(stored.expiry_interval))
             .saturating_sub(Duration::from_millis(offline_ms))
     });
-    let will = gathered.will.or(stored.will).and_then(|will| {
+    let will = gathered.will.and_then(|will| {
         let message = app_message(will.message, now, wall)?;
         let left = Duration::from_secs(u64::from(will.delay))
             .saturating_sub(Duration::from_millis(offline_ms));
