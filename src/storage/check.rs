@@ -70,7 +70,7 @@ pub fn check(dir: &Path) -> Report {
         counts.get(&'D').unwrap_or(&0),
     );
     for (key, error) in &bad {
-        let _ = writeln!(report.text, "unreadable record {key}: {error}");
+        let _ = writeln!(report.text, "unreadable record {}: {error}", show_key(key));
     }
     report.healthy = bad.is_empty();
     let _ = writeln!(
@@ -85,13 +85,14 @@ pub fn check(dir: &Path) -> Report {
     report
 }
 
-fn undecodable(records: &BTreeMap<Vec<u8>, Vec<u8>>) -> Vec<(String, String)> {
+/// The records that do not decode: their keys and why.
+fn undecodable(records: &BTreeMap<Vec<u8>, Vec<u8>>) -> Vec<(Vec<u8>, String)> {
     records
         .iter()
         .filter_map(|(k, v)| {
             record::decode(k, v)
                 .err()
-                .map(|e| (show_key(k), e.to_string()))
+                .map(|e| (k.clone(), e.to_string()))
         })
         .collect()
 }
@@ -151,13 +152,12 @@ pub fn repair(dir: &Path) -> Result<String, String> {
     }
     let _ = std::fs::remove_dir_all(&scratch);
     for (key, error) in undecodable(&records) {
-        let _ = writeln!(text, "dropped unreadable record {key}: {error}");
-        let raw: Vec<u8> = records
-            .keys()
-            .find(|k| show_key(k) == key)
-            .cloned()
-            .unwrap_or_default();
-        records.remove(&raw);
+        let _ = writeln!(
+            text,
+            "dropped unreadable record {}: {error}",
+            show_key(&key)
+        );
+        records.remove(&key);
     }
     records.insert(record::META.to_vec(), record::meta_value().to_vec());
     let mut log = engine::open(dir).map_err(|e| e.to_string())?;

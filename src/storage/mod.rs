@@ -107,7 +107,7 @@ pub fn open(
     };
     let started = Instant::now();
     let mut engine = engine::open(&dir).map_err(|e| fail(e.to_string()))?;
-    let recovered = recover::read(engine.take_records()).map_err(|e| fail(e.to_string()))?;
+    let mut recovered = recover::read(engine.take_records()).map_err(|e| fail(e.to_string()))?;
     tracing::info!(
         dir = %dir.display(),
         sessions = recovered.sessions.len(),
@@ -116,7 +116,7 @@ pub fn open(
         took_ms = started.elapsed().as_millis() as u64,
         "store opened"
     );
-    let store = Embedded::start(Box::new(engine), settings, &recovered);
+    let store = Embedded::start(Box::new(engine), settings, &mut recovered);
     Ok((store, recovered))
 }
 
@@ -183,7 +183,7 @@ impl Embedded {
     fn start(
         engine: Box<dyn Engine>,
         settings: &StorageSettings,
-        recovered: &Recovered,
+        recovered: &mut Recovered,
     ) -> Arc<Self> {
         let shared = Arc::new(Shared {
             pending: Mutex::new(Pending::default()),
@@ -199,11 +199,8 @@ impl Embedded {
             commits: AtomicU64::new(0),
             bytes_written: AtomicU64::new(0),
         });
-        let sizes: Sizes = recovered
-            .sizes
-            .iter()
-            .map(|(k, v)| (k.clone(), *v))
-            .collect();
+        // Handed over, not copied: the broker does not need them.
+        let sizes = std::mem::take(&mut recovered.sizes);
         let writer = {
             let shared = Arc::clone(&shared);
             std::thread::Builder::new()
@@ -521,7 +518,7 @@ impl Store for Embedded {
 
 /// The writer thread: commits what is pending, one batch at a time, until shutdown.
 /// Sizes of live records that count against `max_bytes`, by key.
-type Sizes = rustc_hash::FxHashMap<Vec<u8>, u64>;
+pub(crate) type Sizes = rustc_hash::FxHashMap<Vec<u8>, u64>;
 
 fn write_loop(shared: &Shared, mut engine: Box<dyn Engine>, mut sizes: Sizes) {
     let window = match shared.settings.durability {

@@ -49,7 +49,7 @@ pub struct Recovered {
     /// The next free delivery key.
     pub next_key: u64,
     /// Sizes of live queued deliveries and retained messages (for `max_bytes`).
-    pub sizes: BTreeMap<Vec<u8>, u64>,
+    pub sizes: super::Sizes,
 }
 
 impl Recovered {
@@ -102,7 +102,7 @@ pub fn read(records: BTreeMap<Vec<u8>, Vec<u8>>) -> Result<Recovered, ReadError>
     let mut clients: BTreeMap<String, Gathered> = BTreeMap::new();
     let mut retained = Vec::new();
     let mut delayed: Vec<(u64, u64, StoredMessage)> = Vec::new();
-    let mut sizes = BTreeMap::new();
+    let mut sizes = super::Sizes::default();
     let mut next_key = 0u64;
     let mut bad = None;
     let mut visit = |key: &[u8], value: &[u8]| {
