@@ -203,11 +203,7 @@ async fn durable_sigkill_keeps_sessions_queues_retained_and_inbound_qos2() {
                 } else {
                     q1.push(publish.payload[0]);
                 }
-                sub.send(&Packet::PubAck(Ack::new(
-                    publish.packet_id.unwrap(),
-                    ReasonCode::SUCCESS,
-                )))
-                .await;
+                sub.puback(&publish).await;
             }
             ("d/q2", QoS::ExactlyOnce) => {
                 q2 += 1;
@@ -266,11 +262,7 @@ async fn durable_a_graceful_restart_delivers_everything_once() {
                     panic!("{packet:?}")
                 };
                 got.push((p.payload[0], p.dup, p.packet_id));
-                sub.send(&Packet::PubAck(Ack::new(
-                    p.packet_id.unwrap(),
-                    ReasonCode::SUCCESS,
-                )))
-                .await;
+                sub.puback(&p).await;
             }
             Read::TimedOut => break,
             Read::Closed => panic!("closed"),
@@ -349,11 +341,7 @@ async fn durable_delayed_publishes_survive_a_crash() {
         first.topic, "later/a",
         "the one due during the downtime, at once"
     );
-    sub.send(&Packet::PubAck(Ack::new(
-        first.packet_id.unwrap(),
-        ReasonCode::SUCCESS,
-    )))
-    .await;
+    sub.puback(&first).await;
     // The other when it is due (bounded wait: it was 4 s from the publish).
     let mut second = None;
     for _ in 0..4 {
@@ -441,12 +429,7 @@ async fn durable_a_delayed_will_is_published_once_across_restarts() {
     drop(device); // no DISCONNECT: the will is due a second later
     let got = watcher.expect_publish().await;
     assert_eq!(&got.payload[..], b"offline");
-    watcher
-        .send(&Packet::PubAck(Ack::new(
-            got.packet_id.unwrap(),
-            ReasonCode::SUCCESS,
-        )))
-        .await;
+    watcher.puback(&got).await;
     // The acknowledgement's record is not waited for (QoS 1 allows a resend): let it commit,
     // so that what follows is about the will alone.
     watcher.expect_silence().await;
@@ -616,11 +599,7 @@ async fn durable_a_full_store_answers_quota_exceeded_and_loses_nothing_stored() 
     for _ in &accepted {
         let got = sub.expect_publish().await;
         assert_eq!(got.payload.len(), 500);
-        sub.send(&Packet::PubAck(Ack::new(
-            got.packet_id.unwrap(),
-            ReasonCode::SUCCESS,
-        )))
-        .await;
+        sub.puback(&got).await;
     }
     sub.expect_silence().await;
     // Acknowledged deliveries free their room.

@@ -110,11 +110,7 @@ async fn pub_qos_downgraded_to_subscription_maximum() {
     publisher
         .publish("down", rumqttc::QoS::AtMostOnce, false, b"y")
         .await;
-    q1.send(&Packet::PubAck(Ack::new(
-        got.packet_id.unwrap(),
-        ReasonCode::SUCCESS,
-    )))
-    .await;
+    q1.puback(&got).await;
     assert_eq!(q1.expect_publish().await.qos, QoS::AtMostOnce);
 }
 
@@ -232,11 +228,7 @@ async fn sub_overlapping_subscriptions_deliver_once_with_highest_qos_and_all_ids
     publisher
         .publish_acked(publish_struct("a/b/c", QoS::AtMostOnce, None, b"deep"))
         .await;
-    sub.send(&Packet::PubAck(Ack::new(
-        got.packet_id.unwrap(),
-        ReasonCode::SUCCESS,
-    )))
-    .await;
+    sub.puback(&got).await;
     let got = sub.expect_publish().await;
     assert_eq!(got.properties.subscription_identifiers, vec![2]);
 }
@@ -470,11 +462,7 @@ async fn sub_shared_subscription_skips_offline_members() {
             [i],
             "the online member gets the work while the other is away"
         );
-        m2.send(&Packet::PubAck(Ack::new(
-            got.packet_id.unwrap(),
-            ReasonCode::SUCCESS,
-        )))
-        .await;
+        m2.puback(&got).await;
     }
 }
 

@@ -86,11 +86,7 @@ async fn session_unacknowledged_qos1_resent_with_dup_on_reconnect() {
         (again.topic.as_str(), &again.payload[..], again.qos),
         ("resend/t", &b"again"[..], QoS::AtLeastOnce)
     );
-    sub.send(&Packet::PubAck(Ack::new(
-        again.packet_id.unwrap(),
-        ReasonCode::SUCCESS,
-    )))
-    .await;
+    sub.puback(&again).await;
     sub.disconnect().await;
 
     // Acknowledged now: a third connection gets nothing.

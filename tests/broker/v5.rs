@@ -290,12 +290,7 @@ async fn v5_client_maximum_packet_size_drops_only_for_that_client() {
         .messages_delivered
         .load(std::sync::atomic::Ordering::Relaxed);
     assert_eq!(delivered, 3, "two to `large`, one to `small`");
-    small
-        .send(&Packet::PubAck(Ack::new(
-            got.packet_id.unwrap(),
-            ReasonCode::SUCCESS,
-        )))
-        .await;
+    small.puback(&got).await;
 }
 
 #[tokio::test]
@@ -344,20 +339,12 @@ async fn v5_client_receive_maximum_honoured() {
     let b = sub.expect_publish().await;
     assert_eq!((a.payload[0], b.payload[0]), (1, 2));
     sub.expect_silence().await;
-    sub.send(&Packet::PubAck(Ack::new(
-        a.packet_id.unwrap(),
-        ReasonCode::SUCCESS,
-    )))
-    .await;
+    sub.puback(&a).await;
     let c = sub.expect_publish().await;
     assert_eq!(c.payload[0], 3);
     sub.expect_silence().await;
     for p in [b, c] {
-        sub.send(&Packet::PubAck(Ack::new(
-            p.packet_id.unwrap(),
-            ReasonCode::SUCCESS,
-        )))
-        .await;
+        sub.puback(&p).await;
     }
     let d = sub.expect_publish().await;
     let e = sub.expect_publish().await;

@@ -472,6 +472,13 @@ impl RawClient {
         }
     }
 
+    /// Acknowledges a QoS 1 delivery (PUBACK 0x00).
+    pub async fn puback(&mut self, publish: &Publish) {
+        let id = publish.packet_id.expect("a QoS 1 delivery has a packet id");
+        self.send(&Packet::PubAck(Ack::new(id, ReasonCode::SUCCESS)))
+            .await;
+    }
+
     /// Publishes and completes the QoS flow from the publisher's side.
     pub async fn publish_acked(&mut self, publish: Publish) {
         let qos = publish.qos;
