@@ -21,6 +21,7 @@ use crate::core::topic::TopicFilter;
 #[cfg(test)]
 use crate::duration::parse_duration;
 use crate::duration::{deserialize as duration, deserialize_some as some_duration};
+pub use crate::admin::{ApiSettings, SysSettings};
 pub use crate::storage::{Durability, StorageSettings};
 pub use crate::transport::quic::{Congestion, QuicSettings};
 pub use crate::transport::tls::{ClientVerify, PeerCertAsUsername, TlsSettings};
@@ -57,6 +58,8 @@ pub struct Config {
     pub rewrite: Vec<RewriteFile>,
     pub auth: crate::auth::AuthSettings,
     pub storage: StorageSettings,
+    pub api: ApiSettings,
+    pub sys_topics: SysSettings,
     #[serde(deserialize_with = "listeners")]
     pub listeners: Vec<ListenerConfig>,
 }
@@ -75,6 +78,8 @@ impl Default for Config {
             rewrite: Vec::new(),
             auth: crate::auth::AuthSettings::default(),
             storage: StorageSettings::default(),
+            api: ApiSettings::default(),
+            sys_topics: SysSettings::default(),
             listeners: ListenerKind::ALL
                 .iter()
                 .map(|&kind| ListenerConfig::new(kind, kind.default_bind()))
@@ -91,6 +96,9 @@ pub struct BrokerSection {
     /// How long a closing connection may take to flush its last packets.
     #[serde(deserialize_with = "duration")]
     pub close_linger: Duration,
+    /// This node's name in `$SYS/brokers/<node>/...` and the API (EMQX's `node.name`);
+    /// default `petrel@<hostname>`.
+    pub node_name: Option<String>,
 }
 
 impl Default for BrokerSection {
@@ -98,7 +106,22 @@ impl Default for BrokerSection {
         Self {
             data_dir: PathBuf::from("./data"),
             close_linger: Duration::from_secs(5),
+            node_name: None,
         }
+    }
+}
+
+impl BrokerSection {
+    /// `node_name`, or `petrel@<hostname>`.
+    pub fn node_name(&self) -> String {
+        self.node_name.clone().unwrap_or_else(|| {
+            let host = std::fs::read_to_string("/proc/sys/kernel/hostname")
+                .ok()
+                .map(|h| h.trim().to_owned())
+                .filter(|h| !h.is_empty())
+                .unwrap_or_else(|| "127.0.0.1".into());
+            format!("petrel@{host}")
+        })
     }
 }
 
@@ -244,14 +267,41 @@ impl Default for SessionSection {
 pub struct LogSection {
     /// A `tracing` filter, e.g. `info` or `petrel=debug`; `RUST_LOG` wins when set.
     pub level: String,
+    /// `text` (human; colours only on a terminal) or `json` (one object per line).
+    pub format: LogFormat,
+    /// Also write the log to this file (no colours), rotated every `rotation`.
+    pub file: Option<PathBuf>,
+    pub rotation: LogRotation,
+    /// Rotated files kept (0: all).
+    pub max_files: usize,
 }
 
 impl Default for LogSection {
     fn default() -> Self {
         Self {
             level: "info".into(),
+            format: LogFormat::Text,
+            file: None,
+            rotation: LogRotation::Daily,
+            max_files: 7,
         }
     }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum LogFormat {
+    Text,
+    Json,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum LogRotation {
+    Minutely,
+    Hourly,
+    Daily,
+    Never,
 }
 
 /// The transports a listener can serve.
@@ -524,6 +574,12 @@ impl Config {
                 "storage.group_window",
                 "at most 1s (every acknowledgement waits up to this long)",
             );
+        }
+        if self.api.cert.is_some() != self.api.key.is_some() {
+            return invalid("api.cert", "api.cert and api.key go together");
+        }
+        if self.log.file.as_ref().is_some_and(|f| f.file_name().is_none()) {
+            return invalid("log.file", "must name a file");
         }
         if self.listeners.is_empty() {
             return invalid("listeners", "at least one listener is needed");

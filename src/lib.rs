@@ -29,6 +29,7 @@
 //! TLS and QUIC settings). `core` and `broker` are the crate's own (the `internals` feature
 //! opens them to the criterion benchmarks); the command-line tools live with the binary.
 
+pub mod admin;
 pub mod auth;
 // The broker's internals belong to the crate; the `internals` feature opens them to the
 // criterion benchmarks only (`cargo bench --features internals --bench router`).
