@@ -167,14 +167,21 @@ impl Link {
 
     /// Ready when the session's mailbox has something for this connection: a takeover
     /// request (`Some`: pass it to [`Link::handle_takeover`]), or deliveries the channel
-    /// can take now (`None`). Pending before CONNECT has found a session.
-    pub fn poll_mailbox(&self, cx: &mut Context<'_>) -> Poll<Option<oneshot::Sender<()>>> {
+    /// can take now (`None`). An operator's kick closes the channel here (and is ready with
+    /// `None`: the driver goes on to write the DISCONNECT). Pending before CONNECT has found
+    /// a session.
+    pub fn poll_mailbox(&mut self, cx: &mut Context<'_>) -> Poll<Option<oneshot::Sender<()>>> {
         let Some(mailbox) = &self.mailbox else {
             return Poll::Pending;
         };
         match mailbox.poll_signal(cx, self.conn_id, self.channel.can_deliver()) {
             Poll::Ready(Signal::Takeover(ack)) => Poll::Ready(Some(ack)),
             Poll::Ready(Signal::Deliveries) => Poll::Ready(None),
+            Poll::Ready(Signal::Kick) => {
+                tracing::info!(client_id = %self.channel.client_id(), "kicked by an operator");
+                self.channel.handle_kick();
+                Poll::Ready(None)
+            }
             Poll::Pending => Poll::Pending,
         }
     }

@@ -49,6 +49,8 @@ pub enum Signal {
     /// Another connection claims the session: close (the session goes to the offline table as
     /// usual), then acknowledge.
     Takeover(oneshot::Sender<()>),
+    /// An operator kicked the client.
+    Kick,
 }
 
 #[derive(Debug, Default)]
@@ -56,6 +58,8 @@ struct Inner {
     queue: VecDeque<Delivery>,
     /// A takeover request for the connection with this id.
     takeover: Option<(u64, oneshot::Sender<()>)>,
+    /// An operator's kick for the connection with this id.
+    kick: Option<u64>,
 }
 
 #[derive(Debug)]
@@ -280,6 +284,10 @@ impl Mailbox {
         if let Some(ack) = Self::take_request(&mut inner, conn_id) {
             return Poll::Ready(Signal::Takeover(ack));
         }
+        if inner.kick.is_some_and(|id| id == conn_id) {
+            inner.kick = None;
+            return Poll::Ready(Signal::Kick);
+        }
         if want_deliveries && !inner.queue.is_empty() {
             return Poll::Ready(Signal::Deliveries);
         }
@@ -290,6 +298,12 @@ impl Mailbox {
     /// it has. A newer request replaces an older one, whose requester then sees it dropped.
     pub fn request_takeover(&self, conn_id: u64, ack: oneshot::Sender<()>) {
         self.lock().takeover = Some((conn_id, ack));
+        self.waker.wake();
+    }
+
+    /// Asks connection `conn_id` to close for an operator (see `Channel::handle_kick`).
+    pub fn request_kick(&self, conn_id: u64) {
+        self.lock().kick = Some(conn_id);
         self.waker.wake();
     }
 

@@ -46,6 +46,8 @@ pub enum EndReason {
     Expired,
     /// A CONNECT with Clean Start replaced it.
     CleanStart,
+    /// An operator discarded it (the HTTP API's kick of an offline session).
+    Discarded,
 }
 
 /// What the shell must carry out after a registry call, in order.
@@ -267,6 +269,46 @@ impl<M: SessionHandle> Registry<M> {
     }
 
     /// The handle of the session connection `conn_id` serves as `client_id`.
+    /// Ends `client_id`'s offline session now, as if it had expired (its pending will is
+    /// published). `false` if it has none offline.
+    pub fn discard(&mut self, client_id: &str) -> bool {
+        let Some((id, slot)) = self.slots.remove_entry(client_id) else {
+            return false;
+        };
+        let session = match slot.state {
+            SlotState::Offline { session } => session,
+            state @ SlotState::Online { .. } => {
+                self.slots.insert(id, Slot { state, ..slot });
+                return false;
+            }
+        };
+        self.timers.cancel(&TimerKey::Expire(Arc::clone(&id)));
+        self.timers.cancel(&TimerKey::Will(Arc::clone(&id)));
+        self.events.extend(self.wills.remove(&id).map(Event::Will));
+        self.events.push_back(Event::Ended {
+            client_id: id,
+            session: *session,
+            reason: EndReason::Discarded,
+        });
+        true
+    }
+
+    /// Every offline session, in no order.
+    pub fn offline(&self) -> impl Iterator<Item = &Session> {
+        self.slots.values().filter_map(|slot| match &slot.state {
+            SlotState::Offline { session } => Some(&**session),
+            SlotState::Online { .. } => None,
+        })
+    }
+
+    /// `client_id`'s session if it is offline.
+    pub fn offline_session(&self, client_id: &str) -> Option<&Session> {
+        match &self.slots.get(client_id)?.state {
+            SlotState::Offline { session } => Some(session),
+            SlotState::Online { .. } => None,
+        }
+    }
+
     pub fn served_handle(&self, client_id: &str, conn_id: u64) -> Option<&M> {
         match self.slots.get(client_id)? {
             Slot {

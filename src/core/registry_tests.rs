@@ -240,3 +240,30 @@ fn a_refused_connect_leaves_no_session() {
     assert!(registry.is_empty());
     assert!(events(&mut registry).is_empty());
 }
+
+#[test]
+fn discarding_an_offline_session_ends_it_with_its_will_and_timers() {
+    let mut registry = Registry::default();
+    let a = id("a");
+    let t0 = Instant::now();
+    ready(registry.open(&a, false, 1, Handle::default));
+    registry.close(t0, 1, &a, closing(&a, 60, Some(will("w/a", 30))));
+    assert_eq!(registry.offline().count(), 1);
+    assert!(registry.offline_session("a").is_some());
+    assert!(registry.discard("a"));
+    assert_eq!(events(&mut registry), ["will w/a", "ended a Discarded"]);
+    assert!(registry.is_empty());
+    assert_eq!(registry.poll_timeout(), None, "no timer left behind");
+    assert!(!registry.discard("a"), "nothing left to discard");
+}
+
+#[test]
+fn an_online_session_is_not_discarded() {
+    let mut registry = Registry::default();
+    let a = id("a");
+    ready(registry.open(&a, false, 1, Handle::default));
+    assert!(!registry.discard("a"));
+    assert_eq!(registry.count(), 1);
+    assert!(registry.offline_session("a").is_none());
+    assert!(events(&mut registry).is_empty());
+}

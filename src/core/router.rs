@@ -379,9 +379,48 @@ impl<K: Eq + Hash + Clone, V> SubscriptionTree<K, V> {
         eligible(k, v).then_some((k, v))
     }
 
-    #[cfg(test)]
+    /// Subscriptions held (a shared group's members each count).
     pub fn len(&self) -> usize {
         self.len
+    }
+
+    /// Visits every subscription: its filter as subscribed (`$share/{group}/…` for a group
+    /// member), the client and its data. For the operator's listings, not the message path:
+    /// it walks the whole tree (with an explicit stack) and builds each filter's text.
+    pub fn for_each(&self, mut visit: impl FnMut(&str, &K, &V)) {
+        let mut stack: Vec<(&Node<K, V>, String)> = vec![(&self.root, String::new())];
+        let mut shared = String::new();
+        while let Some((node, path)) = stack.pop() {
+            for (k, v) in &node.subscribers {
+                visit(&path, k, v);
+            }
+            for group in &node.groups {
+                shared.clear();
+                shared.push_str("$share/");
+                shared.push_str(&group.name);
+                shared.push('/');
+                shared.push_str(&path);
+                for (k, v) in &group.members {
+                    visit(&shared, k, v);
+                }
+            }
+            let child = |level: &str| {
+                if path.is_empty() && std::ptr::eq(node, &self.root) {
+                    level.to_owned()
+                } else {
+                    format!("{path}/{level}")
+                }
+            };
+            for (level, next) in &node.children {
+                stack.push((next, child(level)));
+            }
+            if let Some(next) = &node.plus {
+                stack.push((next, child("+")));
+            }
+            if let Some(next) = &node.hash {
+                stack.push((next, child("#")));
+            }
+        }
     }
 
     #[cfg(test)]
@@ -474,6 +513,35 @@ mod tests {
 
     fn tf(s: &str) -> TopicFilter {
         TopicFilter::parse(s, 0).unwrap()
+    }
+
+    #[test]
+    fn for_each_lists_every_subscription_with_its_filter_as_subscribed() {
+        let mut tree: SubscriptionTree<u32, String> = SubscriptionTree::new();
+        for (i, f) in ["a/b", "a/+", "#", "/x", "a/b/#", "$share/g/a/b", "$share/g/a/b"]
+            .iter()
+            .enumerate()
+        {
+            tree.insert(&tf(f), i as u32, f.to_string());
+        }
+        let mut seen = Vec::new();
+        tree.for_each(|filter, k, v| seen.push((filter.to_owned(), *k, v.clone())));
+        seen.sort();
+        let mut want: Vec<_> = [
+            ("#", 2),
+            ("$share/g/a/b", 5),
+            ("$share/g/a/b", 6),
+            ("/x", 3),
+            ("a/+", 1),
+            ("a/b", 0),
+            ("a/b/#", 4),
+        ]
+        .iter()
+        .map(|(f, k)| (f.to_string(), *k, f.to_string()))
+        .collect();
+        want.sort();
+        assert_eq!(seen, want);
+        assert_eq!(tree.len(), 7);
     }
 
     fn matches_of(tree: &SubscriptionTree<u32, String>, topic: &str) -> Vec<(u32, String)> {

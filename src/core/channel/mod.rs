@@ -115,6 +115,8 @@ pub enum Initiator {
     Client,
     Broker,
     Transport,
+    /// An operator (the HTTP API's kick).
+    Admin,
 }
 
 /// A will message waiting for its connection to end abnormally.
@@ -438,6 +440,34 @@ impl Channel {
                 false,
             );
         }
+    }
+
+    /// An operator kicked the client (EMQX's `DELETE /clients/{clientid}`): DISCONNECT
+    /// 0x98 (Administrative action) to a v5 client, the will published (the client did not
+    /// say goodbye), and the session discarded whatever its expiry.
+    pub fn handle_kick(&mut self) {
+        if self.state == State::Closed {
+            return;
+        }
+        if let Some(session) = &mut self.session {
+            session.expiry_interval = 0;
+        }
+        self.close(
+            ReasonCode::ADMINISTRATIVE_ACTION,
+            Initiator::Admin,
+            true,
+            true,
+        );
+    }
+
+    /// The Keep Alive in force (the client's, or the one the server assigned).
+    pub fn keep_alive(&self) -> u16 {
+        self.keep_alive
+    }
+
+    /// QoS 1/2 deliveries sent and not yet completed.
+    pub fn inflight(&self) -> usize {
+        self.session.as_ref().map_or(0, Session::inflight)
     }
 
     /// Another connection claimed this client id [MQTT-3.1.4-3].
