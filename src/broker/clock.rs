@@ -12,3 +12,9 @@ pub fn now() -> Instant {
 pub async fn sleep_until(at: Instant) {
     tokio::time::sleep_until(tokio::time::Instant::from_std(at)).await;
 }
+
+/// The wall clock, for what operators read as a date (a client's connection time, `$SYS`
+/// datetime); never for deadlines.
+pub fn wall() -> std::time::SystemTime {
+    std::time::SystemTime::now()
+}

@@ -59,7 +59,7 @@ where
         .fetch_add(1, Ordering::Relaxed);
     let codec = Codec::new(broker.limits().max_packet_size);
     let metrics = Arc::clone(&broker);
-    let mut link = Link::new(broker, peer);
+    let mut link = Link::new(broker, peer, transport);
     if let Some(username) = peer_username {
         link.channel.set_peer_username(username);
     }

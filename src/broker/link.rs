@@ -11,6 +11,7 @@ use std::time::{Duration, Instant};
 
 use tokio::sync::oneshot;
 
+use super::clients::ClientInfo;
 use super::mailbox::{Mailbox, Signal};
 use super::{clock, Broker};
 use crate::auth::{Credentials, Refusal};
@@ -61,10 +62,16 @@ pub struct Link {
     ticket_from: Ticket,
     /// The persistent session's subscriptions changed: its record is saved again.
     session_changed: bool,
+    /// `tcp`, `tls`, `ws`, `wss` or `quic`.
+    transport: &'static str,
+    /// The QUIC connection (for the operators' view of its path).
+    pub quic: Option<quinn::Connection>,
+    /// Our entry in the broker's table of connected clients, once CONNECT is accepted.
+    info: Option<Arc<ClientInfo>>,
 }
 
 impl Link {
-    pub fn new(broker: Arc<Broker>, peer: SocketAddr) -> Self {
+    pub fn new(broker: Arc<Broker>, peer: SocketAddr, transport: &'static str) -> Self {
         let conn_id = broker.next_conn_id();
         let assignable_id = broker.assignable_client_id(conn_id);
         let mut channel = Channel::new(Arc::clone(broker.limits()), clock::now(), assignable_id);
@@ -88,6 +95,9 @@ impl Link {
             ticket: 0,
             ticket_from: 0,
             session_changed: false,
+            transport,
+            quic: None,
+            info: None,
         }
     }
 
@@ -239,6 +249,26 @@ impl Link {
                         store.session_ended(&client_id);
                     }
                 }
+                let info = Arc::new(ClientInfo {
+                    conn_id: self.conn_id,
+                    client_id: Arc::clone(&client_id),
+                    username: self.channel.username().map(Into::into),
+                    peer: self.peer,
+                    transport: self.transport,
+                    proto_ver: self.channel.version().level(),
+                    keepalive: self.channel.keep_alive(),
+                    clean_start,
+                    expiry_interval: self.channel.session().map_or(0, |s| s.expiry_interval),
+                    connected_at: clock::wall(),
+                    mailbox: Arc::clone(&mailbox),
+                    recv_msg: Default::default(),
+                    send_msg: Default::default(),
+                    inflight: Default::default(),
+                    subscriptions: Default::default(),
+                    quic: self.quic.clone(),
+                });
+                self.broker.clients.insert(Arc::clone(&info));
+                self.info = Some(info);
                 self.mailbox = Some(mailbox);
                 if !self.broker.limits().auto_subscribe.is_empty() {
                     let host = self.peer.ip().to_string();
@@ -331,6 +361,9 @@ impl Link {
                     }
                 }
                 Action::Route { message, ack } => {
+                    if let Some(info) = &self.info {
+                        info.count_received();
+                    }
                     let before = self.pressure.len();
                     // What routing stores and the record that a QoS 2 message was received
                     // commit together: a crash between them would route a resend twice.
@@ -376,6 +409,9 @@ impl Link {
                     self.count_drops(0);
                     self.close_reason = Some(close.reason);
                     let client_id = Arc::clone(self.channel.client_id());
+                    if self.info.take().is_some() {
+                        self.broker.clients.remove(&client_id, self.conn_id);
+                    }
                     self.broker
                         .close_session(now, self.conn_id, &client_id, *close);
                     // A takeover asked for while we were closing is answered too.
@@ -393,6 +429,14 @@ impl Link {
             }
         }
         self.record_changes();
+        if let Some(info) = &self.info {
+            let count = |n: usize| u32::try_from(n).unwrap_or(u32::MAX);
+            info.inflight
+                .store(count(self.channel.inflight()), Ordering::Relaxed);
+            let subscriptions = self.channel.session().map_or(0, |s| s.subscriptions.len());
+            info.subscriptions
+                .store(count(subscriptions), Ordering::Relaxed);
+        }
         None
     }
 
@@ -560,6 +604,9 @@ impl Link {
         self.broker
             .count_dropped(dropped, DropReason::Undeliverable);
         let sent = offered.saturating_sub(dropped);
+        if let (Some(info), true) = (&self.info, sent > 0) {
+            info.count_sent(sent);
+        }
         if sent > 0 {
             metrics
                 .messages_delivered

@@ -15,6 +15,7 @@
 //! - `quic`: the MQTT-over-QUIC `Wire` (control and data streams) and its stream tasks.
 //! - `clock`: the one place that reads the time.
 
+pub mod clients;
 pub mod clock;
 pub mod connection;
 pub mod driver;
@@ -135,6 +136,8 @@ pub struct Broker {
     auth: Arc<AuthService>,
     hooks: Hooks,
     pub metrics: Metrics,
+    /// Connected clients, for operators.
+    pub clients: clients::Clients,
 }
 
 impl Broker {
@@ -155,6 +158,7 @@ impl Broker {
             auth: Arc::new(AuthService::default()),
             hooks: Hooks::default(),
             metrics: Metrics::default(),
+            clients: clients::Clients::default(),
         }
     }
 

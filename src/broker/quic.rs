@@ -129,9 +129,9 @@ async fn serve(
             clock::now() + handshake_timeout,
             max_packet_size,
         );
-        Driver::new(Link::new(broker, peer), wire)
-            .run(&shutdown)
-            .await;
+        let mut link = Link::new(broker, peer, "quic");
+        link.quic = Some(wire.connection().clone());
+        Driver::new(link, wire).run(&shutdown).await;
         metrics.metrics.connections.fetch_sub(1, Ordering::Relaxed);
     }
     .instrument(span)
@@ -194,6 +194,11 @@ pub struct QuicWire {
 const EVENTS_PER_WAKE: usize = 64;
 
 impl QuicWire {
+    /// The QUIC connection (its path statistics are the operators' link-quality view).
+    pub fn connection(&self) -> &Connection {
+        &self.conn
+    }
+
     fn new(
         conn: Connection,
         peer: SocketAddr,

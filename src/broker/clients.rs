@@ -1,0 +1,117 @@
+//! The table of connected clients, for operators: who is connected, from where, over which
+//! transport, since when, and how their link behaves. A connection enters it once its
+//! CONNECT is accepted and leaves when it closes; the message path only bumps the
+//! connection's own counters (relaxed atomics on a struct no other connection writes).
+
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::SystemTime;
+
+use rustc_hash::FxHashMap;
+
+use super::mailbox::Mailbox;
+
+/// One connected client.
+#[derive(Debug)]
+pub struct ClientInfo {
+    pub conn_id: u64,
+    pub client_id: Arc<str>,
+    pub username: Option<Box<str>>,
+    pub peer: SocketAddr,
+    /// `tcp`, `tls`, `ws`, `wss` or `quic`.
+    pub transport: &'static str,
+    /// 3, 4 or 5.
+    pub proto_ver: u8,
+    pub keepalive: u16,
+    pub clean_start: bool,
+    pub expiry_interval: u32,
+    pub connected_at: SystemTime,
+    pub mailbox: Arc<Mailbox>,
+    /// PUBLISH packets received from the client.
+    pub recv_msg: AtomicU64,
+    /// Deliveries sent to it.
+    pub send_msg: AtomicU64,
+    /// QoS 1/2 deliveries in flight (as of the connection's last turn).
+    pub inflight: AtomicU32,
+    pub subscriptions: AtomicU32,
+    /// The QUIC connection, whose path statistics the API reads.
+    pub quic: Option<quinn::Connection>,
+}
+
+/// A link's quality as the transport measures it.
+#[derive(Debug, Clone, Copy, Default, PartialEq)]
+pub struct LinkQuality {
+    /// Smoothed round-trip time, in microseconds.
+    pub rtt_us: u64,
+    /// Congestion window, in bytes.
+    pub cwnd: u64,
+    pub sent_packets: u64,
+    pub lost_packets: u64,
+    pub lost_bytes: u64,
+    /// Times the congestion controller backed off.
+    pub congestion_events: u64,
+}
+
+impl ClientInfo {
+    /// The transport's own measure of the link: QUIC's path statistics; `None` for the byte
+    /// stream transports (their TCP_INFO is not read yet).
+    pub fn link_quality(&self) -> Option<LinkQuality> {
+        let conn = self.quic.as_ref()?;
+        let stats = conn.stats();
+        Some(LinkQuality {
+            rtt_us: u64::try_from(stats.path.rtt.as_micros()).unwrap_or(u64::MAX),
+            cwnd: stats.path.cwnd,
+            sent_packets: stats.path.sent_packets,
+            lost_packets: stats.path.lost_packets,
+            lost_bytes: stats.path.lost_bytes,
+            congestion_events: stats.path.congestion_events,
+        })
+    }
+
+    pub fn count_received(&self) {
+        self.recv_msg.fetch_add(1, Ordering::Relaxed);
+    }
+
+    pub fn count_sent(&self, n: u64) {
+        self.send_msg.fetch_add(n, Ordering::Relaxed);
+    }
+}
+
+/// Connected clients by client id.
+#[derive(Debug, Default)]
+pub struct Clients {
+    table: Mutex<FxHashMap<Arc<str>, Arc<ClientInfo>>>,
+}
+
+impl Clients {
+    fn lock(&self) -> std::sync::MutexGuard<'_, FxHashMap<Arc<str>, Arc<ClientInfo>>> {
+        self.table.lock().expect("clients lock is never poisoned")
+    }
+
+    /// A connection's CONNECT was accepted (replacing the connection it took over from).
+    pub fn insert(&self, info: Arc<ClientInfo>) {
+        self.lock().insert(Arc::clone(&info.client_id), info);
+    }
+
+    /// Connection `conn_id` closed; a newer connection of the same client stays.
+    pub fn remove(&self, client_id: &str, conn_id: u64) {
+        let mut table = self.lock();
+        if table.get(client_id).is_some_and(|c| c.conn_id == conn_id) {
+            table.remove(client_id);
+        }
+    }
+
+    pub fn get(&self, client_id: &str) -> Option<Arc<ClientInfo>> {
+        self.lock().get(client_id).cloned()
+    }
+
+    /// Every connected client (a snapshot: handles, not copies).
+    pub fn all(&self) -> Vec<Arc<ClientInfo>> {
+        self.lock().values().cloned().collect()
+    }
+
+    pub fn len(&self) -> usize {
+        self.lock().len()
+    }
+}
