@@ -108,12 +108,21 @@ impl Banned {
     }
 
     /// The ban in force on this client, if any (`now`: seconds since the epoch).
-    pub fn find(&self, client_id: &str, username: Option<&str>, ip: IpAddr, now: u64) -> Option<Ban> {
+    pub fn find(
+        &self,
+        client_id: &str,
+        username: Option<&str>,
+        ip: IpAddr,
+        now: u64,
+    ) -> Option<Ban> {
         if !self.any.load(Ordering::Relaxed) {
             return None;
         }
         let bans = self.bans.read().expect("banned lock is never poisoned");
-        let key = |kind, who: &str| bans.get(&(kind, who.to_owned())).filter(|b| b.in_force(now));
+        let key = |kind, who: &str| {
+            bans.get(&(kind, who.to_owned()))
+                .filter(|b| b.in_force(now))
+        };
         key(BanKind::Clientid, client_id)
             .or_else(|| username.and_then(|u| key(BanKind::Username, u)))
             .or_else(|| key(BanKind::Peerhost, &ip.to_string()))
@@ -217,23 +226,51 @@ mod tests {
         assert!(banned.find("c", Some("u"), ip, 150).is_none());
         banned.add(ban(BanKind::Clientid, "c", Some(200))).unwrap();
         banned.add(ban(BanKind::Username, "u", None)).unwrap();
-        banned.add(ban(BanKind::Peerhost, "10.0.0.9", None)).unwrap();
-        assert_eq!(banned.find("c", None, "::1".parse().unwrap(), 150).unwrap().kind, BanKind::Clientid);
-        assert!(banned.find("c", None, "::1".parse().unwrap(), 200).is_none(), "over at `until`");
-        assert_eq!(banned.find("x", Some("u"), "::1".parse().unwrap(), 150).unwrap().kind, BanKind::Username);
-        assert_eq!(banned.find("x", None, ip, 150).unwrap().kind, BanKind::Peerhost);
+        banned
+            .add(ban(BanKind::Peerhost, "10.0.0.9", None))
+            .unwrap();
+        assert_eq!(
+            banned
+                .find("c", None, "::1".parse().unwrap(), 150)
+                .unwrap()
+                .kind,
+            BanKind::Clientid
+        );
+        assert!(
+            banned
+                .find("c", None, "::1".parse().unwrap(), 200)
+                .is_none(),
+            "over at `until`"
+        );
+        assert_eq!(
+            banned
+                .find("x", Some("u"), "::1".parse().unwrap(), 150)
+                .unwrap()
+                .kind,
+            BanKind::Username
+        );
+        assert_eq!(
+            banned.find("x", None, ip, 150).unwrap().kind,
+            BanKind::Peerhost
+        );
         let reloaded = Banned::load(&file).unwrap();
         assert_eq!(reloaded.list(), banned.list());
         assert!(reloaded.remove(BanKind::Username, "u").unwrap());
         assert!(!reloaded.remove(BanKind::Username, "u").unwrap());
-        assert!(Banned::load(&file).unwrap().find("x", Some("u"), "::1".parse().unwrap(), 150).is_none());
+        assert!(Banned::load(&file)
+            .unwrap()
+            .find("x", Some("u"), "::1".parse().unwrap(), 150)
+            .is_none());
         std::fs::remove_dir_all(&dir).unwrap();
     }
 
     #[test]
     fn bad_bans_are_refused_with_a_reason() {
         let banned = Banned::default();
-        assert!(matches!(banned.add(ban(BanKind::Clientid, "", None)), Err(BannedError::EmptyWho)));
+        assert!(matches!(
+            banned.add(ban(BanKind::Clientid, "", None)),
+            Err(BannedError::EmptyWho)
+        ));
         assert!(matches!(
             banned.add(ban(BanKind::Peerhost, "not-an-ip", None)),
             Err(BannedError::BadPeerhost(_))

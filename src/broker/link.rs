@@ -295,15 +295,14 @@ impl Link {
         let now_secs = clock::wall()
             .duration_since(std::time::UNIX_EPOCH)
             .map_or(0, |d| d.as_secs());
-        let decided = match auth.banned().find(
-            client_id,
-            credentials.username,
-            self.peer.ip(),
-            now_secs,
-        ) {
-            Some(_) => Err(Refusal::Banned),
-            None => auth.authenticate(&credentials),
-        };
+        let decided =
+            match auth
+                .banned()
+                .find(client_id, credentials.username, self.peer.ip(), now_secs)
+            {
+                Some(_) => Err(Refusal::Banned),
+                None => auth.authenticate(&credentials),
+            };
         let refused = match decided {
             Err(refusal) => {
                 tracing::info!(

@@ -79,6 +79,30 @@ pub struct Metrics {
     pub acl_denied: AtomicU64,
     /// Persistent messages refused because the store was full or failing (0x97).
     pub store_refused: AtomicU64,
+    /// The most connections open at once.
+    pub connections_max: AtomicU64,
+    /// QUIC handshakes completed, and how many of them accepted 0-RTT data.
+    pub quic_handshakes: AtomicU64,
+    pub quic_0rtt_accepted: AtomicU64,
+    /// QUIC clients that moved to a new address (and kept their connection).
+    pub quic_migrations: AtomicU64,
+}
+
+impl Metrics {
+    /// A connection opened.
+    pub fn connection_opened(&self) {
+        let now = self.connections.fetch_add(1, Ordering::Relaxed) + 1;
+        self.connections_max.fetch_max(now, Ordering::Relaxed);
+        self.connections_total.fetch_add(1, Ordering::Relaxed);
+    }
+
+    /// Messages received at every QoS.
+    pub fn messages_received(&self) -> u64 {
+        self.messages_received
+            .iter()
+            .map(|n| n.load(Ordering::Relaxed))
+            .sum()
+    }
 }
 
 /// What routing a message came to.
