@@ -12,6 +12,7 @@ use std::time::Duration;
 
 use serde::{Deserialize, Deserializer};
 
+pub use crate::admin::{ApiSettings, SysSettings};
 pub use crate::broker::listener::{ListenerConfig, ListenerKind};
 use crate::broker::listener::{DEFAULT_HANDSHAKE_TIMEOUT, DEFAULT_WS_PATH};
 use crate::codec::{QoS, SubscriptionOptions};
@@ -21,7 +22,6 @@ use crate::core::topic::TopicFilter;
 #[cfg(test)]
 use crate::duration::parse_duration;
 use crate::duration::{deserialize as duration, deserialize_some as some_duration};
-pub use crate::admin::{ApiSettings, SysSettings};
 pub use crate::storage::{Durability, StorageSettings};
 pub use crate::transport::quic::{Congestion, QuicSettings};
 pub use crate::transport::tls::{ClientVerify, PeerCertAsUsername, TlsSettings};
@@ -578,7 +578,15 @@ impl Config {
         if self.api.cert.is_some() != self.api.key.is_some() {
             return invalid("api.cert", "api.cert and api.key go together");
         }
-        if self.log.file.as_ref().is_some_and(|f| f.file_name().is_none()) {
+        if let Err(err) = tracing_subscriber::EnvFilter::try_new(&self.log.level) {
+            return invalid("log.level", &err.to_string());
+        }
+        if self
+            .log
+            .file
+            .as_ref()
+            .is_some_and(|f| f.file_name().is_none())
+        {
             return invalid("log.file", "must name a file");
         }
         if self.listeners.is_empty() {
@@ -657,10 +665,10 @@ mod tests {
     fn load(text: &str, env: &[(&str, &str)], sets: &[&str]) -> Result<Config, ConfigError> {
         let dir = std::env::temp_dir().join(format!("petrel-config-{}", std::process::id()));
         std::fs::create_dir_all(&dir).unwrap();
-        let path = dir.join(format!(
-            "{:x}.toml",
-            text.len() * 31 + env.len() * 7 + sets.len()
-        ));
+        // A file per call: tests run in parallel, and two texts may have the same length.
+        static NEXT: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
+        let n = NEXT.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        let path = dir.join(format!("{n}.toml"));
         std::fs::write(&path, text).unwrap();
         let env = env.iter().map(|(k, v)| (k.to_string(), v.to_string()));
         let sets: Vec<String> = sets.iter().map(|s| s.to_string()).collect();
@@ -690,6 +698,11 @@ mod tests {
             config.delayed.max_delayed_messages,
             defaults.delayed.max_delayed_messages
         );
+        assert_eq!(config.log.level, defaults.log.level);
+        assert_eq!(config.log.format, defaults.log.format);
+        assert_eq!(config.log.file, defaults.log.file);
+        assert_eq!(config.log.rotation, defaults.log.rotation);
+        assert_eq!(config.log.max_files, defaults.log.max_files);
         let kinds: Vec<_> = config.listeners.iter().map(|l| l.kind).collect();
         assert_eq!(kinds, ListenerKind::ALL);
     }
@@ -712,6 +725,36 @@ mod tests {
             .unwrap_err()
             .to_string();
         assert!(err.contains("password"), "{err}");
+    }
+
+    #[test]
+    fn log_section_parses_format_file_and_rotation() {
+        let c = load(
+            "[log]\nformat = \"json\"\nfile = \"/var/log/petrel/petrel.log\"\n\
+             rotation = \"hourly\"\nmax_files = 3\n",
+            &[],
+            &["log.level=petrel=debug"],
+        )
+        .unwrap();
+        assert_eq!(c.log.format, LogFormat::Json);
+        assert_eq!(
+            c.log.file.as_deref(),
+            Some(Path::new("/var/log/petrel/petrel.log"))
+        );
+        assert_eq!(c.log.rotation, LogRotation::Hourly);
+        assert_eq!(c.log.max_files, 3);
+        assert_eq!(c.log.level, "petrel=debug");
+        for (text, key) in [
+            ("format = \"yaml\"", "format"),
+            ("rotation = \"weekly\"", "rotation"),
+            ("level = \"petrel=loud\"", "log.level"),
+            ("file = \"/\"", "log.file"),
+        ] {
+            let err = load(&format!("[log]\n{text}\n"), &[], &[])
+                .unwrap_err()
+                .to_string();
+            assert!(err.contains(key), "{text}: {err}");
+        }
     }
 
     #[test]
