@@ -353,25 +353,28 @@ struct Reload {
 }
 
 impl Reload {
-    /// Applies the configuration's `log.level` again; on any error the old level stays.
-    fn log_level(&self) {
-        if self.log.set_by_env() {
-            tracing::info!("RUST_LOG is set, so log.level is not reloaded");
-            return;
-        }
-        let config = match Config::load(self.config.as_deref(), std::env::vars(), &self.sets) {
-            Ok(config) => config,
-            Err(err) => {
-                tracing::error!(
-                    "log level not reloaded, it stays {}: {err}",
-                    self.log.level()
-                );
-                return;
+    /// What SIGHUP (and `petrel ctl reload`) does: the password and ACL files, then the
+    /// configuration's log level and `$SYS` interval. On any error what was in force stays;
+    /// the answer says what happened.
+    fn run(&self, broker: &RunningBroker) -> Result<String, String> {
+        let auth = broker.broker_auth_reload();
+        let config = Config::load(self.config.as_deref(), std::env::vars(), &self.sets)
+            .map_err(|err| format!("configuration not reloaded: {err}"));
+        let config = match (auth, config) {
+            (Err(err), _) => return Err(format!("reload failed, the old rules stay: {err}")),
+            (Ok(_), Err(err)) => return Err(err),
+            (Ok(described), Ok(config)) => {
+                tracing::info!("reloaded: {described}");
+                config
             }
         };
-        if let Err(err) = self.log.set_level(&config.log.level) {
-            tracing::error!("{err}; the log level stays {}", self.log.level());
+        if self.log.set_by_env() {
+            tracing::info!("RUST_LOG is set, so log.level is not reloaded");
+        } else if let Err(err) = self.log.set_level(&config.log.level) {
+            return Err(format!("{err}; the log level stays {}", self.log.level()));
         }
+        broker.apply(&config);
+        Ok(format!("reloaded; log level {}", self.log.level()))
     }
 }
 
@@ -382,9 +385,10 @@ async fn serve(config: Config, reload: Reload) -> anyhow::Result<()> {
             config.broker.data_dir.display()
         )
     })?;
-    let broker = RunningBroker::start(&config).await?;
+    let mut broker = RunningBroker::start(&config).await?;
     tracing::info!(data_dir = %config.broker.data_dir.display(), "petrel {} ready", env!("CARGO_PKG_VERSION"));
-    wait_for_signal(&broker, &reload).await;
+    let requests = broker.take_reload_requests();
+    wait_for_signal(&broker, &reload, requests).await;
     tracing::info!("shutting down");
     broker.shutdown().await;
     Ok(())
@@ -392,7 +396,20 @@ async fn serve(config: Config, reload: Reload) -> anyhow::Result<()> {
 
 /// Waits for Ctrl-C or SIGTERM; SIGHUP reloads the password and ACL files and the log level
 /// meanwhile.
-async fn wait_for_signal(broker: &RunningBroker, reload: &Reload) {
+async fn wait_for_signal(
+    broker: &RunningBroker,
+    reload: &Reload,
+    mut requests: Option<tokio::sync::mpsc::Receiver<petrel::admin::ReloadRequest>>,
+) {
+    /// The next reload asked for through the API (never, without the API).
+    async fn recv(
+        requests: &mut Option<tokio::sync::mpsc::Receiver<petrel::admin::ReloadRequest>>,
+    ) -> Option<petrel::admin::ReloadRequest> {
+        match requests {
+            Some(rx) => rx.recv().await,
+            None => std::future::pending().await,
+        }
+    }
     #[cfg(unix)]
     {
         use tokio::signal::unix::{signal, SignalKind};
@@ -405,11 +422,16 @@ async fn wait_for_signal(broker: &RunningBroker, reload: &Reload) {
                     _ = tokio::signal::ctrl_c() => break,
                     _ = term.recv() => break,
                     _ = hup.recv() => {
-                        match broker.broker.auth().reload() {
-                            Ok(()) => tracing::info!("reloaded: {}", broker.broker.auth().describe()),
-                            Err(err) => tracing::error!("reload failed, the old rules stay: {err}"),
+                        if let Err(err) = reload.run(broker) {
+                            tracing::error!("{err}");
                         }
-                        reload.log_level();
+                    }
+                    Some(answer) = recv(&mut requests) => {
+                        let outcome = reload.run(broker);
+                        if let Err(err) = &outcome {
+                            tracing::error!("{err}");
+                        }
+                        let _ = answer.send(outcome);
                     }
                 }
             },

@@ -7,11 +7,13 @@
 //! - `auth`: API keys and dashboard logins.
 //! - `api`: the `/api/v5` handlers.
 //! - `metrics`: stats, counters and the Prometheus exposition.
+//! - `sys`: the `$SYS` topics and client events.
 
 mod api;
 mod auth;
 mod metrics;
 mod settings;
+mod sys;
 
 use std::net::SocketAddr;
 use std::path::Path;
@@ -38,6 +40,22 @@ pub struct AdminState {
     pub version: &'static str,
     pub listeners: Vec<(ListenerKind, SocketAddr)>,
     auth: auth::ApiAuth,
+    /// Asks the process to reload (as SIGHUP does) and waits for its answer.
+    reload: tokio::sync::mpsc::Sender<ReloadRequest>,
+}
+
+/// A reload asked for through the API: answered with what happened.
+pub type ReloadRequest = tokio::sync::oneshot::Sender<Result<String, String>>;
+
+/// Starts the `$SYS` publisher; the returned handle changes its interval (on reload).
+pub fn start_sys(
+    broker: &Arc<Broker>,
+    node: Arc<str>,
+    settings: &SysSettings,
+    tracker: &TaskTracker,
+    shutdown: &CancellationToken,
+) -> tokio::sync::watch::Sender<std::time::Duration> {
+    sys::start(broker, node, settings, tracker, shutdown)
 }
 
 /// Binds the API and serves it until `shutdown`; returns the address it listens on.
@@ -47,6 +65,7 @@ pub async fn start(
     data_dir: &Path,
     node: Arc<str>,
     listeners: Vec<(ListenerKind, SocketAddr)>,
+    reload: tokio::sync::mpsc::Sender<ReloadRequest>,
     tracker: &TaskTracker,
     shutdown: &CancellationToken,
 ) -> anyhow::Result<SocketAddr> {
@@ -58,6 +77,7 @@ pub async fn start(
         version: env!("CARGO_PKG_VERSION"),
         listeners,
         auth,
+        reload,
     });
     let protected = api::protected().route_layer(axum::middleware::from_fn_with_state(
         Arc::clone(&state),
