@@ -350,7 +350,7 @@ mod packaging {
                     stack.push(relative);
                     continue;
                 }
-                if relative.extension().map_or(true, |e| e != "rs") {
+                if relative.extension().is_none_or(|e| e != "rs") {
                     continue;
                 }
                 let text = std::fs::read_to_string(entry.path()).unwrap();

@@ -91,7 +91,7 @@ pub fn init(settings: &LogSection) -> anyhow::Result<Logging> {
     let (filter, handle) = reload::Layer::new(filter);
 
     let ansi = std::io::stdout().is_terminal()
-        && std::env::var_os("NO_COLOR").map_or(true, |v| v.is_empty());
+        && std::env::var_os("NO_COLOR").is_none_or(|v| v.is_empty());
     let mut outputs = vec![output(settings.format, ansi, std::io::stdout)];
     let file_guard = match &settings.file {
         Some(path) => {

@@ -163,13 +163,16 @@ impl RunningBroker {
         let mut api = None;
         let (reload_tx, reload_rx) = tokio::sync::mpsc::channel(4);
         if config.api.enable {
+            let served = crate::admin::Served {
+                broker: Arc::clone(&broker),
+                node: Arc::clone(&node),
+                listeners: listeners.clone(),
+                reload: reload_tx,
+            };
             let started = crate::admin::start(
-                Arc::clone(&broker),
+                served,
                 &config.api,
                 &config.broker.data_dir,
-                Arc::clone(&node),
-                listeners.clone(),
-                reload_tx,
                 &tracker,
                 &shutdown,
             )

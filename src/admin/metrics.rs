@@ -201,7 +201,13 @@ fn exposition(state: &AdminState) -> String {
             t.congestion_events += q.congestion_events;
         }
     }
-    let families: [(&str, &str, &str, fn(&LinkTotals) -> f64); 7] = [
+    type Family = (
+        &'static str,
+        &'static str,
+        &'static str,
+        fn(&LinkTotals) -> f64,
+    );
+    let families: [Family; 7] = [
         (
             "petrel_link_connections",
             "gauge",

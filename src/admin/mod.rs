@@ -58,26 +58,33 @@ pub fn start_sys(
     sys::start(broker, node, settings, tracker, shutdown)
 }
 
+/// What the API serves, besides its settings.
+pub struct Served {
+    pub broker: Arc<Broker>,
+    /// This node's name (`petrel@host`).
+    pub node: Arc<str>,
+    pub listeners: Vec<(ListenerKind, SocketAddr)>,
+    /// Where `POST /api/v5/reload` asks the process to reload.
+    pub reload: tokio::sync::mpsc::Sender<ReloadRequest>,
+}
+
 /// Binds the API and serves it until `shutdown`; returns the address it listens on.
 pub async fn start(
-    broker: Arc<Broker>,
+    served: Served,
     settings: &ApiSettings,
     data_dir: &Path,
-    node: Arc<str>,
-    listeners: Vec<(ListenerKind, SocketAddr)>,
-    reload: tokio::sync::mpsc::Sender<ReloadRequest>,
     tracker: &TaskTracker,
     shutdown: &CancellationToken,
 ) -> anyhow::Result<SocketAddr> {
     let auth = auth::ApiAuth::load(settings, data_dir).context("api")?;
     let state = Arc::new(AdminState {
-        broker,
-        node,
+        broker: served.broker,
+        node: served.node,
         started: crate::broker::clock::now(),
         version: env!("CARGO_PKG_VERSION"),
-        listeners,
+        listeners: served.listeners,
         auth,
-        reload,
+        reload: served.reload,
     });
     let protected = api::protected().route_layer(axum::middleware::from_fn_with_state(
         Arc::clone(&state),
