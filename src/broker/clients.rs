@@ -148,4 +148,8 @@ impl Clients {
     pub fn len(&self) -> usize {
         self.lock().len()
     }
+
+    pub fn is_empty(&self) -> bool {
+        self.lock().is_empty()
+    }
 }
