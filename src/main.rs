@@ -373,7 +373,9 @@ impl Reload {
         } else if let Err(err) = self.log.set_level(&config.log.level) {
             return Err(format!("{err}; the log level stays {}", self.log.level()));
         }
-        broker.apply(&config);
+        broker
+            .apply(&config)
+            .map_err(|err| format!("limits not reloaded: {err:#}"))?;
         Ok(format!("reloaded; log level {}", self.log.level()))
     }
 }

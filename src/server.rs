@@ -211,13 +211,18 @@ impl RunningBroker {
         Ok(auth.describe())
     }
 
-    /// Applies what can change without a restart: the `$SYS` interval. (Authentication,
-    /// ACL and the log level are reloaded by their owners.)
-    pub fn apply(&self, config: &Config) {
+    /// Applies what can change without a restart: the protocol limits (`[mqtt]`, rewrite
+    /// and auto-subscribe rules; new connections get them, open ones keep theirs) and the
+    /// `$SYS` interval. (Authentication, ACL and the log level are reloaded by their owners.)
+    pub fn apply(&self, config: &Config) -> anyhow::Result<()> {
+        // Checked whole before anything changes.
+        let settings = broker_settings(config)?;
+        self.broker.set_limits(settings.limits);
         if *self.sys_interval.borrow() != config.sys_topics.interval {
             tracing::info!(interval = ?config.sys_topics.interval, "$SYS interval changed");
             self.sys_interval.send_replace(config.sys_topics.interval);
         }
+        Ok(())
     }
 
     /// The reloads asked for through the API (`POST /api/v5/reload`, `petrel ctl reload`):

@@ -74,7 +74,7 @@ impl Link {
     pub fn new(broker: Arc<Broker>, peer: SocketAddr, transport: &'static str) -> Self {
         let conn_id = broker.next_conn_id();
         let assignable_id = broker.assignable_client_id(conn_id);
-        let mut channel = Channel::new(Arc::clone(broker.limits()), clock::now(), assignable_id);
+        let mut channel = Channel::new(broker.limits(), clock::now(), assignable_id);
         channel.set_admission(Arc::clone(&broker) as Arc<dyn crate::core::access::Admission>);
         let store = broker.hooks().store.clone();
         Self {

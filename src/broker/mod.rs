@@ -153,6 +153,9 @@ pub struct Settings {
 
 pub struct Broker {
     settings: Settings,
+    /// The protocol limits new connections get (`settings.limits` until a reload replaces
+    /// them; a connection keeps the ones it started with).
+    limits: RwLock<Arc<Limits>>,
     router: RwLock<Subscribers<Mailbox>>,
     retained: Mutex<RetainedStore<Arc<AppMessage>>>,
     sessions: Mutex<Registry<Arc<Mailbox>>>,
@@ -178,6 +181,7 @@ impl Broker {
         let mut router = Subscribers::new();
         router.set_strategies(settings.shared_strategy, settings.group_strategies.clone());
         Self {
+            limits: RwLock::new(Arc::clone(&settings.limits)),
             settings,
             router: RwLock::new(router),
             retained: Mutex::new(RetainedStore::new()),
@@ -216,8 +220,14 @@ impl Broker {
         &self.auth
     }
 
-    pub fn limits(&self) -> &Arc<Limits> {
-        &self.settings.limits
+    /// The protocol limits in force for new connections.
+    pub fn limits(&self) -> Arc<Limits> {
+        Arc::clone(&self.limits.read().expect("limits lock is never poisoned"))
+    }
+
+    /// New connections get these limits (a reload); connections already open keep theirs.
+    pub fn set_limits(&self, limits: Arc<Limits>) {
+        *self.limits.write().expect("limits lock is never poisoned") = limits;
     }
 
     pub fn settings(&self) -> &Settings {

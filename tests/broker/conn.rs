@@ -135,6 +135,31 @@ async fn conn_v5_connack_announces_default_capabilities() {
 }
 
 #[tokio::test]
+async fn conn_reloaded_limits_apply_to_new_connections_and_spare_open_ones() {
+    let broker = TestBroker::start().await;
+    let (mut before, connack) = RawClient::connect_v5(broker.addr, "before-reload").await;
+    let default = connack.properties.receive_maximum;
+    let mut reloaded = petrel::config::Config::default();
+    reloaded.mqtt.receive_maximum = 7;
+    reloaded.sys_topics.interval = Duration::ZERO;
+    broker.running.apply(&reloaded).unwrap();
+    let (_after, connack) = RawClient::connect_v5(broker.addr, "after-reload").await;
+    assert_eq!(connack.properties.receive_maximum, Some(7));
+    assert_ne!(default, Some(7));
+    // The connection opened before keeps working under its own limits.
+    before.send(&Packet::PingReq).await;
+    assert!(matches!(before.expect_packet().await, Packet::PingResp));
+    // A bad configuration changes nothing.
+    reloaded.rewrite.push(petrel::config::RewriteFile {
+        action: "publish".into(),
+        source_topic: "a/#".into(),
+        re: "(".into(),
+        dest_topic: "b".into(),
+    });
+    assert!(broker.running.apply(&reloaded).is_err());
+}
+
+#[tokio::test]
 async fn conn_v5_connack_announces_configured_limits() {
     let broker = TestBroker::start_with(|c| {
         c.mqtt.receive_maximum = 7;
