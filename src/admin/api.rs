@@ -169,26 +169,21 @@ struct Paging {
 const MAX_LIMIT: usize = 10_000;
 
 fn paging(params: &HashMap<String, String>) -> ApiResult<Paging> {
-    let number = |key: &str, default: usize| -> ApiResult<usize> {
-        match params.get(key).or_else(|| params.get(&format!("_{key}"))) {
-            None => Ok(default),
-            Some(text) => text
-                .parse::<usize>()
-                .ok()
-                .filter(|n| {
-                    (1..=MAX_LIMIT.max(usize::from(key == "page") * usize::MAX)).contains(n)
-                })
-                .ok_or_else(|| {
-                    ApiError::bad_request(format!(
-                        "`{key}` must be a whole number from 1{}",
-                        if key == "limit" { " to 10000" } else { "" }
-                    ))
-                }),
-        }
+    // EMQX also accepts the older `_page` and `_limit`.
+    let number = |key: &str, default: usize, max: usize| -> ApiResult<usize> {
+        let Some(text) = params.get(key).or_else(|| params.get(&format!("_{key}"))) else {
+            return Ok(default);
+        };
+        text.parse::<usize>()
+            .ok()
+            .filter(|n| (1..=max).contains(n))
+            .ok_or_else(|| {
+                ApiError::bad_request(format!("`{key}` must be a whole number from 1 to {max}"))
+            })
     };
     Ok(Paging {
-        page: number("page", 1)?,
-        limit: number("limit", 100)?,
+        page: number("page", 1, usize::MAX)?,
+        limit: number("limit", 100, MAX_LIMIT)?,
     })
 }
 
@@ -689,9 +684,49 @@ fn publish_one(state: &AdminState, body: PublishBody) -> ApiResult<Value> {
     };
     let now = clock::now();
     let publisher = body.clientid.map(Arc::from);
-    let message = AppMessage::from_publish(topic, publish, publisher, now);
-    state.broker.publish(Arc::new(message), now);
-    Ok(json!({"id": message_id()}))
+    // `$delayed/{seconds}/{topic}` is delayed, as a client's publish would be.
+    let delayed = match crate::core::delayed::parse(topic.as_str()) {
+        Some(_) if !limits.delayed_publish => None,
+        None => None,
+        Some(Err(crate::core::delayed::DelayedError::BadInterval)) => {
+            return Err(ApiError::bad_request(
+                "$delayed/{seconds}/{topic}: the interval must be whole seconds, at most 4294967",
+            ))
+        }
+        Some(Err(crate::core::delayed::DelayedError::BadTopic)) => {
+            return Err(ApiError::bad_request(
+                "$delayed/{seconds}/{topic}: no target topic",
+            ))
+        }
+        Some(Ok((after, target))) => {
+            let target = TopicName::parse(target.to_owned(), limits.max_topic_levels)
+                .map_err(|err| ApiError::bad_request(format!("delayed topic: {err}")))?;
+            Some((after, target))
+        }
+    };
+    let id = message_id();
+    match delayed {
+        None => {
+            let message = AppMessage::from_publish(topic, publish, publisher, now);
+            state.broker.publish(Arc::new(message), now);
+        }
+        Some((after, target)) => {
+            use crate::core::access::Admission as _;
+            if !state.broker.reserve_delayed() {
+                return Err(ApiError::bad_request(
+                    "delayed.max_delayed_messages reached (0x97 for a client)",
+                ));
+            }
+            let message = AppMessage::from_publish(target, publish, publisher, now);
+            state
+                .broker
+                .delay(Arc::new(message), now + after)
+                .map_err(|refused| {
+                    ApiError::internal(format!("the store refused it: {refused:?}"))
+                })?;
+        }
+    }
+    Ok(json!({"id": id}))
 }
 
 async fn publish(State(state): Shared, Json(body): Json<PublishBody>) -> ApiResult<Json<Value>> {
@@ -732,14 +767,16 @@ fn message_json(topic: &str, message: &AppMessage, payload: bool) -> Value {
 async fn retained_list(State(state): Shared, params: Params) -> ApiResult<Json<Value>> {
     let paging = paging(&params)?;
     let wanted = params.get("topic").cloned();
-    let mut all = Vec::new();
+    let mut all: Vec<(String, Arc<AppMessage>)> = Vec::new();
     state.broker.for_each_retained(|topic, message| {
         if wanted.as_deref().is_none_or(|w| filter_matches(w, topic)) {
-            all.push(message_json(topic, message, false));
+            all.push((topic.to_owned(), Arc::clone(message)));
         }
     });
-    all.sort_by(|a, b| a["topic"].as_str().cmp(&b["topic"].as_str()));
-    Ok(paged(all, &paging, Value::clone))
+    all.sort_by(|a, b| a.0.cmp(&b.0));
+    Ok(paged(all, &paging, |(topic, message)| {
+        message_json(topic, message, false)
+    }))
 }
 
 async fn retained_one(State(state): Shared, Path(topic): Path<String>) -> ApiResult<Json<Value>> {

@@ -122,7 +122,7 @@ impl Broker {
     }
 
     /// Visits every retained message with its topic (`$SYS` ones too).
-    pub fn for_each_retained(&self, mut visit: impl FnMut(&str, &AppMessage)) {
+    pub fn for_each_retained(&self, mut visit: impl FnMut(&str, &Arc<AppMessage>)) {
         self.retained
             .lock()
             .expect("retained lock is never poisoned")

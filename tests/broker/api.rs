@@ -466,10 +466,33 @@ async fn api_shows_and_deletes_retained_and_delayed_messages() {
     late.subscribe("api/ret/#", rumqttc::QoS::AtLeastOnce).await;
     late.expect_no_publish().await;
 
+    // Delayed through the API too, as a client's publish would be.
+    let through_api = http(
+        api,
+        "POST",
+        "/api/v5/publish",
+        &auth,
+        Some(json!({"topic": "$delayed/7200/api/later2", "payload": "x", "qos": 1})),
+    )
+    .await;
+    assert_eq!(through_api.status, 200, "{through_api:?}");
+    let bad = http(
+        api,
+        "POST",
+        "/api/v5/publish",
+        &auth,
+        Some(json!({"topic": "$delayed/x/y", "payload": ""})),
+    )
+    .await;
+    assert_eq!(bad.status, 400);
     let delayed = until(api, &auth, "/api/v5/mqtt/delayed/messages", |b| {
-        b["meta"]["count"] == 1
+        b["meta"]["count"] == 2
     })
     .await;
+    assert_eq!(
+        delayed["data"][1]["topic"], "api/later2",
+        "due later, listed later"
+    );
     let entry = &delayed["data"][0];
     assert_eq!(entry["topic"], "api/later");
     assert!(
@@ -492,7 +515,7 @@ async fn api_shows_and_deletes_retained_and_delayed_messages() {
     let after = http(api, "GET", "/api/v5/mqtt/delayed/messages", &auth, None)
         .await
         .body;
-    assert_eq!(after["meta"]["count"], 0);
+    assert_eq!(after["meta"]["count"], 1);
     assert_eq!(
         http(
             api,
