@@ -88,6 +88,11 @@ enum Command {
     Sub(tools::pubsub::SubArgs),
     /// End-to-end load generator: throughput, latency percentiles, losses, duplicates.
     Bench(Box<tools::bench::BenchArgs>),
+    /// Administer a running broker over its HTTP API (emqx ctl's commands): status, stats,
+    /// clients list|show|kick, subscriptions, retained list|show|delete,
+    /// banned list|add|remove, reload.
+    #[command(after_help = tools::ctl::EXIT_CODES)]
+    Ctl(tools::ctl::CtlArgs),
     /// Inspect or repair the durable store (`<data_dir>/store`) while the broker is stopped.
     #[command(subcommand)]
     Store(StoreCommand),
@@ -266,6 +271,7 @@ fn main() -> ExitCode {
             }
             Ok(())
         }),
+        Some(Command::Ctl(args)) => tools::ctl::run(args),
         None => run(cli.serve),
     }
 }

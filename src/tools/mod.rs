@@ -1,10 +1,13 @@
-//! The command-line tools built on [`petrel::client`]: `petrel pub`, `petrel sub` and
-//! `petrel bench`. They speak every transport the client does and work against any broker.
+//! The command-line tools: `petrel pub`, `petrel sub` and `petrel bench` built on
+//! [`petrel::client`] (they speak every transport the client does and work against any
+//! broker), and `petrel ctl` on the HTTP API.
 //!
 //! - `pubsub`: publish and subscribe, with mosquitto_pub / mosquitto_sub habits.
 //! - `bench`: an end-to-end load generator in the manner of emqtt-bench.
+//! - `ctl`: the administrator's commands (emqx ctl's names) over `/api/v5`.
 
 pub mod bench;
+pub mod ctl;
 pub mod pubsub;
 
 use std::path::PathBuf;
