@@ -93,7 +93,7 @@ pub struct RunningBroker {
     /// The `$SYS` publisher's interval (changed on reload).
     sys_interval: tokio::sync::watch::Sender<Duration>,
     /// Reloads asked for through the API, for the process to carry out.
-    reload_requests: Option<tokio::sync::mpsc::Receiver<crate::admin::ReloadRequest>>,
+    reload: crate::admin::ReloadSlot,
     shutdown: CancellationToken,
     tracker: TaskTracker,
 }
@@ -162,13 +162,13 @@ impl RunningBroker {
             &shutdown,
         );
         let mut api = None;
-        let (reload_tx, reload_rx) = tokio::sync::mpsc::channel(4);
+        let reload = crate::admin::ReloadSlot::default();
         if config.api.enable {
             let served = crate::admin::Served {
                 broker: Arc::clone(&broker),
                 node: Arc::clone(&node),
                 listeners: listeners.clone(),
-                reload: reload_tx,
+                reload: Arc::clone(&reload),
             };
             let started = crate::admin::start(
                 served,
@@ -193,7 +193,7 @@ impl RunningBroker {
             api,
             node,
             sys_interval,
-            reload_requests: Some(reload_rx),
+            reload,
             shutdown,
             tracker,
         })
@@ -225,12 +225,15 @@ impl RunningBroker {
         Ok(())
     }
 
-    /// The reloads asked for through the API (`POST /api/v5/reload`, `petrel ctl reload`):
-    /// whoever takes them answers each with what happened.
+    /// Serves the reloads asked for through the API (`POST /api/v5/reload`, `petrel ctl
+    /// reload`): whoever takes the receiver answers each with what happened. Until it is
+    /// taken (and once it is dropped) the API answers 503. `None` the second time.
     pub fn take_reload_requests(
         &mut self,
     ) -> Option<tokio::sync::mpsc::Receiver<crate::admin::ReloadRequest>> {
-        self.reload_requests.take()
+        let (tx, rx) = tokio::sync::mpsc::channel(4);
+        self.reload.set(tx).ok()?;
+        Some(rx)
     }
 
     /// This node's name (`$SYS/brokers/<node>`, the API's `node`).

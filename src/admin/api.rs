@@ -1006,7 +1006,8 @@ async fn reload(State(state): Shared) -> ApiResult<Json<Value>> {
         code: "SERVICE_UNAVAILABLE",
         message: "this process does not serve reloads".into(),
     };
-    state.reload.try_send(tx).map_err(|_| unavailable())?;
+    let sender = state.reload.get().ok_or_else(unavailable)?;
+    sender.try_send(tx).map_err(|_| unavailable())?;
     match tokio::time::timeout(Duration::from_secs(30), rx).await {
         Ok(Ok(Ok(message))) => Ok(Json(json!({"message": message}))),
         Ok(Ok(Err(message))) => Err(ApiError::bad_request(message)),

@@ -40,9 +40,13 @@ pub struct AdminState {
     pub version: &'static str,
     pub listeners: Vec<(ListenerKind, SocketAddr)>,
     auth: auth::ApiAuth,
-    /// Asks the process to reload (as SIGHUP does) and waits for its answer.
-    reload: tokio::sync::mpsc::Sender<ReloadRequest>,
+    /// Where reloads are asked for (as SIGHUP does); empty until the process serves them.
+    reload: ReloadSlot,
 }
+
+/// Where `POST /api/v5/reload` sends its requests: set once the process takes them
+/// (`RunningBroker::take_reload_requests`); until then the API answers 503 at once.
+pub type ReloadSlot = Arc<std::sync::OnceLock<tokio::sync::mpsc::Sender<ReloadRequest>>>;
 
 /// A reload asked for through the API: answered with what happened.
 pub type ReloadRequest = tokio::sync::oneshot::Sender<Result<String, String>>;
@@ -65,7 +69,7 @@ pub struct Served {
     pub node: Arc<str>,
     pub listeners: Vec<(ListenerKind, SocketAddr)>,
     /// Where `POST /api/v5/reload` asks the process to reload.
-    pub reload: tokio::sync::mpsc::Sender<ReloadRequest>,
+    pub reload: ReloadSlot,
 }
 
 /// Binds the API and serves it until `shutdown`; returns the address it listens on.
