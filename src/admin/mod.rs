@@ -5,7 +5,7 @@
 //!
 //! - `settings`: `[api]` and `[sys_topics]`.
 //! - `auth`: API keys and dashboard logins.
-//! - `api`: the `/api/v5` handlers.
+//! - `api`: the `/api/v5` handlers (`clients`, `messages`, `banned` by family).
 //! - `metrics`: stats, counters and the Prometheus exposition.
 //! - `sys`: the `$SYS` topics and client events.
 
