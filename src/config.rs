@@ -12,6 +12,7 @@ use std::time::Duration;
 
 use serde::{Deserialize, Deserializer};
 
+pub use crate::admin::{ApiSettings, SysSettings};
 pub use crate::broker::listener::{ListenerConfig, ListenerKind};
 use crate::broker::listener::{DEFAULT_HANDSHAKE_TIMEOUT, DEFAULT_WS_PATH};
 use crate::codec::{QoS, SubscriptionOptions};
@@ -21,7 +22,6 @@ use crate::core::topic::TopicFilter;
 #[cfg(test)]
 use crate::duration::parse_duration;
 use crate::duration::{deserialize as duration, deserialize_some as some_duration};
-pub use crate::admin::{ApiSettings, SysSettings};
 pub use crate::storage::{Durability, StorageSettings};
 pub use crate::transport::quic::{Congestion, QuicSettings};
 pub use crate::transport::tls::{ClientVerify, PeerCertAsUsername, TlsSettings};
@@ -578,7 +578,12 @@ impl Config {
         if self.api.cert.is_some() != self.api.key.is_some() {
             return invalid("api.cert", "api.cert and api.key go together");
         }
-        if self.log.file.as_ref().is_some_and(|f| f.file_name().is_none()) {
+        if self
+            .log
+            .file
+            .as_ref()
+            .is_some_and(|f| f.file_name().is_none())
+        {
             return invalid("log.file", "must name a file");
         }
         if self.listeners.is_empty() {

@@ -87,6 +87,8 @@ pub struct RunningBroker {
     /// The durable store, unless `storage.durability = "none"`.
     pub store: Option<Arc<Embedded>>,
     listeners: Vec<(ListenerKind, SocketAddr)>,
+    /// Where the HTTP API listens, unless `api.enable = false`.
+    api: Option<SocketAddr>,
     shutdown: CancellationToken,
     tracker: TaskTracker,
 }
@@ -98,16 +100,19 @@ impl RunningBroker {
         let auth = AuthService::load(&config.auth)
             .map_err(|err| anyhow::anyhow!("authentication: {err}"))?;
         tracing::info!("authentication: {}", auth.describe());
+        std::fs::create_dir_all(&config.broker.data_dir).with_context(|| {
+            format!(
+                "cannot create data_dir {}",
+                config.broker.data_dir.display()
+            )
+        })?;
+        let banned =
+            crate::auth::banned::Banned::load(&config.broker.data_dir.join("banned.json"))?;
+        let auth = auth.with_banned(banned);
         let mut broker = Broker::new(settings).with_auth(Arc::new(auth));
         let mut store = None;
         let mut recovered = None;
         if config.storage.durability != Durability::None {
-            std::fs::create_dir_all(&config.broker.data_dir).with_context(|| {
-                format!(
-                    "cannot create data_dir {}",
-                    config.broker.data_dir.display()
-                )
-            })?;
             let (opened, read) = crate::storage::open(&config.broker.data_dir, &config.storage)?;
             broker = broker.with_hooks(Hooks {
                 store: Some(Arc::clone(&opened) as Arc<dyn crate::core::hooks::Store>),
@@ -143,10 +148,32 @@ impl RunningBroker {
             }
         }
         tracker.spawn(Arc::clone(&broker).run_timers(shutdown.clone()));
+        let node: Arc<str> = config.broker.node_name().into();
+        let mut api = None;
+        if config.api.enable {
+            let started = crate::admin::start(
+                Arc::clone(&broker),
+                &config.api,
+                &config.broker.data_dir,
+                Arc::clone(&node),
+                listeners.clone(),
+                &tracker,
+                &shutdown,
+            )
+            .await;
+            match started {
+                Ok(addr) => api = Some(addr),
+                Err(err) => {
+                    shutdown.cancel();
+                    return Err(err);
+                }
+            }
+        }
         Ok(Self {
             broker,
             store,
             listeners,
+            api,
             shutdown,
             tracker,
         })
@@ -154,6 +181,11 @@ impl RunningBroker {
 
     pub fn listeners(&self) -> &[(ListenerKind, SocketAddr)] {
         &self.listeners
+    }
+
+    /// Where the HTTP API and dashboard listen.
+    pub fn api_addr(&self) -> Option<SocketAddr> {
+        self.api
     }
 
     /// The first listener of `kind`.

@@ -1,8 +1,212 @@
 //! Operations: the HTTP API on 18083 in EMQX's `/api/v5` shapes, Prometheus metrics, the
 //! dashboard's pages, and the `$SYS` topics. It reads the broker through `broker::view`
 //! and acts only through the broker's own operations (kick, publish, delete a retained
-//! message); `core` never imports it.
+//! message, ban); `core` never imports it.
+//!
+//! - `settings`: `[api]` and `[sys_topics]`.
+//! - `auth`: API keys and dashboard logins.
+//! - `api`: the `/api/v5` handlers.
+//! - `metrics`: stats, counters and the Prometheus exposition.
 
+mod api;
+mod auth;
+mod metrics;
 mod settings;
 
+use std::net::SocketAddr;
+use std::path::Path;
+use std::sync::Arc;
+use std::time::Instant;
+
+use anyhow::Context as _;
+use axum::http::{HeaderValue, Method};
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+
+pub use auth::ADMIN_PASSWORD_FILE;
 pub use settings::{ApiSettings, SysSettings};
+
+use crate::broker::listener::ListenerKind;
+use crate::broker::Broker;
+
+/// What the handlers share.
+pub struct AdminState {
+    pub broker: Arc<Broker>,
+    /// This node's name (`petrel@host`).
+    pub node: Arc<str>,
+    pub started: Instant,
+    pub version: &'static str,
+    pub listeners: Vec<(ListenerKind, SocketAddr)>,
+    auth: auth::ApiAuth,
+}
+
+/// Binds the API and serves it until `shutdown`; returns the address it listens on.
+pub async fn start(
+    broker: Arc<Broker>,
+    settings: &ApiSettings,
+    data_dir: &Path,
+    node: Arc<str>,
+    listeners: Vec<(ListenerKind, SocketAddr)>,
+    tracker: &TaskTracker,
+    shutdown: &CancellationToken,
+) -> anyhow::Result<SocketAddr> {
+    let auth = auth::ApiAuth::load(settings, data_dir).context("api")?;
+    let state = Arc::new(AdminState {
+        broker,
+        node,
+        started: crate::broker::clock::now(),
+        version: env!("CARGO_PKG_VERSION"),
+        listeners,
+        auth,
+    });
+    let protected = api::protected().route_layer(axum::middleware::from_fn_with_state(
+        Arc::clone(&state),
+        api::require_caller,
+    ));
+    let mut app = axum::Router::new()
+        .merge(protected)
+        .merge(api::public())
+        .with_state(Arc::clone(&state));
+    if !settings.cors.is_empty() {
+        app = app.layer(cors(&settings.cors)?);
+    }
+    let listener = tokio::net::TcpListener::bind(settings.bind)
+        .await
+        .with_context(|| format!("api: cannot listen on {} (api.bind)", settings.bind))?;
+    let addr = listener.local_addr()?;
+    let stop = shutdown.clone();
+    match (&settings.cert, &settings.key) {
+        (Some(cert), Some(key)) => {
+            let tls =
+                crate::transport::tls::TlsAcceptor::new(&crate::transport::tls::TlsSettings {
+                    cert: Some(cert.clone()),
+                    key: Some(key.clone()),
+                    ..Default::default()
+                })
+                .context("api: TLS (api.cert, api.key)")?;
+            let listener = tls_listener::TlsListener::spawn(listener, tls, tracker, shutdown);
+            tracker.spawn(async move {
+                let served = axum::serve(listener, app)
+                    .with_graceful_shutdown(async move { stop.cancelled().await })
+                    .await;
+                if let Err(err) = served {
+                    tracing::error!(%err, "api: stopped");
+                }
+            });
+        }
+        _ => {
+            tracker.spawn(async move {
+                let served = axum::serve(listener, app)
+                    .with_graceful_shutdown(async move { stop.cancelled().await })
+                    .await;
+                if let Err(err) = served {
+                    tracing::error!(%err, "api: stopped");
+                }
+            });
+        }
+    }
+    tracing::info!(
+        %addr,
+        tls = settings.cert.is_some(),
+        api_keys = state.auth.key_count(),
+        "HTTP API and dashboard"
+    );
+    Ok(addr)
+}
+
+fn cors(origins: &[String]) -> anyhow::Result<tower_http::cors::CorsLayer> {
+    use tower_http::cors::{AllowOrigin, CorsLayer};
+    let allow = if origins.iter().any(|o| o == "*") {
+        AllowOrigin::any()
+    } else {
+        let list: Result<Vec<HeaderValue>, _> = origins.iter().map(|o| o.parse()).collect();
+        AllowOrigin::list(list.context("api.cors: not a valid origin")?)
+    };
+    Ok(CorsLayer::new()
+        .allow_origin(allow)
+        .allow_methods([Method::GET, Method::POST, Method::PUT, Method::DELETE])
+        .allow_headers([
+            axum::http::header::AUTHORIZATION,
+            axum::http::header::CONTENT_TYPE,
+        ]))
+}
+
+mod tls_listener {
+    //! HTTPS for the API: TLS handshakes run in tasks of their own (bounded in time), so a
+    //! slow or silent client cannot hold up the accept loop.
+
+    use std::net::SocketAddr;
+    use std::time::Duration;
+
+    use tokio::net::{TcpListener, TcpStream};
+    use tokio::sync::mpsc;
+    use tokio_rustls::server::TlsStream;
+    use tokio_util::sync::CancellationToken;
+    use tokio_util::task::TaskTracker;
+
+    use crate::transport::tls::TlsAcceptor;
+
+    const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
+    /// Handshakes finished and not yet taken by the server.
+    const BACKLOG: usize = 64;
+
+    pub struct TlsListener {
+        ready: mpsc::Receiver<(TlsStream<TcpStream>, SocketAddr)>,
+        local: SocketAddr,
+    }
+
+    impl TlsListener {
+        pub fn spawn(
+            listener: TcpListener,
+            tls: TlsAcceptor,
+            tracker: &TaskTracker,
+            shutdown: &CancellationToken,
+        ) -> Self {
+            let (tx, ready) = mpsc::channel(BACKLOG);
+            let local = listener
+                .local_addr()
+                .expect("a bound listener has an address");
+            let shutdown = shutdown.clone();
+            let handshakes = tracker.clone();
+            tracker.spawn(async move {
+                loop {
+                    let accepted = tokio::select! {
+                        _ = shutdown.cancelled() => return,
+                        accepted = listener.accept() => accepted,
+                    };
+                    let Ok((stream, peer)) = accepted else {
+                        tokio::time::sleep(Duration::from_millis(50)).await;
+                        continue;
+                    };
+                    let tls = tls.clone();
+                    let tx = tx.clone();
+                    handshakes.spawn(async move {
+                        if let Ok(Ok((stream, _))) =
+                            tokio::time::timeout(HANDSHAKE_TIMEOUT, tls.accept(stream)).await
+                        {
+                            let _ = tx.send((stream, peer)).await;
+                        }
+                    });
+                }
+            });
+            Self { ready, local }
+        }
+    }
+
+    impl axum::serve::Listener for TlsListener {
+        type Io = TlsStream<TcpStream>;
+        type Addr = SocketAddr;
+
+        async fn accept(&mut self) -> (Self::Io, Self::Addr) {
+            match self.ready.recv().await {
+                Some(accepted) => accepted,
+                // The accept task ended (shutdown): wait for the server to stop.
+                None => std::future::pending().await,
+            }
+        }
+
+        fn local_addr(&self) -> std::io::Result<Self::Addr> {
+            Ok(self.local)
+        }
+    }
+}

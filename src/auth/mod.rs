@@ -12,6 +12,7 @@
 //! This module reads files and nothing else: no sockets, no tasks.
 
 pub mod acl;
+pub mod banned;
 pub mod password;
 
 use std::net::{IpAddr, SocketAddr};
@@ -57,6 +58,8 @@ pub enum Refusal {
     /// No username, and anonymous access is off (or this client is not on loopback).
     AnonymousNotAllowed,
     BadCredentials,
+    /// On the banned list.
+    Banned,
 }
 
 impl Refusal {
@@ -64,6 +67,7 @@ impl Refusal {
         match self {
             Self::AnonymousNotAllowed => ReasonCode::NOT_AUTHORIZED,
             Self::BadCredentials => ReasonCode::BAD_USER_NAME_OR_PASSWORD,
+            Self::Banned => ReasonCode::BANNED,
         }
     }
 }
@@ -98,6 +102,7 @@ pub struct AuthService {
     settings: AuthSettings,
     rules: RwLock<Arc<Rules>>,
     generation: AtomicU64,
+    banned: banned::Banned,
 }
 
 impl Default for AuthService {
@@ -106,6 +111,7 @@ impl Default for AuthService {
             settings: AuthSettings::default(),
             rules: RwLock::new(Arc::new(Rules::default())),
             generation: AtomicU64::new(0),
+            banned: banned::Banned::default(),
         }
     }
 }
@@ -117,6 +123,7 @@ impl AuthService {
             settings: settings.clone(),
             rules: RwLock::new(Arc::new(Rules::load(settings)?)),
             generation: AtomicU64::new(0),
+            banned: banned::Banned::default(),
         })
     }
 
@@ -160,6 +167,16 @@ impl AuthService {
             None if rules.passwords.is_some() => Anonymous::Never,
             None => Anonymous::LoopbackOnly,
         }
+    }
+
+    /// The service with this banned list (by default an empty one in memory).
+    pub fn with_banned(mut self, banned: banned::Banned) -> Self {
+        self.banned = banned;
+        self
+    }
+
+    pub fn banned(&self) -> &banned::Banned {
+        &self.banned
     }
 
     /// Decides a CONNECT.

@@ -52,11 +52,7 @@ where
         client_id = tracing::field::Empty,
         username = tracing::field::Empty
     );
-    broker.metrics.connections.fetch_add(1, Ordering::Relaxed);
-    broker
-        .metrics
-        .connections_total
-        .fetch_add(1, Ordering::Relaxed);
+    broker.metrics.connection_opened();
     let codec = Codec::new(broker.limits().max_packet_size);
     let metrics = Arc::clone(&broker);
     let mut link = Link::new(broker, peer, transport);

@@ -292,7 +292,18 @@ impl Link {
             peer: self.peer,
             certified: self.channel.username_is_certified(),
         };
-        let refused = match auth.authenticate(&credentials) {
+        let now_secs = clock::wall()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| d.as_secs());
+        let decided =
+            match auth
+                .banned()
+                .find(client_id, credentials.username, self.peer.ip(), now_secs)
+            {
+                Some(_) => Err(Refusal::Banned),
+                None => auth.authenticate(&credentials),
+            };
+        let refused = match decided {
             Err(refusal) => {
                 tracing::info!(
                     peer = %self.peer,
@@ -305,6 +316,7 @@ impl Link {
                         Refusal::AnonymousNotAllowed =>
                             "not on loopback; set auth.password_file, or auth.allow_anonymous = true",
                         Refusal::BadCredentials => "bad username or password",
+                        Refusal::Banned => "banned",
                     }
                 );
                 Some(refusal.reason_code())

@@ -23,6 +23,7 @@ pub mod link;
 pub mod listener;
 pub mod mailbox;
 pub mod quic;
+pub mod view;
 
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
@@ -57,10 +58,18 @@ thread_local! {
 pub struct Metrics {
     pub connections: AtomicU64,
     pub connections_total: AtomicU64,
-    pub messages_received: AtomicU64,
+    /// Messages routed (published by clients, the API, wills, delayed), by QoS.
+    pub messages_received: [AtomicU64; 3],
     pub messages_delivered: AtomicU64,
     /// Deliveries dropped: mailbox full, expired, or too large for the client.
     pub messages_dropped: AtomicU64,
+    /// ... of which for a full queue.
+    pub dropped_queue_full: AtomicU64,
+    /// ... of which expired or too large for the client.
+    pub dropped_undeliverable: AtomicU64,
+    /// Messages that matched no subscription (not counted in `messages_dropped`, as EMQX's
+    /// `messages.dropped.no_subscribers`).
+    pub dropped_no_subscribers: AtomicU64,
     pub sessions_expired: AtomicU64,
     /// Times a publishing connection paused because a subscriber's queue was over capacity.
     pub publisher_pauses: AtomicU64,
@@ -70,6 +79,30 @@ pub struct Metrics {
     pub acl_denied: AtomicU64,
     /// Persistent messages refused because the store was full or failing (0x97).
     pub store_refused: AtomicU64,
+    /// The most connections open at once.
+    pub connections_max: AtomicU64,
+    /// QUIC handshakes completed, and how many of them accepted 0-RTT data.
+    pub quic_handshakes: AtomicU64,
+    pub quic_0rtt_accepted: AtomicU64,
+    /// QUIC clients that moved to a new address (and kept their connection).
+    pub quic_migrations: AtomicU64,
+}
+
+impl Metrics {
+    /// A connection opened.
+    pub fn connection_opened(&self) {
+        let now = self.connections.fetch_add(1, Ordering::Relaxed) + 1;
+        self.connections_max.fetch_max(now, Ordering::Relaxed);
+        self.connections_total.fetch_add(1, Ordering::Relaxed);
+    }
+
+    /// Messages received at every QoS.
+    pub fn messages_received(&self) -> u64 {
+        self.messages_received
+            .iter()
+            .map(|n| n.load(Ordering::Relaxed))
+            .sum()
+    }
 }
 
 /// What routing a message came to.
@@ -688,9 +721,7 @@ impl Broker {
         now: Instant,
         pressured: &mut Vec<Arc<Mailbox>>,
     ) -> Routed {
-        self.metrics
-            .messages_received
-            .fetch_add(1, Ordering::Relaxed);
+        self.metrics.messages_received[message.qos as usize].fetch_add(1, Ordering::Relaxed);
         let mut routed = Routed::default();
         if message.retain {
             match self.store_retained(&message) {
@@ -712,7 +743,9 @@ impl Broker {
                 fanout.collect(&router, &message, |m| m.is_online() && m.accepts());
             }
             let mut dropped = 0;
+            let mut matched = false;
             for (mailbox, delivery) in fanout.drain() {
+                matched = true;
                 match self.push_delivery(&mailbox, delivery) {
                     Ok((Pushed::Queued, ticket)) => routed.stored(ticket),
                     Ok((Pushed::Pressured, ticket)) => {
@@ -727,6 +760,11 @@ impl Broker {
                 }
             }
             fanout.trim();
+            if !matched {
+                self.metrics
+                    .dropped_no_subscribers
+                    .fetch_add(1, Ordering::Relaxed);
+            }
             dropped
         });
         if dropped > 0 {
@@ -747,6 +785,11 @@ impl Broker {
         self.metrics
             .messages_dropped
             .fetch_add(count, Ordering::Relaxed);
+        let by_reason = match reason {
+            DropReason::QueueFull => &self.metrics.dropped_queue_full,
+            DropReason::Undeliverable => &self.metrics.dropped_undeliverable,
+        };
+        by_reason.fetch_add(count, Ordering::Relaxed);
         if let Some(observer) = &self.hooks.observer {
             observer.observe(&Observation::Dropped { count, reason });
         }

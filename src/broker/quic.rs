@@ -114,11 +114,7 @@ async fn serve(
         let Ok((conn, handshake)) = connecting.into_0rtt() else {
             return;
         };
-        broker.metrics.connections.fetch_add(1, Ordering::Relaxed);
-        broker
-            .metrics
-            .connections_total
-            .fetch_add(1, Ordering::Relaxed);
+        broker.metrics.connection_opened();
         let metrics = Arc::clone(&broker);
         let max_packet_size = broker.limits().max_packet_size;
         let wire = QuicWire::new(
@@ -336,9 +332,13 @@ impl QuicWire {
         }
     }
 
-    fn follow_migration(&mut self) {
+    fn follow_migration(&mut self, link: &Link) {
         let now = self.conn.remote_address();
         if now != self.peer {
+            link.broker
+                .metrics
+                .quic_migrations
+                .fetch_add(1, Ordering::Relaxed);
             tracing::debug!(from = %self.peer, to = %now, "client migrated");
             tracing::Span::current().record("peer", tracing::field::display(now));
             self.peer = now;
@@ -383,8 +383,13 @@ impl Wire for QuicWire {
     fn poll_transport(&mut self, cx: &mut Context<'_>, link: &mut Link) -> Poll<()> {
         let mut ready = false;
         if let Some(handshake) = &mut self.handshake {
-            if handshake.as_mut().poll(cx).is_ready() {
+            if let Poll::Ready(zero_rtt) = handshake.as_mut().poll(cx) {
                 self.handshake = None;
+                let metrics = &link.broker.metrics;
+                metrics.quic_handshakes.fetch_add(1, Ordering::Relaxed);
+                if zero_rtt {
+                    metrics.quic_0rtt_accepted.fetch_add(1, Ordering::Relaxed);
+                }
                 // What was held goes first, in order, before anything received since.
                 let live: Vec<Event> = std::mem::take(&mut self.held)
                     .into_iter()
@@ -405,7 +410,7 @@ impl Wire for QuicWire {
             link.channel.handle_transport_closed();
             ready = true;
         }
-        self.follow_migration();
+        self.follow_migration(link);
         if ready {
             Poll::Ready(())
         } else {

@@ -114,6 +114,26 @@ impl DelayedQueue {
     pub fn count(&self) -> usize {
         self.heap.len()
     }
+
+    /// Visits every waiting message, in no order: its id in this queue, when it is due.
+    pub fn for_each(&self, mut visit: impl FnMut(u64, Instant, &Arc<AppMessage>)) {
+        for Reverse(entry) in &self.heap {
+            visit(entry.seq, entry.at, &entry.message);
+        }
+    }
+
+    /// Takes the waiting message with id `seq` out (an operator deleted it).
+    pub fn remove(&mut self, seq: u64) -> Option<(Arc<AppMessage>, Option<StoreKey>)> {
+        let mut removed = None;
+        self.heap.retain(|Reverse(entry)| {
+            if entry.seq == seq && removed.is_none() {
+                removed = Some((Arc::clone(&entry.message), entry.stored));
+                return false;
+            }
+            true
+        });
+        removed
+    }
 }
 
 impl std::fmt::Debug for DelayedQueue {
@@ -197,5 +217,28 @@ mod tests {
         assert_eq!(due, ["b", "c"]);
         assert_eq!(queue.count(), 0);
         assert_eq!(queue.poll_timeout(), None);
+    }
+
+    #[test]
+    fn a_waiting_message_is_listed_and_removed_by_its_id() {
+        let t0 = Instant::now();
+        let mut queue = DelayedQueue::default();
+        queue.push(t0 + Duration::from_secs(5), message("a"), Some(3));
+        queue.push(t0 + Duration::from_secs(1), message("b"), None);
+        let mut listed = Vec::new();
+        queue.for_each(|id, at, m| listed.push((id, at - t0, m.topic.to_string())));
+        listed.sort();
+        assert_eq!(
+            listed,
+            [
+                (0, Duration::from_secs(5), "a".to_owned()),
+                (1, Duration::from_secs(1), "b".to_owned())
+            ]
+        );
+        let (removed, stored) = queue.remove(0).unwrap();
+        assert_eq!((removed.topic.as_str(), stored), ("a", Some(3)));
+        assert!(queue.remove(0).is_none());
+        assert_eq!(queue.count(), 1);
+        assert_eq!(queue.poll_timeout(), Some(t0 + Duration::from_secs(1)));
     }
 }

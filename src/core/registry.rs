@@ -293,18 +293,19 @@ impl<M: SessionHandle> Registry<M> {
         true
     }
 
-    /// Every offline session, in no order.
-    pub fn offline(&self) -> impl Iterator<Item = &Session> {
+    /// Every offline session with its handle, in no order.
+    pub fn offline_with_handles(&self) -> impl Iterator<Item = (&Session, &M)> {
         self.slots.values().filter_map(|slot| match &slot.state {
-            SlotState::Offline { session } => Some(&**session),
+            SlotState::Offline { session } => Some((&**session, &slot.handle)),
             SlotState::Online { .. } => None,
         })
     }
 
-    /// `client_id`'s session if it is offline.
-    pub fn offline_session(&self, client_id: &str) -> Option<&Session> {
-        match &self.slots.get(client_id)?.state {
-            SlotState::Offline { session } => Some(session),
+    /// `client_id`'s session and handle, if it is offline.
+    pub fn offline_with_handle(&self, client_id: &str) -> Option<(&Session, &M)> {
+        let slot = self.slots.get(client_id)?;
+        match &slot.state {
+            SlotState::Offline { session } => Some((session, &slot.handle)),
             SlotState::Online { .. } => None,
         }
     }

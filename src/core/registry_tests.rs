@@ -248,8 +248,8 @@ fn discarding_an_offline_session_ends_it_with_its_will_and_timers() {
     let t0 = Instant::now();
     ready(registry.open(&a, false, 1, Handle::default));
     registry.close(t0, 1, &a, closing(&a, 60, Some(will("w/a", 30))));
-    assert_eq!(registry.offline().count(), 1);
-    assert!(registry.offline_session("a").is_some());
+    assert_eq!(registry.offline_with_handles().count(), 1);
+    assert!(registry.offline_with_handle("a").is_some());
     assert!(registry.discard("a"));
     assert_eq!(events(&mut registry), ["will w/a", "ended a Discarded"]);
     assert!(registry.is_empty());
@@ -264,6 +264,6 @@ fn an_online_session_is_not_discarded() {
     ready(registry.open(&a, false, 1, Handle::default));
     assert!(!registry.discard("a"));
     assert_eq!(registry.count(), 1);
-    assert!(registry.offline_session("a").is_none());
+    assert!(registry.offline_with_handle("a").is_none());
     assert!(events(&mut registry).is_empty());
 }

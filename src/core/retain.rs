@@ -146,7 +146,6 @@ impl<M> RetainedStore<M> {
     }
 
     /// The message retained on exactly `topic`.
-    #[cfg(test)]
     pub fn get(&self, topic: &str) -> Option<&M> {
         let mut node = &self.root;
         for level in topic.split('/') {
@@ -221,7 +220,6 @@ impl<M> RetainedStore<M> {
 
     /// Drops every message for which `keep(topic, msg)` is false (e.g. expired ones), pruning
     /// nodes left empty.
-    #[cfg(test)]
     pub fn retain(&mut self, mut keep: impl FnMut(&str, &M) -> bool) {
         let mut dropped: Vec<Box<str>> = Vec::new();
         let mut stack: Vec<&mut Node<M>> = vec![&mut self.root];

@@ -518,9 +518,17 @@ mod tests {
     #[test]
     fn for_each_lists_every_subscription_with_its_filter_as_subscribed() {
         let mut tree: SubscriptionTree<u32, String> = SubscriptionTree::new();
-        for (i, f) in ["a/b", "a/+", "#", "/x", "a/b/#", "$share/g/a/b", "$share/g/a/b"]
-            .iter()
-            .enumerate()
+        for (i, f) in [
+            "a/b",
+            "a/+",
+            "#",
+            "/x",
+            "a/b/#",
+            "$share/g/a/b",
+            "$share/g/a/b",
+        ]
+        .iter()
+        .enumerate()
         {
             tree.insert(&tf(f), i as u32, f.to_string());
         }

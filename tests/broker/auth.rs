@@ -360,6 +360,7 @@ async fn auth_sighup_reloads_the_password_file_without_dropping_connections() {
     let mut broker = Command::new(env!("CARGO_BIN_EXE_petrel"))
         .args(["--tcp", &format!("127.0.0.1:{port}"), "--data-dir"])
         .arg(dir.join("data"))
+        .args(["--set", "api.bind=127.0.0.1:0"])
         .arg("--set")
         .arg(format!(
             "auth.password_file={}",

@@ -54,6 +54,7 @@ impl Process {
             .arg(addr.to_string())
             .arg("--data-dir")
             .arg(dir)
+            .args(["--set", "api.bind=127.0.0.1:0"])
             .args(extra)
             .env("RUST_LOG", "info")
             .stdout(out.try_clone().unwrap())

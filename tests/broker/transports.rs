@@ -52,6 +52,8 @@ impl TransportBroker {
         config.replace_listeners(ListenerKind::ALL.map(|kind| (kind, loopback)));
         config.broker.data_dir = data_dir.clone();
         config.broker.close_linger = Duration::from_millis(500);
+        config.api.bind = loopback;
+        config.api.default_password = Some(crate::common::TEST_ADMIN_PASSWORD.into());
         tweak(&mut config);
         config.validate().unwrap();
         let running = RunningBroker::start(&config).await.unwrap();

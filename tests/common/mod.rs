@@ -62,6 +62,9 @@ pub fn temp_data_dir(prefix: &str) -> std::path::PathBuf {
     dir
 }
 
+/// The dashboard administrator's password in test brokers.
+pub const TEST_ADMIN_PASSWORD: &str = "test-admin-password";
+
 impl TestBroker {
     pub async fn start() -> Self {
         Self::start_with(|_| {}).await
@@ -74,6 +77,8 @@ impl TestBroker {
         config.override_listeners(&["127.0.0.1:0".parse().unwrap()]);
         config.broker.close_linger = Duration::from_millis(500);
         config.broker.data_dir = temp_data_dir("broker");
+        config.api.bind = "127.0.0.1:0".parse().unwrap();
+        config.api.default_password = Some(TEST_ADMIN_PASSWORD.into());
         tweak(&mut config);
         config.validate().unwrap();
         let data_dir = TempDir(config.broker.data_dir.clone());
@@ -597,6 +602,20 @@ impl V4 {
         })
         .await
         .expect("expected packet did not arrive in time")
+    }
+
+    /// Waits (bounded) for the connection to end (the broker closed it).
+    pub async fn expect_connection_error(&mut self) {
+        tokio::time::timeout(WAIT, async {
+            loop {
+                match self.events.recv().await {
+                    Some(Ok(_)) => {}
+                    Some(Err(_)) | None => return,
+                }
+            }
+        })
+        .await
+        .expect("the connection did not end in time");
     }
 
     pub async fn next_publish(&mut self) -> rumqttc::Publish {

@@ -91,7 +91,8 @@ class Broker:
 
     def start(self):
         self.proc = subprocess.Popen(
-            [self.binary, "--tcp", f"127.0.0.1:{self.port}", "--data-dir", self.data_dir],
+            [self.binary, "--tcp", f"127.0.0.1:{self.port}", "--data-dir", self.data_dir,
+             "--set", "api.bind=127.0.0.1:0"],
             stdout=self.log,
             stderr=subprocess.STDOUT,
         )

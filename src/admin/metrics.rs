@@ -1,0 +1,274 @@
+//! The broker's counters in EMQX's shapes: `/api/v5/stats` (gauges), `/api/v5/metrics`
+//! (counters) and `/api/v5/prometheus/stats` (text exposition format, EMQX's metric names,
+//! plus Petrel's per-transport link figures from QUIC's path statistics).
+
+use std::fmt::Write as _;
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+
+use axum::extract::State;
+use axum::http::header;
+use axum::response::IntoResponse;
+use serde_json::{json, Value};
+
+use super::AdminState;
+use crate::broker::listener::ListenerKind;
+
+/// EMQX's listener type names.
+pub fn listener_type(kind: ListenerKind) -> &'static str {
+    match kind {
+        ListenerKind::Tcp => "tcp",
+        ListenerKind::Tls => "ssl",
+        ListenerKind::Ws => "ws",
+        ListenerKind::Wss => "wss",
+        ListenerKind::Quic => "quic",
+    }
+}
+
+/// The gauges of `/api/v5/stats`, with EMQX's keys.
+pub fn stats(state: &AdminState) -> Value {
+    let b = &state.broker;
+    let m = &b.metrics;
+    let subscriptions = b.subscription_count();
+    let mut topics = std::collections::HashSet::new();
+    let mut shared = 0usize;
+    b.for_each_subscription(|filter, _, _| {
+        if filter.starts_with("$share/") {
+            shared += 1;
+        }
+        topics.insert(filter.to_owned());
+    });
+    json!({
+        "connections.count": m.connections.load(Ordering::Relaxed),
+        "connections.max": m.connections_max.load(Ordering::Relaxed),
+        "live_connections.count": b.clients.len(),
+        "live_connections.max": m.connections_max.load(Ordering::Relaxed),
+        "sessions.count": b.session_count(),
+        "topics.count": topics.len(),
+        "subscriptions.count": subscriptions,
+        "subscriptions.shared.count": shared,
+        "suboptions.count": subscriptions,
+        "retained.count": b.retained_count(),
+        "delayed.count": b.delayed_count(),
+    })
+}
+
+/// The counters of `/api/v5/metrics`, with EMQX's keys (and Petrel's where EMQX has none).
+pub fn counters(state: &AdminState) -> Value {
+    let m = &state.broker.metrics;
+    let n = |c: &std::sync::atomic::AtomicU64| c.load(Ordering::Relaxed);
+    json!({
+        "messages.received": m.messages_received(),
+        "messages.qos0.received": n(&m.messages_received[0]),
+        "messages.qos1.received": n(&m.messages_received[1]),
+        "messages.qos2.received": n(&m.messages_received[2]),
+        "messages.sent": n(&m.messages_delivered),
+        "messages.dropped": n(&m.messages_dropped),
+        "messages.dropped.no_subscribers": n(&m.dropped_no_subscribers),
+        "messages.dropped.queue_full": n(&m.dropped_queue_full),
+        "messages.dropped.expired": n(&m.dropped_undeliverable),
+        "messages.dropped.store_refused": n(&m.store_refused),
+        "messages.dropped.acl_denied": n(&m.acl_denied),
+        "authorization.deny": n(&m.acl_denied),
+        "authentication.failure": n(&m.auth_failures),
+        "client.connected": n(&m.connections_total),
+        "session.expired": n(&m.sessions_expired),
+        "publisher.pauses": n(&m.publisher_pauses),
+        "quic.handshakes": n(&m.quic_handshakes),
+        "quic.0rtt.accepted": n(&m.quic_0rtt_accepted),
+        "quic.migrations": n(&m.quic_migrations),
+    })
+}
+
+/// Resident and total memory in bytes (from `/proc`; 0 where it cannot be read).
+pub fn memory() -> (u64, u64) {
+    let kib = |text: &str, key: &str| {
+        text.lines()
+            .find_map(|l| l.strip_prefix(key))
+            .and_then(|rest| rest.split_whitespace().next()?.parse::<u64>().ok())
+            .map_or(0, |k| k * 1024)
+    };
+    let used = std::fs::read_to_string("/proc/self/status").map_or(0, |t| kib(&t, "VmRSS:"));
+    let total = std::fs::read_to_string("/proc/meminfo").map_or(0, |t| kib(&t, "MemTotal:"));
+    (used, total)
+}
+
+/// The 1, 5 and 15 minute load averages.
+pub fn load_average() -> [f64; 3] {
+    let text = std::fs::read_to_string("/proc/loadavg").unwrap_or_default();
+    let mut fields = text.split_whitespace().map(|f| f.parse().unwrap_or(0.0));
+    [
+        fields.next().unwrap_or(0.0),
+        fields.next().unwrap_or(0.0),
+        fields.next().unwrap_or(0.0),
+    ]
+}
+
+/// The link figures of the connected clients of one transport, summed for Prometheus.
+#[derive(Default)]
+struct LinkTotals {
+    connections: u64,
+    measured: u64,
+    rtt_sum_us: u64,
+    rtt_max_us: u64,
+    cwnd_sum: u64,
+    sent_packets: u64,
+    lost_packets: u64,
+    congestion_events: u64,
+}
+
+/// `GET /api/v5/prometheus/stats`.
+pub async fn prometheus(State(state): State<Arc<AdminState>>) -> impl IntoResponse {
+    (
+        [(
+            header::CONTENT_TYPE,
+            "text/plain; version=0.0.4; charset=utf-8",
+        )],
+        exposition(&state),
+    )
+}
+
+fn exposition(state: &AdminState) -> String {
+    let mut out = String::with_capacity(4096);
+    let node = &*state.node;
+    let mut metric = |name: &str, kind: &str, help: &str, value: f64| {
+        let _ = writeln!(
+            out,
+            "# HELP {name} {help}\n# TYPE {name} {kind}\n{name}{{node=\"{node}\"}} {value}"
+        );
+    };
+    let stats = stats(state);
+    for (key, help) in [
+        ("connections.count", "Connections open"),
+        ("connections.max", "Most connections open at once"),
+        (
+            "live_connections.count",
+            "Clients connected (CONNECT accepted)",
+        ),
+        ("sessions.count", "Sessions, online and offline"),
+        ("topics.count", "Distinct subscribed filters"),
+        ("subscriptions.count", "Subscriptions"),
+        ("subscriptions.shared.count", "Shared subscriptions"),
+        ("retained.count", "Retained messages"),
+        ("delayed.count", "Delayed messages waiting"),
+    ] {
+        let name = format!("emqx_{}", key.replace('.', "_"));
+        metric(&name, "gauge", help, stats[key].as_f64().unwrap_or(0.0));
+    }
+    let counters = counters(state);
+    if let Value::Object(map) = &counters {
+        for (key, value) in map {
+            let name = match key.as_str() {
+                k if k.starts_with("quic.") || k.starts_with("publisher.") => {
+                    format!("petrel_{}_total", k.replace('.', "_"))
+                }
+                k => format!("emqx_{}", k.replace('.', "_")),
+            };
+            metric(&name, "counter", key, value.as_f64().unwrap_or(0.0));
+        }
+    }
+    let (used, total) = memory();
+    metric(
+        "emqx_vm_total_memory",
+        "gauge",
+        "Memory of the machine, bytes",
+        total as f64,
+    );
+    metric(
+        "emqx_vm_used_memory",
+        "gauge",
+        "Resident memory of the broker, bytes",
+        used as f64,
+    );
+    metric(
+        "emqx_uptime_seconds",
+        "gauge",
+        "Seconds since the broker started",
+        state.started.elapsed().as_secs_f64(),
+    );
+    // Link quality by transport, over the clients connected now.
+    let mut totals: std::collections::BTreeMap<&'static str, LinkTotals> = Default::default();
+    for info in state.broker.clients.all() {
+        let t = totals.entry(info.transport).or_default();
+        t.connections += 1;
+        if let Some(q) = info.link_quality() {
+            t.measured += 1;
+            t.rtt_sum_us += q.rtt_us;
+            t.rtt_max_us = t.rtt_max_us.max(q.rtt_us);
+            t.cwnd_sum += q.cwnd;
+            t.sent_packets += q.sent_packets;
+            t.lost_packets += q.lost_packets;
+            t.congestion_events += q.congestion_events;
+        }
+    }
+    let families: [(&str, &str, &str, fn(&LinkTotals) -> f64); 7] = [
+        (
+            "petrel_link_connections",
+            "gauge",
+            "Clients connected, by transport",
+            |t| t.connections as f64,
+        ),
+        (
+            "petrel_link_rtt_seconds_avg",
+            "gauge",
+            "Mean smoothed round-trip time of the measured links",
+            |t| {
+                if t.measured == 0 {
+                    0.0
+                } else {
+                    t.rtt_sum_us as f64 / t.measured as f64 / 1e6
+                }
+            },
+        ),
+        (
+            "petrel_link_rtt_seconds_max",
+            "gauge",
+            "Largest smoothed round-trip time",
+            |t| t.rtt_max_us as f64 / 1e6,
+        ),
+        (
+            "petrel_link_cwnd_bytes_avg",
+            "gauge",
+            "Mean congestion window",
+            |t| {
+                if t.measured == 0 {
+                    0.0
+                } else {
+                    t.cwnd_sum as f64 / t.measured as f64
+                }
+            },
+        ),
+        (
+            "petrel_link_sent_packets",
+            "gauge",
+            "Packets sent on the links connected now",
+            |t| t.sent_packets as f64,
+        ),
+        (
+            "petrel_link_lost_packets",
+            "gauge",
+            "Packets lost (declared lost and resent) on the links connected now",
+            |t| t.lost_packets as f64,
+        ),
+        (
+            "petrel_link_congestion_events",
+            "gauge",
+            "Congestion back-offs on the links connected now",
+            |t| t.congestion_events as f64,
+        ),
+    ];
+    for (name, kind, help, value) in families {
+        let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} {kind}");
+        for (transport, t) in &totals {
+            if name != "petrel_link_connections" && t.measured == 0 {
+                continue;
+            }
+            let _ = writeln!(
+                out,
+                "{name}{{node=\"{node}\",transport=\"{transport}\"}} {}",
+                value(t)
+            );
+        }
+    }
+    out
+}
