@@ -7,8 +7,10 @@
 //! - `auth`: API keys and dashboard logins.
 //! - `api`: the `/api/v5` handlers.
 //! - `metrics`: stats, counters and the Prometheus exposition.
+//! - `assets`: the dashboard's files, embedded.
 
 mod api;
+mod assets;
 mod auth;
 mod metrics;
 mod settings;
@@ -66,6 +68,7 @@ pub async fn start(
     let mut app = axum::Router::new()
         .merge(protected)
         .merge(api::public())
+        .merge(assets::routes())
         .with_state(Arc::clone(&state));
     if !settings.cors.is_empty() {
         app = app.layer(cors(&settings.cors)?);
