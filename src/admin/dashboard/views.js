@@ -391,7 +391,8 @@ export function bannedView() {
       { title: "Reason", cell: (b) => b.reason ?? DASH },
       { title: "By", cell: (b) => b.by ?? DASH },
       { title: "At", cell: (b) => fmtTime(b.at) },
-      { title: "Until", cell: (b) => (b.until ? fmtTime(b.until) : "forever") },
+      // EMQX writes "infinity" for a ban without an end.
+      { title: "Until", cell: (b) => (b.until && b.until !== "infinity" ? fmtTime(b.until) : "forever") },
       {
         title: "",
         cell: (b) => el("button", { type: "button", class: "unban danger", "data-as": b.as, "data-who": b.who, onclick: () => unban(b) }, "Remove"),
