@@ -133,7 +133,7 @@ mod tests {
         );
         for name in &wanted {
             assert!(
-                STATIC.iter().any(|a| &a.name == name),
+                STATIC.iter().any(|a| a.name == name.as_str()),
                 "the page loads {name}, which is not served"
             );
         }
