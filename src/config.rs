@@ -578,6 +578,9 @@ impl Config {
         if self.api.cert.is_some() != self.api.key.is_some() {
             return invalid("api.cert", "api.cert and api.key go together");
         }
+        if let Err(err) = tracing_subscriber::EnvFilter::try_new(&self.log.level) {
+            return invalid("log.level", &err.to_string());
+        }
         if self
             .log
             .file
@@ -662,10 +665,10 @@ mod tests {
     fn load(text: &str, env: &[(&str, &str)], sets: &[&str]) -> Result<Config, ConfigError> {
         let dir = std::env::temp_dir().join(format!("petrel-config-{}", std::process::id()));
         std::fs::create_dir_all(&dir).unwrap();
-        let path = dir.join(format!(
-            "{:x}.toml",
-            text.len() * 31 + env.len() * 7 + sets.len()
-        ));
+        // A file per call: tests run in parallel, and two texts may have the same length.
+        static NEXT: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
+        let n = NEXT.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        let path = dir.join(format!("{n}.toml"));
         std::fs::write(&path, text).unwrap();
         let env = env.iter().map(|(k, v)| (k.to_string(), v.to_string()));
         let sets: Vec<String> = sets.iter().map(|s| s.to_string()).collect();
@@ -695,6 +698,11 @@ mod tests {
             config.delayed.max_delayed_messages,
             defaults.delayed.max_delayed_messages
         );
+        assert_eq!(config.log.level, defaults.log.level);
+        assert_eq!(config.log.format, defaults.log.format);
+        assert_eq!(config.log.file, defaults.log.file);
+        assert_eq!(config.log.rotation, defaults.log.rotation);
+        assert_eq!(config.log.max_files, defaults.log.max_files);
         let kinds: Vec<_> = config.listeners.iter().map(|l| l.kind).collect();
         assert_eq!(kinds, ListenerKind::ALL);
     }
@@ -717,6 +725,36 @@ mod tests {
             .unwrap_err()
             .to_string();
         assert!(err.contains("password"), "{err}");
+    }
+
+    #[test]
+    fn log_section_parses_format_file_and_rotation() {
+        let c = load(
+            "[log]\nformat = \"json\"\nfile = \"/var/log/petrel/petrel.log\"\n\
+             rotation = \"hourly\"\nmax_files = 3\n",
+            &[],
+            &["log.level=petrel=debug"],
+        )
+        .unwrap();
+        assert_eq!(c.log.format, LogFormat::Json);
+        assert_eq!(
+            c.log.file.as_deref(),
+            Some(Path::new("/var/log/petrel/petrel.log"))
+        );
+        assert_eq!(c.log.rotation, LogRotation::Hourly);
+        assert_eq!(c.log.max_files, 3);
+        assert_eq!(c.log.level, "petrel=debug");
+        for (text, key) in [
+            ("format = \"yaml\"", "format"),
+            ("rotation = \"weekly\"", "rotation"),
+            ("level = \"petrel=loud\"", "log.level"),
+            ("file = \"/\"", "log.file"),
+        ] {
+            let err = load(&format!("[log]\n{text}\n"), &[], &[])
+                .unwrap_err()
+                .to_string();
+            assert!(err.contains(key), "{text}: {err}");
+        }
     }
 
     #[test]

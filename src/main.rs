@@ -1,5 +1,6 @@
 //! The `petrel` command: runs the broker (the default) and its tools.
 
+use std::io::IsTerminal as _;
 use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -10,6 +11,7 @@ use petrel::config::{Config, ListenerKind};
 use petrel::server::RunningBroker;
 use tracing_subscriber::EnvFilter;
 
+mod logging;
 mod tools;
 
 /// Petrel, a QUIC-first MQTT broker (MQTT 3.1, 3.1.1 and 5.0).
@@ -273,6 +275,7 @@ fn tool(task: impl std::future::Future<Output = anyhow::Result<()>>) -> ExitCode
     let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("warn"));
     tracing_subscriber::fmt()
         .with_env_filter(filter)
+        .with_ansi(std::io::stderr().is_terminal())
         .with_writer(std::io::stderr)
         .init();
     block_on(task, |err| eprintln!("error: {err:#}"))
@@ -326,30 +329,87 @@ fn run(args: ServeArgs) -> ExitCode {
     if let Some(dir) = args.data_dir {
         config.broker.data_dir = dir;
     }
-    let filter =
-        EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new(&config.log.level));
-    tracing_subscriber::fmt().with_env_filter(filter).init();
-
-    block_on(serve(config), |err| tracing::error!("{err:#}"))
+    // Held until the broker has stopped: dropping it flushes and closes the log file.
+    let logging = match logging::init(&config.log) {
+        Ok(logging) => logging,
+        Err(err) => {
+            eprintln!("error: {err:#}");
+            return ExitCode::FAILURE;
+        }
+    };
+    let reload = Reload {
+        config: args.config,
+        sets: args.set,
+        log: logging.reload.clone(),
+    };
+    block_on(serve(config, reload), |err| tracing::error!("{err:#}"))
 }
 
-async fn serve(config: Config) -> anyhow::Result<()> {
+/// What SIGHUP needs to re-read the configuration as the process was started with.
+struct Reload {
+    config: Option<PathBuf>,
+    sets: Vec<String>,
+    log: logging::LogReload,
+}
+
+impl Reload {
+    /// What SIGHUP (and `petrel ctl reload`) does: the password and ACL files, then the
+    /// configuration's log level and `$SYS` interval. On any error what was in force stays;
+    /// the answer says what happened.
+    fn run(&self, broker: &RunningBroker) -> Result<String, String> {
+        let auth = broker.broker_auth_reload();
+        let config = Config::load(self.config.as_deref(), std::env::vars(), &self.sets)
+            .map_err(|err| format!("configuration not reloaded: {err}"));
+        let config = match (auth, config) {
+            (Err(err), _) => return Err(format!("reload failed, the old rules stay: {err}")),
+            (Ok(_), Err(err)) => return Err(err),
+            (Ok(described), Ok(config)) => {
+                tracing::info!("reloaded: {described}");
+                config
+            }
+        };
+        if self.log.set_by_env() {
+            tracing::info!("RUST_LOG is set, so log.level is not reloaded");
+        } else if let Err(err) = self.log.set_level(&config.log.level) {
+            return Err(format!("{err}; the log level stays {}", self.log.level()));
+        }
+        broker.apply(&config);
+        Ok(format!("reloaded; log level {}", self.log.level()))
+    }
+}
+
+async fn serve(config: Config, reload: Reload) -> anyhow::Result<()> {
     std::fs::create_dir_all(&config.broker.data_dir).with_context(|| {
         format!(
             "cannot create the data directory {}",
             config.broker.data_dir.display()
         )
     })?;
-    let broker = RunningBroker::start(&config).await?;
+    let mut broker = RunningBroker::start(&config).await?;
     tracing::info!(data_dir = %config.broker.data_dir.display(), "petrel {} ready", env!("CARGO_PKG_VERSION"));
-    wait_for_signal(&broker).await;
+    let requests = broker.take_reload_requests();
+    wait_for_signal(&broker, &reload, requests).await;
     tracing::info!("shutting down");
     broker.shutdown().await;
     Ok(())
 }
 
-/// Waits for Ctrl-C or SIGTERM; SIGHUP reloads the password and ACL files meanwhile.
-async fn wait_for_signal(broker: &RunningBroker) {
+/// Waits for Ctrl-C or SIGTERM; SIGHUP reloads the password and ACL files and the log level
+/// meanwhile.
+async fn wait_for_signal(
+    broker: &RunningBroker,
+    reload: &Reload,
+    mut requests: Option<tokio::sync::mpsc::Receiver<petrel::admin::ReloadRequest>>,
+) {
+    /// The next reload asked for through the API (never, without the API).
+    async fn recv(
+        requests: &mut Option<tokio::sync::mpsc::Receiver<petrel::admin::ReloadRequest>>,
+    ) -> Option<petrel::admin::ReloadRequest> {
+        match requests {
+            Some(rx) => rx.recv().await,
+            None => std::future::pending().await,
+        }
+    }
     #[cfg(unix)]
     {
         use tokio::signal::unix::{signal, SignalKind};
@@ -361,10 +421,18 @@ async fn wait_for_signal(broker: &RunningBroker) {
                 tokio::select! {
                     _ = tokio::signal::ctrl_c() => break,
                     _ = term.recv() => break,
-                    _ = hup.recv() => match broker.broker.auth().reload() {
-                        Ok(()) => tracing::info!("reloaded: {}", broker.broker.auth().describe()),
-                        Err(err) => tracing::error!("reload failed, the old rules stay: {err}"),
-                    },
+                    _ = hup.recv() => {
+                        if let Err(err) = reload.run(broker) {
+                            tracing::error!("{err}");
+                        }
+                    }
+                    Some(answer) = recv(&mut requests) => {
+                        let outcome = reload.run(broker);
+                        if let Err(err) = &outcome {
+                            tracing::error!("{err}");
+                        }
+                        let _ = answer.send(outcome);
+                    }
                 }
             },
             _ => {

@@ -89,6 +89,10 @@ pub struct RunningBroker {
     listeners: Vec<(ListenerKind, SocketAddr)>,
     /// Where the HTTP API listens, unless `api.enable = false`.
     api: Option<SocketAddr>,
+    /// The `$SYS` publisher's interval (changed on reload).
+    sys_interval: tokio::sync::watch::Sender<Duration>,
+    /// Reloads asked for through the API, for the process to carry out.
+    reload_requests: Option<tokio::sync::mpsc::Receiver<crate::admin::ReloadRequest>>,
     shutdown: CancellationToken,
     tracker: TaskTracker,
 }
@@ -149,14 +153,26 @@ impl RunningBroker {
         }
         tracker.spawn(Arc::clone(&broker).run_timers(shutdown.clone()));
         let node: Arc<str> = config.broker.node_name().into();
+        let sys_interval = crate::admin::start_sys(
+            &broker,
+            Arc::clone(&node),
+            &config.sys_topics,
+            &tracker,
+            &shutdown,
+        );
         let mut api = None;
+        let (reload_tx, reload_rx) = tokio::sync::mpsc::channel(4);
         if config.api.enable {
+            let served = crate::admin::Served {
+                broker: Arc::clone(&broker),
+                node: Arc::clone(&node),
+                listeners: listeners.clone(),
+                reload: reload_tx,
+            };
             let started = crate::admin::start(
-                Arc::clone(&broker),
+                served,
                 &config.api,
                 &config.broker.data_dir,
-                Arc::clone(&node),
-                listeners.clone(),
                 &tracker,
                 &shutdown,
             )
@@ -174,6 +190,8 @@ impl RunningBroker {
             store,
             listeners,
             api,
+            sys_interval,
+            reload_requests: Some(reload_rx),
             shutdown,
             tracker,
         })
@@ -181,6 +199,31 @@ impl RunningBroker {
 
     pub fn listeners(&self) -> &[(ListenerKind, SocketAddr)] {
         &self.listeners
+    }
+
+    /// Reads the password and ACL files again (the old rules stay on error); returns what
+    /// is now in force.
+    pub fn broker_auth_reload(&self) -> Result<String, String> {
+        let auth = self.broker.auth();
+        auth.reload()?;
+        Ok(auth.describe())
+    }
+
+    /// Applies what can change without a restart: the `$SYS` interval. (Authentication,
+    /// ACL and the log level are reloaded by their owners.)
+    pub fn apply(&self, config: &Config) {
+        if *self.sys_interval.borrow() != config.sys_topics.interval {
+            tracing::info!(interval = ?config.sys_topics.interval, "$SYS interval changed");
+            self.sys_interval.send_replace(config.sys_topics.interval);
+        }
+    }
+
+    /// The reloads asked for through the API (`POST /api/v5/reload`, `petrel ctl reload`):
+    /// whoever takes them answers each with what happened.
+    pub fn take_reload_requests(
+        &mut self,
+    ) -> Option<tokio::sync::mpsc::Receiver<crate::admin::ReloadRequest>> {
+        self.reload_requests.take()
     }
 
     /// Where the HTTP API and dashboard listen.

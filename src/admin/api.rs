@@ -114,6 +114,7 @@ pub fn protected() -> Router<Arc<AdminState>> {
         .route("/api/v5/mqtt/auto_subscribe", get(auto_subscribe))
         .route("/api/v5/banned", get(banned_list).post(banned_add))
         .route("/api/v5/banned/{as}/{who}", delete(banned_delete))
+        .route("/api/v5/reload", post(reload))
 }
 
 /// The routes anyone may call: health, login, and Prometheus (EMQX's default: scrapers
@@ -328,11 +329,11 @@ fn per_node(
 }
 
 async fn stats(State(state): Shared, params: Params) -> ApiResult<Json<Value>> {
-    per_node(&state, &params, metrics::stats(&state))
+    per_node(&state, &params, metrics::stats(&state.broker))
 }
 
 async fn metrics_json(State(state): Shared, params: Params) -> ApiResult<Json<Value>> {
-    per_node(&state, &params, metrics::counters(&state))
+    per_node(&state, &params, metrics::counters(&state.broker))
 }
 
 async fn listeners(State(state): Shared) -> Json<Value> {
@@ -953,5 +954,25 @@ async fn banned_delete(
         Ok(true) => Ok(StatusCode::NO_CONTENT),
         Ok(false) => Err(ApiError::not_found("NOT_FOUND", "Banned object not found")),
         Err(err) => Err(ApiError::internal(err.to_string())),
+    }
+}
+
+// ---- reload -------------------------------------------------------------------------------
+
+/// Petrel's own: what SIGHUP does (password and ACL files, log level, `$SYS` interval),
+/// answered with the outcome. 503 when nothing serves reloads (a broker embedded in a
+/// program other than `petrel`).
+async fn reload(State(state): Shared) -> ApiResult<Json<Value>> {
+    let (tx, rx) = tokio::sync::oneshot::channel();
+    let unavailable = || ApiError {
+        status: StatusCode::SERVICE_UNAVAILABLE,
+        code: "SERVICE_UNAVAILABLE",
+        message: "this process does not serve reloads".into(),
+    };
+    state.reload.try_send(tx).map_err(|_| unavailable())?;
+    match tokio::time::timeout(Duration::from_secs(30), rx).await {
+        Ok(Ok(Ok(message))) => Ok(Json(json!({"message": message}))),
+        Ok(Ok(Err(message))) => Err(ApiError::bad_request(message)),
+        _ => Err(unavailable()),
     }
 }

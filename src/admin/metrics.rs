@@ -13,6 +13,7 @@ use serde_json::{json, Value};
 
 use super::AdminState;
 use crate::broker::listener::ListenerKind;
+use crate::broker::Broker;
 
 /// EMQX's listener type names.
 pub fn listener_type(kind: ListenerKind) -> &'static str {
@@ -26,8 +27,7 @@ pub fn listener_type(kind: ListenerKind) -> &'static str {
 }
 
 /// The gauges of `/api/v5/stats`, with EMQX's keys.
-pub fn stats(state: &AdminState) -> Value {
-    let b = &state.broker;
+pub fn stats(b: &Broker) -> Value {
     let m = &b.metrics;
     let subscriptions = b.subscription_count();
     let mut topics = std::collections::HashSet::new();
@@ -54,8 +54,8 @@ pub fn stats(state: &AdminState) -> Value {
 }
 
 /// The counters of `/api/v5/metrics`, with EMQX's keys (and Petrel's where EMQX has none).
-pub fn counters(state: &AdminState) -> Value {
-    let m = &state.broker.metrics;
+pub fn counters(b: &Broker) -> Value {
+    let m = &b.metrics;
     let n = |c: &std::sync::atomic::AtomicU64| c.load(Ordering::Relaxed);
     json!({
         "messages.received": m.messages_received(),
@@ -137,7 +137,7 @@ fn exposition(state: &AdminState) -> String {
             "# HELP {name} {help}\n# TYPE {name} {kind}\n{name}{{node=\"{node}\"}} {value}"
         );
     };
-    let stats = stats(state);
+    let stats = stats(&state.broker);
     for (key, help) in [
         ("connections.count", "Connections open"),
         ("connections.max", "Most connections open at once"),
@@ -155,7 +155,7 @@ fn exposition(state: &AdminState) -> String {
         let name = format!("emqx_{}", key.replace('.', "_"));
         metric(&name, "gauge", help, stats[key].as_f64().unwrap_or(0.0));
     }
-    let counters = counters(state);
+    let counters = counters(&state.broker);
     if let Value::Object(map) = &counters {
         for (key, value) in map {
             let name = match key.as_str() {
@@ -201,7 +201,13 @@ fn exposition(state: &AdminState) -> String {
             t.congestion_events += q.congestion_events;
         }
     }
-    let families: [(&str, &str, &str, fn(&LinkTotals) -> f64); 7] = [
+    type Family = (
+        &'static str,
+        &'static str,
+        &'static str,
+        fn(&LinkTotals) -> f64,
+    );
+    let families: [Family; 7] = [
         (
             "petrel_link_connections",
             "gauge",

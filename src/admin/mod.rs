@@ -7,6 +7,7 @@
 //! - `auth`: API keys and dashboard logins.
 //! - `api`: the `/api/v5` handlers.
 //! - `metrics`: stats, counters and the Prometheus exposition.
+//! - `sys`: the `$SYS` topics and client events.
 //! - `assets`: the dashboard's files, embedded.
 
 mod api;
@@ -14,6 +15,7 @@ mod assets;
 mod auth;
 mod metrics;
 mod settings;
+mod sys;
 
 use std::net::SocketAddr;
 use std::path::Path;
@@ -40,26 +42,51 @@ pub struct AdminState {
     pub version: &'static str,
     pub listeners: Vec<(ListenerKind, SocketAddr)>,
     auth: auth::ApiAuth,
+    /// Asks the process to reload (as SIGHUP does) and waits for its answer.
+    reload: tokio::sync::mpsc::Sender<ReloadRequest>,
+}
+
+/// A reload asked for through the API: answered with what happened.
+pub type ReloadRequest = tokio::sync::oneshot::Sender<Result<String, String>>;
+
+/// Starts the `$SYS` publisher; the returned handle changes its interval (on reload).
+pub fn start_sys(
+    broker: &Arc<Broker>,
+    node: Arc<str>,
+    settings: &SysSettings,
+    tracker: &TaskTracker,
+    shutdown: &CancellationToken,
+) -> tokio::sync::watch::Sender<std::time::Duration> {
+    sys::start(broker, node, settings, tracker, shutdown)
+}
+
+/// What the API serves, besides its settings.
+pub struct Served {
+    pub broker: Arc<Broker>,
+    /// This node's name (`petrel@host`).
+    pub node: Arc<str>,
+    pub listeners: Vec<(ListenerKind, SocketAddr)>,
+    /// Where `POST /api/v5/reload` asks the process to reload.
+    pub reload: tokio::sync::mpsc::Sender<ReloadRequest>,
 }
 
 /// Binds the API and serves it until `shutdown`; returns the address it listens on.
 pub async fn start(
-    broker: Arc<Broker>,
+    served: Served,
     settings: &ApiSettings,
     data_dir: &Path,
-    node: Arc<str>,
-    listeners: Vec<(ListenerKind, SocketAddr)>,
     tracker: &TaskTracker,
     shutdown: &CancellationToken,
 ) -> anyhow::Result<SocketAddr> {
     let auth = auth::ApiAuth::load(settings, data_dir).context("api")?;
     let state = Arc::new(AdminState {
-        broker,
-        node,
+        broker: served.broker,
+        node: served.node,
         started: crate::broker::clock::now(),
         version: env!("CARGO_PKG_VERSION"),
-        listeners,
+        listeners: served.listeners,
         auth,
+        reload: served.reload,
     });
     let protected = api::protected().route_layer(axum::middleware::from_fn_with_state(
         Arc::clone(&state),

@@ -5,12 +5,13 @@
 
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Mutex, OnceLock};
 use std::time::SystemTime;
 
 use rustc_hash::FxHashMap;
 
 use super::mailbox::Mailbox;
+use crate::codec::ReasonCode;
 
 /// One connected client.
 #[derive(Debug)]
@@ -78,10 +79,25 @@ impl ClientInfo {
     }
 }
 
+/// Told when a client connects and disconnects (for `$SYS` client events).
+pub trait ClientEvents: Send + Sync {
+    fn connected(&self, info: &ClientInfo);
+    fn disconnected(&self, info: &ClientInfo, reason: ReasonCode);
+}
+
 /// Connected clients by client id.
-#[derive(Debug, Default)]
+#[derive(Default)]
 pub struct Clients {
     table: Mutex<FxHashMap<Arc<str>, Arc<ClientInfo>>>,
+    events: OnceLock<Arc<dyn ClientEvents>>,
+}
+
+impl std::fmt::Debug for Clients {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Clients")
+            .field("connected", &self.len())
+            .finish()
+    }
 }
 
 impl Clients {
@@ -89,16 +105,34 @@ impl Clients {
         self.table.lock().expect("clients lock is never poisoned")
     }
 
-    /// A connection's CONNECT was accepted (replacing the connection it took over from).
-    pub fn insert(&self, info: Arc<ClientInfo>) {
-        self.lock().insert(Arc::clone(&info.client_id), info);
+    /// Whom to tell of connections and disconnections (set once, at start-up).
+    pub fn set_events(&self, events: Arc<dyn ClientEvents>) {
+        let _ = self.events.set(events);
     }
 
-    /// Connection `conn_id` closed; a newer connection of the same client stays.
-    pub fn remove(&self, client_id: &str, conn_id: u64) {
-        let mut table = self.lock();
-        if table.get(client_id).is_some_and(|c| c.conn_id == conn_id) {
-            table.remove(client_id);
+    /// A connection's CONNECT was accepted (replacing the connection it took over from).
+    pub fn insert(&self, info: Arc<ClientInfo>) {
+        self.lock()
+            .insert(Arc::clone(&info.client_id), Arc::clone(&info));
+        if let Some(events) = self.events.get() {
+            events.connected(&info);
+        }
+    }
+
+    /// Connection `info.conn_id` closed for `reason`; a newer connection of the same client
+    /// stays in the table.
+    pub fn remove(&self, info: &ClientInfo, reason: ReasonCode) {
+        {
+            let mut table = self.lock();
+            if table
+                .get(&info.client_id)
+                .is_some_and(|c| c.conn_id == info.conn_id)
+            {
+                table.remove(&info.client_id);
+            }
+        }
+        if let Some(events) = self.events.get() {
+            events.disconnected(info, reason);
         }
     }
 
@@ -113,5 +147,9 @@ impl Clients {
 
     pub fn len(&self) -> usize {
         self.lock().len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.lock().is_empty()
     }
 }

@@ -421,8 +421,8 @@ impl Link {
                     self.count_drops(0);
                     self.close_reason = Some(close.reason);
                     let client_id = Arc::clone(self.channel.client_id());
-                    if self.info.take().is_some() {
-                        self.broker.clients.remove(&client_id, self.conn_id);
+                    if let Some(info) = self.info.take() {
+                        self.broker.clients.remove(&info, close.reason);
                     }
                     self.broker
                         .close_session(now, self.conn_id, &client_id, *close);

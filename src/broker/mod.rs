@@ -721,7 +721,10 @@ impl Broker {
         now: Instant,
         pressured: &mut Vec<Arc<Mailbox>>,
     ) -> Routed {
-        self.metrics.messages_received[message.qos as usize].fetch_add(1, Ordering::Relaxed);
+        // The broker's own `$SYS` messages are not counted as received (as Mosquitto).
+        if message.publisher.is_some() || !message.topic.as_str().starts_with("$SYS/") {
+            self.metrics.messages_received[message.qos as usize].fetch_add(1, Ordering::Relaxed);
+        }
         let mut routed = Routed::default();
         if message.retain {
             match self.store_retained(&message) {
@@ -800,7 +803,9 @@ impl Broker {
     fn store_retained(&self, message: &AppMessage) -> Result<Ticket, Refused> {
         let entry = fanout::retained_entry(message);
         let mut ticket = 0;
-        if let Some(store) = &self.hooks.store {
+        // `$SYS` values are made afresh at every start: they are not written to disk.
+        let sys = message.publisher.is_none() && message.topic.as_str().starts_with("$SYS/");
+        if let (Some(store), false) = (&self.hooks.store, sys) {
             ticket = match &entry {
                 Some(kept) => store.retained_set(kept)?,
                 None => store.retained_cleared(&message.topic),

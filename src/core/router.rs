@@ -423,7 +423,6 @@ impl<K: Eq + Hash + Clone, V> SubscriptionTree<K, V> {
         }
     }
 
-    #[cfg(test)]
     pub fn is_empty(&self) -> bool {
         self.len == 0
     }

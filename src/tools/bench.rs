@@ -600,7 +600,7 @@ trait CountLimit {
 
 impl CountLimit for Option<u64> {
     fn is_none_or_lt(&self, n: u64) -> bool {
-        self.map_or(true, |c| n < c)
+        self.is_none_or(|c| n < c)
     }
 }
 

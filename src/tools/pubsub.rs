@@ -123,7 +123,7 @@ pub async fn subscribe(args: SubArgs) -> anyhow::Result<()> {
     }
     let mut received = 0u64;
     let mut out = std::io::stdout().lock();
-    while !args.count.is_some_and(|c| received >= c) {
+    while args.count.is_none_or(|c| received < c) {
         let next = match args.timeout {
             Some(secs) => {
                 match tokio::time::timeout(Duration::from_secs(secs), events.recv()).await {

@@ -81,10 +81,7 @@ impl Channel {
             self.denied += 1;
             refused = Some(ReasonCode::NOT_AUTHORIZED);
         } else if delay != Delay::None
-            && !self
-                .admission
-                .as_ref()
-                .map_or(true, |a| a.reserve_delayed())
+            && !self.admission.as_ref().is_none_or(|a| a.reserve_delayed())
         {
             // Past `delayed.max_delayed_messages`.
             self.dropped += 1;

@@ -117,9 +117,10 @@ impl Channel {
                 return ReasonCode::TOPIC_FILTER_INVALID;
             }
             // Held by another client: EMQX answers Quota exceeded (3.1.1: 0x80).
-            let claimed = self.admission.as_ref().map_or(true, |a| {
-                a.claim_exclusive(filter.filter(), &self.client_id)
-            });
+            let claimed = self
+                .admission
+                .as_ref()
+                .is_none_or(|a| a.claim_exclusive(filter.filter(), &self.client_id));
             if !claimed {
                 return ReasonCode::QUOTA_EXCEEDED;
             }
