@@ -10,8 +10,8 @@ The page is opened at http://MQTT_HOST:API_PORT/ and every step goes through its
   (link figures "—" for TCP);
 * its Kick button (after the confirmation) disconnects it: paho's on_disconnect gets the
   broker's DISCONNECT with reason 0x98 (Administrative action), and its row goes away;
-* a retained message published by paho is listed, viewed (payload shown) and deleted: a new
-  subscriber then gets nothing;
+* a retained message published by paho is found with the topic filter, viewed (payload shown)
+  and deleted: a new subscriber then gets nothing;
 * a client id banned through the form is refused at CONNECT (0x8A Banned); after the ban is
   removed it connects;
 * the page's web MQTT client connects over WebSocket to the port GET /api/v5/listeners names,
@@ -244,6 +244,7 @@ def steps(p, run):
     p.shot("client-detail")
 
     p.nav("subscriptions")
+    p.type("subscriptions-clientid", paho_id)
     p.until("subscriptions row", lambda: p.row("subscriptions-table", clientid=paho_id, topic=sub_topic))
     p.shot("subscriptions")
     p.nav("topics")
@@ -279,6 +280,8 @@ def steps(p, run):
     rpayload = f"retained ✓ {run}"
     publish(helper, rtopic, rpayload.encode(), qos=1, retain=True, what="helper")
     p.nav("retained")
+    # The broker's own $SYS topics are retained too (and sort first): filter by the topic.
+    p.type("retained-search", rtopic)
     p.until("retained row", lambda: p.row("retained-table", topic=rtopic))
     p.click("View", lambda: p.in_row("retained-table", "button.view-retained", topic=rtopic))
     p.until("retained payload shown", lambda: p.text("retained-payload") == rpayload)

@@ -307,3 +307,14 @@ export function pagedTable({ table, pager, path, columns, rowAttrs, params, limi
     },
   };
 }
+
+// Back to the first page when a filter changes (text inputs after a pause in typing).
+export function refilter(table, inputs) {
+  let pause = null;
+  for (const input of inputs) {
+    input.addEventListener(input.tagName === "SELECT" ? "change" : "input", () => {
+      clearTimeout(pause);
+      pause = setTimeout(() => table.firstPage(), input.tagName === "SELECT" ? 0 : 250);
+    });
+  }
+}

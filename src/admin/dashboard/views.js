@@ -4,7 +4,7 @@
 
 import {
   $, DASH, PALETTE, aggregate, api, base64Bytes, confirmAction, el, flash, fmtBool, fmtNumber,
-  fmtTime, pagedTable, payloadText, poller, protoLabel, report, show, clientLink,
+  fmtTime, pagedTable, payloadText, poller, protoLabel, refilter, report, show, clientLink,
 } from "./lib.js";
 import { drawChart } from "./charts.js";
 
@@ -179,12 +179,7 @@ export function clientsView() {
     ],
   });
 
-  let debounce = null;
-  $("clients-search").addEventListener("input", () => {
-    clearTimeout(debounce);
-    debounce = setTimeout(() => table.firstPage(), 250);
-  });
-  $("clients-state").addEventListener("change", () => table.firstPage());
+  refilter(table, [$("clients-search"), $("clients-state")]);
 
   return { enter: () => table.start(), leave: () => table.stop() };
 }
@@ -284,6 +279,7 @@ export function subscriptionsView() {
     table: $("subscriptions-table"),
     pager: $("subscriptions-pager"),
     path: "subscriptions",
+    params: () => ({ clientid: $("subscriptions-clientid").value.trim(), match_topic: $("subscriptions-match").value.trim() }),
     rowAttrs: (s) => ({ "data-clientid": s.clientid, "data-topic": s.topic }),
     columns: [
       { title: "Client ID", cell: (s) => clientLink(s.clientid) },
@@ -295,6 +291,7 @@ export function subscriptionsView() {
       { title: "Node", cell: (s) => s.node ?? DASH },
     ],
   });
+  refilter(table, [$("subscriptions-clientid"), $("subscriptions-match")]);
   return { enter: () => table.start(), leave: () => table.stop() };
 }
 
@@ -320,6 +317,7 @@ export function retainedView() {
     table: $("retained-table"),
     pager: $("retained-pager"),
     path: "mqtt/retainer/messages",
+    params: () => ({ topic: $("retained-search").value.trim() }),
     rowAttrs: (m) => ({ "data-topic": m.topic }),
     columns: [
       { title: "Topic", cell: (m) => m.topic },
@@ -374,6 +372,7 @@ export function retainedView() {
     viewing = null;
     show($("retained-view"), false);
   }
+  refilter(table, [$("retained-search")]);
   $("retained-view-close").addEventListener("click", close);
 
   return { enter: () => table.start(), leave: () => table.stop() };
