@@ -41,7 +41,7 @@ run() { # label binary
     shift 2
     port=$(free_port)
     rm -rf "$DATA/data"
-    "$bin" "$LISTEN" "127.0.0.1:$port" --data-dir "$DATA/data" >/dev/null 2>&1 &
+    "$bin" "$LISTEN" "127.0.0.1:$port" --data-dir "$DATA/data" --set api.bind=127.0.0.1:0 >/dev/null 2>&1 &
     PID=$!
     for ((i = 0; i < 50; i++)); do
         if [[ $TRANSPORT == quic ]]; then

@@ -238,14 +238,14 @@ start_broker() { # broker
         ;;
     petrel)
         rm -rf "$dir/data"
-        "$PETREL" --tcp "127.0.0.1:$port" --data-dir "$dir/data" >>"$dir/broker.log" 2>&1 &
+        "$PETREL" --tcp "127.0.0.1:$port" --data-dir "$dir/data" --set api.bind=127.0.0.1:0 >>"$dir/broker.log" 2>&1 &
         url_port=$port
         ;;
     petrel-tls)
         # The development certificate (written to the data directory at start) names
         # localhost; the bench trusts its CA.
         rm -rf "$dir/data"
-        "$PETREL" --tls "127.0.0.1:$port" --data-dir "$dir/data" >>"$dir/broker.log" 2>&1 &
+        "$PETREL" --tls "127.0.0.1:$port" --data-dir "$dir/data" --set api.bind=127.0.0.1:0 >>"$dir/broker.log" 2>&1 &
         url_port=$port
         BURL[$b]="mqtts://localhost:$port"
         BARGS[$b]="--cafile $dir/data/certs/ca.pem"
@@ -255,7 +255,7 @@ start_broker() { # broker
         local quic_port
         quic_port=$(free_port)
         rm -rf "$dir/data"
-        "$PETREL" --tcp "127.0.0.1:$port" --quic "127.0.0.1:$quic_port" --data-dir "$dir/data" \
+        "$PETREL" --tcp "127.0.0.1:$port" --quic "127.0.0.1:$quic_port" --data-dir "$dir/data" --set api.bind=127.0.0.1:0 \
             >>"$dir/broker.log" 2>&1 &
         url_port=$port
         BURL[$b]="quic://localhost:$quic_port"

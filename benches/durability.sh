@@ -33,7 +33,7 @@ start() { # broker port -> PID
         "$MOSQUITTO" -c "$TMP/mosquitto.conf" >"$TMP/broker.log" 2>&1 &
         ;;
     *)
-        RUST_LOG=info "$PETREL" --tcp "127.0.0.1:$port" --data-dir "$TMP/data" \
+        RUST_LOG=info "$PETREL" --tcp "127.0.0.1:$port" --data-dir "$TMP/data" --set api.bind=127.0.0.1:0 \
             --set "storage.durability=\"$broker\"" --set session.max_queued=100000 >"$TMP/broker.log" 2>&1 &
         ;;
     esac

@@ -19,7 +19,7 @@ quic) SOCK=SOCK_DGRAM FLAG=--quic URL=quic ;;
 *) echo "tcp or quic" >&2; exit 2 ;;
 esac
 port=$(python3 -c "import socket; s=socket.socket(socket.AF_INET, socket.$SOCK); s.bind(('127.0.0.1',0)); print(s.getsockname()[1])")
-"$BIN" "$FLAG" "127.0.0.1:$port" --data-dir "$DATA/data" >/dev/null 2>&1 &
+"$BIN" "$FLAG" "127.0.0.1:$port" --data-dir "$DATA/data" --set api.bind=127.0.0.1:0 >/dev/null 2>&1 &
 PID=$!
 sleep 1
 before=$(awk '/VmRSS/{print $2}' "/proc/$PID/status")

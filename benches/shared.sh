@@ -21,7 +21,7 @@ run() { # label bench-args...
     local label=$1 port i out
     shift
     port=$(free_port)
-    "$PETREL" --config "$CONFIG" --tcp "127.0.0.1:$port" --data-dir "$TMP/data" \
+    "$PETREL" --config "$CONFIG" --tcp "127.0.0.1:$port" --data-dir "$TMP/data" --set api.bind=127.0.0.1:0 \
         --set 'storage.durability="none"' >/dev/null 2>&1 &
     PID=$!
     for ((i = 0; i < 100; i++)); do

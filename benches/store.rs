@@ -193,6 +193,7 @@ fn start_up(data_dir: &Path, label: &str) {
         .arg(addr.to_string())
         .arg("--data-dir")
         .arg(data_dir)
+        .args(["--set", "api.enable=false"])
         .env("RUST_LOG", "warn")
         .stdout(std::process::Stdio::null())
         .stderr(std::process::Stdio::null())

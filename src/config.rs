@@ -703,6 +703,20 @@ mod tests {
         assert_eq!(config.log.file, defaults.log.file);
         assert_eq!(config.log.rotation, defaults.log.rotation);
         assert_eq!(config.log.max_files, defaults.log.max_files);
+        assert_eq!(config.api.bind, defaults.api.bind);
+        assert_eq!(config.api.enable, defaults.api.enable);
+        assert_eq!(config.api.default_username, defaults.api.default_username);
+        assert_eq!(config.api.default_password, defaults.api.default_password);
+        assert_eq!(
+            config.api.token_expired_time,
+            defaults.api.token_expired_time
+        );
+        assert_eq!(config.sys_topics.interval, defaults.sys_topics.interval);
+        assert_eq!(
+            config.sys_topics.client_events,
+            defaults.sys_topics.client_events
+        );
+        assert_eq!(config.broker.node_name, defaults.broker.node_name);
         let kinds: Vec<_> = config.listeners.iter().map(|l| l.kind).collect();
         assert_eq!(kinds, ListenerKind::ALL);
     }

@@ -16,6 +16,8 @@
 //! - [`server`]: the wiring: validated configuration to each subsystem, listeners bound.
 //! - [`storage`]: the durable store behind the core's `Store` seam: an append-only log of
 //!   checksummed group commits, read back at start-up; `petrel store check/repair`.
+//! - [`admin`]: operations: the HTTP API on 18083 (EMQX's `/api/v5`), Prometheus, the
+//!   dashboard's pages and the `$SYS` topics; reads the broker through `broker::view`.
 //! - `duration`: durations in settings (`"10s"`, `"never"`), shared by every settings type.
 //! - [`client`]: the async MQTT client library (every transport by URL, QUIC stream policy,
 //!   reconnect and session resume); its protocol state is sans-IO like `core`.
@@ -118,6 +120,29 @@ mod layering {
                 "{} reaches into core",
                 path.display()
             );
+        }
+    }
+
+    #[test]
+    fn admin_reads_the_broker_through_its_views_and_nothing_imports_admin() {
+        for (path, text) in sources("admin") {
+            for word in [
+                "crate::config",
+                "crate::storage",
+                "core::registry",
+                "core::router",
+            ] {
+                assert!(!text.contains(word), "{} mentions `{word}`", path.display());
+            }
+        }
+        for dir in ["codec", "core", "broker", "storage", "auth", "transport"] {
+            for (path, text) in sources(dir) {
+                assert!(
+                    !text.contains("crate::admin"),
+                    "{} reaches into admin",
+                    path.display()
+                );
+            }
         }
     }
 

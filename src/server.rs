@@ -89,6 +89,7 @@ pub struct RunningBroker {
     listeners: Vec<(ListenerKind, SocketAddr)>,
     /// Where the HTTP API listens, unless `api.enable = false`.
     api: Option<SocketAddr>,
+    node: Arc<str>,
     /// The `$SYS` publisher's interval (changed on reload).
     sys_interval: tokio::sync::watch::Sender<Duration>,
     /// Reloads asked for through the API, for the process to carry out.
@@ -190,6 +191,7 @@ impl RunningBroker {
             store,
             listeners,
             api,
+            node,
             sys_interval,
             reload_requests: Some(reload_rx),
             shutdown,
@@ -224,6 +226,11 @@ impl RunningBroker {
         &mut self,
     ) -> Option<tokio::sync::mpsc::Receiver<crate::admin::ReloadRequest>> {
         self.reload_requests.take()
+    }
+
+    /// This node's name (`$SYS/brokers/<node>`, the API's `node`).
+    pub fn broker_node(&self) -> &str {
+        &self.node
     }
 
     /// Where the HTTP API and dashboard listen.

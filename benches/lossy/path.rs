@@ -122,6 +122,9 @@ async fn start_broker(
     // Packet-mode clients connect from the emulated link's namespace, not from loopback, and
     // carry no credentials: the harness measures links, not authentication.
     config.auth.allow_anonymous = Some(true);
+    // The harness measures links: no HTTP API, no `$SYS` traffic on them.
+    config.api.enable = false;
+    config.sys_topics.interval = Duration::ZERO;
     config.validate()?;
     let broker = RunningBroker::start(&config).await?;
     let addr = broker

@@ -1,7 +1,7 @@
 //! What operators read and do, as the broker's own operations: listings of sessions,
 //! subscriptions, retained and delayed messages (walked under their locks, never on the
 //! message path), kicking a client, deleting a retained or delayed message. The admin layer
-//! (`crate::admin`) reads the broker only through these.
+//! (the `admin` module) reads the broker only through these.
 
 use std::sync::atomic::Ordering;
 use std::sync::Arc;

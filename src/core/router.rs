@@ -423,6 +423,7 @@ impl<K: Eq + Hash + Clone, V> SubscriptionTree<K, V> {
         }
     }
 
+    #[cfg(any(test, feature = "internals"))]
     pub fn is_empty(&self) -> bool {
         self.len == 0
     }

@@ -570,3 +570,68 @@ fn which(tool: &str) -> bool {
         .status()
         .is_ok_and(|s| s.success())
 }
+
+#[tokio::test]
+async fn sys_topics_carry_mosquitto_and_emqx_values_and_client_events() {
+    let broker = TestBroker::start_with(|c| {
+        c.sys_topics.interval = Duration::from_millis(200);
+        c.sys_topics.client_events = true;
+    })
+    .await;
+    let mut watcher = V4::connect(broker.addr, &unique("sys-watch")).await;
+    watcher.subscribe("$SYS/#", rumqttc::QoS::AtMostOnce).await;
+    let mut wildcard = V4::connect(broker.addr, &unique("sys-wild")).await;
+    wildcard.subscribe("#", rumqttc::QoS::AtMostOnce).await;
+    let node = broker.running.broker_node();
+    let joining = unique("sys-joins");
+    let joined = V4::connect(broker.addr, &joining).await;
+    drop(joined);
+    let mut seen = std::collections::HashMap::new();
+    let wanted = [
+        "$SYS/broker/version".to_owned(),
+        "$SYS/broker/clients/connected".to_owned(),
+        "$SYS/broker/load/messages/received/1min".to_owned(),
+        format!("$SYS/brokers/{node}/version"),
+        format!("$SYS/brokers/{node}/stats/connections/count"),
+        format!("$SYS/brokers/{node}/clients/{joining}/connected"),
+        format!("$SYS/brokers/{node}/clients/{joining}/disconnected"),
+    ];
+    for _ in 0..2000 {
+        if wanted.iter().all(|t| seen.contains_key(t)) {
+            break;
+        }
+        let got = watcher.next_publish().await;
+        seen.insert(got.topic.clone(), got.payload.clone());
+    }
+    for topic in &wanted {
+        assert!(
+            seen.contains_key(topic),
+            "no {topic}; saw {:?}",
+            seen.keys()
+        );
+    }
+    assert!(std::str::from_utf8(&seen["$SYS/broker/version"])
+        .unwrap()
+        .starts_with("petrel version "));
+    let connected: Value =
+        serde_json::from_slice(&seen[&format!("$SYS/brokers/{node}/clients/{joining}/connected")])
+            .unwrap();
+    assert_eq!(connected["clientid"], joining.as_str());
+    assert_eq!(connected["proto_ver"], 4);
+    assert_eq!(connected["ipaddress"], "127.0.0.1");
+    let gone: Value = serde_json::from_slice(
+        &seen[&format!("$SYS/brokers/{node}/clients/{joining}/disconnected")],
+    )
+    .unwrap();
+    assert_eq!(gone["clientid"], joining.as_str());
+    assert!(gone["reason"].is_string());
+    // `#` does not match `$SYS` topics [MQTT-4.7.2-1].
+    wildcard.expect_no_publish().await;
+    // Retained: a late subscriber gets the current values at once.
+    let mut late = V4::connect(broker.addr, &unique("sys-late")).await;
+    late.subscribe("$SYS/broker/version", rumqttc::QoS::AtMostOnce)
+        .await;
+    let got = late.next_publish().await;
+    assert!(got.retain);
+    broker.shutdown().await;
+}

@@ -79,6 +79,10 @@ impl TestBroker {
         config.broker.data_dir = temp_data_dir("broker");
         config.api.bind = "127.0.0.1:0".parse().unwrap();
         config.api.default_password = Some(TEST_ADMIN_PASSWORD.into());
+        // `$SYS` values are retained messages: tests that count retained messages or
+        // subscribe to `$SYS/#` turn them on themselves.
+        config.sys_topics.interval = Duration::ZERO;
+        config.sys_topics.client_events = false;
         tweak(&mut config);
         config.validate().unwrap();
         let data_dir = TempDir(config.broker.data_dir.clone());
