@@ -8,8 +8,10 @@
 //! - `api`: the `/api/v5` handlers (`clients`, `messages`, `banned` by family).
 //! - `metrics`: stats, counters and the Prometheus exposition.
 //! - `sys`: the `$SYS` topics and client events.
+//! - `assets`: the dashboard's files, embedded.
 
 mod api;
+mod assets;
 mod auth;
 mod metrics;
 mod settings;
@@ -97,6 +99,7 @@ pub async fn start(
     let mut app = axum::Router::new()
         .merge(protected)
         .merge(api::public())
+        .merge(assets::routes())
         .with_state(Arc::clone(&state));
     if !settings.cors.is_empty() {
         app = app.layer(cors(&settings.cors)?);

@@ -12,6 +12,8 @@
 # Other transports: MQTT_TLS_PORT, MQTT_WS_PORT, MQTT_WSS_PORT and MQTT_CAFILE (the CA of
 # the server certificate, e.g. <data_dir>/certs/ca.pem); the scripts for a transport whose
 # variables are unset print "SKIP name: why" and count as skipped.
+# The dashboard (test_dashboard.py, headless Chromium): API_PORT (the broker's [api] bind
+# port), DASHBOARD_USER (default admin) and DASHBOARD_PASSWORD (api.default_password).
 # Last line: "interop: N passed, M failed, K skipped"; exit status 1 if M > 0.
 set -u
 
@@ -74,8 +76,8 @@ if [ -n "${BROKER_CMD:-}" ]; then
         if port_open; then up=1; break; fi
         sleep 0.1
     done
-    # The other listeners bind right after the TCP one; wait for them too.
-    for extra in ${MQTT_TLS_PORT:-} ${MQTT_WS_PORT:-} ${MQTT_WSS_PORT:-}; do
+    # The other listeners and the API bind right after the TCP one; wait for them too.
+    for extra in ${MQTT_TLS_PORT:-} ${MQTT_WS_PORT:-} ${MQTT_WSS_PORT:-} ${API_PORT:-}; do
         [ "$up" = 1 ] || break
         up=0
         for _ in $(seq 1 $((BROKER_START_TIMEOUT * 10))); do
@@ -85,7 +87,7 @@ if [ -n "${BROKER_CMD:-}" ]; then
         done
     done
     if [ "$up" != 1 ]; then
-        echo "broker did not accept connections on $MQTT_HOST:$MQTT_PORT (and any MQTT_TLS/WS/WSS_PORT) within ${BROKER_START_TIMEOUT}s" >&2
+        echo "broker did not accept connections on $MQTT_HOST:$MQTT_PORT (and any MQTT_TLS/WS/WSS_PORT, API_PORT) within ${BROKER_START_TIMEOUT}s" >&2
         tail -n 30 "$LOG_DIR/broker.log" >&2
         echo "interop: 0 passed, 1 failed"
         exit 1
