@@ -722,6 +722,14 @@ mod tests {
     }
 
     #[test]
+    fn a_numeric_dashboard_password_set_on_the_command_line_is_its_digits() {
+        let config = load("", &[], &["api.default_password=123456"]).unwrap();
+        assert_eq!(config.api.default_password.as_deref(), Some("123456"));
+        let config = load("[api]\ndefault_password = \"s3cret\"\n", &[], &[]).unwrap();
+        assert_eq!(config.api.default_password.as_deref(), Some("s3cret"));
+    }
+
+    #[test]
     fn auth_keys_set_from_the_command_line_like_mosquitto_names() {
         let config = load(
             "",

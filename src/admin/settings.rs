@@ -29,7 +29,9 @@ pub struct ApiSettings {
     pub default_username: String,
     /// Its password. When unset, the first start writes a random one to
     /// `<data_dir>/dashboard_admin_password` and logs that path; there is no well-known
-    /// default password.
+    /// default password. (`--set api.default_password=123456` is read as a number by the
+    /// layering; a number is taken as its digits.)
+    #[serde(deserialize_with = "text_or_number")]
     pub default_password: Option<String>,
     /// How long a dashboard login token is valid (EMQX's `dashboard.token_expired_time`).
     #[serde(deserialize_with = "duration")]
@@ -71,4 +73,20 @@ impl Default for SysSettings {
             client_events: true,
         }
     }
+}
+
+/// A string, or a number taken as its text.
+fn text_or_number<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Option<String>, D::Error> {
+    #[derive(Deserialize)]
+    #[serde(untagged)]
+    enum Raw {
+        Text(String),
+        Integer(i64),
+        Float(f64),
+    }
+    Ok(Some(match Raw::deserialize(d)? {
+        Raw::Text(text) => text,
+        Raw::Integer(n) => n.to_string(),
+        Raw::Float(n) => n.to_string(),
+    }))
 }

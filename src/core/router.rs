@@ -249,8 +249,21 @@ impl<K: Eq + Hash + Clone, V> SubscriptionTree<K, V> {
                 let gi = node.groups.iter().position(|g| &*g.name == name)?;
                 let group = &mut node.groups[gi];
                 let mi = group.members.iter().position(|(k, _)| k == client)?;
-                // Order is kept so that the round robin stays fair to the remaining members.
+                // Order is kept so that the round robin stays fair to the remaining members,
+                // and the cursor keeps pointing at the same member (sticky: the one that holds
+                // the group) when one before it leaves.
+                let len = group.members.len();
                 let (_, v) = group.members.remove(mi);
+                if matches!(
+                    group.strategy,
+                    SharedStrategy::RoundRobin
+                        | SharedStrategy::RoundRobinPerGroup
+                        | SharedStrategy::Sticky
+                ) {
+                    let cursor = group.cursor.get_mut();
+                    let at = *cursor % len;
+                    *cursor = if mi < at { at - 1 } else { at };
+                }
                 if group.members.is_empty() {
                     node.groups.swap_remove(gi);
                 }
@@ -513,6 +526,32 @@ mod tests {
 
     fn tf(s: &str) -> TopicFilter {
         TopicFilter::parse(s, 0).unwrap()
+    }
+
+    #[test]
+    fn sticky_stays_on_its_member_when_another_member_leaves() {
+        let mut tree: SubscriptionTree<u32, String> = SubscriptionTree::new();
+        tree.set_strategies(SharedStrategy::Sticky, HashMap::new());
+        let f = tf("$share/g/t");
+        for k in 0..4 {
+            tree.insert(&f, k, "v".into());
+        }
+        let pick = |tree: &SubscriptionTree<u32, String>, skip: Option<u32>| {
+            let mut got = Vec::new();
+            tree.for_each_match("t", |k, _| Some(*k) != skip, |k, _| got.push(*k));
+            got
+        };
+        // Member 0 is passed over (not eligible): 1 holds the group from then on.
+        assert_eq!(pick(&tree, Some(0)), [1]);
+        assert_eq!(pick(&tree, None), [1]);
+        // Member 0, before the holder, leaves: 1 still holds it.
+        tree.remove(&f, &0);
+        assert_eq!(pick(&tree, None), [1]);
+        assert_eq!(pick(&tree, None), [1]);
+        // The holder leaves: one other member holds it from then on.
+        tree.remove(&f, &1);
+        let next = pick(&tree, None);
+        assert_eq!(pick(&tree, None), next);
     }
 
     #[test]
