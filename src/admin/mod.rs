@@ -108,7 +108,6 @@ pub async fn start(
         .await
         .with_context(|| format!("api: cannot listen on {} (api.bind)", settings.bind))?;
     let addr = listener.local_addr()?;
-    let stop = shutdown.clone();
     match (&settings.cert, &settings.key) {
         (Some(cert), Some(key)) => {
             let tls =
@@ -119,24 +118,10 @@ pub async fn start(
                 })
                 .context("api: TLS (api.cert, api.key)")?;
             let listener = tls_listener::TlsListener::spawn(listener, tls, tracker, shutdown);
-            tracker.spawn(async move {
-                let served = axum::serve(listener, app)
-                    .with_graceful_shutdown(async move { stop.cancelled().await })
-                    .await;
-                if let Err(err) = served {
-                    tracing::error!(%err, "api: stopped");
-                }
-            });
+            tracker.spawn(serve(listener, app, shutdown.clone()));
         }
         _ => {
-            tracker.spawn(async move {
-                let served = axum::serve(listener, app)
-                    .with_graceful_shutdown(async move { stop.cancelled().await })
-                    .await;
-                if let Err(err) = served {
-                    tracing::error!(%err, "api: stopped");
-                }
-            });
+            tracker.spawn(serve(listener, app, shutdown.clone()));
         }
     }
     tracing::info!(
@@ -146,6 +131,20 @@ pub async fn start(
         "HTTP API and dashboard"
     );
     Ok(addr)
+}
+
+/// Serves `app` on `listener` (plain or TLS) until `shutdown`.
+async fn serve<L>(listener: L, app: axum::Router, shutdown: CancellationToken)
+where
+    L: axum::serve::Listener,
+    L::Addr: std::fmt::Debug,
+{
+    let served = axum::serve(listener, app)
+        .with_graceful_shutdown(async move { shutdown.cancelled().await })
+        .await;
+    if let Err(err) = served {
+        tracing::error!(%err, "api: stopped");
+    }
 }
 
 fn cors(origins: &[String]) -> anyhow::Result<tower_http::cors::CorsLayer> {

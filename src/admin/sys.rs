@@ -90,6 +90,34 @@ impl Events {
     }
 }
 
+/// The fields every client event carries (EMQX's names).
+fn identity(info: &ClientInfo) -> Payload {
+    Payload(json!({
+        "clientid": &*info.client_id,
+        "username": info.username.as_deref(),
+        "ipaddress": info.peer.ip().to_string(),
+        "proto_name": if info.proto_ver == 3 { "MQIsdp" } else { "MQTT" },
+        "proto_ver": info.proto_ver,
+    }))
+}
+
+/// A client event's JSON object, built in two parts.
+struct Payload(Value);
+
+impl Payload {
+    fn extend(&mut self, more: Value) {
+        if let (Value::Object(into), Value::Object(from)) = (&mut self.0, more) {
+            into.extend(from);
+        }
+    }
+}
+
+impl std::fmt::Display for Payload {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        self.0.fmt(f)
+    }
+}
+
 /// EMQX's disconnect reasons.
 fn reason_name(reason: ReasonCode) -> String {
     match reason {
@@ -110,19 +138,15 @@ impl ClientEvents for Events {
         let Some(broker) = self.broker.upgrade() else {
             return;
         };
-        let payload = json!({
-            "clientid": &*info.client_id,
-            "username": info.username.as_deref(),
-            "ipaddress": info.peer.ip().to_string(),
-            "proto_name": if info.proto_ver == 3 { "MQIsdp" } else { "MQTT" },
-            "proto_ver": info.proto_ver,
+        let mut payload = identity(info);
+        payload.extend(json!({
             "keepalive": info.keepalive,
             "clean_start": info.clean_start,
             "expiry_interval": info.expiry_interval,
             "connected_at": millis(info.connected_at),
             "connack": 0,
             "ts": millis(clock::wall()),
-        });
+        }));
         let topic = self.topic(&info.client_id, "connected");
         publish(&broker, topic, Bytes::from(payload.to_string()), false);
     }
@@ -132,16 +156,12 @@ impl ClientEvents for Events {
             return;
         };
         let now = millis(clock::wall());
-        let payload = json!({
-            "clientid": &*info.client_id,
-            "username": info.username.as_deref(),
-            "ipaddress": info.peer.ip().to_string(),
-            "proto_name": if info.proto_ver == 3 { "MQIsdp" } else { "MQTT" },
-            "proto_ver": info.proto_ver,
+        let mut payload = identity(info);
+        payload.extend(json!({
             "reason": reason_name(reason),
             "disconnected_at": now,
             "ts": now,
-        });
+        }));
         let topic = self.topic(&info.client_id, "disconnected");
         publish(&broker, topic, Bytes::from(payload.to_string()), false);
     }
