@@ -156,8 +156,17 @@ async fn blackout_drops_what_is_sent_inside_it() {
             );
         }
     }
+    // The relay counted a drop for at least every datagram sent well inside the window (how
+    // many that is depends on how fast this loaded machine paced them, not on a constant).
+    let inside = (0..sent_at.len())
+        .filter(|&i| (420..=580).contains(&ms(i)))
+        .count();
     let stats = relay.stats();
-    assert!(stats.up.blackout_dropped >= 30, "{stats:?}");
+    assert!(inside > 0, "no datagram was sent inside the blackout: {sent_at:?}");
+    assert!(
+        stats.up.blackout_dropped as usize >= inside,
+        "{inside} sent inside: {stats:?}"
+    );
 }
 
 #[tokio::test]
