@@ -31,6 +31,10 @@ quic) LISTEN=--quic SCHEME=quic EXTRA=(--insecure) SOCK=SOCK_DGRAM ;;
 *) echo "TRANSPORT is tcp or quic" >&2; exit 2 ;;
 esac
 
+# Extra broker arguments for both builds; empty for a build older than the HTTP API (which
+# knows no `api` key), leaving the newer one its default API port.
+BROKER_ARGS=${BROKER_ARGS---set api.bind=127.0.0.1:0}
+
 free_port() {
     python3 -c "import socket; s=socket.socket(socket.AF_INET, socket.$SOCK); s.bind(('127.0.0.1',0)); print(s.getsockname()[1])"
 }
@@ -41,7 +45,8 @@ run() { # label binary
     shift 2
     port=$(free_port)
     rm -rf "$DATA/data"
-    "$bin" "$LISTEN" "127.0.0.1:$port" --data-dir "$DATA/data" --set api.bind=127.0.0.1:0 >/dev/null 2>&1 &
+    # shellcheck disable=SC2086 # BROKER_ARGS is a list of words
+    "$bin" "$LISTEN" "127.0.0.1:$port" --data-dir "$DATA/data" $BROKER_ARGS >/dev/null 2>&1 &
     PID=$!
     for ((i = 0; i < 50; i++)); do
         if [[ $TRANSPORT == quic ]]; then
