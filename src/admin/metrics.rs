@@ -30,21 +30,14 @@ pub fn listener_type(kind: ListenerKind) -> &'static str {
 pub fn stats(b: &Broker) -> Value {
     let m = &b.metrics;
     let subscriptions = b.subscription_count();
-    let mut topics = std::collections::HashSet::new();
-    let mut shared = 0usize;
-    b.for_each_subscription(|filter, _, _| {
-        if filter.starts_with("$share/") {
-            shared += 1;
-        }
-        topics.insert(filter.to_owned());
-    });
+    let (topics, shared) = b.filter_counts();
     json!({
         "connections.count": m.connections.load(Ordering::Relaxed),
         "connections.max": m.connections_max.load(Ordering::Relaxed),
         "live_connections.count": b.clients.len(),
         "live_connections.max": m.connections_max.load(Ordering::Relaxed),
         "sessions.count": b.session_count(),
-        "topics.count": topics.len(),
+        "topics.count": topics,
         "subscriptions.count": subscriptions,
         "subscriptions.shared.count": shared,
         "suboptions.count": subscriptions,

@@ -113,6 +113,15 @@ impl Broker {
             });
     }
 
+    /// Distinct subscribed filters and shared subscriptions (see
+    /// `SubscriptionTree::filter_counts`).
+    pub fn filter_counts(&self) -> (usize, usize) {
+        self.router
+            .read()
+            .expect("router lock is never poisoned")
+            .filter_counts()
+    }
+
     /// Subscriptions held (online and offline sessions).
     pub fn subscription_count(&self) -> usize {
         self.router

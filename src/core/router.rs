@@ -397,6 +397,23 @@ impl<K: Eq + Hash + Clone, V> SubscriptionTree<K, V> {
         self.len
     }
 
+    /// Distinct filters with a subscription (EMQX's topics: a shared group's filter counts
+    /// once), and the shared subscriptions among all; one walk, no allocation per node.
+    pub fn filter_counts(&self) -> (usize, usize) {
+        let (mut filters, mut shared) = (0, 0);
+        let mut stack = vec![&self.root];
+        while let Some(node) = stack.pop() {
+            if node.has_subscriptions() {
+                filters += 1;
+            }
+            shared += node.groups.iter().map(|g| g.members.len()).sum::<usize>();
+            stack.extend(node.children.values());
+            stack.extend(node.plus.as_deref());
+            stack.extend(node.hash.as_deref());
+        }
+        (filters, shared)
+    }
+
     /// Visits every subscription: its filter as subscribed (`$share/{group}/…` for a group
     /// member), the client and its data. For the operator's listings, not the message path:
     /// it walks the whole tree (with an explicit stack) and builds each filter's text.
@@ -574,6 +591,8 @@ mod tests {
         let mut seen = Vec::new();
         tree.for_each(|filter, k, v| seen.push((filter.to_owned(), *k, v.clone())));
         seen.sort();
+        // `a/b` holds a plain subscription and a group: one filter.
+        assert_eq!(tree.filter_counts(), (5, 2));
         let mut want: Vec<_> = [
             ("#", 2),
             ("$share/g/a/b", 5),

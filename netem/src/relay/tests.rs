@@ -162,7 +162,10 @@ async fn blackout_drops_what_is_sent_inside_it() {
         .filter(|&i| (420..=580).contains(&ms(i)))
         .count();
     let stats = relay.stats();
-    assert!(inside > 0, "no datagram was sent inside the blackout: {sent_at:?}");
+    assert!(
+        inside > 0,
+        "no datagram was sent inside the blackout: {sent_at:?}"
+    );
     assert!(
         stats.up.blackout_dropped as usize >= inside,
         "{inside} sent inside: {stats:?}"
