@@ -1,6 +1,6 @@
 //! The broker's counters in EMQX's shapes: `/api/v5/stats` (gauges), `/api/v5/metrics`
 //! (counters) and `/api/v5/prometheus/stats` (text exposition format, EMQX's metric names,
-//! plus Petrel's per-transport link figures from QUIC's path statistics).
+//! plus Petrel's per-transport link figures: QUIC's path statistics and TCP's `TCP_INFO`).
 
 use std::fmt::Write as _;
 use std::sync::atomic::Ordering;
@@ -12,7 +12,9 @@ use axum::response::IntoResponse;
 use serde_json::{json, Value};
 
 use super::AdminState;
+use crate::broker::clients::ClientInfo;
 use crate::broker::listener::ListenerKind;
+use crate::broker::tcp_info::{self, TcpLinks};
 use crate::broker::Broker;
 
 /// EMQX's listener type names.
@@ -112,16 +114,24 @@ struct LinkTotals {
 
 /// `GET /api/v5/prometheus/stats`.
 pub async fn prometheus(State(state): State<Arc<AdminState>>) -> impl IntoResponse {
+    let clients = state.broker.clients.all();
+    // One netlink dump per scrape, and none when no client is connected over TCP.
+    let tcp = if clients.iter().any(|c| c.is_tcp()) {
+        tcp_info::measure().await
+    } else {
+        None
+    };
     (
         [(
             header::CONTENT_TYPE,
             "text/plain; version=0.0.4; charset=utf-8",
         )],
-        exposition(&state),
+        exposition(&state, &clients, tcp.as_ref()),
     )
 }
 
-fn exposition(state: &AdminState) -> String {
+/// The text exposition; the link figures are those of `clients`, the TCP ones from `tcp`.
+fn exposition(state: &AdminState, clients: &[Arc<ClientInfo>], tcp: Option<&TcpLinks>) -> String {
     let mut out = String::with_capacity(4096);
     let node = &*state.node;
     let mut metric = |name: &str, kind: &str, help: &str, value: f64| {
@@ -181,10 +191,10 @@ fn exposition(state: &AdminState) -> String {
     );
     // Link quality by transport, over the clients connected now.
     let mut totals: std::collections::BTreeMap<&'static str, LinkTotals> = Default::default();
-    for info in state.broker.clients.all() {
+    for info in clients {
         let t = totals.entry(info.transport).or_default();
         t.connections += 1;
-        if let Some(q) = info.link_quality() {
+        if let Some(q) = info.link_quality_with(tcp) {
             t.measured += 1;
             t.rtt_sum_us += q.rtt_us;
             t.rtt_max_us = t.rtt_max_us.max(q.rtt_us);
@@ -240,19 +250,19 @@ fn exposition(state: &AdminState) -> String {
         (
             "petrel_link_sent_packets",
             "gauge",
-            "Packets sent on the links connected now",
+            "Packets sent on the links connected now (TCP: data segments)",
             |t| t.sent_packets as f64,
         ),
         (
             "petrel_link_lost_packets",
             "gauge",
-            "Packets lost (declared lost and resent) on the links connected now",
+            "Packets lost (QUIC: declared lost; TCP: segments retransmitted) on the links connected now",
             |t| t.lost_packets as f64,
         ),
         (
             "petrel_link_congestion_events",
             "gauge",
-            "Congestion back-offs on the links connected now",
+            "Congestion back-offs on the links connected now (QUIC only; 0 for TCP)",
             |t| t.congestion_events as f64,
         ),
     ];

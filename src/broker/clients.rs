@@ -1,5 +1,6 @@
 //! The table of connected clients, for operators: who is connected, from where, over which
-//! transport, since when, and how their link behaves. A connection enters it once its
+//! transport, since when, and how their link behaves (QUIC's path statistics from quinn, TCP's
+//! from the kernel through `tcp_info`). A connection enters it once its
 //! CONNECT is accepted and leaves when it closes; the message path only bumps the
 //! connection's own counters (relaxed atomics on a struct no other connection writes).
 
@@ -11,6 +12,7 @@ use std::time::SystemTime;
 use rustc_hash::FxHashMap;
 
 use super::mailbox::Mailbox;
+use super::tcp_info::TcpLinks;
 use crate::codec::ReasonCode;
 
 /// One connected client.
@@ -20,6 +22,9 @@ pub struct ClientInfo {
     pub client_id: Arc<str>,
     pub username: Option<Box<str>>,
     pub peer: SocketAddr,
+    /// Our end of a byte-stream transport's TCP connection (`None` for QUIC): with `peer`, it
+    /// finds the connection's socket in a [`TcpLinks`] snapshot.
+    pub local: Option<SocketAddr>,
     /// `tcp`, `tls`, `ws`, `wss` or `quic`.
     pub transport: &'static str,
     /// 3, 4 or 5.
@@ -40,34 +45,39 @@ pub struct ClientInfo {
     pub quic: Option<quinn::Connection>,
 }
 
-/// A link's quality as the transport measures it.
+/// A link's quality as the transport measures it: QUIC's path statistics, or the kernel's
+/// `TCP_INFO` for the byte-stream transports (see `tcp_info::quality` for how TCP's counters
+/// map onto these fields).
 #[derive(Debug, Clone, Copy, Default, PartialEq)]
 pub struct LinkQuality {
     /// Smoothed round-trip time, in microseconds.
     pub rtt_us: u64,
     /// Congestion window, in bytes.
     pub cwnd: u64,
+    /// Packets sent (TCP: data segments sent, retransmissions included).
     pub sent_packets: u64,
+    /// Packets declared lost (TCP: segments retransmitted).
     pub lost_packets: u64,
+    /// Bytes declared lost (TCP: bytes retransmitted).
     pub lost_bytes: u64,
-    /// Times the congestion controller backed off.
+    /// Times the congestion controller backed off (TCP: not counted by the kernel, 0).
     pub congestion_events: u64,
 }
 
 impl ClientInfo {
-    /// The transport's own measure of the link: QUIC's path statistics; `None` for the byte
-    /// stream transports (their TCP_INFO is not read yet).
-    pub fn link_quality(&self) -> Option<LinkQuality> {
-        let conn = self.quic.as_ref()?;
-        let stats = conn.stats();
-        Some(LinkQuality {
-            rtt_us: u64::try_from(stats.path.rtt.as_micros()).unwrap_or(u64::MAX),
-            cwnd: stats.path.cwnd,
-            sent_packets: stats.path.sent_packets,
-            lost_packets: stats.path.lost_packets,
-            lost_bytes: stats.path.lost_bytes,
-            congestion_events: stats.path.congestion_events,
-        })
+    /// Whether the client's transport runs over TCP (and so has figures in a [`TcpLinks`]).
+    pub fn is_tcp(&self) -> bool {
+        self.local.is_some()
+    }
+
+    /// The transport's own measure of the link: QUIC's path statistics from quinn; for the
+    /// byte-stream transports, the connection's figures in `tcp` (`None` without a snapshot,
+    /// or if the snapshot missed the socket).
+    pub fn link_quality_with(&self, tcp: Option<&TcpLinks>) -> Option<LinkQuality> {
+        if let Some(conn) = &self.quic {
+            return Some(quic_quality(conn));
+        }
+        tcp?.get(self.local?, self.peer)
     }
 
     pub fn count_received(&self) {
@@ -76,6 +86,18 @@ impl ClientInfo {
 
     pub fn count_sent(&self, n: u64) {
         self.send_msg.fetch_add(n, Ordering::Relaxed);
+    }
+}
+
+fn quic_quality(conn: &quinn::Connection) -> LinkQuality {
+    let stats = conn.stats();
+    LinkQuality {
+        rtt_us: u64::try_from(stats.path.rtt.as_micros()).unwrap_or(u64::MAX),
+        cwnd: stats.path.cwnd,
+        sent_packets: stats.path.sent_packets,
+        lost_packets: stats.path.lost_packets,
+        lost_bytes: stats.path.lost_bytes,
+        congestion_events: stats.path.congestion_events,
     }
 }
 

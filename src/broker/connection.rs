@@ -28,8 +28,9 @@ use crate::transport::reader::PacketReader;
 /// An empty output buffer larger than this is given back even by a busy connection.
 const KEEP_OUT: usize = 4 * 1024;
 
-/// Serves one client connection until it closes. `peer_username` is the identity the
-/// transport established (a client certificate's CN or SAN); it replaces the CONNECT username.
+/// Serves one client connection until it closes. `local` is our end of its TCP connection
+/// (for the operators' view of the link). `peer_username` is the identity the transport
+/// established (a client certificate's CN or SAN); it replaces the CONNECT username.
 ///
 /// A plain function returning the future: the connection is built here and the future
 /// borrows it where it lies, so the task holds one `Driver` (an `async fn` keeps each
@@ -38,6 +39,7 @@ pub fn serve<S>(
     broker: Arc<Broker>,
     stream: S,
     peer: SocketAddr,
+    local: Option<SocketAddr>,
     transport: &'static str,
     peer_username: Option<String>,
     shutdown: CancellationToken,
@@ -56,6 +58,7 @@ where
     let codec = Codec::new(broker.limits().max_packet_size);
     let metrics = Arc::clone(&broker);
     let mut link = Link::new(broker, peer, transport);
+    link.local = local;
     if let Some(username) = peer_username {
         link.channel.set_peer_username(username);
     }

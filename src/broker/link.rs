@@ -66,6 +66,9 @@ pub struct Link {
     transport: &'static str,
     /// The QUIC connection (for the operators' view of its path).
     pub quic: Option<quinn::Connection>,
+    /// Our end of a byte-stream transport's TCP connection (for the operators' view of its
+    /// `TCP_INFO`).
+    pub local: Option<SocketAddr>,
     /// Our entry in the broker's table of connected clients, once CONNECT is accepted.
     info: Option<Arc<ClientInfo>>,
 }
@@ -97,6 +100,7 @@ impl Link {
             session_changed: false,
             transport,
             quic: None,
+            local: None,
             info: None,
         }
     }
@@ -254,6 +258,7 @@ impl Link {
                     client_id: Arc::clone(&client_id),
                     username: self.channel.username().map(Into::into),
                     peer: self.peer,
+                    local: self.local,
                     transport: self.transport,
                     proto_ver: self.channel.version().level(),
                     keepalive: self.channel.keep_alive(),

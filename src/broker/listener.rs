@@ -220,7 +220,9 @@ impl Accept {
                     if let Err(err) = stream.set_nodelay(true) {
                         tracing::debug!(%peer, %err, "cannot set TCP_NODELAY");
                     }
-                    self.serve(stream, peer);
+                    // Finds the connection's TCP_INFO for the operators' view.
+                    let local = stream.local_addr().ok();
+                    self.serve(stream, peer, local);
                 }
                 Err(err) => {
                     tracing::warn!(kind = %self.kind, %err, "accept failed; backing off {backoff:?}");
@@ -238,7 +240,7 @@ impl Accept {
     /// is a task of its own type, and the handshake is boxed: it is freed once done, and a
     /// connection's task holds only the driver for its own stream (one future type for all
     /// kinds would size every TLS connection's task for the WSS handshake).
-    fn serve(&self, stream: TcpStream, peer: SocketAddr) {
+    fn serve(&self, stream: TcpStream, peer: SocketAddr, local: Option<SocketAddr>) {
         let handshake = self.handshake.clone();
         let deadline = tokio::time::Instant::now() + self.handshake_timeout;
         let broker = Arc::clone(&self.broker);
@@ -253,7 +255,7 @@ impl Accept {
         match handshake {
             Handshake::None => {
                 self.tracker.spawn(connection::serve(
-                    broker, stream, peer, transport, None, shutdown,
+                    broker, stream, peer, local, transport, None, shutdown,
                 ));
             }
             Handshake::Tls(tls) => {
@@ -262,7 +264,8 @@ impl Accept {
                     let Some((stream, username)) = step.await else {
                         return;
                     };
-                    connection::serve(broker, stream, peer, transport, username, shutdown).await
+                    connection::serve(broker, stream, peer, local, transport, username, shutdown)
+                        .await
                 });
             }
             Handshake::Ws(ws) => {
@@ -271,7 +274,7 @@ impl Accept {
                     let Some(stream) = step.await else {
                         return;
                     };
-                    connection::serve(broker, stream, peer, transport, None, shutdown).await
+                    connection::serve(broker, stream, peer, local, transport, None, shutdown).await
                 });
             }
             Handshake::Wss(tls, ws) => {
@@ -285,7 +288,8 @@ impl Accept {
                     let Some((stream, username)) = steps.await else {
                         return;
                     };
-                    connection::serve(broker, stream, peer, transport, username, shutdown).await
+                    connection::serve(broker, stream, peer, local, transport, username, shutdown)
+                        .await
                 });
             }
         }

@@ -14,6 +14,8 @@
 //! - `listener`: accept loops.
 //! - `quic`: the MQTT-over-QUIC `Wire` (control and data streams) and its stream tasks.
 //! - `clock`: the one place that reads the time.
+//! - `clients`: the table of connected clients for operators, with their link quality.
+//! - `tcp_info`: the kernel's `TCP_INFO` of the TCP connections (sock_diag netlink), for it.
 
 pub mod clients;
 pub mod clock;
@@ -23,6 +25,7 @@ pub mod link;
 pub mod listener;
 pub mod mailbox;
 pub mod quic;
+pub mod tcp_info;
 pub mod view;
 
 use std::collections::HashMap;

@@ -255,6 +255,11 @@ async fn api_lists_pages_and_kicks_clients_of_rumqttc_and_mosquitto_sub() {
     assert_eq!(one["proto_ver"], 4);
     assert_eq!(one["connected"], true);
     assert_eq!(one["listener"], "tcp:default");
+    // TCP's link figures come from the kernel's TCP_INFO (sock_diag).
+    assert_eq!(one["transport"], "tcp");
+    assert!(one["link"]["rtt_us"].is_u64(), "{one}");
+    assert!(one["link"]["cwnd"].as_u64().unwrap() > 0, "{one}");
+    assert!(one["link"]["sent_packets"].as_u64().unwrap() >= 1, "{one}");
     if mosquitto.is_some() {
         let page = http(api, "GET", "/api/v5/clients?limit=1&page=1", &auth, None)
             .await
@@ -302,6 +307,7 @@ async fn api_lists_pages_and_kicks_clients_of_rumqttc_and_mosquitto_sub() {
     )
     .await;
     assert_eq!(detail.body["subscriptions_cnt"], 1, "{detail:?}");
+    assert!(detail.body["link"]["rtt_us"].is_u64(), "{detail:?}");
     let subs = http(
         api,
         "GET",
@@ -367,6 +373,12 @@ async fn api_lists_pages_and_kicks_clients_of_rumqttc_and_mosquitto_sub() {
         .unwrap();
     assert!(line.ends_with(&format!(" {expected}")), "{line}");
     assert!(text.contains("petrel_link_connections{"), "{text}");
+    assert!(
+        text.lines()
+            .any(|l| l.starts_with("petrel_link_rtt_seconds_avg{")
+                && l.contains("transport=\"tcp\"")),
+        "{text}"
+    );
 
     // Kicked: the client's connection ends, and it is no longer listed.
     let kicked = http(

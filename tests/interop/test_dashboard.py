@@ -254,7 +254,17 @@ def steps(p, run):
     p.nav("link")
     p.until("link-quality row", lambda: p.row("link-table", clientid=paho_id))
     cells = [td.text for td in p.row("link-table", clientid=paho_id).find_elements(p.By.TAG_NAME, "td")]
-    check(cells[1] == "tcp" and cells[3] == "—" and cells[4] == "—",
+    # TCP's figures come from the kernel's TCP_INFO: an RTT in ms and a retransmission rate.
+    def number(text):
+        try:
+            float(text.replace(",", ""))
+            return True
+        except ValueError:
+            return False
+    p.until("link-quality figures", lambda: number(
+        p.row("link-table", clientid=paho_id).find_elements(p.By.TAG_NAME, "td")[3].text))
+    cells = [td.text for td in p.row("link-table", clientid=paho_id).find_elements(p.By.TAG_NAME, "td")]
+    check(cells[1] == "tcp" and number(cells[3]) and number(cells[4]),
           f"link-quality row for a TCP client reads {cells}")
     p.shot("link-quality")
 

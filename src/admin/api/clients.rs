@@ -1,14 +1,17 @@
 //! Clients, their subscriptions, and the subscribed topics.
 
 use super::*;
+use crate::broker::tcp_info::{self, TcpLinks};
 
 // ---- clients ------------------------------------------------------------------------------
 
-pub(super) fn client_json(state: &AdminState, view: &SessionView) -> Value {
+/// A client in EMQX's shape, plus `transport` and `link`; `tcp` is the snapshot of the TCP
+/// connections' figures, if one was taken (see [`tcp_links_for`]).
+pub(super) fn client_json(state: &AdminState, view: &SessionView, tcp: Option<&TcpLinks>) -> Value {
     let node = &*state.node;
     match view {
         SessionView::Online(info) => {
-            let link = info.link_quality().map(|q| {
+            let link = info.link_quality_with(tcp).map(|q| {
                 json!({
                     "rtt_us": q.rtt_us,
                     "cwnd": q.cwnd,
@@ -70,6 +73,19 @@ pub(super) fn client_json(state: &AdminState, view: &SessionView) -> Value {
     }
 }
 
+/// The kernel's figures of the TCP connections, taken only when `views` shows a client
+/// connected over TCP (a netlink dump per request otherwise spent for nothing).
+pub(super) async fn tcp_links_for(views: &[SessionView]) -> Option<TcpLinks> {
+    let tcp = views
+        .iter()
+        .any(|v| matches!(v, SessionView::Online(info) if info.is_tcp()));
+    if tcp {
+        tcp_info::measure().await
+    } else {
+        None
+    }
+}
+
 pub(super) async fn clients(State(state): Shared, params: Params) -> ApiResult<Json<Value>> {
     let paging = paging(&params)?;
     let text = |key: &str| params.get(key).map(String::as_str);
@@ -118,7 +134,10 @@ pub(super) async fn clients(State(state): Shared, params: Params) -> ApiResult<J
         })
         .collect();
     all.sort_by(|a, b| a.client_id().cmp(b.client_id()));
-    Ok(paged(all, &paging, |view| client_json(&state, view)))
+    let tcp = tcp_links_for(paging.page_of(&all)).await;
+    Ok(paged(all, &paging, |view| {
+        client_json(&state, view, tcp.as_ref())
+    }))
 }
 
 pub(super) fn client_not_found() -> ApiError {
@@ -133,7 +152,8 @@ pub(super) async fn client(
         .broker
         .session_view(&client_id)
         .ok_or_else(client_not_found)?;
-    Ok(Json(client_json(&state, &view)))
+    let tcp = tcp_links_for(std::slice::from_ref(&view)).await;
+    Ok(Json(client_json(&state, &view, tcp.as_ref())))
 }
 
 pub(super) async fn kick(

@@ -195,17 +195,23 @@ fn paging(params: &HashMap<String, String>) -> ApiResult<Paging> {
     })
 }
 
+impl Paging {
+    fn start(&self) -> usize {
+        (self.page - 1).saturating_mul(self.limit)
+    }
+
+    /// The items of the requested page.
+    fn page_of<'a, T>(&self, items: &'a [T]) -> &'a [T] {
+        let start = self.start().min(items.len());
+        &items[start..][..self.limit.min(items.len() - start)]
+    }
+}
+
 /// One page of `items` (built only for the rows on the page) in EMQX's envelope.
 fn paged<T>(items: Vec<T>, paging: &Paging, row: impl Fn(&T) -> Value) -> Json<Value> {
     let count = items.len();
-    let start = (paging.page - 1).saturating_mul(paging.limit);
-    let data: Vec<Value> = items
-        .iter()
-        .skip(start)
-        .take(paging.limit)
-        .map(row)
-        .collect();
-    let hasnext = start.saturating_add(paging.limit) < count;
+    let data: Vec<Value> = paging.page_of(&items).iter().map(row).collect();
+    let hasnext = paging.start().saturating_add(paging.limit) < count;
     Json(json!({
         "data": data,
         "meta": {"page": paging.page, "limit": paging.limit, "count": count, "hasnext": hasnext},

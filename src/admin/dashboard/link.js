@@ -1,7 +1,9 @@
 // Link quality: the connected clients with their transport and path statistics (RTT, loss,
 // congestion window, congestion events), and per client a history of its RTT and its loss per
 // poll interval, kept from this page's own polls, so an operator sees which vehicles sit on
-// bad links. `link` is null for transports that report no path statistics: shown as "—".
+// bad links. QUIC's figures are quinn's path statistics; TCP's (tcp, tls, ws, wss) are the
+// kernel's TCP_INFO, where "lost" is "retransmitted" and no congestion events are counted
+// (shown as "—"). `link` is null where the broker could not read them: shown as "—".
 
 import { $, DASH, PALETTE, api, clientLink, el, fmtNumber, poller, query, show } from "./lib.js";
 import { drawSparkline, niceMax } from "./charts.js";
@@ -17,7 +19,7 @@ export function linkView() {
   const rows = new Map(); // clientid -> {tr, cells, rttSpark, lossSpark}
   let poll = null;
   const body = el("tbody");
-  const columns = ["Client ID", "Transport", "Peer", "RTT (ms)", "Loss %", "Lost / sent packets", "cwnd", "Congestion events", "RTT history", "Loss history"];
+  const columns = ["Client ID", "Transport", "Peer", "RTT (ms)", "Loss / retrans. %", "Lost or resent / sent", "cwnd", "Congestion events", "RTT history", "Loss history"];
   $("link-table").replaceChildren(el("thead", null, el("tr", null, columns.map((c) => el("th", null, c)))), body);
 
   function sample(client) {
@@ -112,7 +114,7 @@ export function linkView() {
       r.cells.loss.textContent = link ? lossTotal.toFixed(2) : DASH;
       r.cells.packets.textContent = link ? `${link.lost_packets} / ${link.sent_packets}` : DASH;
       r.cells.cwnd.textContent = link ? fmtNumber(link.cwnd) : DASH;
-      r.cells.cong.textContent = link ? fmtNumber(link.congestion_events) : DASH;
+      r.cells.cong.textContent = link && c.transport === "quic" ? fmtNumber(link.congestion_events) : DASH;
       const bad = link && (rtt > RTT_BAD_MS || lossTotal > LOSS_BAD_PCT);
       const warn = link && !bad && (rtt > RTT_WARN_MS || lossTotal > LOSS_WARN_PCT);
       r.tr.className = bad ? "bad" : warn ? "warn" : "";

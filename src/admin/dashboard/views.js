@@ -271,7 +271,12 @@ function linkSummary(client) {
   const link = client.link;
   if (!link) return DASH;
   const loss = link.sent_packets > 0 ? (100 * link.lost_packets) / link.sent_packets : 0;
-  return `RTT ${fmtNumber(link.rtt_us / 1000)} ms · loss ${loss.toFixed(2)} % (${link.lost_packets}/${link.sent_packets} packets) · cwnd ${fmtNumber(link.cwnd)} · congestion events ${link.congestion_events}`;
+  const rtt = `RTT ${fmtNumber(link.rtt_us / 1000)} ms`, cwnd = `cwnd ${fmtNumber(link.cwnd)}`;
+  if (client.transport !== "quic") {
+    // TCP_INFO: segments retransmitted out of data segments sent; no congestion event count.
+    return `${rtt} · retransmitted ${loss.toFixed(2)} % (${link.lost_packets}/${link.sent_packets} segments) · ${cwnd}`;
+  }
+  return `${rtt} · loss ${loss.toFixed(2)} % (${link.lost_packets}/${link.sent_packets} packets) · ${cwnd} · congestion events ${link.congestion_events}`;
 }
 
 export function subscriptionsView() {
