@@ -14,7 +14,7 @@ use serde_json::{json, Value};
 use super::AdminState;
 use crate::broker::clients::ClientInfo;
 use crate::broker::listener::ListenerKind;
-use crate::broker::tcp_info::{self, TcpLinks};
+use crate::broker::tcp_info::TcpLinks;
 use crate::broker::Broker;
 
 /// EMQX's listener type names.
@@ -117,7 +117,7 @@ pub async fn prometheus(State(state): State<Arc<AdminState>>) -> impl IntoRespon
     let clients = state.broker.clients.all();
     // One netlink dump per scrape, and none when no client is connected over TCP.
     let tcp = if clients.iter().any(|c| c.is_tcp()) {
-        tcp_info::measure().await
+        state.tcp_links().await
     } else {
         None
     };
@@ -126,7 +126,7 @@ pub async fn prometheus(State(state): State<Arc<AdminState>>) -> impl IntoRespon
             header::CONTENT_TYPE,
             "text/plain; version=0.0.4; charset=utf-8",
         )],
-        exposition(&state, &clients, tcp.as_ref()),
+        exposition(&state, &clients, tcp.as_deref()),
     )
 }
 

@@ -44,6 +44,30 @@ pub struct AdminState {
     auth: auth::ApiAuth,
     /// Where reloads are asked for (as SIGHUP does); empty until the process serves them.
     reload: ReloadSlot,
+    /// The last TCP_INFO snapshot and when it was taken: requests within `TCP_LINKS_FRESH`
+    /// of it share it (a dashboard page polls several lists at once), and concurrent ones
+    /// wait for one dump rather than each taking their own.
+    tcp_links: tokio::sync::Mutex<Option<(Instant, Arc<crate::broker::tcp_info::TcpLinks>)>>,
+}
+
+/// How long a TCP_INFO snapshot serves further requests.
+const TCP_LINKS_FRESH: std::time::Duration = std::time::Duration::from_secs(1);
+
+impl AdminState {
+    /// The kernel's figures of the TCP connections, at most `TCP_LINKS_FRESH` old; `None`
+    /// when they cannot be had.
+    pub async fn tcp_links(&self) -> Option<Arc<crate::broker::tcp_info::TcpLinks>> {
+        let mut cached = self.tcp_links.lock().await;
+        let now = crate::broker::clock::now();
+        if let Some((at, links)) = &*cached {
+            if now.saturating_duration_since(*at) < TCP_LINKS_FRESH {
+                return Some(Arc::clone(links));
+            }
+        }
+        let links = Arc::new(crate::broker::tcp_info::measure().await?);
+        *cached = Some((now, Arc::clone(&links)));
+        Some(links)
+    }
 }
 
 /// Where `POST /api/v5/reload` sends its requests: set once the process takes them
@@ -91,6 +115,7 @@ pub async fn start(
         listeners: served.listeners,
         auth,
         reload: served.reload,
+        tcp_links: tokio::sync::Mutex::new(None),
     });
     let protected = api::protected().route_layer(axum::middleware::from_fn_with_state(
         Arc::clone(&state),

@@ -1,7 +1,7 @@
 //! Clients, their subscriptions, and the subscribed topics.
 
 use super::*;
-use crate::broker::tcp_info::{self, TcpLinks};
+use crate::broker::tcp_info::TcpLinks;
 
 // ---- clients ------------------------------------------------------------------------------
 
@@ -75,12 +75,15 @@ pub(super) fn client_json(state: &AdminState, view: &SessionView, tcp: Option<&T
 
 /// The kernel's figures of the TCP connections, taken only when `views` shows a client
 /// connected over TCP (a netlink dump per request otherwise spent for nothing).
-pub(super) async fn tcp_links_for(views: &[SessionView]) -> Option<TcpLinks> {
+pub(super) async fn tcp_links_for(
+    state: &AdminState,
+    views: &[SessionView],
+) -> Option<Arc<TcpLinks>> {
     let tcp = views
         .iter()
         .any(|v| matches!(v, SessionView::Online(info) if info.is_tcp()));
     if tcp {
-        tcp_info::measure().await
+        state.tcp_links().await
     } else {
         None
     }
@@ -134,9 +137,9 @@ pub(super) async fn clients(State(state): Shared, params: Params) -> ApiResult<J
         })
         .collect();
     all.sort_by(|a, b| a.client_id().cmp(b.client_id()));
-    let tcp = tcp_links_for(paging.page_of(&all)).await;
+    let tcp = tcp_links_for(&state, paging.page_of(&all)).await;
     Ok(paged(all, &paging, |view| {
-        client_json(&state, view, tcp.as_ref())
+        client_json(&state, view, tcp.as_deref())
     }))
 }
 
@@ -152,8 +155,8 @@ pub(super) async fn client(
         .broker
         .session_view(&client_id)
         .ok_or_else(client_not_found)?;
-    let tcp = tcp_links_for(std::slice::from_ref(&view)).await;
-    Ok(Json(client_json(&state, &view, tcp.as_ref())))
+    let tcp = tcp_links_for(&state, std::slice::from_ref(&view)).await;
+    Ok(Json(client_json(&state, &view, tcp.as_deref())))
 }
 
 pub(super) async fn kick(
