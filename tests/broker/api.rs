@@ -67,6 +67,16 @@ async fn http(
     .unwrap()
 }
 
+/// `POST /api/v5/publish` with `body`.
+async fn api_publish(api: SocketAddr, auth: &Auth, body: Value) -> Answer {
+    http(api, "POST", "/api/v5/publish", auth, Some(body)).await
+}
+
+/// Only the status of a request without a body.
+async fn status_of(api: SocketAddr, method: &str, path: &str, auth: &Auth) -> u16 {
+    http(api, method, path, auth, None).await.status
+}
+
 async fn login(api: SocketAddr) -> Auth {
     let answer = http(
         api,
@@ -160,23 +170,12 @@ async fn api_needs_credentials_except_for_health_and_login() {
         (401, Some("BAD_USERNAME_OR_PWD"))
     );
     let token = login(api).await;
-    assert_eq!(
-        http(api, "GET", "/api/v5/stats", &token, None).await.status,
-        200
-    );
+    assert_eq!(status_of(api, "GET", "/api/v5/stats", &token).await, 200);
     let basic = Auth::Basic("admin".into(), TEST_ADMIN_PASSWORD.into());
+    assert_eq!(status_of(api, "GET", "/api/v5/nodes", &basic).await, 200);
+    assert_eq!(status_of(api, "POST", "/api/v5/logout", &token).await, 204);
     assert_eq!(
-        http(api, "GET", "/api/v5/nodes", &basic, None).await.status,
-        200
-    );
-    assert_eq!(
-        http(api, "POST", "/api/v5/logout", &token, None)
-            .await
-            .status,
-        204
-    );
-    assert_eq!(
-        http(api, "GET", "/api/v5/stats", &token, None).await.status,
+        status_of(api, "GET", "/api/v5/stats", &token).await,
         401,
         "logged out"
     );
@@ -192,17 +191,9 @@ async fn api_keys_from_the_bootstrap_file_authenticate_with_basic_auth() {
     let broker = TestBroker::start_with(|c| c.api.bootstrap_file = Some(keys.clone())).await;
     let api = broker.running.api_addr().unwrap();
     let good = Auth::Basic("ops-key".into(), "ops-secret".into());
-    assert_eq!(
-        http(api, "GET", "/api/v5/clients", &good, None)
-            .await
-            .status,
-        200
-    );
+    assert_eq!(status_of(api, "GET", "/api/v5/clients", &good).await, 200);
     let bad = Auth::Basic("ops-key".into(), "other".into());
-    assert_eq!(
-        http(api, "GET", "/api/v5/clients", &bad, None).await.status,
-        401
-    );
+    assert_eq!(status_of(api, "GET", "/api/v5/clients", &bad).await, 401);
     broker.shutdown().await;
     std::fs::remove_dir_all(&dir).unwrap();
 }
@@ -330,26 +321,17 @@ async fn api_lists_pages_and_kicks_clients_of_rumqttc_and_mosquitto_sub() {
     );
 
     // Published through the API, received by rumqttc.
-    let published = http(
+    let published = api_publish(
         api,
-        "POST",
-        "/api/v5/publish",
         &auth,
-        Some(json!({"topic": "api/x/t", "payload": "hello from the API", "qos": 1})),
+        json!({"topic": "api/x/t", "payload": "hello from the API", "qos": 1}),
     )
     .await;
     assert_eq!(published.status, 200, "{published:?}");
     assert!(published.body["id"].is_string());
     let got = client.next_publish().await;
     assert_eq!(&got.payload[..], b"hello from the API");
-    let bad = http(
-        api,
-        "POST",
-        "/api/v5/publish",
-        &auth,
-        Some(json!({"topic": "a/#", "payload": ""})),
-    )
-    .await;
+    let bad = api_publish(api, &auth, json!({"topic": "a/#", "payload": ""})).await;
     assert_eq!(bad.status, 400, "a wildcard is no topic name");
 
     let stats = http(api, "GET", "/api/v5/stats?aggregate=true", &auth, None)
@@ -450,27 +432,23 @@ async fn api_shows_and_deletes_retained_and_delayed_messages() {
         base64::engine::general_purpose::STANDARD.encode("kept")
     );
     assert_eq!(
-        http(
+        status_of(
             api,
             "DELETE",
             "/api/v5/mqtt/retainer/message/api%2Fret%2Fone",
-            &auth,
-            None
+            &auth
         )
-        .await
-        .status,
+        .await,
         204
     );
     assert_eq!(
-        http(
+        status_of(
             api,
             "GET",
             "/api/v5/mqtt/retainer/message/api%2Fret%2Fone",
-            &auth,
-            None
+            &auth
         )
-        .await
-        .status,
+        .await,
         404
     );
     // A new subscriber gets nothing retained.
@@ -479,23 +457,14 @@ async fn api_shows_and_deletes_retained_and_delayed_messages() {
     late.expect_no_publish().await;
 
     // Delayed through the API too, as a client's publish would be.
-    let through_api = http(
+    let through_api = api_publish(
         api,
-        "POST",
-        "/api/v5/publish",
         &auth,
-        Some(json!({"topic": "$delayed/7200/api/later2", "payload": "x", "qos": 1})),
+        json!({"topic": "$delayed/7200/api/later2", "payload": "x", "qos": 1}),
     )
     .await;
     assert_eq!(through_api.status, 200, "{through_api:?}");
-    let bad = http(
-        api,
-        "POST",
-        "/api/v5/publish",
-        &auth,
-        Some(json!({"topic": "$delayed/x/y", "payload": ""})),
-    )
-    .await;
+    let bad = api_publish(api, &auth, json!({"topic": "$delayed/x/y", "payload": ""})).await;
     assert_eq!(bad.status, 400);
     let delayed = until(api, &auth, "/api/v5/mqtt/delayed/messages", |b| {
         b["meta"]["count"] == 2
@@ -513,15 +482,13 @@ async fn api_shows_and_deletes_retained_and_delayed_messages() {
     );
     let msgid = entry["msgid"].as_str().unwrap();
     assert_eq!(
-        http(
+        status_of(
             api,
             "DELETE",
             &format!("/api/v5/mqtt/delayed/messages/{msgid}"),
-            &auth,
-            None
+            &auth
         )
-        .await
-        .status,
+        .await,
         204
     );
     let after = http(api, "GET", "/api/v5/mqtt/delayed/messages", &auth, None)
@@ -529,15 +496,13 @@ async fn api_shows_and_deletes_retained_and_delayed_messages() {
         .body;
     assert_eq!(after["meta"]["count"], 1);
     assert_eq!(
-        http(
+        status_of(
             api,
             "DELETE",
             &format!("/api/v5/mqtt/delayed/messages/{msgid}"),
-            &auth,
-            None
+            &auth
         )
-        .await
-        .status,
+        .await,
         404
     );
     broker.shutdown().await;
@@ -578,15 +543,13 @@ async fn api_banned_clients_are_refused_until_the_ban_is_lifted() {
     .await;
     assert_eq!(bad.status, 400);
     assert_eq!(
-        http(
+        status_of(
             api,
             "DELETE",
             &format!("/api/v5/banned/clientid/{id}"),
-            &auth,
-            None
+            &auth
         )
-        .await
-        .status,
+        .await,
         204
     );
     let (_, ack) = crate::common::RawClient::connect_with(
