@@ -85,6 +85,8 @@ fn bench_fan_out(c: &mut Criterion) {
             max_delayed: 0,
             shared_strategy: Default::default(),
             group_strategies: Default::default(),
+            max_connections: 1000,
+            max_connections_per_address: 0,
         });
         let now = Instant::now();
         let mut mailboxes = Vec::new();

@@ -14,7 +14,9 @@ use serde::{Deserialize, Deserializer};
 
 pub use crate::admin::{ApiSettings, SysSettings};
 pub use crate::broker::listener::{ListenerConfig, ListenerKind};
-use crate::broker::listener::{DEFAULT_HANDSHAKE_TIMEOUT, DEFAULT_WS_PATH};
+use crate::broker::listener::{
+    DEFAULT_HANDSHAKE_TIMEOUT, DEFAULT_MAX_CONNECTIONS, DEFAULT_WS_PATH,
+};
 use crate::codec::{QoS, SubscriptionOptions};
 use crate::core::rewrite::{AutoSubscribe, RewriteAction, RewriteRule, MAX_RULES};
 pub use crate::core::router::SharedStrategy;
@@ -99,6 +101,11 @@ pub struct BrokerSection {
     /// This node's name in `$SYS/brokers/<node>/...` and the API (EMQX's `node.name`);
     /// default `petrel@<hostname>`.
     pub node_name: Option<String>,
+    /// Connections open at once over every listener; past it a new socket is closed at once.
+    pub max_connections: usize,
+    /// Connections open at once from one IP address (0: no limit, the default: carrier-grade
+    /// NAT puts thousands of phones and vehicles behind one address).
+    pub max_connections_per_address: usize,
 }
 
 impl Default for BrokerSection {
@@ -107,6 +114,8 @@ impl Default for BrokerSection {
             data_dir: PathBuf::from("./data"),
             close_linger: Duration::from_secs(5),
             node_name: None,
+            max_connections: DEFAULT_MAX_CONNECTIONS,
+            max_connections_per_address: 0,
         }
     }
 }
@@ -319,6 +328,7 @@ struct ListenerFile {
     path: Option<String>,
     #[serde(default, deserialize_with = "some_duration")]
     handshake_timeout: Option<Duration>,
+    max_connections: Option<usize>,
 }
 
 /// `[[listeners]]`, each entry checked by [`listener`].
@@ -391,6 +401,7 @@ fn listener(file: ListenerFile) -> Result<ListenerConfig, String> {
             },
             path,
             handshake_timeout,
+            max_connections: file.max_connections.unwrap_or(DEFAULT_MAX_CONNECTIONS),
         })
     }
 }
@@ -589,6 +600,12 @@ impl Config {
         {
             return invalid("log.file", "must name a file");
         }
+        if self.broker.max_connections == 0 {
+            return invalid("broker.max_connections", "must be at least 1");
+        }
+        if self.listeners.iter().any(|l| l.max_connections == 0) {
+            return invalid("listeners.max_connections", "must be at least 1");
+        }
         if self.listeners.is_empty() {
             return invalid("listeners", "at least one listener is needed");
         }
@@ -717,6 +734,14 @@ mod tests {
             defaults.sys_topics.client_events
         );
         assert_eq!(config.broker.node_name, defaults.broker.node_name);
+        assert_eq!(
+            config.broker.max_connections,
+            defaults.broker.max_connections
+        );
+        assert_eq!(
+            config.broker.max_connections_per_address,
+            defaults.broker.max_connections_per_address
+        );
         let kinds: Vec<_> = config.listeners.iter().map(|l| l.kind).collect();
         assert_eq!(kinds, ListenerKind::ALL);
     }

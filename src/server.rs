@@ -61,6 +61,8 @@ fn broker_settings(config: &Config) -> anyhow::Result<Settings> {
             .iter()
             .map(|(name, group)| (name.as_str().into(), group.strategy))
             .collect(),
+        max_connections: config.broker.max_connections,
+        max_connections_per_address: config.broker.max_connections_per_address,
     })
 }
 

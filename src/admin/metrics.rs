@@ -69,6 +69,7 @@ pub fn counters(b: &Broker) -> Value {
         "client.connected": n(&m.connections_total),
         "session.expired": n(&m.sessions_expired),
         "publisher.pauses": n(&m.publisher_pauses),
+        "connections.refused": b.permits.refused.load(Ordering::Relaxed),
         "quic.handshakes": n(&m.quic_handshakes),
         "quic.0rtt.accepted": n(&m.quic_0rtt_accepted),
         "quic.migrations": n(&m.quic_migrations),
@@ -162,7 +163,10 @@ fn exposition(state: &AdminState, clients: &[Arc<ClientInfo>], tcp: Option<&TcpL
     if let Value::Object(map) = &counters {
         for (key, value) in map {
             let name = match key.as_str() {
-                k if k.starts_with("quic.") || k.starts_with("publisher.") => {
+                k if k.starts_with("quic.")
+                    || k.starts_with("publisher.")
+                    || k.starts_with("connections.") =>
+                {
                     format!("petrel_{}_total", k.replace('.', "_"))
                 }
                 k => format!("emqx_{}", k.replace('.', "_")),

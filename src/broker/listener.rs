@@ -13,6 +13,7 @@ use tokio::net::{TcpListener, TcpStream};
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
+use super::permits::{ListenerSlots, Permit};
 use super::{connection, Broker};
 use crate::transport::tls::{TlsAcceptor, TlsSettings};
 use crate::transport::ws::WsAcceptor;
@@ -75,6 +76,9 @@ impl std::fmt::Display for ListenerKind {
 pub const DEFAULT_WS_PATH: &str = "/mqtt";
 /// How long a TLS handshake or WebSocket upgrade may take when not configured.
 pub const DEFAULT_HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
+/// Connections open at once per listener, and broker-wide, when not configured (EMQX's
+/// listener default).
+pub const DEFAULT_MAX_CONNECTIONS: usize = 1_024_000;
 
 /// One listener, validated: keys that do not apply to its kind were refused when parsing.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -87,6 +91,8 @@ pub struct ListenerConfig {
     pub path: String,
     /// A TLS handshake or WebSocket upgrade still unfinished after this long is closed.
     pub handshake_timeout: Duration,
+    /// Connections open at once on this listener (Mosquitto's and EMQX's `max_connections`).
+    pub max_connections: usize,
 }
 
 impl ListenerConfig {
@@ -98,6 +104,7 @@ impl ListenerConfig {
             tls: TlsSettings::default(),
             path: DEFAULT_WS_PATH.to_owned(),
             handshake_timeout: DEFAULT_HANDSHAKE_TIMEOUT,
+            max_connections: DEFAULT_MAX_CONNECTIONS,
         }
     }
 }
@@ -147,6 +154,7 @@ pub async fn spawn(
     }
     let accept = Accept {
         kind,
+        slots: ListenerSlots::new(config.max_connections),
         handshake,
         handshake_timeout: config.handshake_timeout,
         broker: Arc::clone(broker),
@@ -187,9 +195,12 @@ fn spawn_quic(
     tracker.spawn(super::quic::accept(
         endpoint,
         Arc::clone(broker),
-        settings.retry,
-        tls.peer_cert_as_username,
-        config.handshake_timeout,
+        super::quic::Listening {
+            slots: ListenerSlots::new(config.max_connections),
+            retry: settings.retry,
+            peer_cert_as_username: tls.peer_cert_as_username,
+            handshake_timeout: config.handshake_timeout,
+        },
         tracker.clone(),
         shutdown.clone(),
     ));
@@ -198,6 +209,8 @@ fn spawn_quic(
 
 struct Accept {
     kind: ListenerKind,
+    /// This listener's share of the connection limits.
+    slots: Arc<ListenerSlots>,
     handshake: Handshake,
     handshake_timeout: Duration,
     broker: Arc<Broker>,
@@ -220,9 +233,17 @@ impl Accept {
                     if let Err(err) = stream.set_nodelay(true) {
                         tracing::debug!(%peer, %err, "cannot set TCP_NODELAY");
                     }
+                    let permit = match self.broker.permits.admit(&self.slots, peer.ip()) {
+                        Ok(permit) => permit,
+                        Err(full) => {
+                            // Closed before any handshake work: a flood costs an accept.
+                            tracing::debug!(kind = %self.kind, %peer, ?full, "connection refused: connection limit");
+                            continue;
+                        }
+                    };
                     // Finds the connection's TCP_INFO for the operators' view.
                     let local = stream.local_addr().ok();
-                    self.serve(stream, peer, local);
+                    self.serve(stream, peer, local, permit);
                 }
                 Err(err) => {
                     tracing::warn!(kind = %self.kind, %err, "accept failed; backing off {backoff:?}");
@@ -240,7 +261,14 @@ impl Accept {
     /// is a task of its own type, and the handshake is boxed: it is freed once done, and a
     /// connection's task holds only the driver for its own stream (one future type for all
     /// kinds would size every TLS connection's task for the WSS handshake).
-    fn serve(&self, stream: TcpStream, peer: SocketAddr, local: Option<SocketAddr>) {
+    /// `permit` is held for the connection's life.
+    fn serve(
+        &self,
+        stream: TcpStream,
+        peer: SocketAddr,
+        local: Option<SocketAddr>,
+        permit: Permit,
+    ) {
         let handshake = self.handshake.clone();
         let deadline = tokio::time::Instant::now() + self.handshake_timeout;
         let broker = Arc::clone(&self.broker);
@@ -254,12 +282,16 @@ impl Accept {
         };
         match handshake {
             Handshake::None => {
-                self.tracker.spawn(connection::serve(
-                    broker, stream, peer, local, transport, None, shutdown,
-                ));
+                let serving =
+                    connection::serve(broker, stream, peer, local, transport, None, shutdown);
+                self.tracker.spawn(async move {
+                    let _permit = permit;
+                    serving.await
+                });
             }
             Handshake::Tls(tls) => {
                 self.tracker.spawn(async move {
+                    let _permit = permit;
                     let step = Box::pin(guard.run(tls.accept(stream)));
                     let Some((stream, username)) = step.await else {
                         return;
@@ -270,6 +302,7 @@ impl Accept {
             }
             Handshake::Ws(ws) => {
                 self.tracker.spawn(async move {
+                    let _permit = permit;
                     let step = Box::pin(guard.run(ws.accept(stream)));
                     let Some(stream) = step.await else {
                         return;
@@ -279,6 +312,7 @@ impl Accept {
             }
             Handshake::Wss(tls, ws) => {
                 self.tracker.spawn(async move {
+                    let _permit = permit;
                     // One deadline covers both steps.
                     let steps = Box::pin(async move {
                         let (stream, username) = guard.clone().run(tls.accept(stream)).await?;

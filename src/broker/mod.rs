@@ -24,6 +24,7 @@ pub mod driver;
 pub mod link;
 pub mod listener;
 pub mod mailbox;
+pub mod permits;
 pub mod quic;
 pub mod tcp_info;
 pub mod view;
@@ -152,6 +153,10 @@ pub struct Settings {
     /// How shared groups pick a member: by group name, and for the rest.
     pub shared_strategy: SharedStrategy,
     pub group_strategies: HashMap<Box<str>, SharedStrategy>,
+    /// Connections open at once, broker-wide (`broker.max_connections`).
+    pub max_connections: usize,
+    /// Connections open at once from one IP address (0: no limit).
+    pub max_connections_per_address: usize,
 }
 
 pub struct Broker {
@@ -177,12 +182,18 @@ pub struct Broker {
     pub metrics: Metrics,
     /// Connected clients, for operators.
     pub clients: clients::Clients,
+    /// The connection limits every listener takes a permit from at accept time.
+    pub permits: Arc<permits::ConnectionLimits>,
 }
 
 impl Broker {
     pub fn new(settings: Settings) -> Self {
         let mut router = Subscribers::new();
         router.set_strategies(settings.shared_strategy, settings.group_strategies.clone());
+        let permits = permits::ConnectionLimits::new(
+            settings.max_connections,
+            settings.max_connections_per_address,
+        );
         Self {
             limits: RwLock::new(Arc::clone(&settings.limits)),
             settings,
@@ -199,6 +210,7 @@ impl Broker {
             hooks: Hooks::default(),
             metrics: Metrics::default(),
             clients: clients::Clients::default(),
+            permits,
         }
     }
 

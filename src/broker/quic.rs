@@ -42,6 +42,7 @@ use tracing::Instrument;
 
 use super::driver::{Driver, Wire};
 use super::link::Link;
+use super::permits::{ListenerSlots, Permit};
 use super::{clock, Broker};
 use crate::codec::{Codec, DecodeError, Packet, ProtocolVersion, ReasonCode};
 use crate::core::message::Flow;
@@ -57,16 +58,30 @@ const BACKLOG_HIGH_WATER: usize = 1024 * 1024;
 /// The next data flow id; `Flow::CONTROL` (0) is never handed out.
 static NEXT_DATA_FLOW: AtomicU64 = AtomicU64::new(1);
 
+/// A QUIC listener's settings for its accept loop.
+pub struct Listening {
+    /// Its share of the connection limits.
+    pub slots: Arc<ListenerSlots>,
+    /// Validate addresses with a Retry round trip first.
+    pub retry: bool,
+    pub peer_cert_as_username: PeerCertAsUsername,
+    pub handshake_timeout: Duration,
+}
+
 /// Accepts QUIC connections until `shutdown`.
 pub async fn accept(
     endpoint: Endpoint,
     broker: Arc<Broker>,
-    retry: bool,
-    peer_cert_as_username: PeerCertAsUsername,
-    handshake_timeout: Duration,
+    listening: Listening,
     tracker: TaskTracker,
     shutdown: CancellationToken,
 ) {
+    let Listening {
+        slots,
+        retry,
+        peer_cert_as_username,
+        handshake_timeout,
+    } = listening;
     loop {
         let incoming = tokio::select! {
             _ = shutdown.cancelled() => break,
@@ -81,8 +96,18 @@ pub async fn accept(
             }
             continue;
         }
+        let permit = match broker.permits.admit(&slots, incoming.remote_address().ip()) {
+            Ok(permit) => permit,
+            Err(full) => {
+                // Refused before any handshake work (CONNECTION_REFUSED to the client).
+                tracing::debug!(peer = %incoming.remote_address(), ?full, "QUIC connection refused: connection limit");
+                incoming.refuse();
+                continue;
+            }
+        };
         tracker.spawn(serve(
             Arc::clone(&broker),
+            permit,
             incoming,
             peer_cert_as_username,
             handshake_timeout,
@@ -96,6 +121,8 @@ pub async fn accept(
 
 async fn serve(
     broker: Arc<Broker>,
+    // Held for the connection's life.
+    _permit: Permit,
     incoming: Incoming,
     peer_cert_as_username: PeerCertAsUsername,
     handshake_timeout: Duration,

@@ -22,6 +22,8 @@ fn broker() -> Broker {
         max_delayed: 0,
         shared_strategy: Default::default(),
         group_strategies: Default::default(),
+        max_connections: 1000,
+        max_connections_per_address: 0,
     })
 }
 

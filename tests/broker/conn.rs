@@ -364,3 +364,70 @@ async fn conn_will_not_published_on_shutdown() {
     assert!(before_close.is_empty(), "{before_close:?}");
     stopping.await.unwrap();
 }
+
+#[tokio::test]
+async fn conn_past_the_connection_limits_is_closed_and_a_freed_slot_is_taken_again() {
+    let broker = TestBroker::start_with(|c| {
+        c.broker.max_connections = 2;
+    })
+    .await;
+    let (first, _) = RawClient::connect_v5(broker.addr, "limit-1").await;
+    let (_second, _) = RawClient::connect_v5(broker.addr, "limit-2").await;
+    // The third socket is closed before any MQTT: nothing comes back, not even a CONNACK.
+    let mut third = RawClient::tcp(broker.addr, ProtocolVersion::V5).await;
+    third
+        .send(&Packet::Connect(Box::new(connect_packet(
+            ProtocolVersion::V5,
+            "limit-3",
+        ))))
+        .await;
+    third.expect_eof().await;
+    drop(first);
+    // The slot comes back when the first connection's task ends.
+    let mut admitted = false;
+    for _ in 0..50 {
+        let mut again = RawClient::tcp(broker.addr, ProtocolVersion::V5).await;
+        again
+            .send(&Packet::Connect(Box::new(connect_packet(
+                ProtocolVersion::V5,
+                "limit-3",
+            ))))
+            .await;
+        if let Read::Packet(packet) = again.read(Duration::from_secs(2)).await {
+            let Packet::ConnAck(ack) = *packet else {
+                panic!("{packet:?}");
+            };
+            assert_eq!(ack.code, ReasonCode::SUCCESS);
+            admitted = true;
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert!(admitted, "the freed slot was never given back");
+    assert!(
+        broker
+            .running
+            .broker
+            .permits
+            .refused
+            .load(std::sync::atomic::Ordering::Relaxed)
+            >= 1
+    );
+}
+
+#[tokio::test]
+async fn conn_per_address_limit_refuses_the_address_past_it() {
+    let broker = TestBroker::start_with(|c| {
+        c.broker.max_connections_per_address = 1;
+    })
+    .await;
+    let (_held, _) = RawClient::connect_v5(broker.addr, "addr-1").await;
+    let mut second = RawClient::tcp(broker.addr, ProtocolVersion::V5).await;
+    second
+        .send(&Packet::Connect(Box::new(connect_packet(
+            ProtocolVersion::V5,
+            "addr-2",
+        ))))
+        .await;
+    second.expect_eof().await;
+}
