@@ -138,6 +138,10 @@ impl BrokerSection {
 #[serde(deny_unknown_fields, default)]
 pub struct MqttSection {
     pub max_packet_size: u32,
+    /// The largest CONNECT, checked before anything is buffered: a peer not yet
+    /// authenticated cannot make the broker hold `max_packet_size` bytes (a CONNECT with a
+    /// will larger than this needs it raised).
+    pub max_connect_packet_size: u32,
     pub receive_maximum: u16,
     pub max_inflight: u16,
     pub topic_alias_maximum: u16,
@@ -164,6 +168,7 @@ impl Default for MqttSection {
         let limits = crate::core::channel::Limits::default();
         Self {
             max_packet_size: limits.max_packet_size,
+            max_connect_packet_size: limits.max_connect_packet_size,
             receive_maximum: limits.receive_maximum,
             max_inflight: limits.max_inflight,
             topic_alias_maximum: limits.topic_alias_maximum,
@@ -562,6 +567,12 @@ impl Config {
                 "must be between 16 bytes and 256 MB",
             );
         }
+        if m.max_connect_packet_size < 64 {
+            return invalid(
+                "mqtt.max_connect_packet_size",
+                "must be at least 64 bytes (a CONNECT with a client id and credentials)",
+            );
+        }
         if m.receive_maximum == 0 {
             return invalid("mqtt.receive_maximum", "must be at least 1");
         }
@@ -700,6 +711,10 @@ mod tests {
         let config = Config::load(Some(&path), std::iter::empty(), &[]).unwrap();
         let defaults = Config::default();
         assert_eq!(config.mqtt.max_packet_size, defaults.mqtt.max_packet_size);
+        assert_eq!(
+            config.mqtt.max_connect_packet_size,
+            defaults.mqtt.max_connect_packet_size
+        );
         assert_eq!(config.mqtt.receive_maximum, defaults.mqtt.receive_maximum);
         assert_eq!(config.session.max_queued, defaults.session.max_queued);
         assert_eq!(config.session.v3_expiry, defaults.session.v3_expiry);

@@ -28,6 +28,7 @@ fn broker_settings(config: &Config) -> anyhow::Result<Settings> {
     let secs = |d: Duration| u32::try_from(d.as_secs()).unwrap_or(u32::MAX);
     let limits = Limits {
         max_packet_size: m.max_packet_size,
+        max_connect_packet_size: m.max_connect_packet_size,
         receive_maximum: m.receive_maximum,
         max_inflight: m.max_inflight,
         topic_alias_maximum: m.topic_alias_maximum,

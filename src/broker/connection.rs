@@ -55,7 +55,9 @@ where
         username = tracing::field::Empty
     );
     broker.metrics.connection_opened();
-    let codec = Codec::new(broker.limits().max_packet_size);
+    let limits = broker.limits();
+    let mut codec = Codec::new(limits.max_packet_size);
+    codec.set_connect_limit(limits.max_connect_packet_size);
     let metrics = Arc::clone(&broker);
     let mut link = Link::new(broker, peer, transport);
     link.local = local;

@@ -143,14 +143,18 @@ async fn serve(
         };
         broker.metrics.connection_opened();
         let metrics = Arc::clone(&broker);
-        let max_packet_size = broker.limits().max_packet_size;
+        let limits = broker.limits();
+        let sizes = PacketSizes {
+            max: limits.max_packet_size,
+            connect: limits.max_connect_packet_size,
+        };
         let wire = QuicWire::new(
             conn,
             peer,
             peer_cert_as_username,
             handshake,
             clock::now() + handshake_timeout,
-            max_packet_size,
+            sizes,
         );
         let mut link = Link::new(broker, peer, "quic");
         link.quic = Some(wire.connection().clone());
@@ -159,6 +163,14 @@ async fn serve(
     }
     .instrument(span)
     .await;
+}
+
+/// The packet size limits the stream readers decode with.
+#[derive(Debug, Clone, Copy)]
+struct PacketSizes {
+    max: u32,
+    /// The largest CONNECT (the control stream's first packet).
+    connect: u32,
 }
 
 /// What the stream tasks tell the connection task.
@@ -228,17 +240,12 @@ impl QuicWire {
         peer_cert_as_username: PeerCertAsUsername,
         handshake: quinn::ZeroRttAccepted,
         handshake_deadline: std::time::Instant,
-        max_packet_size: u32,
+        sizes: PacketSizes,
     ) -> Self {
         let (events_tx, events) = mpsc::channel(64);
         let (version, version_rx) = watch::channel(None);
         let mut tasks = JoinSet::new();
-        tasks.spawn(accept_streams(
-            conn.clone(),
-            events_tx,
-            version_rx,
-            max_packet_size,
-        ));
+        tasks.spawn(accept_streams(conn.clone(), events_tx, version_rx, sizes));
         let closing = conn.clone();
         Self {
             closed: Box::pin(async move {
@@ -548,7 +555,7 @@ async fn accept_streams(
     conn: Connection,
     events: mpsc::Sender<Event>,
     version: watch::Receiver<Option<ProtocolVersion>>,
-    max_packet_size: u32,
+    sizes: PacketSizes,
 ) {
     let mut readers = JoinSet::new();
     while let Ok((send, recv)) = conn.accept_bi().await {
@@ -573,7 +580,7 @@ async fn accept_streams(
             recv,
             events.clone(),
             version.clone(),
-            max_packet_size,
+            sizes,
             reading,
         ));
     }
@@ -588,13 +595,13 @@ async fn read_flow(
     mut recv: RecvStream,
     events: mpsc::Sender<Event>,
     version: watch::Receiver<Option<ProtocolVersion>>,
-    max_packet_size: u32,
+    sizes: PacketSizes,
     reading: CancellationToken,
 ) {
     let cancelled = tokio::select! {
         biased;
         _ = reading.cancelled() => true,
-        _ = read_packets(flow, &mut recv, &events, version, max_packet_size) => false,
+        _ = read_packets(flow, &mut recv, &events, version, sizes) => false,
     };
     if cancelled {
         let _ = recv.stop(VarInt::from_u32(0));
@@ -606,10 +613,13 @@ async fn read_packets(
     recv: &mut RecvStream,
     events: &mpsc::Sender<Event>,
     mut version: watch::Receiver<Option<ProtocolVersion>>,
-    max_packet_size: u32,
+    sizes: PacketSizes,
 ) {
+    let max_packet_size = sizes.max;
     let codec = if flow.is_control() {
-        Codec::new(max_packet_size)
+        let mut codec = Codec::new(max_packet_size);
+        codec.set_connect_limit(sizes.connect);
+        codec
     } else {
         let Ok(v) = version.wait_for(Option::is_some).await else {
             return;

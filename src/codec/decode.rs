@@ -69,6 +69,9 @@ pub struct Codec {
     /// `None` until CONNECT is decoded on the server side.
     version: Option<ProtocolVersion>,
     max_packet_size: u32,
+    /// The largest CONNECT (the first packet, before any version is known); at most
+    /// `max_packet_size`.
+    connect_limit: u32,
 }
 
 impl Codec {
@@ -79,6 +82,7 @@ impl Codec {
         Self {
             version: None,
             max_packet_size,
+            connect_limit: u32::MAX,
         }
     }
 
@@ -87,6 +91,7 @@ impl Codec {
         Self {
             version: Some(version),
             max_packet_size,
+            connect_limit: u32::MAX,
         }
     }
 
@@ -96,6 +101,12 @@ impl Codec {
 
     pub fn set_max_packet_size(&mut self, max: u32) {
         self.max_packet_size = max;
+    }
+
+    /// Server side: a CONNECT larger than `max` is refused (PACKET_TOO_LARGE) from its fixed
+    /// header, so an unauthenticated peer cannot make the broker buffer a large packet.
+    pub fn set_connect_limit(&mut self, max: u32) {
+        self.connect_limit = max;
     }
 
     /// Decodes one packet from the front of `buf`, removing exactly its bytes. `Ok(None)`
@@ -123,11 +134,12 @@ impl Codec {
         };
         let header_len = 1 + len_bytes;
         let size = header_len + remaining as usize;
-        if size > self.max_packet_size as usize {
-            return Err(DecodeError::TooLarge {
-                size,
-                max: self.max_packet_size,
-            });
+        let max = match version {
+            Some(_) => self.max_packet_size,
+            None => self.max_packet_size.min(self.connect_limit),
+        };
+        if size > max as usize {
+            return Err(DecodeError::TooLarge { size, max });
         }
         if buf.len() < size {
             return Ok(None);

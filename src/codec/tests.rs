@@ -511,6 +511,45 @@ fn size_guard_applies_to_the_first_connect() {
 }
 
 #[test]
+fn connect_limit_applies_to_the_connect_only() {
+    let mut header = BytesMut::from(&[0x10][..]);
+    put_varint(&mut header, 5000);
+    let mut codec = Codec::new(1024 * 1024);
+    codec.set_connect_limit(4096);
+    assert_eq!(
+        codec.decode(&mut header),
+        Err(DecodeError::TooLarge {
+            size: 5003,
+            max: 4096
+        })
+    );
+    // After CONNECT, the packet size limit is the only one.
+    let mut codec = Codec::new(1024 * 1024);
+    codec.set_connect_limit(64);
+    let connect = Packet::Connect(Box::new(Connect {
+        protocol: V5,
+        clean_start: true,
+        keep_alive: 60,
+        client_id: "c".into(),
+        will: None,
+        username: None,
+        password: None,
+        properties: Properties::default(),
+    }));
+    let mut buf = encoded(&connect, V5);
+    let publish = frame(0x30, &format!("0001 74 00 {}", "00".repeat(5000)));
+    buf.extend_from_slice(&publish);
+    assert!(matches!(
+        codec.decode(&mut buf),
+        Ok(Some(Packet::Connect(_)))
+    ));
+    assert!(matches!(
+        codec.decode(&mut buf),
+        Ok(Some(Packet::Publish(_)))
+    ));
+}
+
+#[test]
 fn size_guard_counts_the_fixed_header() {
     // PINGREQ is 2 bytes: a limit of 2 admits it, a limit of 1 does not.
     assert_eq!(

@@ -51,6 +51,21 @@ fn encoded(packet: &Packet, version: ProtocolVersion) -> Vec<u8> {
 }
 
 #[tokio::test]
+async fn bad_connect_larger_than_its_limit_is_refused_from_the_header() {
+    let broker = TestBroker::start_with(|c| c.mqtt.max_connect_packet_size = 1024).await;
+    // Only the fixed header of a 2 KB CONNECT: closed without waiting for the body.
+    closes_before_connect(broker.addr, &[0x10, 0x80, 0x10]).await;
+    // A CONNECT within it is fine, and so is a later packet above it (the connection is
+    // authenticated by then).
+    let (mut client, _) = RawClient::connect_v5(broker.addr, "small-connect").await;
+    let payload = vec![0u8; 4000];
+    client
+        .publish_acked(publish_struct("t", QoS::AtLeastOnce, Some(1), &payload))
+        .await;
+    assert_broker_healthy(broker.addr).await;
+}
+
+#[tokio::test]
 async fn bad_remaining_length_in_five_bytes() {
     let broker = TestBroker::start().await;
     let five = [0x30, 0xFF, 0xFF, 0xFF, 0xFF, 0x7F];

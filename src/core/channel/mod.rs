@@ -46,6 +46,8 @@ use flows::flow_out;
 #[derive(Debug, Clone)]
 pub struct Limits {
     pub max_packet_size: u32,
+    /// The largest CONNECT accepted (checked by the codec from the fixed header).
+    pub max_connect_packet_size: u32,
     /// Our Receive Maximum: inbound QoS 2 messages awaiting PUBREL per connection.
     pub receive_maximum: u16,
     /// Cap on outgoing unacknowledged QoS 1/2 messages, whatever the client allows.
@@ -85,6 +87,7 @@ impl Default for Limits {
     fn default() -> Self {
         Self {
             max_packet_size: 1024 * 1024,
+            max_connect_packet_size: 64 * 1024,
             receive_maximum: 100,
             max_inflight: 128,
             topic_alias_maximum: 65535,
