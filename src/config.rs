@@ -717,6 +717,10 @@ mod tests {
         );
         assert_eq!(config.mqtt.receive_maximum, defaults.mqtt.receive_maximum);
         assert_eq!(config.session.max_queued, defaults.session.max_queued);
+        assert_eq!(
+            config.mqtt.max_subscriptions,
+            defaults.mqtt.max_subscriptions
+        );
         assert_eq!(config.session.v3_expiry, defaults.session.v3_expiry);
         assert_eq!(config.mqtt.connect_timeout, defaults.mqtt.connect_timeout);
         assert_eq!(config.listeners, defaults.listeners);

@@ -99,7 +99,7 @@ impl Default for Limits {
             subscription_identifiers_available: true,
             max_topic_levels: 128,
             max_client_id_len: 65535,
-            max_subscriptions: 0,
+            max_subscriptions: 10_000,
             connect_timeout: Duration::from_secs(10),
             v3_session_expiry: 2 * 60 * 60,
             max_session_expiry: u32::MAX,
