@@ -204,18 +204,9 @@ fn passwd(args: PasswdArgs) -> anyhow::Result<()> {
             PasswordHash::new_pbkdf2(password.as_bytes()),
         );
     }
-    write_private(&args.file, &file.to_text())
+    // Owner-only: it holds password hashes.
+    petrel::transport::certs::write_owner_only(&args.file, &file.to_text())
         .with_context(|| format!("cannot write {}", args.file.display()))
-}
-
-/// Writes a file readable by its owner only (it holds password hashes).
-fn write_private(path: &std::path::Path, text: &str) -> std::io::Result<()> {
-    use std::io::Write as _;
-    let mut options = std::fs::OpenOptions::new();
-    options.write(true).create(true).truncate(true);
-    #[cfg(unix)]
-    std::os::unix::fs::OpenOptionsExt::mode(&mut options, 0o600);
-    options.open(path)?.write_all(text.as_bytes())
 }
 
 fn main() -> ExitCode {

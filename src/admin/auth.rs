@@ -197,18 +197,9 @@ fn admin_password(data_dir: &Path) -> Result<String, ApiAuthError> {
         Err(source) => return Err(ApiAuthError::Read { path, source }),
     }
     let password = random_token();
-    let write = |path: &Path| -> std::io::Result<()> {
-        use std::io::Write as _;
-        std::fs::create_dir_all(data_dir)?;
-        let mut options = std::fs::OpenOptions::new();
-        options.write(true).create(true).truncate(true);
-        #[cfg(unix)]
-        std::os::unix::fs::OpenOptionsExt::mode(&mut options, 0o600);
-        options
-            .open(path)?
-            .write_all(format!("{password}\n").as_bytes())
-    };
-    write(&path).map_err(|source| ApiAuthError::Write {
+    let written = std::fs::create_dir_all(data_dir)
+        .and_then(|()| crate::transport::certs::write_owner_only(&path, &format!("{password}\n")));
+    written.map_err(|source| ApiAuthError::Write {
         path: path.clone(),
         source,
     })?;

@@ -58,7 +58,7 @@ pub fn counters(b: &Broker) -> Value {
         "messages.qos1.received": n(&m.messages_received[1]),
         "messages.qos2.received": n(&m.messages_received[2]),
         "messages.sent": n(&m.messages_delivered),
-        "messages.dropped": n(&m.messages_dropped),
+        "messages.dropped": m.messages_dropped(),
         "messages.dropped.no_subscribers": n(&m.dropped_no_subscribers),
         "messages.dropped.queue_full": n(&m.dropped_queue_full),
         "messages.dropped.expired": n(&m.dropped_undeliverable),

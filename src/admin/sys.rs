@@ -244,7 +244,7 @@ impl Publisher {
         let connected = broker.clients.len() as u64;
         let received = m.messages_received();
         let sent = m.messages_delivered.load(Relaxed);
-        let dropped = m.messages_dropped.load(Relaxed);
+        let dropped = m.messages_dropped();
         let opened = m.connections_total.load(Relaxed);
         let mut values: Vec<(String, String)> = vec![
             ("version".into(), format!("petrel version {version}")),

@@ -65,13 +65,11 @@ pub struct Metrics {
     /// Messages routed (published by clients, the API, wills, delayed), by QoS.
     pub messages_received: [AtomicU64; 3],
     pub messages_delivered: AtomicU64,
-    /// Deliveries dropped: mailbox full, expired, or too large for the client.
-    pub messages_dropped: AtomicU64,
-    /// ... of which for a full queue.
+    /// Deliveries dropped for a full queue (see `messages_dropped` for the total).
     pub dropped_queue_full: AtomicU64,
-    /// ... of which expired or too large for the client.
+    /// Deliveries dropped expired or too large for the client.
     pub dropped_undeliverable: AtomicU64,
-    /// Messages that matched no subscription (not counted in `messages_dropped`, as EMQX's
+    /// Messages that matched no subscription (not counted in `messages_dropped()`, as EMQX's
     /// `messages.dropped.no_subscribers`).
     pub dropped_no_subscribers: AtomicU64,
     pub sessions_expired: AtomicU64,
@@ -100,6 +98,12 @@ impl Metrics {
         self.connections_total.fetch_add(1, Ordering::Relaxed);
     }
 
+    /// Deliveries dropped, for every reason.
+    pub fn messages_dropped(&self) -> u64 {
+        self.dropped_queue_full.load(Ordering::Relaxed)
+            + self.dropped_undeliverable.load(Ordering::Relaxed)
+    }
+
     /// Messages received at every QoS.
     pub fn messages_received(&self) -> u64 {
         self.messages_received
@@ -107,6 +111,12 @@ impl Metrics {
             .map(|n| n.load(Ordering::Relaxed))
             .sum()
     }
+}
+
+/// A `$SYS` value the broker published itself (no publisher): not counted as received, and
+/// not written to the store (made afresh at every start).
+fn is_own_sys(message: &AppMessage) -> bool {
+    message.publisher.is_none() && message.topic.as_str().starts_with("$SYS/")
 }
 
 /// What routing a message came to.
@@ -747,7 +757,7 @@ impl Broker {
         pressured: &mut Vec<Arc<Mailbox>>,
     ) -> Routed {
         // The broker's own `$SYS` messages are not counted as received (as Mosquitto).
-        if message.publisher.is_some() || !message.topic.as_str().starts_with("$SYS/") {
+        if !is_own_sys(&message) {
             self.metrics.messages_received[message.qos as usize].fetch_add(1, Ordering::Relaxed);
         }
         let mut routed = Routed::default();
@@ -810,9 +820,6 @@ impl Broker {
         if count == 0 {
             return;
         }
-        self.metrics
-            .messages_dropped
-            .fetch_add(count, Ordering::Relaxed);
         let by_reason = match reason {
             DropReason::QueueFull => &self.metrics.dropped_queue_full,
             DropReason::Undeliverable => &self.metrics.dropped_undeliverable,
@@ -828,9 +835,7 @@ impl Broker {
     fn store_retained(&self, message: &AppMessage) -> Result<Ticket, Refused> {
         let entry = fanout::retained_entry(message);
         let mut ticket = 0;
-        // `$SYS` values are made afresh at every start: they are not written to disk.
-        let sys = message.publisher.is_none() && message.topic.as_str().starts_with("$SYS/");
-        if let (Some(store), false) = (&self.hooks.store, sys) {
+        if let (Some(store), false) = (&self.hooks.store, is_own_sys(message)) {
             ticket = match &entry {
                 Some(kept) => store.retained_set(kept)?,
                 None => store.retained_cleared(&message.topic),

@@ -230,23 +230,26 @@ fn write_public(path: &Path, text: &str) -> Result<(), TransportError> {
 
 /// Writes a private key readable by its owner only.
 fn write_private(path: &Path, text: &str) -> Result<(), TransportError> {
-    let io = |source| TransportError::Io {
+    write_owner_only(path, text).map_err(|source| TransportError::Io {
         path: path.to_owned(),
         source,
-    };
+    })
+}
+
+/// Writes `text` to a file readable by its owner only (keys, password files, generated
+/// passwords); an existing file's mode is tightened first, since opening keeps it.
+pub fn write_owner_only(path: &Path, text: &str) -> std::io::Result<()> {
     let mut options = std::fs::OpenOptions::new();
     options.write(true).create(true).truncate(true);
     #[cfg(unix)]
     {
         use std::os::unix::fs::{OpenOptionsExt as _, PermissionsExt as _};
         options.mode(0o600);
-        // An existing file keeps its mode on open: tighten it first.
         if path.exists() {
-            std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600)).map_err(io)?;
+            std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600))?;
         }
     }
-    let mut file = options.open(path).map_err(io)?;
-    file.write_all(text.as_bytes()).map_err(io)
+    options.open(path)?.write_all(text.as_bytes())
 }
 
 /// Every certificate in a PEM file; an error when there is none.

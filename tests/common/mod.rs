@@ -96,11 +96,7 @@ impl TestBroker {
     }
 
     pub fn messages_dropped(&self) -> u64 {
-        self.running
-            .broker
-            .metrics
-            .messages_dropped
-            .load(Ordering::Relaxed)
+        self.running.broker.metrics.messages_dropped()
     }
 
     pub async fn shutdown(self) {
