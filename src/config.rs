@@ -15,7 +15,7 @@ use serde::{Deserialize, Deserializer};
 pub use crate::admin::{ApiSettings, SysSettings};
 pub use crate::broker::listener::{ListenerConfig, ListenerKind};
 use crate::broker::listener::{
-    DEFAULT_HANDSHAKE_TIMEOUT, DEFAULT_MAX_CONNECTIONS, DEFAULT_WS_PATH,
+    DEFAULT_HANDSHAKE_TIMEOUT, DEFAULT_MAX_CONNECTIONS, DEFAULT_MAX_CONN_RATE, DEFAULT_WS_PATH,
 };
 use crate::codec::{QoS, SubscriptionOptions};
 use crate::core::rewrite::{AutoSubscribe, RewriteAction, RewriteRule, MAX_RULES};
@@ -334,6 +334,35 @@ struct ListenerFile {
     #[serde(default, deserialize_with = "some_duration")]
     handshake_timeout: Option<Duration>,
     max_connections: Option<usize>,
+    max_conn_rate: Option<ConnRateFile>,
+}
+
+/// `max_conn_rate` as EMQX writes it: a number of connections per second, `"N/s"`, or
+/// `"infinity"`.
+#[derive(Debug, Deserialize)]
+#[serde(untagged)]
+enum ConnRateFile {
+    PerSecond(u32),
+    Text(String),
+}
+
+impl ConnRateFile {
+    /// `None`: no limit.
+    fn parse(self) -> Result<Option<std::num::NonZeroU32>, String> {
+        let n = match self {
+            Self::PerSecond(n) => n,
+            Self::Text(text) if text == "infinity" => return Ok(None),
+            Self::Text(text) => text
+                .strip_suffix("/s")
+                .and_then(|n| n.trim().parse().ok())
+                .ok_or_else(|| {
+                    format!("`max_conn_rate` is a number per second, \"N/s\" or \"infinity\", got `{text}`")
+                })?,
+        };
+        std::num::NonZeroU32::new(n)
+            .map(Some)
+            .ok_or_else(|| "`max_conn_rate` must be at least 1 (or \"infinity\")".to_owned())
+    }
 }
 
 /// `[[listeners]]`, each entry checked by [`listener`].
@@ -407,6 +436,10 @@ fn listener(file: ListenerFile) -> Result<ListenerConfig, String> {
             path,
             handshake_timeout,
             max_connections: file.max_connections.unwrap_or(DEFAULT_MAX_CONNECTIONS),
+            max_conn_rate: match file.max_conn_rate {
+                Some(rate) => rate.parse()?,
+                None => Some(DEFAULT_MAX_CONN_RATE),
+            },
         })
     }
 }

@@ -45,6 +45,7 @@ pub fn stats(b: &Broker) -> Value {
         "suboptions.count": subscriptions,
         "retained.count": b.retained_count(),
         "delayed.count": b.delayed_count(),
+        "quic.stream_tasks.count": m.quic_stream_tasks.load(Ordering::Relaxed),
     })
 }
 
@@ -73,6 +74,9 @@ pub fn counters(b: &Broker) -> Value {
         "quic.handshakes": n(&m.quic_handshakes),
         "quic.0rtt.accepted": n(&m.quic_0rtt_accepted),
         "quic.migrations": n(&m.quic_migrations),
+        "quic.retries": n(&m.quic_retries),
+        "connections.rate_limited": n(&m.connections_rate_limited),
+        "connections.flapping_banned": n(&m.flapping_bans),
     })
 }
 
@@ -155,8 +159,13 @@ fn exposition(state: &AdminState, clients: &[Arc<ClientInfo>], tcp: Option<&TcpL
         ("subscriptions.shared.count", "Shared subscriptions"),
         ("retained.count", "Retained messages"),
         ("delayed.count", "Delayed messages waiting"),
+        (
+            "quic.stream_tasks.count",
+            "QUIC stream reader and writer tasks not yet released",
+        ),
     ] {
-        let name = format!("emqx_{}", key.replace('.', "_"));
+        let prefix = if key.starts_with("quic.") { "petrel" } else { "emqx" };
+        let name = format!("{prefix}_{}", key.replace('.', "_"));
         metric(&name, "gauge", help, stats[key].as_f64().unwrap_or(0.0));
     }
     let counters = counters(&state.broker);

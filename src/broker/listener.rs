@@ -1,9 +1,11 @@
 //! Accept loops. Each accepted socket gets its own task, which runs the transport's handshake
 //! (TLS, WebSocket upgrade) under the listener's `handshake_timeout` and then the connection
 //! driver; a stalled handshake therefore never holds up the accept loop. A failing `accept`
-//! (e.g. out of file descriptors) backs off instead of spinning.
+//! (e.g. out of file descriptors) backs off instead of spinning. Past the listener's
+//! `max_conn_rate` the loop pauses until the rate allows the next accept (see `Pacer`).
 
 use std::net::SocketAddr;
+use std::num::NonZeroU32;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -13,7 +15,7 @@ use tokio::net::{TcpListener, TcpStream};
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
-use super::permits::{ListenerSlots, Permit};
+use super::permits::{ConnRate, ListenerSlots, Permit};
 use super::{connection, Broker};
 use crate::transport::tls::{TlsAcceptor, TlsSettings};
 use crate::transport::ws::WsAcceptor;
@@ -79,6 +81,11 @@ pub const DEFAULT_HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
 /// Connections open at once per listener, and broker-wide, when not configured (EMQX's
 /// listener default).
 pub const DEFAULT_MAX_CONNECTIONS: usize = 1_024_000;
+/// New connections per second per listener when not configured. EMQX's default is
+/// `infinity`; ours is finite but above what a small broker can authenticate anyway (a
+/// PBKDF2 password check costs about a millisecond of CPU), so a reconnect storm after a
+/// restart paces itself instead of starving connected clients.
+pub const DEFAULT_MAX_CONN_RATE: NonZeroU32 = NonZeroU32::new(1000).expect("not zero");
 
 /// One listener, validated: keys that do not apply to its kind were refused when parsing.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -93,6 +100,8 @@ pub struct ListenerConfig {
     pub handshake_timeout: Duration,
     /// Connections open at once on this listener (Mosquitto's and EMQX's `max_connections`).
     pub max_connections: usize,
+    /// New connections accepted per second (EMQX's `max_conn_rate`; `None`: `"infinity"`).
+    pub max_conn_rate: Option<NonZeroU32>,
 }
 
 impl ListenerConfig {
@@ -105,6 +114,7 @@ impl ListenerConfig {
             path: DEFAULT_WS_PATH.to_owned(),
             handshake_timeout: DEFAULT_HANDSHAKE_TIMEOUT,
             max_connections: DEFAULT_MAX_CONNECTIONS,
+            max_conn_rate: Some(DEFAULT_MAX_CONN_RATE),
         }
     }
 }
@@ -154,6 +164,7 @@ pub async fn spawn(
     }
     let accept = Accept {
         kind,
+        pacer: Pacer::new(kind, addr, config.max_conn_rate),
         slots: ListenerSlots::new(config.max_connections),
         handshake,
         handshake_timeout: config.handshake_timeout,
@@ -197,7 +208,8 @@ fn spawn_quic(
         Arc::clone(broker),
         super::quic::Listening {
             slots: ListenerSlots::new(config.max_connections),
-            retry: settings.retry,
+            pacer: Pacer::new(ListenerKind::Quic, addr, config.max_conn_rate),
+            retry: super::permits::RetryPolicy::new(settings.retry, settings.retry_threshold),
             peer_cert_as_username: tls.peer_cert_as_username,
             handshake_timeout: config.handshake_timeout,
         },
@@ -207,8 +219,66 @@ fn spawn_quic(
     Ok(addr)
 }
 
+/// Paces a listener's accepts to its `max_conn_rate`: before each accept, a token, or a
+/// pause until there is one. Pauses are counted (`connections.rate_limited`), logged at debug,
+/// and at info at most once a minute.
+pub struct Pacer {
+    kind: ListenerKind,
+    addr: SocketAddr,
+    rate: Option<ConnRate>,
+    /// When the last info line was written.
+    told: Option<std::time::Instant>,
+}
+
+/// The least time between two info lines about a listener's pauses.
+const PAUSE_LOG_INTERVAL: Duration = Duration::from_secs(60);
+
+impl Pacer {
+    pub fn new(kind: ListenerKind, addr: SocketAddr, max_conn_rate: Option<NonZeroU32>) -> Self {
+        Self {
+            kind,
+            addr,
+            rate: max_conn_rate.map(|r| ConnRate::new(r, super::clock::now())),
+            told: None,
+        }
+    }
+
+    /// Returns once the rate allows one more connection, or `false` on shutdown.
+    pub async fn ready(&mut self, broker: &Broker, shutdown: &CancellationToken) -> bool {
+        let Some(rate) = &mut self.rate else {
+            return true;
+        };
+        loop {
+            let now = super::clock::now();
+            let wait = match rate.take(now) {
+                Ok(()) => return true,
+                Err(wait) => wait,
+            };
+            broker
+                .metrics
+                .connections_rate_limited
+                .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+            let (kind, addr) = (self.kind, self.addr);
+            if self
+                .told
+                .is_none_or(|told| now.duration_since(told) >= PAUSE_LOG_INTERVAL)
+            {
+                self.told = Some(now);
+                tracing::info!(%kind, %addr, "accepting paused: more new connections than listeners.max_conn_rate allows per second (raise it if this is expected)");
+            } else {
+                tracing::debug!(%kind, %addr, ?wait, "accepting paused: max_conn_rate");
+            }
+            tokio::select! {
+                _ = shutdown.cancelled() => return false,
+                _ = tokio::time::sleep(wait) => {}
+            }
+        }
+    }
+}
+
 struct Accept {
     kind: ListenerKind,
+    pacer: Pacer,
     /// This listener's share of the connection limits.
     slots: Arc<ListenerSlots>,
     handshake: Handshake,
@@ -219,9 +289,12 @@ struct Accept {
 }
 
 impl Accept {
-    async fn run(self, listener: TcpListener) {
+    async fn run(mut self, listener: TcpListener) {
         let mut backoff = Duration::from_millis(5);
         loop {
+            if !self.pacer.ready(&self.broker, &self.shutdown).await {
+                return;
+            }
             let accepted = tokio::select! {
                 _ = self.shutdown.cancelled() => return,
                 accepted = listener.accept() => accepted,

@@ -88,6 +88,15 @@ pub struct Metrics {
     pub quic_0rtt_accepted: AtomicU64,
     /// QUIC clients that moved to a new address (and kept their connection).
     pub quic_migrations: AtomicU64,
+    /// Times an accept loop paused for its listener's `max_conn_rate`.
+    pub connections_rate_limited: AtomicU64,
+    /// QUIC Retry packets sent (address validation).
+    pub quic_retries: AtomicU64,
+    /// QUIC stream tasks (readers, writers) not yet released: returns to its base when
+    /// streams end, however many a connection opened.
+    pub quic_stream_tasks: AtomicU64,
+    /// Client ids banned by flapping detection.
+    pub flapping_bans: AtomicU64,
 }
 
 impl Metrics {

@@ -10,9 +10,15 @@
 //! Policies, beyond the wire mapping:
 //! - Data streams opened before CONNACK are accepted but not read until CONNECT is accepted
 //!   (QUIC flow control holds the client meanwhile).
-//! - 0-RTT: CONNECT, SUBSCRIBE, UNSUBSCRIBE and PINGREQ take effect from early data; every
-//!   other packet received before the handshake completes is held and fed in order once it
-//!   has (a replayed flight can then never publish or acknowledge anything).
+//! - 0-RTT: early data is read and decoded at once, but no packet (CONNECT included) acts
+//!   before the handshake completes; they are held, in order, and fed then. 0-RTT data can be
+//!   replayed by anyone who captured the client's first flight, and a replay never completes
+//!   the handshake (that takes the client's Finished, made with keys the replayer lacks; a
+//!   server's handshake is confirmed when it completes, RFC 9001 4.1.2). So a replayed
+//!   CONNECT can never take over, wipe (clean start) or will-publish an existing session, nor
+//!   a replayed PUBLISH publish. The cost: CONNACK waits for the client's Finished, so it
+//!   reaches a resuming client after two round trips, as without 0-RTT, where acting on the
+//!   early CONNECT would have answered in one.
 //! - A stream that ends, is reset or stopped by the client, or carries malformed input ends
 //!   that flow only: its subscriptions and in-flight messages move to the control stream, and
 //!   nothing read from it afterwards is acted on. The control stream ending ends the
@@ -42,7 +48,7 @@ use tracing::Instrument;
 
 use super::driver::{Driver, Wire};
 use super::link::Link;
-use super::permits::{ListenerSlots, Permit};
+use super::permits::{Handshakes, InProgress, ListenerSlots, Permit, RetryPolicy};
 use super::{clock, Broker};
 use crate::codec::{Codec, DecodeError, Packet, ProtocolVersion, ReasonCode};
 use crate::core::message::Flow;
@@ -62,13 +68,22 @@ static NEXT_DATA_FLOW: AtomicU64 = AtomicU64::new(1);
 pub struct Listening {
     /// Its share of the connection limits.
     pub slots: Arc<ListenerSlots>,
-    /// Validate addresses with a Retry round trip first.
-    pub retry: bool,
+    /// Its `max_conn_rate`.
+    pub pacer: super::listener::Pacer,
+    /// When to validate addresses with a Retry round trip first.
+    pub retry: RetryPolicy,
     pub peer_cert_as_username: PeerCertAsUsername,
     pub handshake_timeout: Duration,
 }
 
+/// The least time between two info lines about Retry switching on or off.
+const RETRY_LOG_INTERVAL: Duration = Duration::from_secs(60);
+
 /// Accepts QUIC connections until `shutdown`.
+///
+/// Order per incoming connection: Retry first (stateless and cheap, so it is not paced: under
+/// a flood of spoofed addresses this is what keeps the handshakes in progress bounded), then
+/// the `max_conn_rate` pause, then the connection limits, then the handshake in its own task.
 pub async fn accept(
     endpoint: Endpoint,
     broker: Arc<Broker>,
@@ -78,23 +93,50 @@ pub async fn accept(
 ) {
     let Listening {
         slots,
+        mut pacer,
         retry,
         peer_cert_as_username,
         handshake_timeout,
     } = listening;
+    let handshakes = Arc::new(Handshakes::default());
+    // Whether the last unvalidated client was sent a Retry, and when that was last logged.
+    let mut retrying = false;
+    let mut told: Option<std::time::Instant> = None;
     loop {
         let incoming = tokio::select! {
             _ = shutdown.cancelled() => break,
             incoming = endpoint.accept() => incoming,
         };
         let Some(incoming) = incoming else { break };
-        // Address validation against amplification: a Retry round trip proves the client
-        // owns its address before any handshake work is done.
-        if retry && !incoming.remote_address_validated() {
-            if let Err(err) = incoming.retry() {
-                tracing::debug!(%err, "cannot send a QUIC Retry");
+        // Address validation against amplification and handshake floods: a Retry round trip
+        // proves the client owns its address before any handshake work is done.
+        let validated = incoming.remote_address_validated();
+        let in_progress = handshakes.in_progress();
+        if !validated {
+            let now_retrying = retry.retry(in_progress, false);
+            if now_retrying != retrying && retry != RetryPolicy::Always {
+                retrying = now_retrying;
+                let now = clock::now();
+                let state = if retrying { "on" } else { "off" };
+                if told.is_none_or(|t| now.duration_since(t) >= RETRY_LOG_INTERVAL) {
+                    told = Some(now);
+                    tracing::info!(in_progress, "QUIC address validation (Retry) {state}: handshakes in progress against quic.retry_threshold");
+                } else {
+                    tracing::debug!(in_progress, "QUIC address validation (Retry) {state}");
+                }
             }
-            continue;
+            if now_retrying {
+                match incoming.retry() {
+                    Ok(()) => {
+                        broker.metrics.quic_retries.fetch_add(1, Ordering::Relaxed);
+                    }
+                    Err(err) => tracing::debug!(%err, "cannot send a QUIC Retry"),
+                }
+                continue;
+            }
+        }
+        if !pacer.ready(&broker, &shutdown).await {
+            break;
         }
         let permit = match broker.permits.admit(&slots, incoming.remote_address().ip()) {
             Ok(permit) => permit,
@@ -108,6 +150,7 @@ pub async fn accept(
         tracker.spawn(serve(
             Arc::clone(&broker),
             permit,
+            handshakes.begin(),
             incoming,
             peer_cert_as_username,
             handshake_timeout,
@@ -123,6 +166,8 @@ async fn serve(
     broker: Arc<Broker>,
     // Held for the connection's life.
     _permit: Permit,
+    // Held until the handshake completes or fails.
+    handshake_in_progress: InProgress,
     incoming: Incoming,
     peer_cert_as_username: PeerCertAsUsername,
     handshake_timeout: Duration,
@@ -149,10 +194,12 @@ async fn serve(
             connect: limits.max_connect_packet_size,
         };
         let wire = QuicWire::new(
+            &broker,
             conn,
             peer,
             peer_cert_as_username,
             handshake,
+            handshake_in_progress,
             clock::now() + handshake_timeout,
             sizes,
         );
@@ -208,7 +255,9 @@ pub struct QuicWire {
     peer: SocketAddr,
     writers: HashMap<Flow, Writer>,
     control_writer: Option<tokio::task::JoinHandle<()>>,
-    tasks: JoinSet<()>,
+    /// The stream acceptor (`None`) and one waiter per data stream's writer. Finished ones are
+    /// reaped as streams open, so stream churn does not grow the set.
+    tasks: JoinSet<Option<StreamTask>>,
     events: mpsc::Receiver<Event>,
     /// Events received and not yet handed to the channel.
     received: VecDeque<Event>,
@@ -217,7 +266,9 @@ pub struct QuicWire {
     /// Resolves when the handshake completes; `None` once it has.
     handshake: Option<Pin<Box<quinn::ZeroRttAccepted>>>,
     handshake_deadline: Pin<Box<tokio::time::Sleep>>,
-    /// Packets received in 0-RTT that may not act before the handshake completes.
+    /// Counts this connection among the listener's handshakes in progress until then.
+    handshake_in_progress: Option<InProgress>,
+    /// Packets received in 0-RTT, held until the handshake completes.
     held: Vec<(Flow, Packet)>,
     closed: Pin<Box<dyn Future<Output = ()> + Send>>,
     /// Whether (and how) a verified client certificate names the username; `None` once
@@ -234,18 +285,31 @@ impl QuicWire {
         &self.conn
     }
 
+    #[expect(clippy::too_many_arguments, reason = "one call site, each argument named")]
     fn new(
+        broker: &Arc<Broker>,
         conn: Connection,
         peer: SocketAddr,
         peer_cert_as_username: PeerCertAsUsername,
         handshake: quinn::ZeroRttAccepted,
+        handshake_in_progress: InProgress,
         handshake_deadline: std::time::Instant,
         sizes: PacketSizes,
     ) -> Self {
         let (events_tx, events) = mpsc::channel(64);
         let (version, version_rx) = watch::channel(None);
         let mut tasks = JoinSet::new();
-        tasks.spawn(accept_streams(conn.clone(), events_tx, version_rx, sizes));
+        let accepting = accept_streams(
+            Arc::clone(broker),
+            conn.clone(),
+            events_tx,
+            version_rx,
+            sizes,
+        );
+        tasks.spawn(async move {
+            accepting.await;
+            None
+        });
         let closing = conn.clone();
         Self {
             closed: Box::pin(async move {
@@ -264,6 +328,7 @@ impl QuicWire {
                 handshake_deadline,
             ))),
             held: Vec::new(),
+            handshake_in_progress: Some(handshake_in_progress),
             peer_cert_as_username,
         }
     }
@@ -302,21 +367,17 @@ impl QuicWire {
                 if flow.is_control() {
                     self.control_writer = Some(handle);
                 } else {
+                    while self.tasks.try_join_next().is_some() {}
+                    let task = StreamTask::new(&link.broker);
                     self.tasks.spawn(async move {
                         let _ = handle.await;
+                        Some(task)
                     });
                     link.channel.open_flow(flow);
                 }
                 self.writers.insert(flow, writer);
             }
             Event::Packet(flow, packet) => {
-                let replay_safe = matches!(
-                    packet,
-                    Packet::Connect(_)
-                        | Packet::Subscribe(_)
-                        | Packet::Unsubscribe(_)
-                        | Packet::PingReq
-                );
                 if matches!(packet, Packet::Connect(_)) {
                     // Listeners with client certificates have no 0-RTT, so the handshake
                     // (and the certificate's verification) is complete by now.
@@ -324,7 +385,7 @@ impl QuicWire {
                         link.channel.set_peer_username(username);
                     }
                 }
-                if self.handshake.is_none() || replay_safe {
+                if self.handshake.is_none() {
                     link.channel.handle_flow_packet(now, flow, packet);
                 } else if self.held.len() < MAX_HELD {
                     self.held.push((flow, packet));
@@ -419,6 +480,7 @@ impl Wire for QuicWire {
         if let Some(handshake) = &mut self.handshake {
             if let Poll::Ready(zero_rtt) = handshake.as_mut().poll(cx) {
                 self.handshake = None;
+                self.handshake_in_progress = None;
                 let metrics = &link.broker.metrics;
                 metrics.quic_handshakes.fetch_add(1, Ordering::Relaxed);
                 if zero_rtt {
@@ -436,6 +498,7 @@ impl Wire for QuicWire {
             } else if self.handshake_deadline.as_mut().poll(cx).is_ready() {
                 tracing::debug!("QUIC handshake did not complete in time");
                 self.handshake = None;
+                self.handshake_in_progress = None;
                 link.channel.handle_transport_closed();
                 ready = true;
             }
@@ -552,6 +615,7 @@ fn spawn_writer(
 /// Accepts the client's bidirectional streams: the first is the control flow. Each gets a
 /// reader; data flows are not read before CONNACK (`version` is set then).
 async fn accept_streams(
+    broker: Arc<Broker>,
     conn: Connection,
     events: mpsc::Sender<Event>,
     version: watch::Receiver<Option<ProtocolVersion>>,
@@ -559,6 +623,8 @@ async fn accept_streams(
 ) {
     let mut readers = JoinSet::new();
     while let Ok((send, recv)) = conn.accept_bi().await {
+        // Releases the readers of streams that ended since.
+        while readers.try_join_next().is_some() {}
         let index = recv.id().index();
         let flow = if index == 0 {
             Flow::CONTROL
@@ -575,17 +641,39 @@ async fn accept_streams(
         {
             break;
         }
-        readers.spawn(read_flow(
-            flow,
-            recv,
-            events.clone(),
-            version.clone(),
-            sizes,
-            reading,
-        ));
+        let task = StreamTask::new(&broker);
+        let reader = read_flow(flow, recv, events.clone(), version.clone(), sizes, reading);
+        readers.spawn(async move {
+            reader.await;
+            task
+        });
     }
     // The connection is gone; readers end with their streams.
     while readers.join_next().await.is_some() {}
+}
+
+/// Counts a stream's task in `quic_stream_tasks` until the task is released: it is the
+/// task's output, so it is dropped when the task is reaped from its set, or with the task if
+/// that is aborted.
+struct StreamTask(Arc<Broker>);
+
+impl StreamTask {
+    fn new(broker: &Arc<Broker>) -> Self {
+        broker
+            .metrics
+            .quic_stream_tasks
+            .fetch_add(1, Ordering::Relaxed);
+        Self(Arc::clone(broker))
+    }
+}
+
+impl Drop for StreamTask {
+    fn drop(&mut self) {
+        self.0
+            .metrics
+            .quic_stream_tasks
+            .fetch_sub(1, Ordering::Relaxed);
+    }
 }
 
 /// Reads one stream until it ends, or until its flow is closed from the broker's side

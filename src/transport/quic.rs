@@ -42,11 +42,21 @@ pub struct QuicSettings {
     pub idle_timeout: Duration,
     pub congestion: Congestion,
     pub mtu_discovery: bool,
-    /// Accept 0-RTT resumption (only replay-safe packets act before the handshake completes).
+    /// Accept 0-RTT resumption (early data is read at once but acts only once the handshake
+    /// completes, so a replayed flight is harmless).
     pub zero_rtt: bool,
-    /// Validate client addresses with a Retry round trip before any handshake work.
+    /// Validate every client's address with a Retry round trip before any handshake work.
     pub retry: bool,
+    /// Otherwise, validate addresses while at least this many handshakes are in progress on
+    /// a listener (a handshake flood); 0: never.
+    pub retry_threshold: usize,
 }
+
+/// `quic.retry_threshold` when not configured: above what a legitimate reconnect storm at
+/// the default `max_conn_rate` keeps in progress on a usable link (1000/s times a 100 ms
+/// handshake is 100), far below what costs memory (each handshake holds tens of KiB until it
+/// completes or times out). A Retry costs a validated client one round trip.
+pub const DEFAULT_RETRY_THRESHOLD: usize = 256;
 
 impl Default for QuicSettings {
     fn default() -> Self {
@@ -62,6 +72,7 @@ impl Default for QuicSettings {
             mtu_discovery: true,
             zero_rtt: true,
             retry: false,
+            retry_threshold: DEFAULT_RETRY_THRESHOLD,
         }
     }
 }
