@@ -62,6 +62,7 @@ pub struct Config {
     pub storage: StorageSettings,
     pub api: ApiSettings,
     pub sys_topics: SysSettings,
+    pub flapping_detect: crate::broker::flapping::FlappingSettings,
     #[serde(deserialize_with = "listeners")]
     pub listeners: Vec<ListenerConfig>,
 }
@@ -82,6 +83,7 @@ impl Default for Config {
             storage: StorageSettings::default(),
             api: ApiSettings::default(),
             sys_topics: SysSettings::default(),
+            flapping_detect: Default::default(),
             listeners: ListenerKind::ALL
                 .iter()
                 .map(|&kind| ListenerConfig::new(kind, kind.default_bind()))
@@ -643,6 +645,13 @@ impl Config {
             .is_some_and(|f| f.file_name().is_none())
         {
             return invalid("log.file", "must name a file");
+        }
+        let flapping = &self.flapping_detect;
+        if flapping.window_time.is_zero() {
+            return invalid("flapping_detect.window_time", "must be more than zero");
+        }
+        if flapping.ban_time.is_zero() {
+            return invalid("flapping_detect.ban_time", "must be more than zero");
         }
         if self.broker.max_connections == 0 {
             return invalid("broker.max_connections", "must be at least 1");

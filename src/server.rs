@@ -117,7 +117,9 @@ impl RunningBroker {
         let banned =
             crate::auth::banned::Banned::load(&config.broker.data_dir.join("banned.json"))?;
         let auth = auth.with_banned(banned);
-        let mut broker = Broker::new(settings).with_auth(Arc::new(auth));
+        let mut broker = Broker::new(settings)
+            .with_auth(Arc::new(auth))
+            .with_flapping(config.flapping_detect.clone());
         let mut store = None;
         let mut recovered = None;
         if config.storage.durability != Durability::None {

@@ -428,6 +428,7 @@ impl Link {
                     let client_id = Arc::clone(self.channel.client_id());
                     if let Some(info) = self.info.take() {
                         self.broker.clients.remove(&info, close.reason);
+                        self.broker.connection_ended(now, &client_id, self.peer);
                     }
                     self.broker
                         .close_session(now, self.conn_id, &client_id, *close);

@@ -21,6 +21,7 @@ pub mod clients;
 pub mod clock;
 pub mod connection;
 pub mod driver;
+pub mod flapping;
 pub mod link;
 pub mod listener;
 pub mod mailbox;
@@ -203,6 +204,8 @@ pub struct Broker {
     pub clients: clients::Clients,
     /// The connection limits every listener takes a permit from at accept time.
     pub permits: Arc<permits::ConnectionLimits>,
+    /// Connection ends by client id, for `flapping_detect`.
+    flapping: Mutex<flapping::Flapping>,
 }
 
 impl Broker {
@@ -230,6 +233,49 @@ impl Broker {
             metrics: Metrics::default(),
             clients: clients::Clients::default(),
             permits,
+            flapping: Mutex::new(flapping::Flapping::new(Default::default())),
+        }
+    }
+
+    /// The broker with these `flapping_detect` settings in place of the defaults.
+    pub fn with_flapping(self, settings: flapping::FlappingSettings) -> Self {
+        *self.flapping.lock().expect("flapping lock is never poisoned") =
+            flapping::Flapping::new(settings);
+        self
+    }
+
+    /// An accepted connection of `client_id` (from `peer`) ended: a client id flapping is
+    /// banned for `flapping_detect.ban_time`.
+    pub fn connection_ended(&self, now: Instant, client_id: &str, peer: std::net::SocketAddr) {
+        let ban_time = {
+            let mut flapping = self.flapping.lock().expect("flapping lock is never poisoned");
+            if !flapping.disconnected(client_id, now) {
+                return;
+            }
+            flapping.settings().ban_time
+        };
+        let at = clock::wall()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| d.as_secs());
+        // Whole seconds, at least one (the banned list keeps seconds).
+        let until = at + ban_time.as_secs_f64().ceil().max(1.0) as u64;
+        let ban = crate::auth::banned::Ban {
+            kind: crate::auth::banned::BanKind::Clientid,
+            who: client_id.to_owned(),
+            by: "flapping_detect".to_owned(),
+            reason: "flapping".to_owned(),
+            at,
+            until: Some(until),
+        };
+        self.metrics.flapping_bans.fetch_add(1, Ordering::Relaxed);
+        match self.auth.banned().add(ban) {
+            Ok(_) => tracing::warn!(
+                client_id,
+                %peer,
+                ?ban_time,
+                "client id banned for flapping: connected and disconnected more than flapping_detect.max_count times within flapping_detect.window_time"
+            ),
+            Err(err) => tracing::warn!(client_id, %err, "cannot ban a flapping client id"),
         }
     }
 
