@@ -237,6 +237,12 @@ impl Broker {
         }
     }
 
+    /// Whether a CONNECT for `client_id` would find something to take over, resume, wipe or
+    /// cancel (a session, online or offline, or a will waiting).
+    pub fn knows_client(&self, client_id: &str) -> bool {
+        self.lock_sessions().knows(client_id)
+    }
+
     /// The broker with these `flapping_detect` settings in place of the defaults.
     pub fn with_flapping(self, settings: flapping::FlappingSettings) -> Self {
         *self.flapping.lock().expect("flapping lock is never poisoned") =

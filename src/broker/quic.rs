@@ -10,15 +10,19 @@
 //! Policies, beyond the wire mapping:
 //! - Data streams opened before CONNACK are accepted but not read until CONNECT is accepted
 //!   (QUIC flow control holds the client meanwhile).
-//! - 0-RTT: early data is read and decoded at once, but no packet (CONNECT included) acts
-//!   before the handshake completes; they are held, in order, and fed then. 0-RTT data can be
-//!   replayed by anyone who captured the client's first flight, and a replay never completes
-//!   the handshake (that takes the client's Finished, made with keys the replayer lacks; a
-//!   server's handshake is confirmed when it completes, RFC 9001 4.1.2). So a replayed
+//! - 0-RTT: early data is read and decoded at once, but may be a replay: anyone who captured
+//!   a client's first flight can send it again, and a replay never completes the handshake
+//!   (that takes the client's Finished, made with keys the replayer lacks; a server's
+//!   handshake is confirmed when it completes, RFC 9001 4.1.2). So before the handshake
+//!   completes only a CONNECT that can harm nothing acts ([`connect_is_replay_safe`]): no
+//!   will, and a client id with no session (online or offline) and no will waiting, so there
+//!   is nothing to take over, wipe or cancel, and nothing to publish if the handshake never
+//!   completes; such a client gets its CONNACK in one round trip. Any other CONNECT, and
+//!   every other packet, is held, in order, and fed once the handshake completes: a replayed
 //!   CONNECT can never take over, wipe (clean start) or will-publish an existing session, nor
-//!   a replayed PUBLISH publish. The cost: CONNACK waits for the client's Finished, so it
-//!   reaches a resuming client after two round trips, as without 0-RTT, where acting on the
-//!   early CONNECT would have answered in one.
+//!   a replayed PUBLISH publish. What a replay can do at most is leave an empty session
+//!   (nothing subscribed: SUBSCRIBE waits too) for a client id that had none. A CONNECT held
+//!   costs its client one round trip (CONNACK after two, as without 0-RTT).
 //! - A stream that ends, is reset or stopped by the client, or carries malformed input ends
 //!   that flow only: its subscriptions and in-flight messages move to the control stream, and
 //!   nothing read from it afterwards is acted on. The control stream ending ends the
@@ -385,7 +389,10 @@ impl QuicWire {
                         link.channel.set_peer_username(username);
                     }
                 }
-                if self.handshake.is_none() {
+                let act_now = self.handshake.is_none()
+                    || (self.held.is_empty()
+                        && matches!(&packet, Packet::Connect(c) if connect_is_replay_safe(&link.broker, c)));
+                if act_now {
                     link.channel.handle_flow_packet(now, flow, packet);
                 } else if self.held.len() < MAX_HELD {
                     self.held.push((flow, packet));
@@ -544,6 +551,14 @@ impl Wire for QuicWire {
         self.conn.close(VarInt::from_u32(u32::from(code)), b"");
         self.tasks.shutdown().await;
     }
+}
+
+/// Whether a CONNECT received in 0-RTT data may act before the handshake completes: a replay
+/// of it must harm nothing (see the module documentation). Checked when it arrives; a
+/// session created between this check and the CONNECT's lookup (microseconds) would be taken
+/// over: only a client racing itself can do that, and a replayer cannot choose the moment.
+fn connect_is_replay_safe(broker: &Broker, connect: &crate::codec::Connect) -> bool {
+    connect.will.is_none() && !broker.knows_client(&connect.client_id)
 }
 
 fn send(writer: Option<&Writer>, out: &mut BytesMut) {

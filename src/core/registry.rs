@@ -320,6 +320,12 @@ impl<M: SessionHandle> Registry<M> {
         }
     }
 
+    /// Whether `client_id` has a session (online or offline) or a will waiting: what a
+    /// CONNECT for it would take over, resume, wipe or cancel.
+    pub fn knows(&self, client_id: &str) -> bool {
+        self.slots.contains_key(client_id) || self.wills.contains_key(client_id)
+    }
+
     /// Whether connection `conn_id` serves `client_id`'s session.
     pub fn is_served_by(&self, client_id: &str, conn_id: u64) -> bool {
         matches!(
