@@ -260,7 +260,7 @@ pub struct QuicWire {
     writers: HashMap<Flow, Writer>,
     control_writer: Option<tokio::task::JoinHandle<()>>,
     /// The stream acceptor (`None`) and one waiter per data stream's writer. Finished ones are
-    /// reaped as streams open, so stream churn does not grow the set.
+    /// reaped in `poll_transport`, so stream churn does not grow the set.
     tasks: JoinSet<Option<StreamTask>>,
     events: mpsc::Receiver<Event>,
     /// Events received and not yet handed to the channel.
@@ -371,7 +371,6 @@ impl QuicWire {
                 if flow.is_control() {
                     self.control_writer = Some(handle);
                 } else {
-                    while self.tasks.try_join_next().is_some() {}
                     let task = StreamTask::new(&link.broker);
                     self.tasks.spawn(async move {
                         let _ = handle.await;
@@ -484,6 +483,8 @@ impl Wire for QuicWire {
 
     fn poll_transport(&mut self, cx: &mut Context<'_>, link: &mut Link) -> Poll<()> {
         let mut ready = false;
+        // Releases the writers of data streams that ended.
+        while let Poll::Ready(Some(_)) = self.tasks.poll_join_next(cx) {}
         if let Some(handshake) = &mut self.handshake {
             if let Poll::Ready(zero_rtt) = handshake.as_mut().poll(cx) {
                 self.handshake = None;
@@ -637,9 +638,14 @@ async fn accept_streams(
     sizes: PacketSizes,
 ) {
     let mut readers = JoinSet::new();
-    while let Ok((send, recv)) = conn.accept_bi().await {
-        // Releases the readers of streams that ended since.
-        while readers.try_join_next().is_some() {}
+    loop {
+        let accepted = tokio::select! {
+            accepted = conn.accept_bi() => accepted,
+            // Releases each reader as its stream ends (a finished task's output, and its
+            // memory, stay in the set until joined).
+            Some(_) = readers.join_next() => continue,
+        };
+        let Ok((send, recv)) = accepted else { break };
         let index = recv.id().index();
         let flow = if index == 0 {
             Flow::CONTROL
