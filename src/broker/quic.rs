@@ -274,6 +274,8 @@ pub struct QuicWire {
     handshake_in_progress: Option<InProgress>,
     /// Packets received in 0-RTT, held until the handshake completes.
     held: Vec<(Flow, Packet)>,
+    /// Whether any packet arrived before the handshake completed (0-RTT data).
+    early_data: bool,
     closed: Pin<Box<dyn Future<Output = ()> + Send>>,
     /// Whether (and how) a verified client certificate names the username; `None` once
     /// applied.
@@ -332,6 +334,7 @@ impl QuicWire {
                 handshake_deadline,
             ))),
             held: Vec::new(),
+            early_data: false,
             handshake_in_progress: Some(handshake_in_progress),
             peer_cert_as_username,
         }
@@ -388,6 +391,17 @@ impl QuicWire {
                         link.channel.set_peer_username(username);
                     }
                 }
+                if self.handshake.is_some() && self.handshake_done(link) {
+                    // Completed just now: what was held goes first.
+                    if !self.held.is_empty() {
+                        self.received.push_front(Event::Packet(flow, packet));
+                        self.requeue_held();
+                        return;
+                    }
+                }
+                if self.handshake.is_some() {
+                    self.early_data = true;
+                }
                 let act_now = self.handshake.is_none()
                     || (self.held.is_empty()
                         && matches!(&packet, Packet::Connect(c) if connect_is_replay_safe(&link.broker, c)));
@@ -430,6 +444,44 @@ impl QuicWire {
         if link.channel.is_connected() && self.version.borrow().is_none() {
             // CONNACK is out: data streams may now be read, in the connection's version.
             let _ = self.version.send(Some(link.channel.version()));
+        }
+    }
+
+    /// Whether the handshake has completed by now, looked at without waiting: quinn reports
+    /// the completion before it hands out the stream data that came with the client's
+    /// Finished, so a packet read after it is not early data. (The no-op waker replaces the
+    /// task's: `poll_transport` registers it again before the driver next waits.)
+    fn handshake_done(&mut self, link: &Link) -> bool {
+        let Some(handshake) = &mut self.handshake else {
+            return true;
+        };
+        let mut cx = Context::from_waker(std::task::Waker::noop());
+        match handshake.as_mut().poll(&mut cx) {
+            Poll::Ready(zero_rtt) => {
+                self.handshake_completed(link, zero_rtt);
+                true
+            }
+            Poll::Pending => false,
+        }
+    }
+
+    fn handshake_completed(&mut self, link: &Link, zero_rtt: bool) {
+        self.handshake = None;
+        self.handshake_in_progress = None;
+        let metrics = &link.broker.metrics;
+        metrics.quic_handshakes.fetch_add(1, Ordering::Relaxed);
+        // quinn's answer is the client's view (on a server it is always false): a packet
+        // read before completion is what tells that 0-RTT data was accepted.
+        if zero_rtt || self.early_data {
+            metrics.quic_0rtt_accepted.fetch_add(1, Ordering::Relaxed);
+        }
+    }
+
+    /// What was held goes first, in order, before anything received since.
+    fn requeue_held(&mut self) {
+        let held = std::mem::take(&mut self.held);
+        for (flow, packet) in held.into_iter().rev() {
+            self.received.push_front(Event::Packet(flow, packet));
         }
     }
 
@@ -487,21 +539,8 @@ impl Wire for QuicWire {
         while let Poll::Ready(Some(_)) = self.tasks.poll_join_next(cx) {}
         if let Some(handshake) = &mut self.handshake {
             if let Poll::Ready(zero_rtt) = handshake.as_mut().poll(cx) {
-                self.handshake = None;
-                self.handshake_in_progress = None;
-                let metrics = &link.broker.metrics;
-                metrics.quic_handshakes.fetch_add(1, Ordering::Relaxed);
-                if zero_rtt {
-                    metrics.quic_0rtt_accepted.fetch_add(1, Ordering::Relaxed);
-                }
-                // What was held goes first, in order, before anything received since.
-                let live: Vec<Event> = std::mem::take(&mut self.held)
-                    .into_iter()
-                    .map(|(flow, packet)| Event::Packet(flow, packet))
-                    .collect();
-                for event in live.into_iter().rev() {
-                    self.received.push_front(event);
-                }
+                self.handshake_completed(link, zero_rtt);
+                self.requeue_held();
                 ready = true;
             } else if self.handshake_deadline.as_mut().poll(cx).is_ready() {
                 tracing::debug!("QUIC handshake did not complete in time");
