@@ -164,7 +164,11 @@ fn exposition(state: &AdminState, clients: &[Arc<ClientInfo>], tcp: Option<&TcpL
             "QUIC stream reader and writer tasks not yet released",
         ),
     ] {
-        let prefix = if key.starts_with("quic.") { "petrel" } else { "emqx" };
+        let prefix = if key.starts_with("quic.") {
+            "petrel"
+        } else {
+            "emqx"
+        };
         let name = format!("{prefix}_{}", key.replace('.', "_"));
         metric(&name, "gauge", help, stats[key].as_f64().unwrap_or(0.0));
     }

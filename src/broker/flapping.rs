@@ -150,7 +150,11 @@ mod tests {
             assert!(!flapping.disconnected("other", at));
         }
         assert!(flapping.disconnected("c", start + Duration::from_secs(59)));
-        assert_eq!(flapping.tracked(), 1, "its window is dropped once it is banned");
+        assert_eq!(
+            flapping.tracked(),
+            1,
+            "its window is dropped once it is banned"
+        );
         // Counting starts again.
         assert!(!flapping.disconnected("c", start + Duration::from_secs(59)));
     }

@@ -85,7 +85,10 @@ pub const DEFAULT_MAX_CONNECTIONS: usize = 1_024_000;
 /// `infinity`; ours is finite but above what a small broker can authenticate anyway (a
 /// PBKDF2 password check costs about a millisecond of CPU), so a reconnect storm after a
 /// restart paces itself instead of starving connected clients.
-pub const DEFAULT_MAX_CONN_RATE: NonZeroU32 = NonZeroU32::new(1000).expect("not zero");
+pub const DEFAULT_MAX_CONN_RATE: NonZeroU32 = match NonZeroU32::new(1000) {
+    Some(rate) => rate,
+    None => panic!("not zero"),
+};
 
 /// One listener, validated: keys that do not apply to its kind were refused when parsing.
 #[derive(Debug, Clone, PartialEq, Eq)]

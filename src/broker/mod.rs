@@ -245,8 +245,10 @@ impl Broker {
 
     /// The broker with these `flapping_detect` settings in place of the defaults.
     pub fn with_flapping(self, settings: flapping::FlappingSettings) -> Self {
-        *self.flapping.lock().expect("flapping lock is never poisoned") =
-            flapping::Flapping::new(settings);
+        *self
+            .flapping
+            .lock()
+            .expect("flapping lock is never poisoned") = flapping::Flapping::new(settings);
         self
     }
 
@@ -254,7 +256,10 @@ impl Broker {
     /// banned for `flapping_detect.ban_time`.
     pub fn connection_ended(&self, now: Instant, client_id: &str, peer: std::net::SocketAddr) {
         let ban_time = {
-            let mut flapping = self.flapping.lock().expect("flapping lock is never poisoned");
+            let mut flapping = self
+                .flapping
+                .lock()
+                .expect("flapping lock is never poisoned");
             if !flapping.disconnected(client_id, now) {
                 return;
             }

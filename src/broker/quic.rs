@@ -291,7 +291,10 @@ impl QuicWire {
         &self.conn
     }
 
-    #[expect(clippy::too_many_arguments, reason = "one call site, each argument named")]
+    #[expect(
+        clippy::too_many_arguments,
+        reason = "one call site, each argument named"
+    )]
     fn new(
         broker: &Arc<Broker>,
         conn: Connection,
@@ -455,7 +458,7 @@ impl QuicWire {
         let Some(handshake) = &mut self.handshake else {
             return true;
         };
-        let mut cx = Context::from_waker(std::task::Waker::noop());
+        let mut cx = Context::from_waker(futures_util::task::noop_waker_ref());
         match handshake.as_mut().poll(&mut cx) {
             Poll::Ready(zero_rtt) => {
                 self.handshake_completed(link, zero_rtt);

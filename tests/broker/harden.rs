@@ -74,7 +74,12 @@ async fn harden_accept_rate_pauses_accepting_and_every_client_still_connects() {
         "the quic listener paused"
     );
     assert_eq!(
-        broker.running.broker.permits.refused.load(Ordering::Relaxed),
+        broker
+            .running
+            .broker
+            .permits
+            .refused
+            .load(Ordering::Relaxed),
         0,
         "pacing refuses nobody"
     );
@@ -284,7 +289,11 @@ async fn harden_quic_retry_switches_on_at_the_threshold_and_clients_still_connec
     let code = tokio::task::spawn_blocking(move || stalled.join().unwrap())
         .await
         .unwrap();
-    assert_eq!(code, ReasonCode::SUCCESS, "the stalled client completes too");
+    assert_eq!(
+        code,
+        ReasonCode::SUCCESS,
+        "the stalled client completes too"
+    );
     drop((validated, burst));
     broker.shutdown().await;
 }
@@ -311,7 +320,10 @@ async fn harden_quic_stream_churn_releases_every_stream_task() {
     let tasks = &broker.running.broker.metrics.quic_stream_tasks;
     let client = QuicClient::v5(&broker, &unique("churn")).await;
     // The control stream's reader.
-    eventually("the control stream's reader is counted", || load(tasks) == 1).await;
+    eventually("the control stream's reader is counted", || {
+        load(tasks) == 1
+    })
+    .await;
     let base = load(tasks);
     let topic = unique("churn");
     let mut peak = base;
@@ -328,7 +340,10 @@ async fn harden_quic_stream_churn_releases_every_stream_task() {
             other => panic!("stream {i}: expected the broker to finish it, got {other:?}"),
         }
     }
-    assert!(peak > base, "stream tasks were counted while streams were open");
+    assert!(
+        peak > base,
+        "stream tasks were counted while streams were open"
+    );
     eventually("every finished stream's tasks are released", || {
         load(tasks) == base
     })

@@ -264,10 +264,19 @@ async fn harden_zero_rtt_takeover_waits_for_the_handshake_and_a_replay_does_noth
         "no CONNACK before the handshake completes"
     );
     publisher
-        .publish_acked(publish_struct(&topic, QoS::AtMostOnce, None, b"still yours"))
+        .publish_acked(publish_struct(
+            &topic,
+            QoS::AtMostOnce,
+            None,
+            b"still yours",
+        ))
         .await;
     let got = old.expect_publish().await;
-    assert_eq!(&got.payload[..], b"still yours", "the old session still delivers");
+    assert_eq!(
+        &got.payload[..],
+        b"still yours",
+        "the old session still delivers"
+    );
 
     // The Finished arrives: the takeover happens as usual.
     relay.set(Mode::Open);
@@ -290,13 +299,24 @@ async fn harden_zero_rtt_takeover_waits_for_the_handshake_and_a_replay_does_noth
     let flight = relay.first_flight.lock().unwrap().clone();
     assert!(!flight.is_empty());
     for datagram in &flight {
-        replayer.send_to(datagram, quic_addr(&broker)).await.unwrap();
+        replayer
+            .send_to(datagram, quic_addr(&broker))
+            .await
+            .unwrap();
     }
     control.expect_silence().await;
-    assert!(conn.close_reason().is_none(), "the connection is still open");
+    assert!(
+        conn.close_reason().is_none(),
+        "the connection is still open"
+    );
     control.subscribe(2, &topic, QoS::AtMostOnce).await;
     publisher
-        .publish_acked(publish_struct(&topic, QoS::AtMostOnce, None, b"after replay"))
+        .publish_acked(publish_struct(
+            &topic,
+            QoS::AtMostOnce,
+            None,
+            b"after replay",
+        ))
         .await;
     assert_eq!(&control.expect_publish().await.payload[..], b"after replay");
     assert_eq!(
