@@ -129,7 +129,8 @@ impl Banned {
             .cloned()
     }
 
-    /// Adds (or replaces) a ban, and saves the list.
+    /// Adds (or replaces) a ban, and saves the list. Bans over by the new ban's `at` are
+    /// dropped on the way, so bans that expire (flapping detection's) do not pile up.
     pub fn add(&self, mut ban: Ban) -> Result<Ban, BannedError> {
         if ban.who.is_empty() {
             return Err(BannedError::EmptyWho);
@@ -145,6 +146,7 @@ impl Banned {
             return Err(BannedError::AlreadyOver);
         }
         let mut bans = self.bans.write().expect("banned lock is never poisoned");
+        bans.retain(|_, b| b.in_force(ban.at));
         let old = bans.insert((ban.kind, ban.who.clone()), ban.clone());
         if let Err(err) = self.save(&bans) {
             match old {
@@ -171,7 +173,8 @@ impl Banned {
         Ok(true)
     }
 
-    /// Every ban, oldest first (expired ones included until they are removed).
+    /// Every ban, oldest first (expired ones included until they are removed, or the next
+    /// ban is added).
     pub fn list(&self) -> Vec<Ban> {
         let mut all: Vec<Ban> = self
             .bans
@@ -203,6 +206,24 @@ impl Banned {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn adding_a_ban_drops_the_bans_that_are_over() {
+        let banned = Banned::default();
+        banned
+            .add(ban(BanKind::Clientid, "short", Some(150)))
+            .unwrap();
+        banned
+            .add(ban(BanKind::Clientid, "long", Some(1000)))
+            .unwrap();
+        let later = Ban {
+            at: 200,
+            ..ban(BanKind::Clientid, "new", Some(300))
+        };
+        banned.add(later).unwrap();
+        let who: Vec<String> = banned.list().into_iter().map(|b| b.who).collect();
+        assert_eq!(who, vec!["long".to_owned(), "new".to_owned()]);
+    }
 
     fn ban(kind: BanKind, who: &str, until: Option<u64>) -> Ban {
         Ban {
