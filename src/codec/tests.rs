@@ -3,7 +3,7 @@
 //! round trips in `tests/proptests.rs`.
 
 mod malformed;
-mod proptests;
+pub(crate) mod proptests;
 
 use crate::codec::PacketId;
 use bytes::{Bytes, BytesMut};
