@@ -13,6 +13,7 @@
 
 pub mod acl;
 pub mod banned;
+pub mod cache;
 pub mod password;
 
 use std::net::{IpAddr, SocketAddr};
