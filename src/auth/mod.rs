@@ -14,6 +14,7 @@
 pub mod acl;
 pub mod banned;
 pub mod password;
+pub mod scram;
 
 use std::net::{IpAddr, SocketAddr};
 use std::path::PathBuf;
