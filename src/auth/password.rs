@@ -89,7 +89,8 @@ const ARGON2_MAX_TIME: u32 = 64;
 const ARGON2_MAX_LANES: u32 = 16;
 
 fn parse_argon2id(text: &str) -> Result<String, String> {
-    let parsed = argon2::PasswordHash::new(text).map_err(|err| format!("bad argon2id hash: {err}"))?;
+    let parsed =
+        argon2::PasswordHash::new(text).map_err(|err| format!("bad argon2id hash: {err}"))?;
     if parsed.algorithm != argon2::Algorithm::Argon2id.ident() {
         return Err("only argon2id is supported among the argon2 variants".into());
     }
@@ -165,12 +166,10 @@ impl PasswordHash {
             }
             Some("argon2id") => return parse_argon2id(text).map(Self::Argon2id),
             Some("scram-sha-256") => return ScramKeys::parse_fields(parts).map(Self::Scram),
-            _ => {
-                return Err(
-                    "unknown hash type: `$6$`, `$7$`, `$argon2id$` and `$scram-sha-256$` are supported"
-                        .into(),
-                )
-            }
+            _ => return Err(
+                "unknown hash type: `$6$`, `$7$`, `$argon2id$` and `$scram-sha-256$` are supported"
+                    .into(),
+            ),
         };
         if parts.next().is_some() {
             return Err("too many `$`-separated fields".into());

@@ -211,7 +211,10 @@ fn encode_saslname(name: &str) -> String {
 
 /// A nonce is printable ASCII without `,` (RFC 5802 §7).
 fn valid_nonce(nonce: &str) -> bool {
-    !nonce.is_empty() && nonce.bytes().all(|b| (0x21..=0x7e).contains(&b) && b != b',')
+    !nonce.is_empty()
+        && nonce
+            .bytes()
+            .all(|b| (0x21..=0x7e).contains(&b) && b != b',')
 }
 
 fn text(message: &[u8]) -> Result<&str, ScramError> {
@@ -261,7 +264,9 @@ impl<'a> ClientFirst<'a> {
         match cbind {
             "n" | "y" => {}
             _ if cbind.starts_with("p=") => {
-                return Err(ScramError::Unsupported("channel binding (SCRAM-SHA-256-PLUS)"))
+                return Err(ScramError::Unsupported(
+                    "channel binding (SCRAM-SHA-256-PLUS)",
+                ))
             }
             _ => return Err(ScramError::Malformed("bad channel-binding flag")),
         }
@@ -335,7 +340,9 @@ impl ServerExchange {
             .decode(binding)
             .map_err(|_| ScramError::Malformed("channel binding is not base64"))?;
         if binding != self.gs2_header.as_bytes() {
-            return Err(ScramError::Malformed("channel binding differs from the gs2 header"));
+            return Err(ScramError::Malformed(
+                "channel binding differs from the gs2 header",
+            ));
         }
         if nonce != self.nonce {
             return Err(ScramError::Malformed("nonce differs"));
@@ -409,7 +416,9 @@ impl ClientExchange {
             || nonce.len() == self.client_nonce.len()
             || !valid_nonce(nonce)
         {
-            return Err(ScramError::Malformed("the server's nonce does not extend ours"));
+            return Err(ScramError::Malformed(
+                "the server's nonce does not extend ours",
+            ));
         }
         let salt = BASE64
             .decode(attribute(attrs.next().unwrap_or_default(), 's')?)
@@ -442,7 +451,10 @@ impl ClientExchange {
             return Err(ScramError::ServerError(server_error(error)));
         }
         let signature = BASE64
-            .decode(attribute(message.split(',').next().unwrap_or_default(), 'v')?)
+            .decode(attribute(
+                message.split(',').next().unwrap_or_default(),
+                'v',
+            )?)
             .map_err(|_| ScramError::Malformed("signature is not base64"))?;
         let expected = self
             .expected
@@ -586,7 +598,11 @@ mod tests {
     #[test]
     fn client_final_must_match_the_exchange() {
         let first = ClientFirst::parse(CLIENT_FIRST.as_bytes()).unwrap();
-        let start = || ServerExchange::start(&first, SERVER_NONCE, rfc_keys(), true).unwrap().0;
+        let start = || {
+            ServerExchange::start(&first, SERVER_NONCE, rfc_keys(), true)
+                .unwrap()
+                .0
+        };
         let other_nonce = CLIENT_FINAL.replace("k0,p", "k1,p");
         let other_binding = CLIENT_FINAL.replace("c=biws", "c=eSws");
         for bad in [
@@ -596,7 +612,10 @@ mod tests {
             "c=biws,r=x,p=!!",
         ] {
             assert!(
-                matches!(start().finish(bad.as_bytes()), Err(ScramError::Malformed(_))),
+                matches!(
+                    start().finish(bad.as_bytes()),
+                    Err(ScramError::Malformed(_))
+                ),
                 "{bad}"
             );
         }
