@@ -10,8 +10,9 @@
 //!   stored keys, base64), the only form a SCRAM-SHA-256 exchange can use
 //!   ([`super::scram`]); it verifies plain CONNECT passwords too.
 //!
-//! Verification is constant-time in the hash, and an unknown user costs the same PBKDF2 work
-//! as a known one, so timing says nothing about which users exist. A SCRAM exchange for a
+//! Verification is constant-time in the hash, and an unknown user costs the same hash work
+//! as a known one (a check against some user's hash), so timing says nothing about which
+//! users exist. A SCRAM exchange for a
 //! user without a SCRAM line gets mock keys ([`PasswordFile::scram_keys`]).
 
 use std::collections::HashMap;
@@ -367,17 +368,25 @@ impl PasswordFile {
         self.entries.is_empty()
     }
 
-    /// Whether `user` exists and `password` is theirs. Unknown users cost a decoy check.
+    /// Whether `user` exists and `password` is theirs. An unknown user costs a check against
+    /// some user's hash (picked by a keyed hash of the name, the answer ignored), so with
+    /// several hash kinds in one file (`$7$`, argon2id, SCRAM) the time still looks like a
+    /// real user's; an empty file checks a decoy.
     pub fn verify(&self, user: &str, password: &[u8]) -> bool {
-        match self.index.get(user) {
-            Some(&i) => self.entries[i].1.verify(password),
-            None => {
-                if let Some(decoy) = &self.decoy {
-                    let _ = decoy.verify(password);
-                }
-                false
-            }
+        if let Some(&i) = self.index.get(user) {
+            return self.entries[i].1.verify(password);
         }
+        if !self.entries.is_empty() {
+            let key = ring::hmac::Key::new(ring::hmac::HMAC_SHA256, &self.mock_secret);
+            let tag = ring::hmac::sign(&key, user.as_bytes());
+            let mut pick = [0u8; 8];
+            pick.copy_from_slice(&tag.as_ref()[..8]);
+            let i = (u64::from_le_bytes(pick) % self.entries.len() as u64) as usize;
+            let _ = self.entries[i].1.verify(password);
+        } else if let Some(decoy) = &self.decoy {
+            let _ = decoy.verify(password);
+        }
+        false
     }
 
     /// The SCRAM-SHA-256 keys of `user`, and whether they are real: a user without a
