@@ -5,7 +5,7 @@
 //!
 //! Two more line forms, which `petrel passwd --hash` writes:
 //! - `username:$argon2id$v=19$m=…,t=…,p=…$salt$hash`, the PHC string of argon2id (the form
-//!   libargon2 and Mosquitto 2.1 write);
+//!   libargon2 writes; Mosquitto 2.0 does not read it);
 //! - `username:$scram-sha-256$iterations$salt$StoredKey$ServerKey` (Petrel only; RFC 5802's
 //!   stored keys, base64), the only form a SCRAM-SHA-256 exchange can use
 //!   ([`super::scram`]); it verifies plain CONNECT passwords too.
@@ -62,7 +62,7 @@ pub enum HashKind {
     /// `$7$`, PBKDF2-HMAC-SHA512: Mosquitto reads it too.
     #[default]
     Pbkdf2,
-    /// `$argon2id$` (Mosquitto 2.1 reads it; 2.0 does not).
+    /// `$argon2id$` (Mosquitto 2.0 does not read it).
     Argon2id,
     /// `$scram-sha-256$` (Petrel only): SCRAM-SHA-256 enhanced authentication and plain
     /// passwords.
