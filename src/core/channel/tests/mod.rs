@@ -251,6 +251,7 @@ fn normal_disconnect_discards_the_will_and_0x04_keeps_it() {
     }
 }
 
+mod auth;
 mod connect;
 mod deliver;
 mod flows;
