@@ -13,7 +13,9 @@
 
 pub mod acl;
 pub mod banned;
+pub mod cache;
 pub mod password;
+pub mod scram;
 
 use std::net::{IpAddr, SocketAddr};
 use std::path::PathBuf;
@@ -209,6 +211,16 @@ impl AuthService {
                 _ => Err(Refusal::AnonymousNotAllowed),
             },
         }
+    }
+
+    /// SCRAM-SHA-256 keys for `username` from the password file, and whether they are
+    /// real (mock keys for a user without a `$scram-sha-256$` line: the exchange then fails
+    /// as a wrong password does); `None` without a password file.
+    pub fn scram_keys(&self, username: &str) -> Option<(scram::ScramKeys, bool)> {
+        self.rules()
+            .passwords
+            .as_ref()
+            .map(|file| file.scram_keys(username))
     }
 
     /// Whether a password file is in force.
