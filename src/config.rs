@@ -90,6 +90,12 @@ impl Default for Config {
     }
 }
 
+/// `broker.max_queued_bytes` by default: 256 MiB. Safe on the smallest machines a broker runs
+/// on (a 512 MiB container keeps room for its connections), and far above what healthy
+/// traffic queues (subscribers that keep up hold about a window each): it is reached only
+/// when many subscribers fall behind at once.
+pub const DEFAULT_MAX_QUEUED_BYTES: u64 = 256 << 20;
+
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct BrokerSection {
@@ -106,6 +112,9 @@ pub struct BrokerSection {
     /// Connections open at once from one IP address (0: no limit, the default: carrier-grade
     /// NAT puts thousands of phones and vehicles behind one address).
     pub max_connections_per_address: usize,
+    /// Bytes of deliveries queued over every session past which publishers are held until
+    /// the queues drain to three quarters of it (0: no limit).
+    pub max_queued_bytes: u64,
 }
 
 impl Default for BrokerSection {
@@ -116,6 +125,7 @@ impl Default for BrokerSection {
             node_name: None,
             max_connections: DEFAULT_MAX_CONNECTIONS,
             max_connections_per_address: 0,
+            max_queued_bytes: DEFAULT_MAX_QUEUED_BYTES,
         }
     }
 }
@@ -257,6 +267,8 @@ impl Default for DelayedSection {
 pub struct SessionSection {
     /// Deliveries queued per session beyond the in-flight window (online or offline).
     pub max_queued: usize,
+    /// What a full queue does with a QoS 1/2 delivery when no QoS 0 one can make room.
+    pub queue_full: crate::broker::mailbox::QueueFull,
     /// Session expiry for 3.1 / 3.1.1 clients connecting with clean session 0.
     #[serde(deserialize_with = "duration")]
     pub v3_expiry: Duration,
@@ -270,6 +282,7 @@ impl Default for SessionSection {
         let limits = crate::core::channel::Limits::default();
         Self {
             max_queued: 1000,
+            queue_full: Default::default(),
             v3_expiry: Duration::from_secs(u64::from(limits.v3_session_expiry)),
             max_expiry: Duration::MAX,
         }
