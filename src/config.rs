@@ -14,6 +14,7 @@ use serde::{Deserialize, Deserializer};
 
 pub use crate::admin::{ApiSettings, SysSettings};
 pub use crate::broker::listener::{ListenerConfig, ListenerKind};
+pub use crate::broker::mailbox::QueueFull;
 use crate::broker::listener::{
     DEFAULT_HANDSHAKE_TIMEOUT, DEFAULT_MAX_CONNECTIONS, DEFAULT_WS_PATH,
 };
@@ -268,7 +269,7 @@ pub struct SessionSection {
     /// Deliveries queued per session beyond the in-flight window (online or offline).
     pub max_queued: usize,
     /// What a full queue does with a QoS 1/2 delivery when no QoS 0 one can make room.
-    pub queue_full: crate::broker::mailbox::QueueFull,
+    pub queue_full: QueueFull,
     /// Session expiry for 3.1 / 3.1.1 clients connecting with clean session 0.
     #[serde(deserialize_with = "duration")]
     pub v3_expiry: Duration,
