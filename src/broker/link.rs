@@ -499,6 +499,18 @@ impl Link {
             self.channel.handle_flow_packet(now, flow, packet);
             return;
         }
+        if matches!(packet, Packet::Disconnect(_)) {
+            // A client saying goodbye gets what it sent before handled first, whatever the
+            // budget (held input is bounded): its will must not fire, its QoS 0 not vanish.
+            while let Some((flow, held)) = self.held.pop_front() {
+                self.channel.handle_flow_packet(now, flow, held);
+            }
+            self.held = VecDeque::new();
+            self.held_bytes = 0;
+            self.blocked = false;
+            self.channel.handle_flow_packet(now, flow, packet);
+            return;
+        }
         // The client is not silent: the broker is holding it.
         self.channel.handle_traffic(now);
         if self.held.is_empty() {
