@@ -14,10 +14,10 @@ use serde::{Deserialize, Deserializer};
 
 pub use crate::admin::{ApiSettings, SysSettings};
 pub use crate::broker::listener::{ListenerConfig, ListenerKind};
-pub use crate::broker::mailbox::QueueFull;
 use crate::broker::listener::{
     DEFAULT_HANDSHAKE_TIMEOUT, DEFAULT_MAX_CONNECTIONS, DEFAULT_WS_PATH,
 };
+pub use crate::broker::mailbox::QueueFull;
 use crate::codec::{QoS, SubscriptionOptions};
 use crate::core::rewrite::{AutoSubscribe, RewriteAction, RewriteRule, MAX_RULES};
 pub use crate::core::router::SharedStrategy;
@@ -775,8 +775,22 @@ mod tests {
             config.broker.max_connections_per_address,
             defaults.broker.max_connections_per_address
         );
+        assert_eq!(
+            config.broker.max_queued_bytes,
+            defaults.broker.max_queued_bytes
+        );
+        assert_eq!(config.session.queue_full, defaults.session.queue_full);
         let kinds: Vec<_> = config.listeners.iter().map(|l| l.kind).collect();
         assert_eq!(kinds, ListenerKind::ALL);
+    }
+
+    #[test]
+    fn the_queue_full_policy_parses_by_name() {
+        let config = load("[session]\nqueue_full = \"disconnect\"\n", &[], &[]).unwrap();
+        assert_eq!(config.session.queue_full, QueueFull::Disconnect);
+        let config = load("", &[], &["session.queue_full=drop_new"]).unwrap();
+        assert_eq!(config.session.queue_full, QueueFull::DropNew);
+        assert!(load("[session]\nqueue_full = \"spill\"\n", &[], &[]).is_err());
     }
 
     #[test]

@@ -596,7 +596,9 @@ impl Drop for Group<'_> {
 /// Resolves when the broker's queue budget is relieved, or after `HOLD_RECHECK` (a connection
 /// holding input looks again then), boxed for a driver that keeps it across polls (made once
 /// per wait, not per wake-up).
-pub fn relief(budget: &Arc<QueueBudget>) -> std::pin::Pin<Box<dyn std::future::Future<Output = ()> + Send>> {
+pub fn relief(
+    budget: &Arc<QueueBudget>,
+) -> std::pin::Pin<Box<dyn std::future::Future<Output = ()> + Send>> {
     let budget = Arc::clone(budget);
     Box::pin(async move {
         tokio::select! {

@@ -102,7 +102,10 @@ impl QueueBudget {
 
     fn add(&self, n: usize) {
         let now = self.bytes.fetch_add(n, Ordering::Relaxed).wrapping_add(n);
-        if now > self.high && !self.over.load(Ordering::Relaxed) && !self.over.swap(true, Ordering::Relaxed) {
+        if now > self.high
+            && !self.over.load(Ordering::Relaxed)
+            && !self.over.swap(true, Ordering::Relaxed)
+        {
             tracing::warn!(
                 queued_bytes = now,
                 "deliveries queued over broker.max_queued_bytes: publishers are held until \
@@ -124,7 +127,9 @@ impl QueueBudget {
 
     fn relieve(&self) {
         if self.over.swap(false, Ordering::Relaxed) {
-            tracing::info!("deliveries queued back under broker.max_queued_bytes: publishers go on");
+            tracing::info!(
+                "deliveries queued back under broker.max_queued_bytes: publishers go on"
+            );
             self.relieved.notify_waiters();
         }
     }
@@ -630,7 +635,11 @@ mod tests {
         assert!(budget.is_over());
         assert_eq!(budget.bytes(), 5 * one);
         b.push(delivery(QoS::AtMostOnce));
-        assert_eq!(budget.bytes(), 5 * one, "a replaced delivery leaves the count");
+        assert_eq!(
+            budget.bytes(),
+            5 * one,
+            "a replaced delivery leaves the count"
+        );
         a.pop();
         assert!(budget.is_over(), "above the low-water mark");
         let mut batch: [Option<Delivery>; 2] = Default::default();

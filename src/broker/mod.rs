@@ -784,11 +784,7 @@ impl Broker {
     /// before it replaces the old one. When the store refuses (full, failing), the retained
     /// message is not kept nor routed, a refused delivery is dropped, and the answer says
     /// 0x97 for the publisher.
-    pub fn route(
-        &self,
-        message: Arc<AppMessage>,
-        now: Instant,
-    ) -> Routed {
+    pub fn route(&self, message: Arc<AppMessage>, now: Instant) -> Routed {
         // The broker's own `$SYS` messages are not counted as received (as Mosquitto).
         if !is_own_sys(&message) {
             self.metrics.messages_received[message.qos as usize].fetch_add(1, Ordering::Relaxed);

@@ -250,7 +250,11 @@ async fn queued_bytes_follow_the_queues_back_to_zero() {
     mailbox.pop();
     close(&b, t0, &id, 1, 0, None);
     drop(mailbox);
-    assert_eq!(b.budget.bytes(), 0, "an ended session's queue leaves the budget");
+    assert_eq!(
+        b.budget.bytes(),
+        0,
+        "an ended session's queue leaves the budget"
+    );
 }
 
 #[tokio::test]

@@ -6,8 +6,8 @@
 use std::sync::atomic::Ordering;
 use std::time::Duration;
 
-use petrel::config::QueueFull;
 use petrel::codec::{Packet, ProtocolVersion, QoS, ReasonCode};
+use petrel::config::QueueFull;
 
 use crate::common::*;
 
@@ -228,7 +228,15 @@ async fn backpressure_queue_full_disconnect_closes_only_the_subscriber_with_0x97
             .await;
     }
     slow.expect_disconnect(ReasonCode::QUOTA_EXCEEDED).await;
-    assert!(broker.running.broker.metrics.dropped_queue_full.load(Ordering::Relaxed) >= 1);
+    assert!(
+        broker
+            .running
+            .broker
+            .metrics
+            .dropped_queue_full
+            .load(Ordering::Relaxed)
+            >= 1
+    );
     publisher.send(&Packet::PingReq).await;
     assert!(matches!(publisher.expect_packet().await, Packet::PingResp));
 }
