@@ -313,9 +313,7 @@ impl Mailbox {
             } else if let Some(removed) = inner.drop_oldest_qos0() {
                 (Pushed::Replaced, removed)
             } else {
-                if !qos0 && self.policy == QueueFull::Disconnect && self.is_online() {
-                    inner.overflowed = true;
-                }
+                self.note_overflow(&mut inner, qos0);
                 (Pushed::Dropped, 0)
             };
             let added = match pushed {
@@ -333,6 +331,24 @@ impl Mailbox {
         self.budget.sub(removed);
         self.waker.wake();
         pushed
+    }
+
+    /// Drops `delivery` as a full queue would, without looking (the caller saw
+    /// [`Mailbox::accepts`] say no).
+    pub fn overflow(&self, delivery: &Delivery) {
+        let mut inner = self.lock();
+        self.note_overflow(&mut inner, delivery.qos == QoS::AtMostOnce);
+        drop(inner);
+        self.dropped.fetch_add(1, Ordering::Relaxed);
+        self.waker.wake();
+    }
+
+    /// Under the `disconnect` policy, a QoS 1/2 drop while online has the serving connection
+    /// closed (`online` is read under the lock: see `set_online`).
+    fn note_overflow(&self, inner: &mut Inner, qos0: bool) {
+        if !qos0 && self.policy == QueueFull::Disconnect && self.is_online() {
+            inner.overflowed = true;
+        }
     }
 
     /// Takes the oldest queued delivery.

@@ -574,8 +574,10 @@ impl Broker {
             return Ok((mailbox.push(delivery), 0));
         };
         if !mailbox.accepts() {
-            // Full of QoS 1/2: it would be dropped; not worth a write and its undoing.
-            return Ok((mailbox.push(delivery), 0));
+            // Full of QoS 1/2: dropped without a write and its undoing (and never queued
+            // unwritten, should the queue drain meanwhile).
+            mailbox.overflow(&delivery);
+            return Ok((Pushed::Dropped, 0));
         }
         let key = store.next_key();
         delivery.stored = Some(key);

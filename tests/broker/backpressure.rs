@@ -240,3 +240,56 @@ async fn backpressure_queue_full_disconnect_closes_only_the_subscriber_with_0x97
     publisher.send(&Packet::PingReq).await;
     assert!(matches!(publisher.expect_packet().await, Packet::PingResp));
 }
+
+#[tokio::test]
+async fn backpressure_a_held_client_saying_goodbye_has_what_it_sent_handled_first() {
+    let broker = TestBroker::start_with(|c| {
+        c.broker.max_queued_bytes = 8 * 1024;
+        c.mqtt.max_inflight = 4;
+    })
+    .await;
+    let (mut sub, _) = RawClient::connect_v5(broker.addr, "lagging").await;
+    sub.subscribe(1, "big", QoS::AtLeastOnce).await;
+    let (mut watcher, _) = RawClient::connect_v5(broker.addr, "watcher").await;
+    watcher.subscribe(1, "wills", QoS::AtMostOnce).await;
+    // A first publisher fills the budget while the subscriber does not read.
+    let (mut filler, _) = RawClient::connect_v5(broker.addr, "filler").await;
+    for i in 1..=20u16 {
+        filler
+            .send(&publish("big", QoS::AtLeastOnce, Some(i), &[1u8; 1024]))
+            .await;
+    }
+    let b = &broker.running.broker;
+    for _ in 0..100 {
+        if b.metrics.publisher_pauses.load(Ordering::Relaxed) > 0 && b.budget.is_over() {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert!(b.budget.is_over(), "the broker is over its budget");
+    // A client with a will publishes while held, and says goodbye.
+    let mut connect = connect_packet(ProtocolVersion::V5, "leaving");
+    connect.will = Some(will("wills", b"gone", QoS::AtMostOnce));
+    let (mut leaving, _) = RawClient::connect_ok(broker.addr, connect).await;
+    for _ in 0..5 {
+        leaving
+            .send(&publish("big", QoS::AtMostOnce, None, &[2u8; 1024]))
+            .await;
+    }
+    leaving.disconnect().await;
+    watcher.expect_silence().await;
+    // The subscriber catches up: the filler's 20 and the 5 sent before the goodbye.
+    let (mut from_filler, mut from_leaving) = (0, 0);
+    while from_filler + from_leaving < 25 {
+        let got = sub.expect_publish().await;
+        match got.payload[0] {
+            1 => from_filler += 1,
+            _ => from_leaving += 1,
+        }
+        if got.packet_id.is_some() {
+            sub.puback(&got).await;
+        }
+    }
+    assert_eq!((from_filler, from_leaving), (20, 5));
+    watcher.expect_silence().await;
+}
