@@ -306,30 +306,34 @@ impl Mailbox {
     /// Queues a delivery under the policy in the module docs.
     pub fn push(&self, delivery: Delivery) -> Pushed {
         let qos0 = delivery.qos == QoS::AtMostOnce;
-        let (pushed, added, removed) = {
+        let (pushed, added, removed, signal) = {
             let mut inner = self.lock();
             let (pushed, removed) = if inner.queue.len() < self.capacity {
                 (Pushed::Queued, 0)
             } else if let Some(removed) = inner.drop_oldest_qos0() {
                 (Pushed::Replaced, removed)
             } else {
-                self.note_overflow(&mut inner, qos0);
                 (Pushed::Dropped, 0)
             };
+            let signal = pushed != Pushed::Dropped || self.note_overflow(&mut inner, qos0);
             let added = match pushed {
                 Pushed::Dropped => 0,
                 _ => inner.push_back(delivery),
             };
             self.full
                 .store(inner.is_full(self.capacity), Ordering::Relaxed);
-            (pushed, added, removed)
+            (pushed, added, removed, signal)
         };
         if pushed != Pushed::Queued {
             self.dropped.fetch_add(1, Ordering::Relaxed);
         }
         self.budget.add(added);
         self.budget.sub(removed);
-        self.waker.wake();
+        // A plain drop has nothing for the connection (a never-reading subscriber's task is
+        // not woken for each message it loses).
+        if signal {
+            self.waker.wake();
+        }
         pushed
     }
 
@@ -337,18 +341,20 @@ impl Mailbox {
     /// [`Mailbox::accepts`] say no).
     pub fn overflow(&self, delivery: &Delivery) {
         let mut inner = self.lock();
-        self.note_overflow(&mut inner, delivery.qos == QoS::AtMostOnce);
+        let signal = self.note_overflow(&mut inner, delivery.qos == QoS::AtMostOnce);
         drop(inner);
         self.dropped.fetch_add(1, Ordering::Relaxed);
-        self.waker.wake();
+        if signal {
+            self.waker.wake();
+        }
     }
 
     /// Under the `disconnect` policy, a QoS 1/2 drop while online has the serving connection
-    /// closed (`online` is read under the lock: see `set_online`).
-    fn note_overflow(&self, inner: &mut Inner, qos0: bool) {
-        if !qos0 && self.policy == QueueFull::Disconnect && self.is_online() {
-            inner.overflowed = true;
-        }
+    /// closed (`online` is read under the lock: see `set_online`). Whether it was.
+    fn note_overflow(&self, inner: &mut Inner, qos0: bool) -> bool {
+        let close = !qos0 && self.policy == QueueFull::Disconnect && self.is_online();
+        inner.overflowed |= close;
+        close
     }
 
     /// Takes the oldest queued delivery.
@@ -626,6 +632,14 @@ mod tests {
             Poll::Ready(Signal::QueueFull)
         ));
         assert!(matches!(m.poll_signal(&mut cx, 1, false), Poll::Pending));
+        // The store's shortcut (it saw `accepts` say no) follows the same policy.
+        assert!(!m.accepts());
+        m.overflow(&delivery(QoS::ExactlyOnce));
+        assert_eq!(m.dropped(), 3);
+        assert!(matches!(
+            m.poll_signal(&mut cx, 1, false),
+            Poll::Ready(Signal::QueueFull)
+        ));
         m.push(delivery(QoS::AtLeastOnce));
         m.set_online(false);
         m.push(delivery(QoS::AtLeastOnce));
