@@ -77,7 +77,12 @@ pub struct QueueBudget {
     over: AtomicBool,
     /// Woken when the count falls to the low-water mark while over.
     relieved: Notify,
+    /// When going over was last logged at `warn` (clients must not raise our warn rate).
+    warned_at: Mutex<Option<std::time::Instant>>,
 }
+
+/// At most one `warn` line per this long for going over the budget (`debug` in between).
+const WARN_EVERY: std::time::Duration = std::time::Duration::from_secs(60);
 
 impl QueueBudget {
     /// A budget of `max_bytes` (0: no budget, publishers are never held).
@@ -92,6 +97,7 @@ impl QueueBudget {
             low: high / 4 * 3,
             over: AtomicBool::new(false),
             relieved: Notify::new(),
+            warned_at: Mutex::new(None),
         }
     }
 
@@ -106,13 +112,24 @@ impl QueueBudget {
             && !self.over.load(Ordering::Relaxed)
             && !self.over.swap(true, Ordering::Relaxed)
         {
-            tracing::warn!(
-                queued_bytes = now,
-                "deliveries queued over broker.max_queued_bytes: publishers are held until \
-                 subscribers drain them (raise broker.max_queued_bytes, or lower \
-                 session.max_queued)"
-            );
+            self.log_over(now);
         }
+    }
+
+    fn log_over(&self, queued_bytes: usize) {
+        let at = super::clock::now();
+        let mut warned_at = self.warned_at.lock().expect("never poisoned");
+        if warned_at.is_some_and(|t| at.duration_since(t) < WARN_EVERY) {
+            tracing::debug!(queued_bytes, "over broker.max_queued_bytes again");
+            return;
+        }
+        *warned_at = Some(at);
+        tracing::warn!(
+            queued_bytes,
+            "deliveries queued over broker.max_queued_bytes: publishers are held until \
+             subscribers drain them (raise broker.max_queued_bytes, or lower \
+             session.max_queued)"
+        );
     }
 
     fn sub(&self, n: usize) {
@@ -127,7 +144,7 @@ impl QueueBudget {
 
     fn relieve(&self) {
         if self.over.swap(false, Ordering::Relaxed) {
-            tracing::info!(
+            tracing::debug!(
                 "deliveries queued back under broker.max_queued_bytes: publishers go on"
             );
             self.relieved.notify_waiters();
