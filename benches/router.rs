@@ -80,6 +80,8 @@ fn bench_fan_out(c: &mut Criterion) {
         let broker = Broker::new(Settings {
             limits: Arc::new(Limits::default()),
             max_queued: 1 << 20,
+            queue_full: Default::default(),
+            max_queued_bytes: 0,
             close_linger: Duration::from_millis(100),
             quic: Default::default(),
             max_delayed: 0,

@@ -17,6 +17,7 @@ pub use crate::broker::listener::{ListenerConfig, ListenerKind};
 use crate::broker::listener::{
     DEFAULT_HANDSHAKE_TIMEOUT, DEFAULT_MAX_CONNECTIONS, DEFAULT_WS_PATH,
 };
+pub use crate::broker::mailbox::QueueFull;
 use crate::codec::{QoS, SubscriptionOptions};
 use crate::core::rewrite::{AutoSubscribe, RewriteAction, RewriteRule, MAX_RULES};
 pub use crate::core::router::SharedStrategy;
@@ -90,6 +91,12 @@ impl Default for Config {
     }
 }
 
+/// `broker.max_queued_bytes` by default: 256 MiB. Safe on the smallest machines a broker runs
+/// on (a 512 MiB container keeps room for its connections), and far above what healthy
+/// traffic queues (subscribers that keep up hold about a window each): it is reached only
+/// when many subscribers fall behind at once.
+pub const DEFAULT_MAX_QUEUED_BYTES: u64 = 256 << 20;
+
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct BrokerSection {
@@ -106,6 +113,9 @@ pub struct BrokerSection {
     /// Connections open at once from one IP address (0: no limit, the default: carrier-grade
     /// NAT puts thousands of phones and vehicles behind one address).
     pub max_connections_per_address: usize,
+    /// Bytes of deliveries queued over every session past which publishers are held until
+    /// the queues drain to three quarters of it (0: no limit).
+    pub max_queued_bytes: u64,
 }
 
 impl Default for BrokerSection {
@@ -116,6 +126,7 @@ impl Default for BrokerSection {
             node_name: None,
             max_connections: DEFAULT_MAX_CONNECTIONS,
             max_connections_per_address: 0,
+            max_queued_bytes: DEFAULT_MAX_QUEUED_BYTES,
         }
     }
 }
@@ -257,6 +268,8 @@ impl Default for DelayedSection {
 pub struct SessionSection {
     /// Deliveries queued per session beyond the in-flight window (online or offline).
     pub max_queued: usize,
+    /// What a full queue does with a QoS 1/2 delivery when no QoS 0 one can make room.
+    pub queue_full: QueueFull,
     /// Session expiry for 3.1 / 3.1.1 clients connecting with clean session 0.
     #[serde(deserialize_with = "duration")]
     pub v3_expiry: Duration,
@@ -270,6 +283,7 @@ impl Default for SessionSection {
         let limits = crate::core::channel::Limits::default();
         Self {
             max_queued: 1000,
+            queue_full: Default::default(),
             v3_expiry: Duration::from_secs(u64::from(limits.v3_session_expiry)),
             max_expiry: Duration::MAX,
         }
@@ -761,8 +775,22 @@ mod tests {
             config.broker.max_connections_per_address,
             defaults.broker.max_connections_per_address
         );
+        assert_eq!(
+            config.broker.max_queued_bytes,
+            defaults.broker.max_queued_bytes
+        );
+        assert_eq!(config.session.queue_full, defaults.session.queue_full);
         let kinds: Vec<_> = config.listeners.iter().map(|l| l.kind).collect();
         assert_eq!(kinds, ListenerKind::ALL);
+    }
+
+    #[test]
+    fn the_queue_full_policy_parses_by_name() {
+        let config = load("[session]\nqueue_full = \"disconnect\"\n", &[], &[]).unwrap();
+        assert_eq!(config.session.queue_full, QueueFull::Disconnect);
+        let config = load("", &[], &["session.queue_full=drop_new"]).unwrap();
+        assert_eq!(config.session.queue_full, QueueFull::DropNew);
+        assert!(load("[session]\nqueue_full = \"spill\"\n", &[], &[]).is_err());
     }
 
     #[test]

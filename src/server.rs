@@ -53,6 +53,8 @@ fn broker_settings(config: &Config) -> anyhow::Result<Settings> {
     Ok(Settings {
         limits: Arc::new(limits),
         max_queued: config.session.max_queued,
+        queue_full: config.session.queue_full,
+        max_queued_bytes: config.broker.max_queued_bytes,
         close_linger: config.broker.close_linger,
         quic: Arc::new(config.quic.clone()),
         max_delayed: config.delayed.max_delayed_messages,

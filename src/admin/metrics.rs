@@ -45,6 +45,7 @@ pub fn stats(b: &Broker) -> Value {
         "suboptions.count": subscriptions,
         "retained.count": b.retained_count(),
         "delayed.count": b.delayed_count(),
+        "queued.bytes": b.budget.bytes(),
     })
 }
 
@@ -64,6 +65,7 @@ pub fn counters(b: &Broker) -> Value {
         "messages.dropped.expired": n(&m.dropped_undeliverable),
         "messages.dropped.store_refused": n(&m.store_refused),
         "messages.dropped.acl_denied": n(&m.acl_denied),
+        "messages.dropped.publisher_paused": n(&m.dropped_paused),
         "authorization.deny": n(&m.acl_denied),
         "authentication.failure": n(&m.auth_failures),
         "client.connected": n(&m.connections_total),
@@ -155,8 +157,15 @@ fn exposition(state: &AdminState, clients: &[Arc<ClientInfo>], tcp: Option<&TcpL
         ("subscriptions.shared.count", "Shared subscriptions"),
         ("retained.count", "Retained messages"),
         ("delayed.count", "Delayed messages waiting"),
+        (
+            "queued.bytes",
+            "Bytes of deliveries queued over every session (against broker.max_queued_bytes)",
+        ),
     ] {
-        let name = format!("emqx_{}", key.replace('.', "_"));
+        let name = match key {
+            "queued.bytes" => "petrel_queued_bytes".to_owned(),
+            key => format!("emqx_{}", key.replace('.', "_")),
+        };
         metric(&name, "gauge", help, stats[key].as_f64().unwrap_or(0.0));
     }
     let counters = counters(&state.broker);

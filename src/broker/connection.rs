@@ -93,7 +93,7 @@ where
         match self.reader.decode() {
             Ok(Some(packet)) => {
                 tracing::trace!(?packet, "received");
-                link.channel.handle_packet(now, packet);
+                link.handle_packet(now, crate::core::message::Flow::CONTROL, packet);
                 true
             }
             Ok(None) => false,

@@ -50,7 +50,7 @@ use crate::core::retain::RetainedStore;
 use crate::core::router::{Dispatch, SharedStrategy};
 use crate::core::session::{Change, Outgoing, Session, Subscription};
 use crate::core::topic::TopicFilter;
-use mailbox::{Mailbox, Pushed};
+use mailbox::{Mailbox, Pushed, QueueBudget, QueueFull};
 
 thread_local! {
     /// Each routing thread's fan-out buffers, so that routing allocates nothing once warm.
@@ -73,8 +73,11 @@ pub struct Metrics {
     /// `messages.dropped.no_subscribers`).
     pub dropped_no_subscribers: AtomicU64,
     pub sessions_expired: AtomicU64,
-    /// Times a publishing connection paused because a subscriber's queue was over capacity.
+    /// Times a publishing connection paused because the deliveries queued broker-wide were
+    /// over `broker.max_queued_bytes`.
     pub publisher_pauses: AtomicU64,
+    /// QoS 0 publishes a paused connection dropped (it holds only a few; see `Link`).
+    pub dropped_paused: AtomicU64,
     /// CONNECTs refused for their credentials or the anonymous policy.
     pub auth_failures: AtomicU64,
     /// Publishes, subscriptions and deliveries the ACL refused.
@@ -155,6 +158,11 @@ pub struct Settings {
     pub limits: Arc<Limits>,
     /// Deliveries queued per session (online beyond the window, or offline).
     pub max_queued: usize,
+    /// What a full session queue does with a QoS 1/2 delivery (`session.queue_full`).
+    pub queue_full: QueueFull,
+    /// Bytes queued over every session past which publishers are held
+    /// (`broker.max_queued_bytes`; 0: no limit).
+    pub max_queued_bytes: u64,
     /// How long a closing connection may take to flush before it is dropped.
     pub close_linger: Duration,
     pub quic: Arc<crate::transport::quic::QuicSettings>,
@@ -190,6 +198,8 @@ pub struct Broker {
     auth: Arc<AuthService>,
     hooks: Hooks,
     pub metrics: Metrics,
+    /// The bytes queued in every mailbox, against `max_queued_bytes`.
+    pub budget: Arc<QueueBudget>,
     /// Connected clients, for operators.
     pub clients: clients::Clients,
     /// The connection limits every listener takes a permit from at accept time.
@@ -204,7 +214,9 @@ impl Broker {
             settings.max_connections,
             settings.max_connections_per_address,
         );
+        let budget = Arc::new(QueueBudget::new(settings.max_queued_bytes));
         Self {
+            budget,
             limits: RwLock::new(Arc::clone(&settings.limits)),
             settings,
             router: RwLock::new(router),
@@ -259,6 +271,15 @@ impl Broker {
         &self.settings
     }
 
+    /// A new session's delivery queue, under the session settings and the broker's budget.
+    fn new_mailbox(&self) -> Arc<Mailbox> {
+        Arc::new(Mailbox::new(
+            self.settings.max_queued,
+            self.settings.queue_full,
+            Arc::clone(&self.budget),
+        ))
+    }
+
     fn next_conn_id(&self) -> u64 {
         self.next_conn_id.fetch_add(1, Ordering::Relaxed)
     }
@@ -288,7 +309,7 @@ impl Broker {
             let (ack_tx, ack_rx) = oneshot::channel();
             let opened = {
                 let mut sessions = self.lock_sessions();
-                let new_mailbox = || Arc::new(Mailbox::new(self.settings.max_queued));
+                let new_mailbox = || self.new_mailbox();
                 match sessions.open(client_id, clean_start, conn_id, new_mailbox) {
                     Open::Busy { handle, conn_id } => {
                         // Asked under the sessions lock: the old connection either sees the
@@ -520,7 +541,14 @@ impl Broker {
             shared: Some(filter),
             stored: None,
         };
-        matches!(self.push_delivery(&subscriber.handle, delivery), Ok((pushed, _)) if pushed != Pushed::Dropped)
+        match self.push_delivery(&subscriber.handle, delivery) {
+            Ok((Pushed::Queued, _)) => true,
+            Ok((Pushed::Replaced, _)) => {
+                self.count_dropped(1, DropReason::QueueFull);
+                true
+            }
+            Ok((Pushed::Dropped, _)) | Err(_) => false,
+        }
     }
 
     /// The store forgets a delivery that left `client_id`'s session.
@@ -545,6 +573,12 @@ impl Broker {
         ) else {
             return Ok((mailbox.push(delivery), 0));
         };
+        if !mailbox.accepts() {
+            // Full of QoS 1/2: dropped without a write and its undoing (and never queued
+            // unwritten, should the queue drain meanwhile).
+            mailbox.overflow(&delivery);
+            return Ok((Pushed::Dropped, 0));
+        }
         let key = store.next_key();
         delivery.stored = Some(key);
         let ticket = store.queued(client_id, key, &delivery)?;
@@ -683,7 +717,7 @@ impl Broker {
         );
         let mut dropped = 0;
         for delivery in deliveries {
-            if mailbox.push(delivery) == Pushed::Dropped {
+            if mailbox.push(delivery) != Pushed::Queued {
                 dropped += 1;
             }
         }
@@ -730,9 +764,10 @@ impl Broker {
         }
     }
 
-    /// Routes a message the broker itself publishes (a will), with no one to push back on.
+    /// Routes a message the broker itself publishes (a will, a delayed message, the API's):
+    /// it meets the same queues as a client's, under the same policy.
     pub fn publish(&self, message: Arc<AppMessage>, now: Instant) {
-        self.route(message, now, &mut Vec::new());
+        self.route(message, now);
     }
 
     /// Counts a refusal by the store.
@@ -744,18 +779,14 @@ impl Broker {
 
     /// Routes a message to every matching subscription: one delivery per session and flow,
     /// with the highest granted QoS and every matching subscription identifier
-    /// [MQTT-3.3.4-2, -3]. Mailboxes that push back (see `mailbox`) are added to `pressured`.
+    /// [MQTT-3.3.4-2, -3]. A full queue overflows by its own policy (see `mailbox`); routing
+    /// never waits.
     ///
     /// Deliveries to persistent sessions are stored first; a retained message is stored
     /// before it replaces the old one. When the store refuses (full, failing), the retained
     /// message is not kept nor routed, a refused delivery is dropped, and the answer says
     /// 0x97 for the publisher.
-    pub fn route(
-        &self,
-        message: Arc<AppMessage>,
-        now: Instant,
-        pressured: &mut Vec<Arc<Mailbox>>,
-    ) -> Routed {
+    pub fn route(&self, message: Arc<AppMessage>, now: Instant) -> Routed {
         // The broker's own `$SYS` messages are not counted as received (as Mosquitto).
         if !is_own_sys(&message) {
             self.metrics.messages_received[message.qos as usize].fetch_add(1, Ordering::Relaxed);
@@ -786,9 +817,10 @@ impl Broker {
                 matched = true;
                 match self.push_delivery(&mailbox, delivery) {
                     Ok((Pushed::Queued, ticket)) => routed.stored(ticket),
-                    Ok((Pushed::Pressured, ticket)) => {
+                    // The oldest QoS 0 delivery queued made room.
+                    Ok((Pushed::Replaced, ticket)) => {
                         routed.stored(ticket);
-                        pressured.push(mailbox);
+                        dropped += 1;
                     }
                     Ok((Pushed::Dropped, _)) => dropped += 1,
                     Err(refused) => {
@@ -912,7 +944,7 @@ impl Broker {
                 queued = restored.queued.len(),
                 "session restored"
             );
-            let mailbox = Arc::new(Mailbox::new(self.settings.max_queued));
+            let mailbox = self.new_mailbox();
             mailbox.set_durable(&client_id, true);
             mailbox.restore(restored.queued);
             for subscription in restored.session.subscriptions.values() {

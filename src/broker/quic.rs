@@ -325,7 +325,7 @@ impl QuicWire {
                     }
                 }
                 if self.handshake.is_none() || replay_safe {
-                    link.channel.handle_flow_packet(now, flow, packet);
+                    link.handle_packet(now, flow, packet);
                 } else if self.held.len() < MAX_HELD {
                     self.held.push((flow, packet));
                 } else {

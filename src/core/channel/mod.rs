@@ -489,6 +489,20 @@ impl Channel {
         );
     }
 
+    /// The session's queue overflowed under `session.queue_full = "disconnect"`: DISCONNECT
+    /// 0x97 (Quota exceeded) to a v5 client, the will published; the session is kept as usual.
+    pub fn handle_queue_full(&mut self) {
+        self.close(ReasonCode::QUOTA_EXCEEDED, Initiator::Broker, true, true);
+    }
+
+    /// The client sent something the shell holds for now (see `broker::link`): it counts as
+    /// traffic for keep-alive.
+    pub fn handle_traffic(&mut self, now: Instant) {
+        if self.state == State::Connected {
+            self.last_rx = self.last_rx.max(now);
+        }
+    }
+
     /// The Keep Alive in force (the client's, or the one the server assigned).
     pub fn keep_alive(&self) -> u16 {
         self.keep_alive
@@ -533,6 +547,10 @@ impl Channel {
     }
 
     /// A packet on the control flow (the only flow of TCP, TLS and WebSocket connections).
+    #[cfg_attr(
+        not(any(test, feature = "internals")),
+        expect(dead_code, reason = "the shell goes through `Link::handle_packet`")
+    )]
     pub fn handle_packet(&mut self, now: Instant, packet: Packet) {
         self.handle_flow_packet(now, Flow::CONTROL, packet);
     }
