@@ -989,7 +989,8 @@ kind = "tls"
     /// `cargo test --lib fuzz_long -- --ignored`.
     fn mutated_example() -> impl proptest::strategy::Strategy<Value = (String, Vec<String>)> {
         use proptest::prelude::*;
-        let example = include_str!("../petrel.example.toml");
+        let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("petrel.example.toml");
+        let example = std::fs::read_to_string(path).expect("petrel.example.toml");
         let lines: Vec<String> = example.lines().map(str::to_owned).collect();
         let n = lines.len();
         let value = prop_oneof![
