@@ -145,6 +145,12 @@ pub struct MqttSection {
     pub receive_maximum: u16,
     pub max_inflight: u16,
     pub topic_alias_maximum: u16,
+    /// Bytes one connection's inbound topic aliases may hold (0: no limit); past it
+    /// DISCONNECT 0x97.
+    pub max_topic_alias_bytes: usize,
+    /// User Properties in one packet, a CONNECT's and its will's together (0: no limit);
+    /// past it DISCONNECT 0x97.
+    pub max_user_properties: u32,
     pub max_keepalive: u16,
     pub maximum_qos: u8,
     pub retain_available: bool,
@@ -172,6 +178,8 @@ impl Default for MqttSection {
             receive_maximum: limits.receive_maximum,
             max_inflight: limits.max_inflight,
             topic_alias_maximum: limits.topic_alias_maximum,
+            max_topic_alias_bytes: limits.max_topic_alias_bytes,
+            max_user_properties: limits.max_user_properties,
             max_keepalive: limits.max_keepalive,
             maximum_qos: limits.maximum_qos as u8,
             retain_available: limits.retain_available,

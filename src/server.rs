@@ -32,6 +32,8 @@ fn broker_settings(config: &Config) -> anyhow::Result<Settings> {
         receive_maximum: m.receive_maximum,
         max_inflight: m.max_inflight,
         topic_alias_maximum: m.topic_alias_maximum,
+        max_topic_alias_bytes: m.max_topic_alias_bytes,
+        max_user_properties: m.max_user_properties,
         max_keepalive: m.max_keepalive,
         maximum_qos: QoS::from_u8(m.maximum_qos).unwrap_or(QoS::ExactlyOnce),
         retain_available: m.retain_available,

@@ -147,6 +147,7 @@ async fn serve(
         let sizes = PacketSizes {
             max: limits.max_packet_size,
             connect: limits.max_connect_packet_size,
+            user_properties: limits.user_properties_limit(),
         };
         let wire = QuicWire::new(
             conn,
@@ -171,6 +172,8 @@ struct PacketSizes {
     max: u32,
     /// The largest CONNECT (the control stream's first packet).
     connect: u32,
+    /// User Properties in one packet.
+    user_properties: u32,
 }
 
 /// What the stream tasks tell the connection task.
@@ -616,7 +619,7 @@ async fn read_packets(
     sizes: PacketSizes,
 ) {
     let max_packet_size = sizes.max;
-    let codec = if flow.is_control() {
+    let mut codec = if flow.is_control() {
         let mut codec = Codec::new(max_packet_size);
         codec.set_connect_limit(sizes.connect);
         codec
@@ -627,6 +630,7 @@ async fn read_packets(
         let v = v.expect("waited for Some");
         Codec::with_version(v, max_packet_size)
     };
+    codec.set_max_user_properties(sizes.user_properties);
     let mut reader = PacketReader::new(recv, codec);
     while let Some(next) = reader.next().await {
         match next {

@@ -53,6 +53,12 @@ pub struct Limits {
     /// Cap on outgoing unacknowledged QoS 1/2 messages, whatever the client allows.
     pub max_inflight: u16,
     pub topic_alias_maximum: u16,
+    /// Bytes the client's topic aliases may hold (each topic plus a fixed per-entry cost;
+    /// 0: no limit); past it DISCONNECT 0x97.
+    pub max_topic_alias_bytes: usize,
+    /// User Properties in one packet (a CONNECT's and its will's together), enforced by the
+    /// codec while decoding (0: no limit); past it DISCONNECT 0x97.
+    pub max_user_properties: u32,
     /// Server Keep Alive ceiling in seconds (0: no ceiling).
     pub max_keepalive: u16,
     pub maximum_qos: QoS,
@@ -91,6 +97,8 @@ impl Default for Limits {
             receive_maximum: 100,
             max_inflight: 128,
             topic_alias_maximum: 65535,
+            max_topic_alias_bytes: 64 * 1024,
+            max_user_properties: 128,
             max_keepalive: 65535,
             maximum_qos: QoS::ExactlyOnce,
             retain_available: true,
@@ -108,6 +116,16 @@ impl Default for Limits {
             rewrite: Vec::new(),
             auto_subscribe: Vec::new(),
             durable: false,
+        }
+    }
+}
+
+impl Limits {
+    /// `max_user_properties` as the codec takes it (0 is no limit).
+    pub fn user_properties_limit(&self) -> u32 {
+        match self.max_user_properties {
+            0 => u32::MAX,
+            max => max,
         }
     }
 }
@@ -217,6 +235,8 @@ const OUT_HIGH_WATER: usize = 256 * 1024;
 struct Aliases {
     /// Set by the client's PUBLISHes.
     inbound: HashMap<u16, String>,
+    /// What `inbound` is charged against `Limits::max_topic_alias_bytes`.
+    inbound_bytes: usize,
     /// Set by ours, up to the client's Topic Alias Maximum.
     outbound: HashMap<String, u16>,
 }

@@ -87,3 +87,36 @@ fn the_transports_peer_username_replaces_the_connect_username() {
     plain.connect(c);
     assert_eq!(plain.channel.username(), Some("claimed"));
 }
+
+/// A 3.1.1 client cannot be told a Server Keep Alive, so the ceiling holds on the broker's
+/// side: keep-alive 0 (none) and one above `max_keepalive` both time out at 1.5 times the
+/// ceiling, and the CONNACK is the plain 3.1.1 one.
+#[test]
+fn v3_keep_alive_is_capped_on_the_broker_side() {
+    for asked in [0, 600] {
+        let mut h = Harness::new(Limits {
+            max_keepalive: 30,
+            ..Limits::default()
+        });
+        let mut c = connect(ProtocolVersion::V311, "v3cap");
+        c.keep_alive = asked;
+        let connack = h.connect(c);
+        assert_eq!(connack.code, ReasonCode::SUCCESS);
+        let start = h.now;
+        h.advance_to_deadline();
+        assert_eq!(h.now, start + Duration::from_secs(45), "asked {asked}");
+        assert!(h.channel.is_closed());
+        assert_eq!(h.close().reason, ReasonCode::KEEP_ALIVE_TIMEOUT);
+    }
+    // Below the ceiling the client's own value holds.
+    let mut h = Harness::new(Limits {
+        max_keepalive: 30,
+        ..Limits::default()
+    });
+    let mut c = connect(ProtocolVersion::V311, "v3ok");
+    c.keep_alive = 10;
+    h.connect(c);
+    let start = h.now;
+    h.advance_to_deadline();
+    assert_eq!(h.now, start + Duration::from_secs(15));
+}
