@@ -87,6 +87,8 @@ fn bench_fan_out(c: &mut Criterion) {
             group_strategies: Default::default(),
             max_connections: 1000,
             max_connections_per_address: 0,
+            retain: Default::default(),
+            max_sessions: 0,
         });
         let now = Instant::now();
         let mut mailboxes = Vec::new();

@@ -53,6 +53,7 @@ pub struct Config {
     pub log: LogSection,
     pub quic: QuicSettings,
     pub delayed: DelayedSection,
+    pub retainer: RetainerSection,
     pub auto_subscribe: AutoSubscribeSection,
     /// `[shared_subscription_group.NAME] strategy = "..."`: a group's own strategy.
     pub shared_subscription_group: std::collections::HashMap<String, SharedGroupSettings>,
@@ -75,6 +76,7 @@ impl Default for Config {
             log: LogSection::default(),
             quic: QuicSettings::default(),
             delayed: DelayedSection::default(),
+            retainer: RetainerSection::default(),
             auto_subscribe: AutoSubscribeSection::default(),
             shared_subscription_group: Default::default(),
             rewrite: Vec::new(),
@@ -106,6 +108,9 @@ pub struct BrokerSection {
     /// Connections open at once from one IP address (0: no limit, the default: carrier-grade
     /// NAT puts thousands of phones and vehicles behind one address).
     pub max_connections_per_address: usize,
+    /// Sessions held at once, online and offline persistent (0: no limit); past it a
+    /// CONNECT that needs a new session gets CONNACK 0x97 (3.1.1: return code 3).
+    pub max_sessions: usize,
 }
 
 impl Default for BrokerSection {
@@ -116,6 +121,7 @@ impl Default for BrokerSection {
             node_name: None,
             max_connections: DEFAULT_MAX_CONNECTIONS,
             max_connections_per_address: 0,
+            max_sessions: 2 * DEFAULT_MAX_CONNECTIONS,
         }
     }
 }
@@ -256,6 +262,30 @@ impl Default for DelayedSection {
         Self {
             enable: true,
             max_delayed_messages: 0,
+        }
+    }
+}
+
+/// `[retainer]`: bounds on retained messages, with EMQX's names (each 0 for no limit). Past
+/// one, a message is still routed but not retained; it is counted and logged.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct RetainerSection {
+    /// Retained messages held.
+    pub max_retained_messages: usize,
+    /// The largest retained payload, in bytes.
+    pub max_payload_size: usize,
+    /// Topic and payload bytes of every retained message together.
+    pub max_retained_bytes: usize,
+}
+
+impl Default for RetainerSection {
+    fn default() -> Self {
+        let limits = crate::core::retain::RetainLimits::default();
+        Self {
+            max_retained_messages: limits.max_messages,
+            max_payload_size: limits.max_payload_size,
+            max_retained_bytes: limits.max_bytes,
         }
     }
 }

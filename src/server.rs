@@ -66,6 +66,12 @@ fn broker_settings(config: &Config) -> anyhow::Result<Settings> {
             .collect(),
         max_connections: config.broker.max_connections,
         max_connections_per_address: config.broker.max_connections_per_address,
+        retain: crate::core::retain::RetainLimits {
+            max_messages: config.retainer.max_retained_messages,
+            max_bytes: config.retainer.max_retained_bytes,
+            max_payload_size: config.retainer.max_payload_size,
+        },
+        max_sessions: config.broker.max_sessions,
     })
 }
 

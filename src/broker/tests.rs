@@ -24,6 +24,8 @@ fn broker() -> Broker {
         group_strategies: Default::default(),
         max_connections: 1000,
         max_connections_per_address: 0,
+        retain: Default::default(),
+        max_sessions: 0,
     })
 }
 
