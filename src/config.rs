@@ -157,6 +157,9 @@ pub struct MqttSection {
     /// User Properties in one packet, a CONNECT's and its will's together (0: no limit);
     /// past it DISCONNECT 0x97.
     pub max_user_properties: u32,
+    /// Bytes of output waiting for a client that does not read (0: no limit; never below
+    /// 1 MiB + `max_packet_size`); past it the connection is closed (0x97).
+    pub max_outbound_buffer: usize,
     pub max_keepalive: u16,
     pub maximum_qos: u8,
     pub retain_available: bool,
@@ -186,6 +189,7 @@ impl Default for MqttSection {
             topic_alias_maximum: limits.topic_alias_maximum,
             max_topic_alias_bytes: limits.max_topic_alias_bytes,
             max_user_properties: limits.max_user_properties,
+            max_outbound_buffer: limits.max_outbound_buffer,
             max_keepalive: limits.max_keepalive,
             maximum_qos: limits.maximum_qos as u8,
             retain_available: limits.retain_available,

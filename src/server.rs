@@ -34,6 +34,7 @@ fn broker_settings(config: &Config) -> anyhow::Result<Settings> {
         topic_alias_maximum: m.topic_alias_maximum,
         max_topic_alias_bytes: m.max_topic_alias_bytes,
         max_user_properties: m.max_user_properties,
+        max_outbound_buffer: m.max_outbound_buffer,
         max_keepalive: m.max_keepalive,
         maximum_qos: QoS::from_u8(m.maximum_qos).unwrap_or(QoS::ExactlyOnce),
         retain_available: m.retain_available,

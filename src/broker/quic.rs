@@ -53,7 +53,7 @@ use crate::transport::tls::PeerCertAsUsername;
 /// Packets held while the handshake completes; a client sending more in 0-RTT is cut off.
 const MAX_HELD: usize = 1024;
 /// Bytes queued to all of a connection's streams before deliveries wait.
-const BACKLOG_HIGH_WATER: usize = 1024 * 1024;
+const BACKLOG_HIGH_WATER: usize = crate::core::channel::DELIVERY_BACKLOG;
 
 /// The next data flow id; `Flow::CONTROL` (0) is never handed out.
 static NEXT_DATA_FLOW: AtomicU64 = AtomicU64::new(1);
@@ -464,6 +464,12 @@ impl Wire for QuicWire {
 
     fn has_room(&self) -> bool {
         backlog(&self.writers) < BACKLOG_HIGH_WATER
+    }
+
+    /// The writers' queues (unbounded channels) are bounded here: the driver closes the
+    /// connection once they and the channel's output pass `mqtt.max_outbound_buffer`.
+    fn backlog(&self, link: &mut Link) -> usize {
+        backlog(&self.writers) + link.channel.out().len()
     }
 
     /// Lets the control stream flush what the channel said last, then closes the connection

@@ -59,6 +59,10 @@ pub struct Limits {
     /// User Properties in one packet (a CONNECT's and its will's together), enforced by the
     /// codec while decoding (0: no limit); past it DISCONNECT 0x97.
     pub max_user_properties: u32,
+    /// Bytes of output waiting for a client that does not read (0: no limit); never below
+    /// [`DELIVERY_BACKLOG`] plus `max_packet_size`, so one delivery cannot reach it. Past it
+    /// the connection is closed with 0x97 ([`Channel::handle_backlog`]).
+    pub max_outbound_buffer: usize,
     /// Server Keep Alive ceiling in seconds (0: no ceiling).
     pub max_keepalive: u16,
     pub maximum_qos: QoS,
@@ -99,6 +103,7 @@ impl Default for Limits {
             topic_alias_maximum: 65535,
             max_topic_alias_bytes: 64 * 1024,
             max_user_properties: 128,
+            max_outbound_buffer: 4 * 1024 * 1024,
             max_keepalive: 65535,
             maximum_qos: QoS::ExactlyOnce,
             retain_available: true,
@@ -120,7 +125,20 @@ impl Default for Limits {
     }
 }
 
+/// The most output a transport lets wait before it stops taking deliveries (the QUIC
+/// writers'; a byte stream stops at `OUT_HIGH_WATER`, lower).
+pub const DELIVERY_BACKLOG: usize = 1024 * 1024;
+
 impl Limits {
+    /// The output backlog past which a connection is closed: `max_outbound_buffer`, raised
+    /// to leave room for one delivery above the transports' high-water marks.
+    pub fn outbound_ceiling(&self) -> usize {
+        match self.max_outbound_buffer {
+            0 => usize::MAX,
+            max => max.max(DELIVERY_BACKLOG + self.max_packet_size as usize),
+        }
+    }
+
     /// `max_user_properties` as the codec takes it (0 is no limit).
     pub fn user_properties_limit(&self) -> u32 {
         match self.max_user_properties {
@@ -524,6 +542,20 @@ impl Channel {
             }
             _ => self.close(err.reason_code(), Initiator::Client, true, true),
         }
+    }
+
+    /// The transport holds `backlog` bytes of our output that the client has not read.
+    /// Deliveries stop at the high-water mark, but every PINGREQ and QoS 1/2 PUBLISH the
+    /// client sends adds a reply: a client that sends and never reads is closed with 0x97
+    /// once the backlog passes `Limits::outbound_ceiling`, before it grows without bound.
+    /// Returns whether it was closed.
+    pub fn handle_backlog(&mut self, backlog: usize) -> bool {
+        if self.state == State::Closed || backlog <= self.limits.outbound_ceiling() {
+            return false;
+        }
+        // The DISCONNECT is written if the client ever reads again; the shell closes anyway.
+        self.close(ReasonCode::QUOTA_EXCEEDED, Initiator::Broker, true, true);
+        true
     }
 
     /// A packet on the control flow (the only flow of TCP, TLS and WebSocket connections).

@@ -120,3 +120,46 @@ fn v3_keep_alive_is_capped_on_the_broker_side() {
     h.advance_to_deadline();
     assert_eq!(h.now, start + Duration::from_secs(15));
 }
+
+/// A client that sends and never reads: the shell reports the backlog after each turn; past
+/// the ceiling (never below one delivery above the high-water mark) the channel closes with
+/// 0x97 and publishes the will, as for any abnormal close.
+#[test]
+fn output_backlog_past_the_ceiling_closes_with_quota_exceeded() {
+    let limits = Limits {
+        max_outbound_buffer: 64 * 1024,
+        max_packet_size: 16 * 1024,
+        ..Limits::default()
+    };
+    let ceiling = limits.outbound_ceiling();
+    assert_eq!(ceiling, DELIVERY_BACKLOG + 16 * 1024, "raised to fit one delivery");
+    let mut h = Harness::new(limits);
+    let mut c = connect(ProtocolVersion::V5, "deaf");
+    c.will = Some(Will {
+        topic: "will/deaf".into(),
+        payload: Bytes::from_static(b"gone"),
+        qos: QoS::AtMostOnce,
+        retain: false,
+        properties: Properties::default(),
+    });
+    h.connect(c);
+    assert!(!h.channel.handle_backlog(ceiling));
+    assert!(!h.channel.is_closed());
+    assert!(h.channel.handle_backlog(ceiling + 1));
+    assert_eq!(
+        h.packets(),
+        vec![Packet::Disconnect(Disconnect::new(ReasonCode::QUOTA_EXCEEDED))]
+    );
+    let close = h.close();
+    assert_eq!(close.reason, ReasonCode::QUOTA_EXCEEDED);
+    assert_eq!(close.initiator, Initiator::Broker);
+    assert!(close.will.is_some());
+    // Zero is no limit.
+    let unlimited = Limits {
+        max_outbound_buffer: 0,
+        ..Limits::default()
+    };
+    assert_eq!(unlimited.outbound_ceiling(), usize::MAX);
+    // The default: 4 MiB.
+    assert_eq!(Limits::default().outbound_ceiling(), 4 * 1024 * 1024);
+}
