@@ -89,6 +89,7 @@ fn bench_fan_out(c: &mut Criterion) {
             max_connections_per_address: 0,
             retain: Default::default(),
             max_sessions: 0,
+            tcp_keepalive: None,
         });
         let now = Instant::now();
         let mut mailboxes = Vec::new();

@@ -111,6 +111,9 @@ pub struct BrokerSection {
     /// Sessions held at once, online and offline persistent (0: no limit); past it a
     /// CONNECT that needs a new session gets CONNACK 0x97 (3.1.1: return code 3).
     pub max_sessions: usize,
+    /// TCP keepalive on accepted sockets, EMQX's "Idle,Interval,Probes" in seconds, or
+    /// "none".
+    pub tcp_keepalive: String,
 }
 
 impl Default for BrokerSection {
@@ -122,6 +125,7 @@ impl Default for BrokerSection {
             max_connections: DEFAULT_MAX_CONNECTIONS,
             max_connections_per_address: 0,
             max_sessions: 2 * DEFAULT_MAX_CONNECTIONS,
+            tcp_keepalive: crate::broker::listener::TcpKeepalive::DEFAULT.to_owned(),
         }
     }
 }
@@ -652,6 +656,10 @@ impl Config {
             .is_some_and(|f| f.file_name().is_none())
         {
             return invalid("log.file", "must name a file");
+        }
+        if let Err(err) = crate::broker::listener::TcpKeepalive::parse(&self.broker.tcp_keepalive)
+        {
+            return invalid("broker.tcp_keepalive", &err);
         }
         if self.broker.max_connections == 0 {
             return invalid("broker.max_connections", "must be at least 1");

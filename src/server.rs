@@ -73,6 +73,8 @@ fn broker_settings(config: &Config) -> anyhow::Result<Settings> {
             max_payload_size: config.retainer.max_payload_size,
         },
         max_sessions: config.broker.max_sessions,
+        tcp_keepalive: crate::broker::listener::TcpKeepalive::parse(&config.broker.tcp_keepalive)
+            .map_err(|err| anyhow::anyhow!("broker.tcp_keepalive: {err}"))?,
     })
 }
 

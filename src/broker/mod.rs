@@ -177,6 +177,8 @@ pub struct Settings {
     pub retain: RetainLimits,
     /// Sessions held, online and offline (`broker.max_sessions`, 0: no limit).
     pub max_sessions: usize,
+    /// TCP keepalive on accepted sockets (`broker.tcp_keepalive`; `None`: off).
+    pub tcp_keepalive: Option<listener::TcpKeepalive>,
 }
 
 /// A log line a client can trigger, at most once a minute (a remote must not set our warn

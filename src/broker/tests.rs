@@ -26,6 +26,7 @@ fn broker() -> Broker {
         max_connections_per_address: 0,
         retain: Default::default(),
         max_sessions: 0,
+        tcp_keepalive: None,
     })
 }
 
