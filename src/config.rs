@@ -657,8 +657,7 @@ impl Config {
         {
             return invalid("log.file", "must name a file");
         }
-        if let Err(err) = crate::broker::listener::TcpKeepalive::parse(&self.broker.tcp_keepalive)
-        {
+        if let Err(err) = crate::broker::listener::TcpKeepalive::parse(&self.broker.tcp_keepalive) {
             return invalid("broker.tcp_keepalive", &err);
         }
         if self.broker.max_connections == 0 {

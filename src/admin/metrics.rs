@@ -44,6 +44,7 @@ pub fn stats(b: &Broker) -> Value {
         "subscriptions.shared.count": shared,
         "suboptions.count": subscriptions,
         "retained.count": b.retained_count(),
+        "retained.bytes": b.retained_bytes(),
         "delayed.count": b.delayed_count(),
     })
 }
@@ -157,6 +158,10 @@ fn exposition(state: &AdminState, clients: &[Arc<ClientInfo>], tcp: Option<&TcpL
         ("subscriptions.count", "Subscriptions"),
         ("subscriptions.shared.count", "Shared subscriptions"),
         ("retained.count", "Retained messages"),
+        (
+            "retained.bytes",
+            "Topic and payload bytes of the retained messages",
+        ),
         ("delayed.count", "Delayed messages waiting"),
     ] {
         let name = format!("emqx_{}", key.replace('.', "_"));

@@ -460,8 +460,14 @@ mod tests {
         keepalive.apply(&accepted).unwrap();
         let socket = socket2::SockRef::from(&accepted);
         assert!(socket.keepalive().unwrap());
-        assert_eq!(socket.tcp_keepalive_time().unwrap(), Duration::from_secs(61));
-        assert_eq!(socket.tcp_keepalive_interval().unwrap(), Duration::from_secs(7));
+        assert_eq!(
+            socket.tcp_keepalive_time().unwrap(),
+            Duration::from_secs(61)
+        );
+        assert_eq!(
+            socket.tcp_keepalive_interval().unwrap(),
+            Duration::from_secs(7)
+        );
         assert_eq!(socket.tcp_keepalive_retries().unwrap(), 3);
     }
 }

@@ -343,7 +343,9 @@ impl Broker {
                     }
                     Open::Full => {
                         drop(sessions);
-                        self.metrics.sessions_refused.fetch_add(1, Ordering::Relaxed);
+                        self.metrics
+                            .sessions_refused
+                            .fetch_add(1, Ordering::Relaxed);
                         if self.limit_logged.due(now) {
                             tracing::warn!(
                                 %client_id,
@@ -901,7 +903,9 @@ impl Broker {
         let Some(refusal) = refusal else {
             return true;
         };
-        self.metrics.retained_refused.fetch_add(1, Ordering::Relaxed);
+        self.metrics
+            .retained_refused
+            .fetch_add(1, Ordering::Relaxed);
         if self.retain_logged.due(now) {
             tracing::warn!(
                 topic = %message.topic,
@@ -1033,6 +1037,15 @@ impl Broker {
             .lock()
             .expect("retained lock is never poisoned")
             .count()
+    }
+
+    /// Topic and payload bytes of every retained message (held against
+    /// `retainer.max_retained_bytes`).
+    pub fn retained_bytes(&self) -> usize {
+        self.retained
+            .lock()
+            .expect("retained lock is never poisoned")
+            .bytes()
     }
 }
 

@@ -671,7 +671,10 @@ fn user_properties_past_the_limit_are_a_quota_error() {
     codec.set_max_user_properties(128);
     let err = codec.decode(&mut wire.clone()).unwrap_err();
     assert_eq!(err.reason_code(), ReasonCode::QUOTA_EXCEEDED);
-    assert!(err.to_string().contains("mqtt.max_user_properties"), "{err}");
+    assert!(
+        err.to_string().contains("mqtt.max_user_properties"),
+        "{err}"
+    );
     // Without a limit, only the packet size bounds them.
     assert_eq!(decode_one(V5, wire), publish);
 }

@@ -357,9 +357,11 @@ fn overlapping_subscriptions_do_not_repeat_an_identifier() {
         );
     }
     let mut fanout = Fanout::default();
-    fanout.collect(&routes, &message("t/x", QoS::AtMostOnce, false, None), |h| {
-        h.online
-    });
+    fanout.collect(
+        &routes,
+        &message("t/x", QoS::AtMostOnce, false, None),
+        |h| h.online,
+    );
     let got: Vec<Vec<u32>> = fanout
         .drain()
         .map(|(_, d)| d.subscription_ids.clone())

@@ -585,10 +585,7 @@ mod tests {
             max_bytes: 18,
             ..limits
         };
-        assert_eq!(
-            s.admits("bb", 8, &tight),
-            Err(RetainRefusal::TooManyBytes)
-        );
+        assert_eq!(s.admits("bb", 8, &tight), Err(RetainRefusal::TooManyBytes));
         // Zero is no limit.
         let none = RetainLimits {
             max_messages: 0,
@@ -596,6 +593,9 @@ mod tests {
             max_payload_size: 0,
         };
         assert_eq!(s.admits("z", usize::MAX / 2, &none), Ok(()));
-        assert_eq!(RetainRefusal::TooManyBytes.setting(), "retainer.max_retained_bytes");
+        assert_eq!(
+            RetainRefusal::TooManyBytes.setting(),
+            "retainer.max_retained_bytes"
+        );
     }
 }

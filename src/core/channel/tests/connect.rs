@@ -132,7 +132,11 @@ fn output_backlog_past_the_ceiling_closes_with_quota_exceeded() {
         ..Limits::default()
     };
     let ceiling = limits.outbound_ceiling();
-    assert_eq!(ceiling, DELIVERY_BACKLOG + 16 * 1024, "raised to fit one delivery");
+    assert_eq!(
+        ceiling,
+        DELIVERY_BACKLOG + 16 * 1024,
+        "raised to fit one delivery"
+    );
     let mut h = Harness::new(limits);
     let mut c = connect(ProtocolVersion::V5, "deaf");
     c.will = Some(Will {
@@ -148,7 +152,9 @@ fn output_backlog_past_the_ceiling_closes_with_quota_exceeded() {
     assert!(h.channel.handle_backlog(ceiling + 1));
     assert_eq!(
         h.packets(),
-        vec![Packet::Disconnect(Disconnect::new(ReasonCode::QUOTA_EXCEEDED))]
+        vec![Packet::Disconnect(Disconnect::new(
+            ReasonCode::QUOTA_EXCEEDED
+        ))]
     );
     let close = h.close();
     assert_eq!(close.reason, ReasonCode::QUOTA_EXCEEDED);

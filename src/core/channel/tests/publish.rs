@@ -112,7 +112,9 @@ fn topic_alias_memory_is_bounded_in_bytes() {
     h.packet(aliased("t", 4));
     assert_eq!(
         h.packets(),
-        vec![Packet::Disconnect(Disconnect::new(ReasonCode::QUOTA_EXCEEDED))]
+        vec![Packet::Disconnect(Disconnect::new(
+            ReasonCode::QUOTA_EXCEEDED
+        ))]
     );
     assert_eq!(h.close().reason, ReasonCode::QUOTA_EXCEEDED);
 }
