@@ -767,6 +767,32 @@ mod tests {
         assert_eq!(config.mqtt.receive_maximum, defaults.mqtt.receive_maximum);
         assert_eq!(config.session.max_queued, defaults.session.max_queued);
         assert_eq!(
+            config.mqtt.max_topic_alias_bytes,
+            defaults.mqtt.max_topic_alias_bytes
+        );
+        assert_eq!(
+            config.mqtt.max_user_properties,
+            defaults.mqtt.max_user_properties
+        );
+        assert_eq!(
+            config.mqtt.max_outbound_buffer,
+            defaults.mqtt.max_outbound_buffer
+        );
+        assert_eq!(
+            config.retainer.max_retained_messages,
+            defaults.retainer.max_retained_messages
+        );
+        assert_eq!(
+            config.retainer.max_payload_size,
+            defaults.retainer.max_payload_size
+        );
+        assert_eq!(
+            config.retainer.max_retained_bytes,
+            defaults.retainer.max_retained_bytes
+        );
+        assert_eq!(config.broker.max_sessions, defaults.broker.max_sessions);
+        assert_eq!(config.broker.tcp_keepalive, defaults.broker.tcp_keepalive);
+        assert_eq!(
             config.mqtt.max_subscriptions,
             defaults.mqtt.max_subscriptions
         );
