@@ -405,3 +405,33 @@ async fn limits_overlapping_subscriptions_name_each_identifier_once() {
     assert_eq!(ids, [3, 7]);
     sub.expect_no_publish().await;
 }
+
+/// The same over QUIC: the client never reads its control stream, the broker's writer queue
+/// backs up behind QUIC flow control, and the connection is closed with 0x97 as its QUIC
+/// error code once the queue passes the ceiling (it used to be an unbounded channel).
+#[tokio::test]
+async fn limits_quic_writer_queue_is_bounded_for_a_client_that_never_reads() {
+    use crate::quic::{expect_app_close, QuicClient};
+    let broker = crate::quic::broker_with(|c| {
+        c.mqtt.max_packet_size = 4096;
+        c.mqtt.max_outbound_buffer = 1; // raised to 1 MiB + one packet
+        c.broker.close_linger = Duration::from_millis(200);
+    })
+    .await;
+    let mut client = QuicClient::v5(&broker, &unique("deaf-quic")).await;
+    let chunk = Bytes::from(vec![0xC0, 0x00].repeat(32 * 1024));
+    // At most 256 MiB of PINGREQs; the broker closes the connection long before.
+    for _ in 0..4096 {
+        match tokio::time::timeout(WAIT * 2, client.control.send.write_all(&chunk)).await {
+            Ok(Ok(())) => {}
+            Ok(Err(_)) => break,
+            Err(_) => panic!("the broker neither read nor closed"),
+        }
+    }
+    expect_app_close(&client.conn, 0x97).await;
+    let metrics = &broker.running.broker.metrics;
+    assert_eq!(metrics.slow_readers_closed.load(Ordering::Relaxed), 1);
+    // Others are served.
+    let other = QuicClient::v5(&broker, &unique("quic-after")).await;
+    drop(other);
+}
