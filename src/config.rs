@@ -162,7 +162,7 @@ pub struct MqttSection {
     /// past it DISCONNECT 0x97.
     pub max_user_properties: u32,
     /// Bytes of output waiting for a client that does not read (0: no limit; never below
-    /// 1 MiB + `max_packet_size`); past it the connection is closed (0x97).
+    /// 1 MiB + `max_packet_size` + 64 KiB); past it the connection is closed (0x97).
     pub max_outbound_buffer: usize,
     pub max_keepalive: u16,
     pub maximum_qos: u8,

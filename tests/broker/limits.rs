@@ -342,7 +342,7 @@ async fn flood_without_reading(
 async fn limits_never_reading_client_is_closed_and_others_are_served() {
     let broker = TestBroker::start_with(|c| {
         c.mqtt.max_packet_size = 4096;
-        c.mqtt.max_outbound_buffer = 1; // raised to 1 MiB + one packet
+        c.mqtt.max_outbound_buffer = 1; // raised to 1 MiB + one packet + 64 KiB
         c.broker.close_linger = Duration::from_millis(200);
     })
     .await;
@@ -414,7 +414,7 @@ async fn limits_quic_writer_queue_is_bounded_for_a_client_that_never_reads() {
     use crate::quic::{expect_app_close, QuicClient};
     let broker = crate::quic::broker_with(|c| {
         c.mqtt.max_packet_size = 4096;
-        c.mqtt.max_outbound_buffer = 1; // raised to 1 MiB + one packet
+        c.mqtt.max_outbound_buffer = 1; // raised to 1 MiB + one packet + 64 KiB
         c.broker.close_linger = Duration::from_millis(200);
     })
     .await;

@@ -285,9 +285,14 @@ impl Channel {
             .iter()
             .flat_map(|s| s.outgoing().cloned())
             .collect();
+        let before = self.pending_output();
         for (id, state) in resend {
             self.resend_outgoing(now, id, state);
         }
+        // Written at once, whatever the transport's room: allowed on top of the ceiling
+        // (bounded by the in-flight window), so that a reconnecting slow reader is not
+        // mistaken for one that never reads.
+        self.resent = self.pending_output() - before;
     }
 
     /// The shell could not serve the CONNECT (e.g. the old connection would not let go).

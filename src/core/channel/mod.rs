@@ -135,7 +135,9 @@ impl Limits {
     pub fn outbound_ceiling(&self) -> usize {
         match self.max_outbound_buffer {
             0 => usize::MAX,
-            max => max.max(DELIVERY_BACKLOG + self.max_packet_size as usize),
+            // 64 KiB of slack for what a delivery adds to the publisher's packet
+            // (subscription identifiers) and the replies written beside it.
+            max => max.max(DELIVERY_BACKLOG + self.max_packet_size as usize + 64 * 1024),
         }
     }
 
@@ -303,6 +305,8 @@ pub struct Channel {
     durable: bool,
     /// Changes to the persistent session's state, for the store, in order.
     changes: VecDeque<Change>,
+    /// Bytes of the resends written at CONNACK ([`Channel::handle_backlog`] allows them).
+    resent: usize,
     /// Deliveries dropped because they were expired or too large for the client.
     pub dropped: u64,
     /// Publishes, subscriptions and deliveries the authorizer refused.
@@ -342,6 +346,7 @@ impl Channel {
             admission: None,
             durable: false,
             changes: VecDeque::new(),
+            resent: 0,
             dropped: 0,
             denied: 0,
         }
@@ -544,13 +549,20 @@ impl Channel {
         }
     }
 
+    /// Encoded output not yet taken by the shell, on every flow.
+    fn pending_output(&self) -> usize {
+        self.out.len() + self.flows.iter().map(|(_, out)| out.len()).sum::<usize>()
+    }
+
     /// The transport holds `backlog` bytes of our output that the client has not read.
     /// Deliveries stop at the high-water mark, but every PINGREQ and QoS 1/2 PUBLISH the
     /// client sends adds a reply: a client that sends and never reads is closed with 0x97
-    /// once the backlog passes `Limits::outbound_ceiling`, before it grows without bound.
+    /// once the backlog passes `Limits::outbound_ceiling` (plus what was resent at CONNACK,
+    /// bounded by the in-flight window), before it grows without bound.
     /// Returns whether it was closed.
     pub fn handle_backlog(&mut self, backlog: usize) -> bool {
-        if self.state == State::Closed || backlog <= self.limits.outbound_ceiling() {
+        let ceiling = self.limits.outbound_ceiling().saturating_add(self.resent);
+        if self.state == State::Closed || backlog <= ceiling {
             return false;
         }
         // The DISCONNECT is written if the client ever reads again; the shell closes anyway.

@@ -134,7 +134,7 @@ fn output_backlog_past_the_ceiling_closes_with_quota_exceeded() {
     let ceiling = limits.outbound_ceiling();
     assert_eq!(
         ceiling,
-        DELIVERY_BACKLOG + 16 * 1024,
+        DELIVERY_BACKLOG + 16 * 1024 + 64 * 1024,
         "raised to fit one delivery"
     );
     let mut h = Harness::new(limits);
@@ -168,4 +168,49 @@ fn output_backlog_past_the_ceiling_closes_with_quota_exceeded() {
     assert_eq!(unlimited.outbound_ceiling(), usize::MAX);
     // The default: 4 MiB.
     assert_eq!(Limits::default().outbound_ceiling(), 4 * 1024 * 1024);
+}
+
+/// What a resumed session resends at CONNACK is written at once, whatever the client's
+/// reading speed: it is allowed on top of the ceiling, so a reconnecting slow reader is not
+/// taken for one that never reads (the allowance is bounded by the in-flight window).
+#[test]
+fn resends_at_connack_do_not_count_against_the_output_ceiling() {
+    let limits = Limits {
+        max_outbound_buffer: 1,
+        max_packet_size: 128 * 1024,
+        ..Limits::default()
+    };
+    let ceiling = limits.outbound_ceiling();
+    let mut h = Harness::new(limits.clone());
+    let mut c = connect(ProtocolVersion::V311, "resume-big");
+    c.clean_start = false;
+    h.connect(c.clone());
+    for _ in 0..20 {
+        let mut d = delivery("big", QoS::AtLeastOnce);
+        let mut message = (*d.message).clone();
+        message.payload = Bytes::from(vec![0u8; 100 * 1024]);
+        d.message = Arc::new(message);
+        h.channel.deliver(h.now, d);
+        h.packets();
+    }
+    h.channel.handle_transport_closed();
+    let session = h.close().session.expect("the session survives");
+
+    let mut h2 = Harness::new(limits);
+    h2.session = Some(session);
+    h2.version = ProtocolVersion::V311;
+    h2.channel
+        .handle_packet(h2.now, Packet::Connect(Box::new(c)));
+    assert!(matches!(
+        h2.channel.poll_action(),
+        Some(Action::Connect { .. })
+    ));
+    let parked = h2.session.take();
+    h2.channel.accept(h2.now, parked);
+    let backlog = h2.channel.out().len();
+    assert!(backlog > ceiling, "the resends alone pass the ceiling");
+    assert!(!h2.channel.handle_backlog(backlog));
+    // The CONNACK before the resends is not part of the allowance.
+    assert!(!h2.channel.handle_backlog(backlog + ceiling - 4));
+    assert!(h2.channel.handle_backlog(backlog + ceiling + 1));
 }
