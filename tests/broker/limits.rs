@@ -57,8 +57,10 @@ async fn limits_user_properties_at_a_small_setting() {
     let broker = TestBroker::start_with(|c| c.mqtt.max_user_properties = 4).await;
     let (client, mut eventloop) =
         rumqttc::v5::AsyncClient::new(V5::options(broker.addr, &unique("up-rumqttc")), 10);
-    let mut properties = v5p::PublishProperties::default();
-    properties.user_properties = (0..5).map(|i| (format!("k{i}"), "v".into())).collect();
+    let properties = v5p::PublishProperties {
+        user_properties: (0..5).map(|i| (format!("k{i}"), "v".into())).collect(),
+        ..Default::default()
+    };
     client
         .publish_with_properties("up/small", V5QoS::AtLeastOnce, false, "x", properties)
         .await
@@ -419,7 +421,7 @@ async fn limits_quic_writer_queue_is_bounded_for_a_client_that_never_reads() {
     })
     .await;
     let mut client = QuicClient::v5(&broker, &unique("deaf-quic")).await;
-    let chunk = Bytes::from(vec![0xC0, 0x00].repeat(32 * 1024));
+    let chunk = Bytes::from([0xC0, 0x00].repeat(32 * 1024));
     // At most 256 MiB of PINGREQs; the broker closes the connection long before.
     for _ in 0..4096 {
         match tokio::time::timeout(WAIT * 2, client.control.send.write_all(&chunk)).await {

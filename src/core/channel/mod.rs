@@ -60,7 +60,7 @@ pub struct Limits {
     /// codec while decoding (0: no limit); past it DISCONNECT 0x97.
     pub max_user_properties: u32,
     /// Bytes of output waiting for a client that does not read (0: no limit); never below
-    /// [`DELIVERY_BACKLOG`] plus `max_packet_size`, so one delivery cannot reach it. Past it
+    /// [`DELIVERY_BACKLOG`] plus `max_packet_size` and 64 KiB, so one delivery cannot reach it. Past it
     /// the connection is closed with 0x97 ([`Channel::handle_backlog`]).
     pub max_outbound_buffer: usize,
     /// Server Keep Alive ceiling in seconds (0: no ceiling).
