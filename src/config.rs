@@ -156,7 +156,8 @@ pub struct MqttSection {
     pub max_inflight: u16,
     pub topic_alias_maximum: u16,
     /// Bytes one connection's inbound topic aliases may hold (0: no limit); past it
-    /// DISCONNECT 0x97.
+    /// DISCONNECT 0x97. The broker's outbound aliases have the same budget (past it, topics
+    /// go out in full).
     pub max_topic_alias_bytes: usize,
     /// User Properties in one packet, a CONNECT's and its will's together (0: no limit);
     /// past it DISCONNECT 0x97.

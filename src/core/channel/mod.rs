@@ -250,6 +250,14 @@ enum State {
 /// Stop accepting deliveries while this many encoded bytes wait for the socket.
 const OUT_HIGH_WATER: usize = 256 * 1024;
 
+/// What one topic alias costs against `Limits::max_topic_alias_bytes`: its topic and the
+/// map entry holding it (a `String` and the alias), so that 65,535 one-byte topics are
+/// charged too.
+fn alias_cost(topic: &str) -> usize {
+    const ENTRY: usize = 32;
+    topic.len() + ENTRY
+}
+
 /// A connection's topic aliases ([MQTT-3.3.2-7]: they last as long as the connection).
 #[derive(Debug, Default)]
 struct Aliases {
@@ -257,8 +265,11 @@ struct Aliases {
     inbound: HashMap<u16, String>,
     /// What `inbound` is charged against `Limits::max_topic_alias_bytes`.
     inbound_bytes: usize,
-    /// Set by ours, up to the client's Topic Alias Maximum.
+    /// Set by ours, up to the client's Topic Alias Maximum and within
+    /// `Limits::max_topic_alias_bytes` (past it, topics go out in full).
     outbound: HashMap<String, u16>,
+    /// What `outbound` is charged.
+    outbound_bytes: usize,
 }
 
 pub struct Channel {

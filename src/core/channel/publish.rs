@@ -3,14 +3,6 @@
 
 use super::*;
 
-/// What one inbound topic alias costs against `Limits::max_topic_alias_bytes`: its topic and
-/// the map entry holding it (a `String` and the alias), so that 65,535 one-byte topics are
-/// charged too.
-fn alias_cost(topic: &str) -> usize {
-    const ENTRY: usize = 32;
-    topic.len() + ENTRY
-}
-
 impl Channel {
     pub(super) fn handle_publish(&mut self, now: Instant, mut publish: Publish) {
         let limits = Arc::clone(&self.limits);
