@@ -54,7 +54,8 @@ pub struct Limits {
     pub max_inflight: u16,
     pub topic_alias_maximum: u16,
     /// Bytes the client's topic aliases may hold (each topic plus a fixed per-entry cost;
-    /// 0: no limit); past it DISCONNECT 0x97.
+    /// 0: no limit); past it DISCONNECT 0x97. Ours towards the client have the same budget
+    /// (past it, topics go out in full).
     pub max_topic_alias_bytes: usize,
     /// User Properties in one packet (a CONNECT's and its will's together), enforced by the
     /// codec while decoding (0: no limit); past it DISCONNECT 0x97.
