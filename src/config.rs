@@ -54,6 +54,7 @@ pub struct Config {
     pub log: LogSection,
     pub quic: QuicSettings,
     pub delayed: DelayedSection,
+    pub retainer: RetainerSection,
     pub auto_subscribe: AutoSubscribeSection,
     /// `[shared_subscription_group.NAME] strategy = "..."`: a group's own strategy.
     pub shared_subscription_group: std::collections::HashMap<String, SharedGroupSettings>,
@@ -76,6 +77,7 @@ impl Default for Config {
             log: LogSection::default(),
             quic: QuicSettings::default(),
             delayed: DelayedSection::default(),
+            retainer: RetainerSection::default(),
             auto_subscribe: AutoSubscribeSection::default(),
             shared_subscription_group: Default::default(),
             rewrite: Vec::new(),
@@ -116,6 +118,12 @@ pub struct BrokerSection {
     /// Bytes of deliveries queued over every session past which publishers are held until
     /// the queues drain to three quarters of it (0: no limit).
     pub max_queued_bytes: u64,
+    /// Sessions held at once, online and offline persistent (0: no limit); past it a
+    /// CONNECT that needs a new session gets CONNACK 0x97 (3.1.1: return code 3).
+    pub max_sessions: usize,
+    /// TCP keepalive on accepted sockets, EMQX's "Idle,Interval,Probes" in seconds, or
+    /// "none".
+    pub tcp_keepalive: String,
 }
 
 impl Default for BrokerSection {
@@ -127,6 +135,8 @@ impl Default for BrokerSection {
             max_connections: DEFAULT_MAX_CONNECTIONS,
             max_connections_per_address: 0,
             max_queued_bytes: DEFAULT_MAX_QUEUED_BYTES,
+            max_sessions: 2 * DEFAULT_MAX_CONNECTIONS,
+            tcp_keepalive: crate::broker::listener::TcpKeepalive::DEFAULT.to_owned(),
         }
     }
 }
@@ -156,6 +166,16 @@ pub struct MqttSection {
     pub receive_maximum: u16,
     pub max_inflight: u16,
     pub topic_alias_maximum: u16,
+    /// Bytes one connection's inbound topic aliases may hold (0: no limit); past it
+    /// DISCONNECT 0x97. The broker's outbound aliases have the same budget (past it, topics
+    /// go out in full).
+    pub max_topic_alias_bytes: usize,
+    /// User Properties in one packet, a CONNECT's and its will's together (0: no limit);
+    /// past it DISCONNECT 0x97.
+    pub max_user_properties: u32,
+    /// Bytes of output waiting for a client that does not read (0: no limit; never below
+    /// 1 MiB + `max_packet_size` + 64 KiB); past it the connection is closed (0x97).
+    pub max_outbound_buffer: usize,
     pub max_keepalive: u16,
     pub maximum_qos: u8,
     pub retain_available: bool,
@@ -183,6 +203,9 @@ impl Default for MqttSection {
             receive_maximum: limits.receive_maximum,
             max_inflight: limits.max_inflight,
             topic_alias_maximum: limits.topic_alias_maximum,
+            max_topic_alias_bytes: limits.max_topic_alias_bytes,
+            max_user_properties: limits.max_user_properties,
+            max_outbound_buffer: limits.max_outbound_buffer,
             max_keepalive: limits.max_keepalive,
             maximum_qos: limits.maximum_qos as u8,
             retain_available: limits.retain_available,
@@ -259,6 +282,30 @@ impl Default for DelayedSection {
         Self {
             enable: true,
             max_delayed_messages: 0,
+        }
+    }
+}
+
+/// `[retainer]`: bounds on retained messages, with EMQX's names (each 0 for no limit). Past
+/// one, a message is still routed but not retained; it is counted and logged.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct RetainerSection {
+    /// Retained messages held.
+    pub max_retained_messages: usize,
+    /// The largest retained payload, in bytes.
+    pub max_payload_size: usize,
+    /// Topic and payload bytes of every retained message together.
+    pub max_retained_bytes: usize,
+}
+
+impl Default for RetainerSection {
+    fn default() -> Self {
+        let limits = crate::core::retain::RetainLimits::default();
+        Self {
+            max_retained_messages: limits.max_messages,
+            max_payload_size: limits.max_payload_size,
+            max_retained_bytes: limits.max_bytes,
         }
     }
 }
@@ -625,6 +672,9 @@ impl Config {
         {
             return invalid("log.file", "must name a file");
         }
+        if let Err(err) = crate::broker::listener::TcpKeepalive::parse(&self.broker.tcp_keepalive) {
+            return invalid("broker.tcp_keepalive", &err);
+        }
         if self.broker.max_connections == 0 {
             return invalid("broker.max_connections", "must be at least 1");
         }
@@ -731,6 +781,32 @@ mod tests {
         );
         assert_eq!(config.mqtt.receive_maximum, defaults.mqtt.receive_maximum);
         assert_eq!(config.session.max_queued, defaults.session.max_queued);
+        assert_eq!(
+            config.mqtt.max_topic_alias_bytes,
+            defaults.mqtt.max_topic_alias_bytes
+        );
+        assert_eq!(
+            config.mqtt.max_user_properties,
+            defaults.mqtt.max_user_properties
+        );
+        assert_eq!(
+            config.mqtt.max_outbound_buffer,
+            defaults.mqtt.max_outbound_buffer
+        );
+        assert_eq!(
+            config.retainer.max_retained_messages,
+            defaults.retainer.max_retained_messages
+        );
+        assert_eq!(
+            config.retainer.max_payload_size,
+            defaults.retainer.max_payload_size
+        );
+        assert_eq!(
+            config.retainer.max_retained_bytes,
+            defaults.retainer.max_retained_bytes
+        );
+        assert_eq!(config.broker.max_sessions, defaults.broker.max_sessions);
+        assert_eq!(config.broker.tcp_keepalive, defaults.broker.tcp_keepalive);
         assert_eq!(
             config.mqtt.max_subscriptions,
             defaults.mqtt.max_subscriptions

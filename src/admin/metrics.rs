@@ -44,6 +44,7 @@ pub fn stats(b: &Broker) -> Value {
         "subscriptions.shared.count": shared,
         "suboptions.count": subscriptions,
         "retained.count": b.retained_count(),
+        "retained.bytes": b.retained_bytes(),
         "delayed.count": b.delayed_count(),
         "queued.bytes": b.budget.bytes(),
     })
@@ -72,6 +73,9 @@ pub fn counters(b: &Broker) -> Value {
         "session.expired": n(&m.sessions_expired),
         "publisher.pauses": n(&m.publisher_pauses),
         "connections.refused": b.permits.refused.load(Ordering::Relaxed),
+        "connections.slow_reader_closed": n(&m.slow_readers_closed),
+        "connections.sessions_refused": n(&m.sessions_refused),
+        "messages.retained.refused": n(&m.retained_refused),
         "quic.handshakes": n(&m.quic_handshakes),
         "quic.0rtt.accepted": n(&m.quic_0rtt_accepted),
         "quic.migrations": n(&m.quic_migrations),
@@ -156,6 +160,10 @@ fn exposition(state: &AdminState, clients: &[Arc<ClientInfo>], tcp: Option<&TcpL
         ("subscriptions.count", "Subscriptions"),
         ("subscriptions.shared.count", "Shared subscriptions"),
         ("retained.count", "Retained messages"),
+        (
+            "retained.bytes",
+            "Topic and payload bytes of the retained messages",
+        ),
         ("delayed.count", "Delayed messages waiting"),
         (
             "queued.bytes",

@@ -59,6 +59,11 @@ pub trait Wire: Send {
         true
     }
 
+    /// Bytes of output written by the channel and not yet taken by the peer's transport.
+    fn backlog(&self, link: &mut Link) -> usize {
+        link.channel.out().len()
+    }
+
     /// Gives back buffers the transport does not need between turns.
     fn release_buffers(&mut self, _link: &mut Link) {}
 
@@ -111,6 +116,7 @@ impl<W: Wire> Driver<W> {
         loop {
             self.handle_inputs().await;
             self.wire.before_deliveries(&mut self.link);
+            self.check_backlog();
             let wire = &self.wire;
             self.link.pump_deliveries(|| wire.has_room());
             if self.link.closed {
@@ -157,6 +163,23 @@ impl<W: Wire> Driver<W> {
         }
         // Boxed: it runs once, and would otherwise enlarge every connection's task.
         Box::pin(self.wire.close(&mut self.link)).await;
+    }
+
+    /// Closes a connection whose client sends but does not read, once its output backlog
+    /// passes the channel's ceiling (`mqtt.max_outbound_buffer`); counted and logged.
+    fn check_backlog(&mut self) {
+        let backlog = self.wire.backlog(&mut self.link);
+        if self.link.channel.handle_backlog(backlog) {
+            let metrics = &self.link.broker.metrics;
+            metrics
+                .slow_readers_closed
+                .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+            // Peer-caused: debug, and counted (`connections.slow_reader_closed`).
+            tracing::debug!(
+                backlog,
+                "client does not read its output: closed (0x97), past mqtt.max_outbound_buffer"
+            );
+        }
     }
 
     /// Feeds the channel the input it held while the budget now allows, then every input

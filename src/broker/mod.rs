@@ -46,7 +46,7 @@ use crate::core::fanout::{self, Fanout, Subscriber, Subscribers};
 use crate::core::hooks::{DropReason, Hooks, Observation, Refused, Ticket};
 use crate::core::message::{AppMessage, Delivery, Flow};
 use crate::core::registry::{EndReason, Event, Open, Registry};
-use crate::core::retain::RetainedStore;
+use crate::core::retain::{RetainLimits, RetainedStore};
 use crate::core::router::{Dispatch, SharedStrategy};
 use crate::core::session::{Change, Outgoing, Session, Subscription};
 use crate::core::topic::TopicFilter;
@@ -84,6 +84,12 @@ pub struct Metrics {
     pub acl_denied: AtomicU64,
     /// Persistent messages refused because the store was full or failing (0x97).
     pub store_refused: AtomicU64,
+    /// Retained messages routed but not retained: past a `[retainer]` limit.
+    pub retained_refused: AtomicU64,
+    /// CONNECTs refused because `broker.max_sessions` sessions were held.
+    pub sessions_refused: AtomicU64,
+    /// Connections closed for not reading their output (`mqtt.max_outbound_buffer`).
+    pub slow_readers_closed: AtomicU64,
     /// The most connections open at once.
     pub connections_max: AtomicU64,
     /// QUIC handshakes completed, and how many of them accepted 0-RTT data.
@@ -175,6 +181,29 @@ pub struct Settings {
     pub max_connections: usize,
     /// Connections open at once from one IP address (0: no limit).
     pub max_connections_per_address: usize,
+    /// Bounds on the retained store (`[retainer]`).
+    pub retain: RetainLimits,
+    /// Sessions held, online and offline (`broker.max_sessions`, 0: no limit).
+    pub max_sessions: usize,
+    /// TCP keepalive on accepted sockets (`broker.tcp_keepalive`; `None`: off).
+    pub tcp_keepalive: Option<listener::TcpKeepalive>,
+}
+
+/// A log line a client can trigger, at most once a minute (a remote must not set our warn
+/// rate); the counters say how many were not logged.
+#[derive(Default)]
+pub(crate) struct LogEvery(Mutex<Option<Instant>>);
+
+impl LogEvery {
+    /// Whether to log now (and if so, the next one waits a minute).
+    pub(crate) fn due(&self, now: Instant) -> bool {
+        let mut last = self.0.lock().expect("log lock is never poisoned");
+        if last.is_some_and(|at| now.saturating_duration_since(at) < Duration::from_secs(60)) {
+            return false;
+        }
+        *last = Some(now);
+        true
+    }
 }
 
 pub struct Broker {
@@ -184,6 +213,10 @@ pub struct Broker {
     limits: RwLock<Arc<Limits>>,
     router: RwLock<Subscribers<Mailbox>>,
     retained: Mutex<RetainedStore<Arc<AppMessage>>>,
+    /// When a refused retained message was last logged (one line a minute at most).
+    retain_logged: LogEvery,
+    /// The same for the other broker-wide limits (sessions).
+    limit_logged: LogEvery,
     sessions: Mutex<Registry<Arc<Mailbox>>>,
     /// `$delayed/` messages waiting for their time.
     delayed: Mutex<DelayedQueue>,
@@ -215,13 +248,19 @@ impl Broker {
             settings.max_connections_per_address,
         );
         let budget = Arc::new(QueueBudget::new(settings.max_queued_bytes));
+        let mut registry = Registry::default();
+        registry.set_max_sessions(settings.max_sessions);
         Self {
             budget,
             limits: RwLock::new(Arc::clone(&settings.limits)),
             settings,
             router: RwLock::new(router),
-            retained: Mutex::new(RetainedStore::new()),
-            sessions: Mutex::new(Registry::default()),
+            retained: Mutex::new(RetainedStore::weighed(|m: &Arc<AppMessage>| {
+                m.payload.len()
+            })),
+            retain_logged: LogEvery::default(),
+            limit_logged: LogEvery::default(),
+            sessions: Mutex::new(registry),
             delayed: Mutex::new(DelayedQueue::default()),
             delayed_admitted: AtomicUsize::new(0),
             exclusive: Mutex::new(HashMap::new()),
@@ -322,6 +361,21 @@ impl Broker {
                         // up) is dropped.
                         handle.take_takeover(conn_id);
                         Some((session, handle, self.carry_out(&mut sessions)))
+                    }
+                    Open::Full => {
+                        drop(sessions);
+                        self.metrics
+                            .sessions_refused
+                            .fetch_add(1, Ordering::Relaxed);
+                        if self.limit_logged.due(now) {
+                            tracing::warn!(
+                                %client_id,
+                                max = self.settings.max_sessions,
+                                "CONNECT refused (0x97): broker.max_sessions sessions are held \
+                                 (logged once a minute)"
+                            );
+                        }
+                        return Err(ReasonCode::QUOTA_EXCEEDED);
                     }
                 }
             };
@@ -792,7 +846,10 @@ impl Broker {
             self.metrics.messages_received[message.qos as usize].fetch_add(1, Ordering::Relaxed);
         }
         let mut routed = Routed::default();
-        if message.retain {
+        if message.retain && !self.retain_admitted(&message, now) {
+            // Routed, not retained: the publish itself was accepted, so the publisher's
+            // PUBACK says success (as EMQX), not 0x97, which would invite a resend.
+        } else if message.retain {
             match self.store_retained(&message) {
                 Ok(ticket) => routed.stored(ticket),
                 Err(refused) => {
@@ -860,6 +917,36 @@ impl Broker {
         if let Some(observer) = &self.hooks.observer {
             observer.observe(&Observation::Dropped { count, reason });
         }
+    }
+
+    /// Whether `message` may be retained under `[retainer]`'s limits (clearing always may);
+    /// a refusal is counted and logged, once a minute at most. Checked before the durable
+    /// store is asked; concurrent publishers may overshoot a limit by one message each.
+    fn retain_admitted(&self, message: &AppMessage, now: Instant) -> bool {
+        if message.payload.is_empty() || is_own_sys(message) {
+            return true;
+        }
+        let refusal = self
+            .retained
+            .lock()
+            .expect("retained lock is never poisoned")
+            .admits(&message.topic, message.payload.len(), &self.settings.retain)
+            .err();
+        let Some(refusal) = refusal else {
+            return true;
+        };
+        self.metrics
+            .retained_refused
+            .fetch_add(1, Ordering::Relaxed);
+        if self.retain_logged.due(now) {
+            tracing::warn!(
+                topic = %message.topic,
+                refused = self.metrics.retained_refused.load(Ordering::Relaxed),
+                "retained message routed but not retained: past {} (logged once a minute)",
+                refusal.setting()
+            );
+        }
+        false
     }
 
     /// Keeps (or clears) a retained message, in the store first; returns the store's ticket
@@ -982,6 +1069,15 @@ impl Broker {
             .lock()
             .expect("retained lock is never poisoned")
             .count()
+    }
+
+    /// Topic and payload bytes of every retained message (held against
+    /// `retainer.max_retained_bytes`).
+    pub fn retained_bytes(&self) -> usize {
+        self.retained
+            .lock()
+            .expect("retained lock is never poisoned")
+            .bytes()
     }
 }
 

@@ -26,6 +26,9 @@ fn broker() -> Broker {
         group_strategies: Default::default(),
         max_connections: 1000,
         max_connections_per_address: 0,
+        retain: Default::default(),
+        max_sessions: 0,
+        tcp_keepalive: None,
     })
 }
 

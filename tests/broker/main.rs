@@ -14,6 +14,7 @@ mod conformance;
 mod conn;
 mod durable;
 mod emqx;
+mod limits;
 mod lossy;
 mod pubsub;
 mod quic;
