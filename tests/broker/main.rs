@@ -7,6 +7,7 @@ mod common;
 
 mod api;
 mod auth;
+mod backpressure;
 mod bad;
 mod client;
 mod conformance;
@@ -14,6 +15,7 @@ mod conn;
 mod durable;
 mod emqx;
 mod harden;
+mod limits;
 mod lossy;
 mod pubsub;
 mod quic;
