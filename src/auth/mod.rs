@@ -7,12 +7,23 @@
 //! unless `allow_anonymous = true`. A client whose username the listener took from its
 //! certificate (`peer_cert_as_username`) is authenticated by that certificate.
 //!
+//! Beyond Mosquitto, EMQX's authentication chain (`chain`): `[[auth.authentication]]`
+//! entries — a password file (`built_in_database`), JWT (`jwt`), an HTTP service (`http`) —
+//! tried in order after `password_file`; each allows, denies or passes on. When all pass, a
+//! client that presented a username or password is refused (0x86) once any source is
+//! configured, and one that presented neither falls to the anonymous policy. A source may
+//! hand out per-client ACL rules (a JWT's `acl` claim), checked before the ACL file.
+//!
 //! [`AuthService`] holds the loaded rules behind a lock that only a reload writes; SIGHUP
-//! reloads both files, and a file that fails to load keeps the old rules and says why.
-//! This module reads files and nothing else: no sockets, no tasks.
+//! reloads every file (password files, ACL file, JWT keys), and a file that fails to load
+//! keeps the old rules and says why. Only the HTTP source (`http`) has sockets and tasks.
 
 pub mod acl;
 pub mod banned;
+pub mod chain;
+pub mod client_acl;
+pub mod http;
+pub mod jwt;
 pub mod password;
 
 use std::net::{IpAddr, SocketAddr};
@@ -25,7 +36,10 @@ use serde::Deserialize;
 use crate::codec::ReasonCode;
 use crate::core::access::{Access, Authorizer};
 use acl::AclFile;
-use password::PasswordFile;
+pub use chain::Grant;
+use chain::{Source, SourceKind};
+use client_acl::ClientAcl;
+use http::HttpAuth;
 
 /// The `[auth]` section.
 #[derive(Debug, Clone, Default, PartialEq, Eq, Deserialize)]
@@ -39,6 +53,8 @@ pub struct AuthSettings {
     /// Clients without a username: `true` accepted from anywhere, `false` refused; unset,
     /// accepted from loopback only when no password file is configured, refused otherwise.
     pub allow_anonymous: Option<bool>,
+    /// `[[auth.authentication]]`: EMQX's chain, tried in order after `password_file`.
+    pub authentication: Vec<chain::SourceSettings>,
 }
 
 /// Who is connecting, as the listener saw it.
@@ -50,6 +66,10 @@ pub struct Credentials<'a> {
     pub peer: SocketAddr,
     /// The username came from a verified client certificate.
     pub certified: bool,
+    /// The listener, EMQX's `${listener}` (`tcp:default`).
+    pub listener: &'a str,
+    /// The wall clock, in seconds since the Unix epoch (JWT `exp` and `nbf`).
+    pub now_unix: u64,
 }
 
 /// Why a CONNECT was refused; each maps to its CONNACK reason code.
@@ -58,6 +78,8 @@ pub enum Refusal {
     /// No username, and anonymous access is off (or this client is not on loopback).
     AnonymousNotAllowed,
     BadCredentials,
+    /// An authentication source refused the client (an HTTP service's `"deny"`).
+    NotAuthorized,
     /// On the banned list.
     Banned,
 }
@@ -65,7 +87,7 @@ pub enum Refusal {
 impl Refusal {
     pub fn reason_code(self) -> ReasonCode {
         match self {
-            Self::AnonymousNotAllowed => ReasonCode::NOT_AUTHORIZED,
+            Self::AnonymousNotAllowed | Self::NotAuthorized => ReasonCode::NOT_AUTHORIZED,
             Self::BadCredentials => ReasonCode::BAD_USER_NAME_OR_PASSWORD,
             Self::Banned => ReasonCode::BANNED,
         }
@@ -75,18 +97,36 @@ impl Refusal {
 /// The rules in force: what the files said at the last (re)load.
 #[derive(Debug, Default)]
 struct Rules {
-    passwords: Option<PasswordFile>,
+    /// The chain: `password_file` first, then the enabled `[[auth.authentication]]` entries.
+    sources: Vec<Source>,
     acl: Option<AclFile>,
 }
 
 impl Rules {
-    fn load(settings: &AuthSettings) -> Result<Self, String> {
+    /// `http` holds the HTTP sources, made once (in chain order).
+    fn load(settings: &AuthSettings, http: &[Arc<HttpAuth>]) -> Result<Self, String> {
+        let mut sources = Vec::new();
+        if let Some(path) = &settings.password_file {
+            sources.push(Source::PasswordFile(chain::PasswordSource::load(path)?));
+        }
+        let mut http = http.iter();
+        for (i, entry) in settings.authentication.iter().enumerate() {
+            if !entry.enable {
+                continue;
+            }
+            let named = |err: String| format!("auth.authentication #{}: {err}", i + 1);
+            sources.push(match &entry.kind {
+                SourceKind::PasswordFile(path) => {
+                    Source::PasswordFile(chain::PasswordSource::load(path).map_err(named)?)
+                }
+                SourceKind::Jwt(jwt) => Source::Jwt(jwt::Jwt::load(jwt).map_err(named)?),
+                SourceKind::Http(_) => Source::Http(Arc::clone(
+                    http.next().expect("one HTTP source made per enabled entry"),
+                )),
+            });
+        }
         Ok(Self {
-            passwords: settings
-                .password_file
-                .as_deref()
-                .map(PasswordFile::load)
-                .transpose()?,
+            sources,
             acl: settings
                 .acl_file
                 .as_deref()
@@ -103,6 +143,8 @@ pub struct AuthService {
     rules: RwLock<Arc<Rules>>,
     generation: AtomicU64,
     banned: banned::Banned,
+    /// The HTTP sources (their pools and caches outlive reloads).
+    http: Vec<Arc<HttpAuth>>,
 }
 
 impl Default for AuthService {
@@ -112,6 +154,7 @@ impl Default for AuthService {
             rules: RwLock::new(Arc::new(Rules::default())),
             generation: AtomicU64::new(0),
             banned: banned::Banned::default(),
+            http: Vec::new(),
         }
     }
 }
@@ -119,17 +162,32 @@ impl Default for AuthService {
 impl AuthService {
     /// Loads the configured files; an error names the file and the line.
     pub fn load(settings: &AuthSettings) -> Result<Self, String> {
+        let http = settings
+            .authentication
+            .iter()
+            .enumerate()
+            .filter(|(_, entry)| entry.enable)
+            .filter_map(|(i, entry)| match &entry.kind {
+                SourceKind::Http(http) => Some(
+                    HttpAuth::new(http)
+                        .map(Arc::new)
+                        .map_err(|err| format!("auth.authentication #{}: {err}", i + 1)),
+                ),
+                _ => None,
+            })
+            .collect::<Result<Vec<_>, _>>()?;
         Ok(Self {
             settings: settings.clone(),
-            rules: RwLock::new(Arc::new(Rules::load(settings)?)),
+            rules: RwLock::new(Arc::new(Rules::load(settings, &http)?)),
             generation: AtomicU64::new(0),
             banned: banned::Banned::default(),
+            http,
         })
     }
 
     /// Reads the files again. On error the old rules stay in force.
     pub fn reload(&self) -> Result<(), String> {
-        let rules = Rules::load(&self.settings)?;
+        let rules = Rules::load(&self.settings, &self.http)?;
         *self.rules.write().unwrap_or_else(|e| e.into_inner()) = Arc::new(rules);
         self.generation.fetch_add(1, Ordering::Release);
         Ok(())
@@ -145,13 +203,17 @@ impl AuthService {
         let anonymous = match self.anonymous_policy(&rules) {
             Anonymous::Everywhere => "anonymous allowed",
             Anonymous::LoopbackOnly => {
-                "anonymous from loopback only (set auth.allow_anonymous or auth.password_file)"
+                "anonymous from loopback only (set auth.allow_anonymous, auth.password_file or [[auth.authentication]])"
             }
             Anonymous::Never => "anonymous refused",
         };
-        let passwords = match &rules.passwords {
-            Some(file) => format!("password file with {} users", file.len()),
-            None => "no password file".into(),
+        let passwords = match rules.sources.as_slice() {
+            [] => "no password file".into(),
+            [only] => only.describe(),
+            sources => {
+                let names: Vec<String> = sources.iter().map(Source::describe).collect();
+                format!("authentication chain: {}", names.join(" -> "))
+            }
         };
         let acl = match &rules.acl {
             Some(acl) => format!("ACL file with {} rules", acl.rule_count()),
@@ -164,7 +226,7 @@ impl AuthService {
         match self.settings.allow_anonymous {
             Some(true) => Anonymous::Everywhere,
             Some(false) => Anonymous::Never,
-            None if rules.passwords.is_some() => Anonymous::Never,
+            None if !rules.sources.is_empty() => Anonymous::Never,
             None => Anonymous::LoopbackOnly,
         }
     }
@@ -179,41 +241,38 @@ impl AuthService {
         &self.banned
     }
 
-    /// Decides a CONNECT.
-    pub fn authenticate(&self, credentials: &Credentials<'_>) -> Result<(), Refusal> {
+    /// Decides a CONNECT: the chain in order, then the anonymous policy. An HTTP source is
+    /// awaited (never blocking the runtime).
+    pub async fn authenticate(&self, credentials: &Credentials<'_>) -> Result<Grant, Refusal> {
         let rules = self.rules();
         if credentials.certified {
-            return Ok(());
+            return Ok(Grant::default());
         }
-        let Some(username) = credentials.username else {
-            return match self.anonymous_policy(&rules) {
-                Anonymous::Everywhere => Ok(()),
-                Anonymous::LoopbackOnly if is_loopback(credentials.peer.ip()) => Ok(()),
-                _ => Err(Refusal::AnonymousNotAllowed),
-            };
-        };
-        match &rules.passwords {
-            Some(file) => {
-                let password = credentials.password.unwrap_or_default();
-                if file.verify(username, password) {
-                    Ok(())
-                } else {
-                    Err(Refusal::BadCredentials)
-                }
-            }
-            // No password file: a username is only a name, as in Mosquitto; the anonymous
-            // policy still decides who may connect.
-            None => match self.anonymous_policy(&rules) {
-                Anonymous::Everywhere => Ok(()),
-                Anonymous::LoopbackOnly if is_loopback(credentials.peer.ip()) => Ok(()),
-                _ => Err(Refusal::AnonymousNotAllowed),
-            },
+        if let Some((i, decided)) = chain::run(&rules.sources, credentials).await {
+            tracing::debug!(
+                source = %rules.sources[i].describe(),
+                allowed = decided.is_ok(),
+                "authentication decided"
+            );
+            return decided;
+        }
+        let presented = credentials.username.is_some() || credentials.password.is_some();
+        if presented && !rules.sources.is_empty() {
+            // Credentials no source accepts (an unknown user, a token of another issuer).
+            return Err(Refusal::BadCredentials);
+        }
+        // No source, or nothing presented: a username without sources is only a name, as in
+        // Mosquitto; the anonymous policy decides who may connect.
+        match self.anonymous_policy(&rules) {
+            Anonymous::Everywhere => Ok(Grant::default()),
+            Anonymous::LoopbackOnly if is_loopback(credentials.peer.ip()) => Ok(Grant::default()),
+            _ => Err(Refusal::AnonymousNotAllowed),
         }
     }
 
-    /// Whether a password file is in force.
-    pub fn has_passwords(&self) -> bool {
-        self.rules().passwords.is_some()
+    /// Whether any authentication source is in force (a password file or a chain entry).
+    pub fn has_sources(&self) -> bool {
+        !self.rules().sources.is_empty()
     }
 
     /// Whether an ACL file is in force (connections then check every topic).
@@ -238,6 +297,27 @@ fn is_loopback(ip: IpAddr) -> bool {
     }
 }
 
+/// One connection's authorizer when its source handed out rules: those first, then the
+/// broker's (the ACL file, or everything but `$SYS` without one).
+#[derive(Debug)]
+pub struct ClientAuthorizer {
+    pub acl: Arc<ClientAcl>,
+    pub service: Arc<AuthService>,
+}
+
+impl Authorizer for ClientAuthorizer {
+    fn allows(&self, client_id: &str, username: Option<&str>, access: Access, topic: &str) -> bool {
+        match self.acl.decide(access, topic) {
+            Some(decided) => decided,
+            None => self.service.allows(client_id, username, access, topic),
+        }
+    }
+
+    fn generation(&self) -> u64 {
+        self.service.generation()
+    }
+}
+
 impl Authorizer for AuthService {
     fn allows(&self, client_id: &str, username: Option<&str>, access: Access, topic: &str) -> bool {
         match &self.rules().acl {
@@ -254,6 +334,7 @@ impl Authorizer for AuthService {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use password::PasswordFile;
 
     fn creds<'a>(
         username: Option<&'a str>,
@@ -266,6 +347,24 @@ mod tests {
             password,
             peer: peer.parse().unwrap(),
             certified: false,
+            listener: "tcp:default",
+            now_unix: 1_700_000_000,
+        }
+    }
+
+    /// `authenticate`, run to completion (no source here waits on anything).
+    trait Decide {
+        fn decide(&self, credentials: &Credentials<'_>) -> Result<(), Refusal>;
+    }
+
+    impl Decide for AuthService {
+        fn decide(&self, credentials: &Credentials<'_>) -> Result<(), Refusal> {
+            tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+                .unwrap()
+                .block_on(self.authenticate(credentials))
+                .map(drop)
         }
     }
 
@@ -278,18 +377,18 @@ mod tests {
     #[test]
     fn default_allows_anonymous_from_loopback_only() {
         let auth = AuthService::default();
-        assert_eq!(auth.authenticate(&creds(None, None, "127.0.0.1:1")), Ok(()));
-        assert_eq!(auth.authenticate(&creds(None, None, "[::1]:1")), Ok(()));
+        assert_eq!(auth.decide(&creds(None, None, "127.0.0.1:1")), Ok(()));
+        assert_eq!(auth.decide(&creds(None, None, "[::1]:1")), Ok(()));
         assert_eq!(
-            auth.authenticate(&creds(None, None, "[::ffff:127.0.0.1]:1")),
+            auth.decide(&creds(None, None, "[::ffff:127.0.0.1]:1")),
             Ok(())
         );
         assert_eq!(
-            auth.authenticate(&creds(None, None, "192.0.2.7:1")),
+            auth.decide(&creds(None, None, "192.0.2.7:1")),
             Err(Refusal::AnonymousNotAllowed)
         );
         assert_eq!(
-            auth.authenticate(&creds(Some("u"), Some(b"p"), "192.0.2.7:1")),
+            auth.decide(&creds(Some("u"), Some(b"p"), "192.0.2.7:1")),
             Err(Refusal::AnonymousNotAllowed)
         );
     }
@@ -305,19 +404,19 @@ mod tests {
         };
         let auth = AuthService::load(&settings).unwrap();
         assert_eq!(
-            auth.authenticate(&creds(Some("alice"), Some(b"secret"), "192.0.2.7:1")),
+            auth.decide(&creds(Some("alice"), Some(b"secret"), "192.0.2.7:1")),
             Ok(())
         );
         assert_eq!(
-            auth.authenticate(&creds(Some("alice"), Some(b"nope"), "127.0.0.1:1")),
+            auth.decide(&creds(Some("alice"), Some(b"nope"), "127.0.0.1:1")),
             Err(Refusal::BadCredentials)
         );
         assert_eq!(
-            auth.authenticate(&creds(Some("eve"), Some(b"secret"), "127.0.0.1:1")),
+            auth.decide(&creds(Some("eve"), Some(b"secret"), "127.0.0.1:1")),
             Err(Refusal::BadCredentials)
         );
         assert_eq!(
-            auth.authenticate(&creds(None, None, "127.0.0.1:1")),
+            auth.decide(&creds(None, None, "127.0.0.1:1")),
             Err(Refusal::AnonymousNotAllowed)
         );
 
@@ -326,7 +425,7 @@ mod tests {
         let err = auth.reload().unwrap_err();
         assert!(err.contains("line 1"), "{err}");
         assert_eq!(
-            auth.authenticate(&creds(Some("alice"), Some(b"secret"), "127.0.0.1:1")),
+            auth.decide(&creds(Some("alice"), Some(b"secret"), "127.0.0.1:1")),
             Ok(())
         );
         assert_eq!(auth.generation(), 0);
@@ -337,7 +436,7 @@ mod tests {
         auth.reload().unwrap();
         assert_eq!(auth.generation(), 1);
         assert_eq!(
-            auth.authenticate(&creds(Some("alice"), Some(b"secret"), "127.0.0.1:1")),
+            auth.decide(&creds(Some("alice"), Some(b"secret"), "127.0.0.1:1")),
             Err(Refusal::BadCredentials)
         );
         std::fs::remove_file(path).unwrap();
@@ -350,19 +449,19 @@ mod tests {
             ..AuthSettings::default()
         })
         .unwrap();
-        assert_eq!(open.authenticate(&creds(None, None, "192.0.2.7:1")), Ok(()));
+        assert_eq!(open.decide(&creds(None, None, "192.0.2.7:1")), Ok(()));
         let closed = AuthService::load(&AuthSettings {
             allow_anonymous: Some(false),
             ..AuthSettings::default()
         })
         .unwrap();
         assert_eq!(
-            closed.authenticate(&creds(None, None, "127.0.0.1:1")),
+            closed.decide(&creds(None, None, "127.0.0.1:1")),
             Err(Refusal::AnonymousNotAllowed)
         );
         let mut certified = creds(Some("cn"), None, "192.0.2.7:1");
         certified.certified = true;
-        assert_eq!(closed.authenticate(&certified), Ok(()));
+        assert_eq!(closed.decide(&certified), Ok(()));
     }
 
     #[test]
