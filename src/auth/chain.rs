@@ -136,7 +136,10 @@ impl RawEntry {
             ("password_file", self.password_file.is_some()),
             ("algorithm", self.algorithm.is_some()),
             ("secret", self.secret.is_some()),
-            ("secret_base64_encoded", self.secret_base64_encoded.is_some()),
+            (
+                "secret_base64_encoded",
+                self.secret_base64_encoded.is_some(),
+            ),
             ("public_key", self.public_key.is_some()),
             ("jwks_file", self.jwks_file.is_some()),
             ("use_jwks", self.use_jwks.is_some()),
@@ -194,7 +197,9 @@ impl RawEntry {
             (Some(KeyKind::Hmac), KeySource::Secret { .. })
             | (Some(KeyKind::PublicKey), KeySource::PublicKey(_) | KeySource::JwksFile(_))
             | (None, _) => {}
-            (Some(KeyKind::Hmac), _) => return Err("algorithm = \"hmac-based\" needs secret".into()),
+            (Some(KeyKind::Hmac), _) => {
+                return Err("algorithm = \"hmac-based\" needs secret".into())
+            }
             (Some(KeyKind::PublicKey), _) => {
                 return Err("algorithm = \"public-key\" needs public_key or jwks_file".into())
             }
@@ -268,7 +273,8 @@ impl PasswordSource {
     pub fn load(path: &Path) -> Result<Self, String> {
         let text = std::fs::read_to_string(path)
             .map_err(|err| format!("cannot read {}: {err}", path.display()))?;
-        let file = PasswordFile::parse(&text).map_err(|err| format!("{}: {err}", path.display()))?;
+        let file =
+            PasswordFile::parse(&text).map_err(|err| format!("{}: {err}", path.display()))?;
         // The names as `PasswordFile::parse` reads them.
         let users = text
             .lines()

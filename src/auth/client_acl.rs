@@ -84,8 +84,7 @@ impl ClientAcl {
                         Some(_) => return Err(format!("`{key}` must be a list of topics")),
                     }
                 }
-                if let Some(other) = map.keys().find(|k| !["pub", "sub", "all"].contains(&&***k))
-                {
+                if let Some(other) = map.keys().find(|k| !["pub", "sub", "all"].contains(&&***k)) {
                     return Err(format!("unknown key `{other}` (expected pub, sub, all)"));
                 }
                 true
@@ -257,8 +256,12 @@ mod tests {
 
     #[test]
     fn placeholders_never_widen_a_rule() {
-        let acl = ClientAcl::parse(&json!({"all": ["d/${clientid}", "u/${username}"]}), "+", None)
-            .unwrap();
+        let acl = ClientAcl::parse(
+            &json!({"all": ["d/${clientid}", "u/${username}"]}),
+            "+",
+            None,
+        )
+        .unwrap();
         assert_eq!(acl.decide(Access::Publish, "d/+"), Some(false));
         assert_eq!(acl.decide(Access::Publish, "d/x"), Some(false));
         assert_eq!(acl.decide(Access::Publish, "u/"), Some(false));

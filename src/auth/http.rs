@@ -244,10 +244,12 @@ impl HttpAuth {
             out.extend(url::form_urlencoded::byte_serialize(value.as_bytes()));
         };
         let mut url = render_with(&s.url, credentials, &encode);
-        let fields = s
-            .body
-            .iter()
-            .map(|(k, v)| (k.as_str(), render_with(v, credentials, &|v, out| out.push_str(v))));
+        let fields = s.body.iter().map(|(k, v)| {
+            (
+                k.as_str(),
+                render_with(v, credentials, &|v, out| out.push_str(v)),
+            )
+        });
         let form = || {
             let mut form = url::form_urlencoded::Serializer::new(String::new());
             for (k, v) in fields.clone() {
@@ -271,16 +273,23 @@ impl HttpAuth {
             }
             Method::Post => {
                 builder = builder.method(hyper::Method::POST);
-                if !s.headers.keys().any(|k| k.eq_ignore_ascii_case("content-type")) {
+                if !s
+                    .headers
+                    .keys()
+                    .any(|k| k.eq_ignore_ascii_case("content-type"))
+                {
                     builder = builder.header(CONTENT_TYPE, "application/json");
                 }
-                let map: serde_json::Map<String, Value> =
-                    fields.map(|(k, v)| (k.to_owned(), Value::String(v))).collect();
+                let map: serde_json::Map<String, Value> = fields
+                    .map(|(k, v)| (k.to_owned(), Value::String(v)))
+                    .collect();
                 Bytes::from(Value::Object(map).to_string())
             }
         };
         let uri: Uri = url.parse().map_err(|e| format!("the rendered url: {e}"))?;
-        builder = builder.uri(uri).header(hyper::header::ACCEPT, "application/json");
+        builder = builder
+            .uri(uri)
+            .header(hyper::header::ACCEPT, "application/json");
         for (name, value) in &s.headers {
             builder = builder.header(name.as_str(), value.as_str());
         }

@@ -60,7 +60,10 @@ pub struct JwtSettings {
 /// Where the verification key comes from.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum KeySource {
-    Secret { secret: String, base64: bool },
+    Secret {
+        secret: String,
+        base64: bool,
+    },
     /// PEM text, or the path of a PEM file.
     PublicKey(String),
     JwksFile(PathBuf),
@@ -113,8 +116,9 @@ impl Jwt {
         let keys = match &settings.key {
             KeySource::Secret { secret, base64 } => {
                 let key = if *base64 {
-                    DecodingKey::from_base64_secret(secret)
-                        .map_err(|e| format!("secret: not base64 ({e}); or set secret_base64_encoded = false"))?
+                    DecodingKey::from_base64_secret(secret).map_err(|e| {
+                        format!("secret: not base64 ({e}); or set secret_base64_encoded = false")
+                    })?
                 } else {
                     DecodingKey::from_secret(secret.as_bytes())
                 };
@@ -200,9 +204,9 @@ impl Jwt {
             validation.validate_nbf = false;
             validation.validate_aud = false;
             validation.leeway = 0;
-            if let Ok(data) = jsonwebtoken::decode::<serde_json::Map<String, Value>>(
-                token, &key.key, &validation,
-            ) {
+            if let Ok(data) =
+                jsonwebtoken::decode::<serde_json::Map<String, Value>>(token, &key.key, &validation)
+            {
                 return Some(data.claims);
             }
         }

@@ -464,6 +464,159 @@ mod tests {
         assert_eq!(closed.decide(&certified), Ok(()));
     }
 
+    fn parse(toml_text: &str) -> Result<AuthSettings, String> {
+        toml::from_str(toml_text).map_err(|e| e.to_string())
+    }
+
+    #[test]
+    fn the_chain_is_tried_in_order() {
+        use jsonwebtoken::{encode, EncodingKey, Header};
+        let mut first = PasswordFile::default();
+        first.set("alice", password::PasswordHash::new_pbkdf2(b"secret"));
+        let first = temp_file("chain1", &first.to_text());
+        let mut second = PasswordFile::default();
+        second.set("alice", password::PasswordHash::new_pbkdf2(b"second"));
+        second.set("bob", password::PasswordHash::new_pbkdf2(b"builder"));
+        let second = temp_file("chain2", &second.to_text());
+        let mut settings = parse(&format!(
+            r#"
+            password_file = "{}"
+            [[authentication]]
+            mechanism = "jwt"
+            secret = "k"
+            [[authentication]]
+            mechanism = "password_based"
+            backend = "built_in_database"
+            password_file = "{}"
+            [[authentication]]
+            mechanism = "jwt"
+            enable = false
+            secret = "disabled"
+            "#,
+            first.display(),
+            second.display()
+        ))
+        .unwrap();
+        let auth = AuthService::load(&settings).unwrap();
+        let describe = auth.describe();
+        assert!(describe.contains("authentication chain: password file with 1 users -> jwt (hmac-based, from password) -> password file with 2 users"), "{describe}");
+        let remote = "192.0.2.7:1";
+        // The first source that knows the user decides: alice's second password is never
+        // reached.
+        assert_eq!(
+            auth.decide(&creds(Some("alice"), Some(b"secret"), remote)),
+            Ok(())
+        );
+        assert_eq!(
+            auth.decide(&creds(Some("alice"), Some(b"second"), remote)),
+            Err(Refusal::BadCredentials)
+        );
+        // Unknown to the first file, not a token: the second file decides.
+        assert_eq!(
+            auth.decide(&creds(Some("bob"), Some(b"builder"), remote)),
+            Ok(())
+        );
+        let token = |secret: &str| {
+            encode(
+                &Header::default(),
+                &serde_json::json!({"exp": 1_700_000_060}),
+                &EncodingKey::from_secret(secret.as_bytes()),
+            )
+            .unwrap()
+        };
+        let good = token("k");
+        assert_eq!(
+            auth.decide(&creds(Some("carol"), Some(good.as_bytes()), remote)),
+            Ok(())
+        );
+        // The disabled entry's key is not in the chain; no source accepts: refused.
+        let disabled = token("disabled");
+        assert_eq!(
+            auth.decide(&creds(Some("carol"), Some(disabled.as_bytes()), remote)),
+            Err(Refusal::BadCredentials)
+        );
+        // Once a source is configured, anonymous clients are refused, even on loopback...
+        assert_eq!(
+            auth.decide(&creds(None, None, "127.0.0.1:1")),
+            Err(Refusal::AnonymousNotAllowed)
+        );
+        // ...unless allow_anonymous says otherwise; presented credentials still must pass.
+        settings.allow_anonymous = Some(true);
+        let open = AuthService::load(&settings).unwrap();
+        assert_eq!(open.decide(&creds(None, None, remote)), Ok(()));
+        assert_eq!(
+            open.decide(&creds(Some("mallory"), Some(b"x"), remote)),
+            Err(Refusal::BadCredentials)
+        );
+        // A token in the password field without a username (MQTT 5 allows it).
+        assert_eq!(
+            open.decide(&creds(None, Some(good.as_bytes()), remote)),
+            Ok(())
+        );
+        std::fs::remove_file(first).unwrap();
+        std::fs::remove_file(second).unwrap();
+    }
+
+    #[test]
+    fn a_reload_rereads_the_chain_files_and_keeps_them_on_error() {
+        let mut file = PasswordFile::default();
+        file.set("bob", password::PasswordHash::new_pbkdf2(b"one"));
+        let path = temp_file("chain-reload", &file.to_text());
+        let settings = parse(&format!(
+            "[[authentication]]\nmechanism = \"password_based\"\nbackend = \"built_in_database\"\npassword_file = \"{}\"\n",
+            path.display()
+        ))
+        .unwrap();
+        let auth = AuthService::load(&settings).unwrap();
+        std::fs::write(&path, "bob\n").unwrap();
+        let err = auth.reload().unwrap_err();
+        assert!(err.starts_with("auth.authentication #1:"), "{err}");
+        assert_eq!(
+            auth.decide(&creds(Some("bob"), Some(b"one"), "192.0.2.7:1")),
+            Ok(())
+        );
+        file.set("bob", password::PasswordHash::new_pbkdf2(b"two"));
+        std::fs::write(&path, file.to_text()).unwrap();
+        auth.reload().unwrap();
+        assert_eq!(
+            auth.decide(&creds(Some("bob"), Some(b"two"), "192.0.2.7:1")),
+            Ok(())
+        );
+        std::fs::remove_file(path).unwrap();
+    }
+
+    #[test]
+    fn chain_entries_are_checked_when_parsed() {
+        for (text, needle) in [
+            ("mechanism = \"scram\"", "mechanism must be"),
+            ("mechanism = \"password_based\"", "backend must be"),
+            ("mechanism = \"password_based\"\nbackend = \"mysql\"", "backend must be"),
+            ("mechanism = \"jwt\"", "exactly one of secret, public_key, jwks_file"),
+            ("mechanism = \"jwt\"\nsecret = \"k\"\nurl = \"http://x\"", "`url` is not a setting of mechanism = \"jwt\""),
+            ("mechanism = \"jwt\"\nalgorithm = \"public-key\"\nsecret = \"k\"", "needs public_key"),
+            ("mechanism = \"jwt\"\nsecret = \"k\"\nfrom = \"clientid\"", "from"),
+            ("mechanism = \"jwt\"\nuse_jwks = true\nendpoint = \"https://x\"", "endpoint"),
+            ("mechanism = \"password_based\"\nbackend = \"http\"", "needs url"),
+            ("mechanism = \"password_based\"\nbackend = \"http\"\nurl = \"http://x/\"\nrequest_timeout = \"soon\"", "request_timeout"),
+            ("mechanism = \"password_based\"\nbackend = \"http\"\nurl = \"http://x/\"\nsecret = \"k\"", "`secret` is not a setting of backend = \"http\""),
+            ("mechanism = \"password_based\"\nbackend = \"built_in_database\"", "needs password_file"),
+        ] {
+            let err = parse(&format!("[[authentication]]\n{text}\n")).unwrap_err();
+            assert!(err.contains(needle), "{text}: {err}");
+        }
+        let http = parse(
+            "[[authentication]]\nmechanism = \"password_based\"\nbackend = \"http\"\nmethod = \"get\"\nurl = \"http://127.0.0.1:9/auth\"\nrequest_timeout = \"2s\"\npool_size = 2\nbody = { user = \"${username}\" }\n",
+        )
+        .unwrap();
+        let SourceKind::Http(http) = &http.authentication[0].kind else {
+            panic!("an http entry");
+        };
+        assert_eq!(http.method, http::Method::Get);
+        assert_eq!(http.request_timeout, std::time::Duration::from_secs(2));
+        assert_eq!(http.pool_size, 2);
+        assert_eq!(http.body.len(), 1);
+    }
+
     #[test]
     fn missing_file_is_an_error_naming_it() {
         let err = AuthService::load(&AuthSettings {
