@@ -285,7 +285,8 @@ impl PasswordSource {
         Ok(Self { file, users })
     }
 
-    pub fn len(&self) -> usize {
+    /// How many users the file has.
+    pub fn users(&self) -> usize {
         self.file.len()
     }
 
@@ -318,7 +319,7 @@ pub enum Source {
 impl Source {
     pub fn describe(&self) -> String {
         match self {
-            Self::PasswordFile(file) => format!("password file with {} users", file.len()),
+            Self::PasswordFile(file) => format!("password file with {} users", file.users()),
             Self::Jwt(jwt) => jwt.describe(),
             Self::Http(http) => http.describe(),
         }

@@ -148,14 +148,6 @@ impl ClientAcl {
         }
         self.deny_unmatched.then_some(false)
     }
-
-    pub fn len(&self) -> usize {
-        self.rules.len()
-    }
-
-    pub fn is_empty(&self) -> bool {
-        self.rules.is_empty()
-    }
 }
 
 impl Rule {

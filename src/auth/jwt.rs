@@ -243,7 +243,10 @@ impl Jwt {
             let expected = super::chain::render(expected, credentials);
             let matches = match claims.get(name) {
                 Some(Value::String(s)) => *s == expected,
-                Some(v @ (Value::Number(_) | Value::Bool(_))) => v.to_string() == expected,
+                Some(v @ (Value::Number(_) | Value::Bool(_))) => {
+                    let text = v.to_string();
+                    text == expected
+                }
                 _ => false,
             };
             if !matches {

@@ -212,7 +212,7 @@ impl AuthService {
             [only] => only.describe(),
             sources => {
                 let names: Vec<String> = sources.iter().map(Source::describe).collect();
-                format!("authentication chain: {}", names.join(" -> "))
+                format!("chain: {}", names.join(" -> "))
             }
         };
         let acl = match &rules.acl {
@@ -499,7 +499,7 @@ mod tests {
         .unwrap();
         let auth = AuthService::load(&settings).unwrap();
         let describe = auth.describe();
-        assert!(describe.contains("authentication chain: password file with 1 users -> jwt (hmac-based, from password) -> password file with 2 users"), "{describe}");
+        assert!(describe.contains("chain: password file with 1 users -> jwt (hmac-based, from password) -> password file with 2 users"), "{describe}");
         let remote = "192.0.2.7:1";
         // The first source that knows the user decides: alice's second password is never
         // reached.
