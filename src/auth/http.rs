@@ -178,12 +178,16 @@ impl HttpAuth {
 
     async fn decide_at(&self, credentials: &Credentials<'_>, now: Instant) -> Verdict {
         let ttl = self.settings.cache_ttl;
-        let key = (!ttl.is_zero()).then(|| self.lock().key(credentials));
-        if let Some(key) = &key {
-            if let Some(verdict) = self.lock().get(key, now) {
+        let key = if ttl.is_zero() {
+            None
+        } else {
+            let mut cache = self.lock();
+            let key = cache.key(credentials);
+            if let Some(verdict) = cache.get(&key, now) {
                 return verdict;
             }
-        }
+            Some(key)
+        };
         let verdict = match self.ask(credentials).await {
             Ok(verdict) => {
                 if self.failing.swap(false, Ordering::Relaxed) {

@@ -51,7 +51,8 @@ pub struct AuthSettings {
     /// and subscribe to anything but `$SYS`.
     pub acl_file: Option<PathBuf>,
     /// Clients without a username: `true` accepted from anywhere, `false` refused; unset,
-    /// accepted from loopback only when no password file is configured, refused otherwise.
+    /// accepted from loopback only when no authentication source (password file or
+    /// `[[auth.authentication]]` entry) is configured, refused otherwise.
     pub allow_anonymous: Option<bool>,
     /// `[[auth.authentication]]`: EMQX's chain, tried in order after `password_file`.
     pub authentication: Vec<chain::SourceSettings>,
@@ -268,6 +269,15 @@ impl AuthService {
             Anonymous::LoopbackOnly if is_loopback(credentials.peer.ip()) => Ok(Grant::default()),
             _ => Err(Refusal::AnonymousNotAllowed),
         }
+    }
+
+    /// Whether a JWT source takes its token from the username (`from = "username"`): the
+    /// username is then a credential, kept out of the logs.
+    pub fn username_carries_token(&self) -> bool {
+        self.settings.authentication.iter().any(|entry| {
+            entry.enable
+                && matches!(&entry.kind, SourceKind::Jwt(jwt) if jwt.from == jwt::TokenField::Username)
+        })
     }
 
     /// Whether any authentication source is in force (a password file or a chain entry).

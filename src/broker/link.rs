@@ -227,7 +227,13 @@ impl Link {
         let span = tracing::Span::current();
         span.record("client_id", &*client_id);
         if let Some(username) = self.channel.username() {
-            span.record("username", username);
+            // A JWT in the username is a credential: never logged.
+            let shown = if self.broker.auth().username_carries_token() {
+                "(token)"
+            } else {
+                username
+            };
+            span.record("username", shown);
         }
         if let Err(code) = self.authenticate(&client_id).await {
             return self.channel.reject(code);
@@ -318,7 +324,11 @@ impl Link {
             Err(refusal) => {
                 tracing::info!(
                     peer = %self.peer,
-                    username = credentials.username.unwrap_or(""),
+                    username = if auth.username_carries_token() {
+                        "(token)"
+                    } else {
+                        credentials.username.unwrap_or("")
+                    },
                     ?refusal,
                     "connection refused: {}",
                     match refusal {
