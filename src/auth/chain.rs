@@ -95,6 +95,16 @@ struct RawEntry {
     pool_size: Option<usize>,
     cache_ttl: Option<String>,
     cache_max_count: Option<usize>,
+    ssl: Option<RawSsl>,
+}
+
+/// EMQX's `ssl` block of the HTTP backend (the part that applies to a client).
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawSsl {
+    enable: Option<bool>,
+    cacertfile: Option<PathBuf>,
+    verify: Option<String>,
 }
 
 impl TryFrom<RawEntry> for SourceSettings {
@@ -132,7 +142,7 @@ impl TryFrom<RawEntry> for SourceSettings {
 impl RawEntry {
     /// Fails when a setting of another kind of source is set.
     fn only(&self, allowed: &[&str], what: &str) -> Result<(), String> {
-        let set: [(&str, bool); 19] = [
+        let set: [(&str, bool); 20] = [
             ("password_file", self.password_file.is_some()),
             ("algorithm", self.algorithm.is_some()),
             ("secret", self.secret.is_some()),
@@ -155,6 +165,7 @@ impl RawEntry {
             ("pool_size", self.pool_size.is_some()),
             ("cache_ttl", self.cache_ttl.is_some()),
             ("cache_max_count", self.cache_max_count.is_some()),
+            ("ssl", self.ssl.is_some()),
         ];
         match set.iter().find(|(name, on)| *on && !allowed.contains(name)) {
             Some((name, _)) => Err(format!("`{name}` is not a setting of {what}")),
@@ -227,9 +238,23 @@ impl RawEntry {
                 "pool_size",
                 "cache_ttl",
                 "cache_max_count",
+                "ssl",
             ],
             "backend = \"http\"",
         )?;
+        let https = self.url.as_deref().is_some_and(|u| u.starts_with("https:"));
+        let cacertfile = match &self.ssl {
+            None => None,
+            Some(ssl) => {
+                if ssl.verify.as_deref().is_some_and(|v| v != "verify_peer") {
+                    return Err("ssl.verify: only \"verify_peer\" (the service's certificate is always checked)".into());
+                }
+                if ssl.enable == Some(false) && https {
+                    return Err("ssl.enable = false with an https:// url".into());
+                }
+                ssl.cacertfile.clone()
+            }
+        };
         let duration = |name: &str, value: &Option<String>, default: Duration| match value {
             None => Ok(default),
             Some(text) => humantime::parse_duration(text)
@@ -254,6 +279,7 @@ impl RawEntry {
             pool_size: self.pool_size.unwrap_or(defaults.pool_size),
             cache_ttl: duration("cache_ttl", &self.cache_ttl, defaults.cache_ttl)?,
             cache_max_count: self.cache_max_count.unwrap_or(defaults.cache_max_count),
+            cacertfile,
         };
         settings.validate()?;
         Ok(settings)

@@ -16,10 +16,12 @@
 //! alive connections (hyper's pooled client). Allow and deny answers are cached for
 //! `cache_ttl` (`cache_max_count` entries), keyed by an HMAC with a per-process random key of
 //! the client id, username, password, peer address and listener: the cache never holds a
-//! password, nor a hash that could be tested offline. This is the one source with sockets and
-//! tasks (hyper's connection tasks); the broker never blocks a runtime thread on it.
+//! password, nor a hash that could be tested offline. `https://` URLs are verified against the
+//! system's trust store or `ssl.cacertfile` (`http_connect`). This is the one source with
+//! sockets and tasks (hyper's connection tasks); the broker never blocks a runtime thread on it.
 
 use std::collections::{BTreeMap, HashMap};
+use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
@@ -29,6 +31,7 @@ use http_body_util::{BodyExt, Full, Limited};
 use hyper::header::{HeaderName, HeaderValue, CONTENT_TYPE};
 use hyper::{Request, StatusCode, Uri};
 use hyper_util::client::legacy::connect::HttpConnector;
+
 use hyper_util::client::legacy::Client;
 use hyper_util::rt::{TokioExecutor, TokioTimer};
 use ring::hmac;
@@ -37,6 +40,7 @@ use serde_json::Value;
 
 use super::chain::{render_with, Grant, Verdict};
 use super::client_acl::ClientAcl;
+use super::http_connect::Connector;
 use super::{Credentials, Refusal};
 
 /// The largest response body read.
@@ -64,6 +68,8 @@ pub struct HttpSettings {
     /// 0 turns the cache off.
     pub cache_ttl: Duration,
     pub cache_max_count: usize,
+    /// EMQX's `ssl.cacertfile`: the CA of an `https://` service (default: the system's).
+    pub cacertfile: Option<PathBuf>,
 }
 
 impl Default for HttpSettings {
@@ -87,6 +93,7 @@ impl Default for HttpSettings {
             pool_size: 8,
             cache_ttl: Duration::from_secs(60),
             cache_max_count: 10_000,
+            cacertfile: None,
         }
     }
 }
@@ -95,11 +102,11 @@ impl HttpSettings {
     pub fn validate(&self) -> Result<(), String> {
         let probe = self.url.replace("${", "x").replace('}', "x");
         let url = url::Url::parse(&probe).map_err(|e| format!("url = {:?}: {e}", self.url))?;
-        if url.scheme() != "http" {
-            return Err(format!(
-                "url = {:?}: only http:// is supported (put a TLS proxy on the auth service's host for https)",
-                self.url
-            ));
+        if !matches!(url.scheme(), "http" | "https") {
+            return Err(format!("url = {:?}: must be http:// or https://", self.url));
+        }
+        if self.cacertfile.is_some() && url.scheme() != "https" {
+            return Err("ssl.cacertfile goes with an https:// url".into());
         }
         for (name, value) in &self.headers {
             HeaderName::from_bytes(name.as_bytes())
@@ -129,7 +136,7 @@ impl HttpSettings {
 /// The HTTP source: a pooled client, a bound on requests in flight, the result cache.
 pub struct HttpAuth {
     settings: HttpSettings,
-    client: Client<HttpConnector, Full<Bytes>>,
+    client: Client<Connector, Full<Bytes>>,
     slots: tokio::sync::Semaphore,
     cache: Mutex<Cache>,
     /// Set while the service fails (for the log).
@@ -150,6 +157,11 @@ impl HttpAuth {
         let mut connector = HttpConnector::new();
         connector.set_connect_timeout(Some(settings.connect_timeout));
         connector.set_nodelay(true);
+        let connector = Connector::new(
+            connector,
+            settings.url.starts_with("https:"),
+            settings.cacertfile.as_deref(),
+        )?;
         let client = Client::builder(TokioExecutor::new())
             .pool_max_idle_per_host(settings.pool_size)
             .pool_idle_timeout(Duration::from_secs(30))

@@ -268,10 +268,17 @@ fn settings_are_checked() {
     for (bad, needle) in [
         (
             HttpSettings {
-                url: "https://auth.example/x".into(),
+                url: "ftp://auth.example/x".into(),
                 ..ok.clone()
             },
-            "only http://",
+            "must be http:// or https://",
+        ),
+        (
+            HttpSettings {
+                cacertfile: Some("/ca.pem".into()),
+                ..ok.clone()
+            },
+            "ssl.cacertfile",
         ),
         (
             HttpSettings {
@@ -298,4 +305,73 @@ fn settings_are_checked() {
         let err = bad.validate().unwrap_err();
         assert!(err.contains(needle), "{err}");
     }
+}
+
+#[tokio::test]
+async fn https_services_are_verified_against_the_ca() {
+    use crate::transport::certs::{load_certs, load_key, Authority};
+    let dir = std::env::temp_dir().join(format!("petrel-https-auth-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let ca = Authority::generate("petrel test CA").unwrap();
+    let leaf = ca.server(&["127.0.0.1".to_owned()]).unwrap();
+    let write = |name: &str, text: &str| {
+        let path = dir.join(name);
+        std::fs::write(&path, text).unwrap();
+        path
+    };
+    let ca_path = write("ca.pem", &ca.pem().cert);
+    let cert = load_certs(&write("cert.pem", &leaf.cert)).unwrap();
+    let key = load_key(&write("key.pem", &leaf.key)).unwrap();
+    let config = rustls::ServerConfig::builder_with_provider(crate::transport::tls::provider())
+        .with_safe_default_protocol_versions()
+        .unwrap()
+        .with_no_client_auth()
+        .with_single_cert(cert, key)
+        .unwrap();
+    let acceptor = tokio_rustls::TlsAcceptor::from(Arc::new(config));
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    tokio::spawn(async move {
+        while let Ok((tcp, _)) = listener.accept().await {
+            let acceptor = acceptor.clone();
+            tokio::spawn(async move {
+                let Ok(mut stream) = acceptor.accept(tcp).await else {
+                    return;
+                };
+                let mut request = Vec::new();
+                let mut chunk = [0u8; 4096];
+                while request.len() < 64 * 1024 && !request.ends_with(b"}") {
+                    match stream.read(&mut chunk).await {
+                        Ok(0) | Err(_) => return,
+                        Ok(n) => request.extend_from_slice(&chunk[..n]),
+                    }
+                }
+                let body = r#"{"result": "allow"}"#;
+                let response = format!(
+                    "HTTP/1.1 200 OK\r\nconnection: close\r\ncontent-length: {}\r\n\r\n{body}",
+                    body.len()
+                );
+                let _ = stream.write_all(response.as_bytes()).await;
+                let _ = stream.shutdown().await;
+            });
+        }
+    });
+    let mut s = settings(addr);
+    s.url = format!("https://{addr}/auth");
+    s.cache_ttl = Duration::ZERO;
+    s.cacertfile = Some(ca_path);
+    let http = HttpAuth::new(&s).unwrap();
+    assert_eq!(
+        http.decide(&creds("alice", b"pw")).await,
+        Verdict::Allow(Grant::default())
+    );
+    // The system's trust store does not know our CA: no answer, passed on.
+    s.cacertfile = None;
+    if let Ok(untrusting) = HttpAuth::new(&s) {
+        assert_eq!(
+            untrusting.decide(&creds("alice", b"pw")).await,
+            Verdict::Ignore
+        );
+    }
+    let _ = std::fs::remove_dir_all(dir);
 }

@@ -23,6 +23,7 @@ pub mod banned;
 pub mod chain;
 pub mod client_acl;
 pub mod http;
+mod http_connect;
 pub mod jwt;
 pub mod password;
 
@@ -610,6 +611,8 @@ mod tests {
             ("mechanism = \"password_based\"\nbackend = \"http\"\nurl = \"http://x/\"\nrequest_timeout = \"soon\"", "request_timeout"),
             ("mechanism = \"password_based\"\nbackend = \"http\"\nurl = \"http://x/\"\nsecret = \"k\"", "`secret` is not a setting of backend = \"http\""),
             ("mechanism = \"password_based\"\nbackend = \"built_in_database\"", "needs password_file"),
+            ("mechanism = \"password_based\"\nbackend = \"http\"\nurl = \"https://x/\"\nssl = { verify = \"verify_none\" }", "ssl.verify"),
+            ("mechanism = \"password_based\"\nbackend = \"http\"\nurl = \"https://x/\"\nssl = { enable = false }", "ssl.enable"),
         ] {
             let err = parse(&format!("[[authentication]]\n{text}\n")).unwrap_err();
             assert!(err.contains(needle), "{text}: {err}");
