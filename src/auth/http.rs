@@ -8,9 +8,9 @@
 //! HTTP 200 with `{"result": "allow" | "deny" | "ignore", "is_superuser": bool, "acl": ...}`
 //! (`acl` in EMQX's shapes, see `client_acl`), or 204 for allow. Any other status, a body
 //! that is not such JSON, a connection failure or `request_timeout` passing means ignore (the
-//! next source decides), as in EMQX, and is logged (warn once when the service starts
-//! failing, debug while it goes on, info when it answers again: a client cannot raise the
-//! warn rate).
+//! next source decides), as in EMQX, and is logged: at warn when the service starts failing
+//! (at most once a minute, so that clients whose requests fail cannot raise the warn rate),
+//! otherwise at debug; at info when it answers again.
 //!
 //! At most `pool_size` requests are in flight (others wait, within their timeout) over kept-
 //! alive connections (hyper's pooled client). Allow and deny answers are cached for
@@ -22,7 +22,7 @@
 
 use std::collections::{BTreeMap, HashMap};
 use std::path::PathBuf;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -141,6 +141,9 @@ pub struct HttpAuth {
     cache: Mutex<Cache>,
     /// Set while the service fails (for the log).
     failing: AtomicBool,
+    /// When the last warning was logged (milliseconds since `created`, 0: never).
+    warned_at: AtomicU64,
+    created: Instant,
 }
 
 impl std::fmt::Debug for HttpAuth {
@@ -172,6 +175,8 @@ impl HttpAuth {
             slots: tokio::sync::Semaphore::new(settings.pool_size),
             cache: Mutex::new(Cache::new(settings.cache_max_count)),
             failing: AtomicBool::new(false),
+            warned_at: AtomicU64::new(0),
+            created: Instant::now(),
             settings: settings.clone(),
         })
     }
@@ -208,10 +213,11 @@ impl HttpAuth {
                 verdict
             }
             Err(why) => {
-                if self.failing.swap(true, Ordering::Relaxed) {
-                    tracing::debug!(url = %self.settings.url, "HTTP authentication: {why}; passing on");
-                } else {
+                let started = !self.failing.swap(true, Ordering::Relaxed);
+                if started && self.may_warn(now) {
                     tracing::warn!(url = %self.settings.url, "HTTP authentication: {why}; clients pass on to the next source until it answers (request_timeout, url)");
+                } else {
+                    tracing::debug!(url = %self.settings.url, "HTTP authentication: {why}; passing on");
                 }
                 return Verdict::Ignore;
             }
@@ -220,6 +226,17 @@ impl HttpAuth {
             self.lock().insert(key, verdict.clone(), now, ttl);
         }
         verdict
+    }
+
+    /// At most one warning a minute.
+    fn may_warn(&self, now: Instant) -> bool {
+        let at = now.saturating_duration_since(self.created).as_millis() as u64 + 1;
+        let last = self.warned_at.load(Ordering::Relaxed);
+        (last == 0 || at >= last + 60_000)
+            && self
+                .warned_at
+                .compare_exchange(last, at, Ordering::Relaxed, Ordering::Relaxed)
+                .is_ok()
     }
 
     fn lock(&self) -> std::sync::MutexGuard<'_, Cache> {
@@ -303,9 +320,10 @@ impl HttpAuth {
             }
         };
         let uri: Uri = url.parse().map_err(|e| format!("the rendered url: {e}"))?;
-        builder = builder
-            .uri(uri)
-            .header(hyper::header::ACCEPT, "application/json");
+        builder = builder.uri(uri);
+        if !s.headers.keys().any(|k| k.eq_ignore_ascii_case("accept")) {
+            builder = builder.header(hyper::header::ACCEPT, "application/json");
+        }
         for (name, value) in &s.headers {
             builder = builder.header(name.as_str(), value.as_str());
         }
