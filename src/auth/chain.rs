@@ -82,6 +82,8 @@ struct RawEntry {
     public_key: Option<String>,
     jwks_file: Option<PathBuf>,
     use_jwks: Option<bool>,
+    endpoint: Option<String>,
+    refresh_interval: Option<u64>,
     from: Option<TokenField>,
     verify_claims: Option<BTreeMap<String, String>>,
     acl_claim_name: Option<String>,
@@ -142,7 +144,7 @@ impl TryFrom<RawEntry> for SourceSettings {
 impl RawEntry {
     /// Fails when a setting of another kind of source is set.
     fn only(&self, allowed: &[&str], what: &str) -> Result<(), String> {
-        let set: [(&str, bool); 20] = [
+        let set: [(&str, bool); 22] = [
             ("password_file", self.password_file.is_some()),
             ("algorithm", self.algorithm.is_some()),
             ("secret", self.secret.is_some()),
@@ -153,6 +155,8 @@ impl RawEntry {
             ("public_key", self.public_key.is_some()),
             ("jwks_file", self.jwks_file.is_some()),
             ("use_jwks", self.use_jwks.is_some()),
+            ("endpoint", self.endpoint.is_some()),
+            ("refresh_interval", self.refresh_interval.is_some()),
             ("from", self.from.is_some()),
             ("verify_claims", self.verify_claims.is_some()),
             ("acl_claim_name", self.acl_claim_name.is_some()),
@@ -182,25 +186,46 @@ impl RawEntry {
                 "public_key",
                 "jwks_file",
                 "use_jwks",
+                "endpoint",
+                "refresh_interval",
+                "ssl",
                 "from",
                 "verify_claims",
                 "acl_claim_name",
             ],
             "mechanism = \"jwt\"",
         )?;
-        if self.use_jwks == Some(true) && self.jwks_file.is_none() {
-            return Err("use_jwks: only a local jwks_file is supported (no JWKS endpoint)".into());
+        let use_jwks = self.use_jwks == Some(true);
+        if !use_jwks
+            && (self.endpoint.is_some() || self.refresh_interval.is_some() || self.ssl.is_some())
+        {
+            return Err("endpoint, refresh_interval and ssl go with use_jwks = true".into());
         }
-        let key = match (&self.secret, &self.public_key, &self.jwks_file) {
-            (Some(secret), None, None) => KeySource::Secret {
+        let key = match (&self.secret, &self.public_key, &self.jwks_file, use_jwks) {
+            (Some(secret), None, None, false) => KeySource::Secret {
                 secret: secret.clone(),
                 base64: self.secret_base64_encoded.unwrap_or(false),
             },
-            (None, Some(pem), None) => KeySource::PublicKey(pem.clone()),
-            (None, None, Some(path)) => KeySource::JwksFile(path.clone()),
+            (None, Some(pem), None, false) => KeySource::PublicKey(pem.clone()),
+            (None, None, Some(path), _) if self.endpoint.is_none() => {
+                KeySource::JwksFile(path.clone())
+            }
+            (None, None, None, true) => {
+                let url = self
+                    .endpoint
+                    .clone()
+                    .ok_or("use_jwks = true needs endpoint (or a local jwks_file)")?;
+                let https = url.starts_with("https:");
+                KeySource::JwksEndpoint(super::jwks::EndpointSettings {
+                    url,
+                    refresh_interval: Duration::from_secs(self.refresh_interval.unwrap_or(300))
+                        .max(Duration::from_secs(1)),
+                    cacertfile: self.cacertfile(https)?,
+                })
+            }
             _ => {
                 return Err(
-                    "mechanism = \"jwt\" needs exactly one of secret, public_key, jwks_file".into(),
+                    "mechanism = \"jwt\" needs exactly one of secret, public_key, jwks_file, use_jwks = true with endpoint".into(),
                 )
             }
         };
@@ -226,6 +251,23 @@ impl RawEntry {
         })
     }
 
+    /// EMQX's `ssl` block, for an `https://` service: its CA file.
+    fn cacertfile(&self, https: bool) -> Result<Option<PathBuf>, String> {
+        let Some(ssl) = &self.ssl else {
+            return Ok(None);
+        };
+        if ssl.verify.as_deref().is_some_and(|v| v != "verify_peer") {
+            return Err(
+                "ssl.verify: only \"verify_peer\" (the service's certificate is always checked)"
+                    .into(),
+            );
+        }
+        if ssl.enable == Some(false) && https {
+            return Err("ssl.enable = false with an https:// url".into());
+        }
+        Ok(ssl.cacertfile.clone())
+    }
+
     fn http(&self) -> Result<HttpSettings, String> {
         self.only(
             &[
@@ -243,18 +285,7 @@ impl RawEntry {
             "backend = \"http\"",
         )?;
         let https = self.url.as_deref().is_some_and(|u| u.starts_with("https:"));
-        let cacertfile = match &self.ssl {
-            None => None,
-            Some(ssl) => {
-                if ssl.verify.as_deref().is_some_and(|v| v != "verify_peer") {
-                    return Err("ssl.verify: only \"verify_peer\" (the service's certificate is always checked)".into());
-                }
-                if ssl.enable == Some(false) && https {
-                    return Err("ssl.enable = false with an https:// url".into());
-                }
-                ssl.cacertfile.clone()
-            }
-        };
+        let cacertfile = self.cacertfile(https)?;
         let duration = |name: &str, value: &Option<String>, default: Duration| match value {
             None => Ok(default),
             Some(text) => humantime::parse_duration(text)
@@ -337,7 +368,7 @@ impl PasswordSource {
 #[derive(Debug)]
 pub enum Source {
     PasswordFile(PasswordSource),
-    Jwt(Jwt),
+    Jwt(Box<Jwt>),
     /// Kept across reloads (its connections and cache are not files).
     Http(Arc<HttpAuth>),
 }
@@ -354,7 +385,7 @@ impl Source {
     pub async fn decide(&self, credentials: &Credentials<'_>) -> Verdict {
         match self {
             Self::PasswordFile(file) => file.decide(credentials),
-            Self::Jwt(jwt) => jwt.decide(credentials),
+            Self::Jwt(jwt) => jwt.decide(credentials).await,
             Self::Http(http) => http.decide(credentials).await,
         }
     }

@@ -67,6 +67,9 @@ pub enum KeySource {
     /// PEM text, or the path of a PEM file.
     PublicKey(String),
     JwksFile(PathBuf),
+    /// EMQX's `use_jwks = true` with `endpoint`: fetched over HTTP(S), again every
+    /// `refresh_interval`.
+    JwksEndpoint(super::jwks::EndpointSettings),
 }
 
 #[derive(Clone, Copy, PartialEq, Eq, Debug)]
@@ -89,7 +92,8 @@ impl Family {
     }
 }
 
-struct Key {
+/// A verification key (opaque outside this module).
+pub struct Key {
     id: Option<String>,
     family: Family,
     key: DecodingKey,
@@ -98,14 +102,19 @@ struct Key {
 /// A loaded JWT source.
 pub struct Jwt {
     settings: JwtSettings,
-    keys: Vec<Key>,
+    keys: Keys,
+}
+
+enum Keys {
+    /// Read from the settings or files at (re)load.
+    Fixed(Arc<Vec<Key>>),
+    Remote(Box<super::jwks::Remote>),
 }
 
 impl std::fmt::Debug for Jwt {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("Jwt")
             .field("from", &self.settings.from)
-            .field("keys", &self.keys.len())
             .finish()
     }
 }
@@ -138,10 +147,16 @@ impl Jwt {
                 vec![pem_key(pem.as_bytes()).map_err(|e| format!("public_key: {e}"))?]
             }
             KeySource::JwksFile(path) => jwks_keys(path)?,
+            KeySource::JwksEndpoint(endpoint) => {
+                return Ok(Self {
+                    settings: settings.clone(),
+                    keys: Keys::Remote(Box::new(super::jwks::Remote::new(endpoint)?)),
+                })
+            }
         };
         Ok(Self {
             settings: settings.clone(),
-            keys,
+            keys: Keys::Fixed(Arc::new(keys)),
         })
     }
 
@@ -151,8 +166,13 @@ impl Jwt {
             KeySource::Secret { .. } => "hmac-based".to_owned(),
             KeySource::PublicKey(_) => "public-key".to_owned(),
             KeySource::JwksFile(path) => {
-                format!("{} keys from {}", self.keys.len(), path.display())
+                let n = match &self.keys {
+                    Keys::Fixed(keys) => keys.len(),
+                    Keys::Remote(_) => 0,
+                };
+                format!("{n} keys from {}", path.display())
             }
+            KeySource::JwksEndpoint(endpoint) => format!("keys from {}", endpoint.url),
         };
         let from = match self.settings.from {
             TokenField::Password => "password",
@@ -161,8 +181,26 @@ impl Jwt {
         format!("jwt ({key}, from {from})")
     }
 
-    /// Decides a CONNECT at `now_unix` (seconds since the epoch).
-    pub fn decide(&self, credentials: &Credentials<'_>) -> Verdict {
+    /// Decides a CONNECT at `now_unix` (seconds since the epoch). Only a JWKS endpoint
+    /// whose keys are due for a refresh waits (on one request for every connection).
+    pub async fn decide(&self, credentials: &Credentials<'_>) -> Verdict {
+        let keys = match &self.keys {
+            Keys::Fixed(keys) => Arc::clone(keys),
+            Keys::Remote(remote) => remote.keys(std::time::Instant::now()).await,
+        };
+        self.decide_with(&keys, credentials)
+    }
+
+    /// [`Jwt::decide`] with keys read from the settings or files.
+    #[cfg(test)]
+    fn decide_now(&self, credentials: &Credentials<'_>) -> Verdict {
+        match &self.keys {
+            Keys::Fixed(keys) => self.decide_with(keys, credentials),
+            Keys::Remote(_) => panic!("a JWKS endpoint is asked asynchronously"),
+        }
+    }
+
+    fn decide_with(&self, keys: &[Key], credentials: &Credentials<'_>) -> Verdict {
         let token = match self.settings.from {
             TokenField::Password => credentials
                 .password
@@ -172,7 +210,7 @@ impl Jwt {
         let Some(token) = token.filter(|t| !t.is_empty() && t.len() <= MAX_TOKEN_LEN) else {
             return Verdict::Ignore;
         };
-        let Some(claims) = self.verified_claims(token) else {
+        let Some(claims) = verified_claims(keys, token) else {
             return Verdict::Ignore;
         };
         match self.check_claims(&claims, credentials) {
@@ -182,35 +220,6 @@ impl Jwt {
                 Verdict::Deny(Refusal::BadCredentials)
             }
         }
-    }
-
-    /// The claims of a token one of our keys signed, or `None`.
-    fn verified_claims(&self, token: &str) -> Option<serde_json::Map<String, Value>> {
-        // `alg: none` and unknown algorithms fail here.
-        let header = jsonwebtoken::decode_header(token).ok()?;
-        let candidates = self.keys.iter().filter(|key| {
-            key.family.algorithms().contains(&header.alg)
-                && match (&header.kid, &key.id) {
-                    (Some(kid), Some(id)) => kid == id,
-                    _ => true,
-                }
-        });
-        for key in candidates {
-            let mut validation = Validation::new(header.alg);
-            validation.algorithms = key.family.algorithms();
-            // Time and audience are checked below, with the caller's clock.
-            validation.required_spec_claims.clear();
-            validation.validate_exp = false;
-            validation.validate_nbf = false;
-            validation.validate_aud = false;
-            validation.leeway = 0;
-            if let Ok(data) =
-                jsonwebtoken::decode::<serde_json::Map<String, Value>>(token, &key.key, &validation)
-            {
-                return Some(data.claims);
-            }
-        }
-        None
     }
 
     fn check_claims(
@@ -265,6 +274,35 @@ impl Jwt {
     }
 }
 
+/// The claims of a token one of `keys` signed, or `None`.
+fn verified_claims(keys: &[Key], token: &str) -> Option<serde_json::Map<String, Value>> {
+    // `alg: none` and unknown algorithms fail here.
+    let header = jsonwebtoken::decode_header(token).ok()?;
+    let candidates = keys.iter().filter(|key| {
+        key.family.algorithms().contains(&header.alg)
+            && match (&header.kid, &key.id) {
+                (Some(kid), Some(id)) => kid == id,
+                _ => true,
+            }
+    });
+    for key in candidates {
+        let mut validation = Validation::new(header.alg);
+        validation.algorithms = key.family.algorithms();
+        // Time and audience are checked by `check_claims`, with the caller's clock.
+        validation.required_spec_claims.clear();
+        validation.validate_exp = false;
+        validation.validate_nbf = false;
+        validation.validate_aud = false;
+        validation.leeway = 0;
+        if let Ok(data) =
+            jsonwebtoken::decode::<serde_json::Map<String, Value>>(token, &key.key, &validation)
+        {
+            return Some(data.claims);
+        }
+    }
+    None
+}
+
 fn pem_key(pem: &[u8]) -> Result<Key, String> {
     let (family, key) = if let Ok(key) = DecodingKey::from_rsa_pem(pem) {
         (Family::Rsa, key)
@@ -285,13 +323,14 @@ fn pem_key(pem: &[u8]) -> Result<Key, String> {
 fn jwks_keys(path: &Path) -> Result<Vec<Key>, String> {
     let text = std::fs::read_to_string(path)
         .map_err(|e| format!("jwks_file: cannot read {}: {e}", path.display()))?;
-    let set: JwkSet = serde_json::from_str(&text)
-        .map_err(|e| format!("jwks_file {}: not a JWK set: {e}", path.display()))?;
+    parse_jwks(text.as_bytes()).map_err(|e| format!("jwks_file {}: {e}", path.display()))
+}
+
+/// The keys of a JWK set (at most [`MAX_JWKS_KEYS`]).
+pub fn parse_jwks(text: &[u8]) -> Result<Vec<Key>, String> {
+    let set: JwkSet = serde_json::from_slice(text).map_err(|e| format!("not a JWK set: {e}"))?;
     if set.keys.len() > MAX_JWKS_KEYS {
-        return Err(format!(
-            "jwks_file {}: more than {MAX_JWKS_KEYS} keys",
-            path.display()
-        ));
+        return Err(format!("more than {MAX_JWKS_KEYS} keys"));
     }
     set.keys
         .iter()
@@ -302,8 +341,7 @@ fn jwks_keys(path: &Path) -> Result<Vec<Key>, String> {
                 AlgorithmParameters::OctetKeyPair(_) => Family::Ed,
                 AlgorithmParameters::OctetKey(_) => Family::Hmac,
             };
-            let key = DecodingKey::from_jwk(jwk)
-                .map_err(|e| format!("jwks_file {}: {e}", path.display()))?;
+            let key = DecodingKey::from_jwk(jwk).map_err(|e| e.to_string())?;
             Ok(Key {
                 id: jwk.common.key_id.clone(),
                 family,

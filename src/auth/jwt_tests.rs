@@ -46,7 +46,7 @@ fn creds<'a>(username: Option<&'a str>, password: Option<&'a [u8]>) -> Credentia
 }
 
 fn decide(jwt: &Jwt, token: &str) -> Verdict {
-    jwt.decide(&creds(Some("u"), Some(token.as_bytes())))
+    jwt.decide_now(&creds(Some("u"), Some(token.as_bytes())))
 }
 
 #[test]
@@ -98,9 +98,9 @@ fn tokens_we_did_not_sign_are_passed_on() {
     let cut = &token[..token.rfind('.').unwrap() + 1];
     assert_eq!(decide(&jwt, cut), Verdict::Ignore);
     assert_eq!(decide(&jwt, "hunter2"), Verdict::Ignore);
-    assert_eq!(jwt.decide(&creds(Some("u"), None)), Verdict::Ignore);
+    assert_eq!(jwt.decide_now(&creds(Some("u"), None)), Verdict::Ignore);
     assert_eq!(
-        jwt.decide(&creds(Some("u"), Some(&[0xff, 0xfe]))),
+        jwt.decide_now(&creds(Some("u"), Some(&[0xff, 0xfe]))),
         Verdict::Ignore
     );
 }
@@ -158,11 +158,11 @@ fn the_token_may_come_in_the_username() {
     let jwt = Jwt::load(&s).unwrap();
     let token = hs256(&json!({"exp": NOW + 60}), SECRET);
     assert_eq!(
-        jwt.decide(&creds(Some(&token), None)),
+        jwt.decide_now(&creds(Some(&token), None)),
         Verdict::Allow(Grant::default())
     );
     assert_eq!(
-        jwt.decide(&creds(Some("u"), Some(token.as_bytes()))),
+        jwt.decide_now(&creds(Some("u"), Some(token.as_bytes()))),
         Verdict::Ignore
     );
 }

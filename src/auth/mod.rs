@@ -24,6 +24,7 @@ pub mod chain;
 pub mod client_acl;
 pub mod http;
 mod http_connect;
+pub mod jwks;
 pub mod jwt;
 pub mod password;
 
@@ -121,7 +122,7 @@ impl Rules {
                 SourceKind::PasswordFile(path) => {
                     Source::PasswordFile(chain::PasswordSource::load(path).map_err(named)?)
                 }
-                SourceKind::Jwt(jwt) => Source::Jwt(jwt::Jwt::load(jwt).map_err(named)?),
+                SourceKind::Jwt(jwt) => Source::Jwt(Box::new(jwt::Jwt::load(jwt).map_err(named)?)),
                 SourceKind::Http(_) => Source::Http(Arc::clone(
                     http.next().expect("one HTTP source made per enabled entry"),
                 )),
@@ -606,7 +607,9 @@ mod tests {
             ("mechanism = \"jwt\"\nsecret = \"k\"\nurl = \"http://x\"", "`url` is not a setting of mechanism = \"jwt\""),
             ("mechanism = \"jwt\"\nalgorithm = \"public-key\"\nsecret = \"k\"", "needs public_key"),
             ("mechanism = \"jwt\"\nsecret = \"k\"\nfrom = \"clientid\"", "from"),
-            ("mechanism = \"jwt\"\nuse_jwks = true\nendpoint = \"https://x\"", "endpoint"),
+            ("mechanism = \"jwt\"\nuse_jwks = true", "needs endpoint"),
+            ("mechanism = \"jwt\"\nsecret = \"k\"\nendpoint = \"https://x\"", "go with use_jwks = true"),
+            ("mechanism = \"jwt\"\nuse_jwks = true\nendpoint = \"https://x\"\nssl = { verify = \"verify_none\" }", "ssl.verify"),
             ("mechanism = \"password_based\"\nbackend = \"http\"", "needs url"),
             ("mechanism = \"password_based\"\nbackend = \"http\"\nurl = \"http://x/\"\nrequest_timeout = \"soon\"", "request_timeout"),
             ("mechanism = \"password_based\"\nbackend = \"http\"\nurl = \"http://x/\"\nsecret = \"k\"", "`secret` is not a setting of backend = \"http\""),

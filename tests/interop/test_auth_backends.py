@@ -10,6 +10,7 @@ port with a temporary config whose chain is
     -> jwt HS256 (secret, verify_claims clientid = ${clientid})
     -> jwt RS256 (public_key file)
     -> jwt ES256 (jwks_file, found by kid)
+    -> jwt ES256 (use_jwks: a JWKS endpoint, fetched from the local service)
     -> http (POST to the local service, EMQX's placeholders in the body)
 
 and checks, for MQTT 3.1.1 and 5.0, the CONNACK codes paho sees: accepted (0); a wrong
@@ -72,6 +73,17 @@ class AuthService(http.server.BaseHTTPRequestHandler):
     """EMQX's HTTP authentication contract: 200 + {"result": ...}, 204 for allow."""
     requests = []
     lock = threading.Lock()
+    jwks = b"{}"
+
+    def do_GET(self):
+        if self.path == "/jwks":
+            self.send_response(200)
+            self.send_header("content-type", "application/json")
+            self.send_header("content-length", str(len(AuthService.jwks)))
+            self.end_headers()
+            self.wfile.write(AuthService.jwks)
+        else:
+            self.answer(404, None)
 
     def do_POST(self):
         length = int(self.headers.get("content-length", "0"))
@@ -125,6 +137,11 @@ class Setup:
         jwks_path = os.path.join(self.dir, "jwks.json")
         with open(jwks_path, "w") as f:
             json.dump({"keys": [jwk]}, f)
+        # Another ES256 key, served by the HTTP service as a JWKS endpoint.
+        self.remote = ec.generate_private_key(ec.SECP256R1())
+        remote = json.loads(jwt.algorithms.ECAlgorithm.to_jwk(self.remote.public_key()))
+        remote["kid"] = "remote-1"
+        AuthService.jwks = json.dumps({"keys": [remote]}).encode()
         # A password file written by petrel passwd (Mosquitto's format).
         passwd = os.path.join(self.dir, "passwd")
         subprocess.run([BINARY, "passwd", "-c", "-b", passwd, "alice", "alice-pw"],
@@ -154,6 +171,12 @@ public_key = "{rsa_path}"
 [[auth.authentication]]
 mechanism = "jwt"
 jwks_file = "{jwks_path}"
+
+[[auth.authentication]]
+mechanism = "jwt"
+use_jwks = true
+endpoint = "http://127.0.0.1:{http_port}/jwks"
+refresh_interval = 300
 
 [[auth.authentication]]
 mechanism = "password_based"
@@ -244,6 +267,8 @@ def connect_codes(setup, proto):
            password=token(setup.rsa, "RS256", {}))
     expect(proto, "ES256 token from the JWKS file", ACCEPTED, username="car",
            password=token(setup.ec, "ES256", {}, kid="fleet-1"))
+    expect(proto, "ES256 token from the JWKS endpoint", ACCEPTED, username="car",
+           password=token(setup.remote, "ES256", {}, kid="remote-1"))
     expect(proto, "expired token", BAD_CREDENTIALS, client_id=cid, username="car",
            password=hs({"exp": now - 10}, cid))
     expect(proto, "token not valid yet", BAD_CREDENTIALS, client_id=cid, username="car",
