@@ -953,4 +953,105 @@ kind = "tls"
         );
         assert_eq!(c.listeners[1], ListenerConfig::new(ListenerKind::Ws, ws));
     }
+
+    /// Fuzzing the configuration loader: the example file with commented settings switched
+    /// on, values replaced by arbitrary TOML values and keys by near-misses, and `--set`
+    /// overrides of arbitrary text. Whatever comes in, loading returns a `Config` or an error
+    /// that names where it went wrong; it never panics. A long run:
+    /// `cargo test --lib fuzz_long -- --ignored`.
+    fn mutated_example() -> impl proptest::strategy::Strategy<Value = (String, Vec<String>)> {
+        use proptest::prelude::*;
+        let example = include_str!("../petrel.example.toml");
+        let lines: Vec<String> = example.lines().map(str::to_owned).collect();
+        let n = lines.len();
+        let value = prop_oneof![
+            Just("0".to_owned()),
+            Just("-1".to_owned()),
+            Just("4294967296".to_owned()),
+            Just("1e400".to_owned()),
+            Just("\"\"".to_owned()),
+            Just("\"1h\"".to_owned()),
+            Just("\"0s\"".to_owned()),
+            Just("\"nonsense\"".to_owned()),
+            Just("true".to_owned()),
+            Just("[]".to_owned()),
+            Just("{}".to_owned()),
+            Just("\"127.0.0.1:0\"".to_owned()),
+            "[ -~]{0,12}".prop_map(|s| format!("{s:?}")),
+            any::<i64>().prop_map(|i| i.to_string()),
+        ];
+        let edit = (0..n, 0u8..4, value);
+        let set = prop_oneof![
+            "[a-z_]{1,10}\\.[a-z_]{1,16}=[ -~]{0,12}",
+            (
+                prop::sample::select(vec![
+                    "mqtt.max_packet_size",
+                    "mqtt.max_inflight",
+                    "session.max_queued",
+                    "broker.max_connections",
+                    "auth.allow_anonymous",
+                    "log.level",
+                    "api.bind",
+                    "storage.durability",
+                    "quic.congestion_control",
+                ]),
+                "[ -~]{0,12}"
+            )
+                .prop_map(|(k, v)| format!("{k}={v}")),
+        ];
+        (
+            proptest::collection::vec(edit, 0..8),
+            proptest::collection::vec(set, 0..3),
+        )
+            .prop_map(move |(edits, sets)| {
+                let mut lines = lines.clone();
+                for (line, how, value) in edits {
+                    let text = lines[line].trim_start_matches("# ").to_owned();
+                    lines[line] = match (how, text.split_once(" = ")) {
+                        // Switch a commented setting on, as written.
+                        (0, _) => text,
+                        (1, Some((key, _))) => format!("{key} = {value}"),
+                        (2, Some((key, v))) => format!("{key}x = {v}"),
+                        (_, _) => format!("{text}{value}"),
+                    };
+                }
+                (lines.join("\n"), sets)
+            })
+    }
+
+    fn load_never_panics(
+        text: &str,
+        sets: &[String],
+    ) -> Result<(), proptest::test_runner::TestCaseError> {
+        let sets: Vec<&str> = sets.iter().map(String::as_str).collect();
+        if let Err(e) = load(text, &[], &sets) {
+            let message = e.to_string();
+            proptest::prop_assert!(!message.is_empty());
+        }
+        Ok(())
+    }
+
+    proptest::proptest! {
+        #![proptest_config(proptest::prelude::ProptestConfig::with_cases(64))]
+
+        #[test]
+        fn any_mutation_of_the_example_loads_or_says_why((text, sets) in mutated_example()) {
+            load_never_panics(&text, &sets)?;
+        }
+
+        #[test]
+        fn arbitrary_text_loads_or_says_why(text in "[\\[\\]a-z_=. \"0-9#\n]{0,300}") {
+            load_never_panics(&text, &[])?;
+        }
+    }
+
+    proptest::proptest! {
+        #![proptest_config(proptest::prelude::ProptestConfig::with_cases(5_000))]
+
+        #[test]
+        #[ignore = "long fuzzing run; cargo test --lib fuzz_long -- --ignored"]
+        fn fuzz_long_config_mutations((text, sets) in mutated_example()) {
+            load_never_panics(&text, &sets)?;
+        }
+    }
 }

@@ -80,7 +80,8 @@ enum Command {
     },
     /// Add, update or delete a user in a password file (mosquitto_passwd's format and flags):
     /// `petrel passwd [-c] FILE USER` reads the password from standard input,
-    /// `-b FILE USER PASSWORD` takes it from the command line, `-D FILE USER` deletes.
+    /// `-b FILE USER PASSWORD` takes it from the command line, `-D FILE USER` deletes;
+    /// `--hash argon2id|scram-sha-256` writes another hash than Mosquitto's `$7$`.
     Passwd(PasswdArgs),
     /// Publish messages (mosquitto_pub habits) over mqtt://, mqtts://, ws://, wss:// or quic://.
     Pub(tools::pubsub::PubArgs),
@@ -165,6 +166,11 @@ struct PasswdArgs {
     /// Delete the user.
     #[arg(short = 'D', conflicts_with_all = ["create", "batch"])]
     delete: bool,
+    /// The hash to write: `pbkdf2` (Mosquitto's `$7$`, readable by mosquitto too),
+    /// `argon2id`, or `scram-sha-256` (Petrel only; needed for MQTT 5 SCRAM-SHA-256
+    /// authentication, and verifies plain passwords too).
+    #[arg(long = "hash", value_name = "KIND", default_value = "pbkdf2")]
+    hash: petrel::auth::password::HashKind,
     file: PathBuf,
     username: String,
     password: Option<String>,
@@ -201,7 +207,7 @@ fn passwd(args: PasswdArgs) -> anyhow::Result<()> {
         };
         file.set(
             &args.username,
-            PasswordHash::new_pbkdf2(password.as_bytes()),
+            PasswordHash::new(args.hash, password.as_bytes()),
         );
     }
     // Owner-only: it holds password hashes.

@@ -310,12 +310,68 @@ pattern read users/%u/#
         }
     }
 
+    /// Lines made of the format's own words, so the parser's every branch is reached.
+    fn acl_text() -> impl proptest::strategy::Strategy<Value = String> {
+        use proptest::prelude::*;
+        let word = prop::sample::select(vec![
+            "user",
+            "topic",
+            "pattern",
+            "read",
+            "write",
+            "readwrite",
+            "deny",
+            "#",
+            "+",
+            "a/+",
+            "a/#",
+            "%c",
+            "%u",
+            "a/%c/#",
+            "$SYS/#",
+            "",
+            " ",
+            "\t",
+            "# note",
+        ]);
+        let line = proptest::collection::vec(word, 0..5).prop_map(|w| w.join(" "));
+        proptest::collection::vec(line, 0..20).prop_map(|l| l.join("\n"))
+    }
+
+    fn check_any(text: &str) -> Result<(), proptest::test_runner::TestCaseError> {
+        match AclFile::parse(text) {
+            Ok(acl) => {
+                for access in [Access::Publish, Access::Subscribe, Access::Receive] {
+                    for topic in ["a/b", "a/c/d", "$SYS/x", "c/u"] {
+                        let _ = acl.allows("c", Some("u"), access, topic);
+                        let _ = acl.allows("c", None, access, topic);
+                    }
+                }
+            }
+            Err(e) => proptest::prop_assert!(e.starts_with("line "), "{}", e),
+        }
+        Ok(())
+    }
+
     proptest::proptest! {
         #[test]
         fn arbitrary_text_never_panics(text in "[a-z%/+# \n]{0,200}") {
-            if let Ok(acl) = AclFile::parse(&text) {
-                let _ = acl.allows("c", Some("u"), Access::Publish, "a/b");
-            }
+            check_any(&text)?;
+        }
+
+        #[test]
+        fn arbitrary_rules_parse_or_name_the_line(text in acl_text()) {
+            check_any(&text)?;
+        }
+    }
+
+    proptest::proptest! {
+        #![proptest_config(proptest::prelude::ProptestConfig::with_cases(20_000))]
+
+        #[test]
+        #[ignore = "long fuzzing run; cargo test --lib fuzz_long -- --ignored"]
+        fn fuzz_long_acl_rules(text in acl_text()) {
+            check_any(&text)?;
         }
     }
 }

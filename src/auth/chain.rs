@@ -20,10 +20,11 @@
 use std::collections::{BTreeMap, HashSet};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use serde::Deserialize;
 
+use super::cache::VerifiedCache;
 use super::client_acl::ClientAcl;
 use super::http::{HttpAuth, HttpSettings, Method};
 use super::jwt::{Jwt, JwtSettings, KeyKind, KeySource, TokenField};
@@ -288,7 +289,7 @@ impl RawEntry {
         let cacertfile = self.cacertfile(https)?;
         let duration = |name: &str, value: &Option<String>, default: Duration| match value {
             None => Ok(default),
-            Some(text) => humantime::parse_duration(text)
+            Some(text) => crate::duration::parse_duration(text)
                 .map_err(|e| format!("{name} = {text:?}: {e} (e.g. \"5s\")")),
         };
         let defaults = HttpSettings::default();
@@ -324,10 +325,14 @@ impl RawEntry {
 pub struct PasswordSource {
     file: PasswordFile,
     users: HashSet<String>,
+    /// Passwords verified lately (`[auth] cache_ttl`); a reload starts a new one.
+    cache: VerifiedCache,
 }
 
 impl PasswordSource {
-    pub fn load(path: &Path) -> Result<Self, String> {
+    /// Reads the file; verified passwords are remembered for `cache_ttl` (`cache_max_size`
+    /// users).
+    pub fn load(path: &Path, cache_ttl: Duration, cache_max_size: usize) -> Result<Self, String> {
         let text = std::fs::read_to_string(path)
             .map_err(|err| format!("cannot read {}: {err}", path.display()))?;
         let file =
@@ -339,7 +344,16 @@ impl PasswordSource {
             .filter(|line| !line.trim().is_empty() && !line.starts_with('#'))
             .filter_map(|line| line.split_once(':').map(|(user, _)| user.to_owned()))
             .collect();
-        Ok(Self { file, users })
+        Ok(Self {
+            file,
+            users,
+            cache: VerifiedCache::new(cache_ttl, cache_max_size),
+        })
+    }
+
+    /// SCRAM-SHA-256 keys for `user` (see `PasswordFile::scram_keys`).
+    pub fn scram_keys(&self, user: &str) -> (super::scram::ScramKeys, bool) {
+        self.file.scram_keys(user)
     }
 
     /// How many users the file has.
@@ -347,14 +361,17 @@ impl PasswordSource {
         self.file.len()
     }
 
-    fn decide(&self, credentials: &Credentials<'_>) -> Verdict {
+    fn decide(&self, credentials: &Credentials<'_>, now: Instant) -> Verdict {
         let Some(username) = credentials.username else {
             return Verdict::Ignore;
         };
-        if self
-            .file
-            .verify(username, credentials.password.unwrap_or_default())
-        {
+        let password = credentials.password.unwrap_or_default();
+        // Only successes are cached: a wrong password always pays the full hash.
+        if self.cache.hit(username, password, 0, now) {
+            return Verdict::Allow(Grant::default());
+        }
+        if self.file.verify(username, password) {
+            self.cache.remember(username, password, 0, now);
             Verdict::Allow(Grant::default())
         } else if self.users.contains(username) {
             Verdict::Deny(Refusal::BadCredentials)
@@ -384,7 +401,7 @@ impl Source {
 
     pub async fn decide(&self, credentials: &Credentials<'_>) -> Verdict {
         match self {
-            Self::PasswordFile(file) => file.decide(credentials),
+            Self::PasswordFile(file) => file.decide(credentials, Instant::now()),
             Self::Jwt(jwt) => jwt.decide(credentials).await,
             Self::Http(http) => http.decide(credentials).await,
         }

@@ -20,6 +20,7 @@
 
 pub mod acl;
 pub mod banned;
+pub mod cache;
 pub mod chain;
 pub mod client_acl;
 pub mod http;
@@ -27,6 +28,7 @@ mod http_connect;
 pub mod jwks;
 pub mod jwt;
 pub mod password;
+pub mod scram;
 
 use std::net::{IpAddr, SocketAddr};
 use std::path::PathBuf;
@@ -44,7 +46,7 @@ use client_acl::ClientAcl;
 use http::HttpAuth;
 
 /// The `[auth]` section.
-#[derive(Debug, Clone, Default, PartialEq, Eq, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct AuthSettings {
     /// A file in Mosquitto's password file format (`mosquitto_passwd`, `petrel passwd`).
@@ -58,6 +60,25 @@ pub struct AuthSettings {
     pub allow_anonymous: Option<bool>,
     /// `[[auth.authentication]]`: EMQX's chain, tried in order after `password_file`.
     pub authentication: Vec<chain::SourceSettings>,
+    /// How long a password a password file verified is remembered (`cache`), so that a
+    /// reconnecting fleet does not pay the hash for every client; `0s` turns it off.
+    #[serde(deserialize_with = "crate::duration::deserialize")]
+    pub cache_ttl: std::time::Duration,
+    /// Users remembered at most, per password file.
+    pub cache_max_size: usize,
+}
+
+impl Default for AuthSettings {
+    fn default() -> Self {
+        Self {
+            password_file: None,
+            acl_file: None,
+            allow_anonymous: None,
+            authentication: Vec::new(),
+            cache_ttl: cache::DEFAULT_TTL,
+            cache_max_size: cache::DEFAULT_MAX_SIZE,
+        }
+    }
 }
 
 /// Who is connecting, as the listener saw it.
@@ -110,7 +131,11 @@ impl Rules {
     fn load(settings: &AuthSettings, http: &[Arc<HttpAuth>]) -> Result<Self, String> {
         let mut sources = Vec::new();
         if let Some(path) = &settings.password_file {
-            sources.push(Source::PasswordFile(chain::PasswordSource::load(path)?));
+            sources.push(Source::PasswordFile(chain::PasswordSource::load(
+                path,
+                settings.cache_ttl,
+                settings.cache_max_size,
+            )?));
         }
         let mut http = http.iter();
         for (i, entry) in settings.authentication.iter().enumerate() {
@@ -119,9 +144,10 @@ impl Rules {
             }
             let named = |err: String| format!("auth.authentication #{}: {err}", i + 1);
             sources.push(match &entry.kind {
-                SourceKind::PasswordFile(path) => {
-                    Source::PasswordFile(chain::PasswordSource::load(path).map_err(named)?)
-                }
+                SourceKind::PasswordFile(path) => Source::PasswordFile(
+                    chain::PasswordSource::load(path, settings.cache_ttl, settings.cache_max_size)
+                        .map_err(named)?,
+                ),
                 SourceKind::Jwt(jwt) => Source::Jwt(Box::new(jwt::Jwt::load(jwt).map_err(named)?)),
                 SourceKind::Http(_) => Source::Http(Arc::clone(
                     http.next().expect("one HTTP source made per enabled entry"),
@@ -280,6 +306,20 @@ impl AuthService {
             entry.enable
                 && matches!(&entry.kind, SourceKind::Jwt(jwt) if jwt.from == jwt::TokenField::Username)
         })
+    }
+
+    /// SCRAM-SHA-256 keys for `username` from the password file (`[auth] password_file`),
+    /// and whether they are real (mock keys for a user without a `$scram-sha-256$` line: the
+    /// exchange then fails as a wrong password does); `None` without a password file.
+    pub fn scram_keys(&self, username: &str) -> Option<(scram::ScramKeys, bool)> {
+        if self.settings.password_file.is_none() {
+            return None;
+        }
+        // `password_file` is always the chain's first source.
+        match self.rules().sources.first() {
+            Some(Source::PasswordFile(file)) => Some(file.scram_keys(username)),
+            _ => None,
+        }
     }
 
     /// Whether any authentication source is in force (a password file or a chain entry).

@@ -17,7 +17,7 @@ use super::{clock, Broker};
 use crate::auth::{ClientAuthorizer, Credentials, Refusal};
 use crate::codec::ReasonCode;
 use crate::core::access::{Access, Authorizer};
-use crate::core::channel::{Action, Channel};
+use crate::core::channel::{Action, AuthStep, Channel};
 use crate::core::hooks::{DropReason, Store, Ticket};
 use crate::core::message::{Delivery, Flow};
 
@@ -71,6 +71,8 @@ pub struct Link {
     pub local: Option<SocketAddr>,
     /// Our entry in the broker's table of connected clients, once CONNECT is accepted.
     info: Option<Arc<ClientInfo>>,
+    /// A SCRAM-SHA-256 exchange between its server-first and client-final messages.
+    scram: Option<Box<crate::auth::scram::ServerExchange>>,
 }
 
 impl Link {
@@ -102,6 +104,7 @@ impl Link {
             quic: None,
             local: None,
             info: None,
+            scram: None,
         }
     }
 
@@ -216,10 +219,13 @@ impl Link {
     /// Carries out the channel's actions in order. Only a CONNECT's session lookup can wait
     /// (for a takeover); everything else is done without yielding.
     pub async fn carry_out_actions(&mut self) {
-        while let Some(connect) = self.carry_out_until_connect() {
-            // Boxed: a takeover's wait is rare and would otherwise enlarge every
-            // connection's task for its whole life.
-            Box::pin(self.connect(connect)).await;
+        while let Some(awaited) = self.carry_out_until_connect() {
+            // Boxed: a takeover's wait (or a failed login's delay) is rare and would
+            // otherwise enlarge every connection's task for its whole life.
+            match awaited {
+                Awaited::Connect(connect) => Box::pin(self.connect(connect)).await,
+                Awaited::Authenticate(step) => Box::pin(self.enhanced_auth(step)).await,
+            }
         }
     }
 
@@ -306,7 +312,9 @@ impl Link {
             username: self.channel.username(),
             password: password.as_deref(),
             peer: self.peer,
-            certified: self.channel.username_is_certified(),
+            // A CONNECT that named an Authentication Method gets here only once the
+            // exchange proved the username (`enhanced_auth`).
+            certified: self.channel.username_is_certified() || self.channel.auth_method().is_some(),
             listener: &listener,
             now_unix: now_secs,
         };
@@ -385,15 +393,17 @@ impl Link {
         Ok(())
     }
 
-    /// Carries out actions up to a `Connect`, which it returns for the caller to await.
-    fn carry_out_until_connect(&mut self) -> Option<(Arc<str>, bool)> {
+    /// Carries out actions up to a `Connect` or `Authenticate`, which it returns for the
+    /// caller to await.
+    fn carry_out_until_connect(&mut self) -> Option<Awaited> {
         while let Some(action) = self.channel.poll_action() {
             let now = self.now;
             match action {
                 Action::Connect {
                     client_id,
                     clean_start,
-                } => return Some((client_id, clean_start)),
+                } => return Some(Awaited::Connect((client_id, clean_start))),
+                Action::Authenticate(step) => return Some(Awaited::Authenticate(step)),
                 Action::Delay { message, at, ack } => {
                     let refused = match self.broker.delay(message, at) {
                         Ok(ticket) => {
@@ -544,6 +554,134 @@ impl Link {
         }
         true
     }
+}
+
+/// The actions whose answer may wait.
+enum Awaited {
+    Connect((Arc<str>, bool)),
+    Authenticate(AuthStep),
+}
+
+impl Link {
+    /// Judges one step of MQTT 5 enhanced authentication (SCRAM-SHA-256 against the password
+    /// file's `$scram-sha-256$` lines) and answers the channel. A failure is logged with the
+    /// peer, counted, and answered after [`AUTH_FAILURE_DELAY`], as a wrong password is.
+    async fn enhanced_auth(&mut self, step: AuthStep) {
+        let auth = Arc::clone(self.broker.auth());
+        let judged = self.scram_step(&auth, &step);
+        match judged {
+            Ok(ScramAnswer::Continue(data)) => self.channel.auth_continue(data),
+            Ok(ScramAnswer::Success { data, username }) => {
+                tracing::debug!(%username, reauth = step.reauth, "SCRAM-SHA-256 authentication succeeded");
+                self.channel.auth_succeed(Some(data), Some(username));
+            }
+            Err((code, why)) => {
+                tracing::info!(
+                    peer = %self.peer,
+                    method = &*step.method,
+                    reauth = step.reauth,
+                    "authentication failed: {why}"
+                );
+                if code != crate::codec::ReasonCode::BAD_AUTHENTICATION_METHOD {
+                    self.broker
+                        .metrics
+                        .auth_failures
+                        .fetch_add(1, Ordering::Relaxed);
+                    tokio::time::sleep(AUTH_FAILURE_DELAY).await;
+                    self.tick();
+                }
+                self.scram = None;
+                // DISCONNECT has no 0x86: a failed re-authentication is 0x87 [MQTT-4.12.1-2].
+                let code = if step.reauth {
+                    crate::codec::ReasonCode::NOT_AUTHORIZED
+                } else {
+                    code
+                };
+                self.channel.auth_fail(code);
+            }
+        }
+    }
+
+    fn scram_step(
+        &mut self,
+        auth: &crate::auth::AuthService,
+        step: &AuthStep,
+    ) -> Result<ScramAnswer, (crate::codec::ReasonCode, String)> {
+        use crate::auth::scram::{ClientFirst, ServerExchange, METHOD};
+        use crate::codec::ReasonCode;
+        if &*step.method != METHOD {
+            return Err((
+                ReasonCode::BAD_AUTHENTICATION_METHOD,
+                format!("unknown authentication method (only {METHOD} is offered)"),
+            ));
+        }
+        let malformed =
+            |err: crate::auth::scram::ScramError| (ReasonCode::NOT_AUTHORIZED, err.to_string());
+        if !step.first {
+            let exchange = self.scram.take().ok_or((
+                ReasonCode::NOT_AUTHORIZED,
+                "no exchange in progress".to_owned(),
+            ))?;
+            let username = exchange.username().to_owned();
+            return match exchange.finish(&step.data) {
+                Ok(server_final) => Ok(ScramAnswer::Success {
+                    data: server_final.into(),
+                    username,
+                }),
+                Err(crate::auth::scram::ScramError::InvalidProof) => Err((
+                    ReasonCode::BAD_USER_NAME_OR_PASSWORD,
+                    format!("bad username or password for {username:?}"),
+                )),
+                Err(err) => Err(malformed(err)),
+            };
+        }
+        let first = ClientFirst::parse(&step.data).map_err(malformed)?;
+        let Some((keys, known)) = auth.scram_keys(&first.username) else {
+            return Err((
+                ReasonCode::BAD_AUTHENTICATION_METHOD,
+                format!("{METHOD} needs a password file with $scram-sha-256$ lines: set auth.password_file"),
+            ));
+        };
+        // A re-authentication proves the same identity again; a certificate's identity
+        // cannot be swapped for another by SCRAM.
+        let bound = step.reauth || self.channel.username_is_certified();
+        if bound && self.channel.username() != Some(first.username.as_str()) {
+            return Err((
+                ReasonCode::NOT_AUTHORIZED,
+                format!("{METHOD} user {:?} is not the connection's", first.username),
+            ));
+        }
+        if !step.reauth {
+            let now_secs = clock::wall()
+                .duration_since(std::time::UNIX_EPOCH)
+                .map_or(0, |d| d.as_secs());
+            let client_id = self.channel.client_id();
+            if auth
+                .banned()
+                .find(client_id, Some(&first.username), self.peer.ip(), now_secs)
+                .is_some()
+            {
+                return Err((ReasonCode::BANNED, "banned".to_owned()));
+            }
+        }
+        let mut nonce = [0u8; 18];
+        ring::rand::SecureRandom::fill(&ring::rand::SystemRandom::new(), &mut nonce)
+            .map_err(|_| (ReasonCode::UNSPECIFIED_ERROR, "no randomness".to_owned()))?;
+        let nonce = base64::Engine::encode(&base64::engine::general_purpose::STANDARD, nonce);
+        let (exchange, server_first) =
+            ServerExchange::start(&first, &nonce, keys, known).map_err(malformed)?;
+        self.scram = Some(Box::new(exchange));
+        Ok(ScramAnswer::Continue(server_first.into()))
+    }
+}
+
+/// The shell's answer to a SCRAM step.
+enum ScramAnswer {
+    Continue(bytes::Bytes),
+    Success {
+        data: bytes::Bytes,
+        username: String,
+    },
 }
 
 /// A group of store writes that commit together; ended when dropped, so that a panic while

@@ -362,6 +362,15 @@ impl Client {
         rx.await.unwrap_or(Ok(()))
     }
 
+    /// MQTT 5 re-authentication (§4.12.1): runs the options' auth method (SCRAM-SHA-256)
+    /// again on the live connection; resolves when the server's AUTH 0x00 proves it. A
+    /// server that refuses disconnects (0x87).
+    pub async fn reauthenticate(&self) -> Result<(), ClientError> {
+        let (done, result) = oneshot::channel();
+        self.command(Command::Reauthenticate(done)).await?;
+        result.await.unwrap_or(Err(ClientError::Closed))
+    }
+
     pub fn stats(&self) -> StatsSnapshot {
         self.stats.snapshot()
     }

@@ -46,6 +46,7 @@ pub enum Command {
     Rebind(Reply<SocketAddr>),
     Disconnect(Reply<()>),
     Abort(Reply<()>),
+    Reauthenticate(Reply<()>),
 }
 
 enum Waiter {
@@ -101,6 +102,7 @@ pub async fn start(
         waiters: HashMap::new(),
         next_request: 0,
         link: None,
+        reauth: None,
     };
     let span = tracing::debug_span!("client", client_id = %driver.client_id);
     tokio::spawn(tracing::Instrument::instrument(
@@ -126,6 +128,7 @@ async fn connect_any(
             &connect,
             options.max_packet_size,
             Arc::clone(&stats),
+            options.scram_login()?,
         );
         match tokio::time::timeout(options.connect_timeout, attempt).await {
             Ok(Ok(connected)) => return Ok(connected),
@@ -205,6 +208,8 @@ struct Driver {
     next_request: u64,
     link: Option<ServerConnection>,
     rng: u64,
+    /// A re-authentication in progress, and who waits for it.
+    reauth: Option<(super::auth::Exchange, Reply<()>)>,
 }
 
 impl Driver {
@@ -258,8 +263,34 @@ impl Driver {
         }
     }
 
+    /// The server's AUTH during a re-authentication: answer it, or finish on AUTH 0x00.
+    fn reauth_step(&mut self, auth: &crate::codec::Auth) -> Result<(), String> {
+        let Some((exchange, _)) = self.reauth.as_mut() else {
+            return Err("AUTH without a re-authentication".into());
+        };
+        if auth.reason == ReasonCode::SUCCESS {
+            exchange.finish(&auth.properties)?;
+            if let Some((_, reply)) = self.reauth.take() {
+                let _ = reply.send(Ok(()));
+            }
+            return Ok(());
+        }
+        let answer = exchange.answer(auth)?;
+        if let Some(link) = self.link.as_mut() {
+            link.send(
+                Route::Control,
+                encoded(&answer, self.options.version),
+                &self.streams,
+            );
+        }
+        Ok(())
+    }
+
     fn lost(&mut self, reason: DisconnectReason) {
         tracing::debug!(%reason, "connection lost");
+        if let Some((_, reply)) = self.reauth.take() {
+            let _ = reply.send(Err(ClientError::Closed));
+        }
         self.link = None;
         self.state.handle_connection_lost();
         self.emit(Event::Disconnected { reason, at: now() });
@@ -316,6 +347,15 @@ impl Driver {
             .map(|l| l.url.to_string())
             .unwrap_or_default();
         match inbound {
+            Some(Inbound::Packet(Route::Control, Packet::Auth(auth))) if self.reauth.is_some() => {
+                let why = self.reauth_step(&auth).err()?;
+                tracing::warn!(%url, why, "re-authentication failed");
+                if let Some((_, reply)) = self.reauth.take() {
+                    let _ = reply.send(Err(ClientError::Connect(why.clone())));
+                }
+                self.close_link(Some(ReasonCode::PROTOCOL_ERROR)).await;
+                Some(Ended::Lost(DisconnectReason::Protocol(why)))
+            }
             Some(Inbound::Packet(route, packet)) => {
                 let err = self.state.handle_packet(now(), route, packet).err()?;
                 let (reason, code) = match err {
@@ -442,6 +482,34 @@ impl Driver {
                     .await;
                 let _ = reply.send(Ok(()));
                 return Some(Ended::Stop);
+            }
+            Command::Reauthenticate(reply) => {
+                let login = match self.options.scram_login() {
+                    Ok(Some(login)) => login,
+                    Ok(None) => {
+                        let why = "re-authentication needs an auth method in the options";
+                        let _ = reply.send(Err(ClientError::Config(why.into())));
+                        return None;
+                    }
+                    Err(err) => {
+                        let _ = reply.send(Err(err));
+                        return None;
+                    }
+                };
+                if self.link.is_none() || self.reauth.is_some() {
+                    let _ = reply.send(Err(ClientError::Closed));
+                    return None;
+                }
+                let (exchange, first) = super::auth::Exchange::start(login.0, login.1);
+                let packet = super::auth::packet(ReasonCode::RE_AUTHENTICATE, first);
+                if let Some(link) = self.link.as_mut() {
+                    link.send(
+                        Route::Control,
+                        encoded(&packet, self.options.version),
+                        &self.streams,
+                    );
+                }
+                self.reauth = Some((exchange, reply));
             }
             Command::Abort(reply) => {
                 // Dropping the link closes the transport with nothing said.

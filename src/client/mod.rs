@@ -41,6 +41,8 @@
 //! - `driver`: the one task per client that owns all of it: commands in, events out,
 //!   reconnect with jittered exponential backoff across the URL list.
 //! - `api`: the [`Client`] handle and the message and event types.
+//! - `auth`: MQTT 5 enhanced authentication ([`AuthMethod::ScramSha256`]) in the CONNECT
+//!   handshake, and [`Client::reauthenticate`].
 //!
 //! Back-pressure: events go to a bounded channel (`event_capacity`). When the application does
 //! not read them, the driver stops reading from the network (TCP and QUIC flow control then
@@ -50,6 +52,7 @@
 //! `offline_buffer` publishes queue, then they fail with [`ClientError::OfflineBufferFull`].
 
 mod api;
+mod auth;
 mod driver;
 mod options;
 mod state;
@@ -62,6 +65,7 @@ pub use api::{
     Client, DisconnectReason, Event, Events, Message, PublishHandle, PublishOutcome, Received,
     Subscription,
 };
+pub use auth::AuthMethod;
 pub use options::{Backoff, ClientOptions, ServerUrl, TlsOptions, Transport};
 pub use streams::{QuicStreams, Route, StreamGroup, StreamPolicy};
 

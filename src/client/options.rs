@@ -8,6 +8,7 @@ use std::time::Duration;
 
 use bytes::Bytes;
 
+use super::auth::AuthMethod;
 use super::streams::QuicStreams;
 use super::{ClientError, Message};
 use crate::codec::{Properties, ProtocolVersion};
@@ -198,6 +199,9 @@ pub struct ClientOptions {
     pub session_expiry: u32,
     pub username: Option<String>,
     pub password: Option<Bytes>,
+    /// MQTT 5 enhanced authentication with `username` and `password` (none: the password
+    /// goes in CONNECT, if any).
+    pub auth_method: Option<AuthMethod>,
     pub will: Option<Message>,
     /// Extra v5 CONNECT properties (user properties, receive maximum, ...).
     pub connect_properties: Properties,
@@ -249,6 +253,7 @@ impl ClientOptions {
             session_expiry: 0,
             username,
             password,
+            auth_method: None,
             will: None,
             connect_properties: Properties::default(),
             tls: TlsOptions::default(),
@@ -302,6 +307,37 @@ impl ClientOptions {
         self.username = Some(username.into());
         self.password = Some(password.into());
         self
+    }
+
+    /// Authenticate with an MQTT 5 Authentication Method (SCRAM-SHA-256) using the
+    /// username and password instead of sending the password in CONNECT. Default: none.
+    /// Needs MQTT 5, a username and a password.
+    pub fn auth_method(mut self, method: AuthMethod) -> Self {
+        self.auth_method = Some(method);
+        self
+    }
+
+    /// Whether the auth method (if any) has what it needs (MQTT 5, username, password).
+    pub fn scram_login_check(&self) -> Result<(), ClientError> {
+        self.scram_login().map(|_| ())
+    }
+
+    /// The SCRAM login (username, password) when an auth method is set.
+    pub(super) fn scram_login(&self) -> Result<Option<(&str, &[u8])>, ClientError> {
+        let Some(method) = self.auth_method else {
+            return Ok(None);
+        };
+        match (&self.username, &self.password) {
+            _ if !self.version.is_v5() => Err(ClientError::Config(format!(
+                "{} needs MQTT 5",
+                method.name()
+            ))),
+            (Some(username), Some(password)) => Ok(Some((username, password))),
+            _ => Err(ClientError::Config(format!(
+                "{} needs a username and a password",
+                method.name()
+            ))),
+        }
     }
 
     /// The will message (its properties are the v5 will properties, e.g. will delay).

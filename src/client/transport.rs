@@ -288,6 +288,7 @@ impl ServerConnection {
         connect: &Packet,
         max_packet_size: u32,
         stats: Arc<Stats>,
+        login: Option<(&str, &[u8])>,
     ) -> Result<(Self, ConnAck), AttemptError> {
         let Packet::Connect(c) = connect else {
             return Err(AttemptError::Failed("not a CONNECT".into()));
@@ -304,7 +305,7 @@ impl ServerConnection {
                 allow_early,
             )
             .await?;
-            match link.handshake(connect).await {
+            match link.handshake(connect, login).await {
                 Err(AttemptError::ZeroRttRejected) if allow_early => {
                     link.abort();
                     allow_early = false;
@@ -406,31 +407,72 @@ impl ServerConnection {
         Ok(link)
     }
 
-    /// Sends CONNECT on the control route and waits for CONNACK.
-    async fn handshake(&mut self, connect: &Packet) -> Result<ConnAck, AttemptError> {
+    /// Sends CONNECT on the control route and waits for CONNACK; with a `login`, runs the
+    /// SCRAM-SHA-256 exchange (AUTH packets) in between and checks the server's signature.
+    async fn handshake(
+        &mut self,
+        connect: &Packet,
+        login: Option<(&str, &[u8])>,
+    ) -> Result<ConnAck, AttemptError> {
+        let mut exchange = None;
+        let enhanced;
+        let connect = match (login, connect) {
+            (Some((username, password)), Packet::Connect(c)) => {
+                let (started, first) = super::auth::Exchange::start(username, password);
+                exchange = Some(started);
+                let mut c = c.clone();
+                c.password = None;
+                c.properties.authentication_method = Some(crate::auth::scram::METHOD.into());
+                c.properties.authentication_data = Some(first);
+                enhanced = Packet::Connect(c);
+                &enhanced
+            }
+            _ => connect,
+        };
         self.send(
             Route::Control,
             encoded(connect, self.version),
             &StreamMap::new(Default::default()),
         );
-        let connack = match self.inbound.recv().await {
-            Some(Inbound::Packet(Route::Control, Packet::ConnAck(connack))) => connack,
-            Some(Inbound::Packet(_, other)) => {
-                return Err(AttemptError::Failed(format!(
-                    "packet type {} before CONNACK",
-                    other.packet_type()
-                )))
-            }
-            Some(Inbound::Invalid(_, err)) => {
-                return Err(AttemptError::Failed(format!("malformed CONNACK: {err}")))
-            }
-            Some(Inbound::Ended(_)) | None => {
-                if let Some(early) = self.early.take() {
-                    if !early.await {
-                        return Err(AttemptError::ZeroRttRejected);
+        // SCRAM takes one AUTH round trip; anything longer is the server's mistake.
+        let mut rounds = 0;
+        let connack = loop {
+            match self.inbound.recv().await {
+                Some(Inbound::Packet(Route::Control, Packet::ConnAck(connack))) => break connack,
+                Some(Inbound::Packet(Route::Control, Packet::Auth(auth)))
+                    if exchange.is_some() && rounds == 0 =>
+                {
+                    rounds += 1;
+                    let reply = exchange
+                        .as_mut()
+                        .map(|e| e.answer(&auth))
+                        .transpose()
+                        .map_err(|why| AttemptError::Failed(format!("authentication: {why}")))?;
+                    if let Some(reply) = reply {
+                        self.send(
+                            Route::Control,
+                            encoded(&reply, self.version),
+                            &StreamMap::new(Default::default()),
+                        );
                     }
                 }
-                return Err(AttemptError::Failed("closed before CONNACK".into()));
+                Some(Inbound::Packet(_, other)) => {
+                    return Err(AttemptError::Failed(format!(
+                        "packet type {} before CONNACK",
+                        other.packet_type()
+                    )))
+                }
+                Some(Inbound::Invalid(_, err)) => {
+                    return Err(AttemptError::Failed(format!("malformed CONNACK: {err}")))
+                }
+                Some(Inbound::Ended(_)) | None => {
+                    if let Some(early) = self.early.take() {
+                        if !early.await {
+                            return Err(AttemptError::ZeroRttRejected);
+                        }
+                    }
+                    return Err(AttemptError::Failed("closed before CONNACK".into()));
+                }
             }
         };
         if let Some(early) = self.early.take() {
@@ -439,6 +481,11 @@ impl ServerConnection {
         }
         if connack.code.is_failure() {
             return Err(AttemptError::Refused(connack.code));
+        }
+        if let Some(exchange) = &exchange {
+            exchange.finish(&connack.properties).map_err(|why| {
+                AttemptError::Failed(format!("authentication of the server: {why}"))
+            })?;
         }
         Ok(connack)
     }

@@ -104,7 +104,8 @@ impl Codec {
     }
 
     /// Server side: a CONNECT larger than `max` is refused (PACKET_TOO_LARGE) from its fixed
-    /// header, so an unauthenticated peer cannot make the broker buffer a large packet.
+    /// header, so an unauthenticated peer cannot make the broker buffer a large packet; so is
+    /// an AUTH packet (the enhanced authentication exchange runs before CONNACK).
     pub fn set_connect_limit(&mut self, max: u32) {
         self.connect_limit = max;
     }
@@ -135,8 +136,8 @@ impl Codec {
         let header_len = 1 + len_bytes;
         let size = header_len + remaining as usize;
         let max = match version {
-            Some(_) => self.max_packet_size,
-            None => self.max_packet_size.min(self.connect_limit),
+            Some(_) if packet_type != 15 => self.max_packet_size,
+            _ => self.max_packet_size.min(self.connect_limit),
         };
         if size > max as usize {
             return Err(DecodeError::TooLarge { size, max });

@@ -20,7 +20,7 @@ mod properties;
 mod reason;
 #[cfg(test)]
 #[allow(clippy::disallowed_methods)] // tests make up instants from the real clock
-mod tests;
+pub(crate) mod tests;
 
 pub use decode::{Codec, DecodeError};
 pub use encode::{encode, encoded_len, PublishRef};

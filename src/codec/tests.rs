@@ -3,7 +3,7 @@
 //! round trips in `tests/proptests.rs`.
 
 mod malformed;
-mod proptests;
+pub(crate) mod proptests;
 
 use crate::codec::PacketId;
 use bytes::{Bytes, BytesMut};
@@ -511,7 +511,7 @@ fn size_guard_applies_to_the_first_connect() {
 }
 
 #[test]
-fn connect_limit_applies_to_the_connect_only() {
+fn connect_limit_applies_to_connect_and_auth_only() {
     let mut header = BytesMut::from(&[0x10][..]);
     put_varint(&mut header, 5000);
     let mut codec = Codec::new(1024 * 1024);
@@ -547,6 +547,13 @@ fn connect_limit_applies_to_the_connect_only() {
         codec.decode(&mut buf),
         Ok(Some(Packet::Publish(_)))
     ));
+    // AUTH packets stay under the CONNECT limit: the exchange is unauthenticated input.
+    let mut auth = BytesMut::from(&[0xF0][..]);
+    put_varint(&mut auth, 100);
+    assert_eq!(
+        codec.decode(&mut auth),
+        Err(DecodeError::TooLarge { size: 102, max: 64 })
+    );
 }
 
 #[test]

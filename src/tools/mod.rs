@@ -57,6 +57,10 @@ pub struct ConnectArgs {
     pub username: Option<String>,
     #[arg(long)]
     pub password: Option<String>,
+    /// MQTT 5 enhanced authentication with --username and --password (SCRAM-SHA-256): the
+    /// password never goes over the wire.
+    #[arg(long, value_name = "METHOD")]
+    pub auth_method: Option<petrel::client::AuthMethod>,
     /// QUIC stream mapping: single, per-topic.
     #[arg(long, value_name = "POLICY", default_value = "single", value_parser = ["single", "per-topic"])]
     pub streams: String,
@@ -83,6 +87,10 @@ impl ConnectArgs {
         }
         if let Some(user) = &self.username {
             options = options.credentials(user.clone(), self.password.clone().unwrap_or_default());
+        }
+        if let Some(method) = self.auth_method {
+            options = options.auth_method(method);
+            options.scram_login_check()?;
         }
         if self.streams == "per-topic" {
             options = options.streams(QuicStreams::per_topic());

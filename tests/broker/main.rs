@@ -18,6 +18,7 @@ mod lossy;
 mod pubsub;
 mod quic;
 mod retain;
+mod scram;
 mod session;
 mod tools;
 mod transports;

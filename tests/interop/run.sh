@@ -12,6 +12,8 @@
 # Other transports: MQTT_TLS_PORT, MQTT_WS_PORT, MQTT_WSS_PORT and MQTT_CAFILE (the CA of
 # the server certificate, e.g. <data_dir>/certs/ca.pem); the scripts for a transport whose
 # variables are unset print "SKIP name: why" and count as skipped.
+# test_scram.py starts a broker of its own (with a password file it writes): PETREL_BIN
+# (default target/debug/petrel); it skips itself when that binary is missing.
 # The dashboard (test_dashboard.py, headless Chromium): API_PORT (the broker's [api] bind
 # port), DASHBOARD_USER (default admin) and DASHBOARD_PASSWORD (api.default_password).
 # test_auth_backends.py starts a broker of its own (it needs an authentication chain in its

@@ -140,7 +140,7 @@ fn properties(ctx: Context, v5: bool) -> BoxedStrategy<Properties> {
         .boxed()
 }
 
-fn connect(version: ProtocolVersion) -> BoxedStrategy<Packet> {
+pub(crate) fn connect(version: ProtocolVersion) -> BoxedStrategy<Packet> {
     let v5 = version.is_v5();
     let will = (
         non_empty_text(),
@@ -379,7 +379,7 @@ fn auth() -> BoxedStrategy<Packet> {
 }
 
 /// Every packet type that exists in `version`, with equal weight.
-fn packet(version: ProtocolVersion) -> BoxedStrategy<Packet> {
+pub(crate) fn packet(version: ProtocolVersion) -> BoxedStrategy<Packet> {
     let v5 = version.is_v5();
     let mut all = vec![
         connect(version),
@@ -403,7 +403,7 @@ fn packet(version: ProtocolVersion) -> BoxedStrategy<Packet> {
     Union::new(all).boxed()
 }
 
-fn version() -> impl Strategy<Value = ProtocolVersion> {
+pub(crate) fn version() -> impl Strategy<Value = ProtocolVersion> {
     prop::sample::select(VERSIONS.to_vec())
 }
 
@@ -533,5 +533,31 @@ proptest! {
             prop_assert!(buf.is_empty());
             prop_assert_eq!(codec.version(), Some(version));
         }
+    }
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig::with_cases(50_000))]
+
+    /// The long fuzzing run of the two properties above:
+    /// `cargo test --lib fuzz_long -- --ignored`.
+    #[test]
+    #[ignore = "long fuzzing run; cargo test --lib fuzz_long -- --ignored"]
+    fn fuzz_long_damaged_packets_never_panic(
+        (version, packet) in version().prop_flat_map(|v| (Just(v), packet(v))),
+        edits in vec((any::<prop::sample::Index>(), any::<u8>()), 1..8),
+        cut in any::<prop::sample::Index>(),
+        noise in vec(any::<u8>(), 0..64),
+    ) {
+        let mut bytes = encoded(&packet, version).to_vec();
+        for (index, value) in edits {
+            let i = index.index(bytes.len());
+            bytes[i] = value;
+        }
+        bytes.truncate(cut.index(bytes.len() + 1));
+        bytes.extend_from_slice(&noise);
+        feed_checked(Codec::with_version(version, MAX), &bytes)?;
+        feed_checked(Codec::new(MAX), &bytes)?;
+        feed_checked(Codec::new(16), &bytes)?;
     }
 }

@@ -132,8 +132,9 @@ impl Channel {
         }
 
         let props = &connect.properties;
-        if props.authentication_method.is_some() {
-            return self.refuse(ReasonCode::BAD_AUTHENTICATION_METHOD);
+        if props.authentication_data.is_some() && props.authentication_method.is_none() {
+            // §3.1.2.11.10: Authentication Data without a method is a Protocol Error.
+            return self.refuse(ReasonCode::PROTOCOL_ERROR);
         }
         let mut will_topic = None;
         if let Some(will) = &mut connect.will {
@@ -206,6 +207,12 @@ impl Channel {
         }
         self.password = connect.password;
         self.client_id = Arc::from(client_id);
+        // MQTT 5 enhanced authentication (§4.12) runs first; an unknown method is the
+        // shell's to refuse (0x8C).
+        if let Some(method) = connect.properties.authentication_method.take() {
+            let data = connect.properties.authentication_data.take();
+            return self.start_enhanced(method, data, connect.clean_start);
+        }
         self.state = State::AwaitSession;
         self.actions.push_back(Action::Connect {
             client_id: Arc::clone(&self.client_id),
@@ -247,6 +254,7 @@ impl Channel {
             if self.expiry != self.requested_expiry {
                 properties.session_expiry_interval = Some(self.expiry);
             }
+            self.connack_auth(&mut properties);
         }
         let connack = Packet::ConnAck(ConnAck {
             session_present,

@@ -11,7 +11,7 @@
 //!
 //! This file holds the state, the dispatch of inputs, timers and the close; each concern's
 //! handlers are an `impl Channel` of their own: `connect` (CONNECT to CONNACK, identity and
-//! permissions), `publish` (inbound PUBLISH and its handshakes), `subscribe`, `deliver`
+//! permissions), `auth` (MQTT 5 enhanced authentication and re-authentication), `publish` (inbound PUBLISH and its handshakes), `subscribe`, `deliver`
 //! (outbound PUBLISH) and `flows` (QUIC data streams).
 
 use std::collections::{HashMap, VecDeque};
@@ -21,7 +21,7 @@ use std::time::{Duration, Instant};
 use bytes::{Bytes, BytesMut};
 
 use crate::codec::{
-    self, Ack, ConnAck, Connect, DecodeError, Disconnect, Packet, PacketId, Properties,
+    self, Ack, Auth, ConnAck, Connect, DecodeError, Disconnect, Packet, PacketId, Properties,
     ProtocolVersion, Publish, PublishRef, QoS, ReasonCode, SubAck, Subscribe, SubscriptionOptions,
     UnsubAck, Unsubscribe,
 };
@@ -32,12 +32,14 @@ use crate::core::rewrite::{self, AutoSubscribe, RewriteAction, RewriteRule};
 use crate::core::session::{Change, Completed, Outgoing, Session, StoreKey, Subscription};
 use crate::core::topic::{validate_topic_name, TopicError, TopicFilter, TopicName};
 
+mod auth;
 mod connect;
 mod deliver;
 mod flows;
 mod publish;
 mod subscribe;
 
+pub use auth::AuthStep;
 use connect::AccessCheck;
 pub use connect::AssignedClientId;
 use flows::flow_out;
@@ -164,6 +166,9 @@ pub enum Action {
         client_id: Arc<str>,
         clean_start: bool,
     },
+    /// A step of MQTT 5 enhanced authentication to judge: answer with
+    /// [`Channel::auth_continue`], [`Channel::auth_succeed`] or [`Channel::auth_fail`].
+    Authenticate(AuthStep),
     /// Route the message; then answer `ack` (the PUBACK or PUBREC of a QoS 1/2 PUBLISH)
     /// with [`Channel::acknowledge`], saying whether it could be stored.
     Route {
@@ -204,6 +209,9 @@ pub struct PendingAck {
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum State {
     AwaitConnect,
+    /// CONNECT named an Authentication Method: the AUTH exchange runs before the session
+    /// lookup (MQTT 5 §4.12).
+    Authenticating,
     AwaitSession,
     Connected,
     Closed,
@@ -258,6 +266,8 @@ pub struct Channel {
     password: Option<Bytes>,
     /// Topic permissions, when the shell set an authorizer (none: everything allowed).
     access: Option<Box<AccessCheck>>,
+    /// MQTT 5 enhanced authentication, when CONNECT named a method.
+    enhanced: Option<Box<auth::Enhanced>>,
     /// Broker-wide admission (exclusive subscriptions, the delayed quota); none: admitted.
     admission: Option<Arc<dyn Admission>>,
     /// Whether the session's changes go to a durable store (`limits.durable` and a session
@@ -301,6 +311,7 @@ impl Channel {
             username: None,
             password: None,
             access: None,
+            enhanced: None,
             admission: None,
             durable: false,
             changes: VecDeque::new(),
@@ -374,12 +385,20 @@ impl Channel {
     /// The next instant at which `handle_timeout` must be called.
     pub fn poll_timeout(&self) -> Option<Instant> {
         match self.state {
-            State::AwaitConnect | State::AwaitSession => Some(self.connect_deadline),
-            State::Connected if self.keep_alive > 0 => {
-                // [MQTT-3.1.2-24]: one and a half times the keep-alive.
-                Some(self.last_rx + Duration::from_millis(u64::from(self.keep_alive) * 1500))
+            State::AwaitConnect | State::Authenticating | State::AwaitSession => {
+                Some(self.connect_deadline)
             }
-            _ => None,
+            State::Connected => {
+                // [MQTT-3.1.2-24]: one and a half times the keep-alive.
+                let keep_alive = (self.keep_alive > 0).then(|| {
+                    self.last_rx + Duration::from_millis(u64::from(self.keep_alive) * 1500)
+                });
+                match (keep_alive, self.reauth_deadline()) {
+                    (Some(a), Some(b)) => Some(a.min(b)),
+                    (a, b) => a.or(b),
+                }
+            }
+            State::Closed => None,
         }
     }
 
@@ -392,6 +411,13 @@ impl Channel {
                     false,
                     false,
                 );
+            }
+            // An authentication exchange that did not finish in the connect timeout.
+            State::Authenticating if now >= self.connect_deadline => {
+                self.refuse(ReasonCode::NOT_AUTHORIZED);
+            }
+            State::Connected if self.reauth_deadline().is_some_and(|at| now >= at) => {
+                self.reauth_timed_out();
             }
             State::Connected if self.poll_timeout().is_some_and(|deadline| now >= deadline) => {
                 self.close(
@@ -499,7 +525,7 @@ impl Channel {
                 }));
                 self.close(err.reason_code(), Initiator::Client, false, false);
             }
-            (State::AwaitConnect, _) => {
+            (State::AwaitConnect | State::Authenticating, _) => {
                 self.close(err.reason_code(), Initiator::Client, false, false)
             }
             _ => self.close(err.reason_code(), Initiator::Client, true, true),
@@ -552,6 +578,15 @@ impl Channel {
                 // [MQTT-3.1.0-1] the first packet must be CONNECT.
                 _ => self.close(ReasonCode::PROTOCOL_ERROR, Initiator::Client, false, false),
             },
+            // [MQTT-3.1.2-30]: until CONNACK, a client that named an Authentication Method
+            // sends only AUTH or DISCONNECT.
+            State::Authenticating => match packet {
+                Packet::Auth(auth) => self.handle_auth(now, auth),
+                Packet::Disconnect(disconnect) => {
+                    self.close(disconnect.reason, Initiator::Client, false, false)
+                }
+                _ => self.refuse(ReasonCode::PROTOCOL_ERROR),
+            },
             // Nothing may follow CONNECT before CONNACK is sent; the driver holds input
             // while the session is being fetched, so anything here is a protocol error.
             State::AwaitSession => {
@@ -594,10 +629,9 @@ impl Channel {
             Packet::Unsubscribe(unsubscribe) => self.handle_unsubscribe(unsubscribe),
             Packet::PingReq => self.send(&Packet::PingResp),
             Packet::Disconnect(disconnect) => self.handle_disconnect(disconnect),
-            // Enhanced authentication is not offered, so AUTH is unexpected [MQTT-4.12.0-1];
-            // a second CONNECT is a protocol error [MQTT-3.1.0-2]; the rest only servers send.
-            Packet::Auth(_)
-            | Packet::Connect(_)
+            Packet::Auth(auth) => self.handle_auth(now, auth),
+            // A second CONNECT is a protocol error [MQTT-3.1.0-2]; the rest only servers send.
+            Packet::Connect(_)
             | Packet::ConnAck(_)
             | Packet::SubAck(_)
             | Packet::UnsubAck(_)
@@ -658,6 +692,8 @@ impl Channel {
         if send_disconnect && self.state == State::Connected && self.version.is_v5() {
             self.send(&Packet::Disconnect(Disconnect::new(reason)));
         }
+        // A client that never authenticated leaves no will.
+        let publish_will = publish_will && self.state != State::Authenticating;
         self.state = State::Closed;
         let will = if publish_will {
             self.will.take().map(|w| *w)

@@ -251,8 +251,10 @@ fn normal_disconnect_discards_the_will_and_0x04_keeps_it() {
     }
 }
 
+mod auth;
 mod connect;
 mod deliver;
 mod flows;
+mod fuzz;
 mod publish;
 mod subscribe;
