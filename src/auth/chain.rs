@@ -384,7 +384,7 @@ impl PasswordSource {
 /// A source in the chain.
 #[derive(Debug)]
 pub enum Source {
-    PasswordFile(PasswordSource),
+    PasswordFile(Box<PasswordSource>),
     Jwt(Box<Jwt>),
     /// Kept across reloads (its connections and cache are not files).
     Http(Arc<HttpAuth>),

@@ -131,11 +131,11 @@ impl Rules {
     fn load(settings: &AuthSettings, http: &[Arc<HttpAuth>]) -> Result<Self, String> {
         let mut sources = Vec::new();
         if let Some(path) = &settings.password_file {
-            sources.push(Source::PasswordFile(chain::PasswordSource::load(
+            sources.push(Source::PasswordFile(Box::new(chain::PasswordSource::load(
                 path,
                 settings.cache_ttl,
                 settings.cache_max_size,
-            )?));
+            )?)));
         }
         let mut http = http.iter();
         for (i, entry) in settings.authentication.iter().enumerate() {
@@ -144,10 +144,10 @@ impl Rules {
             }
             let named = |err: String| format!("auth.authentication #{}: {err}", i + 1);
             sources.push(match &entry.kind {
-                SourceKind::PasswordFile(path) => Source::PasswordFile(
+                SourceKind::PasswordFile(path) => Source::PasswordFile(Box::new(
                     chain::PasswordSource::load(path, settings.cache_ttl, settings.cache_max_size)
                         .map_err(named)?,
-                ),
+                )),
                 SourceKind::Jwt(jwt) => Source::Jwt(Box::new(jwt::Jwt::load(jwt).map_err(named)?)),
                 SourceKind::Http(_) => Source::Http(Arc::clone(
                     http.next().expect("one HTTP source made per enabled entry"),
@@ -312,10 +312,8 @@ impl AuthService {
     /// and whether they are real (mock keys for a user without a `$scram-sha-256$` line: the
     /// exchange then fails as a wrong password does); `None` without a password file.
     pub fn scram_keys(&self, username: &str) -> Option<(scram::ScramKeys, bool)> {
-        if self.settings.password_file.is_none() {
-            return None;
-        }
-        // `password_file` is always the chain's first source.
+        // `password_file`, when set, is always the chain's first source.
+        self.settings.password_file.as_ref()?;
         match self.rules().sources.first() {
             Some(Source::PasswordFile(file)) => Some(file.scram_keys(username)),
             _ => None,
