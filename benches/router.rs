@@ -1,7 +1,8 @@
 //! Core micro-benchmarks: topic-filter matching against 10 k / 100 k subscriptions with
 //! wildcards, the broker's fan-out of one publish to 1 / 100 / 10 k subscribers, and a
 //! session's in-flight bookkeeping (one outgoing QoS 1 / QoS 2 message tracked and
-//! acknowledged with a full window in flight).
+//! acknowledged with a full window in flight), and a SUBSCRIBE's lookup in a retained store
+//! of 10 k / 100 k messages (exact filter and `+`: cost follows the matches, not the store).
 //!
 //! `cargo bench --bench router`.
 
@@ -16,6 +17,7 @@ use petrel::codec::{Publish, QoS, SubscriptionOptions};
 use petrel::core::channel::Limits;
 use petrel::core::message::Delivery;
 use petrel::core::message::{AppMessage, Flow};
+use petrel::core::retain::RetainedStore;
 use petrel::core::router::SubscriptionTree;
 use petrel::core::session::{Completed, Session, Subscription};
 use petrel::core::topic::TopicFilter;
@@ -80,6 +82,8 @@ fn bench_fan_out(c: &mut Criterion) {
         let broker = Broker::new(Settings {
             limits: Arc::new(Limits::default()),
             max_queued: 1 << 20,
+            queue_full: Default::default(),
+            max_queued_bytes: 0,
             close_linger: Duration::from_millis(100),
             quic: Default::default(),
             max_delayed: 0,
@@ -87,6 +91,9 @@ fn bench_fan_out(c: &mut Criterion) {
             group_strategies: Default::default(),
             max_connections: 1000,
             max_connections_per_address: 0,
+            retain: Default::default(),
+            max_sessions: 0,
+            tcp_keepalive: None,
         });
         let now = Instant::now();
         let mut mailboxes = Vec::new();
@@ -152,5 +159,40 @@ fn bench_inflight(c: &mut Criterion) {
     group.finish();
 }
 
-criterion_group!(benches, bench_match, bench_fan_out, bench_inflight);
+/// A retained message per vehicle and signal; a SUBSCRIBE to one topic, or to one vehicle's
+/// signals under `+`, visits its matches only, whatever the store's size.
+fn bench_retained_lookup(c: &mut Criterion) {
+    let mut group = c.benchmark_group("retained_lookup");
+    for n in [10_000u32, 100_000] {
+        let mut store = RetainedStore::new();
+        for i in 0..n {
+            store.insert(&format!("vehicles/car-{}/signal/{}", i / 10, i % 10), i);
+        }
+        let exact = TopicFilter::parse("vehicles/car-77/signal/3", 0).unwrap();
+        group.bench_function(BenchmarkId::new("exact", n), |b| {
+            b.iter(|| {
+                let mut hits = 0;
+                store.for_each_match(&exact, |_, _| hits += 1);
+                hits
+            })
+        });
+        let one_car = TopicFilter::parse("vehicles/car-77/signal/+", 0).unwrap();
+        group.bench_function(BenchmarkId::new("one_level_plus", n), |b| {
+            b.iter(|| {
+                let mut hits = 0;
+                store.for_each_match(&one_car, |_, _| hits += 1);
+                hits
+            })
+        });
+    }
+    group.finish();
+}
+
+criterion_group!(
+    benches,
+    bench_match,
+    bench_fan_out,
+    bench_inflight,
+    bench_retained_lookup
+);
 criterion_main!(benches);

@@ -17,6 +17,7 @@ pub use crate::broker::listener::{ListenerConfig, ListenerKind};
 use crate::broker::listener::{
     DEFAULT_HANDSHAKE_TIMEOUT, DEFAULT_MAX_CONNECTIONS, DEFAULT_WS_PATH,
 };
+pub use crate::broker::mailbox::QueueFull;
 use crate::codec::{QoS, SubscriptionOptions};
 use crate::core::rewrite::{AutoSubscribe, RewriteAction, RewriteRule, MAX_RULES};
 pub use crate::core::router::SharedStrategy;
@@ -53,6 +54,7 @@ pub struct Config {
     pub log: LogSection,
     pub quic: QuicSettings,
     pub delayed: DelayedSection,
+    pub retainer: RetainerSection,
     pub auto_subscribe: AutoSubscribeSection,
     /// `[shared_subscription_group.NAME] strategy = "..."`: a group's own strategy.
     pub shared_subscription_group: std::collections::HashMap<String, SharedGroupSettings>,
@@ -75,6 +77,7 @@ impl Default for Config {
             log: LogSection::default(),
             quic: QuicSettings::default(),
             delayed: DelayedSection::default(),
+            retainer: RetainerSection::default(),
             auto_subscribe: AutoSubscribeSection::default(),
             shared_subscription_group: Default::default(),
             rewrite: Vec::new(),
@@ -89,6 +92,12 @@ impl Default for Config {
         }
     }
 }
+
+/// `broker.max_queued_bytes` by default: 256 MiB. Safe on the smallest machines a broker runs
+/// on (a 512 MiB container keeps room for its connections), and far above what healthy
+/// traffic queues (subscribers that keep up hold about a window each): it is reached only
+/// when many subscribers fall behind at once.
+pub const DEFAULT_MAX_QUEUED_BYTES: u64 = 256 << 20;
 
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields, default)]
@@ -106,6 +115,15 @@ pub struct BrokerSection {
     /// Connections open at once from one IP address (0: no limit, the default: carrier-grade
     /// NAT puts thousands of phones and vehicles behind one address).
     pub max_connections_per_address: usize,
+    /// Bytes of deliveries queued over every session past which publishers are held until
+    /// the queues drain to three quarters of it (0: no limit).
+    pub max_queued_bytes: u64,
+    /// Sessions held at once, online and offline persistent (0: no limit); past it a
+    /// CONNECT that needs a new session gets CONNACK 0x97 (3.1.1: return code 3).
+    pub max_sessions: usize,
+    /// TCP keepalive on accepted sockets, EMQX's "Idle,Interval,Probes" in seconds, or
+    /// "none".
+    pub tcp_keepalive: String,
 }
 
 impl Default for BrokerSection {
@@ -116,6 +134,9 @@ impl Default for BrokerSection {
             node_name: None,
             max_connections: DEFAULT_MAX_CONNECTIONS,
             max_connections_per_address: 0,
+            max_queued_bytes: DEFAULT_MAX_QUEUED_BYTES,
+            max_sessions: 2 * DEFAULT_MAX_CONNECTIONS,
+            tcp_keepalive: crate::broker::listener::TcpKeepalive::DEFAULT.to_owned(),
         }
     }
 }
@@ -145,6 +166,16 @@ pub struct MqttSection {
     pub receive_maximum: u16,
     pub max_inflight: u16,
     pub topic_alias_maximum: u16,
+    /// Bytes one connection's inbound topic aliases may hold (0: no limit); past it
+    /// DISCONNECT 0x97. The broker's outbound aliases have the same budget (past it, topics
+    /// go out in full).
+    pub max_topic_alias_bytes: usize,
+    /// User Properties in one packet, a CONNECT's and its will's together (0: no limit);
+    /// past it DISCONNECT 0x97.
+    pub max_user_properties: u32,
+    /// Bytes of output waiting for a client that does not read (0: no limit; never below
+    /// 1 MiB + `max_packet_size` + 64 KiB); past it the connection is closed (0x97).
+    pub max_outbound_buffer: usize,
     pub max_keepalive: u16,
     pub maximum_qos: u8,
     pub retain_available: bool,
@@ -172,6 +203,9 @@ impl Default for MqttSection {
             receive_maximum: limits.receive_maximum,
             max_inflight: limits.max_inflight,
             topic_alias_maximum: limits.topic_alias_maximum,
+            max_topic_alias_bytes: limits.max_topic_alias_bytes,
+            max_user_properties: limits.max_user_properties,
+            max_outbound_buffer: limits.max_outbound_buffer,
             max_keepalive: limits.max_keepalive,
             maximum_qos: limits.maximum_qos as u8,
             retain_available: limits.retain_available,
@@ -252,11 +286,37 @@ impl Default for DelayedSection {
     }
 }
 
+/// `[retainer]`: bounds on retained messages, with EMQX's names (each 0 for no limit). Past
+/// one, a message is still routed but not retained; it is counted and logged.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct RetainerSection {
+    /// Retained messages held.
+    pub max_retained_messages: usize,
+    /// The largest retained payload, in bytes.
+    pub max_payload_size: usize,
+    /// Topic and payload bytes of every retained message together.
+    pub max_retained_bytes: usize,
+}
+
+impl Default for RetainerSection {
+    fn default() -> Self {
+        let limits = crate::core::retain::RetainLimits::default();
+        Self {
+            max_retained_messages: limits.max_messages,
+            max_payload_size: limits.max_payload_size,
+            max_retained_bytes: limits.max_bytes,
+        }
+    }
+}
+
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct SessionSection {
     /// Deliveries queued per session beyond the in-flight window (online or offline).
     pub max_queued: usize,
+    /// What a full queue does with a QoS 1/2 delivery when no QoS 0 one can make room.
+    pub queue_full: QueueFull,
     /// Session expiry for 3.1 / 3.1.1 clients connecting with clean session 0.
     #[serde(deserialize_with = "duration")]
     pub v3_expiry: Duration,
@@ -270,6 +330,7 @@ impl Default for SessionSection {
         let limits = crate::core::channel::Limits::default();
         Self {
             max_queued: 1000,
+            queue_full: Default::default(),
             v3_expiry: Duration::from_secs(u64::from(limits.v3_session_expiry)),
             max_expiry: Duration::MAX,
         }
@@ -611,6 +672,9 @@ impl Config {
         {
             return invalid("log.file", "must name a file");
         }
+        if let Err(err) = crate::broker::listener::TcpKeepalive::parse(&self.broker.tcp_keepalive) {
+            return invalid("broker.tcp_keepalive", &err);
+        }
         if self.broker.max_connections == 0 {
             return invalid("broker.max_connections", "must be at least 1");
         }
@@ -718,6 +782,32 @@ mod tests {
         assert_eq!(config.mqtt.receive_maximum, defaults.mqtt.receive_maximum);
         assert_eq!(config.session.max_queued, defaults.session.max_queued);
         assert_eq!(
+            config.mqtt.max_topic_alias_bytes,
+            defaults.mqtt.max_topic_alias_bytes
+        );
+        assert_eq!(
+            config.mqtt.max_user_properties,
+            defaults.mqtt.max_user_properties
+        );
+        assert_eq!(
+            config.mqtt.max_outbound_buffer,
+            defaults.mqtt.max_outbound_buffer
+        );
+        assert_eq!(
+            config.retainer.max_retained_messages,
+            defaults.retainer.max_retained_messages
+        );
+        assert_eq!(
+            config.retainer.max_payload_size,
+            defaults.retainer.max_payload_size
+        );
+        assert_eq!(
+            config.retainer.max_retained_bytes,
+            defaults.retainer.max_retained_bytes
+        );
+        assert_eq!(config.broker.max_sessions, defaults.broker.max_sessions);
+        assert_eq!(config.broker.tcp_keepalive, defaults.broker.tcp_keepalive);
+        assert_eq!(
             config.mqtt.max_subscriptions,
             defaults.mqtt.max_subscriptions
         );
@@ -761,8 +851,22 @@ mod tests {
             config.broker.max_connections_per_address,
             defaults.broker.max_connections_per_address
         );
+        assert_eq!(
+            config.broker.max_queued_bytes,
+            defaults.broker.max_queued_bytes
+        );
+        assert_eq!(config.session.queue_full, defaults.session.queue_full);
         let kinds: Vec<_> = config.listeners.iter().map(|l| l.kind).collect();
         assert_eq!(kinds, ListenerKind::ALL);
+    }
+
+    #[test]
+    fn the_queue_full_policy_parses_by_name() {
+        let config = load("[session]\nqueue_full = \"disconnect\"\n", &[], &[]).unwrap();
+        assert_eq!(config.session.queue_full, QueueFull::Disconnect);
+        let config = load("", &[], &["session.queue_full=drop_new"]).unwrap();
+        assert_eq!(config.session.queue_full, QueueFull::DropNew);
+        assert!(load("[session]\nqueue_full = \"spill\"\n", &[], &[]).is_err());
     }
 
     #[test]
@@ -961,7 +1065,8 @@ kind = "tls"
     /// `cargo test --lib fuzz_long -- --ignored`.
     fn mutated_example() -> impl proptest::strategy::Strategy<Value = (String, Vec<String>)> {
         use proptest::prelude::*;
-        let example = include_str!("../petrel.example.toml");
+        let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("petrel.example.toml");
+        let example = std::fs::read_to_string(path).expect("petrel.example.toml");
         let lines: Vec<String> = example.lines().map(str::to_owned).collect();
         let n = lines.len();
         let value = prop_oneof![

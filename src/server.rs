@@ -32,6 +32,9 @@ fn broker_settings(config: &Config) -> anyhow::Result<Settings> {
         receive_maximum: m.receive_maximum,
         max_inflight: m.max_inflight,
         topic_alias_maximum: m.topic_alias_maximum,
+        max_topic_alias_bytes: m.max_topic_alias_bytes,
+        max_user_properties: m.max_user_properties,
+        max_outbound_buffer: m.max_outbound_buffer,
         max_keepalive: m.max_keepalive,
         maximum_qos: QoS::from_u8(m.maximum_qos).unwrap_or(QoS::ExactlyOnce),
         retain_available: m.retain_available,
@@ -53,6 +56,8 @@ fn broker_settings(config: &Config) -> anyhow::Result<Settings> {
     Ok(Settings {
         limits: Arc::new(limits),
         max_queued: config.session.max_queued,
+        queue_full: config.session.queue_full,
+        max_queued_bytes: config.broker.max_queued_bytes,
         close_linger: config.broker.close_linger,
         quic: Arc::new(config.quic.clone()),
         max_delayed: config.delayed.max_delayed_messages,
@@ -64,6 +69,14 @@ fn broker_settings(config: &Config) -> anyhow::Result<Settings> {
             .collect(),
         max_connections: config.broker.max_connections,
         max_connections_per_address: config.broker.max_connections_per_address,
+        retain: crate::core::retain::RetainLimits {
+            max_messages: config.retainer.max_retained_messages,
+            max_bytes: config.retainer.max_retained_bytes,
+            max_payload_size: config.retainer.max_payload_size,
+        },
+        max_sessions: config.broker.max_sessions,
+        tcp_keepalive: crate::broker::listener::TcpKeepalive::parse(&config.broker.tcp_keepalive)
+            .map_err(|err| anyhow::anyhow!("broker.tcp_keepalive: {err}"))?,
     })
 }
 

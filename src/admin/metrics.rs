@@ -44,7 +44,9 @@ pub fn stats(b: &Broker) -> Value {
         "subscriptions.shared.count": shared,
         "suboptions.count": subscriptions,
         "retained.count": b.retained_count(),
+        "retained.bytes": b.retained_bytes(),
         "delayed.count": b.delayed_count(),
+        "queued.bytes": b.budget.bytes(),
     })
 }
 
@@ -64,12 +66,16 @@ pub fn counters(b: &Broker) -> Value {
         "messages.dropped.expired": n(&m.dropped_undeliverable),
         "messages.dropped.store_refused": n(&m.store_refused),
         "messages.dropped.acl_denied": n(&m.acl_denied),
+        "messages.dropped.publisher_paused": n(&m.dropped_paused),
         "authorization.deny": n(&m.acl_denied),
         "authentication.failure": n(&m.auth_failures),
         "client.connected": n(&m.connections_total),
         "session.expired": n(&m.sessions_expired),
         "publisher.pauses": n(&m.publisher_pauses),
         "connections.refused": b.permits.refused.load(Ordering::Relaxed),
+        "connections.slow_reader_closed": n(&m.slow_readers_closed),
+        "connections.sessions_refused": n(&m.sessions_refused),
+        "messages.retained.refused": n(&m.retained_refused),
         "quic.handshakes": n(&m.quic_handshakes),
         "quic.0rtt.accepted": n(&m.quic_0rtt_accepted),
         "quic.migrations": n(&m.quic_migrations),
@@ -154,9 +160,20 @@ fn exposition(state: &AdminState, clients: &[Arc<ClientInfo>], tcp: Option<&TcpL
         ("subscriptions.count", "Subscriptions"),
         ("subscriptions.shared.count", "Shared subscriptions"),
         ("retained.count", "Retained messages"),
+        (
+            "retained.bytes",
+            "Topic and payload bytes of the retained messages",
+        ),
         ("delayed.count", "Delayed messages waiting"),
+        (
+            "queued.bytes",
+            "Bytes of deliveries queued over every session (against broker.max_queued_bytes)",
+        ),
     ] {
-        let name = format!("emqx_{}", key.replace('.', "_"));
+        let name = match key {
+            "queued.bytes" => "petrel_queued_bytes".to_owned(),
+            key => format!("emqx_{}", key.replace('.', "_")),
+        };
         metric(&name, "gauge", help, stats[key].as_f64().unwrap_or(0.0));
     }
     let counters = counters(&state.broker);

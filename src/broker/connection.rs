@@ -58,6 +58,7 @@ where
     let limits = broker.limits();
     let mut codec = Codec::new(limits.max_packet_size);
     codec.set_connect_limit(limits.max_connect_packet_size);
+    codec.set_max_user_properties(limits.user_properties_limit());
     let metrics = Arc::clone(&broker);
     let mut link = Link::new(broker, peer, transport);
     link.local = local;
@@ -93,7 +94,7 @@ where
         match self.reader.decode() {
             Ok(Some(packet)) => {
                 tracing::trace!(?packet, "received");
-                link.channel.handle_packet(now, packet);
+                link.handle_packet(now, crate::core::message::Flow::CONTROL, packet);
                 true
             }
             Ok(None) => false,

@@ -6,7 +6,9 @@
 //! moves deliveries from the session's mailbox into the channel while the window and the
 //! transport allow, and then waits in **one poll function** for whatever comes next: the
 //! transport (input, output written, its own affairs), the mailbox (deliveries, a takeover),
-//! the channel's one timer, a paused publisher's relief, shutdown. Every wait is a `poll_*`
+//! the channel's one timer, the relief of a connection holding input (see `link`: while the
+//! broker queues more than its budget, PUBLISHes are held but reading goes on), shutdown.
+//! Every wait is a `poll_*`
 //! call on state the connection owns, so the task's future is little more than that state,
 //! and nothing half-parsed lives in a future that could be cancelled.
 //!
@@ -57,6 +59,11 @@ pub trait Wire: Send {
         true
     }
 
+    /// Bytes of output written by the channel and not yet taken by the peer's transport.
+    fn backlog(&self, link: &mut Link) -> usize {
+        link.channel.out().len()
+    }
+
     /// Gives back buffers the transport does not need between turns.
     fn release_buffers(&mut self, _link: &mut Link) {}
 
@@ -82,7 +89,7 @@ struct Waits<'a, 'b> {
     timer: Pin<&'a mut Sleep>,
     /// Armed (the channel has a deadline).
     timer_armed: bool,
-    /// While input is paused for overfilled subscribers.
+    /// While input is held for the broker's queue budget.
     relief: Option<Pin<Box<dyn Future<Output = ()> + Send>>>,
 }
 
@@ -109,16 +116,16 @@ impl<W: Wire> Driver<W> {
         loop {
             self.handle_inputs().await;
             self.wire.before_deliveries(&mut self.link);
+            self.check_backlog();
             let wire = &self.wire;
             self.link.pump_deliveries(|| wire.has_room());
             if self.link.closed {
                 break;
             }
-            let now = self.link.tick();
-            if !self.link.is_paused(now) {
+            if !self.link.is_holding() {
                 waits.relief = None;
             } else if waits.relief.is_none() {
-                waits.relief = Some(link::relief_owned(&self.link));
+                waits.relief = Some(link::relief(&self.link.broker.budget));
             }
             // One timer for the channel's deadline and the trim. It is moved only when the
             // deadline comes earlier or it has fired: a timer that fires early finds nothing
@@ -158,11 +165,32 @@ impl<W: Wire> Driver<W> {
         Box::pin(self.wire.close(&mut self.link)).await;
     }
 
-    /// Feeds the channel every input already received, carrying out its actions after each,
-    /// until input is paused or the channel closes.
+    /// Closes a connection whose client sends but does not read, once its output backlog
+    /// passes the channel's ceiling (`mqtt.max_outbound_buffer`); counted and logged.
+    fn check_backlog(&mut self) {
+        let backlog = self.wire.backlog(&mut self.link);
+        if self.link.channel.handle_backlog(backlog) {
+            let metrics = &self.link.broker.metrics;
+            metrics
+                .slow_readers_closed
+                .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+            // Peer-caused: debug, and counted (`connections.slow_reader_closed`).
+            tracing::debug!(
+                backlog,
+                "client does not read its output: closed (0x97), past mqtt.max_outbound_buffer"
+            );
+        }
+    }
+
+    /// Feeds the channel the input it held while the budget now allows, then every input
+    /// already received (which it may hold in turn), carrying out its actions after each,
+    /// until held input is at its bound or the channel closes.
     async fn handle_inputs(&mut self) {
         let now = self.link.tick();
-        while !self.link.channel.is_closed() && !self.link.is_paused(now) {
+        while !self.link.channel.is_closed() && self.link.release_held(now) {
+            self.link.carry_out_actions().await;
+        }
+        while !self.link.channel.is_closed() && !self.link.input_blocked() {
             if !self.wire.handle_input(&mut self.link, now) {
                 break;
             }
@@ -171,8 +199,8 @@ impl<W: Wire> Driver<W> {
     }
 
     /// Waits for the next thing to do, doing what can be done at once (writing, reading) on
-    /// the way. Ready when the loop has work: input, the mailbox or the timer due, a pause
-    /// over, shutdown, or the transport gone; `true` if it was traffic rather than the timer
+    /// the way. Ready when the loop has work: input, the mailbox or the timer due, held input
+    /// to look at again, shutdown, or the transport gone; `true` if it was traffic rather than the timer
     /// alone.
     fn poll_wait(&mut self, cx: &mut Context<'_>, waits: &mut Waits<'_, '_>) -> Poll<bool> {
         let mut ready = false;
@@ -196,7 +224,8 @@ impl<W: Wire> Driver<W> {
                 waits.relief = None;
                 ready = true;
             }
-        } else if durable {
+        }
+        if durable && !self.link.input_blocked() {
             ready |= self.wire.poll_receive(cx, &mut self.link).is_ready();
         }
         if let Poll::Ready(takeover) = self.link.poll_mailbox(cx) {
@@ -213,6 +242,10 @@ impl<W: Wire> Driver<W> {
                 self.trim_at = None;
                 self.wire.trim();
                 self.link.trim();
+            }
+            if self.link.is_holding() {
+                // The broker's own pause never closes a client for keep-alive.
+                self.link.channel.handle_traffic(now);
             }
             self.link.channel.handle_timeout(now);
             ready = true;

@@ -1,8 +1,21 @@
 //! The ties between one connection's [`Channel`] and the shared [`Broker`], common to every
 //! transport's driver loop: carrying out the channel's actions (session lookup and takeover,
 //! routing, (un)subscribing, closing) and moving deliveries from the session's mailbox into
-//! the channel while its window has room.
+//! the channel while its window has room, and holding a publisher's input while the broker
+//! queues more than its budget.
+//!
+//! **Holding input.** While the deliveries queued broker-wide are over
+//! `broker.max_queued_bytes` ([`QueueBudget`]), a connection goes on reading and decoding, so
+//! that PINGREQ, the acknowledgements of its own deliveries (PUBACK, PUBREC, PUBREL, PUBCOMP)
+//! and everything that drains queues are handled at once; it holds the PUBLISHes it reads,
+//! and what follows them in order, until the budget is relieved. QoS 1/2 publishes are held
+//! unanswered, so the client's own window (Receive Maximum) bounds them; QoS 0 has no flow
+//! control, so past `HOLD_BYTES` held a QoS 0 publish is dropped and counted
+//! (`messages.dropped.publisher_paused`). Any other packet past it stops reading (the held
+//! input is bounded either way) until the budget is relieved. Held input counts as the
+//! client's traffic: the broker's own pause never closes it for keep-alive.
 
+use std::collections::VecDeque;
 use std::net::SocketAddr;
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
@@ -12,21 +25,23 @@ use std::time::{Duration, Instant};
 use tokio::sync::oneshot;
 
 use super::clients::ClientInfo;
-use super::mailbox::{Mailbox, Signal};
+use super::mailbox::{Mailbox, QueueBudget, Signal};
 use super::{clock, Broker};
 use crate::auth::{ClientAuthorizer, Credentials, Refusal};
-use crate::codec::ReasonCode;
+use crate::codec::{Packet, QoS, ReasonCode};
 use crate::core::access::{Access, Authorizer};
 use crate::core::channel::{Action, AuthStep, Channel};
 use crate::core::hooks::{DropReason, Store, Ticket};
 use crate::core::message::{Delivery, Flow};
 
-/// How long a paused publisher waits for an overfilled subscriber that takes no messages at
-/// all before going on (that subscriber's mailbox then drops what exceeds its hard bound).
 /// How long a refused CONNECT waits for its CONNACK: guessing passwords costs a second a try.
 pub const AUTH_FAILURE_DELAY: Duration = Duration::from_secs(1);
 
-const MAX_PAUSE: Duration = Duration::from_secs(1);
+/// Input held while the budget is over, in topic and payload bytes: past it QoS 0 publishes
+/// are dropped, and anything else stops reading.
+const HOLD_BYTES: usize = 64 * 1024;
+/// How often a held connection looks at the budget again even if no drain woke it.
+const HOLD_RECHECK: Duration = Duration::from_secs(1);
 /// Deliveries taken from the mailbox under one lock.
 const PUMP_BATCH: usize = 16;
 
@@ -42,12 +57,12 @@ pub struct Link {
     pub closed: bool,
     /// Why it closed, for transports that can say so (QUIC's application error code).
     pub close_reason: Option<ReasonCode>,
-    /// Subscribers' mailboxes this connection's publishes overfilled: input waits for them.
-    pub pressure: Vec<Arc<Mailbox>>,
-    /// Each pressured mailbox's pop count when last checked (same order as `pressure`).
-    pressure_marks: Vec<u64>,
-    /// When the current wait on `pressure` is next checked for progress.
-    pub pause_deadline: Option<Instant>,
+    /// Input held while the broker's queue budget is over (see the module docs), in order.
+    held: VecDeque<(Flow, Packet)>,
+    /// The topic and payload bytes of the PUBLISHes in `held`.
+    held_bytes: usize,
+    /// Past `HOLD_BYTES` something other than a QoS 0 publish came: reading stops.
+    blocked: bool,
     conn_id: u64,
     /// The client's address, as the listener saw it (for authentication).
     peer: SocketAddr,
@@ -92,9 +107,9 @@ impl Link {
             closed_flows: Vec::new(),
             closed: false,
             close_reason: None,
-            pressure: Vec::new(),
-            pressure_marks: Vec::new(),
-            pause_deadline: None,
+            held: VecDeque::new(),
+            held_bytes: 0,
+            blocked: false,
             takeover_ack: None,
             store,
             ticket: 0,
@@ -197,6 +212,13 @@ impl Link {
             Poll::Ready(Signal::Kick) => {
                 tracing::info!(client_id = %self.channel.client_id(), "kicked by an operator");
                 self.channel.handle_kick();
+                Poll::Ready(None)
+            }
+            Poll::Ready(Signal::QueueFull) => {
+                tracing::debug!(
+                    "session queue full (session.max_queued, session.queue_full = \"disconnect\")"
+                );
+                self.channel.handle_queue_full();
                 Poll::Ready(None)
             }
             Poll::Pending => Poll::Pending,
@@ -420,12 +442,11 @@ impl Link {
                     if let Some(info) = &self.info {
                         info.count_received();
                     }
-                    let before = self.pressure.len();
                     // What routing stores and the record that a QoS 2 message was received
                     // commit together: a crash between them would route a resend twice.
                     let store = self.store.take();
                     let group = store.as_deref().map(Group::begin);
-                    let routed = self.broker.route(message, now, &mut self.pressure);
+                    let routed = self.broker.route(message, now);
                     self.hold(routed.ticket);
                     if let Some(ack) = ack {
                         self.channel.acknowledge(ack, routed.refused);
@@ -435,7 +456,6 @@ impl Link {
                         self.hold(group.end());
                     }
                     self.store = store;
-                    self.keep_new_pressure(before, now);
                 }
                 Action::Subscribe {
                     subscription,
@@ -496,62 +516,94 @@ impl Link {
         None
     }
 
-    /// Keeps the mailboxes `route` just reported once each, never our own (a client that
-    /// subscribes to its own publishes must still read the acks that drain it).
-    fn keep_new_pressure(&mut self, before: usize, now: Instant) {
-        let own = self.mailbox.as_ref().map(Arc::as_ptr);
-        let mut i = before;
-        while i < self.pressure.len() {
-            let ptr = Arc::as_ptr(&self.pressure[i]);
-            if Some(ptr) == own || self.pressure[..i].iter().any(|m| Arc::as_ptr(m) == ptr) {
-                self.pressure.swap_remove(i);
-            } else {
-                self.pressure_marks.push(self.pressure[i].popped());
-                i += 1;
-            }
+    /// Hands the channel a packet the transport read on `flow`, or holds it while the
+    /// broker's queue budget is over (see the module docs).
+    pub fn handle_packet(&mut self, now: Instant, flow: Flow, packet: Packet) {
+        // Before CONNECT is accepted nothing is published: nothing to hold.
+        let connected = self.mailbox.is_some();
+        let hold = connected
+            && match &packet {
+                // What drains queues and keeps the link alive goes at once, in any order:
+                // PUBREL answers a PUBREC the channel already sent for a publish it took.
+                Packet::PingReq
+                | Packet::PubAck(_)
+                | Packet::PubRec(_)
+                | Packet::PubRel(_)
+                | Packet::PubComp(_) => false,
+                Packet::Publish(_) => !self.held.is_empty() || self.broker.budget.is_over(),
+                // Anything else keeps its place behind the publishes held.
+                _ => !self.held.is_empty(),
+            };
+        if !hold {
+            self.channel.handle_flow_packet(now, flow, packet);
+            return;
         }
-        if !self.pressure.is_empty() && self.pause_deadline.is_none() {
-            self.pause_deadline = Some(now + MAX_PAUSE);
+        if matches!(packet, Packet::Disconnect(_)) {
+            // A client saying goodbye gets what it sent before handled first, whatever the
+            // budget (held input is bounded): its will must not fire, its QoS 0 not vanish.
+            while let Some((flow, held)) = self.held.pop_front() {
+                self.channel.handle_flow_packet(now, flow, held);
+            }
+            self.held = VecDeque::new();
+            self.held_bytes = 0;
+            self.blocked = false;
+            self.channel.handle_flow_packet(now, flow, packet);
+            return;
+        }
+        // The client is not silent: the broker is holding it.
+        self.channel.handle_traffic(now);
+        if self.held.is_empty() {
             self.broker
                 .metrics
                 .publisher_pauses
                 .fetch_add(1, Ordering::Relaxed);
         }
+        let bytes = match &packet {
+            Packet::Publish(publish) => publish.topic.len() + publish.payload.len(),
+            _ => 0,
+        };
+        if self.held_bytes >= HOLD_BYTES {
+            if matches!(&packet, Packet::Publish(p) if p.qos == QoS::AtMostOnce) {
+                self.broker
+                    .metrics
+                    .dropped_paused
+                    .fetch_add(1, Ordering::Relaxed);
+                return;
+            }
+            self.blocked = true;
+        }
+        self.held_bytes += bytes;
+        self.held.push_back((flow, packet));
     }
 
-    /// Whether input must wait for subscribers to catch up (see `mailbox`). Every
-    /// `MAX_PAUSE` the wait is checked: a subscriber that took messages meanwhile is waited
-    /// for again (a slow reader slows its publishers, it does not lose messages); one that
-    /// took none counts as stalled (it stops pushing back until it drains) and input goes on,
-    /// so neither a dead subscriber nor two clients waiting on each other block anyone for
-    /// longer than that.
-    pub fn is_paused(&mut self, now: Instant) -> bool {
-        let check = self.pause_deadline.is_some_and(|deadline| now >= deadline);
-        let mut i = 0;
-        while i < self.pressure.len() {
-            let mailbox = &self.pressure[i];
-            let popped = mailbox.popped();
-            let stalled = check && popped == self.pressure_marks[i];
-            if stalled {
-                mailbox.mark_stalled();
-            }
-            if stalled || mailbox.is_relieved() {
-                self.pressure.swap_remove(i);
-                self.pressure_marks.swap_remove(i);
-            } else {
-                if check {
-                    self.pressure_marks[i] = popped;
-                }
-                i += 1;
-            }
-        }
-        if self.pressure.is_empty() {
-            self.pause_deadline = None;
+    /// Whether input is held (the budget is over, or was when it was read).
+    pub fn is_holding(&self) -> bool {
+        !self.held.is_empty()
+    }
+
+    /// Whether reading must stop: held input is at its bound.
+    pub fn input_blocked(&self) -> bool {
+        self.blocked
+    }
+
+    /// Hands the channel the oldest held packet if the budget allows; `false` if there is
+    /// none or it does not.
+    pub fn release_held(&mut self, now: Instant) -> bool {
+        if self.held.is_empty() || self.broker.budget.is_over() {
             return false;
         }
-        if check {
-            self.pause_deadline = Some(now + MAX_PAUSE);
+        let Some((flow, packet)) = self.held.pop_front() else {
+            return false;
+        };
+        if let Packet::Publish(publish) = &packet {
+            self.held_bytes -= publish.topic.len() + publish.payload.len();
         }
+        if self.held.is_empty() {
+            self.held_bytes = 0;
+            self.blocked = false;
+            self.held = VecDeque::new();
+        }
+        self.channel.handle_flow_packet(now, flow, packet);
         true
     }
 }
@@ -708,29 +760,19 @@ impl Drop for Group<'_> {
     }
 }
 
-/// Resolves when every mailbox in `pressure` has drained, or at `deadline` (a free function
-/// over the two fields, so a driver's `select!` can borrow the rest of its `Link` meanwhile).
-async fn relief(pressure: &[Arc<Mailbox>], deadline: Option<Instant>) {
-    let Some(deadline) = deadline else { return };
-    let drained = async {
-        for mailbox in pressure {
-            mailbox.relieved().await;
-        }
-    };
-    tokio::select! {
-        _ = drained => {}
-        _ = clock::sleep_until(deadline) => {}
-    }
-}
-
-/// [`relief`] over its own copy of the pressure, for a driver that keeps the wait across
-/// polls (made once per pause, not per wake-up).
-pub fn relief_owned(
-    link: &Link,
+/// Resolves when the broker's queue budget is relieved, or after `HOLD_RECHECK` (a connection
+/// holding input looks again then), boxed for a driver that keeps it across polls (made once
+/// per wait, not per wake-up).
+pub fn relief(
+    budget: &Arc<QueueBudget>,
 ) -> std::pin::Pin<Box<dyn std::future::Future<Output = ()> + Send>> {
-    let pressure = link.pressure.clone();
-    let deadline = link.pause_deadline;
-    Box::pin(async move { relief(&pressure, deadline).await })
+    let budget = Arc::clone(budget);
+    Box::pin(async move {
+        tokio::select! {
+            _ = budget.relieved() => {}
+            _ = tokio::time::sleep(HOLD_RECHECK) => {}
+        }
+    })
 }
 
 impl Link {
@@ -739,10 +781,6 @@ impl Link {
         self.channel.trim();
         if let Some(mailbox) = &self.mailbox {
             mailbox.trim();
-        }
-        if self.pressure.is_empty() && self.pressure.capacity() > 0 {
-            self.pressure = Vec::new();
-            self.pressure_marks = Vec::new();
         }
     }
 

@@ -80,6 +80,66 @@ pub const DEFAULT_HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
 /// listener default).
 pub const DEFAULT_MAX_CONNECTIONS: usize = 1_024_000;
 
+/// TCP keepalive on accepted sockets (EMQX's `tcp_options.keepalive`, "Idle,Interval,Probes"
+/// in seconds): reaps half-open connections that MQTT's keep-alive does not (before CONNECT,
+/// or with a long keep-alive), without waking clients that are talking anyway.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct TcpKeepalive {
+    /// Silence before the first probe.
+    pub idle: Duration,
+    pub interval: Duration,
+    /// Unanswered probes before the kernel drops the connection.
+    pub probes: u32,
+}
+
+impl TcpKeepalive {
+    /// The default: "240,30,5" (EMQX's example), a dead peer found after about 6.5 minutes
+    /// of silence.
+    pub const DEFAULT: &'static str = "240,30,5";
+
+    /// Parses "Idle,Interval,Probes" (seconds, seconds, count), or "none" (off).
+    pub fn parse(s: &str) -> Result<Option<Self>, String> {
+        if s.trim() == "none" {
+            return Ok(None);
+        }
+        let parts: Vec<&str> = s.split(',').map(str::trim).collect();
+        let number = |p: &str| {
+            p.parse::<u32>()
+                .ok()
+                .filter(|&n| n > 0)
+                .ok_or_else(|| format!("expected \"Idle,Interval,Probes\" or \"none\", got {s:?}"))
+        };
+        let [idle, interval, probes] = parts.as_slice() else {
+            return Err(format!(
+                "expected \"Idle,Interval,Probes\" (e.g. \"{}\") or \"none\", got {s:?}",
+                Self::DEFAULT
+            ));
+        };
+        Ok(Some(Self {
+            idle: Duration::from_secs(u64::from(number(idle)?)),
+            interval: Duration::from_secs(u64::from(number(interval)?)),
+            probes: number(probes)?,
+        }))
+    }
+
+    /// Switches keepalive on for `stream` (Linux; elsewhere nothing is set).
+    fn apply(&self, stream: &TcpStream) -> std::io::Result<()> {
+        #[cfg(target_os = "linux")]
+        {
+            let keepalive = socket2::TcpKeepalive::new()
+                .with_time(self.idle)
+                .with_interval(self.interval)
+                .with_retries(self.probes);
+            socket2::SockRef::from(stream).set_tcp_keepalive(&keepalive)
+        }
+        #[cfg(not(target_os = "linux"))]
+        {
+            let _ = stream;
+            Ok(())
+        }
+    }
+}
+
 /// One listener, validated: keys that do not apply to its kind were refused when parsing.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct ListenerConfig {
@@ -233,6 +293,11 @@ impl Accept {
                     if let Err(err) = stream.set_nodelay(true) {
                         tracing::debug!(%peer, %err, "cannot set TCP_NODELAY");
                     }
+                    if let Some(keepalive) = &self.broker.settings().tcp_keepalive {
+                        if let Err(err) = keepalive.apply(&stream) {
+                            tracing::debug!(%peer, %err, "cannot set broker.tcp_keepalive");
+                        }
+                    }
                     let permit = match self.broker.permits.admit(&self.slots, peer.ip()) {
                         Ok(permit) => permit,
                         Err(full) => {
@@ -360,5 +425,49 @@ impl Guard {
                 }
             },
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn tcp_keepalive_parses_emqx_form_and_none() {
+        assert_eq!(
+            TcpKeepalive::parse(TcpKeepalive::DEFAULT),
+            Ok(Some(TcpKeepalive {
+                idle: Duration::from_secs(240),
+                interval: Duration::from_secs(30),
+                probes: 5,
+            }))
+        );
+        assert_eq!(TcpKeepalive::parse("none"), Ok(None));
+        for bad in ["", "240,30", "240,30,5,1", "0,30,5", "a,b,c", "-1,30,5"] {
+            assert!(TcpKeepalive::parse(bad).is_err(), "{bad:?} accepted");
+        }
+    }
+
+    /// The option reaches the accepted socket.
+    #[cfg(target_os = "linux")]
+    #[tokio::test]
+    async fn tcp_keepalive_is_set_on_an_accepted_socket() {
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let _client = TcpStream::connect(addr).await.unwrap();
+        let (accepted, _) = listener.accept().await.unwrap();
+        let keepalive = TcpKeepalive::parse("61,7,3").unwrap().unwrap();
+        keepalive.apply(&accepted).unwrap();
+        let socket = socket2::SockRef::from(&accepted);
+        assert!(socket.keepalive().unwrap());
+        assert_eq!(
+            socket.tcp_keepalive_time().unwrap(),
+            Duration::from_secs(61)
+        );
+        assert_eq!(
+            socket.tcp_keepalive_interval().unwrap(),
+            Duration::from_secs(7)
+        );
+        assert_eq!(socket.tcp_keepalive_retries().unwrap(), 3);
     }
 }

@@ -1,18 +1,31 @@
 //! A session's bounded queue of deliveries, shared by the router (producer) and whichever
-//! connection currently serves the session (consumer).
+//! connection currently serves the session (consumer), and the broker-wide budget of queued
+//! bytes that every mailbox counts against.
 //!
 //! The mailbox outlives connections: while a persistent session is offline, deliveries queue
-//! here and are drained on reconnect. The router never waits on it. Deliveries are queued
-//! beyond `capacity` (`session.max_queued`), up to a hard bound of `HARD_FACTOR` x
-//! `capacity`, and such a push reports **pressure**: the publishing connection
-//!   then stops reading until this mailbox has drained below half its capacity, for as long as
-//!   the subscriber keeps taking messages (see `Link::is_paused`); one that takes none for a
-//!   while counts as stalled and stops pushing back until it drains. A saturating publisher
-//!   is thus slowed to its subscribers' pace instead of losing messages, while a subscriber
-//!   that never reads costs a publisher at most one bounded wait. Beyond the hard bound
-//!   deliveries are dropped and counted (as Mosquitto and EMQX drop when their queues are
-//!   full), so memory stays bounded whatever clients do. QoS 0 is treated alike: a fast QoS 0
-//!   publisher is slowed rather than have most of its messages dropped.
+//! here and are drained on reconnect. The router never waits on it, and **a slow subscriber
+//! costs only itself**: at `capacity` (`session.max_queued`, Mosquitto's
+//! `max_queued_messages`) its queue overflows by its own policy, counted (`dropped`, the
+//! broker's `dropped_queue_full`) and visible per client (`mqueue_dropped`):
+//! - a QoS 0 delivery replaces the oldest QoS 0 delivery queued (EMQX drops the oldest);
+//!   with none queued, it is dropped;
+//! - a QoS 1/2 delivery also takes the place of the oldest QoS 0 one if there is any;
+//!   otherwise the session's [`QueueFull`] policy applies (`session.queue_full`): `drop_new`
+//!   (the default, as Mosquitto) drops it, `disconnect` drops it and has the serving connection
+//!   closed with 0x97 (Quota exceeded) so that the client learns it is losing messages.
+//!
+//! A QoS 1/2 message the broker acknowledged and queued for a persistent session is on disk
+//! before it is queued (`Broker::push_delivery`); one dropped here is forgotten by the store
+//! too — a counted, documented policy, not a silent loss. Publishers are never slowed for one
+//! subscriber.
+//!
+//! [`QueueBudget`] is what slows them instead, when the broker as a whole queues too much: every
+//! push adds the delivery's size (its topic and payload plus the delivery record, counted in
+//! each queue it sits in, as Mosquitto's `max_queued_bytes` does: an upper bound of the
+//! memory) and every pop, drop or discarded mailbox takes it off — one atomic add or
+//! subtraction, no lock. Above `broker.max_queued_bytes` the budget is *over*: connections
+//! hold the PUBLISHes they read (see `Link::handle_packet`) until it falls below the
+//! low-water mark (three quarters), then go on.
 //!
 //! The mailbox is also how the rest of the broker reaches the connection that serves it: one
 //! registered waker (no channel, no waiter list: an idle connection costs a pointer here) is
@@ -20,25 +33,155 @@
 //! stale request never reaches the next connection.
 
 use std::collections::VecDeque;
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::task::{Context, Poll};
 
 use futures_util::task::AtomicWaker;
+use serde::Deserialize;
 use tokio::sync::{oneshot, Notify};
 
+use crate::codec::QoS;
 use crate::core::message::Delivery;
 
-/// QoS 1/2 deliveries may queue up to this many times the capacity before being dropped.
-const HARD_FACTOR: usize = 4;
+/// What a session's queue does with a QoS 1/2 delivery once it is full of QoS 1/2 ones
+/// (`session.queue_full`).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum QueueFull {
+    /// Drop the new delivery and count it (Mosquitto's `max_queued_messages`).
+    #[default]
+    DropNew,
+    /// Drop it, count it, and close the subscriber's connection with 0x97 (Quota exceeded).
+    Disconnect,
+}
 
 /// What became of a pushed delivery.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Pushed {
     Queued,
-    /// Queued, but the mailbox is over capacity: the publisher should pause.
-    Pressured,
+    /// Queued in the place of the oldest queued QoS 0 delivery, which was dropped.
+    Replaced,
     Dropped,
+}
+
+/// The broker-wide count of queued bytes, against `broker.max_queued_bytes` (see the module
+/// docs).
+#[derive(Debug)]
+pub struct QueueBudget {
+    bytes: AtomicUsize,
+    /// Over this, publishers are held (`usize::MAX`: never).
+    high: usize,
+    /// They go on once the count is at or below this.
+    low: usize,
+    over: AtomicBool,
+    /// Woken when the count falls to the low-water mark while over.
+    relieved: Notify,
+    /// When going over was last logged at `warn` (clients must not raise our warn rate).
+    warned_at: Mutex<Option<std::time::Instant>>,
+}
+
+/// At most one `warn` line per this long for going over the budget (`debug` in between).
+const WARN_EVERY: std::time::Duration = std::time::Duration::from_secs(60);
+
+impl QueueBudget {
+    /// A budget of `max_bytes` (0: no budget, publishers are never held).
+    pub fn new(max_bytes: u64) -> Self {
+        let high = match usize::try_from(max_bytes) {
+            Ok(0) | Err(_) => usize::MAX,
+            Ok(n) => n,
+        };
+        Self {
+            bytes: AtomicUsize::new(0),
+            high,
+            low: high / 4 * 3,
+            over: AtomicBool::new(false),
+            relieved: Notify::new(),
+            warned_at: Mutex::new(None),
+        }
+    }
+
+    /// Bytes queued now, over every mailbox.
+    pub fn bytes(&self) -> usize {
+        self.bytes.load(Ordering::Relaxed)
+    }
+
+    fn add(&self, n: usize) {
+        let now = self.bytes.fetch_add(n, Ordering::Relaxed).wrapping_add(n);
+        if now > self.high
+            && !self.over.load(Ordering::Relaxed)
+            && !self.over.swap(true, Ordering::Relaxed)
+        {
+            self.log_over(now);
+        }
+    }
+
+    fn log_over(&self, queued_bytes: usize) {
+        let at = super::clock::now();
+        let mut warned_at = self.warned_at.lock().expect("never poisoned");
+        if warned_at.is_some_and(|t| at.duration_since(t) < WARN_EVERY) {
+            tracing::debug!(queued_bytes, "over broker.max_queued_bytes again");
+            return;
+        }
+        *warned_at = Some(at);
+        tracing::warn!(
+            queued_bytes,
+            "deliveries queued over broker.max_queued_bytes: publishers are held until \
+             subscribers drain them (raise broker.max_queued_bytes, or lower \
+             session.max_queued)"
+        );
+    }
+
+    fn sub(&self, n: usize) {
+        if n == 0 {
+            return;
+        }
+        let now = self.bytes.fetch_sub(n, Ordering::Relaxed).wrapping_sub(n);
+        if now <= self.low && self.over.load(Ordering::Relaxed) {
+            self.relieve();
+        }
+    }
+
+    fn relieve(&self) {
+        if self.over.swap(false, Ordering::Relaxed) {
+            tracing::debug!(
+                "deliveries queued back under broker.max_queued_bytes: publishers go on"
+            );
+            self.relieved.notify_waiters();
+        }
+    }
+
+    /// Whether publishers are held. Looks at the count again, so a flag raised by a push
+    /// that raced with the last pop never outlives the backlog.
+    pub fn is_over(&self) -> bool {
+        if !self.over.load(Ordering::Relaxed) {
+            return false;
+        }
+        if self.bytes() <= self.low {
+            self.relieve();
+            return false;
+        }
+        true
+    }
+
+    /// Resolves once the budget is no longer over (at once if it is not).
+    pub async fn relieved(&self) {
+        let relieved = self.relieved.notified();
+        tokio::pin!(relieved);
+        // Registered before the check, so a relief in between is not missed.
+        relieved.as_mut().enable();
+        if !self.is_over() {
+            return;
+        }
+        relieved.await;
+    }
+}
+
+/// What a queued delivery counts against the budget.
+fn cost(delivery: &Delivery) -> usize {
+    std::mem::size_of::<Delivery>()
+        + delivery.message.topic.as_str().len()
+        + delivery.message.payload.len()
 }
 
 /// What a connection waiting on its mailbox is woken for.
@@ -51,33 +194,78 @@ pub enum Signal {
     Takeover(oneshot::Sender<()>),
     /// An operator kicked the client.
     Kick,
+    /// The queue overflowed under the `disconnect` policy: close with 0x97.
+    QueueFull,
 }
 
 #[derive(Debug, Default)]
 struct Inner {
     queue: VecDeque<Delivery>,
+    /// What the queued deliveries count against the budget.
+    bytes: usize,
+    /// QoS 0 deliveries in `queue` (none: an overflow need not look for one).
+    qos0: usize,
     /// A takeover request for the connection with this id.
     takeover: Option<(u64, oneshot::Sender<()>)>,
     /// An operator's kick for the connection with this id.
     kick: Option<u64>,
+    /// A QoS 1/2 delivery was dropped under the `disconnect` policy while online.
+    overflowed: bool,
+}
+
+impl Inner {
+    fn push_back(&mut self, delivery: Delivery) -> usize {
+        let n = cost(&delivery);
+        self.qos0 += usize::from(delivery.qos == QoS::AtMostOnce);
+        self.bytes += n;
+        self.queue.push_back(delivery);
+        n
+    }
+
+    fn push_front(&mut self, delivery: Delivery) -> usize {
+        let n = cost(&delivery);
+        self.qos0 += usize::from(delivery.qos == QoS::AtMostOnce);
+        self.bytes += n;
+        self.queue.push_front(delivery);
+        n
+    }
+
+    /// Accounts for a delivery taken out of `queue`; returns its cost.
+    fn taken(&mut self, delivery: &Delivery) -> usize {
+        let n = cost(delivery);
+        self.qos0 -= usize::from(delivery.qos == QoS::AtMostOnce);
+        self.bytes -= n;
+        n
+    }
+
+    /// Removes the oldest queued QoS 0 delivery; returns its cost.
+    fn drop_oldest_qos0(&mut self) -> Option<usize> {
+        if self.qos0 == 0 {
+            return None;
+        }
+        let at = self.queue.iter().position(|d| d.qos == QoS::AtMostOnce)?;
+        let dropped = self.queue.remove(at)?;
+        Some(self.taken(&dropped))
+    }
+
+    /// Nothing more can be queued: full, and no QoS 0 delivery to make room.
+    fn is_full(&self, capacity: usize) -> bool {
+        self.queue.len() >= capacity && self.qos0 == 0
+    }
 }
 
 #[derive(Debug)]
 pub struct Mailbox {
     inner: Mutex<Inner>,
     capacity: usize,
+    policy: QueueFull,
+    budget: Arc<QueueBudget>,
     /// The serving connection's task: woken by a push or a takeover request.
     waker: AtomicWaker,
-    /// The queue fell to half its capacity (wakes paused publishers).
-    drained: Notify,
     online: AtomicBool,
-    /// At the hard bound: a shared group passes this member over for the next one.
+    /// Nothing more can be queued: a shared group passes this member over for the next one.
     full: AtomicBool,
-    /// A publisher waited on this mailbox in vain; it stops pushing back until it drains.
-    stalled: AtomicBool,
     dropped: AtomicU64,
-    /// Deliveries taken so far: the progress a paused publisher watches.
-    popped: AtomicU64,
     /// The session's client id, once it is known to be persistent (`durable`).
     client_id: std::sync::OnceLock<Arc<str>>,
     /// QoS 1/2 deliveries are stored before they are queued (a persistent session, with a
@@ -86,17 +274,16 @@ pub struct Mailbox {
 }
 
 impl Mailbox {
-    pub fn new(capacity: usize) -> Self {
+    pub fn new(capacity: usize, policy: QueueFull, budget: Arc<QueueBudget>) -> Self {
         Self {
             inner: Mutex::new(Inner::default()),
             capacity: capacity.max(1),
+            policy,
+            budget,
             waker: AtomicWaker::new(),
-            drained: Notify::new(),
             online: AtomicBool::new(true),
             full: AtomicBool::new(false),
-            stalled: AtomicBool::new(false),
             dropped: AtomicU64::new(0),
-            popped: AtomicU64::new(0),
             client_id: std::sync::OnceLock::new(),
             durable: AtomicBool::new(false),
         }
@@ -123,41 +310,68 @@ impl Mailbox {
     /// were accepted before; the session's client drains them).
     pub fn restore(&self, deliveries: Vec<Delivery>) {
         let mut inner = self.lock();
-        inner.queue.extend(deliveries);
-        if inner.queue.len() >= self.capacity * HARD_FACTOR {
-            self.full.store(true, Ordering::Relaxed);
+        let mut added = 0;
+        for delivery in deliveries {
+            added += inner.push_back(delivery);
         }
+        self.full
+            .store(inner.is_full(self.capacity), Ordering::Relaxed);
+        drop(inner);
+        self.budget.add(added);
     }
 
     /// Queues a delivery under the policy in the module docs.
     pub fn push(&self, delivery: Delivery) -> Pushed {
-        let pushed = {
+        let qos0 = delivery.qos == QoS::AtMostOnce;
+        let (pushed, added, removed, signal) = {
             let mut inner = self.lock();
-            let len = inner.queue.len();
-            if len >= self.capacity * HARD_FACTOR {
-                None
+            let (pushed, removed) = if inner.queue.len() < self.capacity {
+                (Pushed::Queued, 0)
+            } else if let Some(removed) = inner.drop_oldest_qos0() {
+                (Pushed::Replaced, removed)
             } else {
-                inner.queue.push_back(delivery);
-                if len + 1 >= self.capacity * HARD_FACTOR {
-                    self.full.store(true, Ordering::Relaxed);
-                }
-                Some(len + 1)
-            }
+                (Pushed::Dropped, 0)
+            };
+            let signal = pushed != Pushed::Dropped || self.note_overflow(&mut inner, qos0);
+            let added = match pushed {
+                Pushed::Dropped => 0,
+                _ => inner.push_back(delivery),
+            };
+            self.full
+                .store(inner.is_full(self.capacity), Ordering::Relaxed);
+            (pushed, added, removed, signal)
         };
-        match pushed {
-            None => {
-                self.dropped.fetch_add(1, Ordering::Relaxed);
-                Pushed::Dropped
-            }
-            Some(len) => {
-                self.waker.wake();
-                if len > self.capacity && !self.stalled.load(Ordering::Relaxed) {
-                    Pushed::Pressured
-                } else {
-                    Pushed::Queued
-                }
-            }
+        if pushed != Pushed::Queued {
+            self.dropped.fetch_add(1, Ordering::Relaxed);
         }
+        self.budget.add(added);
+        self.budget.sub(removed);
+        // A plain drop has nothing for the connection (a never-reading subscriber's task is
+        // not woken for each message it loses).
+        if signal {
+            self.waker.wake();
+        }
+        pushed
+    }
+
+    /// Drops `delivery` as a full queue would, without looking (the caller saw
+    /// [`Mailbox::accepts`] say no).
+    pub fn overflow(&self, delivery: &Delivery) {
+        let mut inner = self.lock();
+        let signal = self.note_overflow(&mut inner, delivery.qos == QoS::AtMostOnce);
+        drop(inner);
+        self.dropped.fetch_add(1, Ordering::Relaxed);
+        if signal {
+            self.waker.wake();
+        }
+    }
+
+    /// Under the `disconnect` policy, a QoS 1/2 drop while online has the serving connection
+    /// closed (`online` is read under the lock: see `set_online`). Whether it was.
+    fn note_overflow(&self, inner: &mut Inner, qos0: bool) -> bool {
+        let close = !qos0 && self.policy == QueueFull::Disconnect && self.is_online();
+        inner.overflowed |= close;
+        close
     }
 
     /// Takes the oldest queued delivery.
@@ -171,26 +385,21 @@ impl Mailbox {
     /// Takes up to `out.len()` of the oldest deliveries, in order, under one lock; returns how
     /// many. Deliveries the caller cannot take after all go back with [`Mailbox::unpop`].
     pub fn pop_batch(&self, out: &mut [Option<Delivery>]) -> usize {
-        let (n, before) = {
+        let (n, removed) = {
             let mut inner = self.lock();
-            let before = inner.queue.len();
-            let n = out.len().min(before);
-            for (slot, delivery) in out.iter_mut().zip(inner.queue.drain(..n)) {
+            let n = out.len().min(inner.queue.len());
+            let mut removed = 0;
+            for slot in &mut out[..n] {
+                let delivery = inner.queue.pop_front().expect("n is within the queue");
+                removed += inner.taken(&delivery);
                 *slot = Some(delivery);
             }
             if n > 0 {
                 self.full.store(false, Ordering::Relaxed);
             }
-            (n, before)
+            (n, removed)
         };
-        if n > 0 {
-            self.popped.fetch_add(n as u64, Ordering::Relaxed);
-            let low = self.low_water();
-            if before > low && before - n <= low {
-                self.stalled.store(false, Ordering::Relaxed);
-                self.drained.notify_waiters();
-            }
-        }
+        self.budget.sub(removed);
         n
     }
 
@@ -199,65 +408,41 @@ impl Mailbox {
         let mut inner = self.lock();
         let mut taken = Vec::new();
         let mut kept = VecDeque::with_capacity(inner.queue.len());
-        for delivery in inner.queue.drain(..) {
+        let mut removed = 0;
+        let queue = std::mem::take(&mut inner.queue);
+        for delivery in queue {
             if take(&delivery) {
+                removed += inner.taken(&delivery);
                 taken.push(delivery);
             } else {
                 kept.push_back(delivery);
             }
         }
         inner.queue = kept;
-        if inner.queue.len() < self.capacity * HARD_FACTOR {
-            self.full.store(false, Ordering::Relaxed);
-        }
+        self.full
+            .store(inner.is_full(self.capacity), Ordering::Relaxed);
+        drop(inner);
+        self.budget.sub(removed);
         taken
     }
 
     /// Puts deliveries taken by [`Mailbox::pop_batch`] back at the front, in their order.
     pub fn unpop(&self, deliveries: impl DoubleEndedIterator<Item = Delivery>) {
         let mut inner = self.lock();
-        let mut returned = 0u64;
+        let mut added = 0;
         for delivery in deliveries.rev() {
-            inner.queue.push_front(delivery);
-            returned += 1;
+            added += inner.push_front(delivery);
         }
-        if inner.queue.len() >= self.capacity * HARD_FACTOR {
-            self.full.store(true, Ordering::Relaxed);
-        }
+        self.full
+            .store(inner.is_full(self.capacity), Ordering::Relaxed);
         drop(inner);
-        self.popped.fetch_sub(returned, Ordering::Relaxed);
+        self.budget.add(added);
     }
 
-    fn low_water(&self) -> usize {
-        self.capacity / 2
-    }
-
-    /// Whether a delivery pushed now would be queued (not dropped at the hard bound): a
-    /// shared group hands a message to a member that can take it.
+    /// Whether a delivery pushed now would be queued (not dropped): a shared group hands a
+    /// message to a member that can take it.
     pub fn accepts(&self) -> bool {
         !self.full.load(Ordering::Relaxed)
-    }
-
-    /// Whether a paused publisher may go on.
-    pub fn is_relieved(&self) -> bool {
-        self.stalled.load(Ordering::Relaxed) || self.len() <= self.low_water()
-    }
-
-    /// Resolves once the queue has drained to half its capacity (at once if it has).
-    pub async fn relieved(&self) {
-        let drained = self.drained.notified();
-        tokio::pin!(drained);
-        // Registered before the check, so a drain in between is not missed.
-        drained.as_mut().enable();
-        if self.is_relieved() {
-            return;
-        }
-        drained.await;
-    }
-
-    /// A publisher gave up waiting: stop pushing back until the queue drains.
-    pub fn mark_stalled(&self) {
-        self.stalled.store(true, Ordering::Relaxed);
     }
 
     pub fn len(&self) -> usize {
@@ -287,6 +472,9 @@ impl Mailbox {
         if inner.kick.is_some_and(|id| id == conn_id) {
             inner.kick = None;
             return Poll::Ready(Signal::Kick);
+        }
+        if std::mem::take(&mut inner.overflowed) {
+            return Poll::Ready(Signal::QueueFull);
         }
         if want_deliveries && !inner.queue.is_empty() {
             return Poll::Ready(Signal::Deliveries);
@@ -334,10 +522,11 @@ impl Mailbox {
 
     pub fn set_online(&self, online: bool) {
         self.online.store(online, Ordering::Relaxed);
-    }
-
-    pub fn popped(&self) -> u64 {
-        self.popped.load(Ordering::Relaxed)
+        if !online {
+            // An overflow while online is the serving connection's to answer; the session's
+            // next connection starts afresh. (`push` reads `online` under the lock.)
+            self.lock().overflowed = false;
+        }
     }
 
     pub fn dropped(&self) -> u64 {
@@ -346,6 +535,14 @@ impl Mailbox {
 
     fn lock(&self) -> std::sync::MutexGuard<'_, Inner> {
         self.inner.lock().expect("mailbox lock is never poisoned")
+    }
+}
+
+impl Drop for Mailbox {
+    /// A discarded session's queue leaves the budget.
+    fn drop(&mut self) {
+        let bytes = self.inner.get_mut().map_or(0, |inner| inner.bytes);
+        self.budget.sub(bytes);
     }
 }
 
@@ -394,52 +591,120 @@ mod tests {
         }
     }
 
-    #[test]
-    fn past_capacity_pushes_back_until_the_hard_bound_then_drops() {
-        let m = Mailbox::new(4);
-        for _ in 0..4 {
-            assert_eq!(m.push(delivery(QoS::AtLeastOnce)), Pushed::Queued);
-        }
-        assert_eq!(m.push(delivery(QoS::AtMostOnce)), Pushed::Pressured);
-        for _ in 5..16 {
-            assert_eq!(m.push(delivery(QoS::AtLeastOnce)), Pushed::Pressured);
-        }
-        assert_eq!(
-            m.push(delivery(QoS::ExactlyOnce)),
-            Pushed::Dropped,
-            "hard bound"
-        );
-        assert_eq!((m.len(), m.dropped()), (16, 1));
-        assert!(!m.is_relieved());
-        while m.len() > 2 {
-            m.pop();
-        }
-        assert!(m.is_relieved(), "relieved at half the capacity");
-        assert_eq!(m.popped(), 14);
+    fn mailbox(capacity: usize, policy: QueueFull) -> (Mailbox, Arc<QueueBudget>) {
+        let budget = Arc::new(QueueBudget::new(0));
+        (Mailbox::new(capacity, policy, Arc::clone(&budget)), budget)
+    }
+
+    fn tagged(qos: QoS, tag: u32) -> Delivery {
+        let mut d = delivery(qos);
+        d.subscription_ids = vec![tag];
+        d
+    }
+
+    fn tags(m: &Mailbox) -> Vec<u32> {
+        std::iter::from_fn(|| m.pop())
+            .map(|d| d.subscription_ids[0])
+            .collect()
     }
 
     #[test]
-    fn a_stalled_mailbox_stops_pushing_back_until_it_drains() {
-        let m = Mailbox::new(2);
-        m.push(delivery(QoS::AtLeastOnce));
-        m.push(delivery(QoS::AtLeastOnce));
-        assert_eq!(m.push(delivery(QoS::AtLeastOnce)), Pushed::Pressured);
-        m.mark_stalled();
-        assert!(m.is_relieved());
-        assert_eq!(m.push(delivery(QoS::AtLeastOnce)), Pushed::Queued);
-        while m.pop().is_some() {}
-        assert_eq!(m.push(delivery(QoS::AtLeastOnce)), Pushed::Queued);
-        m.push(delivery(QoS::AtLeastOnce));
-        assert_eq!(
-            m.push(delivery(QoS::AtLeastOnce)),
-            Pushed::Pressured,
-            "pushes back again"
+    fn a_full_queue_drops_its_oldest_qos0_first_then_new_qos1() {
+        let (m, _) = mailbox(4, QueueFull::DropNew);
+        assert_eq!(m.push(tagged(QoS::AtMostOnce, 1)), Pushed::Queued);
+        assert_eq!(m.push(tagged(QoS::AtLeastOnce, 2)), Pushed::Queued);
+        assert_eq!(m.push(tagged(QoS::AtMostOnce, 3)), Pushed::Queued);
+        assert_eq!(m.push(tagged(QoS::AtLeastOnce, 4)), Pushed::Queued);
+        // Full: QoS 0 and QoS 1 alike take the oldest QoS 0's place.
+        assert_eq!(m.push(tagged(QoS::AtMostOnce, 5)), Pushed::Replaced);
+        assert_eq!(m.push(tagged(QoS::ExactlyOnce, 6)), Pushed::Replaced);
+        assert!(m.accepts(), "QoS 0 (5) can still make room");
+        assert_eq!(m.push(tagged(QoS::AtLeastOnce, 7)), Pushed::Replaced);
+        assert!(!m.accepts(), "only QoS 1/2 queued: nothing fits");
+        assert_eq!(m.push(tagged(QoS::AtMostOnce, 8)), Pushed::Dropped);
+        assert_eq!(m.push(tagged(QoS::AtLeastOnce, 9)), Pushed::Dropped);
+        assert_eq!(m.dropped(), 5);
+        let mut cx = Context::from_waker(futures_util::task::noop_waker_ref());
+        assert!(
+            matches!(m.poll_signal(&mut cx, 1, false), Poll::Pending),
+            "drop_new does not disconnect"
         );
+        assert_eq!(tags(&m), [2, 4, 6, 7], "the rest keep their order");
+        assert!(m.accepts());
+    }
+
+    #[test]
+    fn the_disconnect_policy_signals_the_online_connection_only() {
+        let (m, _) = mailbox(1, QueueFull::Disconnect);
+        let mut cx = Context::from_waker(futures_util::task::noop_waker_ref());
+        m.push(delivery(QoS::AtLeastOnce));
+        assert_eq!(m.push(delivery(QoS::AtMostOnce)), Pushed::Dropped);
+        assert!(
+            matches!(m.poll_signal(&mut cx, 1, false), Poll::Pending),
+            "a QoS 0 drop is not worth a disconnect"
+        );
+        assert_eq!(m.push(delivery(QoS::AtLeastOnce)), Pushed::Dropped);
+        assert!(matches!(
+            m.poll_signal(&mut cx, 1, false),
+            Poll::Ready(Signal::QueueFull)
+        ));
+        assert!(matches!(m.poll_signal(&mut cx, 1, false), Poll::Pending));
+        // The store's shortcut (it saw `accepts` say no) follows the same policy.
+        assert!(!m.accepts());
+        m.overflow(&delivery(QoS::ExactlyOnce));
+        assert_eq!(m.dropped(), 3);
+        assert!(matches!(
+            m.poll_signal(&mut cx, 1, false),
+            Poll::Ready(Signal::QueueFull)
+        ));
+        m.push(delivery(QoS::AtLeastOnce));
+        m.set_online(false);
+        m.push(delivery(QoS::AtLeastOnce));
+        m.set_online(true);
+        assert!(
+            matches!(m.poll_signal(&mut cx, 2, false), Poll::Pending),
+            "the next connection starts afresh"
+        );
+    }
+
+    #[test]
+    fn the_budget_counts_every_queued_byte_and_holds_between_its_marks() {
+        let one = cost(&delivery(QoS::AtLeastOnce));
+        // Over past 4 deliveries, relieved at 3.
+        let budget = Arc::new(QueueBudget::new(4 * one as u64));
+        let a = Mailbox::new(8, QueueFull::DropNew, Arc::clone(&budget));
+        let b = Mailbox::new(1, QueueFull::DropNew, Arc::clone(&budget));
+        for _ in 0..4 {
+            a.push(delivery(QoS::AtLeastOnce));
+        }
+        assert!(!budget.is_over(), "at the budget, not over it");
+        b.push(delivery(QoS::AtMostOnce));
+        assert!(budget.is_over());
+        assert_eq!(budget.bytes(), 5 * one);
+        b.push(delivery(QoS::AtMostOnce));
+        assert_eq!(
+            budget.bytes(),
+            5 * one,
+            "a replaced delivery leaves the count"
+        );
+        a.pop();
+        assert!(budget.is_over(), "above the low-water mark");
+        let mut batch: [Option<Delivery>; 2] = Default::default();
+        a.pop_batch(&mut batch);
+        assert!(!budget.is_over(), "at three quarters: relieved");
+        a.unpop(batch.into_iter().flatten());
+        assert_eq!(budget.bytes(), 4 * one);
+        assert_eq!(a.take_where(|_| true).len(), 3);
+        drop(b);
+        assert_eq!(budget.bytes(), 0, "a discarded mailbox leaves the budget");
+        a.restore(vec![delivery(QoS::AtLeastOnce)]);
+        drop(a);
+        assert_eq!(budget.bytes(), 0);
     }
 
     #[test]
     fn a_batch_is_taken_in_order_and_what_is_put_back_comes_first() {
-        let m = Mailbox::new(8);
+        let (m, _) = mailbox(8, QueueFull::DropNew);
         let ids: Vec<u32> = (1..=5).collect();
         for &id in &ids {
             let mut d = delivery(QoS::AtLeastOnce);
@@ -448,7 +713,6 @@ mod tests {
         }
         let mut batch: [Option<Delivery>; 3] = Default::default();
         assert_eq!(m.pop_batch(&mut batch), 3);
-        assert_eq!(m.popped(), 3);
         let taken: Vec<u32> = batch
             .iter()
             .flatten()
@@ -457,7 +721,6 @@ mod tests {
         assert_eq!(taken, [1, 2, 3]);
         // The first was used; the other two go back in front of 4 and 5.
         m.unpop(batch[1..].iter_mut().filter_map(Option::take));
-        assert_eq!(m.popped(), 1);
         let rest: Vec<u32> = std::iter::from_fn(|| m.pop())
             .map(|d| d.subscription_ids[0])
             .collect();
@@ -468,7 +731,7 @@ mod tests {
 
     #[test]
     fn a_takeover_request_reaches_only_the_connection_it_names() {
-        let m = Mailbox::new(4);
+        let (m, _) = mailbox(4, QueueFull::DropNew);
         let mut cx = Context::from_waker(futures_util::task::noop_waker_ref());
         let (ack, mut answered) = oneshot::channel();
         m.request_takeover(1, ack);
@@ -501,18 +764,20 @@ mod tests {
     }
 
     #[tokio::test]
-    async fn relieved_wakes_when_the_queue_drains_to_half() {
-        let m = Arc::new(Mailbox::new(4));
+    async fn relieved_wakes_when_the_budget_falls_to_its_low_water_mark() {
+        let one = cost(&delivery(QoS::AtLeastOnce));
+        let budget = Arc::new(QueueBudget::new(4 * one as u64));
+        let m = Mailbox::new(8, QueueFull::DropNew, Arc::clone(&budget));
         for _ in 0..8 {
             m.push(delivery(QoS::AtLeastOnce));
         }
         let waiter = tokio::spawn({
-            let m = Arc::clone(&m);
-            async move { m.relieved().await }
+            let budget = Arc::clone(&budget);
+            async move { budget.relieved().await }
         });
         tokio::task::yield_now().await;
         assert!(!waiter.is_finished());
-        for _ in 0..6 {
+        for _ in 0..5 {
             m.pop();
         }
         tokio::time::timeout(std::time::Duration::from_secs(2), waiter)

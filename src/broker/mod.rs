@@ -46,11 +46,11 @@ use crate::core::fanout::{self, Fanout, Subscriber, Subscribers};
 use crate::core::hooks::{DropReason, Hooks, Observation, Refused, Ticket};
 use crate::core::message::{AppMessage, Delivery, Flow};
 use crate::core::registry::{EndReason, Event, Open, Registry};
-use crate::core::retain::RetainedStore;
+use crate::core::retain::{RetainLimits, RetainedStore};
 use crate::core::router::{Dispatch, SharedStrategy};
 use crate::core::session::{Change, Outgoing, Session, Subscription};
 use crate::core::topic::TopicFilter;
-use mailbox::{Mailbox, Pushed};
+use mailbox::{Mailbox, Pushed, QueueBudget, QueueFull};
 
 thread_local! {
     /// Each routing thread's fan-out buffers, so that routing allocates nothing once warm.
@@ -73,14 +73,23 @@ pub struct Metrics {
     /// `messages.dropped.no_subscribers`).
     pub dropped_no_subscribers: AtomicU64,
     pub sessions_expired: AtomicU64,
-    /// Times a publishing connection paused because a subscriber's queue was over capacity.
+    /// Times a publishing connection paused because the deliveries queued broker-wide were
+    /// over `broker.max_queued_bytes`.
     pub publisher_pauses: AtomicU64,
+    /// QoS 0 publishes a paused connection dropped (it holds only a few; see `Link`).
+    pub dropped_paused: AtomicU64,
     /// CONNECTs refused for their credentials or the anonymous policy.
     pub auth_failures: AtomicU64,
     /// Publishes, subscriptions and deliveries the ACL refused.
     pub acl_denied: AtomicU64,
     /// Persistent messages refused because the store was full or failing (0x97).
     pub store_refused: AtomicU64,
+    /// Retained messages routed but not retained: past a `[retainer]` limit.
+    pub retained_refused: AtomicU64,
+    /// CONNECTs refused because `broker.max_sessions` sessions were held.
+    pub sessions_refused: AtomicU64,
+    /// Connections closed for not reading their output (`mqtt.max_outbound_buffer`).
+    pub slow_readers_closed: AtomicU64,
     /// The most connections open at once.
     pub connections_max: AtomicU64,
     /// QUIC handshakes completed, and how many of them accepted 0-RTT data.
@@ -155,6 +164,11 @@ pub struct Settings {
     pub limits: Arc<Limits>,
     /// Deliveries queued per session (online beyond the window, or offline).
     pub max_queued: usize,
+    /// What a full session queue does with a QoS 1/2 delivery (`session.queue_full`).
+    pub queue_full: QueueFull,
+    /// Bytes queued over every session past which publishers are held
+    /// (`broker.max_queued_bytes`; 0: no limit).
+    pub max_queued_bytes: u64,
     /// How long a closing connection may take to flush before it is dropped.
     pub close_linger: Duration,
     pub quic: Arc<crate::transport::quic::QuicSettings>,
@@ -167,6 +181,29 @@ pub struct Settings {
     pub max_connections: usize,
     /// Connections open at once from one IP address (0: no limit).
     pub max_connections_per_address: usize,
+    /// Bounds on the retained store (`[retainer]`).
+    pub retain: RetainLimits,
+    /// Sessions held, online and offline (`broker.max_sessions`, 0: no limit).
+    pub max_sessions: usize,
+    /// TCP keepalive on accepted sockets (`broker.tcp_keepalive`; `None`: off).
+    pub tcp_keepalive: Option<listener::TcpKeepalive>,
+}
+
+/// A log line a client can trigger, at most once a minute (a remote must not set our warn
+/// rate); the counters say how many were not logged.
+#[derive(Default)]
+pub(crate) struct LogEvery(Mutex<Option<Instant>>);
+
+impl LogEvery {
+    /// Whether to log now (and if so, the next one waits a minute).
+    pub(crate) fn due(&self, now: Instant) -> bool {
+        let mut last = self.0.lock().expect("log lock is never poisoned");
+        if last.is_some_and(|at| now.saturating_duration_since(at) < Duration::from_secs(60)) {
+            return false;
+        }
+        *last = Some(now);
+        true
+    }
 }
 
 pub struct Broker {
@@ -176,6 +213,10 @@ pub struct Broker {
     limits: RwLock<Arc<Limits>>,
     router: RwLock<Subscribers<Mailbox>>,
     retained: Mutex<RetainedStore<Arc<AppMessage>>>,
+    /// When a refused retained message was last logged (one line a minute at most).
+    retain_logged: LogEvery,
+    /// The same for the other broker-wide limits (sessions).
+    limit_logged: LogEvery,
     sessions: Mutex<Registry<Arc<Mailbox>>>,
     /// `$delayed/` messages waiting for their time.
     delayed: Mutex<DelayedQueue>,
@@ -190,6 +231,8 @@ pub struct Broker {
     auth: Arc<AuthService>,
     hooks: Hooks,
     pub metrics: Metrics,
+    /// The bytes queued in every mailbox, against `max_queued_bytes`.
+    pub budget: Arc<QueueBudget>,
     /// Connected clients, for operators.
     pub clients: clients::Clients,
     /// The connection limits every listener takes a permit from at accept time.
@@ -204,12 +247,20 @@ impl Broker {
             settings.max_connections,
             settings.max_connections_per_address,
         );
+        let budget = Arc::new(QueueBudget::new(settings.max_queued_bytes));
+        let mut registry = Registry::default();
+        registry.set_max_sessions(settings.max_sessions);
         Self {
+            budget,
             limits: RwLock::new(Arc::clone(&settings.limits)),
             settings,
             router: RwLock::new(router),
-            retained: Mutex::new(RetainedStore::new()),
-            sessions: Mutex::new(Registry::default()),
+            retained: Mutex::new(RetainedStore::weighed(|m: &Arc<AppMessage>| {
+                m.payload.len()
+            })),
+            retain_logged: LogEvery::default(),
+            limit_logged: LogEvery::default(),
+            sessions: Mutex::new(registry),
             delayed: Mutex::new(DelayedQueue::default()),
             delayed_admitted: AtomicUsize::new(0),
             exclusive: Mutex::new(HashMap::new()),
@@ -259,6 +310,15 @@ impl Broker {
         &self.settings
     }
 
+    /// A new session's delivery queue, under the session settings and the broker's budget.
+    fn new_mailbox(&self) -> Arc<Mailbox> {
+        Arc::new(Mailbox::new(
+            self.settings.max_queued,
+            self.settings.queue_full,
+            Arc::clone(&self.budget),
+        ))
+    }
+
     fn next_conn_id(&self) -> u64 {
         self.next_conn_id.fetch_add(1, Ordering::Relaxed)
     }
@@ -288,7 +348,7 @@ impl Broker {
             let (ack_tx, ack_rx) = oneshot::channel();
             let opened = {
                 let mut sessions = self.lock_sessions();
-                let new_mailbox = || Arc::new(Mailbox::new(self.settings.max_queued));
+                let new_mailbox = || self.new_mailbox();
                 match sessions.open(client_id, clean_start, conn_id, new_mailbox) {
                     Open::Busy { handle, conn_id } => {
                         // Asked under the sessions lock: the old connection either sees the
@@ -301,6 +361,21 @@ impl Broker {
                         // up) is dropped.
                         handle.take_takeover(conn_id);
                         Some((session, handle, self.carry_out(&mut sessions)))
+                    }
+                    Open::Full => {
+                        drop(sessions);
+                        self.metrics
+                            .sessions_refused
+                            .fetch_add(1, Ordering::Relaxed);
+                        if self.limit_logged.due(now) {
+                            tracing::warn!(
+                                %client_id,
+                                max = self.settings.max_sessions,
+                                "CONNECT refused (0x97): broker.max_sessions sessions are held \
+                                 (logged once a minute)"
+                            );
+                        }
+                        return Err(ReasonCode::QUOTA_EXCEEDED);
                     }
                 }
             };
@@ -520,7 +595,14 @@ impl Broker {
             shared: Some(filter),
             stored: None,
         };
-        matches!(self.push_delivery(&subscriber.handle, delivery), Ok((pushed, _)) if pushed != Pushed::Dropped)
+        match self.push_delivery(&subscriber.handle, delivery) {
+            Ok((Pushed::Queued, _)) => true,
+            Ok((Pushed::Replaced, _)) => {
+                self.count_dropped(1, DropReason::QueueFull);
+                true
+            }
+            Ok((Pushed::Dropped, _)) | Err(_) => false,
+        }
     }
 
     /// The store forgets a delivery that left `client_id`'s session.
@@ -545,6 +627,12 @@ impl Broker {
         ) else {
             return Ok((mailbox.push(delivery), 0));
         };
+        if !mailbox.accepts() {
+            // Full of QoS 1/2: dropped without a write and its undoing (and never queued
+            // unwritten, should the queue drain meanwhile).
+            mailbox.overflow(&delivery);
+            return Ok((Pushed::Dropped, 0));
+        }
         let key = store.next_key();
         delivery.stored = Some(key);
         let ticket = store.queued(client_id, key, &delivery)?;
@@ -683,7 +771,7 @@ impl Broker {
         );
         let mut dropped = 0;
         for delivery in deliveries {
-            if mailbox.push(delivery) == Pushed::Dropped {
+            if mailbox.push(delivery) != Pushed::Queued {
                 dropped += 1;
             }
         }
@@ -730,9 +818,10 @@ impl Broker {
         }
     }
 
-    /// Routes a message the broker itself publishes (a will), with no one to push back on.
+    /// Routes a message the broker itself publishes (a will, a delayed message, the API's):
+    /// it meets the same queues as a client's, under the same policy.
     pub fn publish(&self, message: Arc<AppMessage>, now: Instant) {
-        self.route(message, now, &mut Vec::new());
+        self.route(message, now);
     }
 
     /// Counts a refusal by the store.
@@ -744,24 +833,23 @@ impl Broker {
 
     /// Routes a message to every matching subscription: one delivery per session and flow,
     /// with the highest granted QoS and every matching subscription identifier
-    /// [MQTT-3.3.4-2, -3]. Mailboxes that push back (see `mailbox`) are added to `pressured`.
+    /// [MQTT-3.3.4-2, -3]. A full queue overflows by its own policy (see `mailbox`); routing
+    /// never waits.
     ///
     /// Deliveries to persistent sessions are stored first; a retained message is stored
     /// before it replaces the old one. When the store refuses (full, failing), the retained
     /// message is not kept nor routed, a refused delivery is dropped, and the answer says
     /// 0x97 for the publisher.
-    pub fn route(
-        &self,
-        message: Arc<AppMessage>,
-        now: Instant,
-        pressured: &mut Vec<Arc<Mailbox>>,
-    ) -> Routed {
+    pub fn route(&self, message: Arc<AppMessage>, now: Instant) -> Routed {
         // The broker's own `$SYS` messages are not counted as received (as Mosquitto).
         if !is_own_sys(&message) {
             self.metrics.messages_received[message.qos as usize].fetch_add(1, Ordering::Relaxed);
         }
         let mut routed = Routed::default();
-        if message.retain {
+        if message.retain && !self.retain_admitted(&message, now) {
+            // Routed, not retained: the publish itself was accepted, so the publisher's
+            // PUBACK says success (as EMQX), not 0x97, which would invite a resend.
+        } else if message.retain {
             match self.store_retained(&message) {
                 Ok(ticket) => routed.stored(ticket),
                 Err(refused) => {
@@ -786,9 +874,10 @@ impl Broker {
                 matched = true;
                 match self.push_delivery(&mailbox, delivery) {
                     Ok((Pushed::Queued, ticket)) => routed.stored(ticket),
-                    Ok((Pushed::Pressured, ticket)) => {
+                    // The oldest QoS 0 delivery queued made room.
+                    Ok((Pushed::Replaced, ticket)) => {
                         routed.stored(ticket);
-                        pressured.push(mailbox);
+                        dropped += 1;
                     }
                     Ok((Pushed::Dropped, _)) => dropped += 1,
                     Err(refused) => {
@@ -828,6 +917,36 @@ impl Broker {
         if let Some(observer) = &self.hooks.observer {
             observer.observe(&Observation::Dropped { count, reason });
         }
+    }
+
+    /// Whether `message` may be retained under `[retainer]`'s limits (clearing always may);
+    /// a refusal is counted and logged, once a minute at most. Checked before the durable
+    /// store is asked; concurrent publishers may overshoot a limit by one message each.
+    fn retain_admitted(&self, message: &AppMessage, now: Instant) -> bool {
+        if message.payload.is_empty() || is_own_sys(message) {
+            return true;
+        }
+        let refusal = self
+            .retained
+            .lock()
+            .expect("retained lock is never poisoned")
+            .admits(&message.topic, message.payload.len(), &self.settings.retain)
+            .err();
+        let Some(refusal) = refusal else {
+            return true;
+        };
+        self.metrics
+            .retained_refused
+            .fetch_add(1, Ordering::Relaxed);
+        if self.retain_logged.due(now) {
+            tracing::warn!(
+                topic = %message.topic,
+                refused = self.metrics.retained_refused.load(Ordering::Relaxed),
+                "retained message routed but not retained: past {} (logged once a minute)",
+                refusal.setting()
+            );
+        }
+        false
     }
 
     /// Keeps (or clears) a retained message, in the store first; returns the store's ticket
@@ -912,7 +1031,7 @@ impl Broker {
                 queued = restored.queued.len(),
                 "session restored"
             );
-            let mailbox = Arc::new(Mailbox::new(self.settings.max_queued));
+            let mailbox = self.new_mailbox();
             mailbox.set_durable(&client_id, true);
             mailbox.restore(restored.queued);
             for subscription in restored.session.subscriptions.values() {
@@ -950,6 +1069,15 @@ impl Broker {
             .lock()
             .expect("retained lock is never poisoned")
             .count()
+    }
+
+    /// Topic and payload bytes of every retained message (held against
+    /// `retainer.max_retained_bytes`).
+    pub fn retained_bytes(&self) -> usize {
+        self.retained
+            .lock()
+            .expect("retained lock is never poisoned")
+            .bytes()
     }
 }
 

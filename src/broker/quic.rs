@@ -53,7 +53,7 @@ use crate::transport::tls::PeerCertAsUsername;
 /// Packets held while the handshake completes; a client sending more in 0-RTT is cut off.
 const MAX_HELD: usize = 1024;
 /// Bytes queued to all of a connection's streams before deliveries wait.
-const BACKLOG_HIGH_WATER: usize = 1024 * 1024;
+const BACKLOG_HIGH_WATER: usize = crate::core::channel::DELIVERY_BACKLOG;
 
 /// The next data flow id; `Flow::CONTROL` (0) is never handed out.
 static NEXT_DATA_FLOW: AtomicU64 = AtomicU64::new(1);
@@ -147,6 +147,7 @@ async fn serve(
         let sizes = PacketSizes {
             max: limits.max_packet_size,
             connect: limits.max_connect_packet_size,
+            user_properties: limits.user_properties_limit(),
         };
         let wire = QuicWire::new(
             conn,
@@ -171,6 +172,8 @@ struct PacketSizes {
     max: u32,
     /// The largest CONNECT (the control stream's first packet).
     connect: u32,
+    /// User Properties in one packet.
+    user_properties: u32,
 }
 
 /// What the stream tasks tell the connection task.
@@ -325,7 +328,7 @@ impl QuicWire {
                     }
                 }
                 if self.handshake.is_none() || replay_safe {
-                    link.channel.handle_flow_packet(now, flow, packet);
+                    link.handle_packet(now, flow, packet);
                 } else if self.held.len() < MAX_HELD {
                     self.held.push((flow, packet));
                 } else {
@@ -461,6 +464,12 @@ impl Wire for QuicWire {
 
     fn has_room(&self) -> bool {
         backlog(&self.writers) < BACKLOG_HIGH_WATER
+    }
+
+    /// The writers' queues (unbounded channels) are bounded here: the driver closes the
+    /// connection once they and the channel's output pass `mqtt.max_outbound_buffer`.
+    fn backlog(&self, link: &mut Link) -> usize {
+        backlog(&self.writers) + link.channel.out().len()
     }
 
     /// Lets the control stream flush what the channel said last, then closes the connection
@@ -616,7 +625,7 @@ async fn read_packets(
     sizes: PacketSizes,
 ) {
     let max_packet_size = sizes.max;
-    let codec = if flow.is_control() {
+    let mut codec = if flow.is_control() {
         let mut codec = Codec::new(max_packet_size);
         codec.set_connect_limit(sizes.connect);
         codec
@@ -627,6 +636,7 @@ async fn read_packets(
         let v = v.expect("waited for Some");
         Codec::with_version(v, max_packet_size)
     };
+    codec.set_max_user_properties(sizes.user_properties);
     let mut reader = PacketReader::new(recv, codec);
     while let Some(next) = reader.next().await {
         match next {

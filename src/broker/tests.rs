@@ -17,6 +17,8 @@ fn broker() -> Broker {
     Broker::new(Settings {
         limits: Arc::new(Limits::default()),
         max_queued: 10,
+        queue_full: Default::default(),
+        max_queued_bytes: 0,
         close_linger: Duration::from_millis(100),
         quic: Default::default(),
         max_delayed: 0,
@@ -24,6 +26,9 @@ fn broker() -> Broker {
         group_strategies: Default::default(),
         max_connections: 1000,
         max_connections_per_address: 0,
+        retain: Default::default(),
+        max_sessions: 0,
+        tcp_keepalive: None,
     })
 }
 
@@ -215,19 +220,43 @@ async fn full_mailbox_drops_and_counts_without_affecting_others() {
     let t0 = Instant::now();
     let (_, slow) = online(&b, t0, &Arc::from("slow"), 1, "t").await;
     let (_, other) = online(&b, t0, &Arc::from("other"), 2, "t").await;
-    // QoS 1: queued past max_queued (10) with pressure on the publisher, up to 4 x 10.
-    let mut pressured = Vec::new();
-    for _ in 0..45 {
-        b.route(Arc::new(message("t", t0)), t0, &mut pressured);
+    // QoS 1: queued up to max_queued (10), then dropped (drop_new) and counted.
+    for _ in 0..15 {
+        b.route(Arc::new(message("t", t0)), t0);
         other.pop();
     }
-    assert_eq!(slow.len(), 40, "bounded by the hard limit");
-    assert_eq!(b.metrics.messages_dropped(), 5);
+    assert_eq!(slow.len(), 10, "bounded by session.max_queued");
+    assert_eq!((slow.dropped(), b.metrics.messages_dropped()), (5, 5));
     assert_eq!(other.dropped(), 0);
-    assert!(!pressured.is_empty());
-    assert!(
-        pressured.iter().all(|m| Arc::ptr_eq(m, &slow)),
-        "only the slow one pushes back"
+    // A delayed message fires into the full queue (no publisher to slow): the same policy.
+    assert!(b.reserve_delayed());
+    b.delay(Arc::new(message("t", t0)), t0 + Duration::from_secs(1))
+        .unwrap();
+    b.handle_timers(t0 + Duration::from_secs(1));
+    assert_eq!(slow.len(), 10);
+    assert_eq!(slow.dropped(), 6);
+    assert_eq!(other.len(), 1, "the other subscriber has it");
+    while slow.pop().is_some() {}
+    drop((slow, other));
+}
+
+#[tokio::test]
+async fn queued_bytes_follow_the_queues_back_to_zero() {
+    let b = broker();
+    let t0 = Instant::now();
+    let id: Arc<str> = Arc::from("gone");
+    let (_, mailbox) = online(&b, t0, &id, 1, "#").await;
+    for _ in 0..5 {
+        b.route(Arc::new(message("t", t0)), t0);
+    }
+    assert!(b.budget.bytes() > 0);
+    mailbox.pop();
+    close(&b, t0, &id, 1, 0, None);
+    drop(mailbox);
+    assert_eq!(
+        b.budget.bytes(),
+        0,
+        "an ended session's queue leaves the budget"
     );
 }
 
@@ -427,21 +456,16 @@ async fn peers_are_offered_every_live_message_and_drops_are_observed() {
     let t0 = Instant::now();
     let (_, slow) = online(&b, t0, &Arc::from("slow"), 1, "t").await;
     observer.take();
-    let mut pressured = Vec::new();
-    for _ in 0..41 {
-        b.route(Arc::new(message("t", t0)), t0, &mut pressured);
+    for _ in 0..11 {
+        b.route(Arc::new(message("t", t0)), t0);
     }
     let mut expired = message("t", t0);
     expired.expires_at = Some(t0);
-    b.route(
-        Arc::new(expired),
-        t0 + Duration::from_secs(1),
-        &mut pressured,
-    );
-    assert_eq!(slow.len(), 40);
+    b.route(Arc::new(expired), t0 + Duration::from_secs(1));
+    assert_eq!(slow.len(), 10);
     assert_eq!(
         peers.take().len(),
-        41,
+        11,
         "the expired message is not forwarded"
     );
     assert_eq!(
@@ -456,15 +480,14 @@ async fn a_shared_group_passes_a_full_member_over_for_the_next() {
     let t0 = Instant::now();
     let (_, full) = online(&b, t0, &Arc::from("full"), 1, "$share/g/t").await;
     let (_, other) = online(&b, t0, &Arc::from("other"), 2, "$share/g/t").await;
-    let mut pressured = Vec::new();
-    // Fill "full" to its hard bound (4 x max_queued) while "other" keeps draining.
+    // Fill "full" to its bound (max_queued) while "other" keeps draining.
     while full.accepts() {
-        b.route(Arc::new(message("t", t0)), t0, &mut pressured);
+        b.route(Arc::new(message("t", t0)), t0);
         while other.pop().is_some() {}
     }
-    assert_eq!(full.len(), 40);
+    assert_eq!(full.len(), 10);
     for _ in 0..10 {
-        b.route(Arc::new(message("t", t0)), t0, &mut pressured);
+        b.route(Arc::new(message("t", t0)), t0);
     }
     assert_eq!(
         other.len(),

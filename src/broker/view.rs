@@ -20,6 +20,8 @@ pub struct OfflineSession {
     pub subscriptions: usize,
     pub inflight: usize,
     pub queued: usize,
+    /// Deliveries its full queue dropped (`session.max_queued`).
+    pub dropped: u64,
 }
 
 /// A session as operators see it: connected, or offline.
@@ -63,6 +65,7 @@ impl Broker {
                 subscriptions: session.subscriptions.len(),
                 inflight: session.inflight(),
                 queued: mailbox.len(),
+                dropped: mailbox.dropped(),
             })
         }));
         all
@@ -81,6 +84,7 @@ impl Broker {
             subscriptions: session.subscriptions.len(),
             inflight: session.inflight(),
             queued: mailbox.len(),
+            dropped: mailbox.dropped(),
         }))
     }
 

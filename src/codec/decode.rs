@@ -29,6 +29,10 @@ pub enum DecodeError {
     TooLarge { size: usize, max: u32 },
     #[error("unsupported protocol name or level {level}")]
     UnsupportedProtocol { level: u8 },
+    /// A well-formed packet past a limit of ours (more user properties than allowed): the
+    /// spec's 0x97 "an implementation or administrative imposed limit has been exceeded".
+    #[error("quota exceeded: {0}")]
+    Quota(&'static str),
 }
 
 impl DecodeError {
@@ -40,6 +44,7 @@ impl DecodeError {
             Self::Protocol(_) => ReasonCode::PROTOCOL_ERROR,
             Self::TooLarge { .. } => ReasonCode::PACKET_TOO_LARGE,
             Self::UnsupportedProtocol { .. } => ReasonCode::UNSUPPORTED_PROTOCOL_VERSION,
+            Self::Quota(_) => ReasonCode::QUOTA_EXCEEDED,
         }
     }
 }
@@ -72,6 +77,8 @@ pub struct Codec {
     /// The largest CONNECT (the first packet, before any version is known); at most
     /// `max_packet_size`.
     connect_limit: u32,
+    /// User properties allowed in one packet (a CONNECT's and its will's together).
+    max_user_properties: u32,
 }
 
 impl Codec {
@@ -83,6 +90,7 @@ impl Codec {
             version: None,
             max_packet_size,
             connect_limit: u32::MAX,
+            max_user_properties: u32::MAX,
         }
     }
 
@@ -92,6 +100,7 @@ impl Codec {
             version: Some(version),
             max_packet_size,
             connect_limit: u32::MAX,
+            max_user_properties: u32::MAX,
         }
     }
 
@@ -108,6 +117,14 @@ impl Codec {
     /// an AUTH packet (the enhanced authentication exchange runs before CONNACK).
     pub fn set_connect_limit(&mut self, max: u32) {
         self.connect_limit = max;
+    }
+
+    /// At most `max` User Properties in one packet, counted while decoding (a CONNECT's and
+    /// its will's together), so that 10,000 tiny properties in one packet cost neither CPU
+    /// nor memory beyond the limit: past it, [`DecodeError::Quota`] (0x97). Unlimited (only
+    /// the packet size bounds them) until set.
+    pub fn set_max_user_properties(&mut self, max: u32) {
+        self.max_user_properties = max;
     }
 
     /// Decodes one packet from the front of `buf`, removing exactly its bytes. `Ok(None)`
@@ -149,6 +166,7 @@ impl Codec {
         let mut frame = buf.split_to(size).freeze();
         frame.advance(header_len);
         let mut r = Reader::new(frame);
+        r.user_properties_left = self.max_user_properties;
         let packet = match version {
             // Only CONNECT gets here without a version (checked above).
             None => Packet::Connect(Box::new(decode_connect(&mut r, flags)?)),
@@ -631,11 +649,16 @@ fn decode_disconnect(r: &mut Reader, v5: bool) -> Result<Disconnect, DecodeError
 /// `Malformed`, never a panic.
 pub(super) struct Reader {
     buf: Bytes,
+    /// User Properties the rest of the packet may still carry.
+    pub(super) user_properties_left: u32,
 }
 
 impl Reader {
     pub(super) fn new(buf: Bytes) -> Self {
-        Self { buf }
+        Self {
+            buf,
+            user_properties_left: u32::MAX,
+        }
     }
 
     pub(super) fn is_empty(&self) -> bool {

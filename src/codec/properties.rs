@@ -111,6 +111,15 @@ pub(super) fn read_properties(r: &mut Reader, ctx: Context) -> Result<Properties
         if !spec.allowed_in(ctx) {
             return Err(DecodeError::Malformed(spec.not_allowed));
         }
+        if spec.id == PropertyId::USER_PROPERTY {
+            // Counted before the pair is read, so the limit bounds the work too.
+            r.user_properties_left =
+                r.user_properties_left
+                    .checked_sub(1)
+                    .ok_or(DecodeError::Quota(
+                        "more user properties than mqtt.max_user_properties allows",
+                    ))?;
+        }
         read_value(&mut props, spec, &mut section, ctx)?;
     }
     // At least one property was read.

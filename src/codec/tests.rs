@@ -632,3 +632,79 @@ fn properties_are_allocated_only_when_set_and_compare_by_content() {
     assert!(some.is_empty());
     assert_eq!(some, none, "an emptied set equals no set");
 }
+
+// ---------------------------------------------------------------------------------------------
+// User property limit (bad-input.md #16)
+
+fn with_user_properties(n: usize) -> Properties {
+    Properties::from(crate::codec::PropertySet {
+        user_properties: (0..n).map(|i| (i.to_string(), String::new())).collect(),
+        ..Default::default()
+    })
+}
+
+fn v5_connect(connect_props: usize, will_props: usize) -> Packet {
+    Packet::Connect(Box::new(Connect {
+        protocol: V5,
+        clean_start: true,
+        keep_alive: 10,
+        client_id: "c".into(),
+        will: Some(Will {
+            topic: "w".into(),
+            payload: bytes("bye"),
+            qos: QoS::AtMostOnce,
+            retain: false,
+            properties: with_user_properties(will_props),
+        }),
+        username: None,
+        password: None,
+        properties: with_user_properties(connect_props),
+    }))
+}
+
+#[test]
+fn user_properties_past_the_limit_are_a_quota_error() {
+    let publish = Packet::Publish(Publish {
+        dup: false,
+        qos: QoS::AtMostOnce,
+        retain: false,
+        topic: "t".into(),
+        packet_id: None,
+        properties: with_user_properties(10_000),
+        payload: Bytes::new(),
+    });
+    let wire = encoded(&publish, V5);
+    let mut codec = Codec::with_version(V5, MAX);
+    codec.set_max_user_properties(128);
+    let err = codec.decode(&mut wire.clone()).unwrap_err();
+    assert_eq!(err.reason_code(), ReasonCode::QUOTA_EXCEEDED);
+    assert!(
+        err.to_string().contains("mqtt.max_user_properties"),
+        "{err}"
+    );
+    // Without a limit, only the packet size bounds them.
+    assert_eq!(decode_one(V5, wire), publish);
+}
+
+#[test]
+fn user_properties_at_the_limit_decode() {
+    let mut codec = Codec::new(MAX);
+    codec.set_max_user_properties(4);
+    let connect = v5_connect(2, 2);
+    assert_eq!(
+        codec.decode(&mut encoded(&connect, V5)),
+        Ok(Some(connect.clone()))
+    );
+}
+
+/// CONNECT's own properties and its will's are counted together: the will is held for the
+/// whole connection.
+#[test]
+fn user_properties_of_connect_and_will_count_together() {
+    let mut codec = Codec::new(MAX);
+    codec.set_max_user_properties(4);
+    let err = codec
+        .decode(&mut encoded(&v5_connect(2, 3), V5))
+        .unwrap_err();
+    assert_eq!(err.reason_code(), ReasonCode::QUOTA_EXCEEDED);
+}

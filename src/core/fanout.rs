@@ -137,6 +137,16 @@ impl<M> Fanout<M> {
     /// Takes the collected deliveries; the buffers stay for the next publish.
     pub fn drain(&mut self) -> std::vec::Drain<'_, (Arc<M>, Delivery)> {
         self.index.clear();
+        // Two overlapping subscriptions may carry the same identifier: the PUBLISH names each
+        // matching identifier once [MQTT-3.3.4-4] (sorted; order is not significant). Done
+        // once here rather than per match, so a client with thousands of overlapping
+        // subscriptions costs n log n, not n squared.
+        for (_, delivery) in &mut self.targets {
+            if delivery.subscription_ids.len() > 1 {
+                delivery.subscription_ids.sort_unstable();
+                delivery.subscription_ids.dedup();
+            }
+        }
         self.targets.drain(..)
     }
 

@@ -339,3 +339,32 @@ fn a_new_subscription_gets_live_retained_messages_and_expired_ones_go() {
     assert_eq!(got[0].flow, Flow(8));
     assert_eq!(store.count(), 1, "the expired message was removed");
 }
+
+/// Overlapping subscriptions of one client that share an identifier: the delivery carries it
+/// once [MQTT-3.3.4-4]; distinct identifiers are all there, once each.
+#[test]
+fn overlapping_subscriptions_do_not_repeat_an_identifier() {
+    let mut routes = Subscribers::new();
+    let a = handle("a");
+    for (filter, id) in [("t/#", 7), ("t/+", 7), ("t/x", 3), ("+/x", 7), ("#", 3)] {
+        subscribe(
+            &mut routes,
+            &a,
+            Flow::CONTROL,
+            filter,
+            qos(QoS::AtMostOnce),
+            Some(id),
+        );
+    }
+    let mut fanout = Fanout::default();
+    fanout.collect(
+        &routes,
+        &message("t/x", QoS::AtMostOnce, false, None),
+        |h| h.online,
+    );
+    let got: Vec<Vec<u32>> = fanout
+        .drain()
+        .map(|(_, d)| d.subscription_ids.clone())
+        .collect();
+    assert_eq!(got, vec![vec![3, 7]]);
+}

@@ -35,6 +35,9 @@ pub enum Open<M> {
     Busy { handle: M, conn_id: u64 },
     /// The session is now served by the asking connection: resumed (`Some`) or new.
     Ready { session: Option<Session>, handle: M },
+    /// A new session is needed and the registry holds its maximum (online and offline):
+    /// refused (CONNACK 0x97, 3.1.1 return code 3). Nothing changed.
+    Full,
 }
 
 /// Why a session ended.
@@ -90,6 +93,8 @@ pub struct Registry<M> {
     wills: HashMap<Arc<str>, PendingWill>,
     timers: TimerTable<TimerKey>,
     events: VecDeque<Event>,
+    /// Sessions held at once, online and offline (0: no limit).
+    max_sessions: usize,
 }
 
 impl<M> Default for Registry<M> {
@@ -99,7 +104,17 @@ impl<M> Default for Registry<M> {
             wills: HashMap::new(),
             timers: TimerTable::new(),
             events: VecDeque::new(),
+            max_sessions: 0,
         }
+    }
+}
+
+impl<M> Registry<M> {
+    /// At most `max` sessions held at once, online and offline (0: no limit): past it, a
+    /// CONNECT that needs a new session gets [`Open::Full`]; resuming or replacing a held
+    /// one is always possible.
+    pub fn set_max_sessions(&mut self, max: usize) {
+        self.max_sessions = max;
     }
 }
 
@@ -126,6 +141,12 @@ impl<M: SessionHandle> Registry<M> {
                 handle: handle.clone(),
                 conn_id: *serving,
             };
+        }
+        if self.max_sessions > 0
+            && self.slots.len() >= self.max_sessions
+            && !self.slots.contains_key(client_id)
+        {
+            return Open::Full;
         }
         self.timers.cancel(&TimerKey::Will(Arc::clone(client_id)));
         let will = self.wills.remove(client_id);

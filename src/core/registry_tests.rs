@@ -61,6 +61,7 @@ fn ready(open: Open<Handle>) -> (Option<Session>, Handle) {
     match open {
         Open::Ready { session, handle } => (session, handle),
         Open::Busy { conn_id, .. } => panic!("served by connection {conn_id}"),
+        Open::Full => panic!("refused as full"),
     }
 }
 
@@ -92,7 +93,7 @@ fn a_served_session_is_busy_until_its_connection_files_it() {
     ready(registry.open(&a, false, 1, Handle::default));
     match registry.open(&a, false, 2, Handle::default) {
         Open::Busy { conn_id, .. } => assert_eq!(conn_id, 1),
-        Open::Ready { .. } => panic!("took the session without a handover"),
+        Open::Ready { .. } | Open::Full => panic!("took the session without a handover"),
     }
     let t0 = Instant::now();
     registry.close(t0, 1, &a, closing(&a, 60, None));
@@ -266,4 +267,36 @@ fn an_online_session_is_not_discarded() {
     assert_eq!(registry.count(), 1);
     assert!(registry.offline_with_handle("a").is_none());
     assert!(events(&mut registry).is_empty());
+}
+
+/// `max_sessions` counts online and offline sessions; past it only a CONNECT that needs a new
+/// session is refused (resuming, taking over and clean-starting a held one still work), and a
+/// refusal changes nothing.
+#[test]
+fn max_sessions_refuses_only_new_sessions() {
+    let mut registry = Registry::default();
+    registry.set_max_sessions(2);
+    let (a, b, c) = (id("a"), id("b"), id("c"));
+    let t0 = Instant::now();
+    ready(registry.open(&a, false, 1, Handle::default));
+    ready(registry.open(&b, false, 2, Handle::default));
+    // `a` goes offline but is still held.
+    registry.close(t0, 1, &a, closing(&a, 60, None));
+    assert!(matches!(
+        registry.open(&c, true, 3, Handle::default),
+        Open::Full
+    ));
+    assert_eq!(registry.count(), 2);
+    assert!(events(&mut registry).is_empty());
+    // The held ones come back, with or without clean start.
+    let (session, _) = ready(registry.open(&a, false, 4, Handle::default));
+    assert!(session.is_some());
+    registry.close(t0, 4, &a, closing(&a, 0, None));
+    // `a` ended with its connection: room for `c`.
+    ready(registry.open(&c, true, 5, Handle::default));
+    assert!(matches!(
+        registry.open(&b, true, 6, Handle::default),
+        Open::Busy { .. }
+    ));
+    assert_eq!(registry.count(), 2);
 }

@@ -6,17 +6,65 @@
 //! with an explicit stack, so a deep topic never costs stack depth.
 //!
 //! It must not do I/O, read the clock or decide policy: expiry is the caller's `retain` predicate,
-//! and "empty payload clears" is the caller's call to `remove`.
+//! and "empty payload clears" is the caller's call to `remove`. It keeps the count and the
+//! bytes it holds, so that the caller can ask [`RetainedStore::admits`] against its
+//! [`RetainLimits`] before a message is kept.
 
 use std::collections::HashMap;
 use std::str::Split;
 
 use super::topic::TopicFilter;
 
+/// Bounds on the retained store (EMQX's `[retainer]` settings), each 0 for none. Past one,
+/// a message is still routed but not retained.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct RetainLimits {
+    /// Retained messages held (`retainer.max_retained_messages`).
+    pub max_messages: usize,
+    /// Topic and payload bytes held, over every retained message
+    /// (`retainer.max_retained_bytes`).
+    pub max_bytes: usize,
+    /// The largest payload retained (`retainer.max_payload_size`).
+    pub max_payload_size: usize,
+}
+
+impl Default for RetainLimits {
+    fn default() -> Self {
+        Self {
+            max_messages: 1_000_000,
+            max_bytes: 256 * 1024 * 1024,
+            max_payload_size: 1024 * 1024,
+        }
+    }
+}
+
+/// Why a message was not retained: which of [`RetainLimits`] it met.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum RetainRefusal {
+    PayloadTooLarge,
+    TooManyMessages,
+    TooManyBytes,
+}
+
+impl RetainRefusal {
+    /// The setting to raise.
+    pub fn setting(self) -> &'static str {
+        match self {
+            Self::PayloadTooLarge => "retainer.max_payload_size",
+            Self::TooManyMessages => "retainer.max_retained_messages",
+            Self::TooManyBytes => "retainer.max_retained_bytes",
+        }
+    }
+}
+
 /// Retained messages keyed by topic name. `M` is the caller's message type.
 pub struct RetainedStore<M> {
     root: Node<M>,
     len: usize,
+    /// Topic and payload bytes held, as `weigh` tells the payload's.
+    bytes: usize,
+    /// A message's payload size.
+    weigh: fn(&M) -> usize,
 }
 
 struct Node<M> {
@@ -75,11 +123,42 @@ impl<M> std::fmt::Debug for RetainedStore<M> {
 }
 
 impl<M> RetainedStore<M> {
+    /// A store that counts topics only (no payload weight).
     pub fn new() -> Self {
+        Self::weighed(|_| 0)
+    }
+
+    /// A store that counts each message as its topic plus `weigh(message)` bytes.
+    pub fn weighed(weigh: fn(&M) -> usize) -> Self {
         RetainedStore {
             root: Node::new(),
             len: 0,
+            bytes: 0,
+            weigh,
         }
+    }
+
+    /// Whether a message of `payload_len` bytes on `topic` may be retained under `limits`
+    /// (replacing the one retained there, if any). A walk down `topic`'s levels, nothing
+    /// more.
+    pub fn admits(
+        &self,
+        topic: &str,
+        payload_len: usize,
+        limits: &RetainLimits,
+    ) -> Result<(), RetainRefusal> {
+        if limits.max_payload_size > 0 && payload_len > limits.max_payload_size {
+            return Err(RetainRefusal::PayloadTooLarge);
+        }
+        let replaced = self.get(topic).map(|old| topic.len() + (self.weigh)(old));
+        if limits.max_messages > 0 && replaced.is_none() && self.len >= limits.max_messages {
+            return Err(RetainRefusal::TooManyMessages);
+        }
+        let bytes = self.bytes - replaced.unwrap_or(0) + topic.len() + payload_len;
+        if limits.max_bytes > 0 && bytes > limits.max_bytes {
+            return Err(RetainRefusal::TooManyBytes);
+        }
+        Ok(())
     }
 
     /// Retains `msg` on `topic` (a valid topic name), returning the message it replaces.
@@ -88,8 +167,13 @@ impl<M> RetainedStore<M> {
         for level in topic.split('/') {
             node = node.children.entry(level.into()).or_insert_with(Node::new);
         }
+        self.bytes += topic.len() + (self.weigh)(&msg);
         match &mut node.message {
-            Some((_, old)) => Some(std::mem::replace(old, msg)),
+            Some((_, old)) => {
+                let old = std::mem::replace(old, msg);
+                self.bytes -= topic.len() + (self.weigh)(&old);
+                Some(old)
+            }
             slot @ None => {
                 *slot = Some((topic.into(), msg));
                 self.len += 1;
@@ -106,6 +190,7 @@ impl<M> RetainedStore<M> {
         }
         let (_, msg) = node.message.take()?;
         self.len -= 1;
+        self.bytes -= topic.len() + (self.weigh)(&msg);
         if node.children.is_empty() {
             self.prune(topic);
         }
@@ -222,17 +307,20 @@ impl<M> RetainedStore<M> {
     /// nodes left empty.
     pub fn retain(&mut self, mut keep: impl FnMut(&str, &M) -> bool) {
         let mut dropped: Vec<Box<str>> = Vec::new();
+        let mut freed = 0;
         let mut stack: Vec<&mut Node<M>> = vec![&mut self.root];
         while let Some(node) = stack.pop() {
             if let Some((topic, msg)) = &node.message {
                 if !keep(topic, msg) {
-                    if let Some((topic, _)) = node.message.take() {
+                    if let Some((topic, msg)) = node.message.take() {
+                        freed += topic.len() + (self.weigh)(&msg);
                         dropped.push(topic);
                     }
                 }
             }
             stack.extend(node.children.values_mut());
         }
+        self.bytes -= freed;
         self.len -= dropped.len();
         for topic in &dropped {
             self.prune(topic);
@@ -242,6 +330,11 @@ impl<M> RetainedStore<M> {
     /// The number of retained messages.
     pub fn count(&self) -> usize {
         self.len
+    }
+
+    /// Topic and payload bytes held.
+    pub fn bytes(&self) -> usize {
+        self.bytes
     }
 
     #[cfg(test)]
@@ -422,7 +515,7 @@ mod tests {
             ops in prop::collection::vec(op_strategy(), 0..60),
             filters in prop::collection::vec(filter_strategy(), 1..20),
         ) {
-            let mut store = RetainedStore::new();
+            let mut store = RetainedStore::weighed(|m: &u32| *m as usize);
             let mut model: HashMap<String, u32> = HashMap::new();
             for op in ops {
                 match op {
@@ -438,6 +531,8 @@ mod tests {
                     }
                 }
                 prop_assert_eq!(store.count(), model.len());
+                let bytes: usize = model.iter().map(|(t, m)| t.len() + *m as usize).sum();
+                prop_assert_eq!(store.bytes(), bytes);
             }
             for (t, m) in &model {
                 prop_assert_eq!(store.get(t), Some(m));
@@ -455,5 +550,52 @@ mod tests {
             prop_assert!(store.is_empty());
             prop_assert_eq!(store.node_count(), 1);
         }
+    }
+
+    #[test]
+    fn admits_checks_payload_count_and_bytes() {
+        let limits = RetainLimits {
+            max_messages: 2,
+            max_bytes: 20,
+            max_payload_size: 8,
+        };
+        let mut s = RetainedStore::weighed(|m: &u32| *m as usize);
+        assert_eq!(
+            s.admits("a", 9, &limits),
+            Err(RetainRefusal::PayloadTooLarge)
+        );
+        assert_eq!(s.admits("a", 8, &limits), Ok(()));
+        s.insert("a", 8);
+        s.insert("b", 8);
+        assert_eq!(s.bytes(), 18);
+        // A third topic is one too many; replacing a held one is not.
+        assert_eq!(
+            s.admits("c", 1, &limits),
+            Err(RetainRefusal::TooManyMessages)
+        );
+        assert_eq!(s.admits("b", 8, &limits), Ok(()));
+        // Replacing counts the new size against the bytes, less the old.
+        s.remove("b");
+        s.insert("bb", 1);
+        assert_eq!(s.bytes(), 9 + 3);
+        assert_eq!(s.admits("bb", 8, &limits), Ok(()));
+        s.insert("bb", 8);
+        assert_eq!(s.admits("bb", 8, &limits), Ok(()));
+        let tight = RetainLimits {
+            max_bytes: 18,
+            ..limits
+        };
+        assert_eq!(s.admits("bb", 8, &tight), Err(RetainRefusal::TooManyBytes));
+        // Zero is no limit.
+        let none = RetainLimits {
+            max_messages: 0,
+            max_bytes: 0,
+            max_payload_size: 0,
+        };
+        assert_eq!(s.admits("z", usize::MAX / 2, &none), Ok(()));
+        assert_eq!(
+            RetainRefusal::TooManyBytes.setting(),
+            "retainer.max_retained_bytes"
+        );
     }
 }

@@ -280,6 +280,44 @@ async fn durable_a_graceful_restart_delivers_everything_once() {
 }
 
 #[tokio::test]
+async fn durable_an_overflowing_offline_queue_keeps_its_oldest_across_a_crash() {
+    // session.max_queued = 10 and the default queue_full = "drop_new": of 15 acknowledged
+    // QoS 1 messages the offline session keeps the first 10, on disk; the other 5 are
+    // dropped and counted (not stored, so not resurrected by the restart).
+    let dir = TempDir(temp_data_dir("durable-overflow"));
+    let mut broker = Process::start(&dir.0, &["--set", "session.max_queued=10"]);
+    let (mut sub, _) =
+        RawClient::connect_ok(broker.addr, persistent(ProtocolVersion::V311, "o-sub")).await;
+    sub.subscribe(1, "o/#", QoS::AtLeastOnce).await;
+    sub.disconnect().await;
+    let (mut publisher, _) = RawClient::connect_v311(broker.addr, "o-pub").await;
+    for i in 1..=15u16 {
+        publisher
+            .publish_acked(publish_struct("o/t", QoS::AtLeastOnce, Some(i), &[i as u8]))
+            .await;
+    }
+    broker.crash_and_restart();
+    let (mut sub, connack) =
+        RawClient::connect_ok(broker.addr, persistent(ProtocolVersion::V311, "o-sub")).await;
+    assert!(connack.session_present);
+    let mut got = Vec::new();
+    while got.len() <= 15 {
+        match sub.read(QUIET).await {
+            Read::Packet(packet) => {
+                let Packet::Publish(p) = *packet else {
+                    panic!("{packet:?}")
+                };
+                got.push(p.payload[0]);
+                sub.puback(&p).await;
+            }
+            Read::TimedOut => break,
+            Read::Closed => panic!("closed"),
+        }
+    }
+    assert_eq!(got, (1..=10).collect::<Vec<u8>>());
+}
+
+#[tokio::test]
 async fn durable_expiry_counts_across_the_downtime() {
     let dir = TempDir(temp_data_dir("durable-expiry"));
     let mut broker = Process::start(&dir.0, &[]);

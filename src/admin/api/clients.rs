@@ -66,6 +66,7 @@ pub(super) fn client_json(state: &AdminState, view: &SessionView, tcp: Option<&T
             "subscriptions_cnt": session.subscriptions,
             "inflight_cnt": session.inflight,
             "mqueue_len": session.queued,
+            "mqueue_dropped": session.dropped,
             "node": node,
             "transport": null,
             "link": null,

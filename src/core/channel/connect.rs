@@ -162,12 +162,17 @@ impl Channel {
         self.peer_topic_alias_maximum = props.topic_alias_maximum.unwrap_or(0);
 
         self.keep_alive = connect.keep_alive;
-        if v5
-            && limits.max_keepalive > 0
+        if limits.max_keepalive > 0
             && (connect.keep_alive == 0 || connect.keep_alive > limits.max_keepalive)
         {
+            // A v5 client is told (Server Keep Alive, [MQTT-3.2.2-21]); a 3.1/3.1.1 client
+            // cannot be, so the ceiling holds on our side alone: silent for 1.5 times
+            // `mqtt.max_keepalive`, it is closed like any client past its keep-alive
+            // (Mosquitto refuses such a CONNECT instead; closing an idle one breaks less).
             self.keep_alive = limits.max_keepalive;
-            self.server_keep_alive = Some(limits.max_keepalive);
+            if v5 {
+                self.server_keep_alive = Some(limits.max_keepalive);
+            }
         }
 
         self.requested_expiry = if v5 {
@@ -288,9 +293,14 @@ impl Channel {
             .iter()
             .flat_map(|s| s.outgoing().cloned())
             .collect();
+        let before = self.pending_output();
         for (id, state) in resend {
             self.resend_outgoing(now, id, state);
         }
+        // Written at once, whatever the transport's room: allowed on top of the ceiling
+        // (bounded by the in-flight window), so that a reconnecting slow reader is not
+        // mistaken for one that never reads.
+        self.resent = self.pending_output() - before;
     }
 
     /// The shell could not serve the CONNECT (e.g. the old connection would not let go).

@@ -202,7 +202,8 @@ impl Channel {
     }
 
     /// Replaces the topic by an alias the client already knows, or teaches it a new one
-    /// while its Topic Alias Maximum allows [MQTT-3.3.2-11] — in place, without copying the
+    /// while its Topic Alias Maximum and our `max_topic_alias_bytes` allow [MQTT-3.3.2-11]
+    /// (the table we keep is held for the connection's life) — in place, without copying the
     /// packet, and only if the aliased form still fits the client's Maximum Packet Size (the
     /// alias property adds bytes) [MQTT-3.1.2-24].
     pub(super) fn apply_alias(&mut self, packet: &mut Packet) {
@@ -212,9 +213,12 @@ impl Channel {
         let outbound = self.aliases.as_ref().map(|a| &a.outbound);
         let known = outbound.and_then(|o| o.get(&publish.topic).copied());
         let next = outbound.map_or(0, HashMap::len) + 1;
+        let held = self.aliases.as_ref().map_or(0, |a| a.outbound_bytes);
+        let budget = self.limits.max_topic_alias_bytes;
+        let affordable = budget == 0 || held + alias_cost(&publish.topic) <= budget;
         let alias = match known {
             Some(alias) => alias,
-            None if next <= usize::from(self.peer_topic_alias_maximum) => {
+            None if next <= usize::from(self.peer_topic_alias_maximum) && affordable => {
                 u16::try_from(next).expect("bounded by a u16 maximum")
             }
             None => return,
@@ -228,10 +232,9 @@ impl Channel {
         };
         if self.fits(packet) {
             if let (None, Packet::Publish(publish)) = (known, &*packet) {
-                self.aliases
-                    .get_or_insert_with(Box::default)
-                    .outbound
-                    .insert(publish.topic.clone(), alias);
+                let aliases = self.aliases.get_or_insert_with(Box::default);
+                aliases.outbound_bytes += alias_cost(&publish.topic);
+                aliases.outbound.insert(publish.topic.clone(), alias);
             }
         } else if let Packet::Publish(publish) = packet {
             publish.properties.topic_alias = None;

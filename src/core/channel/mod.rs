@@ -55,6 +55,17 @@ pub struct Limits {
     /// Cap on outgoing unacknowledged QoS 1/2 messages, whatever the client allows.
     pub max_inflight: u16,
     pub topic_alias_maximum: u16,
+    /// Bytes the client's topic aliases may hold (each topic plus a fixed per-entry cost;
+    /// 0: no limit); past it DISCONNECT 0x97. Ours towards the client have the same budget
+    /// (past it, topics go out in full).
+    pub max_topic_alias_bytes: usize,
+    /// User Properties in one packet (a CONNECT's and its will's together), enforced by the
+    /// codec while decoding (0: no limit); past it DISCONNECT 0x97.
+    pub max_user_properties: u32,
+    /// Bytes of output waiting for a client that does not read (0: no limit); never below
+    /// [`DELIVERY_BACKLOG`] plus `max_packet_size` and 64 KiB, so one delivery cannot reach it. Past it
+    /// the connection is closed with 0x97 ([`Channel::handle_backlog`]).
+    pub max_outbound_buffer: usize,
     /// Server Keep Alive ceiling in seconds (0: no ceiling).
     pub max_keepalive: u16,
     pub maximum_qos: QoS,
@@ -93,6 +104,9 @@ impl Default for Limits {
             receive_maximum: 100,
             max_inflight: 128,
             topic_alias_maximum: 65535,
+            max_topic_alias_bytes: 64 * 1024,
+            max_user_properties: 128,
+            max_outbound_buffer: 4 * 1024 * 1024,
             max_keepalive: 65535,
             maximum_qos: QoS::ExactlyOnce,
             retain_available: true,
@@ -110,6 +124,31 @@ impl Default for Limits {
             rewrite: Vec::new(),
             auto_subscribe: Vec::new(),
             durable: false,
+        }
+    }
+}
+
+/// The most output a transport lets wait before it stops taking deliveries (the QUIC
+/// writers'; a byte stream stops at `OUT_HIGH_WATER`, lower).
+pub const DELIVERY_BACKLOG: usize = 1024 * 1024;
+
+impl Limits {
+    /// The output backlog past which a connection is closed: `max_outbound_buffer`, raised
+    /// to leave room for one delivery above the transports' high-water marks.
+    pub fn outbound_ceiling(&self) -> usize {
+        match self.max_outbound_buffer {
+            0 => usize::MAX,
+            // 64 KiB of slack for what a delivery adds to the publisher's packet
+            // (subscription identifiers) and the replies written beside it.
+            max => max.max(DELIVERY_BACKLOG + self.max_packet_size as usize + 64 * 1024),
+        }
+    }
+
+    /// `max_user_properties` as the codec takes it (0 is no limit).
+    pub fn user_properties_limit(&self) -> u32 {
+        match self.max_user_properties {
+            0 => u32::MAX,
+            max => max,
         }
     }
 }
@@ -220,13 +259,26 @@ enum State {
 /// Stop accepting deliveries while this many encoded bytes wait for the socket.
 const OUT_HIGH_WATER: usize = 256 * 1024;
 
+/// What one topic alias costs against `Limits::max_topic_alias_bytes`: its topic and the
+/// map entry holding it (a `String` and the alias), so that 65,535 one-byte topics are
+/// charged too.
+fn alias_cost(topic: &str) -> usize {
+    const ENTRY: usize = 32;
+    topic.len() + ENTRY
+}
+
 /// A connection's topic aliases ([MQTT-3.3.2-7]: they last as long as the connection).
 #[derive(Debug, Default)]
 struct Aliases {
     /// Set by the client's PUBLISHes.
     inbound: HashMap<u16, String>,
-    /// Set by ours, up to the client's Topic Alias Maximum.
+    /// What `inbound` is charged against `Limits::max_topic_alias_bytes`.
+    inbound_bytes: usize,
+    /// Set by ours, up to the client's Topic Alias Maximum and within
+    /// `Limits::max_topic_alias_bytes` (past it, topics go out in full).
     outbound: HashMap<String, u16>,
+    /// What `outbound` is charged.
+    outbound_bytes: usize,
 }
 
 pub struct Channel {
@@ -275,6 +327,8 @@ pub struct Channel {
     durable: bool,
     /// Changes to the persistent session's state, for the store, in order.
     changes: VecDeque<Change>,
+    /// Bytes of the resends written at CONNACK ([`Channel::handle_backlog`] allows them).
+    resent: usize,
     /// Deliveries dropped because they were expired or too large for the client.
     pub dropped: u64,
     /// Publishes, subscriptions and deliveries the authorizer refused.
@@ -315,6 +369,7 @@ impl Channel {
             admission: None,
             durable: false,
             changes: VecDeque::new(),
+            resent: 0,
             dropped: 0,
             denied: 0,
         }
@@ -489,6 +544,20 @@ impl Channel {
         );
     }
 
+    /// The session's queue overflowed under `session.queue_full = "disconnect"`: DISCONNECT
+    /// 0x97 (Quota exceeded) to a v5 client, the will published; the session is kept as usual.
+    pub fn handle_queue_full(&mut self) {
+        self.close(ReasonCode::QUOTA_EXCEEDED, Initiator::Broker, true, true);
+    }
+
+    /// The client sent something the shell holds for now (see `broker::link`): it counts as
+    /// traffic for keep-alive.
+    pub fn handle_traffic(&mut self, now: Instant) {
+        if self.state == State::Connected {
+            self.last_rx = self.last_rx.max(now);
+        }
+    }
+
     /// The Keep Alive in force (the client's, or the one the server assigned).
     pub fn keep_alive(&self) -> u16 {
         self.keep_alive
@@ -532,7 +601,32 @@ impl Channel {
         }
     }
 
+    /// Encoded output not yet taken by the shell, on every flow.
+    fn pending_output(&self) -> usize {
+        self.out.len() + self.flows.iter().map(|(_, out)| out.len()).sum::<usize>()
+    }
+
+    /// The transport holds `backlog` bytes of our output that the client has not read.
+    /// Deliveries stop at the high-water mark, but every PINGREQ and QoS 1/2 PUBLISH the
+    /// client sends adds a reply: a client that sends and never reads is closed with 0x97
+    /// once the backlog passes `Limits::outbound_ceiling` (plus what was resent at CONNACK,
+    /// bounded by the in-flight window), before it grows without bound.
+    /// Returns whether it was closed.
+    pub fn handle_backlog(&mut self, backlog: usize) -> bool {
+        let ceiling = self.limits.outbound_ceiling().saturating_add(self.resent);
+        if self.state == State::Closed || backlog <= ceiling {
+            return false;
+        }
+        // The DISCONNECT is written if the client ever reads again; the shell closes anyway.
+        self.close(ReasonCode::QUOTA_EXCEEDED, Initiator::Broker, true, true);
+        true
+    }
+
     /// A packet on the control flow (the only flow of TCP, TLS and WebSocket connections).
+    #[cfg_attr(
+        not(any(test, feature = "internals")),
+        expect(dead_code, reason = "the shell goes through `Link::handle_packet`")
+    )]
     pub fn handle_packet(&mut self, now: Instant, packet: Packet) {
         self.handle_flow_packet(now, Flow::CONTROL, packet);
     }

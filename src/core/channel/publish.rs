@@ -32,10 +32,22 @@ impl Channel {
                     None => return self.protocol_error(ReasonCode::PROTOCOL_ERROR),
                 }
             } else {
-                self.aliases
-                    .get_or_insert_with(Box::default)
-                    .inbound
-                    .insert(alias, publish.topic.clone());
+                let aliases = self.aliases.get_or_insert_with(Box::default);
+                let cost = alias_cost(&publish.topic);
+                let freed = aliases.inbound.get(&alias).map_or(0, |old| alias_cost(old));
+                let held = aliases.inbound_bytes - freed + cost;
+                if limits.max_topic_alias_bytes > 0 && held > limits.max_topic_alias_bytes {
+                    // Within the Topic Alias Maximum (so not 0x94) but past a limit of ours:
+                    // 0x97, "an implementation or administrative imposed limit".
+                    tracing::debug!(
+                        client_id = %self.client_id,
+                        held,
+                        "topic aliases past mqtt.max_topic_alias_bytes, disconnecting"
+                    );
+                    return self.protocol_error(ReasonCode::QUOTA_EXCEEDED);
+                }
+                aliases.inbound_bytes = held;
+                aliases.inbound.insert(alias, publish.topic.clone());
             }
         } else if publish.topic.is_empty() {
             return self.protocol_error(ReasonCode::PROTOCOL_ERROR);

@@ -94,6 +94,40 @@ fn outbound_topic_alias_replaces_the_topic_after_first_use() {
     );
 }
 
+/// The aliases we teach the client are held for the connection too: within
+/// `max_topic_alias_bytes`, then topics go out in full (known aliases still serve).
+#[test]
+fn outbound_topic_aliases_stay_within_the_byte_budget() {
+    let mut h = Harness::new(Limits {
+        max_topic_alias_bytes: 2 * (32 + 3),
+        ..Limits::default()
+    });
+    let mut c = connect(ProtocolVersion::V5, "out-alias-bytes");
+    c.properties.topic_alias_maximum = Some(100);
+    h.connect(c);
+    for topic in ["a/1", "a/2", "a/3", "a/1", "a/3"] {
+        h.channel.deliver(h.now, delivery(topic, QoS::AtMostOnce));
+    }
+    let sent: Vec<(String, Option<u16>)> = h
+        .packets()
+        .into_iter()
+        .filter_map(|p| match p {
+            Packet::Publish(p) => Some((p.topic, p.properties.topic_alias)),
+            _ => None,
+        })
+        .collect();
+    assert_eq!(
+        sent,
+        vec![
+            ("a/1".into(), Some(1)),
+            ("a/2".into(), Some(2)),
+            ("a/3".into(), None),
+            (String::new(), Some(1)),
+            ("a/3".into(), None),
+        ]
+    );
+}
+
 #[test]
 fn message_expiry_is_decremented_and_expired_messages_are_dropped() {
     let mut h = Harness::new(Limits::default());

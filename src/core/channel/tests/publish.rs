@@ -85,3 +85,57 @@ fn topic_alias_rules_on_ingress() {
         ))]
     );
 }
+
+fn aliased(topic: &str, alias: u16) -> Packet {
+    let mut p = publish(topic, QoS::AtMostOnce, None);
+    p.properties.topic_alias = Some(alias);
+    Packet::Publish(p)
+}
+
+/// Each alias costs its topic plus 32 bytes of entry; rebinding an alias frees the old
+/// topic's share; past `max_topic_alias_bytes` the client hears 0x97 (it stayed within its
+/// Topic Alias Maximum, so 0x94 would be wrong).
+#[test]
+fn topic_alias_memory_is_bounded_in_bytes() {
+    let mut h = Harness::new(Limits {
+        max_topic_alias_bytes: 3 * (32 + 10),
+        ..Limits::default()
+    });
+    h.connect(connect(ProtocolVersion::V5, "alias-bytes"));
+    for alias in 1..=3 {
+        h.packet(aliased(&format!("topic/{alias:04}"), alias));
+    }
+    // Rebinding alias 3 to a topic of the same length stays within the budget.
+    h.packet(aliased("other/0003", 3));
+    assert!(!h.channel.is_closed());
+    assert!(h.packets().is_empty());
+    h.packet(aliased("t", 4));
+    assert_eq!(
+        h.packets(),
+        vec![Packet::Disconnect(Disconnect::new(
+            ReasonCode::QUOTA_EXCEEDED
+        ))]
+    );
+    assert_eq!(h.close().reason, ReasonCode::QUOTA_EXCEEDED);
+}
+
+/// The default budget (64 KiB) holds a realistic alias table and stops a flood of
+/// 65,535 aliases long before the old worst case of 4 GiB.
+#[test]
+fn topic_alias_flood_stops_at_the_default_budget() {
+    let limits = Limits::default();
+    let budget = limits.max_topic_alias_bytes;
+    let mut h = Harness::new(limits);
+    h.connect(connect(ProtocolVersion::V5, "alias-flood"));
+    let topic = "f".repeat(1024);
+    let mut accepted = 0usize;
+    for alias in 1..=u16::MAX {
+        h.packet(aliased(&topic, alias));
+        if h.channel.is_closed() {
+            break;
+        }
+        accepted += 1;
+    }
+    assert_eq!(accepted, budget / (1024 + 32));
+    assert_eq!(h.close().reason, ReasonCode::QUOTA_EXCEEDED);
+}
