@@ -368,8 +368,8 @@ async fn auth_sighup_reloads_the_password_file_without_dropping_connections() {
         ))
         .env("RUST_LOG", "info")
         .stdin(Stdio::null())
-        .stdout(Stdio::null())
-        .stderr(std::fs::File::create(dir.join("broker.log")).unwrap())
+        .stdout(std::fs::File::create(dir.join("broker.log")).unwrap())
+        .stderr(Stdio::null())
         .kill_on_drop(true)
         .spawn()
         .unwrap();
