@@ -27,9 +27,9 @@ use tokio::sync::oneshot;
 use super::clients::ClientInfo;
 use super::mailbox::{Mailbox, QueueBudget, Signal};
 use super::{clock, Broker};
-use crate::auth::{Credentials, Refusal};
+use crate::auth::{ClientAuthorizer, Credentials, Refusal};
 use crate::codec::{Packet, QoS, ReasonCode};
-use crate::core::access::{Access, Authorizer as _};
+use crate::core::access::{Access, Authorizer};
 use crate::core::channel::{Action, AuthStep, Channel};
 use crate::core::hooks::{DropReason, Store, Ticket};
 use crate::core::message::{Delivery, Flow};
@@ -255,7 +255,13 @@ impl Link {
         let span = tracing::Span::current();
         span.record("client_id", &*client_id);
         if let Some(username) = self.channel.username() {
-            span.record("username", username);
+            // A JWT in the username is a credential: never logged.
+            let shown = if self.broker.auth().username_carries_token() {
+                "(token)"
+            } else {
+                username
+            };
+            span.record("username", shown);
         }
         if let Err(code) = self.authenticate(&client_id).await {
             return self.channel.reject(code);
@@ -312,12 +318,17 @@ impl Link {
         }
     }
 
-    /// Decides the CONNECT's credentials and its will's topic; sets the ACL for the rest of
-    /// the connection. A refusal is logged with the peer, counted, and answered only after
+    /// Decides the CONNECT's credentials (the authentication chain, which may wait on an
+    /// HTTP service) and its will's topic; sets the ACL for the rest of the connection. A
+    /// refusal is logged with the peer, counted, and answered only after
     /// [`AUTH_FAILURE_DELAY`], so guessing passwords is slow.
     async fn authenticate(&mut self, client_id: &str) -> Result<(), ReasonCode> {
         let auth = Arc::clone(self.broker.auth());
         let password = self.channel.take_password();
+        let listener = format!("{}:default", self.transport);
+        let now_secs = clock::wall()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| d.as_secs());
         let credentials = Credentials {
             client_id,
             username: self.channel.username(),
@@ -326,44 +337,62 @@ impl Link {
             // A CONNECT that named an Authentication Method gets here only once the
             // exchange proved the username (`enhanced_auth`).
             certified: self.channel.username_is_certified() || self.channel.auth_method().is_some(),
+            listener: &listener,
+            now_unix: now_secs,
         };
-        let now_secs = clock::wall()
-            .duration_since(std::time::UNIX_EPOCH)
-            .map_or(0, |d| d.as_secs());
         let decided =
             match auth
                 .banned()
                 .find(client_id, credentials.username, self.peer.ip(), now_secs)
             {
                 Some(_) => Err(Refusal::Banned),
-                None => auth.authenticate(&credentials),
+                // Boxed: the chain's future (an HTTP request) would otherwise enlarge every
+                // connection's task for its whole life.
+                None => Box::pin(auth.authenticate(&credentials)).await,
             };
         let refused = match decided {
             Err(refusal) => {
                 tracing::info!(
                     peer = %self.peer,
-                    username = credentials.username.unwrap_or(""),
+                    username = if auth.username_carries_token() {
+                        "(token)"
+                    } else {
+                        credentials.username.unwrap_or("")
+                    },
                     ?refusal,
                     "connection refused: {}",
                     match refusal {
-                        Refusal::AnonymousNotAllowed if auth.has_passwords() =>
+                        Refusal::AnonymousNotAllowed if auth.has_sources() =>
                             "no username; set auth.allow_anonymous = true to accept anonymous clients",
                         Refusal::AnonymousNotAllowed =>
                             "not on loopback; set auth.password_file, or auth.allow_anonymous = true",
                         Refusal::BadCredentials => "bad username or password",
+                        Refusal::NotAuthorized => "denied by an authentication source",
                         Refusal::Banned => "banned",
                     }
                 );
                 Some(refusal.reason_code())
             }
-            Ok(()) => None,
+            Ok(_) => None,
+        };
+        // The connection's authorizer: none for a superuser or without rules; the rules its
+        // source handed out before the ACL file's.
+        let authorizer: Option<Arc<dyn Authorizer>> = match &decided {
+            Ok(grant) if grant.superuser => None,
+            Ok(grant) => match &grant.acl {
+                Some(acl) => Some(Arc::new(ClientAuthorizer {
+                    acl: Arc::clone(acl),
+                    service: Arc::clone(&auth),
+                })),
+                None if auth.has_acl() => Some(Arc::clone(&auth) as Arc<dyn Authorizer>),
+                None => None,
+            },
+            Err(_) => None,
         };
         let refused = refused.or_else(|| {
-            if !auth.has_acl() {
-                return None;
-            }
+            let authorizer = authorizer.as_ref()?;
             let denied = self.channel.will_topic().is_some_and(|topic| {
-                !auth.allows(client_id, credentials.username, Access::Publish, topic)
+                !authorizer.allows(client_id, credentials.username, Access::Publish, topic)
             });
             // Mosquitto refuses a CONNECT whose will the client may not publish.
             denied.then(|| {
@@ -380,8 +409,8 @@ impl Link {
             self.tick();
             return Err(code);
         }
-        if auth.has_acl() {
-            self.channel.set_authorizer(auth);
+        if let Some(authorizer) = authorizer {
+            self.channel.set_authorizer(authorizer);
         }
         Ok(())
     }

@@ -368,7 +368,7 @@ async fn auth_sighup_reloads_the_password_file_without_dropping_connections() {
         ))
         .env("RUST_LOG", "info")
         .stdin(Stdio::null())
-        .stdout(Stdio::null())
+        .stdout(std::fs::File::create(dir.join("broker.log")).unwrap())
         .stderr(Stdio::null())
         .kill_on_drop(true)
         .spawn()
@@ -415,6 +415,18 @@ async fn auth_sighup_reloads_the_password_file_without_dropping_connections() {
     // A broken file keeps the old rules.
     std::fs::write(dir.join("passwd"), "alice\n").unwrap();
     reload().await;
+    // The reload runs on the broker's own time: wait until it has refused the broken file
+    // (its log names the line) before the file changes again (bounded).
+    let mut refused = false;
+    for _ in 0..100 {
+        let log = std::fs::read_to_string(dir.join("broker.log")).unwrap_or_default();
+        if log.contains("line 1") {
+            refused = true;
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert!(refused, "the broken file's reload was not logged");
     write(b"new");
     // Not reloaded yet: "new" is refused until SIGHUP.
     assert!(

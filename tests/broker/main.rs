@@ -7,6 +7,7 @@ mod common;
 
 mod api;
 mod auth;
+mod auth_chain;
 mod backpressure;
 mod bad;
 mod client;

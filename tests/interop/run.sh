@@ -16,6 +16,8 @@
 # (default target/debug/petrel); it skips itself when that binary is missing.
 # The dashboard (test_dashboard.py, headless Chromium): API_PORT (the broker's [api] bind
 # port), DASHBOARD_USER (default admin) and DASHBOARD_PASSWORD (api.default_password).
+# test_auth_backends.py starts a broker of its own (it needs an authentication chain in its
+# config): PETREL_BIN (default target/debug/petrel) on a free port.
 # Last line: "interop: N passed, M failed, K skipped"; exit status 1 if M > 0.
 set -u
 
