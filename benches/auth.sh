@@ -9,6 +9,9 @@
 # 2. Publish throughput with 1,000 ACL rules against none: 10 publisher/subscriber pairs,
 #    QoS 1, 64-byte payloads, DURATION seconds; the matching rule is the last of the 1,000.
 #
+# Mosquitto (Debian's, if installed) runs the same loads beside: anonymous, its own password
+# file made by `mosquitto_passwd` (the same $7$ hash as "default"), and the same ACL file.
+#
 #   benches/auth.sh [PETREL_BINARY]      (default target/release/petrel)
 # Environment: RUNS [3], CONNS [2000], ITER [100000], DURATION [10].
 set -euo pipefail
@@ -47,7 +50,31 @@ with open(sys.argv[1], "w") as f:
     f.write("topic readwrite petrel-bench/#\n")
 PY
 
-start_broker() { # extra --set arguments...
+MOSQUITTO=$(command -v mosquitto || true)
+[[ -z $MOSQUITTO && -x /usr/sbin/mosquitto ]] && MOSQUITTO=/usr/sbin/mosquitto
+if [[ -n $MOSQUITTO ]] && command -v mosquitto_passwd >/dev/null; then
+    mosquitto_passwd -c -b "$TMP/pw-mosquitto" fleet secret >/dev/null 2>&1
+else
+    MOSQUITTO=
+fi
+
+start_broker() { # extra --set arguments...; with MOSQ set, Mosquitto with those config lines
+    if [[ -n ${MOSQ:-} ]]; then
+        PORT=$(free_port)
+        {
+            echo "listener $PORT 127.0.0.1"
+            echo "set_tcp_nodelay true"
+            echo "max_connections -1"
+            printf '%s\n' "$@"
+        } >"$TMP/mosquitto.conf"
+        "$MOSQUITTO" -c "$TMP/mosquitto.conf" >/dev/null 2>&1 &
+        BROKER=$!
+        for ((i = 0; i < 100; i++)); do
+            (exec 3<>"/dev/tcp/127.0.0.1/$PORT") 2>/dev/null && break
+            sleep 0.05
+        done
+        return
+    fi
     PORT=$(free_port)
     rm -rf "$TMP/data"
     "$PETREL" --tcp "127.0.0.1:$PORT" --data-dir "$TMP/data" --set api.enable=false "$@" \
@@ -106,10 +133,20 @@ for ((run = 1; run <= RUNS; run++)); do
         CREDS="--username fleet --password secret" \
             storm "$f, cache off" --set "auth.password_file=$TMP/pw-$f" --set auth.cache_ttl=0s
     done
+    if [[ -n $MOSQUITTO ]]; then
+        CREDS="" MOSQ=1 storm "mosquitto anonymous" "allow_anonymous true"
+        CREDS="--username fleet --password secret" MOSQ=1 \
+            storm "mosquitto password_file" "allow_anonymous false" "password_file $TMP/pw-mosquitto"
+    fi
 done
 
 echo "== p2p 10 pairs QoS 1, 64 B, ${DURATION} s: no ACL against 1,000 rules ($RUNS runs)"
 for ((run = 1; run <= RUNS; run++)); do
     throughput "no ACL"
     throughput "1,000 ACL rules" --set "auth.acl_file=$TMP/acl"
+    if [[ -n $MOSQUITTO ]]; then
+        MOSQ=1 throughput "mosquitto no ACL" "allow_anonymous true" "max_queued_messages 1000000"
+        MOSQ=1 throughput "mosquitto 1,000 ACL rules" "allow_anonymous true" \
+            "max_queued_messages 1000000" "acl_file $TMP/acl"
+    fi
 done
