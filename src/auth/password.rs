@@ -30,8 +30,8 @@ const DEFAULT_ITERATIONS: u32 = 101;
 const SALT_LEN: usize = 12;
 const HASH_LEN: usize = 64;
 /// A cap on the iteration count a file may ask for, so one line cannot make every login
-/// cost seconds of CPU.
-const MAX_ITERATIONS: u32 = 10_000_000;
+/// cost seconds of CPU (the same for every hash kind).
+use super::scram::{parse_iterations, MAX_ITERATIONS};
 
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
 pub enum PasswordFileError {
@@ -146,11 +146,7 @@ impl PasswordHash {
         };
         let parsed = match parts.next() {
             Some("7") => {
-                let iterations = parts
-                    .next()
-                    .and_then(|n| n.parse::<u32>().ok())
-                    .filter(|&n| n <= MAX_ITERATIONS)
-                    .and_then(NonZeroU32::new)
+                let iterations = parse_iterations(parts.next())
                     .ok_or_else(|| format!("the iteration count must be 1 to {MAX_ITERATIONS}"))?;
                 let salt = decode(parts.next(), "salt")?;
                 let hash = decode(parts.next(), "hash")?;

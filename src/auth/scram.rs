@@ -21,8 +21,16 @@ use ring::{digest, hmac, pbkdf2};
 pub const METHOD: &str = "SCRAM-SHA-256";
 /// The iteration count `petrel passwd` writes (RFC 7677's minimum).
 pub const DEFAULT_ITERATIONS: u32 = 4096;
-/// A client refuses a server asking for more (a hostile server could burn its CPU).
+/// A client refuses a server asking for more (a hostile server could burn its CPU), and a
+/// password file may not ask for more either.
 pub const MAX_ITERATIONS: u32 = 10_000_000;
+
+/// An iteration count from a file or a server: 1 to [`MAX_ITERATIONS`].
+pub fn parse_iterations(text: Option<&str>) -> Option<NonZeroU32> {
+    text.and_then(|n| n.parse::<u32>().ok())
+        .filter(|&n| n <= MAX_ITERATIONS)
+        .and_then(NonZeroU32::new)
+}
 /// Salt length of new entries and of mock salts.
 pub const SALT_LEN: usize = 16;
 /// The longest SCRAM message either side accepts: real ones are a few hundred bytes.
@@ -140,11 +148,7 @@ impl ScramKeys {
 
     /// Parses the fields after `$scram-sha-256$`.
     pub fn parse_fields<'a>(mut parts: impl Iterator<Item = &'a str>) -> Result<Self, String> {
-        let iterations = parts
-            .next()
-            .and_then(|n| n.parse::<u32>().ok())
-            .filter(|&n| n <= MAX_ITERATIONS)
-            .and_then(NonZeroU32::new)
+        let iterations = parse_iterations(parts.next())
             .ok_or_else(|| format!("the iteration count must be 1 to {MAX_ITERATIONS}"))?;
         let mut field = |what: &str| -> Result<Vec<u8>, String> {
             let part = parts.next().ok_or_else(|| format!("missing {what}"))?;
@@ -423,11 +427,7 @@ impl ClientExchange {
         let salt = BASE64
             .decode(attribute(attrs.next().unwrap_or_default(), 's')?)
             .map_err(|_| ScramError::Malformed("salt is not base64"))?;
-        let iterations = attribute(attrs.next().unwrap_or_default(), 'i')?
-            .parse::<u32>()
-            .ok()
-            .filter(|&n| n <= MAX_ITERATIONS)
-            .and_then(NonZeroU32::new)
+        let iterations = parse_iterations(Some(attribute(attrs.next().unwrap_or_default(), 'i')?))
             .ok_or(ScramError::Malformed("bad iteration count"))?;
         let salted = salted_password(&self.password, &salt, iterations);
         let client_key = hmac_sha256(&salted, b"Client Key");

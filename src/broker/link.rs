@@ -401,18 +401,23 @@ impl Link {
             })
         });
         if let Some(code) = refused {
-            self.broker
-                .metrics
-                .auth_failures
-                .fetch_add(1, Ordering::Relaxed);
-            tokio::time::sleep(AUTH_FAILURE_DELAY).await;
-            self.tick();
+            self.failed_login().await;
             return Err(code);
         }
         if let Some(authorizer) = authorizer {
             self.channel.set_authorizer(authorizer);
         }
         Ok(())
+    }
+
+    /// A refused login: counted, and answered only after [`AUTH_FAILURE_DELAY`].
+    async fn failed_login(&mut self) {
+        self.broker
+            .metrics
+            .auth_failures
+            .fetch_add(1, Ordering::Relaxed);
+        tokio::time::sleep(AUTH_FAILURE_DELAY).await;
+        self.tick();
     }
 
     /// Carries out actions up to a `Connect` or `Authenticate`, which it returns for the
@@ -636,12 +641,7 @@ impl Link {
                     "authentication failed: {why}"
                 );
                 if code != crate::codec::ReasonCode::BAD_AUTHENTICATION_METHOD {
-                    self.broker
-                        .metrics
-                        .auth_failures
-                        .fetch_add(1, Ordering::Relaxed);
-                    tokio::time::sleep(AUTH_FAILURE_DELAY).await;
-                    self.tick();
+                    self.failed_login().await;
                 }
                 self.scram = None;
                 // DISCONNECT has no 0x86: a failed re-authentication is 0x87 [MQTT-4.12.1-2].
