@@ -29,8 +29,8 @@ use super::scram::{self, ScramKeys};
 const DEFAULT_ITERATIONS: u32 = 101;
 const SALT_LEN: usize = 12;
 const HASH_LEN: usize = 64;
-/// A cap on the iteration count a file may ask for, so one line cannot make every login
-/// cost seconds of CPU (the same for every hash kind).
+// A cap on the iteration count a file may ask for, so one line cannot make every login
+// cost seconds of CPU (the same for every hash kind).
 use super::scram::{parse_iterations, MAX_ITERATIONS};
 
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
