@@ -908,7 +908,7 @@ mod tests {
         assert_eq!(config.session.queue_full, QueueFull::Disconnect);
         let config = load("", &[], &["session.queue_full=drop_new"]).unwrap();
         assert_eq!(config.session.queue_full, QueueFull::DropNew);
-        assert!(load("[session]\nqueue_full = \"spill\"\n", &[], &[]).is_err());
+        assert!(load("[session]\nqueue_full = \"spill_everything\"\n", &[], &[]).is_err());
     }
 
     #[test]

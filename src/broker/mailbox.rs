@@ -10,14 +10,16 @@
 //! - a QoS 0 delivery replaces the oldest QoS 0 delivery queued (EMQX drops the oldest);
 //!   with none queued, it is dropped;
 //! - a QoS 1/2 delivery also takes the place of the oldest QoS 0 one if there is any;
-//!   otherwise the session's [`QueueFull`] policy applies (`session.queue_full`): `drop_new`
-//!   (the default, as Mosquitto) drops it, `disconnect` drops it and has the serving connection
+//!   otherwise the session's [`QueueFull`] policy applies (`session.queue_full`): `keep` (the
+//!   default: durable by default) queues it anyway, bounded by the broker-wide budget below;
+//!   `drop_new` (as Mosquitto) drops it; `disconnect` drops it and has the serving connection
 //!   closed with 0x97 (Quota exceeded) so that the client learns it is losing messages.
 //!
 //! A QoS 1/2 message the broker acknowledged and queued for a persistent session is on disk
-//! before it is queued (`Broker::push_delivery`); one dropped here is forgotten by the store
-//! too — a counted, documented policy, not a silent loss. Publishers are never slowed for one
-//! subscriber.
+//! before it is queued (`Broker::push_delivery`); under `drop_new` or `disconnect` one dropped
+//! here is forgotten by the store too — a counted, documented policy, not a silent loss.
+//! Publishers are never slowed for one subscriber; under `keep`, many slow subscribers
+//! together (or one that never reads, for long) can fill the budget, which then holds them.
 //!
 //! [`QueueBudget`] is what slows them instead, when the broker as a whole queues too much: every
 //! push adds the delivery's size (its topic and payload plus the delivery record, counted in
@@ -49,8 +51,13 @@ use crate::core::message::Delivery;
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
 #[serde(rename_all = "snake_case")]
 pub enum QueueFull {
-    /// Drop the new delivery and count it (Mosquitto's `max_queued_messages`).
+    /// Keep it beyond the capacity (a persistent session's copy is on disk as well): nothing
+    /// the broker acknowledged is lost, and the bound is the broker-wide budget
+    /// (`broker.max_queued_bytes`), past which publishers are held. The default: durable by
+    /// default.
     #[default]
+    Keep,
+    /// Drop the new delivery and count it (Mosquitto's `max_queued_messages`).
     DropNew,
     /// Drop it, count it, and close the subscriber's connection with 0x97 (Quota exceeded).
     Disconnect,
@@ -325,13 +332,14 @@ impl Mailbox {
         let qos0 = delivery.qos == QoS::AtMostOnce;
         let (pushed, added, removed, signal) = {
             let mut inner = self.lock();
-            let (pushed, removed) = if inner.queue.len() < self.capacity {
-                (Pushed::Queued, 0)
-            } else if let Some(removed) = inner.drop_oldest_qos0() {
-                (Pushed::Replaced, removed)
-            } else {
-                (Pushed::Dropped, 0)
-            };
+            let (pushed, removed) =
+                if inner.queue.len() < self.capacity || (!qos0 && self.policy == QueueFull::Keep) {
+                    (Pushed::Queued, 0)
+                } else if let Some(removed) = inner.drop_oldest_qos0() {
+                    (Pushed::Replaced, removed)
+                } else {
+                    (Pushed::Dropped, 0)
+                };
             let signal = pushed != Pushed::Dropped || self.note_overflow(&mut inner, qos0);
             let added = match pushed {
                 Pushed::Dropped => 0,
@@ -443,6 +451,11 @@ impl Mailbox {
     /// message to a member that can take it.
     pub fn accepts(&self) -> bool {
         !self.full.load(Ordering::Relaxed)
+    }
+
+    /// Whether a QoS 1/2 delivery is queued even when the queue is full (`keep`).
+    pub fn keeps_overflow(&self) -> bool {
+        self.policy == QueueFull::Keep
     }
 
     pub fn len(&self) -> usize {
@@ -594,6 +607,22 @@ mod tests {
     fn mailbox(capacity: usize, policy: QueueFull) -> (Mailbox, Arc<QueueBudget>) {
         let budget = Arc::new(QueueBudget::new(0));
         (Mailbox::new(capacity, policy, Arc::clone(&budget)), budget)
+    }
+
+    #[test]
+    fn keep_queues_qos1_past_the_capacity_and_counts_it_in_the_budget() {
+        let (m, budget) = mailbox(2, QueueFull::Keep);
+        for _ in 0..5 {
+            assert_eq!(m.push(delivery(QoS::AtLeastOnce)), Pushed::Queued);
+        }
+        assert_eq!(m.len(), 5, "nothing acknowledged is dropped");
+        assert!(!m.accepts(), "full for the shared-subscription choice all the same");
+        assert_eq!(m.push(delivery(QoS::AtMostOnce)), Pushed::Dropped, "QoS 0 still drops");
+        assert_eq!(m.dropped(), 1);
+        let held = budget.bytes();
+        assert!(held > 0);
+        while m.pop().is_some() {}
+        assert_eq!(budget.bytes(), 0);
     }
 
     fn tagged(qos: QoS, tag: u32) -> Delivery {

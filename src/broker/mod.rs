@@ -693,7 +693,7 @@ impl Broker {
         ) else {
             return Ok((mailbox.push(delivery), 0));
         };
-        if !mailbox.accepts() {
+        if !mailbox.accepts() && !mailbox.keeps_overflow() {
             // Full of QoS 1/2: dropped without a write and its undoing (and never queued
             // unwritten, should the queue drain meanwhile).
             mailbox.overflow(&delivery);

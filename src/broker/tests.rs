@@ -17,7 +17,8 @@ fn broker() -> Broker {
     Broker::new(Settings {
         limits: Arc::new(Limits::default()),
         max_queued: 10,
-        queue_full: Default::default(),
+        // The dropping policy: these tests look at what a full queue does.
+        queue_full: crate::broker::mailbox::QueueFull::DropNew,
         max_queued_bytes: 0,
         close_linger: Duration::from_millis(100),
         quic: Default::default(),

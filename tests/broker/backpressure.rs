@@ -30,9 +30,13 @@ async fn backpressure_a_slow_subscriber_costs_only_itself() {
     const PUBLISHERS: usize = 3;
     const N: u16 = 400;
     const TOTAL: usize = PUBLISHERS * N as usize;
-    // Default session.max_queued (1000) and queue_full (drop_new); a small window so the
-    // slow subscriber's share is known: 10 in flight + 1000 queued.
-    let broker = TestBroker::start_with(|c| c.mqtt.max_inflight = 10).await;
+    // Default session.max_queued (1000), queue_full = drop_new; a small window so the slow
+    // subscriber's share is known: 10 in flight + 1000 queued.
+    let broker = TestBroker::start_with(|c| {
+        c.mqtt.max_inflight = 10;
+        c.session.queue_full = QueueFull::DropNew;
+    })
+    .await;
     let addr = broker.addr;
     let (mut slow, _) = RawClient::connect_v5(addr, "slow").await;
     slow.subscribe(1, "fan/#", QoS::AtLeastOnce).await;

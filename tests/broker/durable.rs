@@ -281,11 +281,27 @@ async fn durable_a_graceful_restart_delivers_everything_once() {
 
 #[tokio::test]
 async fn durable_an_overflowing_offline_queue_keeps_its_oldest_across_a_crash() {
-    // session.max_queued = 10 and the default queue_full = "drop_new": of 15 acknowledged
-    // QoS 1 messages the offline session keeps the first 10, on disk; the other 5 are
-    // dropped and counted (not stored, so not resurrected by the restart).
-    let dir = TempDir(temp_data_dir("durable-overflow"));
-    let mut broker = Process::start(&dir.0, &["--set", "session.max_queued=10"]);
+    // session.max_queued = 10 and queue_full = "drop_new": of 15 acknowledged QoS 1
+    // messages the offline session keeps the first 10, on disk; the other 5 are dropped and
+    // counted (not stored, so not resurrected by the restart).
+    let got = overflow_offline_queue_across_a_crash("drop_new").await;
+    assert_eq!(got, (1..=10).collect::<Vec<u8>>());
+}
+
+#[tokio::test]
+async fn durable_an_overflowing_offline_queue_keeps_everything_by_default() {
+    // The default queue_full = "keep": all 15 acknowledged messages survive the crash.
+    let got = overflow_offline_queue_across_a_crash("keep").await;
+    assert_eq!(got, (1..=15).collect::<Vec<u8>>());
+}
+
+async fn overflow_offline_queue_across_a_crash(policy: &str) -> Vec<u8> {
+    let dir = TempDir(temp_data_dir(&format!("durable-overflow-{policy}")));
+    let policy = format!("session.queue_full={policy}");
+    let mut broker = Process::start(
+        &dir.0,
+        &["--set", "session.max_queued=10", "--set", &policy],
+    );
     let (mut sub, _) =
         RawClient::connect_ok(broker.addr, persistent(ProtocolVersion::V311, "o-sub")).await;
     sub.subscribe(1, "o/#", QoS::AtLeastOnce).await;
@@ -314,7 +330,7 @@ async fn durable_an_overflowing_offline_queue_keeps_its_oldest_across_a_crash() 
             Read::Closed => panic!("closed"),
         }
     }
-    assert_eq!(got, (1..=10).collect::<Vec<u8>>());
+    got
 }
 
 #[tokio::test]
