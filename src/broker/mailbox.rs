@@ -616,8 +616,15 @@ mod tests {
             assert_eq!(m.push(delivery(QoS::AtLeastOnce)), Pushed::Queued);
         }
         assert_eq!(m.len(), 5, "nothing acknowledged is dropped");
-        assert!(!m.accepts(), "full for the shared-subscription choice all the same");
-        assert_eq!(m.push(delivery(QoS::AtMostOnce)), Pushed::Dropped, "QoS 0 still drops");
+        assert!(
+            !m.accepts(),
+            "full for the shared-subscription choice all the same"
+        );
+        assert_eq!(
+            m.push(delivery(QoS::AtMostOnce)),
+            Pushed::Dropped,
+            "QoS 0 still drops"
+        );
         assert_eq!(m.dropped(), 1);
         let held = budget.bytes();
         assert!(held > 0);
