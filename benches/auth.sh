@@ -13,12 +13,12 @@
 # file made by `mosquitto_passwd` (the same $7$ hash as "default"), and the same ACL file.
 #
 #   benches/auth.sh [PETREL_BINARY]      (default target/release/petrel)
-# Environment: RUNS [3], CONNS [2000], ITER [100000], DURATION [10].
+# Environment: RUNS [3], CONNS [2000], ITER [20000], DURATION [10].
 set -euo pipefail
 PETREL=${1:-target/release/petrel}
 RUNS=${RUNS:-3}
 CONNS=${CONNS:-2000}
-ITER=${ITER:-100000}
+ITER=${ITER:-20000}
 DURATION=${DURATION:-10}
 TMP=$(mktemp -d)
 BROKER=
@@ -63,6 +63,7 @@ start_broker() { # extra --set arguments...; with MOSQ set, Mosquitto with those
         PORT=$(free_port)
         {
             echo "listener $PORT 127.0.0.1"
+            echo "user root" # run as root, it would read no file in a 0700 temporary directory
             echo "set_tcp_nodelay true"
             echo "max_connections -1"
             printf '%s\n' "$@"
