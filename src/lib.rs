@@ -19,6 +19,8 @@
 //! - [`admin`]: operations: the HTTP API on 18083 (EMQX's `/api/v5`), Prometheus, the
 //!   dashboard's pages and the `$SYS` topics; reads the broker through `broker::view`.
 //! - `duration`: durations in settings (`"10s"`, `"never"`), shared by every settings type.
+//! - `cluster`: clustering on NATS JetStream, being built (issue 18): so far the mapping of
+//!   MQTT topics and filters to NATS subjects, sans-IO.
 //! - [`client`]: the async MQTT client library (every transport by URL, QUIC stream policy,
 //!   reconnect and session resume); its protocol state is sans-IO like `core`.
 //!
@@ -40,6 +42,9 @@ pub mod broker;
 #[cfg(not(feature = "internals"))]
 pub(crate) mod broker;
 pub mod client;
+// Not wired into the broker yet (issue 18): its pieces are tested on their own.
+#[cfg_attr(not(test), allow(dead_code))]
+pub(crate) mod cluster;
 pub mod codec;
 pub mod config;
 #[cfg(feature = "internals")]
