@@ -291,12 +291,9 @@ pub struct Pacer {
     kind: ListenerKind,
     addr: SocketAddr,
     rate: Option<ConnRate>,
-    /// When the last info line was written.
-    told: Option<std::time::Instant>,
+    /// Pauses are logged at info once a minute at most.
+    told: super::LogEvery,
 }
-
-/// The least time between two info lines about a listener's pauses.
-const PAUSE_LOG_INTERVAL: Duration = Duration::from_secs(60);
 
 impl Pacer {
     pub fn new(kind: ListenerKind, addr: SocketAddr, max_conn_rate: Option<NonZeroU32>) -> Self {
@@ -304,7 +301,7 @@ impl Pacer {
             kind,
             addr,
             rate: max_conn_rate.map(|r| ConnRate::new(r, super::clock::now())),
-            told: None,
+            told: Default::default(),
         }
     }
 
@@ -324,11 +321,7 @@ impl Pacer {
                 .connections_rate_limited
                 .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
             let (kind, addr) = (self.kind, self.addr);
-            if self
-                .told
-                .is_none_or(|told| now.duration_since(told) >= PAUSE_LOG_INTERVAL)
-            {
-                self.told = Some(now);
+            if self.told.due(now) {
                 tracing::info!(%kind, %addr, "accepting paused: more new connections than listeners.max_conn_rate allows per second (raise it if this is expected)");
             } else {
                 tracing::debug!(%kind, %addr, ?wait, "accepting paused: max_conn_rate");

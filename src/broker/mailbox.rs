@@ -84,12 +84,10 @@ pub struct QueueBudget {
     over: AtomicBool,
     /// Woken when the count falls to the low-water mark while over.
     relieved: Notify,
-    /// When going over was last logged at `warn` (clients must not raise our warn rate).
-    warned_at: Mutex<Option<std::time::Instant>>,
+    /// Going over is logged at `warn` once a minute at most (clients must not raise our
+    /// warn rate), at `debug` in between.
+    warned: super::LogEvery,
 }
-
-/// At most one `warn` line per this long for going over the budget (`debug` in between).
-const WARN_EVERY: std::time::Duration = std::time::Duration::from_secs(60);
 
 impl QueueBudget {
     /// A budget of `max_bytes` (0: no budget, publishers are never held).
@@ -104,7 +102,7 @@ impl QueueBudget {
             low: high / 4 * 3,
             over: AtomicBool::new(false),
             relieved: Notify::new(),
-            warned_at: Mutex::new(None),
+            warned: Default::default(),
         }
     }
 
@@ -124,13 +122,10 @@ impl QueueBudget {
     }
 
     fn log_over(&self, queued_bytes: usize) {
-        let at = super::clock::now();
-        let mut warned_at = self.warned_at.lock().expect("never poisoned");
-        if warned_at.is_some_and(|t| at.duration_since(t) < WARN_EVERY) {
+        if !self.warned.due(super::clock::now()) {
             tracing::debug!(queued_bytes, "over broker.max_queued_bytes again");
             return;
         }
-        *warned_at = Some(at);
         tracing::warn!(
             queued_bytes,
             "deliveries queued over broker.max_queued_bytes: publishers are held until \

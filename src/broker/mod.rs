@@ -201,7 +201,7 @@ pub struct Settings {
 
 /// A log line a client can trigger, at most once a minute (a remote must not set our warn
 /// rate); the counters say how many were not logged.
-#[derive(Default)]
+#[derive(Debug, Default)]
 pub(crate) struct LogEvery(Mutex<Option<Instant>>);
 
 impl LogEvery {

@@ -80,9 +80,6 @@ pub struct Listening {
     pub handshake_timeout: Duration,
 }
 
-/// The least time between two info lines about Retry switching on or off.
-const RETRY_LOG_INTERVAL: Duration = Duration::from_secs(60);
-
 /// Accepts QUIC connections until `shutdown`.
 ///
 /// Order per incoming connection: Retry first (stateless and cheap, so it is not paced: under
@@ -105,7 +102,7 @@ pub async fn accept(
     let handshakes = Arc::new(Handshakes::default());
     // Whether the last unvalidated client was sent a Retry, and when that was last logged.
     let mut retrying = false;
-    let mut told: Option<std::time::Instant> = None;
+    let told = super::LogEvery::default();
     loop {
         let incoming = tokio::select! {
             _ = shutdown.cancelled() => break,
@@ -120,10 +117,8 @@ pub async fn accept(
             let now_retrying = retry.retry(in_progress, false);
             if now_retrying != retrying && retry != RetryPolicy::Always {
                 retrying = now_retrying;
-                let now = clock::now();
                 let state = if retrying { "on" } else { "off" };
-                if told.is_none_or(|t| now.duration_since(t) >= RETRY_LOG_INTERVAL) {
-                    told = Some(now);
+                if told.due(clock::now()) {
                     tracing::info!(in_progress, "QUIC address validation (Retry) {state}: handshakes in progress against quic.retry_threshold");
                 } else {
                     tracing::debug!(in_progress, "QUIC address validation (Retry) {state}");
