@@ -65,6 +65,7 @@ pub struct Config {
     pub api: ApiSettings,
     pub sys_topics: SysSettings,
     pub flapping_detect: crate::broker::flapping::FlappingSettings,
+    pub cluster: crate::cluster::ClusterSettings,
     #[serde(deserialize_with = "listeners")]
     pub listeners: Vec<ListenerConfig>,
 }
@@ -87,6 +88,7 @@ impl Default for Config {
             api: ApiSettings::default(),
             sys_topics: SysSettings::default(),
             flapping_detect: Default::default(),
+            cluster: Default::default(),
             listeners: ListenerKind::ALL
                 .iter()
                 .map(|&kind| ListenerConfig::new(kind, kind.default_bind()))
@@ -692,6 +694,9 @@ impl Config {
                 "storage.group_window",
                 "at most 1s (every acknowledgement waits up to this long)",
             );
+        }
+        if let Err((key, message)) = self.cluster.check() {
+            return invalid(key, &message);
         }
         if self.api.cert.is_some() != self.api.key.is_some() {
             return invalid("api.cert", "api.cert and api.key go together");

@@ -1,5 +1,8 @@
-//! Clustering on NATS JetStream (issue 18), being built: the pieces here are sans-IO and
-//! tested, and are not yet wired into the broker.
+//! Clustering on NATS JetStream (issue 18): several nodes, one broker to clients.
+//! - `settings`: `[cluster]`.
 //! - `subject`: MQTT topics and filters as NATS subjects (the route table's mapping).
 
+pub mod settings;
 pub mod subject;
+
+pub use settings::ClusterSettings;
