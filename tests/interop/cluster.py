@@ -15,6 +15,7 @@ on a port of its own, `cluster.nats` naming the three servers, `cluster.node_nam
                      0x8E (MQTT 5) or is closed (3.1.1); the session follows (session present)
   shared             `$share/g/t`, one member per node: every message exactly once in total,
                      every member gets some (round robin)
+  nodes              `GET /api/v5/nodes` on every node names n1, n2 and n3
   kill_petrel        kill -9 of n1 under QoS 1 load: its publishers move to n2/n3 and republish
                      what was not acknowledged; persistent subscribers on n2 and n3 (and one
                      that was on n1 and moves to n3) get every acknowledged message
@@ -50,6 +51,7 @@ import tempfile
 import threading
 import time
 import traceback
+import urllib.error
 import urllib.request
 import warnings
 
@@ -294,9 +296,13 @@ class NatsCluster:
 # --- Petrel --------------------------------------------------------------------------------
 
 class PetrelNode:
-    def __init__(self, index, binary, port, data_dir, log_path, nats_urls, single=False):
+    def __init__(self, index, binary, port, api_port, data_dir, log_path, nats_urls,
+                 single=False):
         self.name = f"n{index}"
         self.binary, self.port, self.data_dir, self.log_path = binary, port, data_dir, log_path
+        self.api_port = api_port
+        # (Letters first: `--set` reads a value as TOML when it can.)
+        self.api_password = f"pw-{RNG.getrandbits(64):016x}"
         self.nats_urls = nats_urls
         self.single = single
         self.proc = None
@@ -305,7 +311,9 @@ class PetrelNode:
     def start(self):
         os.makedirs(self.data_dir, exist_ok=True)
         cmd = [self.binary, "--tcp", f"{HOST}:{self.port}", "--data-dir", self.data_dir,
-               "--set", f"api.bind={HOST}:0", "--set", f"log.level={LOG_LEVEL}"]
+               "--set", f"api.bind={HOST}:{self.api_port}",
+               "--set", f"api.default_password={self.api_password}",
+               "--set", f"log.level={LOG_LEVEL}"]
         if not self.single:
             cmd += ["--set", f"cluster.nats={self.nats_urls}",
                     "--set", f"cluster.node_name={self.name}",
@@ -559,11 +567,12 @@ class Cluster:
     def __init__(self, binary, root, single):
         self.root, self.binary, self.single = root, binary, single
         self.nats = None if single else NatsCluster(root)
-        ports = free_ports(3)
+        ports = free_ports(6)
         urls = "" if single else self.nats.urls
         self.nodes = []
         for i in range(3):
-            node = PetrelNode(i + 1, binary, ports[i], os.path.join(root, f"petrel-n{i + 1}"),
+            node = PetrelNode(i + 1, binary, ports[i], ports[3 + i],
+                              os.path.join(root, f"petrel-n{i + 1}"),
                               os.path.join(root, f"n{i + 1}.log"), urls, single)
             self.nodes.append(node)
         if single:
@@ -809,6 +818,53 @@ def shared(cl):
         raise Failure(f"round robin: some member got none of some node's messages {shape}")
     log(f"$share/g: {count} messages from each node, each exactly once in total {shape}")
     close_all_conns()
+
+
+def api_get(node, path):
+    """GET on the node's API, logged in as the administrator; returns the decoded JSON."""
+    login = urllib.request.Request(
+        f"http://{HOST}:{node.api_port}/api/v5/login", method="POST",
+        data=json.dumps({"username": "admin", "password": node.api_password}).encode(),
+        headers={"Content-Type": "application/json"})
+    try:
+        with urllib.request.urlopen(login, timeout=5) as r:
+            token = json.load(r)["token"]
+        req = urllib.request.Request(f"http://{HOST}:{node.api_port}{path}",
+                                     headers={"Authorization": f"Bearer {token}"})
+        with urllib.request.urlopen(req, timeout=5) as r:
+            return json.load(r)
+    except urllib.error.HTTPError as e:
+        raise Failure(f"{node.name}: GET {path}: HTTP {e.code} "
+                      f"{e.read()[:200].decode(errors='replace')}") from e
+    except (OSError, ValueError, KeyError) as e:
+        raise Failure(f"{node.name}: GET {path}: {type(e).__name__}: {e}") from e
+
+
+def names_in(value):
+    """Every string in a JSON value."""
+    if isinstance(value, str):
+        return {value}
+    if isinstance(value, dict):
+        return set().union(set(), *(names_in(v) for v in value.values()))
+    if isinstance(value, list):
+        return set().union(set(), *(names_in(v) for v in value))
+    return set()
+
+
+def nodes(cl):
+    """The API of every node lists the three nodes (`GET /api/v5/nodes`)."""
+    want = {"n1", "n2", "n3"}
+    for node in cl.unique_nodes():
+        state = {}
+
+        def listed():
+            state["body"] = api_get(node, "/api/v5/nodes")
+            return want <= names_in(state["body"])
+
+        if not wait_until(listed, 10, step=0.5):
+            raise Failure(f"GET /api/v5/nodes on {node.name} does not name n1, n2 and n3: "
+                          f"{json.dumps(state.get('body'))[:300]}")
+    log("GET /api/v5/nodes on every node names n1, n2 and n3")
 
 
 class LoadPublisher:
@@ -1065,6 +1121,7 @@ SCENARIOS = [
     ("session_resume", session_resume),
     ("takeover", takeover),
     ("shared", shared),
+    ("nodes", nodes),
     ("kill_petrel", kill_petrel),
     ("kill_nats", kill_nats),
     ("restart_all", restart_all),
