@@ -651,10 +651,10 @@ def retained(cl):
     setter.connect()
     setter.publish(t, value, qos=1, retain=True)
 
-    def read(node, v5):
+    def read(node, v5, filt=t):
         c = Conn(node, v5=v5)
         c.connect()
-        c.subscribe(t, 1)
+        c.subscribe(filt, 1)
         wait_until(lambda: c.got(), QUIET)
         got = [(p, q, r) for (_, p, q, r) in c.got()]
         c.disconnect()
@@ -674,6 +674,10 @@ def retained(cl):
                               f"expected [({value!r}, qos 1, retain)]")
             if reads > 1:
                 log(f"retained on {node.name}: seen only at read {reads} (lagging cache)")
+    got = read(n3, True, topic("retained/+"))
+    if got != [(value, 1, True)]:
+        raise Failure(f"retained set on n1, a new subscriber to {topic('retained/+')} on n3 got "
+                      f"{got}")
     setter.publish(t, "", qos=1, retain=True)
     for node in (n2, n3):
         reads, got = 0, [1]
