@@ -229,8 +229,15 @@ class NatsServer:
                 self.proc.kill()
                 self.proc.wait(timeout=5)
 
+    def connz(self):
+        """The client connections (`/connz`), or None."""
+        return self.monitor("connz")
+
     def jsz(self):
-        url = f"http://{HOST}:{self.monitor_port}/jsz"
+        return self.monitor("jsz")
+
+    def monitor(self, what):
+        url = f"http://{HOST}:{self.monitor_port}/{what}"
         try:
             with urllib.request.urlopen(url, timeout=1) as r:
                 return json.load(r)
@@ -1019,9 +1026,17 @@ def kill_nats(cl):
     if cl.single:
         raise Failure("needs NATS (not CLUSTER_SINGLE)")
     n1, n2, n3 = cl.nodes
-    victim = RNG.choice(cl.nats.servers)
+    # The server most Petrel nodes are connected to (ties broken by the seed), so that the
+    # fault hits nodes' NATS connections as well as JetStream's replicas and leaders.
+    conns = {}
+    for srv in cl.nats.servers:
+        z = srv.connz() or {}
+        conns[srv.name] = [c.get("name") or c.get("ip", "?") for c in z.get("connections") or []]
+    order = list(cl.nats.servers)
+    RNG.shuffle(order)
+    victim = max(order, key=lambda srv: len(conns[srv.name]))
     victim.kill()
-    log(f"{victim.name} killed (-9)")
+    log(f"{victim.name} killed (-9); client connections per server were {conns}")
     base = topic("kill-nats")
     sub = Conn(n2, v5=True)
     sub.connect()
