@@ -181,10 +181,15 @@ impl KvHandle {
                 stream
             }
             Err(_) => {
-                Self::create(&js, &bucket, replicas).await?;
-                js.get_stream(&stream_name).await.map_err(|err| {
-                    anyhow::anyhow!("JetStream bucket {bucket}: created, then not found: {err}")
-                })?
+                let created = Self::create(&js, &bucket, replicas).await;
+                match js.get_stream(&stream_name).await {
+                    Ok(stream) => stream,
+                    // Another node may have made it meanwhile: then its error does not count.
+                    Err(err) => {
+                        created?;
+                        anyhow::bail!("JetStream bucket {bucket}: created, then not found: {err}")
+                    }
+                }
             }
         };
         Ok(Self {
@@ -300,7 +305,7 @@ impl KvHandle {
         impl FutureStream<Item = Result<(String, Option<Bytes>), KvError>> + Send + 'static,
         KvError,
     > {
-        let messages = self.consume("r.>", DeliverPolicy::New).await?;
+        let (messages, _) = self.consume("r.>", DeliverPolicy::New).await?;
         let prefix = self.prefix.clone();
         let skip = skip_node.to_owned();
         let this = self.clone();
@@ -313,12 +318,14 @@ impl KvHandle {
         }))
     }
 
-    /// An ordered consumer over `filter` (a KV key filter).
+    /// An ordered consumer over `filter` (a KV key filter), and how many messages it has
+    /// to deliver as it starts. Ordered consumers read from the stream's leader: what they
+    /// give is what was acknowledged, never a lagging replica's view.
     async fn consume(
         &self,
         filter: &str,
         deliver_policy: DeliverPolicy,
-    ) -> Result<jetstream::consumer::push::Ordered, KvError> {
+    ) -> Result<(jetstream::consumer::push::Ordered, u64), KvError> {
         let what = format!("reading {filter}");
         let consumer = self
             .stream
@@ -332,7 +339,9 @@ impl KvHandle {
             })
             .await
             .map_err(|e| self.error(what.clone(), e))?;
-        consumer.messages().await.map_err(|e| self.error(what, e))
+        let pending = consumer.cached_info().num_pending;
+        let messages = consumer.messages().await.map_err(|e| self.error(what, e))?;
+        Ok((messages, pending))
     }
 
     /// Reads the live keys under `filter` as they are now (bounded: stops when caught up),
@@ -343,25 +352,10 @@ impl KvHandle {
         mut each: impl FnMut(&str, Option<&[u8]>, Bytes),
     ) -> Result<(), KvError> {
         let what = format!("reading {filter}");
-        let consumer = self
-            .stream
-            .create_consumer(OrderedConfig {
-                deliver_subject: self.js.client().new_inbox(),
-                description: Some("petrel store read".into()),
-                filter_subject: format!("{}{filter}", self.prefix),
-                replay_policy: ReplayPolicy::Instant,
-                deliver_policy: DeliverPolicy::LastPerSubject,
-                ..Default::default()
-            })
-            .await
-            .map_err(|e| self.error(what.clone(), e))?;
-        if consumer.cached_info().num_pending == 0 {
+        let (mut messages, pending) = self.consume(filter, DeliverPolicy::LastPerSubject).await?;
+        if pending == 0 {
             return Ok(());
         }
-        let mut messages = consumer
-            .messages()
-            .await
-            .map_err(|e| self.error(what.clone(), e))?;
         loop {
             let next = tokio::time::timeout(READ_IDLE, messages.next())
                 .await

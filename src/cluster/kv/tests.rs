@@ -380,3 +380,45 @@ async fn a_value_past_max_payload_fails_its_commit_clearly() {
     .to_string();
     assert!(err.contains("max_payload"), "{err}");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_store_commits_through_the_engine_and_restores() {
+    use crate::core::hooks::Store as _;
+    use crate::core::message::AppMessage;
+    use crate::core::session::Session;
+    use crate::core::topic::TopicName;
+    use crate::storage::{open_with, StorageSettings};
+
+    let server = Server::start("store").await;
+    let settings = StorageSettings::default();
+    let (store, recovered) = open_with(Box::new(server.open("n1").await), &settings).unwrap();
+    assert!(recovered.sessions.is_empty() && recovered.retained.is_empty());
+    let session = Session::new(std::sync::Arc::from("s1"), 600);
+    let first = store.session_saved(&session);
+    let retained = AppMessage {
+        topic: TopicName::parse("a/b".to_owned(), 0).unwrap(),
+        payload: Bytes::from_static(b"r"),
+        qos: QoS::AtLeastOnce,
+        retain: true,
+        properties: Properties::default(),
+        publisher: None,
+        expires_at: None,
+    };
+    let last = store.retained_set(&retained).unwrap();
+    std::future::poll_fn(|cx| store.poll_durable(cx, first, last))
+        .await
+        .expect("committed to JetStream");
+    // The writer thread commits through the runtime: closed off the runtime's threads.
+    tokio::task::spawn_blocking(move || store.close())
+        .await
+        .unwrap();
+
+    let (store, recovered) = open_with(Box::new(server.open("n1").await), &settings).unwrap();
+    assert_eq!(recovered.sessions.len(), 1);
+    assert_eq!(&*recovered.sessions[0].session.client_id, "s1");
+    assert_eq!(recovered.retained.len(), 1);
+    assert_eq!(recovered.retained[0].payload, Bytes::from_static(b"r"));
+    tokio::task::spawn_blocking(move || store.close())
+        .await
+        .unwrap();
+}
