@@ -16,6 +16,12 @@
 //! cluster code the rest: who owns a session, one session's records (to take it over), and
 //! the retained changes other nodes make.
 //!
+//! A write is durable once JetStream acknowledges it: stored by a quorum of the bucket's
+//! replicas (a NATS server syncs its files to disk on its own `sync_interval`; the replicas
+//! are what survives a lost server). Acknowledgements are awaited up to the JetStream
+//! context's timeout (5 s by default); past it, or while NATS is unreachable, commits fail
+//! and the store refuses new persistent messages until one succeeds again.
+//!
 //! Limits (NATS server 2.9): a batch is not atomic — a commit that fails part-way may leave
 //! part of it applied (every write is a whole-key put or delete, so a retry converges, and
 //! none of it was acknowledged); one value must fit the server's `max_payload` (1 MiB by
@@ -297,7 +303,9 @@ impl KvHandle {
     }
 
     /// Retained messages set (`Some(record value)`, `record::decode` reads it) or cleared
-    /// (`None`) by nodes other than `skip_node`, from now on.
+    /// (`None`) by nodes other than `skip_node`, from now on. An error item is a notice (the
+    /// ordered consumer under it recovers by itself and the watch goes on); the stream ends
+    /// only when the connection is closed for good.
     pub async fn watch_retained(
         &self,
         skip_node: &str,

@@ -422,3 +422,32 @@ async fn the_store_commits_through_the_engine_and_restores() {
         .await
         .unwrap();
 }
+
+/// Figures, not a check: `cargo test --lib cluster::kv::tests::figures -- --ignored --nocapture`.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "prints throughput figures"]
+async fn figures_pipelined_batches() {
+    let server = Server::start("figures").await;
+    let mut engine = server.open("n1").await;
+    for batch_len in [1usize, 10, 100, 1000] {
+        let rounds = (4000 / batch_len).max(20);
+        let started = std::time::Instant::now();
+        for round in 0..rounds {
+            let batch = (0..batch_len)
+                .map(|i| {
+                    put(
+                        record::queued_key("c", (round * batch_len + i) as u64),
+                        &[7; 200],
+                    )
+                })
+                .collect();
+            engine = apply(engine, batch).await;
+        }
+        let took = started.elapsed();
+        println!(
+            "batch {batch_len:>4}: {:>7.0} writes/s, {:>6.2} ms per commit",
+            (rounds * batch_len) as f64 / took.as_secs_f64(),
+            took.as_secs_f64() * 1000.0 / rounds as f64
+        );
+    }
+}
