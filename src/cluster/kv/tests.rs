@@ -46,18 +46,27 @@ fn nats_server() -> PathBuf {
     );
 }
 
+fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .expect("a free port")
+        .port()
+}
+
 impl Server {
     async fn start(name: &str) -> Self {
-        let port = std::net::TcpListener::bind("127.0.0.1:0")
-            .and_then(|l| l.local_addr())
-            .expect("a free port")
-            .port();
+        Self::spawn(name, free_port(), &[]).await
+    }
+
+    /// A server on `port` with `extra` arguments, up (accepting connections).
+    async fn spawn(name: &str, port: u16, extra: &[String]) -> Self {
         let dir = std::env::temp_dir().join(format!("petrel-kv-{name}-{}", std::process::id()));
         let _ = std::fs::remove_dir_all(&dir);
         std::fs::create_dir_all(&dir).expect("temp dir");
         let child = Command::new(nats_server())
             .args(["-js", "-a", "127.0.0.1", "-p", &port.to_string(), "-sd"])
             .arg(&dir)
+            .args(extra)
             .stdout(Stdio::null())
             .stderr(Stdio::null())
             .spawn()
@@ -74,6 +83,32 @@ impl Server {
             tokio::time::sleep(Duration::from_millis(100)).await;
         }
         panic!("nats-server on port {port} did not start");
+    }
+
+    /// Three servers routed into one JetStream cluster.
+    async fn cluster(name: &str) -> Vec<Self> {
+        let routes: Vec<u16> = (0..3).map(|_| free_port()).collect();
+        let cluster = format!("petrel-kv-{name}-{}", std::process::id());
+        let mut servers = Vec::new();
+        for (i, own) in routes.iter().enumerate() {
+            let others: Vec<String> = routes
+                .iter()
+                .filter(|p| *p != own)
+                .map(|p| format!("nats://127.0.0.1:{p}"))
+                .collect();
+            let extra = [
+                "--cluster".to_owned(),
+                format!("nats://127.0.0.1:{own}"),
+                "--routes".to_owned(),
+                others.join(","),
+                "--cluster_name".to_owned(),
+                cluster.clone(),
+                "--server_name".to_owned(),
+                format!("s{i}"),
+            ];
+            servers.push(Self::spawn(&format!("{name}{i}"), free_port(), &extra).await);
+        }
+        servers
     }
 
     async fn js(&self) -> Context {
@@ -450,4 +485,41 @@ async fn figures_pipelined_batches() {
             took.as_secs_f64() * 1000.0 / rounds as f64
         );
     }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn three_replicas_on_three_servers() {
+    let servers = Server::cluster("r3").await;
+    // The cluster elects its JetStream leader first: retried for up to 20 s.
+    let mut last = String::new();
+    let mut engine = None;
+    for _ in 0..40 {
+        match open(servers[0].js().await, "r3", 3, "n1").await {
+            Ok(opened) => {
+                engine = Some(opened);
+                break;
+            }
+            Err(err) => last = err.to_string(),
+        }
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    }
+    let engine = engine.unwrap_or_else(|| panic!("no R3 bucket on 3 servers: {last}"));
+    let info = engine.kv.stream.cached_info().clone();
+    assert_eq!(info.config.num_replicas, 3);
+    // Written through one server, read back through another.
+    let _engine = apply(engine, session_writes("c1", 1)).await;
+    let other = open(servers[2].js().await, "r3", 3, "n2").await.unwrap();
+    assert_eq!(other.handle().load_client("c1").await.unwrap().len(), 2);
+    assert_eq!(
+        other.handle().owner_of("c1").await.unwrap().as_deref(),
+        Some("n1")
+    );
+
+    let err = open(servers[1].js().await, "r5", 5, "n1")
+        .await
+        .err()
+        .expect("3 servers cannot hold 5 replicas")
+        .to_string();
+    println!("{err}");
+    assert!(err.contains("cluster.replicas"), "{err}");
 }
