@@ -113,8 +113,7 @@ async fn join_cluster(
     let engine =
         crate::cluster::kv::open(js.clone(), &settings.prefix, settings.replicas, node).await?;
     let kv = engine.handle();
-    let place = format!("JetStream bucket {}_store", settings.prefix);
-    let (store, recovered) = crate::storage::open_with(Box::new(engine), &place, &config.storage)?;
+    let (store, recovered) = crate::storage::open_with(Box::new(engine), &config.storage)?;
     let cluster = crate::cluster::node::Cluster::start(
         settings,
         Arc::clone(node),

@@ -326,8 +326,13 @@ impl Cluster {
                 None
             }
         };
-        let Some(owner) = owner.filter(|o| **o != *self.node) else {
-            return;
+        let owner = match owner {
+            None => {
+                self.record_owner(&client_id).await;
+                return;
+            }
+            Some(owner) if *owner == *self.node => return,
+            Some(owner) => owner,
         };
         self.stats.takeovers_asked.fetch_add(1, Ordering::Relaxed);
         let asked = tokio::time::timeout(
@@ -354,6 +359,7 @@ impl Cluster {
                 tracing::warn!(%client_id, %owner, "cluster: the session's node did not answer in cluster.request_timeout; resuming what it stored")
             }
         }
+        self.record_owner(&client_id).await;
         let Some(broker) = self.broker() else { return };
         if broker.knows_client(&client_id) {
             return;
@@ -378,6 +384,13 @@ impl Cluster {
             Err(err) => {
                 tracing::warn!(%client_id, %err, "cluster: the stored session cannot be read")
             }
+        }
+    }
+
+    /// Makes this node `client_id`'s owner (a persistent session's record does it too).
+    async fn record_owner(&self, client_id: &str) {
+        if let Err(err) = self.kv.set_owner(client_id).await {
+            tracing::warn!(%client_id, %err, "cluster: cannot record the session's owner");
         }
     }
 
