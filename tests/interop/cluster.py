@@ -34,7 +34,7 @@ printed (CLUSTER_SEED replays the random choices: topics, kill moments, the NATS
 Env: CLUSTER_SEED, CLUSTER_WATCHDOG (s, default 170), CLUSTER_ONLY (comma-separated scenario
 names), CLUSTER_KEEP (keep the temporary directory and its logs), CLUSTER_LOG_LEVEL (the nodes'
 log.level, default info), NATS_SERVER (default nats-server on the PATH, else /usr/sbin/nats-server), CLUSTER_RESTART_KEEP_DATA (restart
-Petrel nodes on their old data directories in restart_all).
+Petrel nodes on their old data directories in restart_all), CLUSTER_NATS_TRACE (nats-server -DV).
 Prints one "PASS name" / "FAIL name: why" line per scenario (a failure also prints the new
 lines of every node's log), then "cluster: N passed, M failed"; exits 0 only if none failed.
 """
@@ -75,12 +75,16 @@ LOG_LEVEL = os.environ.get("CLUSTER_LOG_LEVEL", "info")
 # Bounds (seconds or counts).
 NATS_READY_WAIT = 20.0
 NODE_START_WAIT = 30.0
-CONNECT_WAIT = 10.0
+CONNECT_WAIT = 15.0
+# A CONNACK slower than this fails the scenario (it names the time taken).
+SLOW_CONNACK = 5.0
 ACK_WAIT = 10.0
 ARRIVE_WAIT = 10.0
 QUIET = 0.7
 PROBE_TRIES = 50
 PROBE_EACH = 0.2
+# How long the cluster may fail publishes after a NATS server dies (JetStream elections).
+OUTAGE_LIMIT = 30.0
 
 HOST = "127.0.0.1"
 
@@ -207,6 +211,8 @@ class NatsServer:
                "--cluster", f"nats://{HOST}:{self.cluster_port}",
                "--routes", ",".join(self.routes),
                "-sd", self.store_dir, "-m", str(self.monitor_port)]
+        if os.environ.get("CLUSTER_NATS_TRACE"):
+            cmd.append("-DV")
         with open(self.log_path, "ab") as out:
             out.write(f"=== start {' '.join(cmd)}\n".encode())
             out.flush()
@@ -235,6 +241,18 @@ class NatsServer:
 
     def jsz(self):
         return self.monitor("jsz")
+
+    def healthy(self):
+        """`/healthz`: 200 once the server's JetStream (meta group, its streams and consumers)
+        is current; 503 with the reason before."""
+        url = f"http://{HOST}:{self.monitor_port}/healthz"
+        try:
+            with urllib.request.urlopen(url, timeout=1) as r:
+                return r.status == 200, r.read()[:200].decode(errors="replace")
+        except urllib.error.HTTPError as e:
+            return False, e.read()[:200].decode(errors="replace")
+        except OSError as e:
+            return False, str(e)
 
     def monitor(self, what):
         url = f"http://{HOST}:{self.monitor_port}/{what}"
@@ -268,8 +286,8 @@ class NatsCluster:
         self.wait_ready()
 
     def wait_ready(self):
-        """Until every running server names the same JetStream meta leader, and that leader
-        sees every running server as a current peer."""
+        """Until every running server names the same JetStream meta leader, that leader sees
+        every running server as a current peer, and every running server's /healthz is ok."""
         state = {}
 
         def ready():
@@ -286,13 +304,17 @@ class NatsCluster:
             meta = views.get(leader, {}) or {}
             replicas = meta.get("meta_cluster", {}).get("replicas") or []
             current = {r.get("name") for r in replicas if r.get("current")} | {leader}
-            return all(s.name in current for s in alive)
+            if not all(s.name in current for s in alive):
+                return False
+            health = {s.name: s.healthy() for s in alive}
+            state["health"] = health
+            return all(ok for ok, _ in health.values())
 
         t0 = time.monotonic()
         if not wait_until(ready, NATS_READY_WAIT, step=0.1):
-            raise Failure(f"JetStream has no meta leader within {NATS_READY_WAIT:.0f} s: "
-                          f"{state.get('views')}")
-        log(f"NATS: meta leader after {time.monotonic() - t0:.1f} s "
+            raise Failure(f"JetStream not ready within {NATS_READY_WAIT:.0f} s: meta "
+                          f"{state.get('views')}, /healthz {state.get('health')}")
+        log(f"NATS: meta leader, /healthz ok after {time.monotonic() - t0:.1f} s "
             f"({', '.join(s.name for s in self.servers if s.alive())} running)")
 
     def stop(self):
@@ -441,8 +463,12 @@ class Conn:
         except OSError as e:
             raise Failure(f"{self}: cannot connect: {e}") from e
         self.client.loop_start()
+        t0 = time.monotonic()
         if not wait_until(lambda: self.connack is not None, CONNECT_WAIT):
             raise Failure(f"{self}: no CONNACK within {CONNECT_WAIT:.0f} s")
+        took = time.monotonic() - t0
+        if took > SLOW_CONNACK:
+            raise Failure(f"{self}: the CONNACK took {took:.1f} s (more than {SLOW_CONNACK:.0f} s)")
         rc, present = self.connack
         if rc != 0:
             raise Failure(f"{self}: CONNACK reason {rc:#x}")
@@ -459,17 +485,21 @@ class Conn:
             raise Failure(f"{self}: SUBACK {topic}: {[hex(c) for c in codes]}")
         return codes
 
-    def publish(self, topic, payload, qos, retain=False, wait=True):
-        """Publishes; with `wait` (QoS 1/2), waits for the PUBACK/PUBCOMP and raises on none or
-        on a failure reason code."""
+    def publish(self, topic, payload, qos, retain=False, wait=True, ack_wait=ACK_WAIT):
+        """Publishes; with `wait` (QoS 1/2), waits for the PUBACK/PUBCOMP and raises on none
+        (naming a closed connection) or on a failure reason code."""
         info = self.client.publish(topic, payload, qos=qos, retain=retain)
         if info.rc != mqtt.MQTT_ERR_SUCCESS:
             raise Failure(f"{self}: publish {topic}: {mqtt.error_string(info.rc)}")
         if wait and qos > 0:
             mid = info.mid
-            if not wait_until(lambda: mid in self.acks, ACK_WAIT):
+            if not wait_until(lambda: mid in self.acks or self.disconnects, ack_wait):
                 raise Failure(f"{self}: no acknowledgement of a QoS {qos} publish on {topic} "
-                              f"within {ACK_WAIT:.0f} s")
+                              f"within {ack_wait:.0f} s")
+            if mid not in self.acks:
+                raise Failure(f"{self}: the broker closed the connection (reason "
+                              f"{self.disconnects[0]:#x}) instead of acknowledging a QoS {qos} "
+                              f"publish on {topic}")
             with self.lock:
                 code = self.acks.pop(mid)
             if code >= 0x80:
@@ -977,24 +1007,28 @@ def kill_petrel(cl):
     delay = RNG.uniform(0.5, 1.5)
     time.sleep(delay)
     n1.kill()
-    before = sum(len(p.acked) for p in pubs)
-    log(f"n1 killed (-9) after {delay:.2f} s of load; {before} PUBACKs so far")
+    log(f"n1 killed (-9) after {delay:.2f} s of load")
     for p in pubs:
         p.join()
+    # What n1 acknowledged before it died.
+    by_n1 = set().union(*(p.acked for p in pubs))
+    sent_at_kill = {p.name: p.seq for p in pubs}
     # Publishers move to n2 and n3; the subscriber that was on n1 resumes on n3.
     moved = {}
     for p, node in zip(pubs, (n2, n3)):
         moved[p.name] = len(p.move(node, f"{base}/{p.name}"))
     s1 = Conn(n3, cid=f"ks1-{RUN}", v5=True, clean=False, expiry=600)
     present = s1.connect()
-    extra = []
+    for p in pubs:
+        p.reconcile()
+    # What n2/n3 acknowledged while ks1's session had no live node (before it resumed on n3).
+    before_resume = set().union(*(p.acked for p in pubs)) - by_n1
     for p in pubs:
         for i in range(20):
             p.seq += 1
             payload = f"{p.name}-{p.seq}"
             p.all.append(payload)
             p.publish(payload, f"{base}/{p.name}")
-            extra.append(payload)
     for p in pubs:
         if not wait_until(lambda: (p.reconcile() or True) and
                           all(x in p.acked for x in p.all), ACK_WAIT * 2):
@@ -1002,16 +1036,31 @@ def kill_petrel(cl):
             raise Failure(f"{p.name} on its new node: {len(left)} messages never acknowledged, "
                           f"e.g. {left[:5]}")
     acked = set().union(*(p.acked for p in pubs))
-    log(f"publishers republished {moved} unacknowledged on n2/n3; {len(acked)} acknowledged "
-        f"in all")
+    log(f"{len(by_n1)} PUBACKs from n1 before the kill; publishers republished {moved} "
+        f"unacknowledged on n2/n3; {len(acked)} acknowledged in all")
+
+    def describe(missing):
+        parts = []
+        for label, group in (("acknowledged by n1", by_n1),
+                             ("acknowledged by n2/n3 before ks1 resumed on n3", before_resume),
+                             ("acknowledged by n2/n3 after ks1 resumed",
+                              acked - by_n1 - before_resume)):
+            for p in pubs:
+                seqs = sorted(int(x.rsplit("-", 1)[1]) for x in missing & group
+                              if x.startswith(p.name + "-"))
+                if seqs:
+                    parts.append(f"{len(seqs)} {label} from {p.name} (#{seqs[0]}..#{seqs[-1]}; "
+                                 f"it had sent up to #{sent_at_kill[p.name]} at the kill)")
+        return "; ".join(parts)
+
     problems = []
     for s in (subs[0], subs[1], s1):
         got_before = set(subs[2].payloads()) if s is s1 else set()
         ok = wait_until(lambda: acked <= set(s.payloads()) | got_before, ARRIVE_WAIT * 2)
         if not ok:
-            missing = sorted(acked - set(s.payloads()) - got_before)
-            problems.append(f"{s}: {len(missing)} of {len(acked)} acknowledged messages missing, "
-                            f"e.g. {missing[:5]}")
+            missing = acked - set(s.payloads()) - got_before
+            problems.append(f"{s}: {len(missing)} of {len(acked)} acknowledged messages "
+                            f"missing: {describe(missing)}")
     if not present:
         problems.append(f"{s1}: session made on n1 (killed) resumed on n3 with session present 0")
     if problems:
@@ -1026,6 +1075,17 @@ def kill_nats(cl):
     if cl.single:
         raise Failure("needs NATS (not CLUSTER_SINGLE)")
     n1, n2, n3 = cl.nodes
+    base = topic("kill-nats")
+    sub = Conn(n2, v5=True)
+    sub.connect()
+    sub.subscribe(f"{base}/#", 1)
+    sub3 = Conn(n3, v5=False)
+    sub3.connect()
+    sub3.subscribe(f"{base}/#", 1)
+    pub = Conn(n1)
+    pub.connect()
+    probe(pub, [sub, sub3], f"{base}/probe", "n1 -> n2, n3 before the fault")
+    pub.disconnect()
     # The server most Petrel nodes are connected to (ties broken by the seed), so that the
     # fault hits nodes' NATS connections as well as JetStream's replicas and leaders.
     conns = {}
@@ -1036,39 +1096,69 @@ def kill_nats(cl):
     RNG.shuffle(order)
     victim = max(order, key=lambda srv: len(conns[srv.name]))
     victim.kill()
+    t_kill = time.monotonic()
     log(f"{victim.name} killed (-9); client connections per server were {conns}")
-    base = topic("kill-nats")
-    sub = Conn(n2, v5=True)
-    sub.connect()
-    sub.subscribe(f"{base}/#", 1)
-    sub3 = Conn(n3, v5=False)
-    sub3.connect()
-    sub3.subscribe(f"{base}/#", 1)
-    pub1 = Conn(n1)
-    pub1.connect()
-    pub3 = Conn(n3, v5=False)
-    pub3.connect()
-    # Nodes whose NATS connection was on the victim reconnect to another server, and JetStream
-    # elects new leaders for the victim's streams: allow longer than for a plain subscribe.
-    probe(pub1, [sub, sub3], f"{base}/probe", "n1 -> n2, n3 with a NATS server down",
-          tries=80, each=0.25)
-    probe(pub3, [sub], f"{base}/probe", "n3 -> n2 with a NATS server down", tries=80, each=0.25)
+    # JetStream needs a few seconds to elect new leaders for what the victim led: publishes
+    # may fail meanwhile (the broker refuses or closes without acknowledging). Like a real
+    # client, reconnect and retry, bounded; then the cluster must serve normally.
+    pubs = {}
+    failures = []
+
+    def through(node, subs, what):
+        tag = f"{RNG.getrandbits(24):06x}"
+        i = 0
+        while time.monotonic() - t_kill < OUTAGE_LIMIT:
+            i += 1
+            try:
+                p = pubs.get(node.name)
+                if p is None or not p.client.is_connected():
+                    p = pubs[node.name] = Conn(node)
+                    p.connect()
+                p.publish(f"{base}/probe", f"probe-{tag}-{i}", qos=1, ack_wait=3)
+            except Failure as e:
+                failures.append(str(e))
+                pubs.pop(node.name, None)
+                time.sleep(0.2)
+                continue
+            if wait_until(lambda: all(s.has_probe(tag) for s in subs), 0.25):
+                return time.monotonic() - t_kill
+        raise Failure(f"{what}: with {victim.name} down, no probe got through within "
+                      f"{OUTAGE_LIMIT:.0f} s ({len(failures)} failed attempts, last: "
+                      f"{failures[-1] if failures else 'none'})")
+
+    t1 = through(n1, [sub, sub3], "n1 -> n2, n3")
+    t3 = through(n3, [sub], "n3 -> n2")
+    log(f"with {victim.name} down: probes through after {t1:.1f} s (n1) and {t3:.1f} s (n3); "
+        f"{len(failures)} failed attempts before"
+        + (f", e.g. {failures[0]}" if failures else ""))
     sent = []
     for i in range(40):
-        for p, name in ((pub1, "a"), (pub3, "b")):
+        for node, name in ((n1, "a"), (n3, "b")):
             payload = f"kn-{name}-{i}"
-            p.publish(f"{base}/{name}", payload, qos=1)
+            pubs[node.name].publish(f"{base}/{name}", payload, qos=1)
             sent.append(payload)
-    wait_arrived(sub, sent, "QoS 1 with a NATS server down, to n2")
-    wait_arrived(sub3, sent, "QoS 1 with a NATS server down, to n3")
+    wait_arrived(sub, sent, f"QoS 1 with {victim.name} down, to n2")
+    wait_arrived(sub3, sent, f"QoS 1 with {victim.name} down, to n3")
     rt = topic("kill-nats-retained")
-    pub3.publish(rt, "kept", qos=1, retain=True)
-    r = Conn(n1)
-    r.connect()
-    r.subscribe(rt, 1)
-    if not wait_until(lambda: r.got(), ARRIVE_WAIT):
-        raise Failure("retained set on n3 with a NATS server down: not seen on n1")
-    pub3.publish(rt, "", qos=1, retain=True)
+    pubs[n3.name].publish(rt, "kept", qos=1, retain=True)
+    # A new subscriber on n1 each time (the retained message comes on SUBSCRIBE), bounded.
+    t0 = time.monotonic()
+    reads, got = 0, []
+    while not got and reads < 20 and time.monotonic() - t0 < 20:
+        reads += 1
+        r = Conn(n1)
+        r.connect()
+        r.subscribe(rt, 1)
+        wait_until(lambda: r.got(), 1.0)
+        got = [p for (_, p, _, _) in r.got()]
+        r.disconnect()
+    if got != ["kept"]:
+        raise Failure(f"retained set on n3 (PUBACKed) with {victim.name} down: a new subscriber "
+                      f"on n1 got {got} in {reads} tries over {time.monotonic() - t0:.1f} s")
+    if reads > 1:
+        log(f"retained set on n3 seen on n1 only at read {reads}, "
+            f"{time.monotonic() - t0:.1f} s after its PUBACK")
+    pubs[n3.name].publish(rt, "", qos=1, retain=True)
     log(f"with {victim.name} down: {len(sent)} QoS 1 messages from n1 and n3 reached n2 and "
         f"n3; retained set on n3 seen on n1")
     close_all_conns()
