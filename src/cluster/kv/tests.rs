@@ -523,3 +523,28 @@ async fn three_replicas_on_three_servers() {
     println!("{err}");
     assert!(err.contains("cluster.replicas"), "{err}");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn acknowledged_deliveries_leave_no_markers_behind() {
+    let server = Server::start("markers").await;
+    let engine = server.open("n1").await;
+    let handle = engine.handle();
+    let mut batch = vec![put(record::session_key("c"), b"s")];
+    batch.extend((0..50).map(|k| put(record::queued_key("c", k), b"q")));
+    let engine = apply(engine, batch).await;
+    let deletes = (0..50)
+        .map(|k| Write::Delete(vec![record::queued_key("c", k), record::sent_key("c", k)]))
+        .collect();
+    let engine = apply(engine, deletes).await;
+    // The next commit removes the markers of the one before.
+    let engine = apply(engine, vec![put(record::retained_key("t"), b"r")]).await;
+    let state = handle.stream.get_info().await.unwrap().state;
+    // The format record, the session, its owner key, the retained message.
+    assert_eq!(state.messages, 4, "{state:?}");
+    let records = handle.load_client("c").await.unwrap();
+    assert_eq!(
+        records.keys().collect::<Vec<_>>(),
+        [&record::session_key("c")]
+    );
+    drop(engine);
+}
