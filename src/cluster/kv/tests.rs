@@ -548,3 +548,28 @@ async fn acknowledged_deliveries_leave_no_markers_behind() {
     );
     drop(engine);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn many_owned_sessions_are_read_in_one_pass() {
+    let server = Server::start("many").await;
+    let clients = PER_CLIENT_READS + 6;
+    let mut writes = Vec::new();
+    for i in 0..clients {
+        writes.extend(session_writes(&format!("mine{i}"), i as u64));
+    }
+    let n1 = apply(server.open("n1").await, writes).await;
+    let n2 = apply(server.open("n2").await, session_writes("theirs", 1)).await;
+    drop((n1, n2));
+    let mut n1 = server.open("n1").await;
+    let recovered = crate::storage::recover::read(n1.take_records()).unwrap();
+    let mut names: Vec<String> = recovered
+        .sessions
+        .iter()
+        .map(|s| s.session.client_id.to_string())
+        .collect();
+    names.sort();
+    let mut expected: Vec<String> = (0..clients).map(|i| format!("mine{i}")).collect();
+    expected.sort();
+    assert_eq!(names, expected);
+    assert!(recovered.sessions.iter().all(|s| s.queued.len() == 1));
+}
