@@ -307,6 +307,21 @@ impl KvHandle {
         Ok(owner)
     }
 
+    /// Records this node as `client_id`'s owner (a session that the store does not keep,
+    /// so that a CONNECT on another node still finds where to take it over from).
+    pub async fn set_owner(&self, client_id: &str) -> Result<(), KvError> {
+        let mut acks = VecDeque::new();
+        let owner = Bytes::copy_from_slice(self.node.as_bytes());
+        self.publish(
+            &mut acks,
+            owner_key(client_id.as_bytes()),
+            None,
+            Some(owner),
+        )
+        .await?;
+        self.settle(&mut acks, 0).await
+    }
+
     /// Every record of `client_id`'s session as binary keys and values, ready for
     /// `storage::recover::read` (empty: no session stored).
     pub async fn load_client(
@@ -478,6 +493,21 @@ impl KvHandle {
                     for key in keys {
                         self.send(&mut out, key, None).await?;
                     }
+                }
+                Write::Publish { subject, payload } => {
+                    // A message committed to the cluster's message stream (`cluster::node`),
+                    // in the same pipeline as the records routing it wrote.
+                    let ack = self
+                        .js
+                        .send_publish(
+                            subject.clone(),
+                            PublishMessage::build().payload(payload.clone()),
+                        )
+                        .await
+                        .map_err(|e| self.error(format!("publishing on {subject}"), e))?;
+                    acks.push_back(ack);
+                    self.settle(&mut acks, ACK_WINDOW).await?;
+                    bytes += payload.len() as u64;
                 }
                 Write::EndSession { key, .. } => {
                     // In order: what came before is in before the purge, what comes after

@@ -305,6 +305,15 @@ impl Embedded {
         ticket
     }
 
+    /// Commits `payload` to the cluster's message stream on `subject` with the next group
+    /// commit (see `cluster`): the returned ticket is decided once the stream has it.
+    pub fn publish(&self, subject: String, payload: bytes::Bytes) -> Result<Ticket, Refused> {
+        if self.shared.failing.load(Ordering::Relaxed) {
+            return Err(Refused::Failed);
+        }
+        Ok(self.submit(Write::Publish { subject, payload }))
+    }
+
     /// Admits `bytes` more of live records, or says why not.
     fn admit(&self, bytes: u64) -> Result<(), Refused> {
         if self.shared.failing.load(Ordering::Relaxed) {
@@ -349,7 +358,7 @@ fn instant_to_ms(at: Instant) -> u64 {
     }
 }
 
-fn message_ref(m: &AppMessage) -> MessageRef<'_> {
+pub(crate) fn message_ref(m: &AppMessage) -> MessageRef<'_> {
     MessageRef {
         topic: m.topic.as_str(),
         payload: &m.payload,
@@ -687,6 +696,7 @@ fn account(sizes: &mut Sizes, batch: &[Write]) -> u64 {
             Write::EndSession { prefixes, .. } => {
                 ended.extend(prefixes.iter().map(Vec::as_slice));
             }
+            Write::Publish { .. } => {}
         }
     }
     if !ended.is_empty() {

@@ -151,6 +151,8 @@ fn model_apply(model: &mut BTreeMap<Vec<u8>, Vec<u8>>, batch: &[Write]) {
                 model.remove(key);
                 model.retain(|k, _| !prefixes.iter().any(|p| k.starts_with(p)));
             }
+            // Messages go to the message stream, not the bucket.
+            Write::Publish { .. } => {}
         }
     }
 }
