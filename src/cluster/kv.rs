@@ -310,16 +310,17 @@ impl KvHandle {
     /// Records this node as `client_id`'s owner (a session that the store does not keep,
     /// so that a CONNECT on another node still finds where to take it over from).
     pub async fn set_owner(&self, client_id: &str) -> Result<(), KvError> {
-        let mut acks = VecDeque::new();
+        let mut out = Pipeline::default();
         let owner = Bytes::copy_from_slice(self.node.as_bytes());
         self.publish(
-            &mut acks,
+            &mut out,
             owner_key(client_id.as_bytes()),
             None,
             Some(owner),
+            false,
         )
         .await?;
-        self.settle(&mut acks, 0).await
+        self.settle(&mut out, 0).await
     }
 
     /// Every record of `client_id`'s session as binary keys and values, ready for
@@ -344,7 +345,9 @@ impl KvHandle {
     /// Retained messages set (`Some(record value)`, `record::decode` reads it) or cleared
     /// (`None`) by nodes other than `skip_node`, from now on. An error item is a notice (the
     /// ordered consumer under it recovers by itself and the watch goes on); the stream ends
-    /// only when the connection is closed for good.
+    /// only when the connection is closed for good. After a gap (a reconnection before the
+    /// first change) the consumer may start over and report the current value of every
+    /// retained message again: applying changes must be idempotent.
     pub async fn watch_retained(
         &self,
         skip_node: &str,
@@ -387,7 +390,17 @@ impl KvHandle {
             .await
             .map_err(|e| self.error(what.clone(), e))?;
         let pending = consumer.cached_info().num_pending;
-        let messages = consumer.messages().await.map_err(|e| self.error(what, e))?;
+        let messages = consumer
+            .messages()
+            .await
+            .map_err(|e| self.error(what.clone(), e))?;
+        // The subscription to the delivery subject is at the server before anything is
+        // written after this returns (a watch "from now on" misses nothing).
+        self.js
+            .client()
+            .flush()
+            .await
+            .map_err(|e| self.error(what, e))?;
         Ok((messages, pending))
     }
 
@@ -505,9 +518,9 @@ impl KvHandle {
                         )
                         .await
                         .map_err(|e| self.error(format!("publishing on {subject}"), e))?;
-                    acks.push_back(ack);
-                    self.settle(&mut acks, ACK_WINDOW).await?;
-                    bytes += payload.len() as u64;
+                    out.acks.push_back((ack, false));
+                    self.settle(&mut out, ACK_WINDOW).await?;
+                    out.done.bytes += payload.len() as u64;
                 }
                 Write::EndSession { key, .. } => {
                     // In order: what came before is in before the purge, what comes after
