@@ -2,6 +2,7 @@
 //! - `settings`: `[cluster]`.
 //! - `subject`: MQTT topics and filters as NATS subjects (the route table's mapping).
 
+pub mod presence;
 pub mod settings;
 pub mod subject;
 
