@@ -649,6 +649,15 @@ impl Config {
             .collect()
     }
 
+    /// This node's name: `cluster.node_name`, or `broker.node_name`.
+    pub fn node(&self) -> String {
+        if self.cluster.node_name.is_empty() {
+            self.broker.node_name()
+        } else {
+            self.cluster.node_name.clone()
+        }
+    }
+
     pub fn validate(&self) -> Result<(), ConfigError> {
         self.rewrite_rules()?;
         self.auto_subscribe_rules()?;
@@ -697,6 +706,13 @@ impl Config {
         }
         if let Err((key, message)) = self.cluster.check() {
             return invalid(key, &message);
+        }
+        if self.cluster.enabled() && self.storage.durability == Durability::None {
+            return invalid(
+                "storage.durability",
+                "\"none\" cannot be used with [cluster]: a cluster keeps sessions, retained and \
+                 delayed messages in JetStream, through the store",
+            );
         }
         if self.api.cert.is_some() != self.api.key.is_some() {
             return invalid("api.cert", "api.cert and api.key go together");

@@ -97,6 +97,41 @@ fn dev_certs_in(data_dir: &std::path::Path) -> anyhow::Result<DevCerts> {
     Ok(dev)
 }
 
+/// Joins the cluster `[cluster]` names: NATS connected, the store on its JetStream bucket
+/// (what this node restores read back), the message stream ready.
+async fn join_cluster(
+    config: &Config,
+    node: &Arc<str>,
+    shutdown: &CancellationToken,
+) -> anyhow::Result<(
+    Arc<Embedded>,
+    crate::storage::Recovered,
+    Arc<crate::cluster::node::Cluster>,
+)> {
+    let settings = &config.cluster;
+    let (client, js) = crate::cluster::node::connect(settings, node).await?;
+    let engine =
+        crate::cluster::kv::open(js.clone(), &settings.prefix, settings.replicas, node).await?;
+    let kv = engine.handle();
+    let (store, recovered) = crate::storage::open_with(Box::new(engine), &config.storage)?;
+    let cluster = crate::cluster::node::Cluster::start(
+        settings,
+        Arc::clone(node),
+        client,
+        &js,
+        kv,
+        shutdown.clone(),
+    )
+    .await?;
+    tracing::info!(
+        %node,
+        nats = %settings.nats.join(","),
+        replicas = settings.replicas,
+        "joined the cluster"
+    );
+    Ok((store, recovered, cluster))
+}
+
 /// A started broker: its listeners' addresses and the handle to stop it.
 pub struct RunningBroker {
     pub broker: Arc<Broker>,
@@ -133,9 +168,23 @@ impl RunningBroker {
         let mut broker = Broker::new(settings)
             .with_auth(Arc::new(auth))
             .with_flapping(config.flapping_detect.clone());
+        let shutdown = CancellationToken::new();
+        let node: Arc<str> = config.node().into();
         let mut store = None;
         let mut recovered = None;
-        if config.storage.durability != Durability::None {
+        let mut cluster = None;
+        if config.cluster.enabled() {
+            // The store's records live in JetStream, and messages travel on NATS.
+            let (opened, read, joined) = join_cluster(config, &node, &shutdown).await?;
+            broker = broker.with_hooks(Hooks {
+                store: Some(Arc::clone(&opened) as Arc<dyn crate::core::hooks::Store>),
+                peers: Some(Arc::clone(&joined) as Arc<dyn crate::core::hooks::Peers>),
+                ..Hooks::default()
+            });
+            store = Some(opened);
+            recovered = Some(read);
+            cluster = Some(joined);
+        } else if config.storage.durability != Durability::None {
             let (opened, read) = crate::storage::open(&config.broker.data_dir, &config.storage)?;
             broker = broker.with_hooks(Hooks {
                 store: Some(Arc::clone(&opened) as Arc<dyn crate::core::hooks::Store>),
@@ -145,10 +194,12 @@ impl RunningBroker {
             recovered = Some(read);
         }
         let broker = Arc::new(broker);
+        if let Some(cluster) = &cluster {
+            cluster.attach(&broker, store.clone()).await?;
+        }
         if let Some(recovered) = recovered {
             broker.restore(recovered, crate::broker::clock::now());
         }
-        let shutdown = CancellationToken::new();
         let tracker = TaskTracker::new();
         let mut listeners = Vec::new();
         let mut dev_certs = None;
@@ -171,7 +222,6 @@ impl RunningBroker {
             }
         }
         tracker.spawn(Arc::clone(&broker).run_timers(shutdown.clone()));
-        let node: Arc<str> = config.broker.node_name().into();
         let sys_interval = crate::admin::start_sys(
             &broker,
             Arc::clone(&node),

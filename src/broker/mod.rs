@@ -43,7 +43,7 @@ use crate::codec::{QoS, ReasonCode};
 use crate::core::access::Admission;
 use crate::core::channel::{AssignedClientId, Close, Limits, PendingWill};
 use crate::core::delayed::DelayedQueue;
-use crate::core::fanout::{self, Fanout, Subscriber, Subscribers};
+use crate::core::fanout::{self, Fanout, Scope, Subscriber, Subscribers};
 use crate::core::hooks::{DropReason, Hooks, Observation, Refused, Ticket};
 use crate::core::message::{AppMessage, Delivery, Flow};
 use crate::core::registry::{EndReason, Event, Open, Registry};
@@ -65,6 +65,8 @@ pub struct Metrics {
     pub connections_total: AtomicU64,
     /// Messages routed (published by clients, the API, wills, delayed), by QoS.
     pub messages_received: [AtomicU64; 3],
+    /// Messages other nodes of the cluster sent here.
+    pub messages_from_peers: AtomicU64,
     pub messages_delivered: AtomicU64,
     /// Deliveries dropped for a full queue (see `messages_dropped` for the total).
     pub dropped_queue_full: AtomicU64,
@@ -408,6 +410,22 @@ impl Broker {
         clean_start: bool,
         conn_id: u64,
     ) -> Result<(Option<Session>, Arc<Mailbox>), ReasonCode> {
+        // In a cluster, the session comes here first if another node holds it.
+        if let Some(claim) = self.hooks.peers.as_ref().and_then(|p| p.claim(client_id)) {
+            claim.await;
+        }
+        self.open_session_here(now, client_id, clean_start, conn_id)
+            .await
+    }
+
+    /// [`Broker::open_session`] among this node's sessions only.
+    async fn open_session_here(
+        &self,
+        now: Instant,
+        client_id: &Arc<str>,
+        clean_start: bool,
+        conn_id: u64,
+    ) -> Result<(Option<Session>, Arc<Mailbox>), ReasonCode> {
         // A takeover storm could keep stealing the slot back; a few rounds is plenty for any
         // honest client.
         for _ in 0..8 {
@@ -463,6 +481,59 @@ impl Broker {
             }
         }
         Err(ReasonCode::SERVER_BUSY)
+    }
+
+    /// Hands `client_id`'s session over to another node of the cluster, which a CONNECT
+    /// reached: its connection here closes with 0x8E (Session taken over), and a persistent
+    /// session leaves this node without ending, filed in the store (which the cluster
+    /// shares) for the other node to read. Returns the store's ticket for that filing, for
+    /// the caller to wait on before it answers (`Some(0)`: nothing stored), or `None` if no
+    /// session of that client is here.
+    pub async fn hand_over(&self, client_id: &Arc<str>, now: Instant) -> Option<Ticket> {
+        if !self.knows_client(client_id) {
+            return None;
+        }
+        let conn_id = self.next_conn_id();
+        let (session, _mailbox) = self
+            .open_session_here(now, client_id, false, conn_id)
+            .await
+            .ok()?;
+        let mut ticket = 0;
+        if let (Some(session), Some(store)) = (&session, &self.hooks.store) {
+            if session.expiry_interval != 0 {
+                // Reconnecting (elsewhere) cancelled any delayed will [MQTT-3.1.3-9].
+                ticket = store.session_filed(session, None);
+            }
+        }
+        self.lock_sessions().release(client_id, conn_id);
+        if let Some(session) = &session {
+            self.drop_subscriptions(client_id, session);
+            self.release_exclusive(client_id, session.subscriptions.values().map(|s| &s.filter));
+        }
+        session.map(|_| ticket)
+    }
+
+    /// Waits until the store has committed everything up to `ticket`.
+    pub async fn durable(&self, ticket: Ticket) -> Result<(), Refused> {
+        match &self.hooks.store {
+            Some(store) if ticket != 0 => {
+                std::future::poll_fn(|cx| store.poll_durable(cx, ticket, ticket)).await
+            }
+            _ => Ok(()),
+        }
+    }
+
+    /// A retained message another node of the cluster set (`Some`) or cleared (`None`):
+    /// kept here for this node's new subscriptions; the cluster's store already holds it.
+    pub fn retained_from_peer(&self, topic: &str, message: Option<Arc<AppMessage>>) {
+        fanout::store_retained(
+            &mut self
+                .retained
+                .lock()
+                .expect("retained lock is never poisoned"),
+            topic,
+            message,
+        );
     }
 
     /// A connection ended: file its session offline (or end it) and deal with its will.
@@ -802,10 +873,23 @@ impl Broker {
         }
         let mut router = self.router.write().expect("router lock is never poisoned");
         for subscription in session.subscriptions.values() {
-            router.remove(
+            let removed = router.remove(
                 &subscription.filter,
                 &(Arc::clone(client_id), subscription.flow),
             );
+            if removed.is_some() {
+                self.interest(&router, &subscription.filter, false);
+            }
+        }
+    }
+
+    /// Tells the peers when `filter` gained its first subscriber or lost its last (called
+    /// with the router locked, so that interest changes reach them in order).
+    fn interest(&self, router: &Subscribers<Mailbox>, filter: &TopicFilter, subscribed: bool) {
+        if let Some(peers) = &self.hooks.peers {
+            if router.count_on(filter) == usize::from(subscribed) {
+                peers.interest(filter, subscribed);
+            }
         }
     }
 
@@ -860,21 +944,27 @@ impl Broker {
                 .share_group()
                 .map(|_| Arc::new(subscription.filter.clone())),
         };
-        self.router
-            .write()
-            .expect("router lock is never poisoned")
-            .insert(
-                &subscription.filter,
-                (Arc::clone(client_id), subscription.flow),
-                route,
-            );
+        let mut router = self.router.write().expect("router lock is never poisoned");
+        let previous = router.insert(
+            &subscription.filter,
+            (Arc::clone(client_id), subscription.flow),
+            route,
+        );
+        if previous.is_none() {
+            self.interest(&router, &subscription.filter, true);
+        }
     }
 
     pub fn unsubscribe(&self, client_id: &Arc<str>, filter: &TopicFilter, flow: Flow) {
-        self.router
-            .write()
-            .expect("router lock is never poisoned")
-            .remove(filter, &(Arc::clone(client_id), flow));
+        {
+            let mut router = self.router.write().expect("router lock is never poisoned");
+            if router
+                .remove(filter, &(Arc::clone(client_id), flow))
+                .is_some()
+            {
+                self.interest(&router, filter, false);
+            }
+        }
         self.release_exclusive(client_id, std::iter::once(filter));
         if let Some(observer) = &self.hooks.observer {
             observer.observe(&Observation::Unsubscribed {
@@ -928,11 +1018,45 @@ impl Broker {
         if message.is_expired(now) {
             return routed;
         }
+        let scope = match &self.hooks.peers {
+            Some(peers) if peers.dispatches_shared() => Scope::Plain,
+            _ => Scope::All,
+        };
+        self.fan_out(&message, scope, &mut routed);
+        if let Some(peers) = &self.hooks.peers {
+            match peers.forward(&message) {
+                Ok(ticket) => routed.stored(ticket),
+                Err(refused) => routed.refuse(refused),
+            }
+        }
+        self.count_refused(&routed);
+        routed
+    }
+
+    /// Routes a message another node of the cluster sent: to the plain subscriptions here
+    /// (`Scope::Plain`), or to one member of the shared group the cluster chose for it
+    /// (`Scope::Group`). It is not retained here (the cluster's store tells every node of
+    /// retained messages) nor forwarded again. Deliveries to persistent sessions are stored;
+    /// no publisher waits for them.
+    pub fn route_remote(&self, message: Arc<AppMessage>, scope: Scope<'_>, now: Instant) {
+        if message.is_expired(now) {
+            return;
+        }
+        self.metrics
+            .messages_from_peers
+            .fetch_add(1, Ordering::Relaxed);
+        let mut routed = Routed::default();
+        self.fan_out(&message, scope, &mut routed);
+        self.count_refused(&routed);
+    }
+
+    /// Pushes `message` to every subscription `scope` matches (see [`Broker::route`]).
+    fn fan_out(&self, message: &Arc<AppMessage>, scope: Scope<'_>, routed: &mut Routed) {
         let dropped = FANOUT.with_borrow_mut(|fanout| {
             {
                 let router = self.router.read().expect("router lock is never poisoned");
                 // A shared group picks among members that are online and can take it.
-                fanout.collect(&router, &message, |m| m.is_online() && m.accepts());
+                fanout.collect_in(&router, message, scope, |m| m.is_online() && m.accepts());
             }
             let mut dropped = 0;
             let mut matched = false;
@@ -953,7 +1077,8 @@ impl Broker {
                 }
             }
             fanout.trim();
-            if !matched {
+            // In a cluster, other nodes may want what no subscription here matched.
+            if !matched && matches!(scope, Scope::All) {
                 self.metrics
                     .dropped_no_subscribers
                     .fetch_add(1, Ordering::Relaxed);
@@ -963,11 +1088,6 @@ impl Broker {
         if dropped > 0 {
             self.count_dropped(dropped, DropReason::QueueFull);
         }
-        self.count_refused(&routed);
-        if let Some(peers) = &self.hooks.peers {
-            peers.forward(&message);
-        }
-        routed
     }
 
     /// Counts deliveries dropped for `reason` and tells the observer.

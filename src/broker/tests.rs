@@ -378,8 +378,16 @@ impl crate::core::hooks::Store for Recorder {
 }
 
 impl crate::core::hooks::Peers for Recorder {
-    fn forward(&self, message: &Arc<AppMessage>) {
+    fn forward(
+        &self,
+        message: &Arc<AppMessage>,
+    ) -> Result<crate::core::hooks::Ticket, crate::core::hooks::Refused> {
         self.push(format!("forward {}", message.topic));
+        Ok(0)
+    }
+
+    fn interest(&self, filter: &crate::core::topic::TopicFilter, subscribed: bool) {
+        self.push(format!("interest {} {subscribed}", filter.as_str()));
     }
 }
 
@@ -464,10 +472,14 @@ async fn peers_are_offered_every_live_message_and_drops_are_observed() {
     expired.expires_at = Some(t0);
     b.route(Arc::new(expired), t0 + Duration::from_secs(1));
     assert_eq!(slow.len(), 10);
+    let forwarded = peers.take();
     assert_eq!(
-        peers.take().len(),
+        forwarded
+            .iter()
+            .filter(|e| e.starts_with("forward"))
+            .count(),
         11,
-        "the expired message is not forwarded"
+        "the expired message is not forwarded: {forwarded:?}"
     );
     assert_eq!(
         observer.take(),
@@ -498,4 +510,64 @@ async fn a_shared_group_passes_a_full_member_over_for_the_next() {
     assert_eq!(b.metrics.messages_dropped(), 0);
     full.pop();
     assert!(full.accepts(), "room again once it takes one");
+}
+
+#[tokio::test]
+async fn peers_hear_a_filter_s_first_and_last_subscriber_only() {
+    let (b, _, _, peers) = hooked();
+    let t0 = Instant::now();
+    let (a, b_) = (Arc::from("a"), Arc::from("b"));
+    online(&b, t0, &a, 1, "x/+").await;
+    online(&b, t0, &b_, 2, "x/+").await;
+    online(&b, t0, &Arc::from("c"), 3, "$share/g/x/+").await;
+    close(&b, t0, &a, 1, 0, None);
+    close(&b, t0, &b_, 2, 0, None);
+    let heard: Vec<String> = peers
+        .take()
+        .into_iter()
+        .filter(|e| e.starts_with("interest"))
+        .collect();
+    assert_eq!(
+        heard,
+        [
+            "interest x/+ true",
+            "interest $share/g/x/+ true",
+            "interest x/+ false"
+        ]
+    );
+}
+
+#[tokio::test]
+async fn a_cluster_s_messages_meet_plain_subscriptions_or_the_chosen_group_only() {
+    let (b, _, _, _) = hooked();
+    let t0 = Instant::now();
+    let (_, plain) = online(&b, t0, &Arc::from("plain"), 1, "t").await;
+    let (_, member) = online(&b, t0, &Arc::from("member"), 2, "$share/g/t").await;
+    let group = TopicFilter::parse("$share/g/t".into(), 0).unwrap();
+    b.route_remote(Arc::new(message("t", t0)), Scope::Plain, t0);
+    assert_eq!((plain.len(), member.len()), (1, 0));
+    b.route_remote(Arc::new(message("t", t0)), Scope::Group(&group), t0);
+    assert_eq!((plain.len(), member.len()), (1, 1));
+}
+
+#[tokio::test]
+async fn a_session_handed_over_leaves_filed_and_without_its_subscriptions() {
+    let (b, _, store, peers) = hooked();
+    let t0 = Instant::now();
+    let id: Arc<str> = Arc::from("mover");
+    online(&b, t0, &id, 1, "m/#").await;
+    close(&b, t0, &id, 1, 60, None);
+    store.take();
+    peers.take();
+    assert!(b.hand_over(&id, t0).await.is_some());
+    assert!(!b.knows_client(&id));
+    assert!(store.take().contains(&"filed mover".to_string()));
+    assert!(
+        peers.take().contains(&"interest m/# false".to_string()),
+        "its routes went with it"
+    );
+    assert!(
+        b.hand_over(&id, t0).await.is_none(),
+        "nothing left to hand over"
+    );
 }

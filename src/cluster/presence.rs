@@ -48,7 +48,7 @@ const CATCH_UP: Duration = Duration::from_secs(3);
 /// with the current value of each key).
 const ALL_KEYS: &str = ">";
 /// How long a graceful leave waits for NATS to take the deletion.
-const LEAVE_TIMEOUT: Duration = Duration::from_secs(2);
+const LEAVE_TIMEOUT: Duration = Duration::from_secs(1);
 /// The pause before watching the bucket again after the watch ended or failed.
 const REWATCH: Duration = Duration::from_secs(1);
 

@@ -14,7 +14,8 @@ pub struct ClusterSettings {
     /// Empty: no cluster (one node with its embedded store).
     #[serde(deserialize_with = "one_or_many")]
     pub nats: Vec<String>,
-    /// This node's name, unique in the cluster (EMQX's `node.name`); empty: `petrel@<host>`.
+    /// This node's name, unique in the cluster; empty: `broker.node_name` (by default
+    /// `petrel@<host>`).
     pub node_name: String,
     /// Prefix of every NATS subject, stream and bucket of this cluster, so that several
     /// Petrel clusters (or other users) can share one NATS system.
@@ -73,19 +74,6 @@ impl ClusterSettings {
         !self.nats.is_empty()
     }
 
-    /// The node's name: `node_name`, or `petrel@<host name>`.
-    pub fn node(&self) -> String {
-        if !self.node_name.is_empty() {
-            return self.node_name.clone();
-        }
-        let host = std::fs::read_to_string("/proc/sys/kernel/hostname")
-            .ok()
-            .map(|h| h.trim().to_owned())
-            .filter(|h| !h.is_empty())
-            .unwrap_or_else(|| "localhost".into());
-        format!("petrel@{host}")
-    }
-
     /// Why these settings cannot work, naming the key.
     pub fn check(&self) -> Result<(), (&'static str, String)> {
         if !self.enabled() {
@@ -108,7 +96,7 @@ impl ClusterSettings {
                     .into(),
             ));
         }
-        if self.node().len() > 200 || self.node().chars().any(|c| c.is_control()) {
+        if self.node_name.len() > 200 || self.node_name.chars().any(|c| c.is_control()) {
             return Err((
                 "cluster.node_name",
                 "at most 200 bytes, no control characters".into(),
@@ -186,13 +174,5 @@ mod tests {
         let bad = parse("nats = \"nats://a\"\nuser = \"u\"");
         assert_eq!(bad.check().unwrap_err().0, "cluster.user");
         assert!(toml::from_str::<ClusterSettings>("nodes = 3").is_err());
-    }
-
-    #[test]
-    fn the_node_name_defaults_to_the_host() {
-        let s = parse(r#"nats = "nats://a""#);
-        assert!(s.node().starts_with("petrel@"), "{}", s.node());
-        let named = parse("nats = \"nats://a\"\nnode_name = \"n1\"");
-        assert_eq!(named.node(), "n1");
     }
 }

@@ -22,6 +22,17 @@ use super::session::Subscription;
 use super::topic::TopicFilter;
 use crate::codec::SubscriptionOptions;
 
+/// Which subscriptions a message is collected for.
+#[derive(Debug, Clone, Copy)]
+pub enum Scope<'a> {
+    /// Every matching subscription, one member of each matching shared group (one node).
+    All,
+    /// Plain subscriptions only: in a cluster, shared groups are dispatched across nodes.
+    Plain,
+    /// One member of this shared subscription's group, which the cluster chose for it.
+    Group(&'a TopicFilter),
+}
+
 /// Who holds a subscription: a client, on one of its flows.
 pub type SubscriberKey = (Arc<str>, Flow);
 
@@ -70,10 +81,22 @@ impl<M> Fanout<M> {
     /// Collects one delivery per session and flow subscribed to `message`'s topic in
     /// `subscribers`; `online` tells which handles a shared group may pick (online, with room),
     /// passing over the others while any member qualifies.
+    #[cfg(any(test, feature = "internals"))]
     pub fn collect(
         &mut self,
         subscribers: &Subscribers<M>,
         message: &Arc<AppMessage>,
+        online: impl Fn(&M) -> bool,
+    ) {
+        self.collect_in(subscribers, message, Scope::All, online);
+    }
+
+    /// [`Self::collect`] over the subscriptions `scope` names.
+    pub fn collect_in(
+        &mut self,
+        subscribers: &Subscribers<M>,
+        message: &Arc<AppMessage>,
+        scope: Scope<'_>,
         online: impl Fn(&M) -> bool,
     ) {
         let Self { targets, index } = self;
@@ -82,56 +105,63 @@ impl<M> Fanout<M> {
             topic: &message.topic,
             publisher: message.publisher.as_deref(),
         };
-        subscribers.for_each_match(
-            dispatch,
-            |_, subscriber| online(&subscriber.handle),
-            |(client, flow), subscriber| {
-                if subscriber.options.no_local && message.publisher.as_deref() == Some(&**client) {
-                    return;
-                }
-                let qos = message.qos.min(subscriber.options.qos);
-                let retain = subscriber.options.retain_as_published && message.retain;
-                let key = (Arc::as_ptr(&subscriber.handle), *flow);
-                let found = if indexed {
-                    index.get(&key).copied()
-                } else {
+        let mut add = |(client, flow): &SubscriberKey, subscriber: &Subscriber<M>| {
+            if subscriber.options.no_local && message.publisher.as_deref() == Some(&**client) {
+                return;
+            }
+            let qos = message.qos.min(subscriber.options.qos);
+            let retain = subscriber.options.retain_as_published && message.retain;
+            let key = (Arc::as_ptr(&subscriber.handle), *flow);
+            let found = if indexed {
+                index.get(&key).copied()
+            } else {
+                targets
+                    .iter()
+                    .position(|(h, d)| Arc::as_ptr(h) == key.0 && d.flow == key.1)
+            };
+            if let Some(i) = found {
+                let delivery = &mut targets[i].1;
+                delivery.qos = delivery.qos.max(qos);
+                delivery.retain |= retain;
+                delivery.subscription_ids.extend(subscriber.id);
+                // Wanted by more than one of its subscriptions: not the group's alone.
+                delivery.shared = None;
+                return;
+            }
+            if indexed {
+                index.insert(key, targets.len());
+            } else if targets.len() >= SCAN_LIMIT {
+                index.extend(
                     targets
                         .iter()
-                        .position(|(h, d)| Arc::as_ptr(h) == key.0 && d.flow == key.1)
-                };
-                if let Some(i) = found {
-                    let delivery = &mut targets[i].1;
-                    delivery.qos = delivery.qos.max(qos);
-                    delivery.retain |= retain;
-                    delivery.subscription_ids.extend(subscriber.id);
-                    // Wanted by more than one of its subscriptions: not the group's alone.
-                    delivery.shared = None;
-                    return;
+                        .enumerate()
+                        .map(|(i, (h, d))| ((Arc::as_ptr(h), d.flow), i)),
+                );
+                index.insert(key, targets.len());
+                indexed = true;
+            }
+            let delivery = Delivery {
+                message: Arc::clone(message),
+                qos,
+                retain,
+                subscription_ids: subscriber.id.into_iter().collect(),
+                flow: *flow,
+                shared: subscriber.shared.clone(),
+                stored: None,
+            };
+            targets.push((Arc::clone(&subscriber.handle), delivery));
+        };
+        let eligible = |_: &SubscriberKey, subscriber: &Subscriber<M>| online(&subscriber.handle);
+        match scope {
+            Scope::All => subscribers.for_each_match_in(dispatch, true, eligible, add),
+            Scope::Plain => subscribers.for_each_match_in(dispatch, false, eligible, add),
+            Scope::Group(filter) => {
+                if let Some((key, subscriber)) = subscribers.pick_shared(filter, dispatch, eligible)
+                {
+                    add(key, subscriber);
                 }
-                if indexed {
-                    index.insert(key, targets.len());
-                } else if targets.len() >= SCAN_LIMIT {
-                    index.extend(
-                        targets
-                            .iter()
-                            .enumerate()
-                            .map(|(i, (h, d))| ((Arc::as_ptr(h), d.flow), i)),
-                    );
-                    index.insert(key, targets.len());
-                    indexed = true;
-                }
-                let delivery = Delivery {
-                    message: Arc::clone(message),
-                    qos,
-                    retain,
-                    subscription_ids: subscriber.id.into_iter().collect(),
-                    flow: *flow,
-                    shared: subscriber.shared.clone(),
-                    stored: None,
-                };
-                targets.push((Arc::clone(&subscriber.handle), delivery));
-            },
-        );
+            }
+        }
     }
 
     /// Takes the collected deliveries; the buffers stay for the next publish.

@@ -145,10 +145,30 @@ pub trait Store: Send + Sync {
     ) -> Poll<Result<(), Refused>>;
 }
 
-/// Offered every message routed on this node, after local fan-out.
+/// Other nodes of a cluster: offered every message routed on this node (after local
+/// fan-out), and told when this node's interest in a filter begins and ends.
 pub trait Peers: Send + Sync {
-    fn forward(&self, message: &Arc<AppMessage>);
+    /// Sends `message` to the nodes that want it. A QoS 1/2 message is committed to the
+    /// cluster under the returned [`Ticket`] (0: nothing to wait for), which the store's
+    /// [`Store::poll_durable`] answers: the publisher's acknowledgement waits for it.
+    fn forward(&self, message: &Arc<AppMessage>) -> Result<Ticket, Refused>;
+    /// The first subscription on `filter` (exactly this text, `$share/…` included) arrived
+    /// (`true`), or its last left (`false`).
+    fn interest(&self, _filter: &super::topic::TopicFilter, _subscribed: bool) {}
+    /// Whether shared groups are dispatched by the peers (across nodes) rather than by the
+    /// local fan-out.
+    fn dispatches_shared(&self) -> bool {
+        false
+    }
+    /// A CONNECT for `client_id` arrived: the work (if any) that brings its session here
+    /// from another node, to finish before the session is looked up.
+    fn claim(&self, _client_id: &Arc<str>) -> Option<Claim> {
+        None
+    }
 }
+
+/// What [`Peers::claim`] does before a session is looked up.
+pub type Claim = std::pin::Pin<Box<dyn std::future::Future<Output = ()> + Send>>;
 
 /// The seams a broker was built with; each is optional.
 #[derive(Clone, Default)]

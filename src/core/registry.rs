@@ -314,6 +314,26 @@ impl<M: SessionHandle> Registry<M> {
         true
     }
 
+    /// Lets go of `client_id`'s session, served by connection `conn_id`, without ending it:
+    /// it moves to another node of a cluster, with its will, which this node no longer
+    /// publishes. `false` (nothing changed) unless `conn_id` serves it.
+    pub fn release(&mut self, client_id: &str, conn_id: u64) -> bool {
+        match self.slots.get(client_id) {
+            Some(Slot {
+                state: SlotState::Online { conn_id: serving },
+                ..
+            }) if *serving == conn_id => {}
+            _ => return false,
+        }
+        let Some((id, _)) = self.slots.remove_entry(client_id) else {
+            return false;
+        };
+        self.timers.cancel(&TimerKey::Expire(Arc::clone(&id)));
+        self.timers.cancel(&TimerKey::Will(Arc::clone(&id)));
+        self.wills.remove(&id);
+        true
+    }
+
     /// Every offline session with its handle, in no order.
     pub fn offline_with_handles(&self) -> impl Iterator<Item = (&Session, &M)> {
         self.slots.values().filter_map(|slot| match &slot.state {

@@ -300,3 +300,23 @@ fn max_sessions_refuses_only_new_sessions() {
     ));
     assert_eq!(registry.count(), 2);
 }
+
+#[test]
+fn a_released_session_leaves_without_ending_and_its_will_goes_with_it() {
+    let mut registry = Registry::default();
+    let a = id("a");
+    let t0 = Instant::now();
+    ready(registry.open(&a, false, 1, Handle::default));
+    registry.close(t0, 1, &a, closing(&a, 60, Some(will("w/a", 30))));
+    // Resumed by connection 2 (as a cluster's hand-over does), then released.
+    ready(registry.open(&a, false, 2, Handle::default));
+    assert!(
+        !registry.release("a", 1),
+        "only the serving connection releases"
+    );
+    assert!(registry.release("a", 2));
+    assert!(events(&mut registry).is_empty(), "no will, no end");
+    assert!(registry.is_empty());
+    assert_eq!(registry.poll_timeout(), None, "no timer left behind");
+    assert!(!registry.release("a", 2));
+}

@@ -307,6 +307,26 @@ impl<K: Eq + Hash + Clone, V> SubscriptionTree<K, V> {
         }
     }
 
+    /// How many subscriptions there are on exactly `filter` (the members of its group for a
+    /// shared one).
+    pub fn count_on(&self, filter: &TopicFilter) -> usize {
+        let mut node = &self.root;
+        for level in filter.filter().split('/') {
+            match node.child(level) {
+                Some(child) => node = child,
+                None => return 0,
+            }
+        }
+        match filter.share_group() {
+            None => node.subscribers.len(),
+            Some(name) => node
+                .groups
+                .iter()
+                .find(|g| &*g.name == name)
+                .map_or(0, |g| g.members.len()),
+        }
+    }
+
     /// The value of `client`'s subscription on exactly `filter` (shared or plain).
     #[cfg(test)]
     pub fn get(&self, filter: &TopicFilter, client: &K) -> Option<&V> {
@@ -333,9 +353,22 @@ impl<K: Eq + Hash + Clone, V> SubscriptionTree<K, V> {
     ///
     /// `topic` is a valid topic name. Filters starting with a wildcard do not match topics
     /// starting with `$` [MQTT-4.7.2-1].
+    #[cfg(any(test, feature = "internals"))]
     pub fn for_each_match<'a>(
         &self,
         dispatch: impl Into<Dispatch<'a>>,
+        eligible: impl Fn(&K, &V) -> bool,
+        visit: impl FnMut(&K, &V),
+    ) {
+        self.for_each_match_in(dispatch, true, eligible, visit);
+    }
+
+    /// [`Self::for_each_match`], with shared groups visited only if `groups` (a cluster
+    /// dispatches them across nodes instead: see `cluster`).
+    pub fn for_each_match_in<'a>(
+        &self,
+        dispatch: impl Into<Dispatch<'a>>,
+        groups: bool,
         eligible: impl Fn(&K, &V) -> bool,
         mut visit: impl FnMut(&K, &V),
     ) {
@@ -349,7 +382,7 @@ impl<K: Eq + Hash + Clone, V> SubscriptionTree<K, V> {
             for node in frontier.drain(..) {
                 if wildcards_allowed {
                     if let Some(hash) = node.hash.as_deref() {
-                        visit_node(hash, dispatch, &eligible, &mut visit);
+                        visit_node(hash, dispatch, groups, &eligible, &mut visit);
                     }
                     if let Some(plus) = node.plus.as_deref() {
                         next.push(plus);
@@ -365,10 +398,10 @@ impl<K: Eq + Hash + Clone, V> SubscriptionTree<K, V> {
             std::mem::swap(&mut frontier, &mut next);
         }
         for node in frontier {
-            visit_node(node, dispatch, &eligible, &mut visit);
+            visit_node(node, dispatch, groups, &eligible, &mut visit);
             // `a/#` also matches `a` [MQTT-4.7.1-1].
             if let Some(hash) = node.hash.as_deref() {
-                visit_node(hash, dispatch, &eligible, &mut visit);
+                visit_node(hash, dispatch, groups, &eligible, &mut visit);
             }
         }
     }
@@ -459,15 +492,20 @@ impl<K: Eq + Hash + Clone, V> SubscriptionTree<K, V> {
     }
 }
 
-/// Visits every plain subscriber of `node` and one member of each of its shared groups.
+/// Visits every plain subscriber of `node` and (if `groups`) one member of each of its shared
+/// groups.
 fn visit_node<K, V>(
     node: &Node<K, V>,
     dispatch: Dispatch<'_>,
+    groups: bool,
     eligible: &impl Fn(&K, &V) -> bool,
     visit: &mut impl FnMut(&K, &V),
 ) {
     for (k, v) in &node.subscribers {
         visit(k, v);
+    }
+    if !groups {
+        return;
     }
     for group in &node.groups {
         if let Some(chosen) = group.pick(dispatch, eligible) {

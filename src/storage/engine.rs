@@ -48,6 +48,12 @@ pub enum Write {
         key: Vec<u8>,
         prefixes: [Vec<u8>; 4],
     },
+    /// A message committed to a cluster's message stream (`cluster`): an engine that is not
+    /// a cluster's has nowhere to send it and drops it.
+    Publish {
+        subject: String,
+        payload: bytes::Bytes,
+    },
 }
 
 impl Write {
@@ -732,6 +738,7 @@ impl Engine for Log {
                         put_op(&mut self.buf, OP_DELETE_PREFIX, prefix, None);
                     }
                 }
+                Write::Publish { .. } => {}
             }
         }
         end_frame(&mut self.buf, start);

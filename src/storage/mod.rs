@@ -81,18 +81,23 @@ pub fn store_dir(data_dir: &Path) -> PathBuf {
     data_dir.join("store")
 }
 
-/// Why the store could not be opened: the message names the directory and what to do.
+/// Why the store could not be opened: the message names the store and what to do.
 #[derive(Debug, thiserror::Error)]
-#[error(
-    "the store in {dir} cannot be read: {reason}\n\
-     Petrel will not start over it empty. Choices:\n  \
-     petrel store check {dir}    (say what is wrong)\n  \
-     petrel store repair {dir}   (keep every record that can be read)\n  \
-     or move {dir} away to start with an empty store"
-)]
-pub struct OpenError {
-    pub dir: String,
-    pub reason: String,
+pub enum OpenError {
+    #[error(
+        "the store in {dir} cannot be read: {reason}\n\
+         Petrel will not start over it empty. Choices:\n  \
+         petrel store check {dir}    (say what is wrong)\n  \
+         petrel store repair {dir}   (keep every record that can be read)\n  \
+         or move {dir} away to start with an empty store"
+    )]
+    Dir { dir: String, reason: String },
+    /// Another engine's records (`open_with`).
+    #[error(
+        "the store cannot be read: {reason}\n\
+         Petrel will not start over it empty: remove or repair the record named"
+    )]
+    Engine { reason: String },
 }
 
 /// Opens (or creates) the store in `<data_dir>/store` and reads back what it holds.
@@ -101,7 +106,7 @@ pub fn open(
     settings: &StorageSettings,
 ) -> Result<(Arc<Embedded>, Recovered), OpenError> {
     let dir = store_dir(data_dir);
-    let fail = |reason: String| OpenError {
+    let fail = |reason: String| OpenError::Dir {
         dir: dir.display().to_string(),
         reason,
     };
@@ -117,6 +122,27 @@ pub fn open(
         "store opened"
     );
     let store = Embedded::start(Box::new(engine), settings, &mut recovered);
+    Ok((store, recovered))
+}
+
+/// Starts the store on another engine (cluster mode: `cluster::kv`) and reads back what it
+/// holds, as [`open`] does.
+pub fn open_with(
+    mut engine: Box<dyn Engine>,
+    settings: &StorageSettings,
+) -> Result<(Arc<Embedded>, Recovered), OpenError> {
+    let started = Instant::now();
+    let mut recovered = recover::read(engine.take_records()).map_err(|e| OpenError::Engine {
+        reason: e.to_string(),
+    })?;
+    tracing::info!(
+        sessions = recovered.sessions.len(),
+        queued = recovered.queued_count(),
+        retained = recovered.retained.len(),
+        took_ms = started.elapsed().as_millis() as u64,
+        "store opened"
+    );
+    let store = Embedded::start(engine, settings, &mut recovered);
     Ok((store, recovered))
 }
 
@@ -232,6 +258,12 @@ impl Embedded {
         }
     }
 
+    /// Raises the next delivery key to at least `at_least`: records restored after start-up
+    /// (a session taken over from another node) keep keys below every new one.
+    pub fn raise_next_key(&self, at_least: u64) {
+        self.shared.next_key.fetch_max(at_least, Ordering::Relaxed);
+    }
+
     /// Commits so far.
     pub fn commits(&self) -> u64 {
         self.shared.commits.load(Ordering::Relaxed)
@@ -270,6 +302,15 @@ impl Embedded {
             self.shared.work.notify_one();
         }
         ticket
+    }
+
+    /// Commits `payload` to the cluster's message stream on `subject` with the next group
+    /// commit (see `cluster`): the returned ticket is decided once the stream has it.
+    pub fn publish(&self, subject: String, payload: bytes::Bytes) -> Result<Ticket, Refused> {
+        if self.shared.failing.load(Ordering::Relaxed) {
+            return Err(Refused::Failed);
+        }
+        Ok(self.submit(Write::Publish { subject, payload }))
     }
 
     /// Admits `bytes` more of live records, or says why not.
@@ -316,7 +357,7 @@ fn instant_to_ms(at: Instant) -> u64 {
     }
 }
 
-fn message_ref(m: &AppMessage) -> MessageRef<'_> {
+pub(crate) fn message_ref(m: &AppMessage) -> MessageRef<'_> {
     MessageRef {
         topic: m.topic.as_str(),
         payload: &m.payload,
@@ -654,6 +695,7 @@ fn account(sizes: &mut Sizes, batch: &[Write]) -> u64 {
             Write::EndSession { prefixes, .. } => {
                 ended.extend(prefixes.iter().map(Vec::as_slice));
             }
+            Write::Publish { .. } => {}
         }
     }
     if !ended.is_empty() {

@@ -257,7 +257,8 @@ fn put_opt_u32(out: &mut BytesMut, v: Option<u32>) {
     }
 }
 
-fn put_message(out: &mut BytesMut, m: MessageRef<'_>) {
+/// Appends a message as records hold it (also a cluster's wire format, `cluster::wire`).
+pub(crate) fn put_message(out: &mut BytesMut, m: MessageRef<'_>) {
     match m.publisher {
         Some(p) => {
             out.put_u8(1);
@@ -395,6 +396,11 @@ pub fn meta_value() -> Bytes {
 }
 
 // ---- reading ----
+
+/// Reads a message written by [`put_message`]; the rest of `bytes` is ignored.
+pub(crate) fn read_message(bytes: &[u8]) -> Result<StoredMessage, RecordError> {
+    Input(bytes).message()
+}
 
 struct Input<'a>(&'a [u8]);
 

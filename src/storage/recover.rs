@@ -325,7 +325,7 @@ fn session(
 }
 
 /// A stored message as the router takes it; `None` if its topic is no longer valid.
-fn app_message(m: StoredMessage, now: Instant, wall: u64) -> Option<AppMessage> {
+pub(crate) fn app_message(m: StoredMessage, now: Instant, wall: u64) -> Option<AppMessage> {
     let topic = TopicName::parse(m.topic, 0).ok()?;
     let expires_at = m.expires_at_ms.map(|at| {
         if at > wall {

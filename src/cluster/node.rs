@@ -1,0 +1,581 @@
+//! A node of a cluster at run time: the broker's [`Peers`] on NATS.
+//!
+//! - **Routing.** Each filter subscribed on this node is one NATS subscription per subject
+//!   `subject::subjects_for_filter` gives it, under `<prefix>.msg` (a shared subscription's in
+//!   a NATS queue group named after its group and filter), opened when the filter's first
+//!   subscriber arrives and closed when its last leaves: a message crosses the network once
+//!   per interested node, and NATS picks one node per shared group. A message routed here is
+//!   forwarded under its topic's subject: QoS 0 at once on core NATS; QoS 1/2 through the
+//!   store's next group commit into the JetStream stream `<prefix>_msgs`, so the publisher's
+//!   acknowledgement waits until JetStream has it (the stream's capture also delivers it to
+//!   the interested nodes).
+//! - **Receiving.** A message from another node is routed to the plain subscriptions here
+//!   (`Broker::route_remote`), once even when several overlapping filters brought it (recent
+//!   message ids are remembered); one that a queue group brought goes to one member of that
+//!   group, whichever node published it. Retained messages are not sent as messages: the
+//!   store's bucket is watched (`kv::KvHandle::watch_retained`).
+//! - **Sessions.** A CONNECT asks the store's bucket which node owns the client; if another,
+//!   that node is asked (`<prefix>.node.<node>.takeover`) to close the connection with 0x8E
+//!   and file the session, and the session is read back from the bucket here. A node that
+//!   does not answer is taken for dead and its last committed state is used.
+
+use std::collections::{HashMap, HashSet, VecDeque};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, OnceLock, Weak};
+use std::time::Duration;
+
+use bytes::{Buf, BufMut, Bytes, BytesMut};
+use futures_util::StreamExt;
+use tokio_util::sync::CancellationToken;
+
+use super::kv::KvHandle;
+use super::settings::ClusterSettings;
+use super::subject;
+use crate::broker::Broker;
+use crate::codec::QoS;
+use crate::core::fanout::Scope;
+use crate::core::hooks::{Claim, Peers, Refused, Ticket};
+use crate::core::message::AppMessage;
+use crate::core::topic::TopicFilter;
+use crate::storage::Embedded;
+
+/// The wire format's version (first byte of every message between nodes).
+const WIRE: u8 = 1;
+/// Message ids remembered to drop the copies overlapping filters bring.
+const RECENT: usize = 16_384;
+/// QoS 0 messages waiting for the NATS connection; past it they are dropped (counted).
+const QOS0_QUEUE: usize = 65_536;
+
+/// Counters of the cluster's traffic, for the API and the figures.
+#[derive(Debug, Default)]
+pub struct ClusterStats {
+    pub forwarded: AtomicU64,
+    pub received: AtomicU64,
+    pub duplicates: AtomicU64,
+    pub dropped_qos0: AtomicU64,
+    pub takeovers_asked: AtomicU64,
+    pub takeovers_answered: AtomicU64,
+}
+
+/// This node's membership of the cluster; see the module documentation.
+pub struct Cluster {
+    me: Weak<Cluster>,
+    node: Arc<str>,
+    prefix: String,
+    /// `<prefix>.msg`: where messages travel.
+    msg_prefix: String,
+    client: async_nats::Client,
+    kv: KvHandle,
+    request_timeout: Duration,
+    /// This process's id in message ids (a restarted node is a new origin).
+    instance: u64,
+    counter: AtomicU64,
+    broker: OnceLock<Weak<Broker>>,
+    store: OnceLock<Arc<Embedded>>,
+    routes: Mutex<HashMap<Box<str>, CancellationToken>>,
+    recent: Mutex<Recent>,
+    qos0: tokio::sync::mpsc::Sender<(String, Bytes)>,
+    runtime: tokio::runtime::Handle,
+    shutdown: CancellationToken,
+    pub stats: ClusterStats,
+}
+
+/// Connects to NATS as `settings` say; the error names what failed.
+pub async fn connect(
+    settings: &ClusterSettings,
+    node: &str,
+) -> anyhow::Result<(async_nats::Client, async_nats::jetstream::Context)> {
+    use anyhow::Context as _;
+    let mut options = async_nats::ConnectOptions::new()
+        .name(format!("petrel {node}"))
+        .connection_timeout(settings.connect_timeout)
+        .request_timeout(Some(settings.request_timeout));
+    if let (Some(user), Some(password)) = (&settings.user, &settings.password) {
+        options = options.user_and_password(user.clone(), password.clone());
+    }
+    if let Some(token) = &settings.token {
+        options = options.token(token.clone());
+    }
+    if let Some(creds) = &settings.creds_file {
+        options = options
+            .credentials_file(creds)
+            .await
+            .with_context(|| format!("cluster.creds_file {}", creds.display()))?;
+    }
+    if let Some(ca) = &settings.tls_ca_file {
+        options = options.require_tls(true).add_root_certificates(ca.clone());
+    }
+    if let (Some(cert), Some(key)) = (&settings.tls_cert_file, &settings.tls_key_file) {
+        options = options
+            .require_tls(true)
+            .add_client_certificate(cert.clone(), key.clone());
+    }
+    let urls = settings.nats.join(",");
+    let client = options
+        .connect(settings.nats.as_slice())
+        .await
+        .with_context(|| format!("cannot connect to NATS at {urls} (cluster.nats)"))?;
+    let js = async_nats::jetstream::new(client.clone());
+    Ok((client, js))
+}
+
+/// The stream QoS 1/2 messages are committed to before their publisher is acknowledged.
+async fn message_stream(
+    js: &async_nats::jetstream::Context,
+    settings: &ClusterSettings,
+) -> anyhow::Result<()> {
+    use async_nats::jetstream::stream;
+    let config = stream::Config {
+        name: format!("{}_msgs", settings.prefix),
+        subjects: vec![format!("{}.msg.>", settings.prefix)],
+        max_age: settings.message_retention,
+        max_bytes: settings.message_max_bytes,
+        num_replicas: settings.replicas,
+        storage: stream::StorageType::File,
+        discard: stream::DiscardPolicy::Old,
+        ..Default::default()
+    };
+    js.get_or_create_stream(config).await.map_err(|err| {
+        anyhow::anyhow!(
+            "cannot create the JetStream stream {}_msgs with {} replicas: {err} (does the NATS \
+             cluster have JetStream on and at least cluster.replicas servers?)",
+            settings.prefix,
+            settings.replicas
+        )
+    })?;
+    Ok(())
+}
+
+impl Cluster {
+    /// Joins: makes the message stream if missing and starts the QoS 0 sender. The broker
+    /// and store are attached later ([`Cluster::attach`]): the broker is built with this as
+    /// its peers.
+    pub async fn start(
+        settings: &ClusterSettings,
+        node: Arc<str>,
+        client: async_nats::Client,
+        js: &async_nats::jetstream::Context,
+        kv: KvHandle,
+        shutdown: CancellationToken,
+    ) -> anyhow::Result<Arc<Self>> {
+        message_stream(js, settings).await?;
+        let (qos0, mut outbox) = tokio::sync::mpsc::channel::<(String, Bytes)>(QOS0_QUEUE);
+        let sender = client.clone();
+        tokio::spawn(async move {
+            while let Some((subject, payload)) = outbox.recv().await {
+                if let Err(err) = sender.publish(subject, payload).await {
+                    tracing::warn!(%err, "cluster: a QoS 0 message was not sent to NATS");
+                }
+            }
+        });
+        let instance = {
+            use std::hash::BuildHasher as _;
+            std::collections::hash_map::RandomState::new().hash_one(std::process::id())
+        };
+        Ok(Arc::new_cyclic(|me| Self {
+            me: me.clone(),
+            msg_prefix: format!("{}.msg", settings.prefix),
+            prefix: settings.prefix.clone(),
+            node,
+            client,
+            kv,
+            request_timeout: settings.request_timeout,
+            instance,
+            counter: AtomicU64::new(0),
+            broker: OnceLock::new(),
+            store: OnceLock::new(),
+            routes: Mutex::new(HashMap::new()),
+            recent: Mutex::new(Recent::default()),
+            qos0,
+            runtime: tokio::runtime::Handle::current(),
+            shutdown,
+            stats: ClusterStats::default(),
+        }))
+    }
+
+    /// This node's name.
+    pub fn node(&self) -> &Arc<str> {
+        &self.node
+    }
+
+    /// Attaches the broker and its store, and starts answering other nodes' takeovers and
+    /// following their retained messages.
+    pub async fn attach(
+        self: &Arc<Self>,
+        broker: &Arc<Broker>,
+        store: Option<Arc<Embedded>>,
+    ) -> anyhow::Result<()> {
+        let _ = self.broker.set(Arc::downgrade(broker));
+        if let Some(store) = store {
+            let _ = self.store.set(store);
+        }
+        let takeovers = self
+            .client
+            .subscribe(takeover_subject(&self.prefix, &self.node))
+            .await
+            .map_err(|err| anyhow::anyhow!("cluster: cannot subscribe to NATS: {err}"))?;
+        tokio::spawn(Arc::clone(self).serve_takeovers(takeovers));
+        let retained = self.kv.watch_retained(&self.node).await?;
+        tokio::spawn(Arc::clone(self).follow_retained(Box::pin(retained)));
+        Ok(())
+    }
+
+    fn broker(&self) -> Option<Arc<Broker>> {
+        self.broker.get().and_then(Weak::upgrade)
+    }
+
+    /// Answers other nodes' requests for a session: hands it over, waits until the store
+    /// has filed it, and says so.
+    async fn serve_takeovers(self: Arc<Self>, mut requests: async_nats::Subscriber) {
+        loop {
+            let request = tokio::select! {
+                _ = self.shutdown.cancelled() => return,
+                request = requests.next() => match request {
+                    Some(request) => request,
+                    None => return,
+                },
+            };
+            let this = Arc::clone(&self);
+            tokio::spawn(async move {
+                let (Some(reply), Ok(client_id)) =
+                    (request.reply, std::str::from_utf8(&request.payload))
+                else {
+                    return;
+                };
+                let Some(broker) = this.broker() else { return };
+                let client_id: Arc<str> = client_id.into();
+                let answer = match broker
+                    .hand_over(&client_id, crate::broker::clock::now())
+                    .await
+                {
+                    Some(ticket) => match broker.durable(ticket).await {
+                        Ok(()) => "moved",
+                        Err(_) => "failed",
+                    },
+                    None => "none",
+                };
+                this.stats
+                    .takeovers_answered
+                    .fetch_add(1, Ordering::Relaxed);
+                tracing::debug!(%client_id, answer, "cluster: session asked for by another node");
+                let _ = this
+                    .client
+                    .publish(reply, Bytes::from_static(answer.as_bytes()))
+                    .await;
+            });
+        }
+    }
+
+    /// Keeps this node's retained messages in step with what other nodes set and clear.
+    async fn follow_retained(
+        self: Arc<Self>,
+        mut changes: std::pin::Pin<
+            Box<
+                dyn futures_util::Stream<Item = Result<(String, Option<Bytes>), super::kv::KvError>>
+                    + Send,
+            >,
+        >,
+    ) {
+        loop {
+            let (topic, value) = tokio::select! {
+                _ = self.shutdown.cancelled() => return,
+                change = changes.next() => match change {
+                    Some(Ok(change)) => change,
+                    Some(Err(err)) => {
+                        tracing::warn!(%err, "cluster: watching retained messages");
+                        continue;
+                    }
+                    None => {
+                        tracing::error!("cluster: the retained messages' watch ended; other nodes' retained changes no longer reach this node");
+                        return;
+                    }
+                },
+            };
+            let Some(broker) = self.broker() else { return };
+            let message = match value {
+                None => None,
+                Some(value) => {
+                    let key = crate::storage::record::retained_key(&topic);
+                    match crate::storage::record::decode(&key, &value) {
+                        Ok(crate::storage::record::Record::Retained(stored)) => {
+                            crate::storage::recover::app_message(
+                                stored,
+                                crate::broker::clock::now(),
+                                crate::storage::wall_ms(),
+                            )
+                            .map(|m| Arc::new(m.detached()))
+                        }
+                        _ => {
+                            tracing::warn!(%topic, "cluster: an unreadable retained record");
+                            continue;
+                        }
+                    }
+                }
+            };
+            broker.retained_from_peer(&topic, message);
+        }
+    }
+
+    /// Brings `client_id`'s session here if another node owns it (see the module
+    /// documentation), and records this node as its owner.
+    async fn claim_session(self: Arc<Self>, client_id: Arc<str>) {
+        let owner = match self.kv.owner_of(&client_id).await {
+            Ok(owner) => owner,
+            Err(err) => {
+                tracing::warn!(%client_id, %err, "cluster: cannot read the session's owner");
+                None
+            }
+        };
+        let owner = match owner {
+            None => {
+                self.record_owner(&client_id).await;
+                return;
+            }
+            Some(owner) if *owner == *self.node => return,
+            Some(owner) => owner,
+        };
+        self.stats.takeovers_asked.fetch_add(1, Ordering::Relaxed);
+        let asked = tokio::time::timeout(
+            self.request_timeout,
+            self.client.request(
+                takeover_subject(&self.prefix, &owner),
+                Bytes::copy_from_slice(client_id.as_bytes()),
+            ),
+        )
+        .await;
+        match asked {
+            Ok(Ok(answer)) => tracing::debug!(
+                %client_id,
+                %owner,
+                answer = %String::from_utf8_lossy(&answer.payload),
+                "cluster: session handed over"
+            ),
+            // No responders, or no answer in time: the owner is gone; what it committed is
+            // what there is.
+            Ok(Err(err)) => {
+                tracing::info!(%client_id, %owner, %err, "cluster: the session's node did not answer; resuming what it stored")
+            }
+            Err(_) => {
+                tracing::warn!(%client_id, %owner, "cluster: the session's node did not answer in cluster.request_timeout; resuming what it stored")
+            }
+        }
+        self.record_owner(&client_id).await;
+        let Some(broker) = self.broker() else { return };
+        if broker.knows_client(&client_id) {
+            return;
+        }
+        let records = match self.kv.load_client(&client_id).await {
+            Ok(records) => records,
+            Err(err) => {
+                tracing::warn!(%client_id, %err, "cluster: cannot read the session from JetStream");
+                return;
+            }
+        };
+        if records.is_empty() {
+            return;
+        }
+        match crate::storage::recover::read(records) {
+            Ok(recovered) => {
+                if let Some(store) = self.store.get() {
+                    store.raise_next_key(recovered.next_key);
+                }
+                broker.restore(recovered, crate::broker::clock::now());
+            }
+            Err(err) => {
+                tracing::warn!(%client_id, %err, "cluster: the stored session cannot be read")
+            }
+        }
+    }
+
+    /// Makes this node `client_id`'s owner (a persistent session's record does it too).
+    async fn record_owner(&self, client_id: &str) {
+        if let Err(err) = self.kv.set_owner(client_id).await {
+            tracing::warn!(%client_id, %err, "cluster: cannot record the session's owner");
+        }
+    }
+
+    /// Opens the NATS subscriptions of one filter and routes what they bring, until
+    /// `stop`.
+    async fn serve_filter(self: Arc<Self>, filter: TopicFilter, stop: CancellationToken) {
+        let subjects = subject::subjects_for_filter(&self.msg_prefix, filter.filter());
+        let group = filter
+            .share_group()
+            .map(|name| queue_group(name, filter.filter()));
+        let mut subscribers = Vec::with_capacity(subjects.len());
+        for subject in subjects {
+            let subscribed = match &group {
+                Some(queue) => self.client.queue_subscribe(subject, queue.clone()).await,
+                None => self.client.subscribe(subject).await,
+            };
+            match subscribed {
+                Ok(s) => subscribers.push(s),
+                Err(err) => {
+                    tracing::warn!(filter = filter.as_str(), %err, "cluster: cannot subscribe in NATS");
+                    return;
+                }
+            }
+        }
+        let mut messages = futures_util::stream::select_all(subscribers);
+        loop {
+            let message = tokio::select! {
+                _ = stop.cancelled() => return,
+                _ = self.shutdown.cancelled() => return,
+                message = messages.next() => match message {
+                    Some(message) => message,
+                    None => return,
+                },
+            };
+            self.receive(&message.payload, group.is_some().then_some(&filter));
+        }
+    }
+
+    /// Routes one message from the cluster here.
+    fn receive(&self, frame: &[u8], group: Option<&TopicFilter>) {
+        let Some((instance, counter, stored)) = decode(frame) else {
+            tracing::warn!("cluster: an unreadable message from NATS was dropped");
+            return;
+        };
+        if group.is_none() {
+            // This node routed its own messages when they were published.
+            if instance == self.instance {
+                return;
+            }
+            let mut recent = self.recent.lock().expect("never poisoned");
+            if !recent.first_time((instance, counter)) {
+                self.stats.duplicates.fetch_add(1, Ordering::Relaxed);
+                return;
+            }
+        }
+        let Some(broker) = self.broker() else { return };
+        let now = crate::broker::clock::now();
+        let Some(message) =
+            crate::storage::recover::app_message(stored, now, crate::storage::wall_ms())
+        else {
+            return;
+        };
+        self.stats.received.fetch_add(1, Ordering::Relaxed);
+        let scope = match group {
+            Some(filter) => Scope::Group(filter),
+            None => Scope::Plain,
+        };
+        broker.route_remote(Arc::new(message), scope, now);
+    }
+}
+
+impl Peers for Cluster {
+    fn forward(&self, message: &Arc<AppMessage>) -> Result<Ticket, Refused> {
+        let counter = self.counter.fetch_add(1, Ordering::Relaxed);
+        let frame = encode(self.instance, counter, message);
+        let subject = subject::subject_of(&self.msg_prefix, &message.topic);
+        self.stats.forwarded.fetch_add(1, Ordering::Relaxed);
+        match (message.qos, self.store.get()) {
+            (QoS::AtMostOnce, _) | (_, None) => {
+                if self.qos0.try_send((subject, frame)).is_err() {
+                    self.stats.dropped_qos0.fetch_add(1, Ordering::Relaxed);
+                }
+                Ok(0)
+            }
+            (_, Some(store)) => store.publish(subject, frame),
+        }
+    }
+
+    fn interest(&self, filter: &TopicFilter, subscribed: bool) {
+        let mut routes = self.routes.lock().expect("never poisoned");
+        if subscribed {
+            let stop = CancellationToken::new();
+            if let Some(old) = routes.insert(filter.as_str().into(), stop.clone()) {
+                old.cancel();
+            }
+            if let Some(this) = self.this() {
+                self.runtime.spawn(this.serve_filter(filter.clone(), stop));
+            }
+        } else if let Some(stop) = routes.remove(filter.as_str()) {
+            stop.cancel();
+        }
+    }
+
+    fn dispatches_shared(&self) -> bool {
+        true
+    }
+
+    fn claim(&self, client_id: &Arc<str>) -> Option<Claim> {
+        let this = self.this()?;
+        Some(Box::pin(this.claim_session(Arc::clone(client_id))))
+    }
+}
+
+impl Cluster {
+    /// This node as an `Arc` (the broker holds it as its peers).
+    fn this(&self) -> Option<Arc<Self>> {
+        self.me.upgrade()
+    }
+}
+
+/// The subject on which `node` answers takeovers.
+fn takeover_subject(prefix: &str, node: &str) -> String {
+    format!("{prefix}.node.{}.takeover", hex(node.as_bytes()))
+}
+
+/// A NATS queue group for one shared subscription: its name and filter, hashed (queue
+/// names are tokens; the hash keeps them short and valid).
+fn queue_group(name: &str, filter: &str) -> String {
+    let mut h = 0xcbf2_9ce4_8422_2325u64;
+    for b in name.bytes().chain(std::iter::once(0)).chain(filter.bytes()) {
+        h = (h ^ u64::from(b)).wrapping_mul(0x100_0000_01b3);
+    }
+    format!("share-{h:016x}")
+}
+
+fn hex(bytes: &[u8]) -> String {
+    use std::fmt::Write as _;
+    bytes
+        .iter()
+        .fold(String::with_capacity(bytes.len() * 2), |mut s, b| {
+            let _ = write!(s, "{b:02x}");
+            s
+        })
+}
+
+/// One message between nodes: the wire version, its origin's process id and counter (for
+/// duplicate suppression), then the message as the store writes it.
+fn encode(instance: u64, counter: u64, message: &AppMessage) -> Bytes {
+    let mut out = BytesMut::with_capacity(48 + message.topic.len() + message.payload.len());
+    out.put_u8(WIRE);
+    out.put_u64(instance);
+    out.put_u64(counter);
+    crate::storage::record::put_message(&mut out, crate::storage::message_ref(message));
+    out.freeze()
+}
+
+fn decode(mut frame: &[u8]) -> Option<(u64, u64, crate::storage::record::StoredMessage)> {
+    if frame.len() < 17 || frame.get_u8() != WIRE {
+        return None;
+    }
+    let instance = frame.get_u64();
+    let counter = frame.get_u64();
+    let message = crate::storage::record::read_message(frame).ok()?;
+    Some((instance, counter, message))
+}
+
+/// The message ids seen last, oldest forgotten first.
+#[derive(Default)]
+struct Recent {
+    seen: HashSet<(u64, u64), rustc_hash::FxBuildHasher>,
+    order: VecDeque<(u64, u64)>,
+}
+
+impl Recent {
+    /// Whether `id` is new (it is remembered).
+    fn first_time(&mut self, id: (u64, u64)) -> bool {
+        if !self.seen.insert(id) {
+            return false;
+        }
+        self.order.push_back(id);
+        if self.order.len() > RECENT {
+            if let Some(old) = self.order.pop_front() {
+                self.seen.remove(&old);
+            }
+        }
+        true
+    }
+}
