@@ -151,7 +151,7 @@ fn model_apply(model: &mut BTreeMap<Vec<u8>, Vec<u8>>, batch: &[Write]) {
                 model.remove(key);
                 model.retain(|k, _| !prefixes.iter().any(|p| k.starts_with(p)));
             }
-            // Messages go to the message stream, not the bucket.
+            // A forwarded message goes to the message stream, not to the bucket.
             Write::Publish { .. } => {}
         }
     }
