@@ -544,7 +544,7 @@ async fn a_cluster_s_messages_meet_plain_subscriptions_or_the_chosen_group_only(
     let t0 = Instant::now();
     let (_, plain) = online(&b, t0, &Arc::from("plain"), 1, "t").await;
     let (_, member) = online(&b, t0, &Arc::from("member"), 2, "$share/g/t").await;
-    let group = TopicFilter::parse("$share/g/t".into(), 0).unwrap();
+    let group = TopicFilter::parse("$share/g/t", 0).unwrap();
     b.route_remote(Arc::new(message("t", t0)), Scope::Plain, t0);
     assert_eq!((plain.len(), member.len()), (1, 0));
     b.route_remote(Arc::new(message("t", t0)), Scope::Group(&group), t0);

@@ -39,6 +39,13 @@ use crate::core::message::AppMessage;
 use crate::core::topic::TopicFilter;
 use crate::storage::Embedded;
 
+/// Other nodes' retained changes, as `KvHandle::watch_retained` reports them.
+type RetainedChanges = std::pin::Pin<
+    Box<
+        dyn futures_util::Stream<Item = Result<(String, Option<Bytes>), super::kv::KvError>> + Send,
+    >,
+>;
+
 /// The wire format's version (first byte of every message between nodes).
 const WIRE: u8 = 1;
 /// Message ids remembered to drop the copies overlapping filters bring.
@@ -193,11 +200,6 @@ impl Cluster {
         }))
     }
 
-    /// This node's name.
-    pub fn node(&self) -> &Arc<str> {
-        &self.node
-    }
-
     /// Attaches the broker and its store, and starts answering other nodes' takeovers and
     /// following their retained messages.
     pub async fn attach(
@@ -267,15 +269,7 @@ impl Cluster {
     }
 
     /// Keeps this node's retained messages in step with what other nodes set and clear.
-    async fn follow_retained(
-        self: Arc<Self>,
-        mut changes: std::pin::Pin<
-            Box<
-                dyn futures_util::Stream<Item = Result<(String, Option<Bytes>), super::kv::KvError>>
-                    + Send,
-            >,
-        >,
-    ) {
+    async fn follow_retained(self: Arc<Self>, mut changes: RetainedChanges) {
         loop {
             let (topic, value) = tokio::select! {
                 _ = self.shutdown.cancelled() => return,
