@@ -122,7 +122,10 @@ pub async fn connect(
         .connect(settings.nats.as_slice())
         .await
         .with_context(|| format!("cannot connect to NATS at {urls} (cluster.nats)"))?;
-    let js = async_nats::jetstream::new(client.clone());
+    let mut js = async_nats::jetstream::new(client.clone());
+    // Creating a replicated stream while other nodes do the same can take seconds; a
+    // commit's acknowledgement normally takes milliseconds.
+    js.set_timeout(settings.connect_timeout);
     Ok((client, js))
 }
 
