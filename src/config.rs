@@ -837,6 +837,7 @@ mod tests {
         let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("petrel.example.toml");
         let config = Config::load(Some(&path), std::iter::empty(), &[]).unwrap();
         let defaults = Config::default();
+        assert_eq!(config.cluster, defaults.cluster);
         assert_eq!(config.mqtt.max_packet_size, defaults.mqtt.max_packet_size);
         assert_eq!(
             config.mqtt.max_connect_packet_size,

@@ -107,6 +107,7 @@ async fn join_cluster(
     Arc<Embedded>,
     crate::storage::Recovered,
     Arc<crate::cluster::node::Cluster>,
+    async_nats::jetstream::Context,
 )> {
     let settings = &config.cluster;
     let (client, js) = crate::cluster::node::connect(settings, node).await?;
@@ -129,7 +130,7 @@ async fn join_cluster(
         replicas = settings.replicas,
         "joined the cluster"
     );
-    Ok((store, recovered, cluster))
+    Ok((store, recovered, cluster, js))
 }
 
 /// A started broker: its listeners' addresses and the handle to stop it.
@@ -173,9 +174,11 @@ impl RunningBroker {
         let mut store = None;
         let mut recovered = None;
         let mut cluster = None;
+        let mut cluster_js = None;
         if config.cluster.enabled() {
             // The store's records live in JetStream, and messages travel on NATS.
-            let (opened, read, joined) = join_cluster(config, &node, &shutdown).await?;
+            let (opened, read, joined, js) = join_cluster(config, &node, &shutdown).await?;
+            cluster_js = Some(js);
             broker = broker.with_hooks(Hooks {
                 store: Some(Arc::clone(&opened) as Arc<dyn crate::core::hooks::Store>),
                 peers: Some(Arc::clone(&joined) as Arc<dyn crate::core::hooks::Peers>),
@@ -222,9 +225,31 @@ impl RunningBroker {
             }
         }
         tracker.spawn(Arc::clone(&broker).run_timers(shutdown.clone()));
-        let sys_interval = crate::admin::start_sys(
+        let mut presence = None;
+        if let Some(js) = cluster_js {
+            let started = crate::cluster::presence::Presence::start(
+                js,
+                &config.cluster.prefix,
+                config.cluster.replicas,
+                Arc::clone(&node),
+                crate::admin::node_report(&broker, Arc::clone(&node)),
+            )
+            .await;
+            match started {
+                Ok(started) => {
+                    tracker.spawn(Arc::clone(&started).leave_on(shutdown.clone()));
+                    presence = Some(started);
+                }
+                Err(err) => {
+                    shutdown.cancel();
+                    return Err(err);
+                }
+            }
+        }
+        let sys_interval = crate::admin::start_sys_in_cluster(
             &broker,
             Arc::clone(&node),
+            presence.clone(),
             &config.sys_topics,
             &tracker,
             &shutdown,
@@ -238,8 +263,9 @@ impl RunningBroker {
                 listeners: listeners.clone(),
                 reload: Arc::clone(&reload),
             };
-            let started = crate::admin::start(
+            let started = crate::admin::start_in_cluster(
                 served,
+                presence.clone(),
                 &config.api,
                 &config.broker.data_dir,
                 &tracker,

@@ -189,7 +189,7 @@ pub fn median(samples: &[f64]) -> Option<f64> {
     v.sort_by(f64::total_cmp);
     (!v.is_empty()).then(|| {
         let mid = v.len() / 2;
-        if v.len() % 2 == 0 {
+        if v.len().is_multiple_of(2) {
             (v[mid - 1] + v[mid]) / 2.0
         } else {
             v[mid]

@@ -86,6 +86,37 @@ pub fn counters(b: &Broker) -> Value {
     })
 }
 
+/// This node's entry of `/api/v5/nodes` (EMQX's fields), `uptime` after it started.
+pub fn node_info(b: &Broker, node: &str, uptime: std::time::Duration) -> Value {
+    let (memory_used, memory_total) = memory();
+    let load = load_average();
+    json!({
+        "node": node,
+        "node_status": "running",
+        "version": env!("CARGO_PKG_VERSION"),
+        "edition": "Opensource",
+        "role": "core",
+        "uptime": u64::try_from(uptime.as_millis()).unwrap_or(u64::MAX),
+        "connections": b.metrics.connections.load(Ordering::Relaxed),
+        "live_connections": b.clients.len(),
+        "memory_used": memory_used,
+        "memory_total": memory_total,
+        "load1": load[0],
+        "load5": load[1],
+        "load15": load[2],
+        "sys_path": std::env::current_dir().map(|d| d.display().to_string()).unwrap_or_default(),
+    })
+}
+
+/// What a node tells the rest of its cluster about itself (`cluster::presence`): its
+/// [`node_info`], with its [`stats`] under `stats` and its [`counters`] under `metrics`.
+pub fn node_report(b: &Broker, node: &str, uptime: std::time::Duration) -> Value {
+    let mut report = node_info(b, node, uptime);
+    report["stats"] = stats(b);
+    report["metrics"] = counters(b);
+    report
+}
+
 /// Resident and total memory in bytes (from `/proc`; 0 where it cannot be read).
 pub fn memory() -> (u64, u64) {
     let kib = |text: &str, key: &str| {

@@ -5,7 +5,7 @@
 //!
 //! - `settings`: `[api]` and `[sys_topics]`.
 //! - `auth`: API keys and dashboard logins.
-//! - `api`: the `/api/v5` handlers (`clients`, `messages`, `banned` by family).
+//! - `api`: the `/api/v5` handlers (`clients`, `messages`, `banned`, `nodes` by family).
 //! - `metrics`: stats, counters and the Prometheus exposition.
 //! - `sys`: the `$SYS` topics and client events.
 //! - `assets`: the dashboard's files, embedded.
@@ -32,6 +32,7 @@ pub use settings::{ApiSettings, SysSettings};
 
 use crate::broker::listener::ListenerKind;
 use crate::broker::Broker;
+use crate::cluster::presence::Presence;
 
 /// What the handlers share.
 pub struct AdminState {
@@ -41,6 +42,8 @@ pub struct AdminState {
     pub started: Instant,
     pub version: &'static str,
     pub listeners: Vec<(ListenerKind, SocketAddr)>,
+    /// The cluster's nodes (`None`: no cluster, this node alone).
+    pub presence: Option<Arc<Presence>>,
     auth: auth::ApiAuth,
     /// Where reloads are asked for (as SIGHUP does); empty until the process serves them.
     reload: ReloadSlot,
@@ -77,7 +80,8 @@ pub type ReloadSlot = Arc<std::sync::OnceLock<tokio::sync::mpsc::Sender<ReloadRe
 /// A reload asked for through the API: answered with what happened.
 pub type ReloadRequest = tokio::sync::oneshot::Sender<Result<String, String>>;
 
-/// Starts the `$SYS` publisher; the returned handle changes its interval (on reload).
+/// Starts the `$SYS` publisher of a node alone (no cluster); the returned handle changes its
+/// interval (on reload).
 pub fn start_sys(
     broker: &Arc<Broker>,
     node: Arc<str>,
@@ -85,7 +89,36 @@ pub fn start_sys(
     tracker: &TaskTracker,
     shutdown: &CancellationToken,
 ) -> tokio::sync::watch::Sender<std::time::Duration> {
-    sys::start(broker, node, settings, tracker, shutdown)
+    start_sys_in_cluster(broker, node, None, settings, tracker, shutdown)
+}
+
+/// [`start_sys`] for a node of a cluster: `$SYS/brokers` lists the running nodes that
+/// `presence` knows (`None`: this node alone).
+pub fn start_sys_in_cluster(
+    broker: &Arc<Broker>,
+    node: Arc<str>,
+    presence: Option<Arc<Presence>>,
+    settings: &SysSettings,
+    tracker: &TaskTracker,
+    shutdown: &CancellationToken,
+) -> tokio::sync::watch::Sender<std::time::Duration> {
+    sys::start(broker, node, presence, settings, tracker, shutdown)
+}
+
+/// How this node reports itself to its cluster: the `local` of
+/// `cluster::presence::Presence::start`. Its report is its `/api/v5/nodes` entry, with its
+/// `/api/v5/stats` under `stats` and its `/api/v5/metrics` under `metrics`; its uptime counts
+/// from this call. Holds the broker weakly: once it is gone, the report is `null`.
+pub fn node_report(
+    broker: &Arc<Broker>,
+    node: Arc<str>,
+) -> Arc<dyn Fn() -> serde_json::Value + Send + Sync> {
+    let broker = Arc::downgrade(broker);
+    let started = crate::broker::clock::now();
+    Arc::new(move || match broker.upgrade() {
+        Some(broker) => metrics::node_report(&broker, &node, started.elapsed()),
+        None => serde_json::Value::Null,
+    })
 }
 
 /// What the API serves, besides its settings.
@@ -98,9 +131,23 @@ pub struct Served {
     pub reload: ReloadSlot,
 }
 
-/// Binds the API and serves it until `shutdown`; returns the address it listens on.
+/// Binds the API of a node alone (no cluster) and serves it until `shutdown`; returns the
+/// address it listens on.
 pub async fn start(
     served: Served,
+    settings: &ApiSettings,
+    data_dir: &Path,
+    tracker: &TaskTracker,
+    shutdown: &CancellationToken,
+) -> anyhow::Result<SocketAddr> {
+    start_in_cluster(served, None, settings, data_dir, tracker, shutdown).await
+}
+
+/// [`start`] for a node of a cluster: the nodes, stats and metrics routes answer for every
+/// node that `presence` knows (`None`: this node alone).
+pub async fn start_in_cluster(
+    served: Served,
+    presence: Option<Arc<Presence>>,
     settings: &ApiSettings,
     data_dir: &Path,
     tracker: &TaskTracker,
@@ -113,6 +160,7 @@ pub async fn start(
         started: crate::broker::clock::now(),
         version: env!("CARGO_PKG_VERSION"),
         listeners: served.listeners,
+        presence,
         auth,
         reload: served.reload,
         tcp_links: tokio::sync::Mutex::new(None),

@@ -4,6 +4,7 @@
 //! `$SYS/brokers/<node>/clients/<clientid>/connected|disconnected` as they happen. They go
 //! through the router like any message, so the ACL decides who may read them, and a `#`
 //! subscription does not see them [MQTT-4.7.2-1]. They are not written to the durable store.
+//! In a cluster, `$SYS/brokers` lists every running node (from `cluster::presence`).
 
 use std::collections::HashMap;
 use std::sync::{Arc, Weak};
@@ -18,6 +19,7 @@ use tokio_util::task::TaskTracker;
 use super::metrics;
 use crate::broker::clients::{ClientEvents, ClientInfo};
 use crate::broker::{clock, Broker};
+use crate::cluster::presence::Presence;
 use crate::codec::{Properties, Publish, QoS, ReasonCode};
 use crate::core::message::AppMessage;
 use crate::core::topic::TopicName;
@@ -27,6 +29,7 @@ use crate::core::topic::TopicName;
 pub fn start(
     broker: &Arc<Broker>,
     node: Arc<str>,
+    presence: Option<Arc<Presence>>,
     settings: &super::SysSettings,
     tracker: &TaskTracker,
     shutdown: &CancellationToken,
@@ -41,6 +44,7 @@ pub fn start(
     let mut publisher = Publisher {
         broker: Arc::downgrade(broker),
         node,
+        presence,
         last: HashMap::new(),
         started: clock::now(),
         loads: Loads::default(),
@@ -193,6 +197,8 @@ impl Loads {
 struct Publisher {
     broker: Weak<Broker>,
     node: Arc<str>,
+    /// The cluster's nodes, for `$SYS/brokers` (`None`: this node alone).
+    presence: Option<Arc<Presence>>,
     /// What was last published on each topic: unchanged values are not sent again.
     last: HashMap<String, String>,
     started: std::time::Instant,
@@ -223,6 +229,14 @@ impl Publisher {
                 _ = tokio::time::sleep(every) => {}
                 changed = interval.changed() => if changed.is_err() { return },
             }
+        }
+    }
+
+    /// EMQX's `$SYS/brokers`: the running nodes' names, sorted, separated by commas.
+    fn brokers(&self) -> String {
+        match &self.presence {
+            Some(presence) => presence.running().join(","),
+            None => self.node.to_string(),
         }
     }
 
@@ -296,7 +310,7 @@ impl Publisher {
         }
         // EMQX's tree.
         let node = Arc::clone(&self.node);
-        self.set(broker, "$SYS/brokers".into(), node.to_string());
+        self.set(broker, "$SYS/brokers".into(), self.brokers());
         let base = format!("$SYS/brokers/{node}");
         self.set(broker, format!("{base}/version"), version.into());
         self.set(

@@ -8,7 +8,11 @@
 //! it. A batch goes out as one pipeline on the NATS connection — every put and delete sent
 //! in order without waiting, then every acknowledgement awaited — so a commit costs about one
 //! round trip to the stream leader (and its replicas), not one per write. Record keys map to
-//! KV keys as `keys` describes; every write carries `Petrel-Node: <node>`.
+//! KV keys as `keys` describes; every write carries `Petrel-Node: <node>`. A delete is a KV
+//! delete marker (`KV-Operation: DEL`); the markers of per-session and delayed keys are
+//! then removed by sequence during the next commit, so that a session's space does not grow
+//! with every delivery it acknowledged (retained messages' markers stay: other nodes watch
+//! them).
 //!
 //! What a node restores at start-up ([`Engine::take_records`]) is what is its own: every
 //! retained message, its own delayed messages, and the sessions whose owner key
@@ -58,6 +62,8 @@ const READ_IDLE: Duration = Duration::from_secs(10);
 /// Up to this many owned sessions are read one by one at start-up; more, in one pass over
 /// every session of the cluster.
 const PER_CLIENT_READS: usize = 64;
+/// Delete-marker removals in flight at once.
+const MARKER_REMOVALS: usize = 64;
 /// Room left in a message for its headers.
 const HEADER_ROOM: usize = 1024;
 
@@ -76,6 +82,8 @@ pub struct KvEngine {
     kv: KvHandle,
     records: BTreeMap<Vec<u8>, Vec<u8>>,
     written: u64,
+    /// Delete markers of the last commit, removed during the next one.
+    markers: Vec<u64>,
 }
 
 /// The bucket, for the cluster code: cheap to clone, usable from any task.
@@ -114,6 +122,7 @@ pub async fn open(
         kv,
         records,
         written: 0,
+        markers: Vec::new(),
     })
 }
 
@@ -127,11 +136,15 @@ impl KvEngine {
 impl Engine for KvEngine {
     /// Must not be called on a runtime thread (it blocks on the runtime).
     fn apply(&mut self, batch: &[Write]) -> std::io::Result<()> {
-        let written = self
-            .runtime
-            .block_on(self.kv.write(batch))
-            .map_err(std::io::Error::other)?;
-        self.written += written;
+        // The last commit's markers go meanwhile: removing a message by its sequence cannot
+        // touch anything newer, so it needs no order with this batch.
+        let markers = std::mem::take(&mut self.markers);
+        let (written, ()) = self.runtime.block_on(async {
+            tokio::join!(self.kv.write(batch), self.kv.remove_markers(markers))
+        });
+        let written = written.map_err(std::io::Error::other)?;
+        self.written += written.bytes;
+        self.markers = written.markers;
         Ok(())
     }
 
@@ -174,7 +187,16 @@ impl KvHandle {
         let stream_name = format!("KV_{bucket}");
         let stream = match js.get_stream(&stream_name).await {
             Ok(stream) => {
-                let have = stream.cached_info().config.num_replicas;
+                let config = &stream.cached_info().config;
+                if config.deny_delete {
+                    tracing::warn!(
+                        %bucket,
+                        "the cluster store's bucket denies message deletes (made by `nats kv \
+                         add`?): every acknowledged delivery leaves a delete marker until its \
+                         session ends; let Petrel create the bucket to avoid that"
+                    );
+                }
+                let have = config.num_replicas;
                 if have != replicas {
                     tracing::warn!(
                         %bucket,
@@ -225,7 +247,9 @@ impl KvHandle {
             storage: jetstream::stream::StorageType::File,
             num_replicas: replicas.max(1),
             allow_rollup: true,
-            deny_delete: true,
+            // Unlike `nats kv add`: the delete markers of per-session keys are removed by
+            // sequence once written (`remove_markers`).
+            deny_delete: false,
             allow_direct: true,
             discard: jetstream::stream::DiscardPolicy::New,
             ..Default::default()
@@ -286,16 +310,17 @@ impl KvHandle {
     /// Records this node as `client_id`'s owner (a session that the store does not keep,
     /// so that a CONNECT on another node still finds where to take it over from).
     pub async fn set_owner(&self, client_id: &str) -> Result<(), KvError> {
-        let mut acks = VecDeque::new();
+        let mut out = Pipeline::default();
         let owner = Bytes::copy_from_slice(self.node.as_bytes());
         self.publish(
-            &mut acks,
+            &mut out,
             owner_key(client_id.as_bytes()),
             None,
             Some(owner),
+            false,
         )
         .await?;
-        self.settle(&mut acks, 0).await
+        self.settle(&mut out, 0).await
     }
 
     /// Every record of `client_id`'s session as binary keys and values, ready for
@@ -320,7 +345,9 @@ impl KvHandle {
     /// Retained messages set (`Some(record value)`, `record::decode` reads it) or cleared
     /// (`None`) by nodes other than `skip_node`, from now on. An error item is a notice (the
     /// ordered consumer under it recovers by itself and the watch goes on); the stream ends
-    /// only when the connection is closed for good.
+    /// only when the connection is closed for good. After a gap (a reconnection before the
+    /// first change) the consumer may start over and report the current value of every
+    /// retained message again: applying changes must be idempotent.
     pub async fn watch_retained(
         &self,
         skip_node: &str,
@@ -363,7 +390,17 @@ impl KvHandle {
             .await
             .map_err(|e| self.error(what.clone(), e))?;
         let pending = consumer.cached_info().num_pending;
-        let messages = consumer.messages().await.map_err(|e| self.error(what, e))?;
+        let messages = consumer
+            .messages()
+            .await
+            .map_err(|e| self.error(what.clone(), e))?;
+        // The subscription to the delivery subject is at the server before anything is
+        // written after this returns (a watch "from now on" misses nothing).
+        self.js
+            .client()
+            .flush()
+            .await
+            .map_err(|e| self.error(what, e))?;
         Ok((messages, pending))
     }
 
@@ -452,25 +489,22 @@ impl KvHandle {
         Ok(records)
     }
 
-    /// Sends `batch` in order as one pipeline and awaits every acknowledgement; returns the
-    /// bytes written.
-    async fn write(&self, batch: &[Write]) -> Result<u64, KvError> {
-        let mut acks = VecDeque::new();
-        let mut bytes = 0u64;
+    /// Sends `batch` in order as one pipeline and awaits every acknowledgement.
+    async fn write(&self, batch: &[Write]) -> Result<Written, KvError> {
+        let mut out = Pipeline::default();
         for write in batch {
             match write {
                 Write::Put { key, value } => {
-                    bytes += self.send(&mut acks, key, Some(value.clone())).await?;
+                    self.send(&mut out, key, Some(value.clone())).await?;
                     if let Some(client) = key.strip_prefix(&[record::SESSION]) {
                         let owner = Bytes::copy_from_slice(self.node.as_bytes());
-                        bytes += self
-                            .publish(&mut acks, owner_key(client), None, Some(owner))
+                        self.publish(&mut out, owner_key(client), None, Some(owner), false)
                             .await?;
                     }
                 }
                 Write::Delete(keys) => {
                     for key in keys {
-                        bytes += self.send(&mut acks, key, None).await?;
+                        self.send(&mut out, key, None).await?;
                     }
                 }
                 Write::Publish { subject, payload } => {
@@ -484,14 +518,14 @@ impl KvHandle {
                         )
                         .await
                         .map_err(|e| self.error(format!("publishing on {subject}"), e))?;
-                    acks.push_back(ack);
-                    self.settle(&mut acks, ACK_WINDOW).await?;
-                    bytes += payload.len() as u64;
+                    out.acks.push_back((ack, false));
+                    self.settle(&mut out, ACK_WINDOW).await?;
+                    out.done.bytes += payload.len() as u64;
                 }
                 Write::EndSession { key, .. } => {
                     // In order: what came before is in before the purge, what comes after
                     // goes after it.
-                    self.settle(&mut acks, 0).await?;
+                    self.settle(&mut out, 0).await?;
                     let client = key.strip_prefix(&[record::SESSION]).unwrap_or(key);
                     let filter = client_filter(client);
                     let what = format!("purging {filter}");
@@ -507,29 +541,32 @@ impl KvHandle {
                 }
             }
         }
-        self.settle(&mut acks, 0).await?;
-        Ok(bytes)
+        self.settle(&mut out, 0).await?;
+        Ok(out.done)
     }
 
     /// Sends one record's put (`Some`) or delete (`None`).
     async fn send(
         &self,
-        acks: &mut VecDeque<PublishAckFuture>,
+        out: &mut Pipeline,
         key: &[u8],
         value: Option<Bytes>,
-    ) -> Result<u64, KvError> {
+    ) -> Result<(), KvError> {
         let kv = to_kv(key, &self.node);
         let carried = kv.carried.then(|| keys::hex(key));
-        self.publish(acks, kv.key, carried, value).await
+        // Delete markers of retained messages stay: other nodes' watches must see them.
+        let removable = value.is_none() && key.first() != Some(&record::RETAINED);
+        self.publish(out, kv.key, carried, value, removable).await
     }
 
     async fn publish(
         &self,
-        acks: &mut VecDeque<PublishAckFuture>,
+        out: &mut Pipeline,
         key: String,
         carried: Option<String>,
         value: Option<Bytes>,
-    ) -> Result<u64, KvError> {
+        removable: bool,
+    ) -> Result<(), KvError> {
         let mut headers = HeaderMap::new();
         headers.insert(NODE_HEADER, self.node.as_str());
         let carried_len = carried.as_ref().map_or(0, String::len);
@@ -555,7 +592,7 @@ impl KvHandle {
                 ),
             ));
         }
-        let bytes = (key.len() + payload.len()) as u64;
+        out.done.bytes += (key.len() + payload.len()) as u64;
         let subject = format!("{}{key}", self.prefix);
         let ack = self
             .js
@@ -565,24 +602,70 @@ impl KvHandle {
             )
             .await
             .map_err(|e| self.error(format!("writing {key}"), e))?;
-        acks.push_back(ack);
-        self.settle(acks, ACK_WINDOW).await?;
-        Ok(bytes)
+        out.acks.push_back((ack, removable));
+        self.settle(out, ACK_WINDOW).await
     }
 
     /// Awaits acknowledgements, oldest first, until at most `keep` are outstanding.
-    async fn settle(
-        &self,
-        acks: &mut VecDeque<PublishAckFuture>,
-        keep: usize,
-    ) -> Result<(), KvError> {
-        while acks.len() > keep {
-            let ack = acks.pop_front().expect("not empty");
-            ack.await
+    async fn settle(&self, out: &mut Pipeline, keep: usize) -> Result<(), KvError> {
+        while out.acks.len() > keep {
+            let (ack, removable) = out.acks.pop_front().expect("not empty");
+            let ack = ack
+                .await
                 .map_err(|e| self.error("a write's acknowledgement", e))?;
+            if removable {
+                out.done.markers.push(ack.sequence);
+            }
         }
         Ok(())
     }
+
+    /// Removes delete markers (by stream sequence) that a commit left: a deleted key then
+    /// holds no message at all, so that a session's bucket space does not grow with every
+    /// delivery it ever acknowledged. Best effort: a marker left is only garbage (a session's
+    /// end purges it).
+    async fn remove_markers(&self, markers: Vec<u64>) {
+        if markers.is_empty() {
+            return;
+        }
+        let subject = format!("STREAM.MSG.DELETE.KV_{}", self.bucket);
+        let left = futures_util::stream::iter(markers)
+            .map(|seq| {
+                let subject = subject.clone();
+                async move {
+                    let request = serde_json::json!({ "seq": seq, "no_erase": true });
+                    self.js
+                        .request::<_, _, serde_json::Value>(subject, &request)
+                        .await
+                }
+            })
+            .buffer_unordered(MARKER_REMOVALS)
+            .filter(|response| {
+                let removed = matches!(response, Ok(v) if v["success"] == serde_json::json!(true));
+                std::future::ready(!removed)
+            })
+            .count()
+            .await;
+        if left > 0 {
+            tracing::debug!(bucket = %self.bucket, left, "delete markers not removed");
+        }
+    }
+}
+
+/// A commit's writes in flight.
+#[derive(Default)]
+struct Pipeline {
+    /// Acknowledgements awaited, oldest first, each with whether it is a removable marker.
+    acks: VecDeque<(PublishAckFuture, bool)>,
+    done: Written,
+}
+
+/// What a commit wrote.
+#[derive(Default)]
+struct Written {
+    bytes: u64,
+    /// Stream sequences of delete markers to remove.
+    markers: Vec<u64>,
 }
 
 /// Whether a KV message is a delete or purge marker.

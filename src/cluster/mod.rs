@@ -8,6 +8,7 @@
 
 pub mod kv;
 pub mod node;
+pub mod presence;
 pub mod settings;
 pub mod subject;
 

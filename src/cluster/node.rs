@@ -39,6 +39,13 @@ use crate::core::message::AppMessage;
 use crate::core::topic::TopicFilter;
 use crate::storage::Embedded;
 
+/// Other nodes' retained changes, as `KvHandle::watch_retained` reports them.
+type RetainedChanges = std::pin::Pin<
+    Box<
+        dyn futures_util::Stream<Item = Result<(String, Option<Bytes>), super::kv::KvError>> + Send,
+    >,
+>;
+
 /// The wire format's version (first byte of every message between nodes).
 const WIRE: u8 = 1;
 /// Message ids remembered to drop the copies overlapping filters bring.
@@ -115,7 +122,10 @@ pub async fn connect(
         .connect(settings.nats.as_slice())
         .await
         .with_context(|| format!("cannot connect to NATS at {urls} (cluster.nats)"))?;
-    let js = async_nats::jetstream::new(client.clone());
+    let mut js = async_nats::jetstream::new(client.clone());
+    // Creating a replicated stream while other nodes do the same can take seconds; a
+    // commit's acknowledgement normally takes milliseconds.
+    js.set_timeout(settings.connect_timeout);
     Ok((client, js))
 }
 
@@ -193,11 +203,6 @@ impl Cluster {
         }))
     }
 
-    /// This node's name.
-    pub fn node(&self) -> &Arc<str> {
-        &self.node
-    }
-
     /// Attaches the broker and its store, and starts answering other nodes' takeovers and
     /// following their retained messages.
     pub async fn attach(
@@ -267,15 +272,7 @@ impl Cluster {
     }
 
     /// Keeps this node's retained messages in step with what other nodes set and clear.
-    async fn follow_retained(
-        self: Arc<Self>,
-        mut changes: std::pin::Pin<
-            Box<
-                dyn futures_util::Stream<Item = Result<(String, Option<Bytes>), super::kv::KvError>>
-                    + Send,
-            >,
-        >,
-    ) {
+    async fn follow_retained(self: Arc<Self>, mut changes: RetainedChanges) {
         loop {
             let (topic, value) = tokio::select! {
                 _ = self.shutdown.cancelled() => return,

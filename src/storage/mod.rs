@@ -91,6 +91,7 @@ pub enum OpenError {
          petrel store repair {dir}   (keep every record that can be read)\n  \
          or move {dir} away to start with an empty store"
     )]
+    /// The embedded log in `dir`.
     Dir { dir: String, reason: String },
     /// Another engine's records (`open_with`).
     #[error(

@@ -98,6 +98,14 @@ pub struct BenchArgs {
     /// 300 s), so the broker keeps, and with a durable store writes, each delivery.
     #[arg(long)]
     pub persistent: bool,
+    /// Subscribers connect here instead of `--url`, in turn (repeat it: subscriber i uses
+    /// the i-th modulo their number), e.g. other nodes of a cluster than the publishers'.
+    #[arg(long, value_name = "URL")]
+    pub sub_url: Vec<String>,
+    /// Milliseconds to wait between subscribing and publishing (a cluster's nodes learn of
+    /// new subscriptions asynchronously).
+    #[arg(long, default_value_t = 0, value_name = "MS")]
+    pub settle_ms: u64,
     /// Write the report as one JSON object on standard output.
     #[arg(long)]
     pub json: bool,
@@ -366,6 +374,9 @@ pub async fn run(args: BenchArgs) -> anyhow::Result<BenchReport> {
             .await
             .with_context(|| format!("subscriber {i} cannot subscribe"))?;
     }
+    if args.settle_ms > 0 {
+        tokio::time::sleep(Duration::from_millis(args.settle_ms)).await;
+    }
     let publishers = connect_all(&args, "bench-pub", pubs).await?;
 
     let mut sub_tasks = JoinSet::new();
@@ -502,8 +513,11 @@ async fn connect_all(
     let mut set = JoinSet::new();
     let mut clients = Vec::with_capacity(n);
     for i in 0..n {
-        let mut options = args
-            .connect
+        let mut connect = args.connect.clone();
+        if role == "bench-sub" && !args.sub_url.is_empty() {
+            connect.urls = vec![args.sub_url[i % args.sub_url.len()].clone()];
+        }
+        let mut options = connect
             .options(&generated_id(&format!("{role}-{i}")))?
             .offline_buffer(args.inflight.max(1000))
             .event_capacity(4096);

@@ -4,7 +4,8 @@
 The page is opened at http://MQTT_HOST:API_PORT/ and every step goes through its elements:
 
 * a wrong password shows the message of the API's 401 body; the right one logs in;
-* the overview shows the stats and draws its charts from at least two polls;
+* the overview shows the stats, one row per node of GET /api/v5/nodes, and draws its charts
+  from at least two polls;
 * a paho client (MQTT v5, TCP) appears in the clients table (search by client id), its
   detail shows its subscription, the subscriptions, topics and link-quality pages list it
   (link figures "—" for TCP);
@@ -96,6 +97,16 @@ def api_login_failure(password):
         check(e.code == 401, f"POST /api/v5/login with a bad password: HTTP {e.code}, expected 401")
         return json.loads(e.read())
     check(False, "POST /api/v5/login with a bad password succeeded")
+
+
+def api_get(path):
+    """GET /api/v5/<path> with a login of our own: the JSON answer."""
+    login = urllib.request.Request(BASE + "api/v5/login", method="POST",
+                                   data=json.dumps({"username": USER, "password": PASSWORD}).encode(),
+                                   headers={"Content-Type": "application/json"})
+    token = json.loads(urllib.request.urlopen(login, timeout=5).read())["token"]
+    req = urllib.request.Request(BASE + "api/v5/" + path, headers={"Authorization": f"Bearer {token}"})
+    return json.loads(urllib.request.urlopen(req, timeout=5).read())
 
 
 class Page:
@@ -223,6 +234,12 @@ def steps(p, run):
             lambda: int(p.id("chart-rates").get_attribute("data-samples") or 0) >= 2)
     connections = p.text("stat-connections-count")
     check(connections.isdigit() and int(connections) >= 1, f"overview connections shows {connections!r}")
+    # The nodes table: every node GET /api/v5/nodes lists, each with its status.
+    node_names = [n["node"] for n in api_get("nodes")]
+    rows = p.d.find_elements(p.By.CSS_SELECTOR, "#nodes-table tbody tr")
+    check([r.get_attribute("data-node") for r in rows] == node_names,
+          f"nodes table lists {[r.get_attribute('data-node') for r in rows]}, the API {node_names}")
+    check(all("running" in r.text or "stopped" in r.text for r in rows), "a node row has no status")
     p.shot("overview")
 
     # Clients: search by client id, the row appears; the detail lists the subscription.

@@ -28,10 +28,12 @@ use crate::core::topic::{filter_matches, TopicFilter, TopicName};
 mod banned;
 mod clients;
 mod messages;
+mod nodes;
 
 use banned::*;
 use clients::*;
 use messages::*;
+use nodes::*;
 
 type Shared = State<Arc<AdminState>>;
 
@@ -95,6 +97,8 @@ pub fn protected() -> Router<Arc<AdminState>> {
         .route("/api/v5/logout", post(logout))
         .route("/api/v5/nodes", get(nodes))
         .route("/api/v5/nodes/{node}", get(node))
+        .route("/api/v5/nodes/{node}/stats", get(node_stats))
+        .route("/api/v5/nodes/{node}/metrics", get(node_metrics))
         .route("/api/v5/stats", get(stats))
         .route("/api/v5/metrics", get(metrics_json))
         .route("/api/v5/listeners", get(listeners))
@@ -237,7 +241,7 @@ fn epoch_secs(at: SystemTime) -> u64 {
     at.duration_since(UNIX_EPOCH).map_or(0, |d| d.as_secs())
 }
 
-// ---- health and nodes ---------------------------------------------------------------------
+// ---- health and login ---------------------------------------------------------------------
 
 async fn status(State(state): Shared, params: Params) -> Response {
     if params.get("format").map(String::as_str) == Some("json") {
@@ -289,60 +293,6 @@ async fn logout(State(state): Shared, headers: HeaderMap) -> StatusCode {
         state.auth.logout(token.trim());
     }
     StatusCode::NO_CONTENT
-}
-
-fn node_json(state: &AdminState) -> Value {
-    let m = &state.broker.metrics;
-    let (memory_used, memory_total) = metrics::memory();
-    let load = metrics::load_average();
-    json!({
-        "node": &*state.node,
-        "node_status": "running",
-        "version": state.version,
-        "edition": "Opensource",
-        "role": "core",
-        "uptime": u64::try_from(state.started.elapsed().as_millis()).unwrap_or(u64::MAX),
-        "connections": m.connections.load(Ordering::Relaxed),
-        "live_connections": state.broker.clients.len(),
-        "memory_used": memory_used,
-        "memory_total": memory_total,
-        "load1": load[0],
-        "load5": load[1],
-        "load15": load[2],
-        "sys_path": std::env::current_dir().map(|d| d.display().to_string()).unwrap_or_default(),
-    })
-}
-
-async fn nodes(State(state): Shared) -> Json<Value> {
-    Json(json!([node_json(&state)]))
-}
-
-async fn node(State(state): Shared, Path(name): Path<String>) -> ApiResult<Json<Value>> {
-    if name != *state.node {
-        return Err(ApiError::not_found("NOT_FOUND", format!("no node {name}")));
-    }
-    Ok(Json(node_json(&state)))
-}
-
-/// EMQX answers per node unless `aggregate=true`.
-fn per_node(
-    state: &AdminState,
-    params: &HashMap<String, String>,
-    mut value: Value,
-) -> ApiResult<Json<Value>> {
-    if flag(params, "aggregate")? == Some(true) {
-        return Ok(Json(value));
-    }
-    value["node"] = json!(&*state.node);
-    Ok(Json(json!([value])))
-}
-
-async fn stats(State(state): Shared, params: Params) -> ApiResult<Json<Value>> {
-    per_node(&state, &params, metrics::stats(&state.broker))
-}
-
-async fn metrics_json(State(state): Shared, params: Params) -> ApiResult<Json<Value>> {
-    per_node(&state, &params, metrics::counters(&state.broker))
 }
 
 async fn listeners(State(state): Shared) -> Json<Value> {

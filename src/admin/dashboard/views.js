@@ -1,4 +1,5 @@
-// The dashboard's views over the broker's state: overview (stat cards and live charts),
+// The dashboard's views over the broker's state: overview (stat cards, the cluster's nodes
+// and live charts),
 // clients (search, detail with subscriptions, kick), subscriptions, topics, retained messages
 // (view, delete) and the banned list. Each factory returns {enter(args), leave()}.
 
@@ -10,7 +11,8 @@ import { drawChart } from "./charts.js";
 
 const OVERVIEW_SAMPLES = 150; // 5 minutes of overview history at one poll per 2 s
 
-// Overview: stat cards, three live charts, and the whole metrics table.
+// Overview: stat cards, the nodes (every node of a cluster), three live charts, and the whole
+// metrics table.
 export function overviewView() {
   const STATS = [
     ["connections.count", "Connections"],
@@ -49,10 +51,12 @@ export function overviewView() {
   }
 
   async function load() {
-    const [statsRaw, metricsRaw] = await Promise.all([
+    const [statsRaw, metricsRaw, nodes] = await Promise.all([
       api("GET", "stats?aggregate=true"),
       api("GET", "metrics?aggregate=true"),
+      api("GET", "nodes"),
     ]);
+    renderNodes(Array.isArray(nodes) ? nodes : []);
     const stats = aggregate(statsRaw), metrics = aggregate(metricsRaw);
     const t = performance.now();
     const dt = previous ? (t - previous.t) / 1000 : 0;
@@ -104,6 +108,22 @@ export function overviewView() {
     })), OVERVIEW_SAMPLES);
   }
 
+  function renderNodes(nodes) {
+    const head = ["Node", "Status", "Version", "Uptime", "Connections", "Memory", "Load 1 min"];
+    $("nodes-table").replaceChildren(
+      el("thead", null, el("tr", null, head.map((h) => el("th", null, h)))),
+      el("tbody", null, nodes.map((n) => el("tr", { "data-node": n.node },
+        el("td", null, n.node),
+        el("td", null, el("span", { class: `badge ${n.node_status === "running" ? "running" : "stopped"}` }, n.node_status || DASH)),
+        el("td", null, n.version || DASH),
+        el("td", null, fmtUptime(n.uptime)),
+        el("td", { class: "num" }, fmtNumber(n.connections)),
+        el("td", { class: "num" }, fmtBytes(n.memory_used)),
+        el("td", { class: "num" }, fmtNumber(n.load1)),
+      ))),
+    );
+  }
+
   function renderMetrics(metrics) {
     const keys = Object.keys(metrics).sort();
     $("metrics-table").replaceChildren(
@@ -125,6 +145,23 @@ export function overviewView() {
       poll = null;
     },
   };
+}
+
+// Milliseconds as "3d 4h", "5h 2m", "7m 12s".
+function fmtUptime(ms) {
+  if (typeof ms !== "number") return DASH;
+  const s = Math.floor(ms / 1000), d = Math.floor(s / 86400), h = Math.floor(s / 3600) % 24;
+  const m = Math.floor(s / 60) % 60;
+  if (d > 0) return `${d}d ${h}h`;
+  if (h > 0) return `${h}h ${m}m`;
+  return `${m}m ${s % 60}s`;
+}
+
+function fmtBytes(n) {
+  if (typeof n !== "number") return DASH;
+  if (n >= 1 << 30) return (n / (1 << 30)).toFixed(1) + " GiB";
+  if (n >= 1 << 20) return (n / (1 << 20)).toFixed(0) + " MiB";
+  return (n / 1024).toFixed(0) + " KiB";
 }
 
 function stateBadge(client) {

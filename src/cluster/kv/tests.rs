@@ -151,6 +151,8 @@ fn model_apply(model: &mut BTreeMap<Vec<u8>, Vec<u8>>, batch: &[Write]) {
                 model.remove(key);
                 model.retain(|k, _| !prefixes.iter().any(|p| k.starts_with(p)));
             }
+            // A forwarded message goes to the message stream, not to the bucket.
+            Write::Publish { .. } => {}
         }
     }
 }
@@ -522,4 +524,54 @@ async fn three_replicas_on_three_servers() {
         .to_string();
     println!("{err}");
     assert!(err.contains("cluster.replicas"), "{err}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn acknowledged_deliveries_leave_no_markers_behind() {
+    let server = Server::start("markers").await;
+    let engine = server.open("n1").await;
+    let handle = engine.handle();
+    let mut batch = vec![put(record::session_key("c"), b"s")];
+    batch.extend((0..50).map(|k| put(record::queued_key("c", k), b"q")));
+    let engine = apply(engine, batch).await;
+    let deletes = (0..50)
+        .map(|k| Write::Delete(vec![record::queued_key("c", k), record::sent_key("c", k)]))
+        .collect();
+    let engine = apply(engine, deletes).await;
+    // The next commit removes the markers of the one before.
+    let engine = apply(engine, vec![put(record::retained_key("t"), b"r")]).await;
+    let state = handle.stream.get_info().await.unwrap().state;
+    // The format record, the session, its owner key, the retained message.
+    assert_eq!(state.messages, 4, "{state:?}");
+    let records = handle.load_client("c").await.unwrap();
+    assert_eq!(
+        records.keys().collect::<Vec<_>>(),
+        [&record::session_key("c")]
+    );
+    drop(engine);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn many_owned_sessions_are_read_in_one_pass() {
+    let server = Server::start("many").await;
+    let clients = PER_CLIENT_READS + 6;
+    let mut writes = Vec::new();
+    for i in 0..clients {
+        writes.extend(session_writes(&format!("mine{i}"), i as u64));
+    }
+    let n1 = apply(server.open("n1").await, writes).await;
+    let n2 = apply(server.open("n2").await, session_writes("theirs", 1)).await;
+    drop((n1, n2));
+    let mut n1 = server.open("n1").await;
+    let recovered = crate::storage::recover::read(n1.take_records()).unwrap();
+    let mut names: Vec<String> = recovered
+        .sessions
+        .iter()
+        .map(|s| s.session.client_id.to_string())
+        .collect();
+    names.sort();
+    let mut expected: Vec<String> = (0..clients).map(|i| format!("mine{i}")).collect();
+    expected.sort();
+    assert_eq!(names, expected);
+    assert!(recovered.sessions.iter().all(|s| s.queued.len() == 1));
 }
