@@ -336,6 +336,8 @@ class PetrelNode:
         self.single = single
         self.proc = None
         self.lives = 0
+        # Set while the script means the node to be down (killed or stopped).
+        self.expected_down = False
 
     def start(self):
         os.makedirs(self.data_dir, exist_ok=True)
@@ -348,6 +350,7 @@ class PetrelNode:
                     "--set", f"cluster.node_name={self.name}",
                     "--set", "cluster.replicas=3"]
         self.lives += 1
+        self.expected_down = False
         with open(self.log_path, "ab") as out:
             out.write(f"=== {self.name} life {self.lives}: {' '.join(cmd)}\n".encode())
             out.flush()
@@ -367,12 +370,20 @@ class PetrelNode:
     def alive(self):
         return self.proc is not None and self.proc.poll() is None
 
+    def exited_by_itself(self):
+        """The exit status if the node exited without the script stopping it, else None."""
+        if self.proc is None or self.expected_down or self.proc.poll() is None:
+            return None
+        return self.proc.returncode
+
     def kill(self):
+        self.expected_down = True
         if self.alive():
             self.proc.send_signal(signal.SIGKILL)
             self.proc.wait(timeout=10)
 
     def stop(self):
+        self.expected_down = True
         if self.alive():
             self.proc.terminate()
             try:
@@ -1278,32 +1289,42 @@ def main():
             marks = {n.name: n.log_size() for n in cl.unique_nodes()}
             nats_marks = {s.name: size_of(s.log_path) for s in (cl.nats.servers if cl.nats else [])}
             t0 = time.monotonic()
+            why = None
             try:
-                cl.start()  # whatever a failed fault scenario left down
+                cl.start()  # whatever a failed fault scenario (or a crash) left down
                 fn(cl)
-                passed.append(name)
-                print(f"PASS {name} ({time.monotonic() - t0:.1f} s)", flush=True)
             except Exception as e:  # noqa: BLE001 (a scenario's failure is reported, not fatal)
-                failed.append(name)
                 why = str(e) if isinstance(e, Failure) else f"{type(e).__name__}: {e}"
-                print(f"FAIL {name}: {why} (seed {SEED}, {time.monotonic() - t0:.1f} s)",
-                      flush=True)
                 if not isinstance(e, Failure) or os.environ.get("CLUSTER_DEBUG"):
                     traceback.print_exc()
-                for n in cl.unique_nodes():
-                    lines = tail(n.log_path, marks.get(n.name, 0), 40)
-                    print(f"    --- {n.name} log during {name} ({len(lines)} lines shown)")
-                    for line in lines:
-                        print(f"    {n.name}| {line}")
-                for srv in (cl.nats.servers if cl.nats else []):
-                    lines = [x for x in tail(srv.log_path, nats_marks.get(srv.name, 0), 100000)
-                             if "[WRN]" in x or "[ERR]" in x or "[FTL]" in x]
-                    if lines:
-                        print(f"    --- {srv.name} warnings and errors during {name}")
-                    for line in lines[-10:]:
-                        print(f"    {srv.name}| {line}")
-            finally:
-                close_all_conns()
+            # A node that exited without the script killing it fails the scenario it died in.
+            exits = []
+            for n in cl.unique_nodes():
+                code = n.exited_by_itself()
+                if code is not None:
+                    exits.append(f"{n.name} exited by itself with status {code}")
+                    n.expected_down = True  # reported once; the next scenario restarts it
+            if exits:
+                why = "; ".join(exits) + (f"; and: {why}" if why else "")
+            close_all_conns()
+            if why is None:
+                passed.append(name)
+                print(f"PASS {name} ({time.monotonic() - t0:.1f} s)", flush=True)
+                continue
+            failed.append(name)
+            print(f"FAIL {name}: {why} (seed {SEED}, {time.monotonic() - t0:.1f} s)", flush=True)
+            for n in cl.unique_nodes():
+                lines = tail(n.log_path, marks.get(n.name, 0), 40)
+                print(f"    --- {n.name} log during {name} ({len(lines)} lines shown)")
+                for line in lines:
+                    print(f"    {n.name}| {line}")
+            for srv in (cl.nats.servers if cl.nats else []):
+                lines = [x for x in tail(srv.log_path, nats_marks.get(srv.name, 0), 100000)
+                         if "[WRN]" in x or "[ERR]" in x or "[FTL]" in x]
+                if lines:
+                    print(f"    --- {srv.name} warnings and errors during {name}")
+                for line in lines[-10:]:
+                    print(f"    {srv.name}| {line}")
     finally:
         if cl is not None:
             for n in cl.unique_nodes():
