@@ -19,6 +19,9 @@ on a port of its own, `cluster.nats` naming the three servers, `cluster.node_nam
   kill_petrel        kill -9 of n1 under QoS 1 load: its publishers move to n2/n3 and republish
                      what was not acknowledged; persistent subscribers on n2 and n3 (and one
                      that was on n1 and moves to n3) get every acknowledged message
+  kill_petrel_qos2   kill -9 of n3 under QoS 2 load from persistent publishers: the same paho
+                     clients reconnect to n1/n2 and resend what is in flight; persistent QoS 2
+                     subscribers on n1 and n2 get every PUBCOMPed message exactly once
   kill_nats          kill -9 of one NATS server of three: publishes and deliveries go on
   restart_all        stop every Petrel node and NATS server, start them again (Petrel on empty
                      data directories: JetStream is the source of truth): the retained message
@@ -34,7 +37,8 @@ printed (CLUSTER_SEED replays the random choices: topics, kill moments, the NATS
 Env: CLUSTER_SEED, CLUSTER_WATCHDOG (s, default 170), CLUSTER_ONLY (comma-separated scenario
 names), CLUSTER_KEEP (keep the temporary directory and its logs), CLUSTER_LOG_LEVEL (the nodes'
 log.level, default info), NATS_SERVER (default nats-server on the PATH, else /usr/sbin/nats-server), CLUSTER_RESTART_KEEP_DATA (restart
-Petrel nodes on their old data directories in restart_all), CLUSTER_NATS_TRACE (nats-server -DV).
+Petrel nodes on their old data directories in restart_all), CLUSTER_NATS_TRACE (nats-server -DV),
+CLUSTER_STAGGER (seconds between Petrel node starts, default 0).
 Prints one "PASS name" / "FAIL name: why" line per scenario (a failure also prints the new
 lines of every node's log), then "cluster: N passed, M failed"; exits 0 only if none failed.
 """
@@ -62,6 +66,26 @@ from paho.mqtt.client import MQTTv5, MQTTv311  # noqa: E402
 from paho.mqtt.packettypes import PacketTypes  # noqa: E402
 from paho.mqtt.properties import Properties  # noqa: E402
 
+def _keep_released_state():
+    """The workaround crash_restart.py documents: on every reconnect attempt paho 2.x turns a
+    QoS 2 message waiting to resend its PUBREL back into a new PUBLISH with the same id, which
+    any broker then delivers twice. Keep "resend PUBREL" across attempts."""
+    original = mqtt.Client._messages_reconnect_reset_out
+
+    def reset(self):
+        with self._out_message_mutex:
+            released = [m for m in self._out_messages.values()
+                        if m.qos == 2 and m.state == mqtt.mqtt_ms_resend_pubrel]
+        original(self)
+        with self._out_message_mutex:
+            for m in released:
+                m.state = mqtt.mqtt_ms_resend_pubrel
+
+    mqtt.Client._messages_reconnect_reset_out = reset
+
+
+_keep_released_state()
+
 SEED = int(os.environ.get("CLUSTER_SEED", str(int(time.time() * 1000) % 1_000_000)))
 RNG = random.Random(SEED)
 RUN = f"{RNG.getrandbits(32):08x}"
@@ -71,9 +95,11 @@ DEADLINE = START + WATCHDOG
 # Debian puts it in /usr/sbin, which a user's PATH may lack.
 NATS_BIN = os.environ.get("NATS_SERVER") or shutil.which("nats-server") or "/usr/sbin/nats-server"
 LOG_LEVEL = os.environ.get("CLUSTER_LOG_LEVEL", "info")
+# Seconds between Petrel node starts (0: as soon as each listens, as an orchestrator would).
+STAGGER = float(os.environ.get("CLUSTER_STAGGER", "0"))
 
 # Bounds (seconds or counts).
-NATS_READY_WAIT = 20.0
+NATS_READY_WAIT = 30.0
 NODE_START_WAIT = 30.0
 CONNECT_WAIT = 15.0
 # A CONNACK slower than this fails the scenario (it names the time taken).
@@ -531,6 +557,18 @@ class Conn:
             raise Failure(f"{what}: {len(bad)} publishes from {self} refused, reasons "
                           f"{sorted({hex(c) for c in bad})}")
 
+    def move(self, node):
+        """The same paho client (its session state: unacknowledged PUBLISH, PUBREL to resend)
+        connects to `node` after its connection was lost; returns session present."""
+        if not wait_until(lambda: self.disconnects, CONNECT_WAIT):
+            raise Failure(f"{self}: paho did not see its connection close")
+        self.client.loop_stop()
+        with self.lock:
+            self.disconnects.clear()
+        # (paho's `port` setter refuses a lost connection's client: set what it sets.)
+        self.client._port = node.port
+        return self.connect(node)
+
     def got(self, probes=False):
         with self.lock:
             return [m for m in self.messages if probes or not is_probe(m[1])]
@@ -633,6 +671,8 @@ class Cluster:
         for n in self.unique_nodes():
             if not n.alive():
                 n.start()
+                if STAGGER:
+                    time.sleep(STAGGER)
 
     def unique_nodes(self):
         return list(dict.fromkeys(self.nodes))
@@ -920,16 +960,19 @@ def nodes(cl):
 
 
 class LoadPublisher:
-    """Publishes numbered QoS 1 messages as fast as its in-flight window allows; knows which
-    were acknowledged (PUBACK with a success code)."""
+    """Publishes numbered QoS 1 (or 2) messages as fast as its in-flight window allows; knows
+    which were acknowledged (PUBACK or PUBCOMP with a success code)."""
 
-    def __init__(self, name, node, v5):
-        self.name, self.v5 = name, v5
-        self.conn = Conn(node, cid=f"{name}-{RUN}", v5=v5)
+    def __init__(self, name, node, v5, qos=1, persistent=False):
+        self.name, self.v5, self.qos = name, v5, qos
+        self.conn = Conn(node, cid=f"{name}-{RUN}", v5=v5, clean=not persistent,
+                         expiry=600 if (persistent and v5) else None)
         self.lock = threading.Lock()
         self.sent = {}  # mid -> payload, for this connection
         self.all = []
         self.acked = set()
+        self.refused = {}  # payload -> the failure reason code of its PUBACK/PUBCOMP
+        self.not_found = set()  # QoS 2 payloads completed with PUBCOMP 0x92
         self.seq = 0
         self.stop = threading.Event()
         self.thread = None
@@ -944,12 +987,21 @@ class LoadPublisher:
                 if payload is not None:
                     with c.lock:
                         c.acks.pop(mid, None)
-                    if code < 0x80:
+                    if code < 0x80 or (self.qos == 2 and code == 0x92):
+                        # PUBCOMP 0x92 (packet id not found) to a resent PUBREL is what a broker
+                        # answers when it had released the message but its PUBCOMP was lost
+                        # (MQTT 5 4.3.3): the message is the broker's; count it as completed.
                         self.acked.add(payload)
+                        if code == 0x92:
+                            self.not_found.add(payload)
+                    else:
+                        self.refused[payload] = code
 
     def publish(self, payload, t):
-        info = self.conn.client.publish(t, payload, qos=1)
-        if info.rc == mqtt.MQTT_ERR_SUCCESS:
+        info = self.conn.client.publish(t, payload, qos=self.qos)
+        # (Published while the connection is down, paho keeps the message and sends it after
+        # a reconnect of the same client: count it as sent.)
+        if info.rc in (mqtt.MQTT_ERR_SUCCESS, mqtt.MQTT_ERR_NO_CONN):
             with self.lock:
                 self.sent[info.mid] = payload
         return info.rc
@@ -1067,7 +1119,7 @@ def kill_petrel(cl):
     problems = []
     for s in (subs[0], subs[1], s1):
         got_before = set(subs[2].payloads()) if s is s1 else set()
-        ok = wait_until(lambda: acked <= set(s.payloads()) | got_before, ARRIVE_WAIT * 2)
+        ok = wait_until(lambda: acked <= set(s.payloads()) | got_before, ARRIVE_WAIT)
         if not ok:
             missing = acked - set(s.payloads()) - got_before
             problems.append(f"{s}: {len(missing)} of {len(acked)} acknowledged messages "
@@ -1079,6 +1131,83 @@ def kill_petrel(cl):
     dups = sum(len(s.payloads()) for s in subs[:2]) - 2 * len(acked)
     log(f"every acknowledged message ({len(acked)}) reached the subscribers on n2 and n3 and "
         f"the one moved from n1 to n3 ({dups} duplicates on n2/n3, allowed for QoS 1)")
+    close_all_conns()
+
+
+def kill_petrel_qos2(cl):
+    """kill -9 of n3 while two persistent QoS 2 publishers on it send: the same paho clients
+    reconnect to n1 and n2 and resend what is in flight (PUBLISH with DUP, PUBREL): the session
+    and its QoS 2 state must follow, so that persistent QoS 2 subscribers on n1 and n2 get every
+    PUBCOMPed message exactly once, and no message twice."""
+    if cl.single:
+        raise Failure("needs three nodes (not CLUSTER_SINGLE)")
+    n1, n2, n3 = cl.nodes
+    base = topic("kill-qos2")
+    subs = [Conn(n1, cid=f"kq1-{RUN}", v5=True, clean=False, expiry=600),
+            Conn(n2, cid=f"kq2-{RUN}", v5=False, clean=False)]
+    for s in subs:
+        s.connect()
+        s.subscribe(f"{base}/#", 2)
+    prober = Conn(n3)
+    prober.connect()
+    probe(prober, subs, f"{base}/probe", "QoS 2 subscribers on n1, n2")
+    prober.disconnect()
+    pubs = [LoadPublisher("kq-a", n3, v5=False, qos=2, persistent=True),
+            LoadPublisher("kq-b", n3, v5=True, qos=2, persistent=True)]
+    for p in pubs:
+        p.conn.connect()
+        p.start(f"{base}/{p.name}")
+    delay = RNG.uniform(0.5, 1.5)
+    time.sleep(delay)
+    n3.kill()
+    for p in pubs:
+        p.join()
+    by_n3 = set().union(*(p.acked for p in pubs))
+    in_flight = {p.name: len(p.sent) for p in pubs}
+    log(f"n3 killed (-9) after {delay:.2f} s of QoS 2 load; {len(by_n3)} PUBCOMPs from n3, "
+        f"in flight {in_flight}")
+    present = {}
+    for p, node in zip(pubs, (n1, n2)):
+        present[p.name] = p.conn.move(node)
+    for p in pubs:
+        for i in range(20):
+            p.seq += 1
+            payload = f"{p.name}-{p.seq}"
+            p.all.append(payload)
+            p.publish(payload, f"{base}/{p.name}")
+    for p in pubs:
+        if not wait_until(lambda: (p.reconcile() or True) and
+                          all(x in p.acked for x in p.all), ACK_WAIT * 2):
+            left = [x for x in p.all if x not in p.acked]
+            refused = {x: hex(p.refused[x]) for x in left if x in p.refused}
+            where = {x: [s.node.name for s in subs if x in s.payloads()] for x in left[:5]}
+            raise Failure(f"{p.name} moved to another node: {len(left)} QoS 2 messages not "
+                          f"completed, e.g. {left[:5]}; PUBCOMP with a failure code: "
+                          f"{refused or 'none'}; delivered to subscribers on: {where}")
+    acked = set().union(*(p.acked for p in pubs))
+    problems = []
+    if not all(present.values()):
+        problems.append(f"persistent publishers resumed with session present {present}")
+    for s in subs:
+        if not wait_until(lambda: acked <= set(s.payloads()), ARRIVE_WAIT):
+            missing = sorted(acked - set(s.payloads()))
+            problems.append(f"{s}: {len(missing)} of {len(acked)} completed QoS 2 messages "
+                            f"missing, e.g. {missing[:5]}")
+    time.sleep(QUIET)
+    for s in subs:
+        got = s.payloads()
+        dups = {x: got.count(x) for x in set(got) if got.count(x) > 1}
+        if dups:
+            before = [x for x in dups if x in by_n3]
+            problems.append(f"{s}: {len(dups)} QoS 2 messages delivered more than once "
+                            f"({len(before)} of them completed by n3 before the kill), e.g. "
+                            f"{sorted(dups.items())[:5]}")
+    if problems:
+        raise Failure("; ".join(problems))
+    not_found = set().union(*(p.not_found for p in pubs))
+    log(f"{len(acked)} QoS 2 messages completed ({len(by_n3)} by n3 before the kill, "
+        f"{len(not_found)} with PUBCOMP 0x92 to a resent PUBREL): each arrived exactly once at "
+        f"the subscribers on n1 and n2")
     close_all_conns()
 
 
@@ -1155,7 +1284,7 @@ def kill_nats(cl):
     # A new subscriber on n1 each time (the retained message comes on SUBSCRIBE), bounded.
     t0 = time.monotonic()
     reads, got = 0, []
-    while not got and reads < 20 and time.monotonic() - t0 < 20:
+    while not got and reads < 12 and time.monotonic() - t0 < 12:
         reads += 1
         r = Conn(n1)
         r.connect()
@@ -1243,6 +1372,7 @@ SCENARIOS = [
     ("shared", shared),
     ("nodes", nodes),
     ("kill_petrel", kill_petrel),
+    ("kill_petrel_qos2", kill_petrel_qos2),
     ("kill_nats", kill_nats),
     ("restart_all", restart_all),
 ]
