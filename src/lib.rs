@@ -19,8 +19,9 @@
 //! - [`admin`]: operations: the HTTP API on 18083 (EMQX's `/api/v5`), Prometheus, the
 //!   dashboard's pages and the `$SYS` topics; reads the broker through `broker::view`.
 //! - `duration`: durations in settings (`"10s"`, `"never"`), shared by every settings type.
-//! - `cluster`: clustering on NATS JetStream, being built (issue 18): so far the mapping of
-//!   MQTT topics and filters to NATS subjects, sans-IO.
+//! - `cluster`: clustering on NATS JetStream (`[cluster]`): the store's engine on a
+//!   replicated KV bucket, routing between nodes on NATS subjects, sessions handed over
+//!   between nodes, node presence (docs/cluster.md).
 //! - [`client`]: the async MQTT client library (every transport by URL, QUIC stream policy,
 //!   reconnect and session resume); its protocol state is sans-IO like `core`.
 //!
@@ -42,8 +43,6 @@ pub mod broker;
 #[cfg(not(feature = "internals"))]
 pub(crate) mod broker;
 pub mod client;
-// Not wired into the broker yet (issue 18): its pieces are tested on their own.
-#[cfg_attr(not(test), allow(dead_code))]
 pub(crate) mod cluster;
 pub mod codec;
 pub mod config;

@@ -275,11 +275,13 @@ impl KvHandle {
     }
 
     /// This node's name.
+    #[cfg(test)]
     pub fn node(&self) -> &str {
         &self.node
     }
 
     /// The bucket's name.
+    #[cfg(test)]
     pub fn bucket(&self) -> &str {
         &self.bucket
     }
