@@ -76,6 +76,7 @@ def wait_port(port, what, timeout=30):
 
 
 def start_nats(n, root):
+    os.makedirs(root, exist_ok=True)
     client = [free_port() for _ in range(n)]
     route = [free_port() for _ in range(n)]
     monitor = [free_port() for _ in range(n)]

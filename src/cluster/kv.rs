@@ -110,7 +110,22 @@ pub async fn open(
     let runtime = tokio::runtime::Handle::current();
     let kv = KvHandle::bind(js, prefix, replicas, node).await?;
     let started = std::time::Instant::now();
-    let records = kv.load_own().await?;
+    // A bucket another node has just made may not be known yet to the NATS server this
+    // node talks to ("no stream found"): wait for it, a bounded while.
+    let deadline = std::time::Instant::now() + Duration::from_secs(15);
+    let records = loop {
+        match kv.load_own().await {
+            Ok(records) => break records,
+            Err(err)
+                if err.to_string().contains("no stream found")
+                    && std::time::Instant::now() < deadline =>
+            {
+                tracing::debug!(%err, "cluster store: the bucket is not ready yet; retrying");
+                tokio::time::sleep(Duration::from_millis(200)).await;
+            }
+            Err(err) => return Err(err.into()),
+        }
+    };
     tracing::info!(
         bucket = %kv.bucket,
         records = records.len(),
@@ -300,13 +315,19 @@ impl KvHandle {
 
     /// The node that owns `client_id`'s session (the last to store its session record).
     pub async fn owner_of(&self, client_id: &str) -> Result<Option<String>, KvError> {
+        use async_nats::jetstream::stream::LastRawMessageErrorKind;
         let key = owner_key(client_id.as_bytes());
-        let mut owner = None;
-        self.read(&key, |_, _, value| {
-            owner = Some(String::from_utf8_lossy(&value).into_owned());
-        })
-        .await?;
-        Ok(owner)
+        // One message get from the stream's leader: no consumer to make on every CONNECT.
+        match self
+            .stream
+            .get_last_raw_message_by_subject(&format!("{}{key}", self.prefix))
+            .await
+        {
+            Ok(message) if is_delete(Some(&message.headers)) => Ok(None),
+            Ok(message) => Ok(Some(String::from_utf8_lossy(&message.payload).into_owned())),
+            Err(err) if err.kind() == LastRawMessageErrorKind::NoMessageFound => Ok(None),
+            Err(err) => Err(self.error(format!("reading {key}"), err)),
+        }
     }
 
     /// Records this node as `client_id`'s owner (a session that the store does not keep,
@@ -379,18 +400,30 @@ impl KvHandle {
         deliver_policy: DeliverPolicy,
     ) -> Result<(jetstream::consumer::push::Ordered, u64), KvError> {
         let what = format!("reading {filter}");
-        let consumer = self
-            .stream
-            .create_consumer(OrderedConfig {
-                deliver_subject: self.js.client().new_inbox(),
-                description: Some("petrel store read".into()),
-                filter_subject: format!("{}{filter}", self.prefix),
-                replay_policy: ReplayPolicy::Instant,
-                deliver_policy,
-                ..Default::default()
-            })
-            .await
-            .map_err(|e| self.error(what.clone(), e))?;
+        // With a server of the NATS cluster down, 2.9 leaves some consumer creations
+        // unanswered: a few tries, each bounded by the JetStream request timeout.
+        let mut tries = 0;
+        let consumer = loop {
+            let created = self
+                .stream
+                .create_consumer(OrderedConfig {
+                    deliver_subject: self.js.client().new_inbox(),
+                    description: Some("petrel store read".into()),
+                    filter_subject: format!("{}{filter}", self.prefix),
+                    replay_policy: ReplayPolicy::Instant,
+                    deliver_policy,
+                    ..Default::default()
+                })
+                .await;
+            match created {
+                Ok(consumer) => break consumer,
+                Err(err) if tries < 2 => {
+                    tries += 1;
+                    tracing::debug!(%err, filter, "cluster store: a read's consumer was not made; retrying");
+                }
+                Err(err) => return Err(self.error(what.clone(), err)),
+            }
+        };
         let pending = consumer.cached_info().num_pending;
         let messages = consumer
             .messages()
@@ -418,6 +451,9 @@ impl KvHandle {
         if pending == 0 {
             return Ok(());
         }
+        // nats-server 2.9 may report one pending on the last message a last-per-subject
+        // consumer delivers: the count at creation ends the read too.
+        let mut left = pending;
         loop {
             let next = tokio::time::timeout(READ_IDLE, messages.next())
                 .await
@@ -440,7 +476,8 @@ impl KvHandle {
                     each(key, carried.as_deref(), message.payload);
                 }
             }
-            if pending == 0 {
+            left = left.saturating_sub(1);
+            if pending == 0 || left == 0 {
                 return Ok(());
             }
         }

@@ -123,9 +123,9 @@ pub async fn connect(
         .await
         .with_context(|| format!("cannot connect to NATS at {urls} (cluster.nats)"))?;
     let mut js = async_nats::jetstream::new(client.clone());
-    // Creating a replicated stream while other nodes do the same can take seconds; a
-    // commit's acknowledgement normally takes milliseconds.
-    js.set_timeout(settings.connect_timeout);
+    // Creating a replicated stream while other nodes do the same can take seconds (a
+    // commit's acknowledgement normally takes milliseconds); reads retry on their own.
+    js.set_timeout(settings.connect_timeout.min(Duration::from_secs(5)));
     Ok((client, js))
 }
 
