@@ -1050,6 +1050,20 @@ impl Broker {
         self.count_refused(&routed);
     }
 
+    /// The filters of `client_id`'s session here, if it has one offline.
+    pub fn offline_filters(&self, client_id: &str) -> Vec<TopicFilter> {
+        self.lock_sessions()
+            .offline_with_handle(client_id)
+            .map(|(session, _)| {
+                session
+                    .subscriptions
+                    .values()
+                    .map(|s| s.filter.clone())
+                    .collect()
+            })
+            .unwrap_or_default()
+    }
+
     /// Pushes `message` to every subscription `scope` matches (see [`Broker::route`]).
     fn fan_out(&self, message: &Arc<AppMessage>, scope: Scope<'_>, routed: &mut Routed) {
         let dropped = FANOUT.with_borrow_mut(|fanout| {

@@ -330,6 +330,27 @@ impl KvHandle {
         }
     }
 
+    /// Node `node`'s position in the cluster's message stream (`record::Record::Mark`), if
+    /// it wrote one.
+    pub async fn mark_of(&self, node: &str) -> Result<Option<u64>, KvError> {
+        use async_nats::jetstream::stream::LastRawMessageErrorKind;
+        let key = record::mark_key(node);
+        let kv = to_kv(&key, node).key;
+        match self
+            .stream
+            .get_last_raw_message_by_subject(&format!("{}{kv}", self.prefix))
+            .await
+        {
+            Ok(message) if is_delete(Some(&message.headers)) => Ok(None),
+            Ok(message) => match record::decode(&key, &message.payload) {
+                Ok(record::Record::Mark { seq, .. }) => Ok(Some(seq)),
+                _ => Err(self.error(format!("reading {kv}"), "not a mark record")),
+            },
+            Err(err) if err.kind() == LastRawMessageErrorKind::NoMessageFound => Ok(None),
+            Err(err) => Err(self.error(format!("reading {kv}"), err)),
+        }
+    }
+
     /// Records this node as `client_id`'s owner (a session that the store does not keep,
     /// so that a CONNECT on another node still finds where to take it over from).
     pub async fn set_owner(&self, client_id: &str) -> Result<(), KvError> {

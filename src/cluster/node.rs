@@ -19,7 +19,7 @@
 //!   and file the session, and the session is read back from the bucket here. A node that
 //!   does not answer is taken for dead and its last committed state is used.
 
-use std::collections::{HashMap, HashSet, VecDeque};
+use std::collections::{HashMap, VecDeque};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, OnceLock, Weak};
 use std::time::Duration;
@@ -52,6 +52,27 @@ const WIRE: u8 = 1;
 const RECENT: usize = 16_384;
 /// QoS 0 messages waiting for the NATS connection; past it they are dropped (counted).
 const QOS0_QUEUE: usize = 65_536;
+/// Messages from NATS waiting to be routed (the subscriptions wait when it is full).
+const INCOMING_QUEUE: usize = 8_192;
+/// How long after routing a stream message its sequence is marked (see `Cluster::process`).
+const MARK_DELAY: Duration = Duration::from_millis(500);
+/// How long a new subscription's interest takes to reach every NATS server, allowed for
+/// before a replay reads the stream's end.
+const INTEREST_SPREAD: Duration = Duration::from_millis(250);
+
+/// One message from a NATS subscription: its frame, its sequence in the message stream
+/// (QoS 1/2), and the shared subscription whose queue group brought it.
+struct Incoming {
+    payload: Bytes,
+    seq: Option<u64>,
+    group: Option<Arc<TopicFilter>>,
+}
+
+/// One filter's NATS subscriptions: how to stop them, and whether they are at the server.
+struct Route {
+    stop: CancellationToken,
+    ready: tokio::sync::watch::Receiver<bool>,
+}
 
 /// Counters of the cluster's traffic, for the API and the figures.
 #[derive(Debug, Default)]
@@ -69,8 +90,16 @@ pub struct Cluster {
     me: Weak<Cluster>,
     node: Arc<str>,
     prefix: String,
-    /// `<prefix>.msg`: where messages travel.
+    /// `<prefix>.msg`: where QoS 1/2 messages are committed (the stream's subjects).
     msg_prefix: String,
+    /// `<prefix>.live`: where messages reach the nodes (QoS 0 published there, QoS 1/2
+    /// republished there by the stream with their sequence).
+    live_prefix: String,
+    /// The message stream, for catching up (`Cluster::replay`).
+    stream: async_nats::jetstream::stream::Stream,
+    /// What the subscriptions bring, to the one task that routes it in arrival order.
+    incoming: tokio::sync::mpsc::Sender<Incoming>,
+    incoming_rx: Mutex<Option<tokio::sync::mpsc::Receiver<Incoming>>>,
     client: async_nats::Client,
     kv: KvHandle,
     request_timeout: Duration,
@@ -79,7 +108,7 @@ pub struct Cluster {
     counter: AtomicU64,
     broker: OnceLock<Weak<Broker>>,
     store: OnceLock<Arc<Embedded>>,
-    routes: Mutex<HashMap<Box<str>, CancellationToken>>,
+    routes: Mutex<HashMap<Box<str>, Route>>,
     recent: Mutex<Recent>,
     qos0: tokio::sync::mpsc::Sender<(String, Bytes)>,
     runtime: tokio::runtime::Handle,
@@ -133,11 +162,17 @@ pub async fn connect(
 async fn message_stream(
     js: &async_nats::jetstream::Context,
     settings: &ClusterSettings,
-) -> anyhow::Result<()> {
+) -> anyhow::Result<async_nats::jetstream::stream::Stream> {
     use async_nats::jetstream::stream;
     let config = stream::Config {
         name: format!("{}_msgs", settings.prefix),
         subjects: vec![format!("{}.msg.>", settings.prefix)],
+        // Each stored message reaches the nodes on `<prefix>.live.…` with its sequence.
+        republish: Some(stream::Republish {
+            source: format!("{}.msg.>", settings.prefix),
+            destination: format!("{}.live.>", settings.prefix),
+            headers_only: false,
+        }),
         max_age: settings.message_retention,
         max_bytes: settings.message_max_bytes,
         num_replicas: settings.replicas,
@@ -145,7 +180,7 @@ async fn message_stream(
         discard: stream::DiscardPolicy::Old,
         ..Default::default()
     };
-    js.get_or_create_stream(config).await.map_err(|err| {
+    let stream = js.get_or_create_stream(config).await.map_err(|err| {
         anyhow::anyhow!(
             "cannot create the JetStream stream {}_msgs with {} replicas: {err} (does the NATS \
              cluster have JetStream on and at least cluster.replicas servers?)",
@@ -153,7 +188,7 @@ async fn message_stream(
             settings.replicas
         )
     })?;
-    Ok(())
+    Ok(stream)
 }
 
 impl Cluster {
@@ -168,7 +203,8 @@ impl Cluster {
         kv: KvHandle,
         shutdown: CancellationToken,
     ) -> anyhow::Result<Arc<Self>> {
-        message_stream(js, settings).await?;
+        let stream = message_stream(js, settings).await?;
+        let (incoming, incoming_rx) = tokio::sync::mpsc::channel(INCOMING_QUEUE);
         let (qos0, mut outbox) = tokio::sync::mpsc::channel::<(String, Bytes)>(QOS0_QUEUE);
         let sender = client.clone();
         tokio::spawn(async move {
@@ -185,6 +221,10 @@ impl Cluster {
         Ok(Arc::new_cyclic(|me| Self {
             me: me.clone(),
             msg_prefix: format!("{}.msg", settings.prefix),
+            live_prefix: format!("{}.live", settings.prefix),
+            stream,
+            incoming,
+            incoming_rx: Mutex::new(Some(incoming_rx)),
             prefix: settings.prefix.clone(),
             node,
             client,
@@ -220,6 +260,9 @@ impl Cluster {
             .await
             .map_err(|err| anyhow::anyhow!("cluster: cannot subscribe to NATS: {err}"))?;
         tokio::spawn(Arc::clone(self).serve_takeovers(takeovers));
+        if let Some(incoming) = self.incoming_rx.lock().expect("never poisoned").take() {
+            tokio::spawn(Arc::clone(self).process(incoming));
+        }
         let retained = self.kv.watch_retained(&self.node).await?;
         tokio::spawn(Arc::clone(self).follow_retained(Box::pin(retained)));
         Ok(())
@@ -340,6 +383,7 @@ impl Cluster {
             ),
         )
         .await;
+        let dead = !matches!(asked, Ok(Ok(_)));
         match asked {
             Ok(Ok(answer)) => tracing::debug!(
                 %client_id,
@@ -376,7 +420,11 @@ impl Cluster {
                 if let Some(store) = self.store.get() {
                     store.raise_next_key(recovered.next_key);
                 }
+                let restored_at = std::time::Instant::now();
                 broker.restore(recovered, crate::broker::clock::now());
+                if dead {
+                    self.catch_up(&client_id, &owner, restored_at).await;
+                }
             }
             Err(err) => {
                 tracing::warn!(%client_id, %err, "cluster: the stored session cannot be read")
@@ -393,8 +441,13 @@ impl Cluster {
 
     /// Opens the NATS subscriptions of one filter and routes what they bring, until
     /// `stop`.
-    async fn serve_filter(self: Arc<Self>, filter: TopicFilter, stop: CancellationToken) {
-        let subjects = subject::subjects_for_filter(&self.msg_prefix, filter.filter());
+    async fn serve_filter(
+        self: Arc<Self>,
+        filter: TopicFilter,
+        stop: CancellationToken,
+        ready: tokio::sync::watch::Sender<bool>,
+    ) {
+        let subjects = subject::subjects_for_filter(&self.live_prefix, filter.filter());
         let group = filter
             .share_group()
             .map(|name| queue_group(name, filter.filter()));
@@ -412,6 +465,11 @@ impl Cluster {
                 }
             }
         }
+        // At the server once flushed (interest then spreads through the NATS cluster).
+        if self.client.flush().await.is_ok() {
+            let _ = ready.send(true);
+        }
+        let group = group.map(|_| Arc::new(filter.clone()));
         let mut messages = futures_util::stream::select_all(subscribers);
         loop {
             let message = tokio::select! {
@@ -422,8 +480,212 @@ impl Cluster {
                     None => return,
                 },
             };
-            self.receive(&message.payload, group.is_some().then_some(&filter));
+            let seq = message
+                .headers
+                .as_ref()
+                .and_then(|h| h.get(async_nats::header::NATS_SEQUENCE))
+                .and_then(|v| v.as_str().parse().ok());
+            let incoming = Incoming {
+                payload: message.payload,
+                seq,
+                group: group.clone(),
+            };
+            if self.incoming.send(incoming).await.is_err() {
+                return;
+            }
         }
+    }
+
+    /// Routes what the subscriptions bring, in arrival order, and records how far in the
+    /// message stream this node has routed (`record::Record::Mark`): a sequence is marked
+    /// once it was routed `MARK_DELAY` ago (time enough for anything earlier to arrive
+    /// through another subscription), after what routing it stored.
+    async fn process(self: Arc<Self>, mut incoming: tokio::sync::mpsc::Receiver<Incoming>) {
+        let mut routed: VecDeque<(std::time::Instant, u64)> = VecDeque::new();
+        let mut marked = 0u64;
+        let mut tick = tokio::time::interval(MARK_DELAY / 2);
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        loop {
+            tokio::select! {
+                _ = self.shutdown.cancelled() => return,
+                next = incoming.recv() => {
+                    let Some(next) = next else { return };
+                    self.receive(&next.payload, next.group.as_deref());
+                    if let Some(seq) = next.seq {
+                        routed.push_back((std::time::Instant::now(), seq));
+                    }
+                }
+                _ = tick.tick() => {
+                    let Some(cutoff) = std::time::Instant::now().checked_sub(MARK_DELAY) else {
+                        continue;
+                    };
+                    let mut upto = None;
+                    while let Some(&(at, seq)) = routed.front() {
+                        if at > cutoff {
+                            break;
+                        }
+                        upto = Some(upto.map_or(seq, |u: u64| u.max(seq)));
+                        routed.pop_front();
+                    }
+                    if let (Some(seq), Some(store)) = (upto, self.store.get()) {
+                        if seq > marked {
+                            marked = seq;
+                            store.mark(&self.node, seq);
+                        }
+                    }
+                }
+            }
+        }
+    }
+
+    /// Routes the stream's messages from `from` up to its last one now into the plain
+    /// subscriptions of `client` (or of every session here, `None`): what a session missed
+    /// while the node that held it was down. Messages this node already had live are
+    /// skipped; the rest may repeat what the dead node delivered in its last `MARK_DELAY`
+    /// (at least once). Returns how many were routed.
+    async fn replay(
+        &self,
+        from: u64,
+        client: Option<&str>,
+        since: std::time::Instant,
+    ) -> anyhow::Result<u64> {
+        use async_nats::jetstream::consumer::{push::OrderedConfig, DeliverPolicy, ReplayPolicy};
+        let mut stream = self.stream.clone();
+        let last = stream.info().await?.state.last_sequence;
+        if last < from {
+            return Ok(0);
+        }
+        let consumer = stream
+            .create_consumer(OrderedConfig {
+                deliver_subject: self.client.new_inbox(),
+                filter_subject: format!("{}.>", self.msg_prefix),
+                deliver_policy: DeliverPolicy::ByStartSequence {
+                    start_sequence: from,
+                },
+                replay_policy: ReplayPolicy::Instant,
+                ..Default::default()
+            })
+            .await?;
+        let mut messages = consumer.messages().await?;
+        let Some(broker) = self.broker() else {
+            return Ok(0);
+        };
+        let mut count = 0;
+        loop {
+            let next = tokio::time::timeout(self.request_timeout * 2, messages.next())
+                .await
+                .map_err(|_| anyhow::anyhow!("the message stream stopped answering"))?;
+            let Some(next) = next else { break };
+            let next = next?;
+            let seq = next
+                .info()
+                .map_err(|e| anyhow::anyhow!("{e}"))?
+                .stream_sequence;
+            if let Some((instance, counter, stored)) = decode(&next.payload) {
+                // Routed live since the session's subscriptions were back: it has it.
+                let seen = self
+                    .recent
+                    .lock()
+                    .expect("never poisoned")
+                    .seen_since((instance, counter), since);
+                let now = crate::broker::clock::now();
+                if let (false, Some(message)) = (
+                    seen,
+                    crate::storage::recover::app_message(stored, now, crate::storage::wall_ms()),
+                ) {
+                    let scope = match client {
+                        Some(client) => Scope::Client(client),
+                        None => Scope::Plain,
+                    };
+                    broker.route_remote(Arc::new(message), scope, now);
+                    count += 1;
+                }
+            }
+            if seq >= last {
+                break;
+            }
+        }
+        Ok(count)
+    }
+
+    /// After a session was read back from a node that did not answer: waits until its
+    /// subscriptions here are live in NATS, then replays what it missed since that node's
+    /// mark.
+    async fn catch_up(&self, client_id: &str, owner: &str, since: std::time::Instant) {
+        let filters = self
+            .broker()
+            .map(|b| b.offline_filters(client_id))
+            .unwrap_or_default();
+        self.wait_ready(filters.iter().filter(|f| f.share_group().is_none()))
+            .await;
+        let mark = match self.kv.mark_of(owner).await {
+            Ok(Some(mark)) => mark,
+            Ok(None) => {
+                tracing::info!(%client_id, %owner, "cluster: the dead node left no mark in the message stream; nothing replayed");
+                return;
+            }
+            Err(err) => {
+                tracing::warn!(%client_id, %owner, %err, "cluster: cannot read the dead node's mark; nothing replayed");
+                return;
+            }
+        };
+        match self.replay(mark + 1, Some(client_id), since).await {
+            Ok(n) => {
+                tracing::info!(%client_id, %owner, from = mark + 1, replayed = n, "cluster: session caught up from the message stream")
+            }
+            Err(err) => {
+                tracing::warn!(%client_id, %owner, %err, "cluster: catching the session up failed")
+            }
+        }
+    }
+
+    /// After a restart: the sessions this node restored missed what was published while
+    /// it was down; replays it from this node's own mark.
+    pub async fn catch_up_restored(&self, since: std::time::Instant) {
+        let filters: Vec<TopicFilter> = self
+            .routes
+            .lock()
+            .expect("never poisoned")
+            .keys()
+            .filter_map(|f| TopicFilter::parse(f, 0).ok())
+            .filter(|f| f.share_group().is_none())
+            .collect();
+        if filters.is_empty() {
+            return;
+        }
+        self.wait_ready(filters.iter()).await;
+        match self.kv.mark_of(&self.node).await {
+            Ok(Some(mark)) => match self.replay(mark + 1, None, since).await {
+                Ok(n) => tracing::info!(
+                    from = mark + 1,
+                    replayed = n,
+                    "cluster: restored sessions caught up from the message stream"
+                ),
+                Err(err) => tracing::warn!(%err, "cluster: catching restored sessions up failed"),
+            },
+            Ok(None) => {}
+            Err(err) => {
+                tracing::warn!(%err, "cluster: cannot read this node's mark; nothing replayed")
+            }
+        }
+    }
+
+    /// Waits (bounded) until these filters' NATS subscriptions are at the server, and a
+    /// little more for the interest to spread through the NATS cluster.
+    async fn wait_ready<'a>(&self, filters: impl Iterator<Item = &'a TopicFilter>) {
+        let waits: Vec<_> = {
+            let routes = self.routes.lock().expect("never poisoned");
+            filters
+                .filter_map(|f| routes.get(f.as_str()).map(|r| r.ready.clone()))
+                .collect()
+        };
+        let all = async {
+            for mut ready in waits {
+                let _ = ready.wait_for(|r| *r).await;
+            }
+        };
+        let _ = tokio::time::timeout(self.request_timeout, all).await;
+        tokio::time::sleep(INTEREST_SPREAD).await;
     }
 
     /// Routes one message from the cluster here.
@@ -463,16 +725,18 @@ impl Peers for Cluster {
     fn forward(&self, message: &Arc<AppMessage>) -> Result<Ticket, Refused> {
         let counter = self.counter.fetch_add(1, Ordering::Relaxed);
         let frame = encode(self.instance, counter, message);
-        let subject = subject::subject_of(&self.msg_prefix, &message.topic);
         self.stats.forwarded.fetch_add(1, Ordering::Relaxed);
         match (message.qos, self.store.get()) {
             (QoS::AtMostOnce, _) | (_, None) => {
+                let subject = subject::subject_of(&self.live_prefix, &message.topic);
                 if self.qos0.try_send((subject, frame)).is_err() {
                     self.stats.dropped_qos0.fetch_add(1, Ordering::Relaxed);
                 }
                 Ok(0)
             }
-            (_, Some(store)) => store.publish(subject, frame),
+            (_, Some(store)) => {
+                store.publish(subject::subject_of(&self.msg_prefix, &message.topic), frame)
+            }
         }
     }
 
@@ -480,14 +744,20 @@ impl Peers for Cluster {
         let mut routes = self.routes.lock().expect("never poisoned");
         if subscribed {
             let stop = CancellationToken::new();
-            if let Some(old) = routes.insert(filter.as_str().into(), stop.clone()) {
-                old.cancel();
+            let (ready_tx, ready) = tokio::sync::watch::channel(false);
+            let route = Route {
+                stop: stop.clone(),
+                ready,
+            };
+            if let Some(old) = routes.insert(filter.as_str().into(), route) {
+                old.stop.cancel();
             }
             if let Some(this) = self.this() {
-                self.runtime.spawn(this.serve_filter(filter.clone(), stop));
+                self.runtime
+                    .spawn(this.serve_filter(filter.clone(), stop, ready_tx));
             }
-        } else if let Some(stop) = routes.remove(filter.as_str()) {
-            stop.cancel();
+        } else if let Some(route) = routes.remove(filter.as_str()) {
+            route.stop.cancel();
         }
     }
 
@@ -554,19 +824,25 @@ fn decode(mut frame: &[u8]) -> Option<(u64, u64, crate::storage::record::StoredM
     Some((instance, counter, message))
 }
 
-/// The message ids seen last, oldest forgotten first.
+/// The message ids seen last, with when, oldest forgotten first.
 #[derive(Default)]
 struct Recent {
-    seen: HashSet<(u64, u64), rustc_hash::FxBuildHasher>,
+    seen: HashMap<(u64, u64), std::time::Instant, rustc_hash::FxBuildHasher>,
     order: VecDeque<(u64, u64)>,
 }
 
 impl Recent {
+    /// Whether `id` was routed here at or after `since`.
+    fn seen_since(&self, id: (u64, u64), since: std::time::Instant) -> bool {
+        self.seen.get(&id).is_some_and(|&at| at >= since)
+    }
+
     /// Whether `id` is new (it is remembered).
     fn first_time(&mut self, id: (u64, u64)) -> bool {
-        if !self.seen.insert(id) {
+        if self.seen.contains_key(&id) {
             return false;
         }
+        self.seen.insert(id, std::time::Instant::now());
         self.order.push_back(id);
         if self.order.len() > RECENT {
             if let Some(old) = self.order.pop_front() {

@@ -31,6 +31,9 @@ pub enum Scope<'a> {
     Plain,
     /// One member of this shared subscription's group, which the cluster chose for it.
     Group(&'a TopicFilter),
+    /// The plain subscriptions of this client only (a message the cluster replays into a
+    /// session that it missed).
+    Client(&'a str),
 }
 
 /// Who holds a subscription: a client, on one of its flows.
@@ -155,6 +158,13 @@ impl<M> Fanout<M> {
         match scope {
             Scope::All => subscribers.for_each_match_in(dispatch, true, eligible, add),
             Scope::Plain => subscribers.for_each_match_in(dispatch, false, eligible, add),
+            Scope::Client(client) => {
+                subscribers.for_each_match_in(dispatch, false, eligible, |key, subscriber| {
+                    if &*key.0 == client {
+                        add(key, subscriber);
+                    }
+                });
+            }
             Scope::Group(filter) => {
                 if let Some((key, subscriber)) = subscribers.pick_shared(filter, dispatch, eligible)
                 {

@@ -314,6 +314,15 @@ impl Embedded {
         Ok(self.submit(Write::Publish { subject, payload }))
     }
 
+    /// Records that node `node` has routed every message of the cluster's stream up to
+    /// `seq` (committed after everything routing them wrote: see `cluster::node`).
+    pub fn mark(&self, node: &str, seq: u64) -> Ticket {
+        self.submit(Write::Put {
+            key: record::mark_key(node),
+            value: record::mark_value(seq),
+        })
+    }
+
     /// Admits `bytes` more of live records, or says why not.
     fn admit(&self, bytes: u64) -> Result<(), Refused> {
         if self.shared.failing.load(Ordering::Relaxed) {

@@ -40,6 +40,8 @@ pub const INBOUND: u8 = b'I';
 pub const RETAINED: u8 = b'R';
 pub const DELAYED: u8 = b'D';
 pub const WILL: u8 = b'W';
+/// A cluster node's position in the cluster's message stream (`cluster::node`).
+pub const MARK: u8 = b'M';
 
 /// Why a record could not be read.
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
@@ -168,6 +170,12 @@ pub enum Record {
         /// When it is due, in milliseconds since the Unix epoch.
         due_ms: u64,
         message: StoredMessage,
+    },
+    /// Every message of the cluster's stream up to `seq` that reached node `node` was
+    /// routed there, and what that stored is committed before this record.
+    Mark {
+        node: String,
+        seq: u64,
     },
 }
 
@@ -369,6 +377,20 @@ pub fn retained_value(m: MessageRef<'_>) -> Bytes {
     );
     out.put_u8(FORMAT);
     put_message(&mut out, m);
+    out.freeze()
+}
+
+pub fn mark_key(node: &str) -> Vec<u8> {
+    let mut k = Vec::with_capacity(1 + node.len());
+    k.push(MARK);
+    k.extend_from_slice(node.as_bytes());
+    k
+}
+
+pub fn mark_value(seq: u64) -> Bytes {
+    let mut out = BytesMut::with_capacity(9);
+    out.put_u8(FORMAT);
+    out.put_u64(seq);
     out.freeze()
 }
 
@@ -655,6 +677,15 @@ pub fn decode(key: &[u8], value: &[u8]) -> Result<Record, RecordError> {
                 key,
                 due_ms,
                 message: v.message()?,
+            })
+        }
+        MARK => {
+            v.version()?;
+            let node =
+                String::from_utf8(rest.to_vec()).map_err(|_| RecordError::Malformed("node"))?;
+            Ok(Record::Mark {
+                node,
+                seq: v.u64()?,
             })
         }
         other => Err(RecordError::UnknownKind(other)),

@@ -125,6 +125,8 @@ pub fn read(records: BTreeMap<Vec<u8>, Vec<u8>>) -> Result<Recovered, ReadError>
                 return false;
             }
             Record::Meta(_) => {}
+            // Read by the cluster when it needs one (`cluster::node`), not restored.
+            Record::Mark { .. } => {}
             Record::Session { client_id, session } => {
                 clients.entry(client_id).or_default().session = Some(session);
             }
