@@ -100,7 +100,7 @@ if [[ $REPORT_ONLY != 1 ]]; then
 fi
 
 # ---------------------------------------------------------------- binaries
-PETREL=$ROOT/target/release/petrel
+PETREL=${CARGO_TARGET_DIR:-$ROOT/target}/release/petrel
 if [[ $SKIP_BUILD != 1 && $REPORT_ONLY != 1 ]]; then
     log "building petrel (release)"
     (cd "$ROOT" && cargo build --release --bin petrel)

@@ -140,6 +140,7 @@ def run_once(args, broker_args):
         "storm_s": seconds,
         "core_busy_pct": per_core,
         "broker_cpu_pct": 100.0 * broker_ticks / CLK_TCK / max(seconds, 1e-9),
+        "broker_cpu_ms_per_conn": 1000.0 * broker_ticks / CLK_TCK / args.n,
         "busiest_thread_share_pct": 100.0 * max(spent.values(), default=0) / max(1, broker_ticks),
     }
 
@@ -175,7 +176,8 @@ def main():
                   f"{r['kib_per_conn']:.1f} KiB per idle connection "
                   f"(RSS {r['rss_before_kb']} -> {r['rss_conn_kb']} kB); "
                   f"cores busy {cores_txt} %, broker {r['broker_cpu_pct']:.0f} % "
-                  f"(busiest thread {r['busiest_thread_share_pct']:.0f} % of it)", flush=True)
+                  f"(busiest thread {r['busiest_thread_share_pct']:.0f} % of it, "
+                  f"{r['broker_cpu_ms_per_conn']:.3f} ms CPU per connection)", flush=True)
     if not args.json and len(records) > 1:
         med = lambda k: statistics.median(r[k] for r in records)
         cores_med = [statistics.median(r["core_busy_pct"][i] for r in records)
@@ -184,7 +186,8 @@ def main():
               f"{med('connect_all_ms'):.0f} ms; {med('kib_per_conn'):.1f} KiB per idle "
               f"connection; cores busy {' / '.join(f'{c:.0f}' for c in cores_med)} %, broker "
               f"{med('broker_cpu_pct'):.0f} % (busiest thread "
-              f"{med('busiest_thread_share_pct'):.0f} %)")
+              f"{med('busiest_thread_share_pct'):.0f} %, "
+              f"{med('broker_cpu_ms_per_conn'):.3f} ms CPU per connection)")
 
 
 if __name__ == "__main__":

@@ -108,9 +108,10 @@ pub const ALPN: &[u8] = b"mqtt";
 /// The crypto provider of QUIC connections, server and Petrel's client: ring's, with
 /// TLS_AES_128_GCM_SHA256 first (ring's order puts AES-256-GCM-SHA384 first). Every QUIC
 /// stack must implement it (RFC 9001 §5.3 builds the Initial keys on it; RFC 8446 §9.1 makes
-/// it mandatory), its key schedule hashes with SHA-256 rather than SHA-384 (HMAC on SHA-512's
-/// 128-byte blocks was 6–7 % of the broker's CPU in a connection storm) and AES-128 encrypts
-/// faster; the security margin is the one TLS 1.3 requires everywhere.
+/// it mandatory), its key schedule hashes with SHA-256 rather than SHA-384 (SHA-512's block
+/// function was 5–7 % of the broker's and the bench's CPU in a connection storm profile) and
+/// AES-128 encrypts faster; the security margin is the one TLS 1.3 requires everywhere. (The
+/// storm's CPU per connection did not change measurably: docs/benchmarks.md.)
 pub fn provider() -> Arc<rustls::crypto::CryptoProvider> {
     use rustls::crypto::ring::cipher_suite::{
         TLS13_AES_128_GCM_SHA256, TLS13_AES_256_GCM_SHA384, TLS13_CHACHA20_POLY1305_SHA256,
