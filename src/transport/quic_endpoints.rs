@@ -26,6 +26,11 @@
 //! endpoint tasks) and its answers leave from its own endpoint's socket, which has the same
 //! local address. Every endpoint shares one `ServerConfig` (the Retry and NEW_TOKEN key) and
 //! one reset key, so any of them validates a token the others issued.
+//!
+//! Limits: a GRO batch (several datagrams of one 4-tuple in one read) is routed by its first
+//! datagram, so two connections of one client socket would have to live on one endpoint, as
+//! they do unless one of them migrated. `SO_REUSEPORT` lets any process of the same user join
+//! the port's group and receive a share of its datagrams, as with any reuse-port server.
 
 use std::fmt;
 use std::io::{self, IoSliceMut};
