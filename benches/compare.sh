@@ -100,7 +100,7 @@ if [[ $REPORT_ONLY != 1 ]]; then
 fi
 
 # ---------------------------------------------------------------- binaries
-PETREL=$ROOT/target/release/petrel
+PETREL=${CARGO_TARGET_DIR:-$ROOT/target}/release/petrel
 if [[ $SKIP_BUILD != 1 && $REPORT_ONLY != 1 ]]; then
     log "building petrel (release)"
     (cd "$ROOT" && cargo build --release --bin petrel)
@@ -331,6 +331,8 @@ run_cell() { # broker cell-name run-number bench-args...
     : >"$base.rss"
     start_sampler "$pid" "$base.rss"
     t0=$(date +%s.%N)
+    # CPU per core during a storm: /proc/stat at its start and once all are connected.
+    [[ $cell == conn ]] && { cat /proc/stat >"$base.stat0"; cpu_ticks "$pid" >"$base.ticks0"; }
     # shellcheck disable=SC2086
     timeout --kill-after=5 "$limit" "$PETREL" bench -u "$url" ${BARGS[$b]} -V "$PROTO" \
         --size "$SIZE" --duration "$duration" --drain "$DRAIN" --json "$@" \
@@ -340,6 +342,9 @@ run_cell() { # broker cell-name run-number bench-args...
     if [[ $cell == conn ]]; then
         # Idle RSS: 1 s after the bench says every client is connected and holding.
         while kill -0 "$bench" 2>/dev/null && ! grep -q 'holding them' "$base.err"; do sleep 0.1; done
+        cat /proc/stat >"$base.stat1"
+        cpu_ticks "$pid" >"$base.ticks1"
+        date +%s.%N >"$base.t1"
         sleep 1
         rss_conn=$(rss_kb "$pid")
     fi
@@ -367,6 +372,25 @@ rec["rss_before_kb"] = int(os.environ["RSS_BEFORE"])
 rec["rss_max_kb"] = max(rss + [rec["rss_before_kb"]])
 if os.environ["CELL"] == "conn":
     rec["rss_conn_kb"] = int(os.environ["RSS_CONN"])
+    # The storm (start to all connected): each core's busy share (the whole machine: the
+    # bench shares the cores) and the broker's CPU (% of one core).
+    def cores(path):
+        out = []
+        for line in open(path):
+            f = line.split()
+            if f[0].startswith("cpu") and f[0] != "cpu":
+                v = [int(x) for x in f[1:]]
+                out.append((sum(v) - v[3] - v[4], sum(v)))
+        return out
+    try:
+        c0, c1 = cores(base + ".stat0"), cores(base + ".stat1")
+        rec["storm_core_busy_pct"] = [round(100.0 * (b1 - b0) / max(1, a1 - a0), 1)
+                                      for (b0, a0), (b1, a1) in zip(c0, c1)]
+        storm = float(open(base + ".t1").read()) - float(os.environ["T0"])
+        ticks = int(open(base + ".ticks1").read()) - int(open(base + ".ticks0").read())
+        rec["storm_broker_cpu_percent"] = round(ticks / int(os.environ["CLK_TCK"]) / storm * 100, 1)
+    except (OSError, ValueError):
+        pass
 # Per-second progress lines ("  2.0 s  sent N (+x/s)  delivered M (+y/s)"): the median
 # delivery rate over the 1 s intervals inside the publishing period is the steady rate.
 # The bench's own delivered_per_sec divides everything delivered, drain included, by the

@@ -292,6 +292,18 @@ def main():
             row += " | " + " | ".join(ratios)
             row += " | " + " / ".join(fmt(med(k, cell, "bench_cpu")) for k, _ in transports) + " |"
             w(row)
+        storm = {}
+        for k, _ in transports:
+            ok = [r for r in runs(k, "conn") if r.get("storm_core_busy_pct")]
+            if ok:
+                per_core = [median(r["storm_core_busy_pct"][i] for r in ok)
+                            for i in range(len(ok[0]["storm_core_busy_pct"]))]
+                storm[k] = (" / ".join(fmt(c) for c in per_core) + " (broker "
+                            + fmt(median(r.get("storm_broker_cpu_percent") for r in ok)) + ")")
+        if storm:
+            w(f"| CPU per core during the {conns}-connection storm (broker's own in brackets) "
+              "| % | | " + " | ".join(storm.get(k, "–") for k, _ in transports)
+              + " |" + " |" * (len(transports) - 1) + " |")
         rss_t = rss_max(transports)
         row = "| broker RSS max during throughput runs | MiB | lower | " + " | ".join(
             fmt(rss_t[k]) for k, _ in transports)

@@ -264,23 +264,26 @@ fn spawn_quic(
         settings,
     )
     .with_context(|| format!("cannot set up the quic listener on {}", config.bind))?;
-    let endpoint = quinn::Endpoint::server(server, config.bind)
-        .with_context(|| format!("cannot bind the quic listener to udp {}", config.bind))?;
-    let addr = endpoint.local_addr()?;
-    tracing::info!(kind = "quic", %addr, alpn = "mqtt", "listening for MQTT");
-    tracker.spawn(super::quic::accept(
-        endpoint,
-        Arc::clone(broker),
-        super::quic::Listening {
-            slots: ListenerSlots::new(config.max_connections),
-            pacer: Pacer::new(ListenerKind::Quic, addr, config.max_conn_rate),
-            retry: super::permits::RetryPolicy::new(settings.retry, settings.retry_threshold),
-            peer_cert_as_username: tls.peer_cert_as_username,
-            handshake_timeout: config.handshake_timeout,
-        },
-        tracker.clone(),
-        shutdown.clone(),
-    ));
+    let endpoints =
+        crate::transport::quic_endpoints::bind(server, config.bind, settings.endpoint_count())
+            .with_context(|| format!("cannot bind the quic listener to udp {}", config.bind))?;
+    let addr = endpoints[0].local_addr()?;
+    let count = endpoints.len();
+    tracing::info!(kind = "quic", %addr, alpn = "mqtt", endpoints = count, "listening for MQTT");
+    // Each endpoint paces its own accepts: its share of the listener's rate.
+    let share = config.max_conn_rate.map(|r| {
+        NonZeroU32::new(r.get().div_ceil(u32::try_from(count).unwrap_or(u32::MAX))).unwrap_or(r)
+    });
+    let pacer = move || Pacer::new(ListenerKind::Quic, addr, share);
+    let listening = super::quic::Listening {
+        slots: ListenerSlots::new(config.max_connections),
+        pacer: pacer(),
+        retry: super::permits::RetryPolicy::new(settings.retry, settings.retry_threshold),
+        peer_cert_as_username: tls.peer_cert_as_username,
+        handshake_timeout: config.handshake_timeout,
+        handshakes: Default::default(),
+    };
+    super::quic::accept_all(endpoints, broker, listening, pacer, tracker, shutdown);
     Ok(addr)
 }
 

@@ -78,6 +78,56 @@ pub struct Listening {
     pub retry: RetryPolicy,
     pub peer_cert_as_username: PeerCertAsUsername,
     pub handshake_timeout: Duration,
+    /// The listener's handshakes in progress, shared by its endpoints (the Retry threshold
+    /// is the listener's).
+    pub handshakes: Arc<Handshakes>,
+}
+
+impl Listening {
+    /// The same listener's settings for its next endpoint: shared limits and handshake
+    /// count, and a pacer of its own with `pacer`.
+    fn for_endpoint(&self, pacer: super::listener::Pacer) -> Self {
+        Self {
+            slots: Arc::clone(&self.slots),
+            pacer,
+            retry: self.retry,
+            peer_cert_as_username: self.peer_cert_as_username,
+            handshake_timeout: self.handshake_timeout,
+            handshakes: Arc::clone(&self.handshakes),
+        }
+    }
+}
+
+/// Spawns one accept loop per endpoint of a listener (see `transport::quic_endpoints`). Each
+/// loop after the first gets its pacer from `pacer` (its share of `max_conn_rate`).
+pub fn accept_all(
+    endpoints: Vec<Endpoint>,
+    broker: &Arc<Broker>,
+    listening: Listening,
+    mut pacer: impl FnMut() -> super::listener::Pacer,
+    tracker: &TaskTracker,
+    shutdown: &CancellationToken,
+) {
+    let mut endpoints = endpoints.into_iter();
+    let Some(first) = endpoints.next() else {
+        return;
+    };
+    for endpoint in endpoints {
+        tracker.spawn(accept(
+            endpoint,
+            Arc::clone(broker),
+            listening.for_endpoint(pacer()),
+            tracker.clone(),
+            shutdown.clone(),
+        ));
+    }
+    tracker.spawn(accept(
+        first,
+        Arc::clone(broker),
+        listening,
+        tracker.clone(),
+        shutdown.clone(),
+    ));
 }
 
 /// Accepts QUIC connections until `shutdown`.
@@ -98,8 +148,8 @@ pub async fn accept(
         retry,
         peer_cert_as_username,
         handshake_timeout,
+        handshakes,
     } = listening;
-    let handshakes = Arc::new(Handshakes::default());
     // Whether the last unvalidated client was sent a Retry, and when that was last logged.
     let mut retrying = false;
     let told = super::LogEvery::default();

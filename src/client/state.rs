@@ -460,9 +460,13 @@ impl ClientState {
             Packet::PubComp(ack) => {
                 if let Some(f) = self.take_in_phase(ack.packet_id, Phase::Comp) {
                     // The server had the message since its PUBREC. "Packet Identifier not
-                    // found" answers a PUBREL resent after a reconnect whose first PUBCOMP was
-                    // lost with the connection: not an error during recovery (MQTT 5
-                    // §4.3.3), so the publish is complete.
+                    // found" answers a PUBREL resent after a reconnect [MQTT-4.4.0-1] whose
+                    // first PUBCOMP was lost with the connection; MQTT 5 §3.7.2.1, PUBCOMP
+                    // reason 0x92: "The Packet Identifier is not known. This is not an error
+                    // during recovery, but at other times indicates a mismatch between the
+                    // Session State on the Client and Server." Either way the server took
+                    // the message at PUBREC (§4.3.3), so the publish is complete: failing it
+                    // would make the application publish a duplicate.
                     let reason = if ack.reason == ReasonCode::PACKET_IDENTIFIER_NOT_FOUND {
                         ReasonCode::SUCCESS
                     } else {

@@ -65,12 +65,16 @@ impl TransportContext {
     pub fn new(options: &ClientOptions) -> Result<Self, ClientError> {
         let secure = options.urls.iter().any(|u| u.transport.is_secure());
         let tls = if secure {
-            Some(Arc::new(rustls_config(&options.tls, false)?))
+            Some(Arc::new(rustls_config(
+                &options.tls,
+                tls::provider(),
+                false,
+            )?))
         } else {
             None
         };
         let quic = if options.urls.iter().any(|u| u.transport == Transport::Quic) {
-            let mut crypto = rustls_config(&options.tls, true)?;
+            let mut crypto = rustls_config(&options.tls, quic::provider(), true)?;
             crypto.alpn_protocols = vec![quic::ALPN.to_vec()];
             crypto.enable_early_data = true;
             let crypto = quinn::crypto::rustls::QuicClientConfig::try_from(crypto)
@@ -133,10 +137,10 @@ fn io(err: std::io::Error) -> ClientError {
 /// system store) or no verification at all (`insecure`), and a client certificate.
 fn rustls_config(
     options: &TlsOptions,
+    provider: Arc<CryptoProvider>,
     tls13_only: bool,
 ) -> Result<rustls::ClientConfig, ClientError> {
     let config_err = |e: rustls::Error| ClientError::Config(format!("TLS: {e}"));
-    let provider = tls::provider();
     let builder = rustls::ClientConfig::builder_with_provider(Arc::clone(&provider));
     let builder = if tls13_only {
         builder.with_protocol_versions(&[&rustls::version::TLS13])

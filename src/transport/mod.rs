@@ -12,6 +12,9 @@
 //!   WebSocket messages to a byte stream. WSS is [`ws`] over [`tls`].
 //! - [`quic`]: the QUIC endpoint configuration (ALPN `mqtt`, TLS 1.3, windows sized for
 //!   messaging, congestion control); the driver is `broker::quic`.
+//! - [`quic_endpoints`]: a QUIC listener as several quinn endpoints on one UDP port
+//!   (`SO_REUSEPORT`), datagrams routed between them by connection ID so migration survives.
+//!   (Making an endpoint starts quinn's own driver task; the accept loops are the broker's.)
 //! - [`reader`]: `PacketReader`, the one read-and-decode path for every byte stream (the
 //!   broker's and the client's).
 //! - [`certs`]: the development CA and server certificate, `petrel certs`, PEM loading.
@@ -19,6 +22,7 @@
 
 pub mod certs;
 pub mod quic;
+pub mod quic_endpoints;
 pub mod reader;
 pub mod tls;
 pub mod ws;

@@ -50,6 +50,10 @@ pub struct QuicSettings {
     /// Otherwise, validate addresses while at least this many handshakes are in progress on
     /// a listener (a handshake flood); 0: never.
     pub retry_threshold: usize,
+    /// quinn endpoints per QUIC listener, on one UDP port (`SO_REUSEPORT`, Linux): quinn does
+    /// one endpoint's socket I/O in one task, so more endpoints use more cores. 0: one per
+    /// core. See `transport::quic_endpoints`.
+    pub endpoints: usize,
 }
 
 /// `quic.retry_threshold` when not configured: above what a legitimate reconnect storm keeps
@@ -74,6 +78,17 @@ impl Default for QuicSettings {
             zero_rtt: true,
             retry: false,
             retry_threshold: DEFAULT_RETRY_THRESHOLD,
+            endpoints: 0,
+        }
+    }
+}
+
+impl QuicSettings {
+    /// The number of endpoints a listener binds: `endpoints`, or one per core when 0.
+    pub fn endpoint_count(&self) -> usize {
+        match self.endpoints {
+            0 => std::thread::available_parallelism().map_or(1, usize::from),
+            n => n,
         }
     }
 }
@@ -90,6 +105,26 @@ pub enum Congestion {
 /// The ALPN protocol id EMQX and its clients use for MQTT over QUIC.
 pub const ALPN: &[u8] = b"mqtt";
 
+/// The crypto provider of QUIC connections, server and Petrel's client: ring's, with
+/// TLS_AES_128_GCM_SHA256 first (ring's order puts AES-256-GCM-SHA384 first). Every QUIC
+/// stack must implement it (RFC 9001 §5.3 builds the Initial keys on it; RFC 8446 §9.1 makes
+/// it mandatory), its key schedule hashes with SHA-256 rather than SHA-384 (SHA-512's block
+/// function was 5–7 % of the broker's and the bench's CPU in a connection storm profile) and
+/// AES-128 encrypts faster; the security margin is the one TLS 1.3 requires everywhere. (The
+/// storm's CPU per connection did not change measurably: docs/benchmarks.md.)
+pub fn provider() -> Arc<rustls::crypto::CryptoProvider> {
+    use rustls::crypto::ring::cipher_suite::{
+        TLS13_AES_128_GCM_SHA256, TLS13_AES_256_GCM_SHA384, TLS13_CHACHA20_POLY1305_SHA256,
+    };
+    let mut provider = rustls::crypto::ring::default_provider();
+    provider.cipher_suites = vec![
+        TLS13_AES_128_GCM_SHA256,
+        TLS13_CHACHA20_POLY1305_SHA256,
+        TLS13_AES_256_GCM_SHA384,
+    ];
+    Arc::new(provider)
+}
+
 /// Builds the quinn server configuration from a certificate chain, its key and the tuning.
 pub fn server_config(
     cert: &Path,
@@ -100,7 +135,7 @@ pub fn server_config(
 ) -> Result<ServerConfig, TransportError> {
     let chain = certs::load_certs(cert)?;
     let key = certs::load_key(key)?;
-    let builder = rustls::ServerConfig::builder_with_provider(tls::provider())
+    let builder = rustls::ServerConfig::builder_with_provider(provider())
         .with_protocol_versions(&[&rustls::version::TLS13])
         .map_err(|e| TransportError::Config(e.to_string()))?;
     let verifier = tls::client_verifier(verify, client_ca)?;
@@ -113,6 +148,12 @@ pub fn server_config(
         .with_single_cert(chain, key)
         .map_err(|e| TransportError::Config(e.to_string()))?;
     crypto.alpn_protocols = vec![ALPN.to_vec()];
+    // Our suite order (see `provider`), whatever the client prefers.
+    crypto.ignore_client_order = true;
+    // One ticket per connection (rustls' default is 2): an MQTT client holds one connection,
+    // and resumes (0-RTT) once per reconnect; each ticket costs a key derivation, a write
+    // and a slot in the session cache.
+    crypto.send_tls13_tickets = 1;
     // 0-RTT: rustls requires exactly u32::MAX for QUIC; what early data may do is decided by
     // the connection driver (nothing that is not replay-safe takes effect before the
     // handshake completes). With client certificates there is no 0-RTT: the certificate is

@@ -173,6 +173,43 @@ async fn quic_migration_keeps_connection_and_subscriptions() {
 }
 
 #[tokio::test]
+async fn quic_migration_across_reuseport_endpoints_keeps_connection() {
+    // Four endpoints on one port: the kernel hashes each new client address to one of four
+    // sockets, so over eight moves the connection's packets almost surely arrive at sockets
+    // whose endpoint does not own it, and must be routed to the one that does (by connection
+    // ID) instead of being answered with a stateless reset.
+    let broker = broker_with(|c| c.quic.endpoints = 4).await;
+    let topic = unique("migrate-many");
+    let mut client = QuicClient::v5(&broker, &unique("quic-migrate-many")).await;
+    client.control.subscribe(1, &topic, QoS::AtLeastOnce).await;
+    for n in 0..8u16 {
+        client
+            .endpoint
+            .rebind(std::net::UdpSocket::bind("127.0.0.1:0").unwrap())
+            .unwrap();
+        let payload = format!("move {n}");
+        client
+            .control
+            .publish_acked(publish_struct(
+                &topic,
+                QoS::AtLeastOnce,
+                Some(n + 2),
+                payload.as_bytes(),
+            ))
+            .await;
+        let got = client.control.expect_publish().await;
+        assert_eq!(&got.payload[..], payload.as_bytes());
+        client.control.puback(id_of(&got)).await;
+    }
+    assert!(
+        client.conn.close_reason().is_none(),
+        "the same connection carried it all: {:?}",
+        client.conn.close_reason()
+    );
+    broker.shutdown().await;
+}
+
+#[tokio::test]
 async fn quic_zero_rtt_connect_and_publish_in_early_data() {
     let broker = broker_with(|_| {}).await;
     let addr = quic_addr(&broker);
