@@ -395,11 +395,19 @@ impl KvHandle {
     pub async fn watch_retained(
         &self,
         skip_node: &str,
+        again: bool,
     ) -> Result<
         impl FutureStream<Item = Result<(String, Option<Bytes>), KvError>> + Send + 'static,
         KvError,
     > {
-        let (messages, _) = self.consume("r.>", DeliverPolicy::New).await?;
+        // `again`: after a watch failed, every retained message as it is now (changes
+        // missed meanwhile included; applying one twice changes nothing).
+        let policy = if again {
+            DeliverPolicy::LastPerSubject
+        } else {
+            DeliverPolicy::New
+        };
+        let (messages, _) = self.consume("r.>", policy).await?;
         let prefix = self.prefix.clone();
         let skip = skip_node.to_owned();
         let this = self.clone();

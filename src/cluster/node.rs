@@ -263,7 +263,7 @@ impl Cluster {
         if let Some(incoming) = self.incoming_rx.lock().expect("never poisoned").take() {
             tokio::spawn(Arc::clone(self).process(incoming));
         }
-        let retained = self.kv.watch_retained(&self.node).await?;
+        let retained = self.kv.watch_retained(&self.node, false).await?;
         tokio::spawn(Arc::clone(self).follow_retained(Box::pin(retained)));
         Ok(())
     }
@@ -321,13 +321,18 @@ impl Cluster {
                 _ = self.shutdown.cancelled() => return,
                 change = changes.next() => match change {
                     Some(Ok(change)) => change,
-                    Some(Err(err)) => {
-                        tracing::warn!(%err, "cluster: watching retained messages");
+                    failed => {
+                        // A NATS server lost, a missed heartbeat: watch again, from what is
+                        // retained now.
+                        match failed {
+                            Some(Err(err)) => tracing::warn!(%err, "cluster: watching retained messages failed; watching again"),
+                            _ => tracing::warn!("cluster: the retained messages' watch ended; watching again"),
+                        }
+                        match self.watch_retained_again().await {
+                            Some(again) => changes = again,
+                            None => return,
+                        }
                         continue;
-                    }
-                    None => {
-                        tracing::error!("cluster: the retained messages' watch ended; other nodes' retained changes no longer reach this node");
-                        return;
                     }
                 },
             };
@@ -353,6 +358,25 @@ impl Cluster {
                 }
             };
             broker.retained_from_peer(&topic, message);
+        }
+    }
+
+    /// A new watch of other nodes' retained messages, starting from all of them; tries
+    /// until it works or the node stops (`None`).
+    async fn watch_retained_again(&self) -> Option<RetainedChanges> {
+        let mut wait = Duration::from_millis(200);
+        loop {
+            tokio::select! {
+                _ = self.shutdown.cancelled() => return None,
+                _ = tokio::time::sleep(wait) => {}
+            }
+            match self.kv.watch_retained(&self.node, true).await {
+                Ok(watch) => return Some(Box::pin(watch)),
+                Err(err) => {
+                    tracing::warn!(%err, "cluster: cannot watch retained messages yet");
+                    wait = (wait * 2).min(Duration::from_secs(5));
+                }
+            }
         }
     }
 

@@ -356,7 +356,7 @@ async fn retained_watch_sees_other_nodes_only() {
     let server = Server::start("watch").await;
     let n1 = server.open("n1").await;
     let n2 = server.open("n2").await;
-    let mut changes = Box::pin(n1.handle().watch_retained("n1").await.unwrap());
+    let mut changes = Box::pin(n1.handle().watch_retained("n1", false).await.unwrap());
     let long_topic = format!("t/{}", "y".repeat(2000));
     let n1 = apply(n1, vec![put(record::retained_key("own"), b"mine")]).await;
     let n2 = apply(
