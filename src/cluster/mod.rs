@@ -11,5 +11,7 @@ pub mod node;
 pub mod presence;
 pub mod settings;
 pub mod subject;
+#[cfg(test)]
+pub(crate) mod test_nats;
 
 pub use settings::ClusterSettings;

@@ -474,74 +474,10 @@ fn with_status(report: Value, node: &str, status: &str) -> Value {
     Value::Object(report)
 }
 
-/// What the tests of the cluster's pieces run against.
-#[cfg(test)]
-pub(crate) mod test_nats {
-    use std::time::Duration;
-
-    /// A `nats-server -js` on a free loopback port with its store in a temp dir; killed (and
-    /// the dir removed) on drop.
-    pub(crate) struct NatsServer {
-        child: std::process::Child,
-        dir: std::path::PathBuf,
-        url: String,
-    }
-
-    impl NatsServer {
-        pub(crate) fn start(name: &str) -> Self {
-            let port = std::net::TcpListener::bind("127.0.0.1:0")
-                .unwrap()
-                .local_addr()
-                .unwrap()
-                .port();
-            let dir =
-                std::env::temp_dir().join(format!("petrel-presence-{name}-{}", std::process::id()));
-            let _ = std::fs::remove_dir_all(&dir);
-            std::fs::create_dir_all(&dir).unwrap();
-            let child = std::process::Command::new("nats-server")
-                .args(["-js", "-a", "127.0.0.1", "-p", &port.to_string(), "-sd"])
-                .arg(&dir)
-                .stdout(std::process::Stdio::null())
-                .stderr(std::process::Stdio::null())
-                .spawn()
-                .unwrap_or_else(|err| {
-                    panic!(
-                        "cannot run nats-server ({err}): install it (Debian: apt-get install \
-                     nats-server) to run the cluster tests"
-                    )
-                });
-            Self {
-                child,
-                dir,
-                url: format!("nats://127.0.0.1:{port}"),
-            }
-        }
-
-        /// A client once the server answers (bounded wait).
-        pub(crate) async fn connect(&self) -> async_nats::Client {
-            for _ in 0..100 {
-                if let Ok(client) = async_nats::connect(&self.url).await {
-                    return client;
-                }
-                tokio::time::sleep(Duration::from_millis(100)).await;
-            }
-            panic!("nats-server at {} did not answer within 10 s", self.url);
-        }
-    }
-
-    impl Drop for NatsServer {
-        fn drop(&mut self) {
-            let _ = self.child.kill();
-            let _ = self.child.wait();
-            let _ = std::fs::remove_dir_all(&self.dir);
-        }
-    }
-}
-
 #[cfg(test)]
 mod tests {
-    use super::test_nats::NatsServer;
     use super::*;
+    use crate::cluster::test_nats::Server as NatsServer;
     use serde_json::json;
 
     #[test]
@@ -665,7 +601,7 @@ mod tests {
 
     #[tokio::test]
     async fn two_nodes_see_each_other_and_a_leaving_one_goes() {
-        let nats = NatsServer::start("two");
+        let nats = NatsServer::start("two").await;
         let js_a = async_nats::jetstream::new(nats.connect().await);
         let js_b = async_nats::jetstream::new(nats.connect().await);
         let a = Presence::start(js_a, "t", 1, "petrel@a".into(), report("petrel@a"))

@@ -253,8 +253,9 @@ mod tests {
 
     #[tokio::test]
     async fn the_api_and_sys_brokers_list_every_node_of_the_cluster() {
-        use crate::cluster::presence::{test_nats::NatsServer, Presence};
-        let nats = NatsServer::start("api");
+        use crate::cluster::presence::Presence;
+        use crate::cluster::test_nats::Server as NatsServer;
+        let nats = NatsServer::start("api").await;
         let broker = broker();
         // `b` is another node, as it reports itself.
         let b = Presence::start(

@@ -13,116 +13,16 @@ use super::*;
 use crate::codec::{PacketId, Properties, QoS};
 use crate::storage::record::{MessageRef, StoredSession};
 
-/// A `nats-server -js` of this test's own; killed and its directory removed on drop.
-struct Server {
-    child: Child,
-    dir: PathBuf,
-    port: u16,
+use crate::cluster::test_nats::Server;
+
+async fn js(server: &Server) -> Context {
+    jetstream::new(server.connect().await)
 }
 
-impl Drop for Server {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-        let _ = std::fs::remove_dir_all(&self.dir);
-    }
-}
-
-fn nats_server() -> PathBuf {
-    for dir in std::env::var("PATH").unwrap_or_default().split(':') {
-        let path = PathBuf::from(dir).join("nats-server");
-        if path.is_file() {
-            return path;
-        }
-    }
-    for path in ["/usr/sbin/nats-server", "/usr/bin/nats-server"] {
-        if std::path::Path::new(path).is_file() {
-            return path.into();
-        }
-    }
-    panic!(
-        "nats-server not found: the cluster store tests need it (`apt-get install nats-server` \
-         or https://github.com/nats-io/nats-server/releases; CI installs it)"
-    );
-}
-
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .and_then(|l| l.local_addr())
-        .expect("a free port")
-        .port()
-}
-
-impl Server {
-    async fn start(name: &str) -> Self {
-        Self::spawn(name, free_port(), &[]).await
-    }
-
-    /// A server on `port` with `extra` arguments, up (accepting connections).
-    async fn spawn(name: &str, port: u16, extra: &[String]) -> Self {
-        let dir = std::env::temp_dir().join(format!("petrel-kv-{name}-{}", std::process::id()));
-        let _ = std::fs::remove_dir_all(&dir);
-        std::fs::create_dir_all(&dir).expect("temp dir");
-        let child = Command::new(nats_server())
-            .args(["-js", "-a", "127.0.0.1", "-p", &port.to_string(), "-sd"])
-            .arg(&dir)
-            .args(extra)
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .spawn()
-            .expect("nats-server starts");
-        let server = Self { child, dir, port };
-        // Up within 10 s or the test fails (the guard kills it either way).
-        for _ in 0..100 {
-            if tokio::net::TcpStream::connect(("127.0.0.1", port))
-                .await
-                .is_ok()
-            {
-                return server;
-            }
-            tokio::time::sleep(Duration::from_millis(100)).await;
-        }
-        panic!("nats-server on port {port} did not start");
-    }
-
-    /// Three servers routed into one JetStream cluster.
-    async fn cluster(name: &str) -> Vec<Self> {
-        let routes: Vec<u16> = (0..3).map(|_| free_port()).collect();
-        let cluster = format!("petrel-kv-{name}-{}", std::process::id());
-        let mut servers = Vec::new();
-        for (i, own) in routes.iter().enumerate() {
-            let others: Vec<String> = routes
-                .iter()
-                .filter(|p| *p != own)
-                .map(|p| format!("nats://127.0.0.1:{p}"))
-                .collect();
-            let extra = [
-                "--cluster".to_owned(),
-                format!("nats://127.0.0.1:{own}"),
-                "--routes".to_owned(),
-                others.join(","),
-                "--cluster_name".to_owned(),
-                cluster.clone(),
-                "--server_name".to_owned(),
-                format!("s{i}"),
-            ];
-            servers.push(Self::spawn(&format!("{name}{i}"), free_port(), &extra).await);
-        }
-        servers
-    }
-
-    async fn js(&self) -> Context {
-        let client = async_nats::connect(format!("127.0.0.1:{}", self.port))
-            .await
-            .expect("connects to nats-server");
-        jetstream::new(client)
-    }
-
-    async fn open(&self, node: &str) -> KvEngine {
-        open(self.js().await, "test", 1, node)
-            .await
-            .expect("opens the bucket")
-    }
+async fn open_on(server: &Server, node: &str) -> KvEngine {
+    open(js(server).await, "test", 1, node)
+        .await
+        .expect("opens the bucket")
 }
 
 /// Applies `batch` from a thread of its own, as the store's writer does.
@@ -186,7 +86,7 @@ impl Rng {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn reopen_restores_what_was_applied() {
     let server = Server::start("reopen").await;
-    let mut engine = server.open("n1").await;
+    let mut engine = open_on(&server, "n1").await;
     let mut model = engine.take_records();
     assert_eq!(
         model.get(record::META),
@@ -252,11 +152,11 @@ async fn reopen_restores_what_was_applied() {
     assert!(engine.bytes_written() > 0);
     drop(engine);
 
-    let mut again = server.open("n1").await;
+    let mut again = open_on(&server, "n1").await;
     assert_eq!(again.take_records(), model, "seed {seed}");
 
     // Another node restores the retained messages and the format record only.
-    let mut other = server.open("n2").await;
+    let mut other = open_on(&server, "n2").await;
     let shared: BTreeMap<_, _> = model
         .iter()
         .filter(|(k, _)| k.first() == Some(&record::RETAINED) || k.as_slice() == record::META)
@@ -300,7 +200,7 @@ fn session_writes(client: &str, key: u64) -> Vec<Write> {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn owner_follows_the_last_node_to_store_the_session() {
     let server = Server::start("owner").await;
-    let n1 = server.open("n1").await;
+    let n1 = open_on(&server, "n1").await;
     let h1 = n1.handle();
     let n1 = apply(n1, session_writes("c1", 7)).await;
     assert_eq!(h1.owner_of("c1").await.unwrap().as_deref(), Some("n1"));
@@ -308,7 +208,7 @@ async fn owner_follows_the_last_node_to_store_the_session() {
     assert_eq!((h1.node(), h1.bucket()), ("n1", "test_store"));
 
     // Another node takes the session over: reads it, restores it, stores it as its own.
-    let n2 = server.open("n2").await;
+    let n2 = open_on(&server, "n2").await;
     let h2 = n2.handle();
     let records = h2.load_client("c1").await.unwrap();
     assert_eq!(
@@ -329,17 +229,17 @@ async fn owner_follows_the_last_node_to_store_the_session() {
     assert!(store.next_key() >= 8);
     drop(store);
 
-    let n2 = server.open("n2").await;
+    let n2 = open_on(&server, "n2").await;
     let n2 = apply(n2, session_writes("c1", 9)).await;
     assert_eq!(h1.owner_of("c1").await.unwrap().as_deref(), Some("n2"));
     drop((n1, n2));
-    let mut n1 = server.open("n1").await;
+    let mut n1 = open_on(&server, "n1").await;
     let records = n1.take_records();
     assert!(
         !records.keys().any(|k| k.first() == Some(&record::SESSION)),
         "n1 no longer restores c1"
     );
-    let mut n2 = server.open("n2").await;
+    let mut n2 = open_on(&server, "n2").await;
     let recovered = crate::storage::recover::read(n2.take_records()).unwrap();
     assert_eq!(recovered.sessions.len(), 1);
     assert_eq!(recovered.sessions[0].queued.len(), 2);
@@ -354,8 +254,8 @@ async fn owner_follows_the_last_node_to_store_the_session() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn retained_watch_sees_other_nodes_only() {
     let server = Server::start("watch").await;
-    let n1 = server.open("n1").await;
-    let n2 = server.open("n2").await;
+    let n1 = open_on(&server, "n1").await;
+    let n2 = open_on(&server, "n2").await;
     let mut changes = Box::pin(n1.handle().watch_retained("n1", false).await.unwrap());
     let long_topic = format!("t/{}", "y".repeat(2000));
     let n1 = apply(n1, vec![put(record::retained_key("own"), b"mine")]).await;
@@ -392,7 +292,7 @@ async fn retained_watch_sees_other_nodes_only() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn replicas_beyond_the_servers_say_so() {
     let server = Server::start("replicas").await;
-    let err = open(server.js().await, "r3", 3, "n1")
+    let err = open(js(&server).await, "r3", 3, "n1")
         .await
         .err()
         .expect("one server cannot hold 3 replicas")
@@ -405,7 +305,7 @@ async fn replicas_beyond_the_servers_say_so() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_value_past_max_payload_fails_its_commit_clearly() {
     let server = Server::start("big").await;
-    let engine = server.open("n1").await;
+    let engine = open_on(&server, "n1").await;
     let err = tokio::task::spawn_blocking(move || {
         let mut engine = engine;
         engine
@@ -428,7 +328,7 @@ async fn the_store_commits_through_the_engine_and_restores() {
 
     let server = Server::start("store").await;
     let settings = StorageSettings::default();
-    let (store, recovered) = open_with(Box::new(server.open("n1").await), &settings).unwrap();
+    let (store, recovered) = open_with(Box::new(open_on(&server, "n1").await), &settings).unwrap();
     assert!(recovered.sessions.is_empty() && recovered.retained.is_empty());
     let session = Session::new(std::sync::Arc::from("s1"), 600);
     let first = store.session_saved(&session);
@@ -450,7 +350,7 @@ async fn the_store_commits_through_the_engine_and_restores() {
         .await
         .unwrap();
 
-    let (store, recovered) = open_with(Box::new(server.open("n1").await), &settings).unwrap();
+    let (store, recovered) = open_with(Box::new(open_on(&server, "n1").await), &settings).unwrap();
     assert_eq!(recovered.sessions.len(), 1);
     assert_eq!(&*recovered.sessions[0].session.client_id, "s1");
     assert_eq!(recovered.retained.len(), 1);
@@ -465,7 +365,7 @@ async fn the_store_commits_through_the_engine_and_restores() {
 #[ignore = "prints throughput figures"]
 async fn figures_pipelined_batches() {
     let server = Server::start("figures").await;
-    let mut engine = server.open("n1").await;
+    let mut engine = open_on(&server, "n1").await;
     for batch_len in [1usize, 10, 100, 1000] {
         let rounds = (4000 / batch_len).max(20);
         let started = std::time::Instant::now();
@@ -496,7 +396,7 @@ async fn three_replicas_on_three_servers() {
     let mut last = String::new();
     let mut engine = None;
     for _ in 0..40 {
-        match open(servers[0].js().await, "r3", 3, "n1").await {
+        match open(js(&servers[0]).await, "r3", 3, "n1").await {
             Ok(opened) => {
                 engine = Some(opened);
                 break;
@@ -510,14 +410,14 @@ async fn three_replicas_on_three_servers() {
     assert_eq!(info.config.num_replicas, 3);
     // Written through one server, read back through another.
     let _engine = apply(engine, session_writes("c1", 1)).await;
-    let other = open(servers[2].js().await, "r3", 3, "n2").await.unwrap();
+    let other = open(js(&servers[2]).await, "r3", 3, "n2").await.unwrap();
     assert_eq!(other.handle().load_client("c1").await.unwrap().len(), 2);
     assert_eq!(
         other.handle().owner_of("c1").await.unwrap().as_deref(),
         Some("n1")
     );
 
-    let err = open(servers[1].js().await, "r5", 5, "n1")
+    let err = open(js(&servers[1]).await, "r5", 5, "n1")
         .await
         .err()
         .expect("3 servers cannot hold 5 replicas")
@@ -529,7 +429,7 @@ async fn three_replicas_on_three_servers() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn acknowledged_deliveries_leave_no_markers_behind() {
     let server = Server::start("markers").await;
-    let engine = server.open("n1").await;
+    let engine = open_on(&server, "n1").await;
     let handle = engine.handle();
     let mut batch = vec![put(record::session_key("c"), b"s")];
     batch.extend((0..50).map(|k| put(record::queued_key("c", k), b"q")));
@@ -559,10 +459,10 @@ async fn many_owned_sessions_are_read_in_one_pass() {
     for i in 0..clients {
         writes.extend(session_writes(&format!("mine{i}"), i as u64));
     }
-    let n1 = apply(server.open("n1").await, writes).await;
-    let n2 = apply(server.open("n2").await, session_writes("theirs", 1)).await;
+    let n1 = apply(open_on(&server, "n1").await, writes).await;
+    let n2 = apply(open_on(&server, "n2").await, session_writes("theirs", 1)).await;
     drop((n1, n2));
-    let mut n1 = server.open("n1").await;
+    let mut n1 = open_on(&server, "n1").await;
     let recovered = crate::storage::recover::read(n1.take_records()).unwrap();
     let mut names: Vec<String> = recovered
         .sessions
