@@ -158,6 +158,9 @@ def cells(setup, pub_port, sub_ports, fan_ports):
     rows["lat"] = bench(f"{setup} p2p q1 at {RATE}/s", pub_port, sub_ports,
                         ["--scenario", "p2p", "--pubs", str(PAIRS), "-q", "1",
                          "--rate", str(RATE / PAIRS)])
+    rows["persistent"] = bench(f"{setup} p2p q1 persistent", pub_port, sub_ports,
+                               ["--scenario", "p2p", "--pubs", str(PAIRS), "-q", "1",
+                                "--persistent"])
     rows["fanout"] = bench(f"{setup} fan-out 1 to {FANOUT} q1", pub_port, fan_ports,
                            ["--scenario", "fan-out", "--pubs", "1", "--subs", str(FANOUT),
                             "-q", "1"])

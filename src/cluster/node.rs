@@ -876,3 +876,86 @@ impl Recent {
         true
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::cluster::test_nats::{free_port, Server};
+
+    #[tokio::test]
+    async fn nats_credentials_are_used_and_a_refusal_is_named() {
+        let extra = [
+            "--user".to_owned(),
+            "petrel".into(),
+            "--pass".into(),
+            "s3cret".into(),
+        ];
+        let server = Server::spawn("auth", free_port(), &extra).await;
+        let mut settings = ClusterSettings {
+            nats: vec![server.url()],
+            connect_timeout: Duration::from_secs(3),
+            ..Default::default()
+        };
+        let anonymous = connect(&settings, "n1").await;
+        assert!(anonymous.is_err(), "the server wants credentials");
+        settings.user = Some("petrel".into());
+        settings.password = Some("wrong".into());
+        let refused = connect(&settings, "n1").await.err().expect("refused");
+        assert!(
+            format!("{refused:#}").contains("cluster.nats"),
+            "names the setting: {refused:#}"
+        );
+        settings.password = Some("s3cret".into());
+        let (client, _) = connect(&settings, "n1").await.expect("connects");
+        client.flush().await.expect("the connection works");
+    }
+
+    #[test]
+    fn a_message_between_nodes_reads_back_with_its_id() {
+        let topic = crate::core::topic::TopicName::parse("a/b".to_owned(), 0).unwrap();
+        let publish = crate::codec::Publish {
+            dup: false,
+            qos: QoS::AtLeastOnce,
+            retain: true,
+            topic: "a/b".into(),
+            packet_id: None,
+            properties: Default::default(),
+            payload: Bytes::from_static(b"payload"),
+        };
+        let message = AppMessage::from_publish(
+            topic,
+            publish,
+            Some("pub".into()),
+            crate::broker::clock::now(),
+        );
+        let frame = encode(7, 42, &message);
+        let (instance, counter, stored) = decode(&frame).expect("reads back");
+        assert_eq!((instance, counter), (7, 42));
+        assert_eq!(stored.topic, "a/b");
+        assert_eq!(&stored.payload[..], b"payload");
+        assert!(stored.retain);
+        assert_eq!(stored.publisher.as_deref(), Some("pub"));
+        assert!(
+            decode(&frame[..10]).is_none(),
+            "a truncated frame is refused"
+        );
+        let mut other = frame.to_vec();
+        other[0] = 9;
+        assert!(decode(&other).is_none(), "another wire version is refused");
+    }
+
+    #[test]
+    fn recent_ids_are_bounded_and_remember_when() {
+        let mut recent = Recent::default();
+        let t0 = std::time::Instant::now();
+        assert!(recent.first_time((1, 1)));
+        assert!(!recent.first_time((1, 1)));
+        assert!(recent.seen_since((1, 1), t0));
+        assert!(!recent.seen_since((1, 2), t0));
+        for i in 0..(RECENT as u64 + 10) {
+            recent.first_time((2, i));
+        }
+        assert!(recent.seen.len() <= RECENT);
+        assert!(!recent.seen_since((1, 1), t0), "the oldest is forgotten");
+    }
+}
