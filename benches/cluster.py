@@ -180,13 +180,15 @@ def nats_out_to_petrel(monitors):
 
 
 def crossings(ports, monitors):
-    """Messages from NATS to Petrel nodes per publish on n1, for a topic subscribed on the
-    first k nodes (n1 is the publisher's node)."""
+    """Messages from NATS to Petrel nodes per publish on n1, for a topic subscribed on 1 node
+    (n2), 2 nodes (n2, n3) and 3 nodes (n1, n2, n3: the publisher's own copy comes back to
+    it and is dropped there). Run on a fresh cluster: NATS counts every message it sends a
+    node, so nothing else may be flowing."""
     result = {}
-    for k in (1, 2, 3):
+    for k, nodes in ((1, [1]), (2, [1, 2]), (3, [0, 1, 2])):
         topic = f"cross/{k}/{time.time_ns()}"
         subs = []
-        for i in range(k):
+        for i in nodes:
             c = mqtt.Client(CallbackAPIVersion.VERSION2, client_id=f"x{k}-{i}")
             c.connect("127.0.0.1", ports[i])
             c.subscribe(topic, 0)
@@ -240,9 +242,9 @@ def main():
         print("Petrel, three nodes on three NATS servers (R3)", flush=True)
         client, monitors = start_nats(3, root + "/r3")
         ports = [start_petrel(f"n{i + 1}", root, client, 3) for i in range(3)]
+        figures["crossings"] = crossings(ports, monitors)
         figures["same_node"] = cells("3 nodes, same node", ports[0], [ports[0]], [ports[0]])
         figures["cross_node"] = cells("3 nodes, cross node", ports[0], [ports[1]], ports)
-        figures["crossings"] = crossings(ports, monitors)
         stop_all()
     finally:
         stop_all()
