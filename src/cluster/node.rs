@@ -900,7 +900,9 @@ mod tests {
         assert!(anonymous.is_err(), "the server wants credentials");
         settings.user = Some("petrel".into());
         settings.password = Some("wrong".into());
-        let refused = connect(&settings, "n1").await.err().expect("refused");
+        let Err(refused) = connect(&settings, "n1").await else {
+            panic!("a wrong password is refused");
+        };
         assert!(
             format!("{refused:#}").contains("cluster.nats"),
             "names the setting: {refused:#}"

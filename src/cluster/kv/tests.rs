@@ -2,8 +2,6 @@
 //! directory; killed at the end of each test, panics included).
 
 use std::collections::BTreeMap;
-use std::path::PathBuf;
-use std::process::{Child, Command, Stdio};
 use std::time::Duration;
 
 use bytes::Bytes;
