@@ -1,23 +1,26 @@
-//! A node of a cluster at run time: the broker's [`Peers`] on NATS.
+//! A node of a cluster at run time: the broker's [`Peers`] on NATS (see docs/cluster.md).
 //!
 //! - **Routing.** Each filter subscribed on this node is one NATS subscription per subject
-//!   `subject::subjects_for_filter` gives it, under `<prefix>.msg` (a shared subscription's in
-//!   a NATS queue group named after its group and filter), opened when the filter's first
+//!   `subject::subjects_for_filter` gives it, under `<prefix>.live` (a shared subscription's
+//!   in a NATS queue group named after its group and filter), opened when the filter's first
 //!   subscriber arrives and closed when its last leaves: a message crosses the network once
 //!   per interested node, and NATS picks one node per shared group. A message routed here is
-//!   forwarded under its topic's subject: QoS 0 at once on core NATS; QoS 1/2 through the
-//!   store's next group commit into the JetStream stream `<prefix>_msgs`, so the publisher's
-//!   acknowledgement waits until JetStream has it (the stream's capture also delivers it to
-//!   the interested nodes).
-//! - **Receiving.** A message from another node is routed to the plain subscriptions here
-//!   (`Broker::route_remote`), once even when several overlapping filters brought it (recent
-//!   message ids are remembered); one that a queue group brought goes to one member of that
-//!   group, whichever node published it. Retained messages are not sent as messages: the
-//!   store's bucket is watched (`kv::KvHandle::watch_retained`).
+//!   forwarded under its topic's subject: QoS 0 at once on core NATS (`<prefix>.live`); QoS
+//!   1/2 through the store's next group commit into the JetStream stream `<prefix>_msgs`
+//!   (`<prefix>.msg`), so the publisher's acknowledgement waits until JetStream has it; the
+//!   stream republishes it to `<prefix>.live` with its sequence.
+//! - **Receiving.** Every subscription feeds one task that routes in arrival order: to the
+//!   plain subscriptions here (`Broker::route_remote`), once even when several overlapping
+//!   filters brought the message (recent message ids are remembered), or, for a queue
+//!   group's message, to one member of that group, whichever node published it. The task
+//!   also marks, in the store, how far in the stream this node has routed. Retained messages
+//!   are not sent as messages: the store's bucket is watched
+//!   (`kv::KvHandle::watch_retained`).
 //! - **Sessions.** A CONNECT asks the store's bucket which node owns the client; if another,
 //!   that node is asked (`<prefix>.node.<node>.takeover`) to close the connection with 0x8E
 //!   and file the session, and the session is read back from the bucket here. A node that
-//!   does not answer is taken for dead and its last committed state is used.
+//!   does not answer is taken for dead: its last committed state is used, and what the
+//!   session missed since that node's mark is replayed from the stream.
 
 use std::collections::{HashMap, VecDeque};
 use std::sync::atomic::{AtomicU64, Ordering};
