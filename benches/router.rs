@@ -8,13 +8,12 @@
 
 use petrel::core::topic::TopicName;
 use std::sync::Arc;
-use std::time::{Duration, Instant};
+use std::time::Instant;
 
 use bytes::Bytes;
 use criterion::{criterion_group, criterion_main, BenchmarkId, Criterion, Throughput};
 use petrel::broker::{Broker, Settings};
 use petrel::codec::{Publish, QoS, SubscriptionOptions};
-use petrel::core::channel::Limits;
 use petrel::core::message::Delivery;
 use petrel::core::message::{AppMessage, Flow};
 use petrel::core::retain::RetainedStore;
@@ -79,22 +78,7 @@ fn bench_fan_out(c: &mut Criterion) {
         .unwrap();
     let mut group = c.benchmark_group("fan_out");
     for n in [1usize, 100, 10_000] {
-        let broker = Broker::new(Settings {
-            limits: Arc::new(Limits::default()),
-            max_queued: 1 << 20,
-            queue_full: Default::default(),
-            max_queued_bytes: 0,
-            close_linger: Duration::from_millis(100),
-            quic: Default::default(),
-            max_delayed: 0,
-            shared_strategy: Default::default(),
-            group_strategies: Default::default(),
-            max_connections: 1000,
-            max_connections_per_address: 0,
-            retain: Default::default(),
-            max_sessions: 0,
-            tcp_keepalive: None,
-        });
+        let broker = Broker::new(Settings::minimal(1 << 20));
         let now = Instant::now();
         let mut mailboxes = Vec::new();
         runtime.block_on(async {

@@ -201,6 +201,30 @@ pub struct Settings {
     pub tcp_keepalive: Option<listener::TcpKeepalive>,
 }
 
+#[cfg(any(test, feature = "internals"))]
+impl Settings {
+    /// Settings for tests and benchmarks: `max_queued` deliveries per session, no byte
+    /// budget, everything else at its default.
+    pub fn minimal(max_queued: usize) -> Self {
+        Settings {
+            limits: Arc::new(Limits::default()),
+            max_queued,
+            queue_full: Default::default(),
+            max_queued_bytes: 0,
+            close_linger: Duration::from_millis(100),
+            quic: Default::default(),
+            max_delayed: 0,
+            shared_strategy: Default::default(),
+            group_strategies: Default::default(),
+            max_connections: 1000,
+            max_connections_per_address: 0,
+            retain: Default::default(),
+            max_sessions: 0,
+            tcp_keepalive: None,
+        }
+    }
+}
+
 /// A log line a client can trigger, at most once a minute (a remote must not set our warn
 /// rate); the counters say how many were not logged.
 #[derive(Debug, Default)]

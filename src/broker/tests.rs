@@ -15,21 +15,9 @@ use crate::core::hooks::{Hooks, Observation};
 
 fn broker() -> Broker {
     Broker::new(Settings {
-        limits: Arc::new(Limits::default()),
-        max_queued: 10,
         // The dropping policy: these tests look at what a full queue does.
         queue_full: crate::broker::mailbox::QueueFull::DropNew,
-        max_queued_bytes: 0,
-        close_linger: Duration::from_millis(100),
-        quic: Default::default(),
-        max_delayed: 0,
-        shared_strategy: Default::default(),
-        group_strategies: Default::default(),
-        max_connections: 1000,
-        max_connections_per_address: 0,
-        retain: Default::default(),
-        max_sessions: 0,
-        tcp_keepalive: None,
+        ..Settings::minimal(10)
     })
 }
 

@@ -1046,6 +1046,16 @@ class LoadPublisher:
         return todo
 
 
+def publish_more(pubs, base, n):
+    """Each publisher sends `n` more numbered messages on its own topic under `base`."""
+    for p in pubs:
+        for _ in range(n):
+            p.seq += 1
+            payload = f"{p.name}-{p.seq}"
+            p.all.append(payload)
+            p.publish(payload, f"{base}/{p.name}")
+
+
 def kill_petrel(cl):
     if cl.single:
         raise Failure("needs three nodes (not CLUSTER_SINGLE)")
@@ -1086,12 +1096,7 @@ def kill_petrel(cl):
         p.reconcile()
     # What n2/n3 acknowledged while ks1's session had no live node (before it resumed on n3).
     before_resume = set().union(*(p.acked for p in pubs)) - by_n1
-    for p in pubs:
-        for i in range(20):
-            p.seq += 1
-            payload = f"{p.name}-{p.seq}"
-            p.all.append(payload)
-            p.publish(payload, f"{base}/{p.name}")
+    publish_more(pubs, base, 20)
     for p in pubs:
         if not wait_until(lambda: (p.reconcile() or True) and
                           all(x in p.acked for x in p.all), ACK_WAIT * 2):
@@ -1169,12 +1174,7 @@ def kill_petrel_qos2(cl):
     present = {}
     for p, node in zip(pubs, (n1, n2)):
         present[p.name] = p.conn.move(node)
-    for p in pubs:
-        for i in range(20):
-            p.seq += 1
-            payload = f"{p.name}-{p.seq}"
-            p.all.append(payload)
-            p.publish(payload, f"{base}/{p.name}")
+    publish_more(pubs, base, 20)
     for p in pubs:
         if not wait_until(lambda: (p.reconcile() or True) and
                           all(x in p.acked for x in p.all), ACK_WAIT * 2):

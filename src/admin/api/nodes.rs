@@ -213,23 +213,7 @@ mod tests {
     /// A broker with default settings (no listeners): what the API reads.
     fn broker() -> Arc<crate::broker::Broker> {
         use crate::broker::Settings;
-        use crate::core::channel::Limits;
-        Arc::new(crate::broker::Broker::new(Settings {
-            limits: Arc::new(Limits::default()),
-            max_queued: 10,
-            queue_full: Default::default(),
-            max_queued_bytes: 0,
-            close_linger: Duration::from_millis(100),
-            quic: Default::default(),
-            max_delayed: 0,
-            shared_strategy: Default::default(),
-            group_strategies: Default::default(),
-            max_connections: 1000,
-            max_connections_per_address: 0,
-            retain: Default::default(),
-            max_sessions: 0,
-            tcp_keepalive: None,
-        }))
+        Arc::new(crate::broker::Broker::new(Settings::minimal(10)))
     }
 
     /// GET `path` with `token`: status and JSON body.
