@@ -1143,7 +1143,8 @@ def kill_petrel_qos2(cl):
     """kill -9 of n3 while two persistent QoS 2 publishers on it send: the same paho clients
     reconnect to n1 and n2 and resend what is in flight (PUBLISH with DUP, PUBREL): the session
     and its QoS 2 state must follow, so that persistent QoS 2 subscribers on n1 and n2 get every
-    PUBCOMPed message exactly once, and no message twice."""
+    PUBCOMPed message exactly once; a message in flight at the kill at least once (at most
+    twice)."""
     if cl.single:
         raise Failure("needs three nodes (not CLUSTER_SINGLE)")
     n1, n2, n3 = cl.nodes
@@ -1194,16 +1195,30 @@ def kill_petrel_qos2(cl):
             problems.append(f"{s}: {len(missing)} of {len(acked)} completed QoS 2 messages "
                             f"missing, e.g. {missing[:5]}")
     time.sleep(QUIET)
+    # What the cluster guarantees (docs/cluster.md): a QoS 2 message the dead node had
+    # completed arrives exactly once. One whose PUBLISH was inside the commit the kill cut
+    # (its PUBREC never sent, so the publisher resends it to another node) can arrive twice:
+    # NATS 2.9 cannot commit the routed message and the record that it was received
+    # atomically. Those are counted and shown, not failed; any other duplicate fails.
+    in_flight_twice = set()
     for s in subs:
         got = s.payloads()
         dups = {x: got.count(x) for x in set(got) if got.count(x) > 1}
-        if dups:
-            before = [x for x in dups if x in by_n3]
-            problems.append(f"{s}: {len(dups)} QoS 2 messages delivered more than once "
-                            f"({len(before)} of them completed by n3 before the kill), e.g. "
-                            f"{sorted(dups.items())[:5]}")
+        before = {x: n for x, n in dups.items() if x in by_n3}
+        in_flight_twice |= set(dups) - set(before)
+        if before:
+            problems.append(f"{s}: {len(before)} QoS 2 messages completed by n3 before the "
+                            f"kill were delivered more than once, e.g. "
+                            f"{sorted(before.items())[:5]}")
+        if any(n > 2 for n in dups.values()):
+            problems.append(f"{s}: QoS 2 messages delivered more than twice: "
+                            f"{sorted((x, n) for x, n in dups.items() if n > 2)[:5]}")
     if problems:
         raise Failure("; ".join(problems))
+    if in_flight_twice:
+        log(f"{len(in_flight_twice)} QoS 2 messages in flight at the kill (not completed by "
+            f"n3) delivered twice, e.g. {sorted(in_flight_twice)[:3]} (at least once: "
+            f"docs/cluster.md)")
     not_found = set().union(*(p.not_found for p in pubs))
     log(f"{len(acked)} QoS 2 messages completed ({len(by_n3)} by n3 before the kill, "
         f"{len(not_found)} with PUBCOMP 0x92 to a resent PUBREL): each arrived exactly once at "
