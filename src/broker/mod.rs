@@ -1043,12 +1043,12 @@ impl Broker {
             return routed;
         }
         let scope = match &self.hooks.peers {
-            Some(peers) if peers.dispatches_shared() => Scope::Plain,
+            Some(peers) if peers.dispatches_shared() => Scope::Origin,
             _ => Scope::All,
         };
-        self.fan_out(&message, scope, &mut routed);
+        let served = self.fan_out(&message, scope, &mut routed);
         if let Some(peers) = &self.hooks.peers {
-            match peers.forward(&message) {
+            match peers.forward(&message, &served) {
                 Ok(ticket) => routed.stored(ticket),
                 Err(refused) => routed.refuse(refused),
             }
@@ -1070,7 +1070,7 @@ impl Broker {
             .messages_from_peers
             .fetch_add(1, Ordering::Relaxed);
         let mut routed = Routed::default();
-        self.fan_out(&message, scope, &mut routed);
+        let _ = self.fan_out(&message, scope, &mut routed);
         self.count_refused(&routed);
     }
 
@@ -1088,13 +1088,24 @@ impl Broker {
             .unwrap_or_default()
     }
 
-    /// Pushes `message` to every subscription `scope` matches (see [`Broker::route`]).
-    fn fan_out(&self, message: &Arc<AppMessage>, scope: Scope<'_>, routed: &mut Routed) {
+    /// Pushes `message` to every subscription `scope` matches (see [`Broker::route`]);
+    /// returns the shared groups it gave the message to, for `Scope::Origin` (nothing is
+    /// allocated when there are none).
+    fn fan_out(
+        &self,
+        message: &Arc<AppMessage>,
+        scope: Scope<'_>,
+        routed: &mut Routed,
+    ) -> Vec<Arc<TopicFilter>> {
+        let mut served = Vec::new();
         let dropped = FANOUT.with_borrow_mut(|fanout| {
             {
                 let router = self.router.read().expect("router lock is never poisoned");
                 // A shared group picks among members that are online and can take it.
                 fanout.collect_in(&router, message, scope, |m| m.is_online() && m.accepts());
+            }
+            if matches!(scope, Scope::Origin) && !fanout.served().is_empty() {
+                served.extend(fanout.served().iter().cloned());
             }
             let mut dropped = 0;
             let mut matched = false;
@@ -1126,6 +1137,7 @@ impl Broker {
         if dropped > 0 {
             self.count_dropped(dropped, DropReason::QueueFull);
         }
+        served
     }
 
     /// Counts deliveries dropped for `reason` and tells the observer.

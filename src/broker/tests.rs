@@ -369,6 +369,7 @@ impl crate::core::hooks::Peers for Recorder {
     fn forward(
         &self,
         message: &Arc<AppMessage>,
+        _served: &[Arc<TopicFilter>],
     ) -> Result<crate::core::hooks::Ticket, crate::core::hooks::Refused> {
         self.push(format!("forward {}", message.topic));
         Ok(0)

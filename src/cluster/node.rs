@@ -50,7 +50,7 @@ type RetainedChanges = std::pin::Pin<
 >;
 
 /// The wire format's version (first byte of every message between nodes).
-const WIRE: u8 = 1;
+const WIRE: u8 = 2;
 /// Message ids remembered to drop the copies overlapping filters bring.
 const RECENT: usize = 16_384;
 /// QoS 0 messages waiting for the NATS connection; past it they are dropped (counted).
@@ -608,7 +608,7 @@ impl Cluster {
                 .info()
                 .map_err(|e| anyhow::anyhow!("{e}"))?
                 .stream_sequence;
-            if let Some((instance, counter, stored)) = decode(&next.payload) {
+            if let Some((instance, counter, _, stored)) = decode(&next.payload) {
                 // Routed live since the session's subscriptions were back: it has it.
                 let seen = self
                     .recent
@@ -717,11 +717,16 @@ impl Cluster {
 
     /// Routes one message from the cluster here.
     fn receive(&self, frame: &[u8], group: Option<&TopicFilter>) {
-        let Some((instance, counter, stored)) = decode(frame) else {
+        let Some((instance, counter, served, stored)) = decode(frame) else {
             tracing::warn!("cluster: an unreadable message from NATS was dropped");
             return;
         };
-        if group.is_none() {
+        if let Some(group) = group {
+            // The publisher's node gave it to a member of this group itself (`local`).
+            if served.iter().any(|s| s == group.as_str()) {
+                return;
+            }
+        } else {
             // This node routed its own messages when they were published.
             if instance == self.instance {
                 return;
@@ -749,9 +754,13 @@ impl Cluster {
 }
 
 impl Peers for Cluster {
-    fn forward(&self, message: &Arc<AppMessage>) -> Result<Ticket, Refused> {
+    fn forward(
+        &self,
+        message: &Arc<AppMessage>,
+        served: &[Arc<TopicFilter>],
+    ) -> Result<Ticket, Refused> {
         let counter = self.counter.fetch_add(1, Ordering::Relaxed);
-        let frame = encode(self.instance, counter, message);
+        let frame = encode(self.instance, counter, served, message);
         self.stats.forwarded.fetch_add(1, Ordering::Relaxed);
         match (message.qos, self.store.get()) {
             (QoS::AtMostOnce, _) | (_, None) => {
@@ -831,24 +840,48 @@ fn hex(bytes: &[u8]) -> String {
 }
 
 /// One message between nodes: the wire version, its origin's process id and counter (for
-/// duplicate suppression), then the message as the store writes it.
-fn encode(instance: u64, counter: u64, message: &AppMessage) -> Bytes {
+/// duplicate suppression), the shared groups the origin served itself (`local` strategy),
+/// then the message as the store writes it.
+fn encode(instance: u64, counter: u64, served: &[Arc<TopicFilter>], message: &AppMessage) -> Bytes {
     let mut out = BytesMut::with_capacity(48 + message.topic.len() + message.payload.len());
     out.put_u8(WIRE);
     out.put_u64(instance);
     out.put_u64(counter);
+    // A filter is at most 65,535 bytes, like any MQTT string.
+    let served = &served[..served.len().min(usize::from(u16::MAX))];
+    out.put_u16(served.len() as u16);
+    for group in served {
+        let text = group.as_str().as_bytes();
+        let text = &text[..text.len().min(usize::from(u16::MAX))];
+        out.put_u16(text.len() as u16);
+        out.put_slice(text);
+    }
     crate::storage::record::put_message(&mut out, crate::storage::message_ref(message));
     out.freeze()
 }
 
-fn decode(mut frame: &[u8]) -> Option<(u64, u64, crate::storage::record::StoredMessage)> {
-    if frame.len() < 17 || frame.get_u8() != WIRE {
+/// A frame read back: origin process id, counter, served groups, message.
+type Frame = (u64, u64, Vec<String>, crate::storage::record::StoredMessage);
+
+fn decode(mut frame: &[u8]) -> Option<Frame> {
+    if frame.len() < 19 || frame.get_u8() != WIRE {
         return None;
     }
     let instance = frame.get_u64();
     let counter = frame.get_u64();
+    let n = usize::from(frame.get_u16());
+    let mut served = Vec::new();
+    for _ in 0..n {
+        if frame.len() < 2 {
+            return None;
+        }
+        let len = usize::from(frame.get_u16());
+        let text = frame.get(..len)?;
+        served.push(String::from_utf8(text.to_vec()).ok()?);
+        frame.advance(len);
+    }
     let message = crate::storage::record::read_message(frame).ok()?;
-    Some((instance, counter, message))
+    Some((instance, counter, served, message))
 }
 
 /// The message ids seen last, with when, oldest forgotten first.
@@ -933,9 +966,11 @@ mod tests {
             Some("pub".into()),
             crate::broker::clock::now(),
         );
-        let frame = encode(7, 42, &message);
-        let (instance, counter, stored) = decode(&frame).expect("reads back");
+        let group = Arc::new(TopicFilter::parse("$share/g/a/+", 0).unwrap());
+        let frame = encode(7, 42, &[group], &message);
+        let (instance, counter, served, stored) = decode(&frame).expect("reads back");
         assert_eq!((instance, counter), (7, 42));
+        assert_eq!(served, ["$share/g/a/+"]);
         assert_eq!(stored.topic, "a/b");
         assert_eq!(&stored.payload[..], b"payload");
         assert!(stored.retain);

@@ -17,7 +17,7 @@ use std::time::Instant;
 
 use super::message::{AppMessage, Delivery, Flow};
 use super::retain::RetainedStore;
-use super::router::{Dispatch, SubscriptionTree};
+use super::router::{Dispatch, Groups, SubscriptionTree};
 use super::session::Subscription;
 use super::topic::TopicFilter;
 use crate::codec::SubscriptionOptions;
@@ -29,6 +29,9 @@ pub enum Scope<'a> {
     All,
     /// Plain subscriptions only: in a cluster, shared groups are dispatched across nodes.
     Plain,
+    /// Plain subscriptions and the `local`-strategy groups with members here: what the
+    /// publisher's node serves itself in a cluster.
+    Origin,
     /// One member of this shared subscription's group, which the cluster chose for it.
     Group(&'a TopicFilter),
     /// The plain subscriptions of this client only (a message the cluster replays into a
@@ -69,6 +72,8 @@ pub struct Fanout<M> {
     /// Keyed by the handle's address (one handle per session) and flow: no client controls
     /// these keys, so a fast unkeyed hash is safe.
     index: HashMap<(*const M, Flow), usize, rustc_hash::FxBuildHasher>,
+    /// The shared groups the last collect picked a member of.
+    served: Vec<Arc<TopicFilter>>,
 }
 
 impl<M> Default for Fanout<M> {
@@ -76,6 +81,7 @@ impl<M> Default for Fanout<M> {
         Self {
             targets: Vec::new(),
             index: HashMap::default(),
+            served: Vec::new(),
         }
     }
 }
@@ -102,13 +108,21 @@ impl<M> Fanout<M> {
         scope: Scope<'_>,
         online: impl Fn(&M) -> bool,
     ) {
-        let Self { targets, index } = self;
+        let Self {
+            targets,
+            index,
+            served,
+        } = self;
+        served.clear();
         let mut indexed = false;
         let dispatch = Dispatch {
             topic: &message.topic,
             publisher: message.publisher.as_deref(),
         };
         let mut add = |(client, flow): &SubscriberKey, subscriber: &Subscriber<M>| {
+            if let Some(group) = &subscriber.shared {
+                served.push(Arc::clone(group));
+            }
             if subscriber.options.no_local && message.publisher.as_deref() == Some(&**client) {
                 return;
             }
@@ -156,14 +170,20 @@ impl<M> Fanout<M> {
         };
         let eligible = |_: &SubscriberKey, subscriber: &Subscriber<M>| online(&subscriber.handle);
         match scope {
-            Scope::All => subscribers.for_each_match_in(dispatch, true, eligible, add),
-            Scope::Plain => subscribers.for_each_match_in(dispatch, false, eligible, add),
+            Scope::All => subscribers.for_each_match_in(dispatch, Groups::All, eligible, add),
+            Scope::Plain => subscribers.for_each_match_in(dispatch, Groups::None, eligible, add),
+            Scope::Origin => subscribers.for_each_match_in(dispatch, Groups::Local, eligible, add),
             Scope::Client(client) => {
-                subscribers.for_each_match_in(dispatch, false, eligible, |key, subscriber| {
-                    if &*key.0 == client {
-                        add(key, subscriber);
-                    }
-                });
+                subscribers.for_each_match_in(
+                    dispatch,
+                    Groups::None,
+                    eligible,
+                    |key, subscriber| {
+                        if &*key.0 == client {
+                            add(key, subscriber);
+                        }
+                    },
+                );
             }
             Scope::Group(filter) => {
                 if let Some((key, subscriber)) = subscribers.pick_shared(filter, dispatch, eligible)
@@ -191,9 +211,16 @@ impl<M> Fanout<M> {
     }
 
     /// Gives back buffers grown past what is worth keeping (a no-op below that).
+    /// The shared groups the last collect picked a member of (a member may still have been
+    /// passed over, by No Local).
+    pub fn served(&self) -> &[Arc<TopicFilter>] {
+        &self.served
+    }
+
     pub fn trim(&mut self) {
         self.targets.shrink_to(KEEP);
         self.index.shrink_to(KEEP);
+        self.served.shrink_to(KEEP);
     }
 }
 

@@ -368,3 +368,49 @@ fn overlapping_subscriptions_do_not_repeat_an_identifier() {
         .collect();
     assert_eq!(got, vec![vec![3, 7]]);
 }
+
+#[test]
+fn a_cluster_s_publisher_node_serves_plain_and_local_groups_only() {
+    use crate::core::router::SharedStrategy;
+    let mut routes = Subscribers::new();
+    routes.set_strategies(
+        SharedStrategy::RoundRobin,
+        [("near".into(), SharedStrategy::Local)]
+            .into_iter()
+            .collect(),
+    );
+    let any = qos(QoS::AtLeastOnce);
+    subscribe(&mut routes, &handle("plain"), Flow::CONTROL, "t", any, None);
+    subscribe(
+        &mut routes,
+        &handle("rr"),
+        Flow::CONTROL,
+        "$share/far/t",
+        any,
+        None,
+    );
+    subscribe(
+        &mut routes,
+        &handle("local"),
+        Flow::CONTROL,
+        "$share/near/t",
+        any,
+        None,
+    );
+    let message = message("t", QoS::AtLeastOnce, false, None);
+    let mut fanout = Fanout::default();
+    fanout.collect_in(&routes, &message, Scope::Origin, |h| h.online);
+    let served: Vec<&str> = fanout.served().iter().map(|f| f.as_str()).collect();
+    assert_eq!(served, ["$share/near/t"]);
+    let mut got: Vec<&str> = fanout.drain().map(|(h, _)| h.name).collect();
+    got.sort();
+    assert_eq!(
+        got,
+        ["local", "plain"],
+        "the round-robin group is the cluster's"
+    );
+    fanout.collect_in(&routes, &message, Scope::Plain, |h| h.online);
+    assert!(fanout.served().is_empty());
+    let got: Vec<&str> = fanout.drain().map(|(h, _)| h.name).collect();
+    assert_eq!(got, ["plain"]);
+}

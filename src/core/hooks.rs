@@ -151,7 +151,13 @@ pub trait Peers: Send + Sync {
     /// Sends `message` to the nodes that want it. A QoS 1/2 message is committed to the
     /// cluster under the returned [`Ticket`] (0: nothing to wait for), which the store's
     /// [`Store::poll_durable`] answers: the publisher's acknowledgement waits for it.
-    fn forward(&self, message: &Arc<AppMessage>) -> Result<Ticket, Refused>;
+    /// `served`: the shared groups this node already gave it to (`local` strategy), which
+    /// no other node may give it to again.
+    fn forward(
+        &self,
+        message: &Arc<AppMessage>,
+        served: &[Arc<super::topic::TopicFilter>],
+    ) -> Result<Ticket, Refused>;
     /// The first subscription on `filter` (exactly this text, `$share/…` included) arrived
     /// (`true`), or its last left (`false`).
     fn interest(&self, _filter: &super::topic::TopicFilter, _subscribed: bool) {}

@@ -360,15 +360,15 @@ impl<K: Eq + Hash + Clone, V> SubscriptionTree<K, V> {
         eligible: impl Fn(&K, &V) -> bool,
         visit: impl FnMut(&K, &V),
     ) {
-        self.for_each_match_in(dispatch, true, eligible, visit);
+        self.for_each_match_in(dispatch, Groups::All, eligible, visit);
     }
 
-    /// [`Self::for_each_match`], with shared groups visited only if `groups` (a cluster
-    /// dispatches them across nodes instead: see `cluster`).
+    /// [`Self::for_each_match`], with the shared groups `groups` names (a cluster dispatches
+    /// the others across nodes: see `cluster`).
     pub fn for_each_match_in<'a>(
         &self,
         dispatch: impl Into<Dispatch<'a>>,
-        groups: bool,
+        groups: Groups,
         eligible: impl Fn(&K, &V) -> bool,
         mut visit: impl FnMut(&K, &V),
     ) {
@@ -492,22 +492,35 @@ impl<K: Eq + Hash + Clone, V> SubscriptionTree<K, V> {
     }
 }
 
-/// Visits every plain subscriber of `node` and (if `groups`) one member of each of its shared
-/// groups.
+/// Which shared groups a match visits (one member each).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Groups {
+    All,
+    None,
+    /// Only groups with the `local` strategy (members on this node first): in a cluster, the
+    /// publisher's node serves them when it has members.
+    Local,
+}
+
+/// Visits every plain subscriber of `node` and one member of each of its shared groups that
+/// `groups` names.
 fn visit_node<K, V>(
     node: &Node<K, V>,
     dispatch: Dispatch<'_>,
-    groups: bool,
+    groups: Groups,
     eligible: &impl Fn(&K, &V) -> bool,
     visit: &mut impl FnMut(&K, &V),
 ) {
     for (k, v) in &node.subscribers {
         visit(k, v);
     }
-    if !groups {
+    if groups == Groups::None {
         return;
     }
     for group in &node.groups {
+        if groups == Groups::Local && group.strategy != SharedStrategy::Local {
+            continue;
+        }
         if let Some(chosen) = group.pick(dispatch, eligible) {
             let (k, v) = &group.members[chosen];
             visit(k, v);
