@@ -83,6 +83,13 @@ pub fn counters(b: &Broker) -> Value {
         "quic.retries": n(&m.quic_retries),
         "connections.rate_limited": n(&m.connections_rate_limited),
         "connections.flapping_banned": n(&m.flapping_bans),
+        "cluster.messages.forwarded": n(&m.peers_forwarded),
+        "cluster.messages.received": n(&m.messages_from_peers),
+        "cluster.messages.duplicates": n(&m.peers_duplicates),
+        "cluster.messages.dropped": n(&m.peers_dropped),
+        "cluster.messages.replayed": n(&m.peers_replayed),
+        "cluster.takeovers.asked": n(&m.peers_takeovers_asked),
+        "cluster.takeovers.answered": n(&m.peers_takeovers_answered),
     })
 }
 
@@ -222,7 +229,8 @@ fn exposition(state: &AdminState, clients: &[Arc<ClientInfo>], tcp: Option<&TcpL
             let name = match key.as_str() {
                 k if k.starts_with("quic.")
                     || k.starts_with("publisher.")
-                    || k.starts_with("connections.") =>
+                    || k.starts_with("connections.")
+                    || k.starts_with("cluster.") =>
                 {
                     format!("petrel_{}_total", k.replace('.', "_"))
                 }

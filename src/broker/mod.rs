@@ -67,6 +67,16 @@ pub struct Metrics {
     pub messages_received: [AtomicU64; 3],
     /// Messages other nodes of the cluster sent here.
     pub messages_from_peers: AtomicU64,
+    /// Cluster (`cluster::node`): messages offered to the other nodes, copies dropped as
+    /// duplicates, QoS 0 messages dropped because NATS could not take them fast enough,
+    /// messages replayed into sessions from the stream, sessions asked of other nodes and
+    /// handed to them.
+    pub peers_forwarded: AtomicU64,
+    pub peers_duplicates: AtomicU64,
+    pub peers_dropped: AtomicU64,
+    pub peers_replayed: AtomicU64,
+    pub peers_takeovers_asked: AtomicU64,
+    pub peers_takeovers_answered: AtomicU64,
     pub messages_delivered: AtomicU64,
     /// Deliveries dropped for a full queue (see `messages_dropped` for the total).
     pub dropped_queue_full: AtomicU64,

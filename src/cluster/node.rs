@@ -77,17 +77,6 @@ struct Route {
     ready: tokio::sync::watch::Receiver<bool>,
 }
 
-/// Counters of the cluster's traffic, for the API and the figures.
-#[derive(Debug, Default)]
-pub struct ClusterStats {
-    pub forwarded: AtomicU64,
-    pub received: AtomicU64,
-    pub duplicates: AtomicU64,
-    pub dropped_qos0: AtomicU64,
-    pub takeovers_asked: AtomicU64,
-    pub takeovers_answered: AtomicU64,
-}
-
 /// This node's membership of the cluster; see the module documentation.
 pub struct Cluster {
     me: Weak<Cluster>,
@@ -116,7 +105,6 @@ pub struct Cluster {
     qos0: tokio::sync::mpsc::Sender<(String, Bytes)>,
     runtime: tokio::runtime::Handle,
     shutdown: CancellationToken,
-    pub stats: ClusterStats,
 }
 
 /// Connects to NATS as `settings` say; the error names what failed.
@@ -242,7 +230,6 @@ impl Cluster {
             qos0,
             runtime: tokio::runtime::Handle::current(),
             shutdown,
-            stats: ClusterStats::default(),
         }))
     }
 
@@ -305,8 +292,9 @@ impl Cluster {
                     },
                     None => "none",
                 };
-                this.stats
-                    .takeovers_answered
+                broker
+                    .metrics
+                    .peers_takeovers_answered
                     .fetch_add(1, Ordering::Relaxed);
                 tracing::debug!(%client_id, answer, "cluster: session asked for by another node");
                 let _ = this
@@ -401,7 +389,12 @@ impl Cluster {
             Some(owner) if *owner == *self.node => return,
             Some(owner) => owner,
         };
-        self.stats.takeovers_asked.fetch_add(1, Ordering::Relaxed);
+        if let Some(broker) = self.broker() {
+            broker
+                .metrics
+                .peers_takeovers_asked
+                .fetch_add(1, Ordering::Relaxed);
+        }
         let asked = tokio::time::timeout(
             self.request_timeout,
             self.client.request(
@@ -625,6 +618,10 @@ impl Cluster {
                         None => Scope::Plain,
                     };
                     broker.route_remote(Arc::new(message), scope, now);
+                    broker
+                        .metrics
+                        .peers_replayed
+                        .fetch_add(1, Ordering::Relaxed);
                     count += 1;
                 }
             }
@@ -733,7 +730,13 @@ impl Cluster {
             }
             let mut recent = self.recent.lock().expect("never poisoned");
             if !recent.first_time((instance, counter)) {
-                self.stats.duplicates.fetch_add(1, Ordering::Relaxed);
+                drop(recent);
+                if let Some(broker) = self.broker() {
+                    broker
+                        .metrics
+                        .peers_duplicates
+                        .fetch_add(1, Ordering::Relaxed);
+                }
                 return;
             }
         }
@@ -744,7 +747,6 @@ impl Cluster {
         else {
             return;
         };
-        self.stats.received.fetch_add(1, Ordering::Relaxed);
         let scope = match group {
             Some(filter) => Scope::Group(filter),
             None => Scope::Plain,
@@ -761,12 +763,20 @@ impl Peers for Cluster {
     ) -> Result<Ticket, Refused> {
         let counter = self.counter.fetch_add(1, Ordering::Relaxed);
         let frame = encode(self.instance, counter, served, message);
-        self.stats.forwarded.fetch_add(1, Ordering::Relaxed);
+        let broker = self.broker();
+        if let Some(broker) = &broker {
+            broker
+                .metrics
+                .peers_forwarded
+                .fetch_add(1, Ordering::Relaxed);
+        }
         match (message.qos, self.store.get()) {
             (QoS::AtMostOnce, _) | (_, None) => {
                 let subject = subject::subject_of(&self.live_prefix, &message.topic);
                 if self.qos0.try_send((subject, frame)).is_err() {
-                    self.stats.dropped_qos0.fetch_add(1, Ordering::Relaxed);
+                    if let Some(broker) = &broker {
+                        broker.metrics.peers_dropped.fetch_add(1, Ordering::Relaxed);
+                    }
                 }
                 Ok(0)
             }

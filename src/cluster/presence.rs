@@ -234,8 +234,24 @@ pub async fn key_value_bucket(
         discard: stream::DiscardPolicy::New,
         ..Default::default()
     };
-    js.create_or_update_stream(stream).await?;
-    Ok(js.get_key_value(config.bucket).await?)
+    // Nodes starting together all try to make it; NATS 2.9 may leave some of those
+    // requests unanswered or refuse them while another is placed: bind it if it is there,
+    // make it if not, and try again a bounded number of times.
+    let mut last = None;
+    for attempt in 1..=10u32 {
+        if let Ok(store) = js.get_key_value(config.bucket.clone()).await {
+            return Ok(store);
+        }
+        match js.create_stream(stream.clone()).await {
+            Ok(_) => return Ok(js.get_key_value(config.bucket).await?),
+            Err(err) => last = Some(err),
+        }
+        tokio::time::sleep(Duration::from_millis(100 * u64::from(attempt))).await;
+    }
+    Err(last.map_or_else(
+        || anyhow::anyhow!("cannot make the bucket"),
+        anyhow::Error::from,
+    ))
 }
 
 async fn put_report(store: &kv::Store, key: &str, report: &Value) -> anyhow::Result<()> {

@@ -387,7 +387,9 @@ class PetrelNode:
             if self.proc.poll() is not None:
                 raise Failure(f"{self.name} exited at start with status {self.proc.returncode}: "
                               + " | ".join(tail(self.log_path, 0, 15)))
-            if listening(self.port):
+            # Ready when MQTT and the API both listen (the API comes up after the node has
+            # joined the cluster's presence).
+            if listening(self.port) and listening(self.api_port):
                 log(f"{self.name} listens on {self.port} after {time.monotonic() - t0:.1f} s")
                 return
             time.sleep(0.05)
@@ -729,6 +731,20 @@ def cross_node_qos(cl):
         log(f"{ver}: {count} each of QoS 0/1/2 arrived on n2, in order, QoS 2 exactly once "
             f"({dup1} QoS 1 duplicates)")
         close_all_conns()
+    if not cl.single:
+        # The cluster's counters (GET /api/v5/metrics, one entry per node): n1 forwarded what
+        # its clients published, n2 received it from NATS.
+        def cluster_counter(node, key):
+            entries = api_get(node, "/api/v5/metrics")
+            entries = entries if isinstance(entries, list) else [entries]
+            mine = [e for e in entries if e.get("node") == node.name] or entries
+            return mine[0].get(key, 0)
+        forwarded = cluster_counter(cl.nodes[0], "cluster.messages.forwarded")
+        received = cluster_counter(cl.nodes[1], "cluster.messages.received")
+        if forwarded < 3 * count or received < 3 * count:
+            raise Failure(f"cluster counters: n1 forwarded {forwarded}, n2 received {received}; "
+                          f"expected at least {3 * count} each")
+        log(f"/api/v5/metrics: n1 forwarded {forwarded}, n2 received {received}")
 
 
 def retained(cl):
