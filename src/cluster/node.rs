@@ -958,6 +958,36 @@ mod tests {
         client.flush().await.expect("the connection works");
     }
 
+    #[tokio::test]
+    async fn tls_to_nats_verifies_the_server_against_the_given_ca() {
+        let dir = std::env::temp_dir().join(format!("petrel-nats-tls-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        let certs = crate::transport::certs::DevCerts::ensure(&dir).expect("certificates");
+        let extra = [
+            "--tls".to_owned(),
+            "--tlscert".into(),
+            certs.cert.display().to_string(),
+            "--tlskey".into(),
+            certs.key.display().to_string(),
+        ];
+        let server = Server::spawn("tls", free_port(), &extra).await;
+        let mut settings = ClusterSettings {
+            nats: vec![format!("tls://127.0.0.1:{}", server.port)],
+            connect_timeout: Duration::from_secs(3),
+            ..Default::default()
+        };
+        let Err(untrusted) = connect(&settings, "n1").await else {
+            panic!("a server certificate no trusted CA signed is refused");
+        };
+        assert!(format!("{untrusted:#}").contains("cluster.nats"));
+        settings.tls_ca_file = Some(certs.ca.clone());
+        let (client, _) = connect(&settings, "n1")
+            .await
+            .expect("TLS with the given CA");
+        client.flush().await.expect("the connection works");
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+
     #[test]
     fn a_message_between_nodes_reads_back_with_its_id() {
         let topic = crate::core::topic::TopicName::parse("a/b".to_owned(), 0).unwrap();
