@@ -232,27 +232,15 @@ impl RunningBroker {
         tracker.spawn(Arc::clone(&broker).run_timers(shutdown.clone()));
         let mut presence = None;
         if let Some(js) = cluster_js {
-            // Nodes starting together all make the presence bucket; NATS 2.9 may leave some
-            // of those requests unanswered: a few tries, bounded.
-            let mut tries = 0;
-            let started = loop {
-                let started = crate::cluster::presence::Presence::start(
-                    js.clone(),
-                    &config.cluster.prefix,
-                    config.cluster.replicas,
-                    Arc::clone(&node),
-                    crate::admin::node_report(&broker, Arc::clone(&node)),
-                )
-                .await;
-                match started {
-                    Err(err) if tries < 4 => {
-                        tries += 1;
-                        tracing::warn!(%err, "cluster presence not ready; trying again");
-                        tokio::time::sleep(Duration::from_millis(500 * tries)).await;
-                    }
-                    started => break started,
-                }
-            };
+            // (Making its bucket retries on its own: nodes start together.)
+            let started = crate::cluster::presence::Presence::start(
+                js,
+                &config.cluster.prefix,
+                config.cluster.replicas,
+                Arc::clone(&node),
+                crate::admin::node_report(&broker, Arc::clone(&node)),
+            )
+            .await;
             match started {
                 Ok(started) => {
                     tracker.spawn(Arc::clone(&started).leave_on(shutdown.clone()));

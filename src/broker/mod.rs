@@ -1114,7 +1114,7 @@ impl Broker {
                 // A shared group picks among members that are online and can take it.
                 fanout.collect_in(&router, message, scope, |m| m.is_online() && m.accepts());
             }
-            if matches!(scope, Scope::Origin) && !fanout.served().is_empty() {
+            if !fanout.served().is_empty() {
                 served.extend(fanout.served().iter().cloned());
             }
             let mut dropped = 0;

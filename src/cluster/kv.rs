@@ -67,6 +67,26 @@ const MARKER_REMOVALS: usize = 64;
 /// Room left in a message for its headers.
 const HEADER_ROOM: usize = 1024;
 
+/// The stream a KV bucket is, as `nats kv add` makes it (one value per key, rollups, direct
+/// gets, deletes denied), with `replicas`: made directly, because async-nats' KV creation
+/// first asks for account details that a 2.9 server words otherwise. Callers adjust storage,
+/// age and the like.
+pub fn bucket_stream(bucket: &str, replicas: usize) -> jetstream::stream::Config {
+    jetstream::stream::Config {
+        name: format!("KV_{bucket}"),
+        subjects: vec![format!("$KV.{bucket}.>")],
+        max_messages_per_subject: 1,
+        max_bytes: -1,
+        max_message_size: -1,
+        num_replicas: replicas.max(1),
+        allow_rollup: true,
+        deny_delete: true,
+        allow_direct: true,
+        discard: jetstream::stream::DiscardPolicy::New,
+        ..Default::default()
+    }
+}
+
 /// A failed operation on the bucket: what was being done, and why.
 #[derive(Debug, thiserror::Error)]
 #[error("JetStream bucket {bucket}: {what}: {source}")]
@@ -248,26 +268,17 @@ impl KvHandle {
         // The stream a KV bucket is (as `nats kv add` makes it), made directly: async-nats'
         // `create_key_value` first asks for account details that a 2.9 server words otherwise.
         let config = jetstream::stream::Config {
-            name: format!("KV_{bucket}"),
             description: Some(
                 "Petrel's durable store: sessions, queued deliveries, retained and delayed \
                  messages"
                     .into(),
             ),
-            subjects: vec![format!("$KV.{bucket}.>")],
-            max_messages_per_subject: 1,
-            max_bytes: -1,
             max_messages: -1,
-            max_message_size: -1,
             storage: jetstream::stream::StorageType::File,
-            num_replicas: replicas.max(1),
-            allow_rollup: true,
             // Unlike `nats kv add`: the delete markers of per-session keys are removed by
             // sequence once written (`remove_markers`).
             deny_delete: false,
-            allow_direct: true,
-            discard: jetstream::stream::DiscardPolicy::New,
-            ..Default::default()
+            ..bucket_stream(bucket, replicas)
         };
         let Err(err) = js.create_stream(config).await else {
             tracing::info!(%bucket, replicas, "cluster store bucket created");

@@ -826,7 +826,10 @@ impl Cluster {
 
 /// The subject on which `node` answers takeovers.
 fn takeover_subject(prefix: &str, node: &str) -> String {
-    format!("{prefix}.node.{}.takeover", hex(node.as_bytes()))
+    format!(
+        "{prefix}.node.{}.takeover",
+        super::kv::keys::hex(node.as_bytes())
+    )
 }
 
 /// A NATS queue group for one shared subscription: its name and filter, hashed (queue
@@ -837,16 +840,6 @@ fn queue_group(name: &str, filter: &str) -> String {
         h = (h ^ u64::from(b)).wrapping_mul(0x100_0000_01b3);
     }
     format!("share-{h:016x}")
-}
-
-fn hex(bytes: &[u8]) -> String {
-    use std::fmt::Write as _;
-    bytes
-        .iter()
-        .fold(String::with_capacity(bytes.len() * 2), |mut s, b| {
-            let _ = write!(s, "{b:02x}");
-            s
-        })
 }
 
 /// One message between nodes: the wire version, its origin's process id and counter (for

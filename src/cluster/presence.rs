@@ -216,23 +216,14 @@ pub async fn key_value_bucket(
     js: &async_nats::jetstream::Context,
     config: kv::Config,
 ) -> anyhow::Result<kv::Store> {
-    use async_nats::jetstream::stream;
-    let stream = stream::Config {
-        name: format!("KV_{}", config.bucket),
+    let stream = async_nats::jetstream::stream::Config {
         description: Some(config.description),
-        subjects: vec![format!("$KV.{}.>", config.bucket)],
         max_messages_per_subject: config.history.max(1),
         max_bytes: config.max_bytes,
         max_age: config.max_age,
         max_message_size: config.max_value_size,
         storage: config.storage,
-        num_replicas: config.num_replicas.max(1),
-        allow_rollup: true,
-        deny_delete: true,
-        deny_purge: false,
-        allow_direct: true,
-        discard: stream::DiscardPolicy::New,
-        ..Default::default()
+        ..super::kv::bucket_stream(&config.bucket, config.num_replicas)
     };
     // Nodes starting together all try to make it; NATS 2.9 may leave some of those
     // requests unanswered or refuse them while another is placed: bind it if it is there,

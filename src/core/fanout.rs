@@ -114,13 +114,15 @@ impl<M> Fanout<M> {
             served,
         } = self;
         served.clear();
+        // Only the publisher's node of a cluster needs to know (`Scope::Origin`).
+        let note_served = matches!(scope, Scope::Origin);
         let mut indexed = false;
         let dispatch = Dispatch {
             topic: &message.topic,
             publisher: message.publisher.as_deref(),
         };
         let mut add = |(client, flow): &SubscriberKey, subscriber: &Subscriber<M>| {
-            if let Some(group) = &subscriber.shared {
+            if let (true, Some(group)) = (note_served, &subscriber.shared) {
                 served.push(Arc::clone(group));
             }
             if subscriber.options.no_local && message.publisher.as_deref() == Some(&**client) {
@@ -211,8 +213,8 @@ impl<M> Fanout<M> {
     }
 
     /// Gives back buffers grown past what is worth keeping (a no-op below that).
-    /// The shared groups the last collect picked a member of (a member may still have been
-    /// passed over, by No Local).
+    /// The shared groups the last collect with `Scope::Origin` picked a member of (a member
+    /// may still have been passed over, by No Local); empty after any other scope.
     pub fn served(&self) -> &[Arc<TopicFilter>] {
         &self.served
     }
