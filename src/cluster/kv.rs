@@ -36,7 +36,7 @@ pub mod keys;
 use std::collections::{BTreeMap, HashSet, VecDeque};
 use std::time::Duration;
 
-use async_nats::jetstream::consumer::push::OrderedConfig;
+use async_nats::jetstream::consumer::pull::OrderedConfig;
 use async_nats::jetstream::consumer::{DeliverPolicy, ReplayPolicy};
 use async_nats::jetstream::context::PublishAckFuture;
 use async_nats::jetstream::message::PublishMessage;
@@ -433,12 +433,15 @@ impl KvHandle {
 
     /// An ordered consumer over `filter` (a KV key filter), and how many messages it has
     /// to deliver as it starts. Ordered consumers read from the stream's leader: what they
-    /// give is what was acknowledged, never a lagging replica's view.
+    /// give is what was acknowledged, never a lagging replica's view. A pull consumer, not
+    /// a push one: a push consumer may send its first messages before the client's
+    /// subscription to its delivery subject is in place, and async-nats notices only after
+    /// two missed heartbeats (10 s), then starts again from the stream's first message.
     async fn consume(
         &self,
         filter: &str,
         deliver_policy: DeliverPolicy,
-    ) -> Result<(jetstream::consumer::push::Ordered, u64), KvError> {
+    ) -> Result<(jetstream::consumer::pull::Ordered, u64), KvError> {
         let what = format!("reading {filter}");
         // With a server of the NATS cluster down, 2.9 leaves some consumer creations
         // unanswered: a few tries, each bounded by the JetStream request timeout.
@@ -447,7 +450,6 @@ impl KvHandle {
             let created = self
                 .stream
                 .create_consumer(OrderedConfig {
-                    deliver_subject: self.js.client().new_inbox(),
                     description: Some("petrel store read".into()),
                     filter_subject: format!("{}{filter}", self.prefix),
                     replay_policy: ReplayPolicy::Instant,
@@ -465,17 +467,9 @@ impl KvHandle {
             }
         };
         let pending = consumer.cached_info().num_pending;
-        let messages = consumer
-            .messages()
-            .await
-            .map_err(|e| self.error(what.clone(), e))?;
-        // The subscription to the delivery subject is at the server before anything is
-        // written after this returns (a watch "from now on" misses nothing).
-        self.js
-            .client()
-            .flush()
-            .await
-            .map_err(|e| self.error(what, e))?;
+        // The consumer's start is fixed at its creation and the client pulls: a watch
+        // "from now on" misses nothing written after this returns.
+        let messages = consumer.messages().await.map_err(|e| self.error(what, e))?;
         Ok((messages, pending))
     }
 

@@ -569,7 +569,7 @@ impl Cluster {
         client: Option<&str>,
         since: std::time::Instant,
     ) -> anyhow::Result<u64> {
-        use async_nats::jetstream::consumer::{push::OrderedConfig, DeliverPolicy, ReplayPolicy};
+        use async_nats::jetstream::consumer::{pull::OrderedConfig, DeliverPolicy, ReplayPolicy};
         let mut stream = self.stream.clone();
         let last = stream.info().await?.state.last_sequence;
         if last < from {
@@ -577,7 +577,6 @@ impl Cluster {
         }
         let consumer = stream
             .create_consumer(OrderedConfig {
-                deliver_subject: self.client.new_inbox(),
                 filter_subject: format!("{}.>", self.msg_prefix),
                 deliver_policy: DeliverPolicy::ByStartSequence {
                     start_sequence: from,
