@@ -7,6 +7,7 @@
 //! cargo bench --bench lossy -- --full       # the whole matrix (about 16 min), printed
 //! cargo bench --bench lossy -- --report     # the whole matrix, written to docs/lossy-links.md
 //! NETEM_SEED=N cargo bench --bench lossy -- --report   # replays a run's links
+//! cargo bench --bench lossy -- --only blackout         # one group of the full run, printed
 //! ```
 //!
 //! Packet-mode rows (every TCP and TLS row, and the QUIC rows that share their path) need root;
@@ -48,21 +49,38 @@ fn main() -> anyhow::Result<()> {
     } else {
         Mode::Quick
     };
-    if let Some(unknown) = args
-        .iter()
-        .find(|a| !matches!(a.as_str(), "--report" | "--full" | "--quick" | "--bench"))
-    {
-        anyhow::bail!("unknown argument {unknown:?}: use --quick (default), --full or --report");
+    // `--only GROUP`: the full run's cases of one group, printed (a figure to look at while
+    // working; the report always runs everything).
+    let only = match args.iter().position(|a| a == "--only") {
+        Some(i) => Some(plan::Group::parse(args.get(i + 1).map(String::as_str))?),
+        None => None,
+    };
+    if let Some(unknown) = args.iter().enumerate().find_map(|(i, a)| {
+        let value_of_only = i > 0 && args[i - 1] == "--only";
+        (!value_of_only
+            && !matches!(
+                a.as_str(),
+                "--report" | "--full" | "--quick" | "--bench" | "--only"
+            ))
+        .then_some(a)
+    }) {
+        anyhow::bail!(
+            "unknown argument {unknown:?}: use --quick (default), --full, --report or --only GROUP"
+        );
     }
+    if only.is_some() && mode == Mode::Report {
+        anyhow::bail!("--only runs part of the matrix: it cannot write the report");
+    }
+    let mode = if only.is_some() { Mode::Full } else { mode };
     let seed = netem::seed::from_env_or_random();
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
         .enable_all()
         .build()?;
-    runtime.block_on(run(mode, seed))
+    runtime.block_on(run(mode, only, seed))
 }
 
-async fn run(mode: Mode, seed: u64) -> anyhow::Result<()> {
+async fn run(mode: Mode, only: Option<plan::Group>, seed: u64) -> anyhow::Result<()> {
     let started = Instant::now();
     let packet_unavailable = path::packet_unavailable();
     if let Some(why) = &packet_unavailable {
@@ -71,7 +89,10 @@ async fn run(mode: Mode, seed: u64) -> anyhow::Result<()> {
         );
     }
     let child = path::ChildCommand::this_program(&["--client-role"])?;
-    let cases = plan::cases(mode, seed);
+    let mut cases = plan::cases(mode, seed);
+    if let Some(group) = only {
+        cases.retain(|case| case.group == group);
+    }
     let total = cases.len();
     let mut results = Vec::with_capacity(total);
     for (i, case) in cases.into_iter().enumerate() {

@@ -34,6 +34,21 @@ pub enum Group {
     Migration,
 }
 
+impl Group {
+    /// A group by its name on the command line (`--only GROUP`).
+    pub fn parse(name: Option<&str>) -> anyhow::Result<Self> {
+        match name {
+            Some("reference") => Ok(Self::Reference),
+            Some("matrix") => Ok(Self::Matrix),
+            Some("blackout") => Ok(Self::Blackout),
+            Some("migration") => Ok(Self::Migration),
+            other => anyhow::bail!(
+                "--only takes reference, matrix, blackout or migration, not {other:?}"
+            ),
+        }
+    }
+}
+
 /// The reference condition's load.
 pub const TOPICS: u16 = 8;
 pub const PAYLOAD: usize = 256;
@@ -41,6 +56,8 @@ pub const REFERENCE_RATE: f64 = 500.0;
 /// The matrix's paced load: the reference's would exceed the 3G uplink (768 kbit/s).
 pub const MATRIX_RATE: f64 = 200.0;
 pub const SATURATE_INFLIGHT: usize = 64;
+/// Petrel's default QUIC congestion controller (`[quic] congestion`).
+pub const DEFAULT_CC: QuicCc = QuicCc::Bbr;
 
 /// Run lengths: chosen so that `--full` stays near 15 minutes on 2 cores.
 struct Lengths {
@@ -331,7 +348,7 @@ fn migration_cases(base: u64, seconds: f64, transports: &[Transport]) -> Vec<Cas
         for &transport in transports {
             let mut spec = template(
                 transport,
-                QuicCc::Cubic,
+                DEFAULT_CC,
                 vec![
                     Phase::paced(1, MATRIX_RATE, seconds),
                     Phase::paced(2, MATRIX_RATE, seconds),
@@ -345,7 +362,7 @@ fn migration_cases(base: u64, seconds: f64, transports: &[Transport]) -> Vec<Cas
                     seed: base + 300,
                     via: Via::Relay,
                     tcp_cc: None,
-                    quic_cc: QuicCc::Cubic,
+                    quic_cc: DEFAULT_CC,
                 },
                 spec,
                 variant: kind.to_owned(),
@@ -370,7 +387,7 @@ fn blackout_cases(
         for &transport in transports {
             let mut spec = template(
                 transport,
-                QuicCc::Cubic,
+                DEFAULT_CC,
                 vec![Phase::paced(q, MATRIX_RATE, seconds)],
             );
             spec.keep_alive = keep_alive;
@@ -381,7 +398,7 @@ fn blackout_cases(
                 base + 200,
                 transport,
                 "cubic",
-                QuicCc::Cubic,
+                DEFAULT_CC,
                 spec,
             ));
         }
@@ -402,7 +419,7 @@ fn quick(base: u64) -> Vec<Case> {
     for transport in [Transport::Tcp, Transport::QuicPerTopic] {
         let mut spec = template(
             transport,
-            QuicCc::Cubic,
+            DEFAULT_CC,
             (0..=2)
                 .map(|q| Phase::paced(q, REFERENCE_RATE, 2.0))
                 .collect(),
@@ -414,7 +431,7 @@ fn quick(base: u64) -> Vec<Case> {
             base + 106,
             transport,
             "cubic",
-            QuicCc::Cubic,
+            DEFAULT_CC,
             spec,
         ));
     }
@@ -440,10 +457,10 @@ fn full(base: u64) -> Vec<Case> {
         (Transport::Tcp, "cubic", QuicCc::Cubic),
         (Transport::Tcp, "bbr", QuicCc::Cubic),
         (Transport::Tls, "cubic", QuicCc::Cubic),
-        (Transport::QuicSingle, "cubic", QuicCc::Cubic),
+        (Transport::QuicSingle, "cubic", QuicCc::Bbr),
+        (Transport::QuicPerTopic, "cubic", QuicCc::Bbr),
         (Transport::QuicPerTopic, "cubic", QuicCc::Cubic),
         (Transport::QuicPerTopic, "cubic", QuicCc::NewReno),
-        (Transport::QuicPerTopic, "cubic", QuicCc::Bbr),
     ];
     for k in 0..l.reference_seeds {
         for (transport, tcp_cc, quic_cc) in variants {
@@ -475,7 +492,7 @@ fn full(base: u64) -> Vec<Case> {
                 },
                 seconds: l.saturate_seconds,
             });
-            let mut spec = template(transport, QuicCc::Cubic, phases);
+            let mut spec = template(transport, DEFAULT_CC, phases);
             spec.reconnect_probes = l.probes;
             cases.push(packet_case(
                 Group::Matrix,
@@ -483,7 +500,7 @@ fn full(base: u64) -> Vec<Case> {
                 base + 100 + i as u64,
                 transport,
                 "cubic",
-                QuicCc::Cubic,
+                DEFAULT_CC,
                 spec,
             ));
         }

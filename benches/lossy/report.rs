@@ -237,11 +237,12 @@ impl<'a> Report<'a> {
             s,
             "\n## Delivery and latency per profile\n\n\
              {TOPICS} topics, {rate:.0} msg/s in total, {PAYLOAD} B, paced; TCP and TLS with \
-             CUBIC, QUIC with quinn's CUBIC (Petrel's default). *delivered* counts distinct \
+             CUBIC, QUIC with quinn's {} (Petrel's default). *delivered* counts distinct \
              messages by sequence number; *dup* counts extra copies. Latency in ms, publish to \
              delivery. *topic p99* is the best and worst topic's p99; *cross-topic delay* the mean \
              extra delay (ms) that a held-up message's topic imposed on the other topics (see \
-             the method)."
+             the method).",
+            crate::plan::DEFAULT_CC.label().to_uppercase()
         );
         let mut profiles: Vec<String> = Vec::new();
         for r in &runs {

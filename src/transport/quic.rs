@@ -73,7 +73,7 @@ impl Default for QuicSettings {
             initial_rtt: Duration::from_millis(333),
             keep_alive_interval: Duration::from_secs(15),
             idle_timeout: Duration::from_secs(60),
-            congestion: Congestion::Cubic,
+            congestion: Congestion::Bbr,
             mtu_discovery: true,
             zero_rtt: true,
             retry: false,
@@ -93,7 +93,8 @@ impl QuicSettings {
     }
 }
 
-/// The QUIC congestion controller.
+/// The QUIC congestion controller: BBR by default (the figures that chose it are in
+/// docs/lossy-links.md and docs/benchmarks.md).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
 #[serde(rename_all = "lowercase")]
 pub enum Congestion {
