@@ -8,6 +8,8 @@
 //! cargo bench --bench lossy -- --report     # the whole matrix, written to docs/lossy-links.md
 //! NETEM_SEED=N cargo bench --bench lossy -- --report   # replays a run's links
 //! cargo bench --bench lossy -- --only blackout         # one group of the full run, printed
+//! LOSSY_FIXED_WINDOWS=1 cargo bench --bench lossy -- --only matrix   # MQTT windows fixed
+//!                                           # at 128 out / 100 in, as before they adapted
 //! ```
 //!
 //! Packet-mode rows (every TCP and TLS row, and the QUIC rows that share their path) need root;

@@ -167,8 +167,14 @@ pub struct MqttSection {
     /// authenticated cannot make the broker hold `max_packet_size` bytes (a CONNECT with a
     /// will larger than this needs it raised).
     pub max_connect_packet_size: u32,
+    /// Our Receive Maximum (CONNACK): inbound QoS 2 messages awaiting PUBREL per connection.
     pub receive_maximum: u16,
+    /// Ceiling of the outgoing in-flight window (EMQX's name; there a fixed window).
     pub max_inflight: u16,
+    /// Floor and starting size of the outgoing in-flight window, which grows towards
+    /// `max_inflight` with the path's bandwidth-delay product (`core::window`); a
+    /// `max_inflight` below it wins (the window is then fixed at `max_inflight`).
+    pub min_inflight: u16,
     pub topic_alias_maximum: u16,
     /// Bytes one connection's inbound topic aliases may hold (0: no limit); past it
     /// DISCONNECT 0x97. The broker's outbound aliases have the same budget (past it, topics
@@ -206,6 +212,7 @@ impl Default for MqttSection {
             max_connect_packet_size: limits.max_connect_packet_size,
             receive_maximum: limits.receive_maximum,
             max_inflight: limits.max_inflight,
+            min_inflight: limits.min_inflight,
             topic_alias_maximum: limits.topic_alias_maximum,
             max_topic_alias_bytes: limits.max_topic_alias_bytes,
             max_user_properties: limits.max_user_properties,
@@ -686,6 +693,9 @@ impl Config {
         if m.max_inflight == 0 {
             return invalid("mqtt.max_inflight", "must be at least 1");
         }
+        if m.min_inflight == 0 {
+            return invalid("mqtt.min_inflight", "must be at least 1");
+        }
         if m.maximum_qos > 2 {
             return invalid("mqtt.maximum_qos", "must be 0, 1 or 2");
         }
@@ -844,6 +854,8 @@ mod tests {
             defaults.mqtt.max_connect_packet_size
         );
         assert_eq!(config.mqtt.receive_maximum, defaults.mqtt.receive_maximum);
+        assert_eq!(config.mqtt.max_inflight, defaults.mqtt.max_inflight);
+        assert_eq!(config.mqtt.min_inflight, defaults.mqtt.min_inflight);
         assert_eq!(config.session.max_queued, defaults.session.max_queued);
         assert_eq!(
             config.mqtt.max_topic_alias_bytes,
@@ -1005,6 +1017,17 @@ mod tests {
             .unwrap_err()
             .to_string();
         assert!(err.contains("mqtt.max_packet_size"), "{err}");
+    }
+
+    #[test]
+    fn a_zero_min_inflight_names_the_key() {
+        let err = load("[mqtt]\nmin_inflight = 0\n", &[], &[])
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("mqtt.min_inflight"), "{err}");
+        // Below the minimum, the maximum wins (a fixed window, EMQX's meaning).
+        let c = load("[mqtt]\nmax_inflight = 32\n", &[], &[]).unwrap();
+        assert_eq!((c.mqtt.min_inflight, c.mqtt.max_inflight), (128, 32));
     }
 
     #[test]

@@ -31,6 +31,7 @@ fn broker_settings(config: &Config) -> anyhow::Result<Settings> {
         max_connect_packet_size: m.max_connect_packet_size,
         receive_maximum: m.receive_maximum,
         max_inflight: m.max_inflight,
+        min_inflight: m.min_inflight,
         topic_alias_maximum: m.topic_alias_maximum,
         max_topic_alias_bytes: m.max_topic_alias_bytes,
         max_user_properties: m.max_user_properties,

@@ -125,6 +125,13 @@ async fn start_broker(
     // The harness measures links: no HTTP API, no `$SYS` traffic on them.
     config.api.enable = false;
     config.sys_topics.interval = Duration::ZERO;
+    // `LOSSY_FIXED_WINDOWS=1`: the MQTT windows as they were before they followed the path
+    // (outbound fixed at 128, Receive Maximum 100), for a before/after in one build.
+    if std::env::var_os("LOSSY_FIXED_WINDOWS").is_some() {
+        config.mqtt.receive_maximum = 100;
+        config.mqtt.max_inflight = 128;
+        config.mqtt.min_inflight = 128;
+    }
     config.validate()?;
     let broker = RunningBroker::start(&config).await?;
     let addr = broker

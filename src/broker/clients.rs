@@ -40,6 +40,8 @@ pub struct ClientInfo {
     pub send_msg: AtomicU64,
     /// QoS 1/2 deliveries in flight (as of the connection's last turn).
     pub inflight: AtomicU32,
+    /// The outbound in-flight window's size (`core::window`), as of the same turn.
+    pub inflight_max: AtomicU32,
     pub subscriptions: AtomicU32,
     /// The QUIC connection, whose path statistics the API reads.
     pub quic: Option<quinn::Connection>,

@@ -303,6 +303,7 @@ impl Link {
                     recv_msg: Default::default(),
                     send_msg: Default::default(),
                     inflight: Default::default(),
+                    inflight_max: Default::default(),
                     subscriptions: Default::default(),
                     quic: self.quic.clone(),
                 });
@@ -515,6 +516,8 @@ impl Link {
             let count = |n: usize| u32::try_from(n).unwrap_or(u32::MAX);
             info.inflight
                 .store(count(self.channel.inflight()), Ordering::Relaxed);
+            info.inflight_max
+                .store(count(self.channel.inflight_window()), Ordering::Relaxed);
             let subscriptions = self.channel.session().map_or(0, |s| s.subscriptions.len());
             info.subscriptions
                 .store(count(subscriptions), Ordering::Relaxed);

@@ -14,6 +14,7 @@
 //! - `hooks`: the seams the shell calls for observers, a durable store and peer nodes.
 //! - `rewrite`: EMQX's topic rewrite rules and automatic subscriptions.
 //! - `delayed`: `$delayed/{seconds}/{topic}` and the queue of messages waiting for their time.
+//! - `window`: the outbound in-flight window, sized to the path's bandwidth-delay product.
 
 #![deny(clippy::disallowed_methods, clippy::disallowed_types)]
 
@@ -30,3 +31,4 @@ pub mod router;
 pub mod session;
 pub mod timers;
 pub mod topic;
+pub mod window;

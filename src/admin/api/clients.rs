@@ -42,6 +42,7 @@ pub(super) fn client_json(state: &AdminState, view: &SessionView, tcp: Option<&T
                 "expiry_interval": info.expiry_interval,
                 "subscriptions_cnt": info.subscriptions.load(Ordering::Relaxed),
                 "inflight_cnt": info.inflight.load(Ordering::Relaxed),
+                "inflight_max": info.inflight_max.load(Ordering::Relaxed),
                 "mqueue_len": info.mailbox.len(),
                 "mqueue_dropped": info.mailbox.dropped(),
                 "recv_msg": info.recv_msg.load(Ordering::Relaxed),

@@ -158,6 +158,11 @@ impl Channel {
         }
 
         self.peer_receive_maximum = props.receive_maximum.unwrap_or(u16::MAX);
+        self.window = Window::new(
+            limits.min_inflight,
+            limits.max_inflight.min(self.peer_receive_maximum),
+            now,
+        );
         self.peer_max_packet_size = props.maximum_packet_size.unwrap_or(u32::MAX);
         self.peer_topic_alias_maximum = props.topic_alias_maximum.unwrap_or(0);
 

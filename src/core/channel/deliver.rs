@@ -12,7 +12,7 @@ impl Channel {
 
     /// How many QoS 1/2 deliveries the channel could take now (0 when it can take none).
     pub fn delivery_room(&self) -> usize {
-        let window = usize::from(self.peer_receive_maximum.min(self.limits.max_inflight));
+        let window = self.window.size();
         match &self.session {
             Some(session) if self.state == State::Connected && self.out.len() < OUT_HIGH_WATER => {
                 window.saturating_sub(session.inflight())
@@ -40,7 +40,7 @@ impl Channel {
             delivery.flow = Flow::CONTROL;
         }
         let flow = delivery.flow;
-        let Err(delivery) = self.deliver_direct(delivery) else {
+        let Err(delivery) = self.deliver_direct(now, delivery) else {
             return;
         };
         let mut publish = self.build_publish(now, &delivery, false);
@@ -61,7 +61,7 @@ impl Channel {
                 self.dropped += 1;
                 return self.forget(key);
             };
-            self.sent(key, id, qos);
+            self.sent(now, key, id, qos);
             if let Packet::Publish(publish) = &mut packet {
                 publish.packet_id = Some(id);
             }
@@ -73,7 +73,11 @@ impl Channel {
     /// (no topic copied, no properties cloned): MQTT 3.1/3.1.1, or v5 for a message without
     /// properties, expiry or subscription identifiers, on a flow without topic aliases.
     /// Gives the delivery back when the full path is needed.
-    pub(super) fn deliver_direct(&mut self, delivery: Delivery) -> Result<(), Delivery> {
+    pub(super) fn deliver_direct(
+        &mut self,
+        now: Instant,
+        delivery: Delivery,
+    ) -> Result<(), Delivery> {
         let message = &delivery.message;
         if self.version.is_v5()
             && (!delivery.subscription_ids.is_empty()
@@ -117,7 +121,7 @@ impl Channel {
         {
             Some(id) => {
                 out[id_at..id_at + 2].copy_from_slice(&id.0.to_be_bytes());
-                self.sent(key, id, qos);
+                self.sent(now, key, id, qos);
             }
             None => {
                 out.truncate(start);
@@ -128,9 +132,10 @@ impl Channel {
         Ok(())
     }
 
-    /// A stored delivery went out under `id`: the store records the id (a resend after a
-    /// restart reuses it).
-    fn sent(&mut self, key: Option<StoreKey>, id: PacketId, qos: QoS) {
+    /// A delivery went out under `id`: the window may time it, and the store records the id
+    /// of a stored one (a resend after a restart reuses it).
+    fn sent(&mut self, now: Instant, key: Option<StoreKey>, id: PacketId, qos: QoS) {
+        self.window.on_sent(now, id, self.inflight());
         if let Some(key) = key {
             self.changes.push_back(Change::Sent {
                 key,
@@ -150,6 +155,7 @@ impl Channel {
             self.send_publish(delivery.flow, packet);
         } else if let Some(session) = self.session.as_mut() {
             let key = session.abandon(id);
+            self.window.forget(id);
             self.dropped += 1;
             self.forget(key);
         }

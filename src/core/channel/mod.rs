@@ -31,6 +31,7 @@ use crate::core::message::{AppMessage, Delivery, Flow};
 use crate::core::rewrite::{self, AutoSubscribe, RewriteAction, RewriteRule};
 use crate::core::session::{Change, Completed, Outgoing, Session, StoreKey, Subscription};
 use crate::core::topic::{validate_topic_name, TopicError, TopicFilter, TopicName};
+use crate::core::window::Window;
 
 mod auth;
 mod connect;
@@ -52,8 +53,11 @@ pub struct Limits {
     pub max_connect_packet_size: u32,
     /// Our Receive Maximum: inbound QoS 2 messages awaiting PUBREL per connection.
     pub receive_maximum: u16,
-    /// Cap on outgoing unacknowledged QoS 1/2 messages, whatever the client allows.
+    /// Ceiling of the outgoing in-flight window (unacknowledged QoS 1/2 messages), whatever
+    /// the client allows; the window moves between `min_inflight` and this (`core::window`).
     pub max_inflight: u16,
+    /// Floor and starting size of the outgoing in-flight window (lowered to `max_inflight`).
+    pub min_inflight: u16,
     pub topic_alias_maximum: u16,
     /// Bytes the client's topic aliases may hold (each topic plus a fixed per-entry cost;
     /// 0: no limit); past it DISCONNECT 0x97. Ours towards the client have the same budget
@@ -101,8 +105,9 @@ impl Default for Limits {
         Self {
             max_packet_size: 1024 * 1024,
             max_connect_packet_size: 64 * 1024,
-            receive_maximum: 100,
-            max_inflight: 128,
+            receive_maximum: 1024,
+            max_inflight: 1024,
+            min_inflight: 128,
             topic_alias_maximum: 65535,
             max_topic_alias_bytes: 64 * 1024,
             max_user_properties: 128,
@@ -302,6 +307,8 @@ pub struct Channel {
     peer_receive_maximum: u16,
     peer_max_packet_size: u32,
     peer_topic_alias_maximum: u16,
+    /// The outbound in-flight window (within `max_inflight` and the client's Receive Maximum).
+    window: Window,
     /// Topic aliases in both directions; boxed, as most clients use none.
     aliases: Option<Box<Aliases>>,
     /// Boxed: most connections have none, and the channel lives as long as they do.
@@ -338,6 +345,7 @@ pub struct Channel {
 impl Channel {
     pub fn new(limits: Arc<Limits>, now: Instant, assignable_id: AssignedClientId) -> Self {
         let connect_deadline = now + limits.connect_timeout;
+        let window = Window::new(limits.min_inflight, limits.max_inflight, now);
         Self {
             limits,
             state: State::AwaitConnect,
@@ -357,6 +365,7 @@ impl Channel {
             peer_receive_maximum: u16::MAX,
             peer_max_packet_size: u32::MAX,
             peer_topic_alias_maximum: 0,
+            window,
             aliases: None,
             will: None,
             flows: Vec::new(),
@@ -563,6 +572,11 @@ impl Channel {
         self.keep_alive
     }
 
+    /// The outbound in-flight window's size now (`core::window`).
+    pub fn inflight_window(&self) -> usize {
+        self.window.size()
+    }
+
     /// QoS 1/2 deliveries sent and not yet completed.
     pub fn inflight(&self) -> usize {
         self.session.as_ref().map_or(0, Session::inflight)
@@ -697,7 +711,7 @@ impl Channel {
     fn handle_connected(&mut self, now: Instant, packet: Packet) {
         match packet {
             Packet::Publish(publish) => self.handle_publish(now, publish),
-            Packet::PubAck(ack) => self.handle_completion(ack.packet_id, false),
+            Packet::PubAck(ack) => self.handle_completion(now, ack.packet_id, false),
             Packet::PubRec(ack) => self.handle_pubrec(ack),
             Packet::PubRel(ack) => {
                 let key = (self.input_flow, ack.packet_id);
@@ -718,7 +732,7 @@ impl Channel {
                 };
                 self.reply(&Packet::PubComp(Ack::new(ack.packet_id, reason)));
             }
-            Packet::PubComp(ack) => self.handle_completion(ack.packet_id, true),
+            Packet::PubComp(ack) => self.handle_completion(now, ack.packet_id, true),
             Packet::Subscribe(subscribe) => self.handle_subscribe(subscribe),
             Packet::Unsubscribe(unsubscribe) => self.handle_unsubscribe(unsubscribe),
             Packet::PingReq => self.send(&Packet::PingResp),
@@ -753,8 +767,11 @@ impl Channel {
     /// PUBACK (`qos2` false) or PUBCOMP: completes the message in flight under `id`. An ack
     /// of another QoS flow (PUBACK for QoS 2, PUBCOMP before PUBREL) is a protocol error; an
     /// unknown id is ignored (it may be a late duplicate).
-    fn handle_completion(&mut self, id: PacketId, qos2: bool) {
+    fn handle_completion(&mut self, now: Instant, id: PacketId, qos2: bool) {
         let completed = self.session.as_mut().map(|s| s.complete(id, qos2));
+        if let Some(Completed::Done(_)) = completed {
+            self.window.on_completed(now, id);
+        }
         match completed {
             Some(Completed::WrongFlow) => self.protocol_error(ReasonCode::PROTOCOL_ERROR),
             Some(Completed::Done(Some(key))) => self.changes.push_back(Change::Done { key }),

@@ -258,3 +258,4 @@ mod flows;
 mod fuzz;
 mod publish;
 mod subscribe;
+mod window;
