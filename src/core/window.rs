@@ -12,8 +12,9 @@
 //!   frees its id, and smoothed (7/8 old, 1/8 new, as TCP's SRTT);
 //! - **rate**: acknowledgements per second, counted over an epoch of one `hold`;
 //! - **grow**: while the window was full at some point of the current epoch (the shell had
-//!   more to send than it allowed), each acknowledgement adds one: the window doubles per
-//!   `hold` for as long as the demand fills it, as TCP's slow start;
+//!   more to send than it allowed), each acknowledging packet adds one (PUBACK; PUBREC and
+//!   PUBCOMP): the window doubles per round trip for QoS 1 (as TCP's slow start) and triples
+//!   per two for QoS 2, for as long as the demand fills it;
 //! - **shrink**: an epoch in which it never filled ends with the window brought down to
 //!   `HEADROOM` times the ids the flow needed (`rate * hold`, Little's law: the bandwidth-delay
 //!   product in messages), never below the minimum.
@@ -96,9 +97,7 @@ impl Window {
             }
         }
         self.epoch_acks = self.epoch_acks.saturating_add(1);
-        if self.filled {
-            self.size = self.size.saturating_add(1).min(self.max);
-        }
+        self.on_round_trip();
         let Some(hold) = self.hold else { return };
         let elapsed = now.saturating_duration_since(self.epoch_start);
         if elapsed < hold.max(MIN_EPOCH) {
@@ -116,6 +115,14 @@ impl Window {
         self.epoch_start = now;
         self.epoch_acks = 0;
         self.filled = false;
+    }
+
+    /// A round trip ended: PUBREC for a QoS 2 delivery (its PUBCOMP ends the second, in
+    /// `on_completed`). Grows a window that filled in this epoch.
+    pub fn on_round_trip(&mut self) {
+        if self.filled {
+            self.size = self.size.saturating_add(1).min(self.max);
+        }
     }
 
     /// The id being timed was given up (its message abandoned): a later message under the

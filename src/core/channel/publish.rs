@@ -229,10 +229,12 @@ impl Channel {
         };
         if ack.reason.is_failure() {
             let key = session.abandon(ack.packet_id);
+            self.window.forget(ack.packet_id);
             return self.forget(key);
         }
         let reason = match session.received(ack.packet_id) {
             Some((_, key)) => {
+                self.window.on_round_trip();
                 if let Some(key) = key {
                     self.changes.push_back(Change::Released {
                         key,

@@ -148,7 +148,7 @@ fn a_long_path_grows_the_window_until_nothing_waits() {
         let peak = *r.windows.iter().max().unwrap();
         assert!(peak >= needed, "{qos:?}: the window reached {peak}");
         assert!(peak <= 1024);
-        // Starting at 32 it doubles per hold (1.12 s for QoS 2): by 7 s it has grown and the
+        // Starting at 32 it grows per round trip (x3 per 1.12 s hold for QoS 2): by 7 s it has grown and the
         // queue drained, and from then on no message waits for it as long as a round trip.
         let late = r.waited[1400..].iter().max().unwrap();
         assert!(*late < rtt, "{qos:?}: a message waited {late:?}");
