@@ -12,6 +12,9 @@
 //!   WebSocket messages to a byte stream. WSS is [`ws`] over [`tls`].
 //! - [`quic`]: the QUIC endpoint configuration (ALPN `mqtt`, TLS 1.3, windows sized for
 //!   messaging, congestion control); the driver is `broker::quic`.
+//! - [`datagram`]: the QoS 0 latency class over QUIC DATAGRAM frames (docs/datagram.md):
+//!   framing, copies, duplicate suppression; the futures it exports are spawned by the broker
+//!   and the client.
 //! - [`quic_endpoints`]: a QUIC listener as several quinn endpoints on one UDP port
 //!   (`SO_REUSEPORT`), datagrams routed between them by connection ID so migration survives.
 //!   (Making an endpoint starts quinn's own driver task; the accept loops are the broker's.)
@@ -21,6 +24,7 @@
 //! - `x509`: just enough DER reading for expiry, CN and DNS SAN.
 
 pub mod certs;
+pub mod datagram;
 pub mod quic;
 pub mod quic_endpoints;
 pub mod reader;
