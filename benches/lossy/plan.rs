@@ -453,7 +453,7 @@ fn quick(base: u64) -> Vec<Case> {
 fn full(base: u64) -> Vec<Case> {
     let l = FULL;
     let mut cases = Vec::new();
-    let variants: [(Transport, &'static str, QuicCc); 7] = [
+    let variants: [(Transport, &'static str, QuicCc); 8] = [
         (Transport::Tcp, "cubic", QuicCc::Cubic),
         (Transport::Tcp, "bbr", QuicCc::Cubic),
         (Transport::Tls, "cubic", QuicCc::Cubic),
@@ -461,6 +461,7 @@ fn full(base: u64) -> Vec<Case> {
         (Transport::QuicPerTopic, "cubic", QuicCc::Bbr),
         (Transport::QuicPerTopic, "cubic", QuicCc::Cubic),
         (Transport::QuicPerTopic, "cubic", QuicCc::NewReno),
+        (Transport::QuicDatagram, "cubic", QuicCc::Bbr),
     ];
     for k in 0..l.reference_seeds {
         for (transport, tcp_cc, quic_cc) in variants {

@@ -142,9 +142,11 @@ impl<'a> Report<'a> {
              {REFERENCE_RATE:.0} msg/s in total, QoS 0, {PAYLOAD} B payloads; every variant \
              crossed the same seeds. Percentiles over all seeds' messages; the ranges are the \
              spread of the per-seed values. *link loss*: the share of the broker's egress \
-             packets the link dropped, as measured.\n\n\
-             | transport | congestion control | seeds | messages | lost | link loss | p50 | p95 | p99 | p99.9 | max | p95 per seed | p99 per seed | cross-topic delay |\n\
-             |---|---|---|---|---|---|---|---|---|---|---|---|---|---|"
+             packets the link dropped, as measured. *egress B/msg*: bytes the broker put on \
+             the link (IP packets, every copy and retransmission, acks for the client's \
+             data) per message delivered.\n\n\
+             | transport | congestion control | seeds | messages | lost | link loss | p50 | p95 | p99 | p99.9 | max | p95 per seed | p99 per seed | cross-topic delay | egress B/msg |\n\
+             |---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"
         );
         let mut variants: Vec<(Transport, String)> = Vec::new();
         for r in &runs {
@@ -189,9 +191,11 @@ impl<'a> Report<'a> {
             let (down_lost, down_sent) = outcomes
                 .iter()
                 .fold((0, 0), |(l, n), o| (l + o.down.lost, n + o.down.sent));
+            let down_bytes: u64 = outcomes.iter().map(|o| o.down.sent_bytes).sum();
+            let delivered = expected.saturating_sub(lost).max(1);
             let _ = writeln!(
                 s,
-                "| {} | {} | {} | {} | {:.2} % | {:.1} % | {} | {} | {} | {} | {} | {} | {} | {} |",
+                "| {} | {} | {} | {} | {:.2} % | {:.1} % | {} | {} | {} | {} | {} | {} | {} | {} | {:.0} |",
                 transport.label(),
                 variant,
                 outcomes.len(),
@@ -210,12 +214,13 @@ impl<'a> Report<'a> {
                 } else {
                     format!("{:.1}", hol.iter().sum::<f64>() / hol.len() as f64)
                 },
+                down_bytes as f64 / delivered as f64,
             );
         }
         let _ = writeln!(
             s,
-            "| *Bracht 2026: TCP* | cubic, Nagle on | | | | | {} | {} | | | | | |\n\
-             | *Bracht 2026: QUIC per topic* | quinn cubic | | | | | {} | {} | | | | | |",
+            "| *Bracht 2026: TCP* | cubic, Nagle on | | | | | {} | {} | | | | | | |\n\
+             | *Bracht 2026: QUIC per topic* | quinn cubic | | | | | {} | {} | | | | | | |",
             fmt_ms(BRACHT_TCP.0),
             fmt_ms(BRACHT_TCP.1),
             fmt_ms(BRACHT_QUIC_PER_TOPIC.0),
