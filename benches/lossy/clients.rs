@@ -173,6 +173,9 @@ pub struct ClientReport {
     /// Reconnects whose CONNACK said the session was not present (a persistent session lost).
     pub sessions_lost: u64,
     pub rebinds: u64,
+    /// Messages the subscriber received by QUIC datagram (the datagram class), once each.
+    #[serde(default)]
+    pub datagram_messages: u64,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -325,6 +328,7 @@ pub async fn run(spec: &ClientSpec) -> anyhow::Result<ClientReport> {
         report.phases.push(phase);
     }
     report.reconnects = (publisher.stats().connects + sub.stats().connects).saturating_sub(2);
+    report.datagram_messages = sub.stats().datagram_messages;
     let _ = publisher.disconnect().await;
     let _ = sub.disconnect().await;
 
