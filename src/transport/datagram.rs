@@ -40,6 +40,8 @@ pub const MAX_COPIES: u8 = 4;
 pub const WINDOW: u32 = 1024;
 /// Framed datagrams queued for the sender task; more are dropped (QoS 0) and counted.
 pub const SEND_QUEUE: usize = 512;
+/// Bytes the sender frames datagrams into before it allocates again.
+const FRAME_CHUNK: usize = 16 * 1024;
 /// Copies waiting for their time; when full, the oldest waiting copy is dropped.
 const REPAIR_QUEUE: usize = 2048;
 /// The receive and send buffers given to quinn on a connection that may use datagrams.
@@ -118,7 +120,6 @@ pub fn packet_len(buf: &[u8]) -> Option<usize> {
 
 /// Appends one framed datagram (header and packet) to `out`.
 pub fn frame(seq: u32, packet: &[u8], out: &mut BytesMut) {
-    out.reserve(HEADER_LEN + packet.len());
     out.put_u8(KIND_PUBLISH);
     out.put_u32(seq);
     out.put_slice(packet);
@@ -270,6 +271,11 @@ impl Sender {
                 bump(&counters.fallbacks);
                 return Err(packet);
             }
+        }
+        let need = HEADER_LEN + packet.len();
+        if self.buf.capacity() < need {
+            // One allocation for many datagrams (each keeps its slice of it alive).
+            self.buf.reserve(need.max(FRAME_CHUNK));
         }
         frame(self.next, packet, &mut self.buf);
         self.next = self.next.wrapping_add(1);
