@@ -499,7 +499,13 @@ fn full(base: u64) -> Vec<Case> {
         }
     }
     for (i, name) in MATRIX_PROFILES.iter().enumerate() {
-        for transport in Transport::ALL {
+        // Every transport with its default controller, and TCP with BBR beside it: the best
+        // TCP a tuned host offers, which QUIC's default must beat.
+        let variants = Transport::ALL
+            .into_iter()
+            .map(|t| (t, "cubic"))
+            .chain([(Transport::Tcp, "bbr")]);
+        for (transport, tcp_cc) in variants {
             let mut phases: Vec<Phase> = (0..=2)
                 .map(|q| Phase::paced(q, MATRIX_RATE, l.matrix_seconds))
                 .collect();
@@ -517,7 +523,7 @@ fn full(base: u64) -> Vec<Case> {
                 profile(name),
                 base + 100 + i as u64,
                 transport,
-                "cubic",
+                tcp_cc,
                 DEFAULT_CC,
                 spec,
             ));

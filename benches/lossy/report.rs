@@ -237,8 +237,9 @@ impl<'a> Report<'a> {
         let _ = writeln!(
             s,
             "\n## Delivery and latency per profile\n\n\
-             {TOPICS} topics, {rate:.0} msg/s in total, {PAYLOAD} B, paced; TCP and TLS with \
-             CUBIC, QUIC with quinn's {} (Petrel's default). *delivered* counts distinct \
+             {TOPICS} topics, {rate:.0} msg/s in total, {PAYLOAD} B, paced; each transport \
+             names its congestion controller: TCP with CUBIC and with BBR, TLS with CUBIC, QUIC \
+             with quinn's {} (Petrel's default). *delivered* counts distinct \
              messages by sequence number; *dup* counts extra copies. Latency in ms, publish to \
              delivery. *topic p99* is the best and worst topic's p99; *cross-topic delay* the mean \
              extra delay (ms) that a held-up message's topic imposed on the other topics (see \
@@ -272,8 +273,9 @@ impl<'a> Report<'a> {
                         |f: fn(&Latency) -> f64| l.as_ref().map_or("–".into(), |l| fmt_ms(f(l)));
                     let _ = writeln!(
                         s,
-                        "| {qos} | {} | {} / {} | {} | {} | {} | {} | {} | {} | {} | {} | {} |",
+                        "| {qos} | {} {} | {} / {} | {} | {} | {} | {} | {} | {} | {} | {} | {} |",
                         r.case.transport().label(),
+                        r.case.variant,
                         p.delivered,
                         p.expected,
                         if qos == 0 {
@@ -368,7 +370,12 @@ impl<'a> Report<'a> {
     }
 
     fn goodput_and_connect(&self, s: &mut String) {
-        let runs: Vec<&CaseResult> = self.group(Group::Matrix).collect();
+        // One column per transport, each with its default controller (TCP with BBR is in
+        // the goodput-per-controller table).
+        let runs: Vec<&CaseResult> = self
+            .group(Group::Matrix)
+            .filter(|r| r.case.transport().is_quic() || r.case.setup.tcp_cc == Some("cubic"))
+            .collect();
         if runs.iter().all(|r| r.connect.is_none()) {
             return;
         }
@@ -603,7 +610,10 @@ impl<'a> Report<'a> {
                         .iter()
                         .find(|p| p.qos == 0 && !p.saturating)?
                         .latency?;
-                    Some((r.case.transport().label().to_owned(), l))
+                    Some((
+                        format!("{} {}", r.case.transport().label(), r.case.variant),
+                        l,
+                    ))
                 })
                 .collect();
             if !series.is_empty() {
