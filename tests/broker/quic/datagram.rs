@@ -272,3 +272,45 @@ async fn quic_datagram_disabled_by_config_is_not_confirmed() {
     assert_eq!((stats.datagrams_sent, stats.datagrams_received), (0, 0));
     broker.shutdown().await;
 }
+
+/// The class is asked for again on every connection, a 0-RTT reconnect included (the
+/// server's datagram transport parameter is remembered with its ticket, RFC 9221 §3).
+#[tokio::test]
+async fn quic_datagram_class_survives_a_0rtt_reconnect() {
+    let broker = broker_with(|_| {}).await;
+    let id = unique("dg-0rtt");
+    let opts = options(&broker, ListenerKind::Quic, "unused")
+        .client_id(&id)
+        .persistent(60)
+        .datagrams(2)
+        .reconnect(Some(petrel::client::Backoff {
+            initial: Duration::from_millis(50),
+            max: Duration::from_millis(200),
+            jitter: 0.5,
+        }));
+    let (client, mut events) = connect(opts).await;
+    // Taken over from TCP, which then leaves: the client reconnects with its ticket.
+    let mut takeover = connect_packet(ProtocolVersion::V5, &id);
+    takeover.clean_start = false;
+    takeover.properties.session_expiry_interval = Some(60);
+    let (mut raw, _) =
+        crate::common::RawClient::connect_ok(broker.addr(ListenerKind::Tcp), takeover).await;
+    raw.send(&Packet::Disconnect(Disconnect::new(ReasonCode::SUCCESS)))
+        .await;
+    let zero_rtt = loop {
+        if let Event::Connected { zero_rtt, .. } = crate::client::next_event(&mut events).await {
+            break zero_rtt;
+        }
+    };
+    assert!(zero_rtt, "the reconnect used 0-RTT");
+    let topic = unique("dg/0rtt");
+    client.subscribe(&topic, CQoS::AtMostOnce).await.unwrap();
+    client
+        .publish(Message::new(topic.clone(), "after"))
+        .await
+        .unwrap();
+    let got = collect(&mut events, 1).await;
+    assert_eq!(got.len(), 1);
+    assert_eq!(client.stats().datagram_messages, 1, "{:?}", client.stats());
+    broker.shutdown().await;
+}
