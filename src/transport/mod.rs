@@ -4,7 +4,8 @@
 //! Every transport produces an `AsyncRead + AsyncWrite` stream; the codec and the core never
 //! know which one carries them. The accept loops that use these live in
 //! `broker::listener`; this module owns no tasks and reads no clock (handshake deadlines are
-//! the caller's).
+//! the caller's), except that `datagram`'s send loop, a future its caller spawns, times the
+//! copies' spacing with tokio's timer.
 //!
 //! - [`tls`]: TLS 1.2 / 1.3 (rustls, ring provider), optional client certificates, and the
 //!   certificate-to-username rule.
