@@ -348,6 +348,38 @@ fn keep_alive_pings_after_silence_and_declares_a_silent_server_dead() {
 }
 
 #[test]
+fn a_publisher_that_never_stops_sending_still_pings_and_finds_the_server_dead() {
+    let (mut s, now) = state(false);
+    s.handle_connack(now, &connack(false, None)).unwrap();
+    drain(&mut s);
+    // QoS 0 publishes every 100 ms for a keep-alive and more: nothing comes back.
+    let mut t = now;
+    let mut pinged = None;
+    for i in 0..(KEEP_ALIVE.as_millis() / 100 + 5) as u64 {
+        t = now + Duration::from_millis(100 * i);
+        if s.poll_timeout().is_some_and(|d| d <= t) {
+            s.handle_timeout(t, false).unwrap();
+        }
+        s.publish(t, request(i, "t", QoS::AtMostOnce, t)).unwrap();
+        if pinged.is_none()
+            && sent(&drain(&mut s))
+                .iter()
+                .any(|(_, p)| matches!(p, Packet::PingReq))
+        {
+            pinged = Some(t);
+        }
+    }
+    let pinged = pinged.expect("a PINGREQ although publishes keep going out");
+    assert!(pinged >= now + KEEP_ALIVE && pinged < t);
+    let verdict = s.poll_timeout().unwrap();
+    assert_eq!(verdict, pinged + KEEP_ALIVE);
+    assert_eq!(
+        s.handle_timeout(verdict, false),
+        Err(StateError::KeepAliveTimeout)
+    );
+}
+
+#[test]
 fn server_misbehaviour_is_an_error_not_a_panic() {
     let (mut s, now) = state(false);
     s.handle_connack(now, &connack(false, None)).unwrap();

@@ -266,6 +266,27 @@ pub struct ServerConnection {
     stats: Arc<Stats>,
 }
 
+/// What one connect attempt has heard from the server so far: read by the reconnect race,
+/// which never drops an attempt the server answered for a newer one.
+#[derive(Debug, Default)]
+pub struct Progress {
+    answered: std::sync::atomic::AtomicBool,
+    quic: Mutex<Option<quinn::Connection>>,
+}
+
+impl Progress {
+    /// A TCP connection stands, or a QUIC packet came back.
+    pub fn answered(&self) -> bool {
+        self.answered.load(Ordering::Relaxed)
+            || self
+                .quic
+                .lock()
+                .expect("never poisoned")
+                .as_ref()
+                .is_some_and(|c| c.stats().udp_rx.datagrams > 0)
+    }
+}
+
 /// Why one connect attempt failed; `ZeroRttRejected` is retried at once without early data.
 #[derive(Debug, thiserror::Error)]
 pub enum AttemptError {
@@ -293,6 +314,7 @@ impl ServerConnection {
         max_packet_size: u32,
         stats: Arc<Stats>,
         login: Option<(&str, &[u8])>,
+        progress: &Progress,
     ) -> Result<(Self, ConnAck), AttemptError> {
         let Packet::Connect(c) = connect else {
             return Err(AttemptError::Failed("not a CONNECT".into()));
@@ -307,6 +329,7 @@ impl ServerConnection {
                 max_packet_size,
                 Arc::clone(&stats),
                 allow_early,
+                progress,
             )
             .await?;
             match link.handshake(connect, login).await {
@@ -330,6 +353,7 @@ impl ServerConnection {
         max_packet_size: u32,
         stats: Arc<Stats>,
         allow_early: bool,
+        progress: &Progress,
     ) -> Result<Self, AttemptError> {
         let (inbound_tx, inbound) = mpsc::channel(INBOUND_QUEUE);
         let mut link = Self {
@@ -359,14 +383,21 @@ impl ServerConnection {
                 .connect(addr, &name)
                 .map_err(|e| AttemptError::Failed(e.to_string()))?;
             let conn = match connecting.into_0rtt() {
-                Ok((conn, accepted)) if allow_early => {
-                    link.early = Some(accepted);
+                Ok((conn, accepted)) => {
+                    // Handshake under way: answered once a packet comes back.
+                    *progress.quic.lock().expect("never poisoned") = Some(conn.clone());
+                    if allow_early {
+                        link.early = Some(accepted);
+                    }
                     conn
                 }
-                Ok((conn, _)) => conn,
-                Err(connecting) => connecting
-                    .await
-                    .map_err(|e| AttemptError::Failed(e.to_string()))?,
+                Err(connecting) => {
+                    let conn = connecting
+                        .await
+                        .map_err(|e| AttemptError::Failed(e.to_string()))?;
+                    progress.answered.store(true, Ordering::Relaxed);
+                    conn
+                }
             };
             let (send, recv) = conn
                 .open_bi()
@@ -382,6 +413,7 @@ impl ServerConnection {
             (None, None) => TcpStream::connect((url.host.as_str(), url.port)).await?,
             (Some(local), addr) => connect_from(local, addr, url).await?,
         };
+        progress.answered.store(true, Ordering::Relaxed);
         tcp.set_nodelay(true)?;
         link.remote = tcp.peer_addr().ok();
         let stream: Box<dyn Io> = match url.transport {
