@@ -165,11 +165,13 @@ impl Race {
 mod tests {
     use super::*;
 
-    const MS: Duration = Duration::from_millis(1);
+    fn ms(n: u64) -> Duration {
+        Duration::from_millis(n)
+    }
 
     fn overlap(interval_ms: u64, max_pending: usize, jitter: f64) -> Overlap {
         Overlap {
-            interval: interval_ms * MS,
+            interval: ms(interval_ms),
             max_pending,
             jitter,
         }
@@ -199,17 +201,17 @@ mod tests {
     #[test]
     fn over_a_dark_link_a_fresh_attempt_starts_every_interval_until_the_budget_is_spent() {
         let t0 = Instant::now();
-        let mut race = Race::new(t0, overlap(400, 3, 0.0), 2000 * MS);
+        let mut race = Race::new(t0, overlap(400, 3, 0.0), ms(2000));
         let (starts, drops) = dark(&mut race, t0, &mut || 0.5);
         assert_eq!(starts, vec![0, 400, 800, 1200, 1600]);
         // Three pending at most: the 4th and 5th starts each dropped the oldest silent one.
         assert_eq!(drops, 2);
         assert_eq!(race.pending().count(), 3);
-        assert!(!race.over(t0 + 2000 * MS), "attempts are still pending");
+        assert!(!race.over(t0 + ms(2000)), "attempts are still pending");
         for id in race.pending().collect::<Vec<_>>() {
-            race.ended(t0 + 2000 * MS, id);
+            race.ended(t0 + ms(2000), id);
         }
-        assert!(race.over(t0 + 2000 * MS));
+        assert!(race.over(t0 + ms(2000)));
     }
 
     #[test]
@@ -225,7 +227,7 @@ mod tests {
             (x >> 11) as f64 / (1u64 << 53) as f64
         };
         let t0 = Instant::now();
-        let mut race = Race::new(t0, overlap(400, 3, 0.5), 60_000 * MS);
+        let mut race = Race::new(t0, overlap(400, 3, 0.5), ms(60_000));
         let (starts, _) = dark(&mut race, t0, &mut units);
         assert!(starts.len() > 100);
         for pair in starts.windows(2) {
@@ -242,40 +244,40 @@ mod tests {
     #[test]
     fn an_answered_attempt_goes_on_alone() {
         let t0 = Instant::now();
-        let mut race = Race::new(t0, overlap(100, 3, 0.0), 10_000 * MS);
+        let mut race = Race::new(t0, overlap(100, 3, 0.0), ms(10_000));
         let a = race.poll(t0, 0.0, |_| false).start.unwrap();
-        let b = race.poll(t0 + 100 * MS, 0.0, |_| false).start.unwrap();
-        let c = race.poll(t0 + 200 * MS, 0.0, |_| false).start.unwrap();
+        let b = race.poll(t0 + ms(100), 0.0, |_| false).start.unwrap();
+        let c = race.poll(t0 + ms(200), 0.0, |_| false).start.unwrap();
         // `b` heard from the server (TCP connected, say): `a` and `c` are dropped, and no
         // new attempt starts while `b` is pending.
-        let step = race.poll(t0 + 300 * MS, 0.0, |id| id == b);
+        let step = race.poll(t0 + ms(300), 0.0, |id| id == b);
         assert_eq!(step.drop, vec![a, c]);
         assert_eq!(step.start, None);
         assert_eq!(race.pending().collect::<Vec<_>>(), vec![b]);
-        for ms in [400, 500, 5000] {
-            assert_eq!(race.poll(t0 + ms * MS, 0.0, |_| true), Step::default());
+        for at in [400, 500, 5000] {
+            assert_eq!(race.poll(t0 + ms(at), 0.0, |_| true), Step::default());
         }
         // `b` failed after all: the next attempt starts at once.
-        race.ended(t0 + 5050 * MS, b);
-        assert!(race.poll(t0 + 5050 * MS, 0.0, |_| false).start.is_some());
+        race.ended(t0 + ms(5050), b);
+        assert!(race.poll(t0 + ms(5050), 0.0, |_| false).start.is_some());
     }
 
     #[test]
     fn one_pending_attempt_is_the_classic_sequential_reconnect() {
         let t0 = Instant::now();
-        let mut race = Race::new(t0, overlap(100, 1, 0.0), 1000 * MS);
+        let mut race = Race::new(t0, overlap(100, 1, 0.0), ms(1000));
         let a = race.poll(t0, 0.0, |_| true).start.unwrap();
         // Answered and still pending: no second attempt, however long it takes.
-        for ms in [100, 200, 900] {
-            assert_eq!(race.poll(t0 + ms * MS, 0.0, |_| true), Step::default());
+        for at in [100, 200, 900] {
+            assert_eq!(race.poll(t0 + ms(at), 0.0, |_| true), Step::default());
         }
-        race.ended(t0 + 950 * MS, a);
+        race.ended(t0 + ms(950), a);
         // Within the budget a failed attempt is followed by the next one.
-        let b = race.poll(t0 + 950 * MS, 0.0, |_| true).start.unwrap();
+        let b = race.poll(t0 + ms(950), 0.0, |_| true).start.unwrap();
         assert_ne!(a, b);
-        race.ended(t0 + 990 * MS, b);
-        assert!(race.poll(t0 + 1000 * MS, 0.0, |_| true).start.is_none());
-        assert!(race.over(t0 + 1000 * MS));
+        race.ended(t0 + ms(990), b);
+        assert!(race.poll(t0 + ms(1000), 0.0, |_| true).start.is_none());
+        assert!(race.over(t0 + ms(1000)));
         assert_eq!(race.started(), 2);
     }
 }
