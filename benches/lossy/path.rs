@@ -125,6 +125,15 @@ async fn start_broker(
     // The harness measures links: no HTTP API, no `$SYS` traffic on them.
     config.api.enable = false;
     config.sys_topics.interval = Duration::ZERO;
+    // A what-if for the in-flight windows (`mqtt.receive_maximum` and `mqtt.max_inflight`):
+    // after a blackout the backlog drains at about one window per round trip.
+    if let Some(window) = std::env::var("PETREL_LOSSY_WINDOW")
+        .ok()
+        .and_then(|w| w.parse().ok())
+    {
+        config.mqtt.receive_maximum = window;
+        config.mqtt.max_inflight = window;
+    }
     config.validate()?;
     let broker = RunningBroker::start(&config).await?;
     let addr = broker

@@ -162,8 +162,9 @@ async fn connect_any(
 type Connected = (ServerConnection, ConnAck);
 
 /// One reconnect round: overlapping attempts (each over the URL list) as [`Race`] schedules
-/// them, the first CONNACK wins and the others are dropped. Ends with the winner, at the
-/// server's refusal, or when the round's budget (the connect timeout) is spent with every
+/// them, the first CONNACK wins and the others are dropped. Ends with the winner, when an
+/// attempt the server answered fails (a refusal: CONNACK failure code, TCP RST, TLS alert), or
+/// when the round's budget (the connect timeout) is spent with every
 /// attempt ended. Bounded: at most `overlap.max_pending` attempts (tasks) at once.
 async fn race_round(
     ctx: Arc<TransportContext>,
@@ -210,10 +211,11 @@ async fn race_round(
                 Some(Ok((_, Ok(connected)))) => return Ok(connected), // dropping `tasks` ends the rest
                 Some(Ok((id, Err(err)))) => {
                     tracing::debug!(attempt = id.0, %err, "connect attempt failed");
-                    attempts.remove(&id);
+                    let answered = attempts.remove(&id).is_some_and(|(_, p)| p.answered());
                     race.ended(now(), id);
-                    if matches!(err, ClientError::Refused(_)) {
-                        return Err(err); // the server answered: back off
+                    if answered || matches!(err, ClientError::Refused(_)) {
+                        // The server (or its host) answered and said no: back off.
+                        return Err(err);
                     }
                     last_error = err;
                 }

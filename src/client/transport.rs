@@ -275,7 +275,7 @@ pub struct Progress {
 }
 
 impl Progress {
-    /// A TCP connection stands, or a QUIC packet came back.
+    /// A TCP connection stands (or was refused), or a QUIC packet came back.
     pub fn answered(&self) -> bool {
         self.answered.load(Ordering::Relaxed)
             || self
@@ -409,11 +409,21 @@ impl ServerConnection {
         }
 
         let tcp = match (ctx.local_addr, url.socket_addr()) {
-            (None, Some(addr)) => TcpStream::connect(addr).await?,
-            (None, None) => TcpStream::connect((url.host.as_str(), url.port)).await?,
-            (Some(local), addr) => connect_from(local, addr, url).await?,
+            (None, Some(addr)) => TcpStream::connect(addr).await,
+            (None, None) => TcpStream::connect((url.host.as_str(), url.port)).await,
+            (Some(local), addr) => connect_from(local, addr, url).await,
         };
-        progress.answered.store(true, Ordering::Relaxed);
+        // A connection, or a refusal (RST): either way the server's host answered.
+        let refused = tcp.as_ref().is_err_and(|e| {
+            matches!(
+                e.kind(),
+                std::io::ErrorKind::ConnectionRefused | std::io::ErrorKind::ConnectionReset
+            )
+        });
+        if tcp.is_ok() || refused {
+            progress.answered.store(true, Ordering::Relaxed);
+        }
+        let tcp = tcp?;
         tcp.set_nodelay(true)?;
         link.remote = tcp.peer_addr().ok();
         let stream: Box<dyn Io> = match url.transport {
