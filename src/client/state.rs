@@ -16,7 +16,8 @@
 //!   kept it (the server parks a dead stream's subscriptions on the control stream);
 //! - keep-alive: PINGREQ after `keep_alive` of silence either way (nothing sent, or nothing
 //!   received: a publisher that never stops sending still finds out that nothing comes back),
-//!   the connection is dead when no packet answers within another `keep_alive`.
+//!   the connection is dead when no packet answers within half a `keep_alive` (at least 1 s):
+//!   1.5 keep-alives of silence, the server's own limit.
 
 use std::collections::{BTreeMap, HashMap, HashSet, VecDeque};
 use std::time::{Duration, Instant};
@@ -627,11 +628,22 @@ impl ClientState {
             return None;
         }
         let silent_since = self.last_sent.min(self.last_received);
-        Some(self.ping_sent.unwrap_or(silent_since) + self.keep_alive)
+        Some(match self.ping_sent {
+            Some(ping) => ping + self.answer_wait(),
+            None => silent_since + self.keep_alive,
+        })
+    }
+
+    /// How long a PINGREQ waits for an answer before the connection is declared dead: half
+    /// the keep-alive (at least 1 s, at most the keep-alive), so that a client notices a dark
+    /// link after 1.5 keep-alives, as the server does ([MQTT-3.1.2-22]), and its reconnect
+    /// attempts are already running when the link returns.
+    fn answer_wait(&self) -> Duration {
+        (self.keep_alive / 2).max(self.keep_alive.min(Duration::from_secs(1)))
     }
 
     /// Sends PINGREQ after `keep_alive` of silence (nothing sent or nothing received); no
-    /// answer within another `keep_alive` is a dead connection. While `stalled` (the application is not reading, so we are not
+    /// answer within half a `keep_alive` more (see `answer_wait`) is a dead connection. While `stalled` (the application is not reading, so we are not
     /// either) the answer cannot be seen, and the verdict is deferred.
     pub fn handle_timeout(&mut self, now: Instant, stalled: bool) -> Result<(), StateError> {
         let Some(deadline) = self.poll_timeout() else {
