@@ -10,6 +10,8 @@
 //! cargo bench --bench lossy -- --only blackout         # one group of the full run, printed
 //! PETREL_LOSSY_TIMELINE=1 cargo bench --bench lossy -- --only blackout  # + each client's
 //!                                     # connection events around each blackout, printed
+//! PETREL_LOSSY_WINDOW=1000 cargo bench --bench lossy -- --only blackout  # what-if: the
+//!                                     # broker's mqtt.receive_maximum and max_inflight
 //! ```
 //!
 //! Packet-mode rows (every TCP and TLS row, and the QUIC rows that share their path) need root;
