@@ -809,3 +809,55 @@ fn seed(client_id: &str) -> u64 {
             (h ^ u64::from(b)).wrapping_mul(0x0100_0000_01b3)
         })
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::client::Overlap;
+
+    /// A round against `url` with a long budget and slow overlap: it must end on its own.
+    async fn round(url: &str) -> Result<Connected, ClientError> {
+        let options = ClientOptions::new(url)
+            .unwrap()
+            .client_id("race")
+            .connect_timeout(Duration::from_secs(60))
+            .overlap(Overlap {
+                interval: Duration::from_secs(20),
+                max_pending: 3,
+                jitter: 0.0,
+            });
+        let options = Arc::new(options);
+        let ctx = Arc::new(TransportContext::new(&options).unwrap());
+        let connect = connect_packet(&options, "race", true);
+        let stats = Arc::new(Stats::default());
+        let round = race_round(ctx, options, connect, stats, 1);
+        tokio::time::timeout(Duration::from_secs(30), round)
+            .await
+            .expect("the round ended on the refusal, not after its 60 s budget")
+    }
+
+    #[tokio::test]
+    async fn a_refused_connect_ends_the_round_at_once() {
+        // A port nobody listens on: the host answers with RST.
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let addr = listener.local_addr().unwrap();
+        drop(listener);
+        let err = round(&format!("mqtt://{addr}")).await.err().unwrap();
+        assert!(matches!(err, ClientError::Connect(_)), "{err}");
+    }
+
+    #[tokio::test]
+    async fn a_server_that_closes_before_connack_ends_the_round() {
+        // Accepts (so the attempt is answered), reads nothing, closes.
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let server = tokio::spawn(async move {
+            while let Ok((socket, _)) = listener.accept().await {
+                drop(socket);
+            }
+        });
+        let err = round(&format!("mqtt://{addr}")).await.err().unwrap();
+        assert!(matches!(err, ClientError::Connect(_)), "{err}");
+        server.abort();
+    }
+}
