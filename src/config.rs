@@ -760,6 +760,12 @@ impl Config {
                 "windows must be at least 1 KiB, and the connection's at least a stream's",
             );
         }
+        if !(1..=crate::transport::datagram::MAX_COPIES).contains(&q.datagram_copies) {
+            return invalid("quic.datagram_copies", "must be between 1 and 4");
+        }
+        if q.datagram_spacing > Duration::from_millis(100) {
+            return invalid("quic.datagram_spacing", "must be at most 100 ms");
+        }
         if q.idle_timeout.is_zero() || q.idle_timeout > Duration::from_secs(600) {
             return invalid("quic.idle_timeout", "must be between 1 ms and 10 minutes");
         }
@@ -878,6 +884,9 @@ mod tests {
         assert_eq!(config.session.v3_expiry, defaults.session.v3_expiry);
         assert_eq!(config.mqtt.connect_timeout, defaults.mqtt.connect_timeout);
         assert_eq!(config.listeners, defaults.listeners);
+        assert_eq!(config.quic.datagrams, defaults.quic.datagrams);
+        assert_eq!(config.quic.datagram_copies, defaults.quic.datagram_copies);
+        assert_eq!(config.quic.datagram_spacing, defaults.quic.datagram_spacing);
         assert_eq!(config.auth, defaults.auth);
         assert_eq!(
             config.mqtt.exclusive_subscription,

@@ -87,8 +87,15 @@ impl PhaseSummary {
                     Some(acc.map_or((p, p), |(lo, hi)| (lo.min(p), hi.max(p))))
                 }),
             cross_topic_ms: cross_topic_delay(&phase.deliveries),
+            // What arrived while the publisher was saturating: messages still queued in the
+            // client when the phase ended (the deeper its window, the more) do not count.
             goodput: if seconds > 0.0 {
-                phase.deliveries.len() as f64 / seconds
+                phase
+                    .deliveries
+                    .iter()
+                    .filter(|d| d[2] + d[3] <= phase.end_us)
+                    .count() as f64
+                    / seconds
             } else {
                 0.0
             },

@@ -45,6 +45,9 @@ pub enum Transport {
     Tls,
     QuicSingle,
     QuicPerTopic,
+    /// Per-topic streams plus the QoS 0 datagram class (docs/datagram.md), 2 copies. Not in
+    /// `ALL`: a reference-condition variant only.
+    QuicDatagram,
 }
 
 impl Transport {
@@ -56,6 +59,7 @@ impl Transport {
             Self::Tls => "tls",
             Self::QuicSingle => "quic-single",
             Self::QuicPerTopic => "quic-per-topic",
+            Self::QuicDatagram => "quic-datagram",
         }
     }
 
@@ -63,7 +67,7 @@ impl Transport {
         match self {
             Self::Tcp => ListenerKind::Tcp,
             Self::Tls => ListenerKind::Tls,
-            Self::QuicSingle | Self::QuicPerTopic => ListenerKind::Quic,
+            Self::QuicSingle | Self::QuicPerTopic | Self::QuicDatagram => ListenerKind::Quic,
         }
     }
 
@@ -169,6 +173,9 @@ pub struct ClientReport {
     /// Reconnects whose CONNACK said the session was not present (a persistent session lost).
     pub sessions_lost: u64,
     pub rebinds: u64,
+    /// Messages the subscriber received by QUIC datagram (the datagram class), once each.
+    #[serde(default)]
+    pub datagram_messages: u64,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -321,6 +328,7 @@ pub async fn run(spec: &ClientSpec) -> anyhow::Result<ClientReport> {
         report.phases.push(phase);
     }
     report.reconnects = (publisher.stats().connects + sub.stats().connects).saturating_sub(2);
+    report.datagram_messages = sub.stats().datagram_messages;
     let _ = publisher.disconnect().await;
     let _ = sub.disconnect().await;
 
@@ -338,7 +346,7 @@ pub fn options(spec: &ClientSpec, id: &str) -> anyhow::Result<ClientOptions> {
     let scheme = match spec.transport {
         Transport::Tcp => "mqtt",
         Transport::Tls => "mqtts",
-        Transport::QuicSingle | Transport::QuicPerTopic => "quic",
+        Transport::QuicSingle | Transport::QuicPerTopic | Transport::QuicDatagram => "quic",
     };
     let mut options = ClientOptions::new(&format!("{scheme}://{}", spec.server))?
         .client_id(id)
@@ -356,8 +364,14 @@ pub fn options(spec: &ClientSpec, id: &str) -> anyhow::Result<ClientOptions> {
         .offline_buffer(100_000)
         .event_capacity(8192)
         .quic(spec.quic_cc.settings());
-    if spec.transport == Transport::QuicPerTopic {
+    if matches!(
+        spec.transport,
+        Transport::QuicPerTopic | Transport::QuicDatagram
+    ) {
         options = options.streams(QuicStreams::per_topic());
+    }
+    if spec.transport == Transport::QuicDatagram {
+        options = options.datagrams(2);
     }
     Ok(options)
 }

@@ -32,6 +32,8 @@ pub enum Group {
     Blackout,
     /// QUIC across address changes (NAT rebinding by the relay, client-side rebind).
     Migration,
+    /// QoS 1 goodput at saturation per congestion controller, clean and lossy.
+    Goodput,
 }
 
 impl Group {
@@ -42,8 +44,9 @@ impl Group {
             Some("matrix") => Ok(Self::Matrix),
             Some("blackout") => Ok(Self::Blackout),
             Some("migration") => Ok(Self::Migration),
+            Some("goodput") => Ok(Self::Goodput),
             other => anyhow::bail!(
-                "--only takes reference, matrix, blackout or migration, not {other:?}"
+                "--only takes reference, matrix, blackout, migration or goodput, not {other:?}"
             ),
         }
     }
@@ -56,6 +59,18 @@ pub const REFERENCE_RATE: f64 = 500.0;
 /// The matrix's paced load: the reference's would exceed the 3G uplink (768 kbit/s).
 pub const MATRIX_RATE: f64 = 200.0;
 pub const SATURATE_INFLIGHT: usize = 64;
+/// The goodput group's publisher window: deep enough that the broker's Receive Maximum and
+/// the path, not the publisher, bound the flow.
+pub const GOODPUT_INFLIGHT: usize = 4096;
+/// The goodput group's profiles and variants (transport, TCP controller, QUIC controller).
+pub const GOODPUT_PROFILES: [&str; 3] = ["clean", "lossy-5", "lossy-10"];
+pub const GOODPUT_VARIANTS: [(Transport, &str, QuicCc); 5] = [
+    (Transport::Tcp, "cubic", QuicCc::Cubic),
+    (Transport::Tcp, "bbr", QuicCc::Cubic),
+    (Transport::QuicSingle, "cubic", QuicCc::Bbr),
+    (Transport::QuicPerTopic, "cubic", QuicCc::Bbr),
+    (Transport::QuicPerTopic, "cubic", QuicCc::Cubic),
+];
 /// Petrel's default QUIC congestion controller (`[quic] congestion`).
 pub const DEFAULT_CC: QuicCc = QuicCc::Bbr;
 
@@ -68,6 +83,7 @@ struct Lengths {
     probes: u32,
     blackout_seconds: f64,
     migration_seconds: f64,
+    goodput_seconds: f64,
 }
 
 const FULL: Lengths = Lengths {
@@ -78,6 +94,7 @@ const FULL: Lengths = Lengths {
     probes: 1,
     blackout_seconds: 12.0,
     migration_seconds: 6.0,
+    goodput_seconds: 4.0,
 };
 
 /// The full report's run lengths, in words (for the report's method).
@@ -86,14 +103,15 @@ pub fn lengths() -> String {
     format!(
         "reference: {} seeds of {:.0} s per variant; matrix: {:.0} s per QoS phase, {:.0} s of \
          saturation and {} takeover per cell; blackouts: {:.0} s per QoS level; address changes: \
-         {:.0} s per QoS level",
+         {:.0} s per QoS level; goodput per controller: {:.0} s per cell",
         l.reference_seeds,
         l.reference_seconds,
         l.matrix_seconds,
         l.saturate_seconds,
         l.probes,
         l.blackout_seconds,
-        l.migration_seconds
+        l.migration_seconds,
+        l.goodput_seconds
     )
 }
 
@@ -453,7 +471,7 @@ fn quick(base: u64) -> Vec<Case> {
 fn full(base: u64) -> Vec<Case> {
     let l = FULL;
     let mut cases = Vec::new();
-    let variants: [(Transport, &'static str, QuicCc); 7] = [
+    let variants: [(Transport, &'static str, QuicCc); 8] = [
         (Transport::Tcp, "cubic", QuicCc::Cubic),
         (Transport::Tcp, "bbr", QuicCc::Cubic),
         (Transport::Tls, "cubic", QuicCc::Cubic),
@@ -461,6 +479,7 @@ fn full(base: u64) -> Vec<Case> {
         (Transport::QuicPerTopic, "cubic", QuicCc::Bbr),
         (Transport::QuicPerTopic, "cubic", QuicCc::Cubic),
         (Transport::QuicPerTopic, "cubic", QuicCc::NewReno),
+        (Transport::QuicDatagram, "cubic", QuicCc::Bbr),
     ];
     for k in 0..l.reference_seeds {
         for (transport, tcp_cc, quic_cc) in variants {
@@ -481,7 +500,13 @@ fn full(base: u64) -> Vec<Case> {
         }
     }
     for (i, name) in MATRIX_PROFILES.iter().enumerate() {
-        for transport in Transport::ALL {
+        // Every transport with its default controller, and TCP with BBR beside it: the best
+        // TCP a tuned host offers, which QUIC's default must beat.
+        let variants = Transport::ALL
+            .into_iter()
+            .map(|t| (t, "cubic"))
+            .chain([(Transport::Tcp, "bbr")]);
+        for (transport, tcp_cc) in variants {
             let mut phases: Vec<Phase> = (0..=2)
                 .map(|q| Phase::paced(q, MATRIX_RATE, l.matrix_seconds))
                 .collect();
@@ -499,8 +524,32 @@ fn full(base: u64) -> Vec<Case> {
                 profile(name),
                 base + 100 + i as u64,
                 transport,
-                "cubic",
+                tcp_cc,
                 DEFAULT_CC,
+                spec,
+            ));
+        }
+    }
+    for (i, name) in GOODPUT_PROFILES.iter().enumerate() {
+        for (transport, tcp_cc, quic_cc) in GOODPUT_VARIANTS {
+            let spec = template(
+                transport,
+                quic_cc,
+                vec![Phase {
+                    qos: 1,
+                    load: Load::Saturate {
+                        inflight: GOODPUT_INFLIGHT,
+                    },
+                    seconds: l.goodput_seconds,
+                }],
+            );
+            cases.push(packet_case(
+                Group::Goodput,
+                profile(name),
+                base + 200 + i as u64,
+                transport,
+                tcp_cc,
+                quic_cc,
                 spec,
             ));
         }

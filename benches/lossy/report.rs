@@ -8,10 +8,10 @@ use std::time::Duration;
 use plotters::prelude::*;
 
 use crate::analysis::{Latency, BIN_MS};
-use crate::clients::Transport;
+use crate::clients::{QuicCc, Transport};
 use crate::plan::{
-    CaseResult, Group, Mode, Status, MATRIX_PROFILES, MATRIX_RATE, PAYLOAD, REFERENCE_RATE,
-    SATURATE_INFLIGHT, TOPICS,
+    CaseResult, Group, Mode, Status, GOODPUT_INFLIGHT, GOODPUT_PROFILES, GOODPUT_VARIANTS,
+    MATRIX_PROFILES, MATRIX_RATE, PAYLOAD, REFERENCE_RATE, SATURATE_INFLIGHT, TOPICS,
 };
 
 /// Bracht 2026 (quinn, tc netem on the broker's egress, TCP CUBIC, Nagle on): p95 / p99 ms.
@@ -45,6 +45,7 @@ impl<'a> Report<'a> {
         self.reference(&mut s);
         self.matrix(&mut s);
         self.goodput_and_connect(&mut s);
+        self.goodput_per_controller(&mut s);
         self.blackouts(&mut s);
         self.migration(&mut s);
         self.guarantees(&mut s);
@@ -142,9 +143,11 @@ impl<'a> Report<'a> {
              {REFERENCE_RATE:.0} msg/s in total, QoS 0, {PAYLOAD} B payloads; every variant \
              crossed the same seeds. Percentiles over all seeds' messages; the ranges are the \
              spread of the per-seed values. *link loss*: the share of the broker's egress \
-             packets the link dropped, as measured.\n\n\
-             | transport | congestion control | seeds | messages | lost | link loss | p50 | p95 | p99 | p99.9 | max | p95 per seed | p99 per seed | cross-topic delay |\n\
-             |---|---|---|---|---|---|---|---|---|---|---|---|---|---|"
+             packets the link dropped, as measured. *egress B/msg*: bytes the broker put on \
+             the link (IP packets, every copy and retransmission, acks for the client's \
+             data) per message delivered.\n\n\
+             | transport | congestion control | seeds | messages | lost | link loss | p50 | p95 | p99 | p99.9 | max | p95 per seed | p99 per seed | cross-topic delay | egress B/msg |\n\
+             |---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"
         );
         let mut variants: Vec<(Transport, String)> = Vec::new();
         for r in &runs {
@@ -189,9 +192,11 @@ impl<'a> Report<'a> {
             let (down_lost, down_sent) = outcomes
                 .iter()
                 .fold((0, 0), |(l, n), o| (l + o.down.lost, n + o.down.sent));
+            let down_bytes: u64 = outcomes.iter().map(|o| o.down.sent_bytes).sum();
+            let delivered = expected.saturating_sub(lost).max(1);
             let _ = writeln!(
                 s,
-                "| {} | {} | {} | {} | {:.2} % | {:.1} % | {} | {} | {} | {} | {} | {} | {} | {} |",
+                "| {} | {} | {} | {} | {:.2} % | {:.1} % | {} | {} | {} | {} | {} | {} | {} | {} | {:.0} |",
                 transport.label(),
                 variant,
                 outcomes.len(),
@@ -210,12 +215,13 @@ impl<'a> Report<'a> {
                 } else {
                     format!("{:.1}", hol.iter().sum::<f64>() / hol.len() as f64)
                 },
+                down_bytes as f64 / delivered as f64,
             );
         }
         let _ = writeln!(
             s,
-            "| *Bracht 2026: TCP* | cubic, Nagle on | | | | | {} | {} | | | | | |\n\
-             | *Bracht 2026: QUIC per topic* | quinn cubic | | | | | {} | {} | | | | | |",
+            "| *Bracht 2026: TCP* | cubic, Nagle on | | | | | {} | {} | | | | | | |\n\
+             | *Bracht 2026: QUIC per topic* | quinn cubic | | | | | {} | {} | | | | | | |",
             fmt_ms(BRACHT_TCP.0),
             fmt_ms(BRACHT_TCP.1),
             fmt_ms(BRACHT_QUIC_PER_TOPIC.0),
@@ -236,8 +242,9 @@ impl<'a> Report<'a> {
         let _ = writeln!(
             s,
             "\n## Delivery and latency per profile\n\n\
-             {TOPICS} topics, {rate:.0} msg/s in total, {PAYLOAD} B, paced; TCP and TLS with \
-             CUBIC, QUIC with quinn's {} (Petrel's default). *delivered* counts distinct \
+             {TOPICS} topics, {rate:.0} msg/s in total, {PAYLOAD} B, paced; each transport \
+             names its congestion controller: TCP with CUBIC and with BBR, TLS with CUBIC, QUIC \
+             with quinn's {} (Petrel's default). *delivered* counts distinct \
              messages by sequence number; *dup* counts extra copies. Latency in ms, publish to \
              delivery. *topic p99* is the best and worst topic's p99; *cross-topic delay* the mean \
              extra delay (ms) that a held-up message's topic imposed on the other topics (see \
@@ -271,8 +278,9 @@ impl<'a> Report<'a> {
                         |f: fn(&Latency) -> f64| l.as_ref().map_or("–".into(), |l| fmt_ms(f(l)));
                     let _ = writeln!(
                         s,
-                        "| {qos} | {} | {} / {} | {} | {} | {} | {} | {} | {} | {} | {} | {} |",
+                        "| {qos} | {} {} | {} / {} | {} | {} | {} | {} | {} | {} | {} | {} | {} |",
                         r.case.transport().label(),
+                        r.case.variant,
                         p.delivered,
                         p.expected,
                         if qos == 0 {
@@ -298,8 +306,81 @@ impl<'a> Report<'a> {
         }
     }
 
+    /// QoS 1 goodput at saturation per congestion controller: what the path allows each.
+    fn goodput_per_controller(&self, s: &mut String) {
+        let runs: Vec<&CaseResult> = self.group(Group::Goodput).collect();
+        if runs.is_empty() {
+            return;
+        }
+        let _ = write!(
+            s,
+            "\n## Goodput per congestion controller\n\n\
+             QoS 1 at saturation: one publisher keeping up to {GOODPUT_INFLIGHT} publishes \
+             awaiting PUBACK (the broker's Receive Maximum bounds it first), {TOPICS} topics, \
+             {PAYLOAD} B, Petrel's other defaults. Distinct messages that arrived while the \
+             publisher saturated, per second (and \
+             lost); *x tcp-cubic* is the ratio to TCP with CUBIC on the same profile and seed.\n\n\
+             | profile |"
+        );
+        let label = |(t, tcp_cc, quic_cc): (Transport, &str, QuicCc)| {
+            if t.is_quic() {
+                format!("{} {}", t.label(), quic_cc.label())
+            } else {
+                format!("{} {tcp_cc}", t.label())
+            }
+        };
+        for v in GOODPUT_VARIANTS {
+            let _ = write!(s, " {} |", label(v));
+        }
+        s.push_str("\n|---|");
+        for _ in GOODPUT_VARIANTS {
+            s.push_str("---|");
+        }
+        s.push('\n');
+        let goodput = |profile: &str, (t, tcp_cc, quic_cc): (Transport, &str, QuicCc)| {
+            runs.iter()
+                .find(|r| {
+                    r.case.setup.profile.name == profile
+                        && r.case.transport() == t
+                        && if t.is_quic() {
+                            r.case.setup.quic_cc == quic_cc
+                        } else {
+                            r.case.setup.tcp_cc == Some(tcp_cc)
+                        }
+                })
+                .and_then(|r| r.phases.iter().find(|p| p.saturating))
+                .map(|p| (p.goodput, p.lost))
+        };
+        for profile in GOODPUT_PROFILES {
+            let base = goodput(profile, GOODPUT_VARIANTS[0]).map(|(g, _)| g);
+            let _ = write!(s, "| {profile} |");
+            for v in GOODPUT_VARIANTS {
+                let cell = match goodput(profile, v) {
+                    None => "–".to_owned(),
+                    Some((g, lost)) => {
+                        let mut cell = format!("{g:.0}");
+                        if lost > 0 {
+                            let _ = write!(cell, " ({lost} lost)");
+                        }
+                        if let Some(b) = base.filter(|b| *b > 0.0 && v != GOODPUT_VARIANTS[0]) {
+                            let _ = write!(cell, " ({:.1}x)", g / b);
+                        }
+                        cell
+                    }
+                };
+                let _ = write!(s, " {cell} |");
+            }
+            s.push('\n');
+        }
+    }
+
     fn goodput_and_connect(&self, s: &mut String) {
-        let runs: Vec<&CaseResult> = self.group(Group::Matrix).collect();
+        // One column per transport, each with its default controller (TCP with BBR is in
+        // the goodput-per-controller table).
+        let runs: Vec<&CaseResult> = self
+            .group(Group::Matrix)
+            .filter(|r| r.case.transport().is_quic() || r.case.setup.tcp_cc == Some("cubic"))
+            .collect();
         if runs.iter().all(|r| r.connect.is_none()) {
             return;
         }
@@ -331,7 +412,8 @@ impl<'a> Report<'a> {
                 s,
                 "\n## Goodput at saturation\n\n\
              QoS 1, one publisher keeping {SATURATE_INFLIGHT} publishes awaiting PUBACK, \
-             {TOPICS} topics, {PAYLOAD} B: distinct messages delivered per second (and lost)."
+             {TOPICS} topics, {PAYLOAD} B: distinct messages that arrived while the publisher \
+             saturated, per second (and lost)."
             );
             header(s, "profile");
             for p in &profiles {
@@ -533,7 +615,10 @@ impl<'a> Report<'a> {
                         .iter()
                         .find(|p| p.qos == 0 && !p.saturating)?
                         .latency?;
-                    Some((r.case.transport().label().to_owned(), l))
+                    Some((
+                        format!("{} {}", r.case.transport().label(), r.case.variant),
+                        l,
+                    ))
                 })
                 .collect();
             if !series.is_empty() {

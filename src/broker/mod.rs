@@ -119,6 +119,8 @@ pub struct Metrics {
     pub quic_stream_tasks: AtomicU64,
     /// Client ids banned by flapping detection.
     pub flapping_bans: AtomicU64,
+    /// The QoS 0 datagram class over QUIC (docs/datagram.md), summed over connections.
+    pub quic_datagrams: crate::transport::datagram::Counters,
 }
 
 impl Metrics {

@@ -56,6 +56,7 @@ use super::permits::{Handshakes, InProgress, ListenerSlots, Permit, RetryPolicy}
 use super::{clock, Broker};
 use crate::codec::{Codec, DecodeError, Packet, ProtocolVersion, ReasonCode};
 use crate::core::message::Flow;
+use crate::transport::datagram;
 use crate::transport::reader::PacketReader;
 use crate::transport::tls::peer_username;
 use crate::transport::tls::PeerCertAsUsername;
@@ -328,6 +329,11 @@ pub struct QuicWire {
     /// Whether (and how) a verified client certificate names the username; `None` once
     /// applied.
     peer_cert_as_username: PeerCertAsUsername,
+    sizes: PacketSizes,
+    /// The QoS 0 datagram class, once the client's CONNECT negotiated it.
+    datagram: Option<datagram::Sender>,
+    /// For the datagram reader, started with CONNACK; dropped then if not negotiated.
+    datagram_events: Option<mpsc::Sender<Event>>,
 }
 
 /// Events taken from the stream tasks per wake-up, at most.
@@ -356,6 +362,7 @@ impl QuicWire {
         let (events_tx, events) = mpsc::channel(64);
         let (version, version_rx) = watch::channel(None);
         let mut tasks = JoinSet::new();
+        let datagram_events = broker.settings().quic.datagrams.then(|| events_tx.clone());
         let accepting = accept_streams(
             Arc::clone(broker),
             conn.clone(),
@@ -388,6 +395,9 @@ impl QuicWire {
             early_data: false,
             handshake_in_progress: Some(handshake_in_progress),
             peer_cert_as_username,
+            sizes,
+            datagram: None,
+            datagram_events,
         }
     }
 
@@ -457,6 +467,9 @@ impl QuicWire {
                     || (self.held.is_empty()
                         && matches!(&packet, Packet::Connect(c) if connect_is_replay_safe(&link.broker, c)));
                 if act_now {
+                    if let (Packet::Connect(connect), true) = (&packet, flow.is_control()) {
+                        self.negotiate_datagrams(link, connect);
+                    }
                     link.handle_packet(now, flow, packet);
                 } else if self.held.len() < MAX_HELD {
                     self.held.push((flow, packet));
@@ -475,16 +488,85 @@ impl QuicWire {
         }
     }
 
-    /// Hands every flow's encoded output to its writer, and resets the streams of flows the
-    /// channel closed.
+    /// The client asked for the QoS 0 datagram class (docs/datagram.md): granted if the
+    /// listener allows it, the client speaks MQTT 5 and its QUIC transport parameters accept
+    /// datagrams. The sender task starts now; CONNACK confirms with the copies we send.
+    fn negotiate_datagrams(&mut self, link: &mut Link, connect: &crate::codec::Connect) {
+        let settings = Arc::clone(&link.broker.settings().quic);
+        if self.datagram.is_some() || !settings.datagrams || !connect.protocol.is_v5() {
+            return;
+        }
+        let asked = connect
+            .properties
+            .user_properties
+            .iter()
+            .find(|(name, _)| name == datagram::USER_PROPERTY)
+            .and_then(|(_, value)| datagram::parse_copies(value));
+        let Some(asked) = asked else { return };
+        if self.conn.max_datagram_size().is_none() {
+            return;
+        }
+        let copies = asked.min(settings.datagram_copies);
+        let (sender, rx) = datagram::Sender::new();
+        let sending = datagram::send_loop(
+            self.conn.clone(),
+            rx,
+            copies,
+            settings.datagram_spacing,
+            BrokerCounters(Arc::clone(&link.broker)),
+        );
+        self.tasks.spawn(async move {
+            sending.await;
+            None
+        });
+        self.datagram = Some(sender);
+        link.channel
+            .open_datagram_flow((datagram::USER_PROPERTY.into(), copies.to_string()));
+        tracing::debug!(copies, "QoS 0 datagram class negotiated");
+    }
+
+    /// Starts reading the client's datagrams (the connection negotiated them and CONNACK is
+    /// out): each new QoS 0 PUBLISH is handled as if it came on the control stream.
+    fn start_datagram_reader(&mut self, link: &Link) {
+        let Some(events) = self.datagram_events.take() else {
+            return;
+        };
+        if self.datagram.is_none() {
+            return;
+        }
+        let mut codec = Codec::with_version(link.channel.version(), self.sizes.max);
+        codec.set_max_user_properties(self.sizes.user_properties);
+        let reading = datagram::receive_loop(
+            self.conn.clone(),
+            codec,
+            events,
+            |packet| Event::Packet(Flow::CONTROL, packet),
+            BrokerCounters(Arc::clone(&link.broker)),
+        );
+        self.tasks.spawn(async move {
+            reading.await;
+            None
+        });
+    }
+
+    /// Hands every flow's encoded output to its writer (the datagram flow's to the datagram
+    /// sender), and resets the streams of flows the channel closed.
     fn flush(&mut self, link: &mut Link) {
         let writers = &self.writers;
         let control = link.channel.out();
         if !control.is_empty() {
             send(writers.get(&Flow::CONTROL), control);
         }
-        link.channel
-            .drain_flow_output(|flow, out| send(writers.get(&flow), out));
+        let sender = &mut self.datagram;
+        let max_datagram = self.conn.max_datagram_size();
+        let counters = &link.broker.metrics.quic_datagrams;
+        link.channel.drain_flow_output(|flow, out| {
+            if flow == Flow::DATAGRAM {
+                send_datagrams(sender.as_mut(), max_datagram, out, writers, counters);
+            } else {
+                send(writers.get(&flow), out);
+            }
+        });
         for flow in link.closed_flows.drain(..) {
             if let Some(writer) = self.writers.remove(&flow) {
                 let _ = writer.tx.send(Write::Reset(VarInt::from_u32(u32::from(
@@ -495,6 +577,7 @@ impl QuicWire {
         if link.channel.is_connected() && self.version.borrow().is_none() {
             // CONNACK is out: data streams may now be read, in the connection's version.
             let _ = self.version.send(Some(link.channel.version()));
+            self.start_datagram_reader(link);
         }
     }
 
@@ -659,10 +742,52 @@ fn connect_is_replay_safe(broker: &Broker, connect: &crate::codec::Connect) -> b
 }
 
 fn send(writer: Option<&Writer>, out: &mut BytesMut) {
-    let bytes = out.split().freeze();
+    send_bytes(writer, out.split().freeze());
+}
+
+fn send_bytes(writer: Option<&Writer>, bytes: Bytes) {
     if let Some(writer) = writer {
         writer.backlog.fetch_add(bytes.len(), Ordering::Relaxed);
         let _ = writer.tx.send(Write::Data(bytes));
+    }
+}
+
+/// Sends each packet of the datagram flow's output (QoS 0 PUBLISH packets, whole) as
+/// datagrams; one too large for a datagram goes on the control stream.
+fn send_datagrams(
+    sender: Option<&mut datagram::Sender>,
+    max_datagram: Option<usize>,
+    out: &mut BytesMut,
+    writers: &HashMap<Flow, Writer>,
+    counters: &datagram::Counters,
+) {
+    let bytes = out.split().freeze();
+    let control = writers.get(&Flow::CONTROL);
+    let Some(sender) = sender else {
+        return send_bytes(control, bytes);
+    };
+    let mut at = 0;
+    while at < bytes.len() {
+        let Some(len) = datagram::packet_len(&bytes[at..]) else {
+            // Not whole packets: cannot happen with the channel's encoder; the stream takes it.
+            return send_bytes(control, bytes.slice(at..));
+        };
+        if sender
+            .send(&bytes[at..at + len], max_datagram, counters)
+            .is_err()
+        {
+            send_bytes(control, bytes.slice(at..at + len));
+        }
+        at += len;
+    }
+}
+
+/// The broker-wide datagram counters, for the datagram tasks.
+struct BrokerCounters(Arc<Broker>);
+
+impl AsRef<datagram::Counters> for BrokerCounters {
+    fn as_ref(&self) -> &datagram::Counters {
+        &self.0.metrics.quic_datagrams
     }
 }
 

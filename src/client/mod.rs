@@ -113,6 +113,8 @@ pub struct Stats {
     pub data_streams_opened: AtomicU64,
     /// Application messages received (after QoS 2 dedup).
     pub messages_received: AtomicU64,
+    /// The QoS 0 datagram class (docs/datagram.md), over every connection.
+    pub datagrams: crate::transport::datagram::Counters,
 }
 
 /// A copy of [`Stats`] at one moment.
@@ -122,6 +124,12 @@ pub struct StatsSnapshot {
     pub zero_rtt_connects: u64,
     pub data_streams_opened: u64,
     pub messages_received: u64,
+    /// Datagrams sent (every copy) and received (every copy), messages received by datagram
+    /// (once each), and copies suppressed as duplicates.
+    pub datagrams_sent: u64,
+    pub datagrams_received: u64,
+    pub datagram_messages: u64,
+    pub datagram_duplicates: u64,
 }
 
 impl Stats {
@@ -131,6 +139,10 @@ impl Stats {
             zero_rtt_connects: self.zero_rtt_connects.load(Ordering::Relaxed),
             data_streams_opened: self.data_streams_opened.load(Ordering::Relaxed),
             messages_received: self.messages_received.load(Ordering::Relaxed),
+            datagrams_sent: self.datagrams.sent.load(Ordering::Relaxed),
+            datagrams_received: self.datagrams.received.load(Ordering::Relaxed),
+            datagram_messages: self.datagrams.delivered.load(Ordering::Relaxed),
+            datagram_duplicates: self.datagrams.duplicates.load(Ordering::Relaxed),
         }
     }
 }

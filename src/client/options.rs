@@ -228,6 +228,8 @@ pub struct ClientOptions {
     /// the system's choice. A load generator spreads many connections over several
     /// addresses, as one address has only so many ephemeral ports.
     pub local_addr: Option<std::net::IpAddr>,
+    /// Copies of each QoS 0 message in the datagram class (docs/datagram.md); 0: not asked.
+    pub datagram_copies: u8,
 }
 
 impl ClientOptions {
@@ -271,6 +273,7 @@ impl ClientOptions {
             event_capacity: 1024,
             max_packet_size: 1024 * 1024,
             local_addr: None,
+            datagram_copies: 0,
         })
     }
 
@@ -439,6 +442,15 @@ impl ClientOptions {
     /// Default: 1024.
     pub fn event_capacity(mut self, events: usize) -> Self {
         self.event_capacity = events.max(1);
+        self
+    }
+
+    /// Asks a QUIC server (MQTT 5) for the QoS 0 datagram class (docs/datagram.md): QoS 0
+    /// messages both ways go as QUIC datagrams, each sent `copies` times (1 to 4), duplicates
+    /// suppressed, no retransmission waited for; the order of QoS 0 messages is not kept. A
+    /// server that does not confirm it in CONNACK is used as without. Default: 0 (off).
+    pub fn datagrams(mut self, copies: u8) -> Self {
+        self.datagram_copies = copies.min(crate::transport::datagram::MAX_COPIES);
         self
     }
 

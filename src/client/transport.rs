@@ -37,7 +37,7 @@ use super::streams::{Route, StreamMap};
 use super::{ClientError, Stats};
 use crate::codec::{encode, Codec, ConnAck, DecodeError, Packet, ProtocolVersion};
 use crate::transport::reader::PacketReader;
-use crate::transport::{certs, quic, tls, ws};
+use crate::transport::{certs, datagram, quic, tls, ws};
 
 /// Decoded packets queued from all readers before they stop reading.
 const INBOUND_QUEUE: usize = 64;
@@ -59,6 +59,9 @@ pub struct TransportContext {
     endpoints: Mutex<HashMap<bool, Endpoint>>,
     server_name: Option<String>,
     local_addr: Option<IpAddr>,
+    /// The datagram class asked for (copies, 0: not asked), and the copies' spacing.
+    datagram_copies: u8,
+    datagram_spacing: Duration,
 }
 
 impl TransportContext {
@@ -83,6 +86,10 @@ impl TransportContext {
                 .map_err(|e| ClientError::Config(e.to_string()))?;
             // The server never opens streams (EMQX mapping).
             transport.max_concurrent_bidi_streams(0u32.into());
+            if options.datagram_copies == 0 {
+                // Not asking for the datagram class: not offering datagrams either.
+                transport.datagram_receive_buffer_size(None);
+            }
             let mut config = quinn::ClientConfig::new(Arc::new(crypto));
             config.transport_config(Arc::new(transport));
             Some(config)
@@ -95,6 +102,8 @@ impl TransportContext {
             endpoints: Mutex::new(HashMap::new()),
             server_name: options.tls.server_name.clone(),
             local_addr: options.local_addr,
+            datagram_copies: options.datagram_copies,
+            datagram_spacing: options.quic.datagram_spacing,
         })
     }
 
@@ -264,6 +273,8 @@ pub struct ServerConnection {
     version: ProtocolVersion,
     max_packet_size: u32,
     stats: Arc<Stats>,
+    /// The QoS 0 datagram class, when the server confirmed it.
+    datagram: Option<datagram::Sender>,
 }
 
 /// What one connect attempt has heard from the server so far: read by the reconnect race,
@@ -332,6 +343,20 @@ impl ServerConnection {
                 progress,
             )
             .await?;
+            let asking = link.asks_datagrams(ctx);
+            let with_ask;
+            let connect = match connect {
+                Packet::Connect(c) if asking => {
+                    let mut c = c.clone();
+                    c.properties.user_properties.push((
+                        datagram::USER_PROPERTY.into(),
+                        ctx.datagram_copies.to_string(),
+                    ));
+                    with_ask = Packet::Connect(c);
+                    &with_ask
+                }
+                _ => connect,
+            };
             match link.handshake(connect, login).await {
                 Err(AttemptError::ZeroRttRejected) if allow_early => {
                     link.abort();
@@ -341,7 +366,12 @@ impl ServerConnection {
                     link.abort();
                     return Err(err);
                 }
-                Ok(connack) => return Ok((link, connack)),
+                Ok(connack) => {
+                    if asking {
+                        link.start_datagrams(ctx, &connack);
+                    }
+                    return Ok((link, connack));
+                }
             }
         }
     }
@@ -371,6 +401,7 @@ impl ServerConnection {
             version,
             max_packet_size,
             stats,
+            datagram: None,
         };
         if url.transport == Transport::Quic {
             let addr = resolve(url).await?;
@@ -540,9 +571,63 @@ impl ServerConnection {
         self.quic.is_some()
     }
 
+    /// Whether to ask for the datagram class: configured, MQTT 5, and a QUIC connection whose
+    /// server accepts datagrams.
+    fn asks_datagrams(&self, ctx: &TransportContext) -> bool {
+        ctx.datagram_copies > 0
+            && self.version.is_v5()
+            && self
+                .quic
+                .as_ref()
+                .is_some_and(|c| c.max_datagram_size().is_some())
+    }
+
+    /// The server confirmed the datagram class in CONNACK: QoS 0 publishes go as datagrams,
+    /// and the server's datagrams are read (each new PUBLISH as if on the control stream).
+    fn start_datagrams(&mut self, ctx: &TransportContext, connack: &ConnAck) {
+        let confirmed = connack
+            .properties
+            .user_properties
+            .iter()
+            .any(|(name, value)| {
+                name == datagram::USER_PROPERTY && datagram::parse_copies(value).is_some()
+            });
+        let Some(conn) = self.quic.clone().filter(|_| confirmed) else {
+            return;
+        };
+        let (sender, rx) = datagram::Sender::new();
+        self.tasks.spawn(datagram::send_loop(
+            conn.clone(),
+            rx,
+            ctx.datagram_copies,
+            ctx.datagram_spacing,
+            ClientCounters(Arc::clone(&self.stats)),
+        ));
+        let codec = Codec::with_version(self.version, self.max_packet_size);
+        self.tasks.spawn(datagram::receive_loop(
+            conn,
+            codec,
+            self.inbound_tx.clone(),
+            |packet| Inbound::Packet(Route::Control, packet),
+            ClientCounters(Arc::clone(&self.stats)),
+        ));
+        self.datagram = Some(sender);
+    }
+
     /// Queues encoded bytes on `route`, opening a QUIC data stream for a new slot. Without a
     /// stream for it (byte streams, or no stream credit left) a route falls back to control.
     pub fn send(&mut self, route: Route, bytes: Bytes, streams: &StreamMap) {
+        if let (Some(sender), Some(conn)) = (self.datagram.as_mut(), &self.quic) {
+            let one_qos0_publish = datagram::is_qos0_publish(&bytes)
+                && datagram::packet_len(&bytes) == Some(bytes.len());
+            if one_qos0_publish
+                && sender
+                    .send(&bytes, conn.max_datagram_size(), &self.stats.datagrams)
+                    .is_ok()
+            {
+                return;
+            }
+        }
         let route = match route {
             Route::Data(slot) if !self.writers.contains_key(&route) => {
                 if self.open_data_stream(slot, streams.priority(slot)) {
@@ -658,6 +743,15 @@ impl ServerConnection {
 impl Drop for ServerConnection {
     fn drop(&mut self) {
         self.abort();
+    }
+}
+
+/// The client's datagram counters, for the datagram tasks.
+struct ClientCounters(Arc<Stats>);
+
+impl AsRef<datagram::Counters> for ClientCounters {
+    fn as_ref(&self) -> &datagram::Counters {
+        &self.0.datagrams
     }
 }
 

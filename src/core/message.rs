@@ -91,6 +91,10 @@ pub struct Flow(pub u64);
 
 impl Flow {
     pub const CONTROL: Flow = Flow(0);
+    /// The pseudo-flow of QoS 0 deliveries sent as QUIC datagrams (docs/datagram.md): open
+    /// only on a connection that negotiated the class; never a stream, never the flow of a
+    /// subscription or of a packet id.
+    pub const DATAGRAM: Flow = Flow(u64::MAX);
 
     pub fn is_control(self) -> bool {
         self == Self::CONTROL

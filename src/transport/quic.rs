@@ -17,7 +17,7 @@ use quinn::{IdleTimeout, MtuDiscoveryConfig, ServerConfig, TransportConfig, VarI
 use serde::Deserialize;
 
 use super::tls::ClientVerify;
-use super::{certs, tls, TransportError};
+use super::{certs, datagram, tls, TransportError};
 use crate::duration::deserialize as duration;
 
 /// Tuning of every QUIC listener, sized for messaging over lossy links (see below). Defaults are documented in `petrel.example.toml`.
@@ -54,6 +54,15 @@ pub struct QuicSettings {
     /// one endpoint's socket I/O in one task, so more endpoints use more cores. 0: one per
     /// core. See `transport::quic_endpoints`.
     pub endpoints: usize,
+    /// Serve the QoS 0 datagram class (docs/datagram.md) to clients that ask for it; when
+    /// false, datagrams are not even offered in the transport parameters.
+    pub datagrams: bool,
+    /// The most copies of each QoS 0 message the broker sends as datagrams (1 to 4): a
+    /// client's wish is capped by it.
+    pub datagram_copies: u8,
+    /// The time between two copies of one message.
+    #[serde(deserialize_with = "duration")]
+    pub datagram_spacing: Duration,
 }
 
 /// `quic.retry_threshold` when not configured: above what a legitimate reconnect storm keeps
@@ -79,6 +88,9 @@ impl Default for QuicSettings {
             retry: false,
             retry_threshold: DEFAULT_RETRY_THRESHOLD,
             endpoints: 0,
+            datagrams: true,
+            datagram_copies: 2,
+            datagram_spacing: super::datagram::DEFAULT_SPACING,
         }
     }
 }
@@ -197,7 +209,13 @@ pub fn transport_config(settings: &QuicSettings) -> Result<TransportConfig, Tran
         Congestion::NewReno => t.congestion_controller_factory(Arc::new(NewRenoConfig::default())),
         Congestion::Bbr => t.congestion_controller_factory(Arc::new(BbrConfig::default())),
     };
-    // MQTT does not use QUIC datagrams.
-    t.datagram_receive_buffer_size(None);
+    // QUIC datagrams carry only the opt-in QoS 0 class (docs/datagram.md); offering them
+    // is a transport parameter that peers which do not know it ignore (RFC 9000 §7.4.2).
+    if settings.datagrams {
+        t.datagram_receive_buffer_size(Some(datagram::QUINN_RECEIVE_BUFFER));
+        t.datagram_send_buffer_size(datagram::QUINN_SEND_BUFFER);
+    } else {
+        t.datagram_receive_buffer_size(None);
+    }
     Ok(t)
 }

@@ -129,6 +129,42 @@ async fn lossy_qos1_and_qos2_complete_over_tcp_and_quic_per_topic() {
     }
 }
 
+/// The datagram class (docs/datagram.md) at the reference loss: QoS 0 goes by datagram, two
+/// copies each and no retransmission, so about 0.25 % is expected lost; the bound is generous.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn lossy_datagram_qos0_nearly_all_arrive_without_retransmission() {
+    let seed = netem::seed::from_env_or_random();
+    let Some(mut setup) = packet_setup(profile("lossy-5"), seed) else {
+        return;
+    };
+    // Petrel's default congestion controller, as in the bench's reference variant.
+    setup.quic_cc = QuicCc::Bbr;
+    let mut spec = spec(Transport::QuicDatagram, vec![Phase::paced(0, 500.0, 2.0)]);
+    spec.quic_cc = QuicCc::Bbr;
+    let outcome = path::run(&setup, spec, &child()).await.unwrap();
+    let report = &outcome.report;
+    let phase = &report.phases[0];
+    let (lost, expected) = (phase.lost(), phase.expected());
+    assert!(expected > 0, "nothing was published (seed {seed})");
+    eprintln!(
+        "datagram class at lossy-5: lost {lost} of {expected}, {} by datagram, link lost {} of {} packets",
+        report.datagram_messages, outcome.down.lost, outcome.down.sent
+    );
+    assert!(
+        outcome.down.lost > 0,
+        "the link lost nothing: the test did not test loss (seed {seed})"
+    );
+    assert!(
+        report.datagram_messages > expected / 2,
+        "QoS 0 did not go by datagram: {} of {expected} (seed {seed})",
+        report.datagram_messages
+    );
+    assert!(
+        lost * 50 <= expected,
+        "lost {lost} of {expected} QoS 0 messages, more than 2 % (seed {seed}; replay with NETEM_SEED={seed})"
+    );
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn lossy_blackout_resumes_persistent_sessions_without_loss_or_duplicates() {
     let seed = netem::seed::from_env_or_random();

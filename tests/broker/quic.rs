@@ -1,12 +1,13 @@
 //! MQTT over QUIC, EMQX mapping: a QUIC test client that speaks the mapping byte for byte
 //! (quinn on `127.0.0.1:0`, ALPN `mqtt`, TLS 1.3, trusting the broker's development CA) and
 //! the `quic_` tests, in three families: single-stream mode and interop with TCP (`single`),
-//! control and data streams (`multi`), and the connection's life: timeouts, stream limits,
+//! control and data streams (`multi`), the QoS 0 datagram class (`datagram`), and the connection's life: timeouts, stream limits,
 //! takeover, shutdown, migration, 0-RTT and persistent sessions (`lifecycle`).
 //!
 //! Each test starts its own broker with every listener (`TransportBroker`). Every wait is
 //! bounded by `common::WAIT`; absence is watched for `common::QUIET`.
 
+mod datagram;
 mod lifecycle;
 mod multi;
 mod single;

@@ -35,6 +35,8 @@ impl Packet {
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 pub struct LinkStats {
     pub sent: u64,
+    /// Bytes of the packets `send` was given (what the sender put on the wire).
+    pub sent_bytes: u64,
     pub delivered: u64,
     pub delivered_bytes: u64,
     /// Dropped by the loss model (Bernoulli or Gilbert–Elliott).
@@ -123,6 +125,7 @@ impl Link {
     /// Hands a packet to the link at `now` (`now` must not go backwards).
     pub fn send(&mut self, now: Duration, packet: Packet) {
         self.stats.sent += 1;
+        self.stats.sent_bytes += packet.data.len() as u64;
         if self.blackouts.contains(now) {
             self.stats.blackout_dropped += 1;
             return;

@@ -260,6 +260,9 @@ impl Channel {
                 properties.session_expiry_interval = Some(self.expiry);
             }
             self.connack_auth(&mut properties);
+            if let Some(confirmation) = self.datagram_confirmation.take() {
+                properties.user_properties.push(*confirmation);
+            }
         }
         let connack = Packet::ConnAck(ConnAck {
             session_present,

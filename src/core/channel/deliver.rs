@@ -39,6 +39,10 @@ impl Channel {
         if !self.is_open(delivery.flow) {
             delivery.flow = Flow::CONTROL;
         }
+        if delivery.qos == QoS::AtMostOnce && self.is_open(Flow::DATAGRAM) {
+            // The connection opted in to the datagram class (docs/datagram.md).
+            delivery.flow = Flow::DATAGRAM;
+        }
         let flow = delivery.flow;
         let Err(delivery) = self.deliver_direct(delivery) else {
             return;

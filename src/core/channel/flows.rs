@@ -27,6 +27,17 @@ impl Channel {
         }
     }
 
+    /// The connection negotiated the QoS 0 datagram class (docs/datagram.md): from now on
+    /// QoS 0 deliveries are written to the [`Flow::DATAGRAM`] output (the shell sends each
+    /// packet there as datagrams), and a CONNACK not yet sent carries `confirmation` as a User
+    /// Property. Called before the CONNECT is handled.
+    pub fn open_datagram_flow(&mut self, confirmation: (String, String)) {
+        self.datagram_confirmation = Some(Box::new(confirmation));
+        if !self.flows.iter().any(|(f, _)| *f == Flow::DATAGRAM) {
+            self.flows.push((Flow::DATAGRAM, BytesMut::new()));
+        }
+    }
+
     /// Hands each data flow's pending output to `write`, leaving the buffers empty.
     pub fn drain_flow_output(&mut self, mut write: impl FnMut(Flow, &mut BytesMut)) {
         for (flow, out) in &mut self.flows {

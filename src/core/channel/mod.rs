@@ -310,6 +310,8 @@ pub struct Channel {
     flows: Vec<(Flow, BytesMut)>,
     /// The flow of the packet being handled: replies go back on it.
     input_flow: Flow,
+    /// The User Property CONNACK confirms the datagram class with (`open_datagram_flow`).
+    datagram_confirmation: Option<Box<(String, String)>>,
     /// The connection's username: CONNECT's, unless the transport vouched for an identity
     /// (a verified client certificate), which wins.
     username: Option<String>,
@@ -361,6 +363,7 @@ impl Channel {
             will: None,
             flows: Vec::new(),
             input_flow: Flow::CONTROL,
+            datagram_confirmation: None,
             username_from_transport: false,
             username: None,
             password: None,

@@ -196,3 +196,42 @@ fn reconnect_rehomes_subscriptions_of_the_old_connections_flows() {
         .iter()
         .any(|a| matches!(a, Action::Subscribe { subscription, .. } if subscription.flow == Flow::CONTROL)));
 }
+
+#[test]
+fn datagram_flow_takes_qos0_deliveries_only_and_connack_confirms_it() {
+    let mut h = Harness::new(Limits::default());
+    h.channel
+        .open_datagram_flow(("petrel-datagram".into(), "2".into()));
+    let connack = h.connect(connect(ProtocolVersion::V5, "datagrams"));
+    assert_eq!(
+        connack.properties.user_properties,
+        vec![("petrel-datagram".to_owned(), "2".to_owned())]
+    );
+    let data = Flow(4);
+    h.channel.open_flow(data);
+    let mut d = delivery("t", QoS::AtMostOnce);
+    d.flow = data;
+    h.channel.deliver(h.now, d.clone());
+    d.qos = QoS::AtLeastOnce;
+    h.channel.deliver(h.now, d);
+    let by_datagram = data_packets(&mut h, Flow::DATAGRAM);
+    assert!(
+        matches!(&by_datagram[..], [Packet::Publish(p)] if p.qos == QoS::AtMostOnce),
+        "{by_datagram:?}"
+    );
+    let on_data = data_packets(&mut h, data);
+    assert!(
+        matches!(&on_data[..], [Packet::Publish(p)] if p.qos == QoS::AtLeastOnce),
+        "{on_data:?}"
+    );
+    assert!(h.packets().is_empty(), "nothing on the control flow");
+}
+
+#[test]
+fn without_the_datagram_flow_connack_has_no_confirmation() {
+    let mut h = Harness::new(Limits::default());
+    let connack = h.connect(connect(ProtocolVersion::V5, "no-datagrams"));
+    assert!(connack.properties.user_properties.is_empty());
+    h.channel.deliver(h.now, delivery("t", QoS::AtMostOnce));
+    assert_eq!(h.packets().len(), 1, "QoS 0 on the control flow");
+}
