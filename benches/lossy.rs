@@ -10,6 +10,8 @@
 //! cargo bench --bench lossy -- --only blackout         # one group of the full run, printed
 //! LOSSY_FIXED_WINDOWS=1 cargo bench --bench lossy -- --only matrix   # MQTT windows fixed
 //!                                           # at 128 out / 100 in, as before they adapted
+//! PETREL_LOSSY_TIMELINE=1 cargo bench --bench lossy -- --only blackout  # + each client's
+//!                                     # connection events around each blackout, printed
 //! ```
 //!
 //! Packet-mode rows (every TCP and TLS row, and the QUIC rows that share their path) need root;
@@ -145,5 +147,33 @@ async fn run_case(case: Case, child: &path::ChildCommand) -> CaseResult {
     let outcome = path::run(&case.setup, case.spec.clone(), child)
         .await
         .context("run failed");
-    CaseResult::new(case, outcome)
+    let result = CaseResult::new(case, outcome);
+    if std::env::var_os("PETREL_LOSSY_TIMELINE").is_some() {
+        print_timeline(&result);
+    }
+    result
+}
+
+/// Where the time goes across each blackout of a run: every connection event of both clients
+/// (connected, disconnected with the reason, reconnecting), the first delivery after the
+/// blackout and when the backlog cleared, in ms from the end of the blackout (negative: in it).
+fn print_timeline(result: &CaseResult) {
+    let Some(outcome) = result.outcome() else {
+        return;
+    };
+    for (_, (start, end), recovery) in &result.recoveries {
+        let rel = |us: u64| (us as f64 - *end as f64) / 1000.0;
+        eprintln!(
+            "timeline {}: dark {:.0}..0 ms",
+            result.case.title(),
+            rel(*start)
+        );
+        for e in &outcome.report.events {
+            eprintln!("  {:>9.0} ms  {:<4} {}", rel(e.at_us), e.who, e.what);
+        }
+        eprintln!(
+            "  first delivery after {:?} ms, caught up after {:?} ms",
+            recovery.first_delivery_ms, recovery.backlog_cleared_ms
+        );
+    }
 }

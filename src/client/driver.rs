@@ -22,11 +22,14 @@ use tokio::sync::{mpsc, oneshot};
 
 use super::api::{DisconnectReason, Event, Message, PublishOutcome, Received, Subscription};
 use super::options::ClientOptions;
+use super::race::{AttemptId, Race};
 use super::state::{
     ClientState, Completion, Failure, Output, PublishRequest, RequestId, StateError,
 };
 use super::streams::{Route, StreamMap};
-use super::transport::{encoded, AttemptError, Inbound, ServerConnection, TransportContext};
+use super::transport::{
+    encoded, AttemptError, Inbound, Progress, ServerConnection, TransportContext,
+};
 use super::{ClientError, Stats};
 use crate::codec::{ConnAck, Connect, Disconnect, Packet, Properties, Publish, ReasonCode, Will};
 
@@ -78,6 +81,7 @@ pub async fn start(
         Arc::clone(&options),
         connect,
         Arc::clone(&stats),
+        Arc::default(),
     )
     .await?;
     let (tx, commands) = mpsc::channel(COMMAND_QUEUE);
@@ -118,6 +122,7 @@ async fn connect_any(
     options: Arc<ClientOptions>,
     connect: Packet,
     stats: Arc<Stats>,
+    progress: Arc<Progress>,
 ) -> Result<(ServerConnection, ConnAck), ClientError> {
     let mut errors = Vec::new();
     let mut refused = None;
@@ -129,6 +134,7 @@ async fn connect_any(
             options.max_packet_size,
             Arc::clone(&stats),
             options.scram_login()?,
+            &progress,
         );
         match tokio::time::timeout(options.connect_timeout, attempt).await {
             Ok(Ok(connected)) => return Ok(connected),
@@ -150,6 +156,74 @@ async fn connect_any(
     match refused {
         Some(code) if errors.len() == 1 => Err(ClientError::Refused(code)),
         _ => Err(ClientError::Connect(errors.join("; "))),
+    }
+}
+
+type Connected = (ServerConnection, ConnAck);
+
+/// One reconnect round: overlapping attempts (each over the URL list) as [`Race`] schedules
+/// them, the first CONNACK wins and the others are dropped. Ends with the winner, when an
+/// attempt the server answered fails (a refusal: CONNACK failure code, TCP RST, TLS alert), or
+/// when the round's budget (the connect timeout) is spent with every
+/// attempt ended. Bounded: at most `overlap.max_pending` attempts (tasks) at once.
+async fn race_round(
+    ctx: Arc<TransportContext>,
+    options: Arc<ClientOptions>,
+    connect: Packet,
+    stats: Arc<Stats>,
+    mut rng: u64,
+) -> Result<Connected, ClientError> {
+    let mut race = Race::new(now(), options.overlap, options.connect_timeout);
+    let mut tasks: tokio::task::JoinSet<(AttemptId, Result<Connected, ClientError>)> =
+        tokio::task::JoinSet::new();
+    let mut attempts: HashMap<AttemptId, (tokio::task::AbortHandle, Arc<Progress>)> =
+        HashMap::new();
+    let mut last_error = ClientError::Connect("no connect attempt".into());
+    loop {
+        let step = race.poll(now(), random_unit(&mut rng), |id| {
+            attempts.get(&id).is_some_and(|(_, p)| p.answered())
+        });
+        for id in step.drop {
+            if let Some((handle, _)) = attempts.remove(&id) {
+                tracing::debug!(attempt = id.0, "connect attempt dropped");
+                handle.abort();
+            }
+        }
+        if let Some(id) = step.start {
+            tracing::debug!(attempt = id.0, "connect attempt");
+            let progress = Arc::new(Progress::default());
+            let attempt = connect_any(
+                Arc::clone(&ctx),
+                Arc::clone(&options),
+                connect.clone(),
+                Arc::clone(&stats),
+                Arc::clone(&progress),
+            );
+            let handle = tasks.spawn(async move { (id, attempt.await) });
+            attempts.insert(id, (handle, progress));
+        }
+        if race.over(now()) {
+            return Err(last_error);
+        }
+        let deadline = race.deadline();
+        tokio::select! {
+            joined = tasks.join_next(), if !tasks.is_empty() => match joined {
+                Some(Ok((_, Ok(connected)))) => return Ok(connected), // dropping `tasks` ends the rest
+                Some(Ok((id, Err(err)))) => {
+                    tracing::debug!(attempt = id.0, %err, "connect attempt failed");
+                    let answered = attempts.remove(&id).is_some_and(|(_, p)| p.answered());
+                    race.ended(now(), id);
+                    if answered || matches!(err, ClientError::Refused(_)) {
+                        // The server (or its host) answered and said no: back off.
+                        return Err(err);
+                    }
+                    last_error = err;
+                }
+                // Aborted (already forgotten) or panicked: either way it is over.
+                Some(Err(_)) | None => {}
+            },
+            () = sleep_until(deadline), if deadline.is_some() => {}
+        }
     }
 }
 
@@ -521,7 +595,8 @@ impl Driver {
         None
     }
 
-    /// Reconnects with backoff; `false` when the application stopped the client meanwhile.
+    /// Reconnects in rounds with backoff between them; `false` when the application stopped
+    /// the client meanwhile.
     async fn reconnect(&mut self) -> bool {
         let backoff = self
             .options
@@ -539,20 +614,22 @@ impl Driver {
                 return false;
             }
             let connect = connect_packet(&self.options, &self.client_id, false);
-            let attempt = connect_any(
+            self.rng = self.rng.wrapping_add(1);
+            let round = race_round(
                 Arc::clone(&self.ctx),
                 Arc::clone(&self.options),
                 connect,
                 Arc::clone(&self.stats),
+                self.rng,
             );
-            match self.offline(attempt).await {
+            match self.offline(round).await {
                 None => return false,
                 Some(Ok((link, connack))) => {
                     self.connected(link, connack);
                     return true;
                 }
                 Some(Err(err)) => {
-                    tracing::debug!(%err, "reconnect failed");
+                    tracing::debug!(%err, "reconnect round failed");
                     failures = failures.saturating_add(1);
                 }
             }
@@ -667,15 +744,19 @@ impl Driver {
         RequestId(self.next_request)
     }
 
-    /// A number in `[0, 1)` for backoff jitter (splitmix64; quality is not the point).
     fn random_unit(&mut self) -> f64 {
-        self.rng = self.rng.wrapping_add(0x9E37_79B9_7F4A_7C15);
-        let mut z = self.rng;
-        z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
-        z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
-        z ^= z >> 31;
-        (z >> 11) as f64 / (1u64 << 53) as f64
+        random_unit(&mut self.rng)
     }
+}
+
+/// A number in `[0, 1)` for jitter (splitmix64; quality is not the point).
+fn random_unit(state: &mut u64) -> f64 {
+    *state = state.wrapping_add(0x9E37_79B9_7F4A_7C15);
+    let mut z = *state;
+    z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
+    z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
+    z ^= z >> 31;
+    (z >> 11) as f64 / (1u64 << 53) as f64
 }
 
 fn finish(waiter: Waiter, result: Result<Completion, Failure>) {
@@ -727,4 +808,56 @@ fn seed(client_id: &str) -> u64 {
         .fold(nanos ^ u64::from(std::process::id()), |h, b| {
             (h ^ u64::from(b)).wrapping_mul(0x0100_0000_01b3)
         })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::client::Overlap;
+
+    /// A round against `url` with a long budget and slow overlap: it must end on its own.
+    async fn round(url: &str) -> Result<Connected, ClientError> {
+        let options = ClientOptions::new(url)
+            .unwrap()
+            .client_id("race")
+            .connect_timeout(Duration::from_secs(60))
+            .overlap(Overlap {
+                interval: Duration::from_secs(20),
+                max_pending: 3,
+                jitter: 0.0,
+            });
+        let options = Arc::new(options);
+        let ctx = Arc::new(TransportContext::new(&options).unwrap());
+        let connect = connect_packet(&options, "race", true);
+        let stats = Arc::new(Stats::default());
+        let round = race_round(ctx, options, connect, stats, 1);
+        tokio::time::timeout(Duration::from_secs(30), round)
+            .await
+            .expect("the round ended on the refusal, not after its 60 s budget")
+    }
+
+    #[tokio::test]
+    async fn a_refused_connect_ends_the_round_at_once() {
+        // A port nobody listens on: the host answers with RST.
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let addr = listener.local_addr().unwrap();
+        drop(listener);
+        let err = round(&format!("mqtt://{addr}")).await.err().unwrap();
+        assert!(matches!(err, ClientError::Connect(_)), "{err}");
+    }
+
+    #[tokio::test]
+    async fn a_server_that_closes_before_connack_ends_the_round() {
+        // Accepts (so the attempt is answered), reads nothing, closes.
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let server = tokio::spawn(async move {
+            while let Ok((socket, _)) = listener.accept().await {
+                drop(socket);
+            }
+        });
+        let err = round(&format!("mqtt://{addr}")).await.err().unwrap();
+        assert!(matches!(err, ClientError::Connect(_)), "{err}");
+        server.abort();
+    }
 }

@@ -39,7 +39,9 @@
 //!   inbound QoS 2 dedup until PUBREL, subscriptions to restore, the offline buffer.
 //! - `transport`: connecting each transport; QUIC control and data streams, 0-RTT, rebind.
 //! - `driver`: the one task per client that owns all of it: commands in, events out,
-//!   reconnect with jittered exponential backoff across the URL list.
+//!   reconnect rounds with jittered exponential backoff across the URL list.
+//! - `race`: within a reconnect round, when a fresh connect attempt starts while older ones
+//!   are still pending ([`Overlap`]), sans-IO.
 //! - `api`: the [`Client`] handle and the message and event types.
 //! - `auth`: MQTT 5 enhanced authentication ([`AuthMethod::ScramSha256`]) in the CONNECT
 //!   handshake, and [`Client::reauthenticate`].
@@ -55,6 +57,7 @@ mod api;
 mod auth;
 mod driver;
 mod options;
+mod race;
 mod state;
 mod streams;
 mod transport;
@@ -67,6 +70,7 @@ pub use api::{
 };
 pub use auth::AuthMethod;
 pub use options::{Backoff, ClientOptions, ServerUrl, TlsOptions, Transport};
+pub use race::Overlap;
 pub use streams::{QuicStreams, Route, StreamGroup, StreamPolicy};
 
 pub use crate::codec::{PacketId, Properties, ProtocolVersion as Version, QoS, ReasonCode};

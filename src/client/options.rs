@@ -9,6 +9,7 @@ use std::time::Duration;
 use bytes::Bytes;
 
 use super::auth::AuthMethod;
+use super::race::Overlap;
 use super::streams::QuicStreams;
 use super::{ClientError, Message};
 use crate::codec::{Properties, ProtocolVersion};
@@ -208,10 +209,14 @@ pub struct ClientOptions {
     pub tls: TlsOptions,
     pub quic: QuicSettings,
     pub streams: QuicStreams,
-    /// Bound on one connect attempt to one URL (transport, TLS, CONNECT/CONNACK).
+    /// Bound on one connect attempt to one URL (transport, TLS, CONNECT/CONNACK), and on
+    /// one round of overlapping reconnect attempts.
     pub connect_timeout: Duration,
-    /// `None`: a lost connection ends the client.
+    /// `None`: a lost connection ends the client. The delay between reconnect rounds.
     pub reconnect: Option<Backoff>,
+    /// How reconnect attempts overlap within a round (a fresh attempt while older ones wait
+    /// out their transport's retransmission backoff).
+    pub overlap: Overlap,
     /// Publishes accepted while disconnected, beyond which `publish` fails with
     /// [`ClientError::OfflineBufferFull`]; also the queue depth behind a full send window.
     pub offline_buffer: usize,
@@ -263,6 +268,7 @@ impl ClientOptions {
             streams: QuicStreams::default(),
             connect_timeout: Duration::from_secs(10),
             reconnect: Some(Backoff::default()),
+            overlap: Overlap::default(),
             offline_buffer: 1000,
             event_capacity: 1024,
             max_packet_size: 1024 * 1024,
@@ -400,21 +406,30 @@ impl ClientOptions {
         self
     }
 
-    /// Default: 10 s.
     /// Makes TCP-based connections from this local address (see [`ClientOptions::local_addr`]).
     pub fn local_addr(mut self, addr: std::net::IpAddr) -> Self {
         self.local_addr = Some(addr);
         self
     }
 
+    /// Default: 10 s. Bounds one attempt, and one reconnect round (attempts start during it).
     pub fn connect_timeout(mut self, timeout: Duration) -> Self {
         self.connect_timeout = timeout;
         self
     }
 
-    /// Default: `Some(Backoff::default())`: 0.5 s doubling to 30 s, 50 % jitter.
+    /// Default: `Some(Backoff::default())`: 0.5 s doubling to 30 s, 50 % jitter, between
+    /// reconnect rounds (the first round starts after the first delay).
     pub fn reconnect(mut self, backoff: Option<Backoff>) -> Self {
         self.reconnect = backoff;
+        self
+    }
+
+    /// Default: `Overlap::default()`: during a reconnect round a fresh attempt every 0.2–0.4 s
+    /// while none has answered, at most 3 pending. `max_pending: 1` reconnects one attempt at
+    /// a time (each waits for the previous one to fail or time out).
+    pub fn overlap(mut self, overlap: Overlap) -> Self {
+        self.overlap = overlap;
         self
     }
 

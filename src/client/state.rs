@@ -14,8 +14,10 @@
 //! - the subscriptions to restore when the server lost the session (session present 0), and
 //!   in multi-stream mode to move back from the control stream to their data streams when it
 //!   kept it (the server parks a dead stream's subscriptions on the control stream);
-//! - keep-alive: PINGREQ after `keep_alive` of silence, the connection is dead when no packet
-//!   answers within another `keep_alive`.
+//! - keep-alive: PINGREQ after `keep_alive` of silence either way (nothing sent, or nothing
+//!   received: a publisher that never stops sending still finds out that nothing comes back),
+//!   the connection is dead when no packet answers within half a `keep_alive` (at least 1 s):
+//!   1.5 keep-alives of silence, the server's own limit.
 
 use std::collections::{BTreeMap, HashMap, HashSet, VecDeque};
 use std::time::{Duration, Instant};
@@ -164,6 +166,7 @@ pub struct ClientState {
     subscriptions: BTreeMap<String, SubRecord>,
     pending: HashMap<PacketId, Pending>,
     last_sent: Instant,
+    last_received: Instant,
     ping_sent: Option<Instant>,
     out: VecDeque<Output>,
 }
@@ -191,6 +194,7 @@ impl ClientState {
             subscriptions: BTreeMap::new(),
             pending: HashMap::new(),
             last_sent: now,
+            last_received: now,
             ping_sent: None,
             out: VecDeque::new(),
         }
@@ -238,6 +242,7 @@ impl ClientState {
         }
         self.connected = true;
         self.last_sent = now;
+        self.last_received = now;
         self.ping_sent = None;
 
         // Requests in flight when the last connection died go out again first.
@@ -449,6 +454,7 @@ impl ClientState {
     ) -> Result<(), StateError> {
         // Any packet shows the server is alive (a PINGRESP may queue behind deliveries).
         self.ping_sent = None;
+        self.last_received = now;
         match packet {
             Packet::Publish(publish) => self.handle_publish(now, route, publish)?,
             Packet::PubAck(ack) => {
@@ -621,11 +627,23 @@ impl ClientState {
         if !self.connected || self.keep_alive.is_zero() {
             return None;
         }
-        Some(self.ping_sent.unwrap_or(self.last_sent) + self.keep_alive)
+        let silent_since = self.last_sent.min(self.last_received);
+        Some(match self.ping_sent {
+            Some(ping) => ping + self.answer_wait(),
+            None => silent_since + self.keep_alive,
+        })
     }
 
-    /// Sends PINGREQ after `keep_alive` of silence; no answer within another `keep_alive` is
-    /// a dead connection. While `stalled` (the application is not reading, so we are not
+    /// How long a PINGREQ waits for an answer before the connection is declared dead: half
+    /// the keep-alive (at least 1 s, at most the keep-alive), so that a client notices a dark
+    /// link after 1.5 keep-alives, as the server does ([MQTT-3.1.2-22]), and its reconnect
+    /// attempts are already running when the link returns.
+    fn answer_wait(&self) -> Duration {
+        (self.keep_alive / 2).max(self.keep_alive.min(Duration::from_secs(1)))
+    }
+
+    /// Sends PINGREQ after `keep_alive` of silence (nothing sent or nothing received); no
+    /// answer within half a `keep_alive` more (see `answer_wait`) is a dead connection. While `stalled` (the application is not reading, so we are not
     /// either) the answer cannot be seen, and the verdict is deferred.
     pub fn handle_timeout(&mut self, now: Instant, stalled: bool) -> Result<(), StateError> {
         let Some(deadline) = self.poll_timeout() else {

@@ -330,10 +330,11 @@ fn keep_alive_pings_after_silence_and_declares_a_silent_server_dead() {
         &sent(&drain(&mut s))[..],
         [(Route::Control, Packet::PingReq)]
     ));
-    // Stalled: the verdict waits.
-    let t2 = t1 + KEEP_ALIVE;
+    // No answer within half a keep-alive is the verdict; stalled, it waits.
+    assert_eq!(s.poll_timeout(), Some(t1 + KEEP_ALIVE / 2));
+    let t2 = t1 + KEEP_ALIVE / 2;
     s.handle_timeout(t2, true).unwrap();
-    let t3 = t2 + KEEP_ALIVE;
+    let t3 = t2 + KEEP_ALIVE / 2;
     assert_eq!(
         s.handle_timeout(t3, false),
         Err(StateError::KeepAliveTimeout)
@@ -345,6 +346,38 @@ fn keep_alive_pings_after_silence_and_declares_a_silent_server_dead() {
     s.handle_packet(now + KEEP_ALIVE, Route::Control, Packet::PingResp)
         .unwrap();
     assert_eq!(s.handle_timeout(now + KEEP_ALIVE * 2, false), Ok(()));
+}
+
+#[test]
+fn a_publisher_that_never_stops_sending_still_pings_and_finds_the_server_dead() {
+    let (mut s, now) = state(false);
+    s.handle_connack(now, &connack(false, None)).unwrap();
+    drain(&mut s);
+    // QoS 0 publishes every 100 ms for a keep-alive and more: nothing comes back.
+    let mut t = now;
+    let mut pinged = None;
+    for i in 0..(KEEP_ALIVE.as_millis() / 100 + 5) as u64 {
+        t = now + Duration::from_millis(100 * i);
+        if s.poll_timeout().is_some_and(|d| d <= t) {
+            s.handle_timeout(t, false).unwrap();
+        }
+        s.publish(t, request(i, "t", QoS::AtMostOnce, t)).unwrap();
+        if pinged.is_none()
+            && sent(&drain(&mut s))
+                .iter()
+                .any(|(_, p)| matches!(p, Packet::PingReq))
+        {
+            pinged = Some(t);
+        }
+    }
+    let pinged = pinged.expect("a PINGREQ although publishes keep going out");
+    assert!(pinged >= now + KEEP_ALIVE && pinged < t);
+    let verdict = s.poll_timeout().unwrap();
+    assert_eq!(verdict, pinged + KEEP_ALIVE / 2);
+    assert_eq!(
+        s.handle_timeout(verdict, false),
+        Err(StateError::KeepAliveTimeout)
+    );
 }
 
 #[test]

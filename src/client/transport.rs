@@ -277,6 +277,27 @@ pub struct ServerConnection {
     datagram: Option<datagram::Sender>,
 }
 
+/// What one connect attempt has heard from the server so far: read by the reconnect race,
+/// which never drops an attempt the server answered for a newer one.
+#[derive(Debug, Default)]
+pub struct Progress {
+    answered: std::sync::atomic::AtomicBool,
+    quic: Mutex<Option<quinn::Connection>>,
+}
+
+impl Progress {
+    /// A TCP connection stands (or was refused), or a QUIC packet came back.
+    pub fn answered(&self) -> bool {
+        self.answered.load(Ordering::Relaxed)
+            || self
+                .quic
+                .lock()
+                .expect("never poisoned")
+                .as_ref()
+                .is_some_and(|c| c.stats().udp_rx.datagrams > 0)
+    }
+}
+
 /// Why one connect attempt failed; `ZeroRttRejected` is retried at once without early data.
 #[derive(Debug, thiserror::Error)]
 pub enum AttemptError {
@@ -304,6 +325,7 @@ impl ServerConnection {
         max_packet_size: u32,
         stats: Arc<Stats>,
         login: Option<(&str, &[u8])>,
+        progress: &Progress,
     ) -> Result<(Self, ConnAck), AttemptError> {
         let Packet::Connect(c) = connect else {
             return Err(AttemptError::Failed("not a CONNECT".into()));
@@ -318,6 +340,7 @@ impl ServerConnection {
                 max_packet_size,
                 Arc::clone(&stats),
                 allow_early,
+                progress,
             )
             .await?;
             let asking = link.asks_datagrams(ctx);
@@ -360,6 +383,7 @@ impl ServerConnection {
         max_packet_size: u32,
         stats: Arc<Stats>,
         allow_early: bool,
+        progress: &Progress,
     ) -> Result<Self, AttemptError> {
         let (inbound_tx, inbound) = mpsc::channel(INBOUND_QUEUE);
         let mut link = Self {
@@ -390,14 +414,21 @@ impl ServerConnection {
                 .connect(addr, &name)
                 .map_err(|e| AttemptError::Failed(e.to_string()))?;
             let conn = match connecting.into_0rtt() {
-                Ok((conn, accepted)) if allow_early => {
-                    link.early = Some(accepted);
+                Ok((conn, accepted)) => {
+                    // Handshake under way: answered once a packet comes back.
+                    *progress.quic.lock().expect("never poisoned") = Some(conn.clone());
+                    if allow_early {
+                        link.early = Some(accepted);
+                    }
                     conn
                 }
-                Ok((conn, _)) => conn,
-                Err(connecting) => connecting
-                    .await
-                    .map_err(|e| AttemptError::Failed(e.to_string()))?,
+                Err(connecting) => {
+                    let conn = connecting
+                        .await
+                        .map_err(|e| AttemptError::Failed(e.to_string()))?;
+                    progress.answered.store(true, Ordering::Relaxed);
+                    conn
+                }
             };
             let (send, recv) = conn
                 .open_bi()
@@ -409,10 +440,21 @@ impl ServerConnection {
         }
 
         let tcp = match (ctx.local_addr, url.socket_addr()) {
-            (None, Some(addr)) => TcpStream::connect(addr).await?,
-            (None, None) => TcpStream::connect((url.host.as_str(), url.port)).await?,
-            (Some(local), addr) => connect_from(local, addr, url).await?,
+            (None, Some(addr)) => TcpStream::connect(addr).await,
+            (None, None) => TcpStream::connect((url.host.as_str(), url.port)).await,
+            (Some(local), addr) => connect_from(local, addr, url).await,
         };
+        // A connection, or a refusal (RST): either way the server's host answered.
+        let refused = tcp.as_ref().is_err_and(|e| {
+            matches!(
+                e.kind(),
+                std::io::ErrorKind::ConnectionRefused | std::io::ErrorKind::ConnectionReset
+            )
+        });
+        if tcp.is_ok() || refused {
+            progress.answered.store(true, Ordering::Relaxed);
+        }
+        let tcp = tcp?;
         tcp.set_nodelay(true)?;
         link.remote = tcp.peer_addr().ok();
         let stream: Box<dyn Io> = match url.transport {
