@@ -479,6 +479,17 @@ impl Link {
                     }
                     self.session_changed = true;
                 }
+                Action::Move { subscription, from } => {
+                    if let Some(mailbox) = &self.mailbox {
+                        self.broker.move_subscription(
+                            self.channel.client_id(),
+                            mailbox,
+                            &subscription,
+                            from,
+                        );
+                    }
+                    self.session_changed = true;
+                }
                 Action::Unsubscribe { filter, flow } => {
                     self.broker
                         .unsubscribe(self.channel.client_id(), &filter, flow);

@@ -480,7 +480,7 @@ impl Broker {
                         // A request left for a connection that is gone (its requester gave
                         // up) is dropped.
                         handle.take_takeover(conn_id);
-                        Some((session, handle, self.carry_out(&mut sessions)))
+                        Some((session.map(|s| *s), handle, self.carry_out(&mut sessions)))
                     }
                     Open::Full => {
                         drop(sessions);
@@ -964,12 +964,34 @@ impl Broker {
         self.count_dropped(dropped, DropReason::QueueFull);
     }
 
+    /// Puts a session's subscription into the router and takes the same filter's
+    /// subscription on `from` out, under one lock: no message matches both, none neither.
+    pub fn move_subscription(
+        &self,
+        client_id: &Arc<str>,
+        mailbox: &Arc<Mailbox>,
+        subscription: &Subscription,
+        from: Flow,
+    ) {
+        self.subscribe_route_replacing(client_id, mailbox, subscription, Some(from));
+    }
+
     /// Puts a session's subscription into the router.
     fn subscribe_route(
         &self,
         client_id: &Arc<str>,
         mailbox: &Arc<Mailbox>,
         subscription: &Subscription,
+    ) {
+        self.subscribe_route_replacing(client_id, mailbox, subscription, None);
+    }
+
+    fn subscribe_route_replacing(
+        &self,
+        client_id: &Arc<str>,
+        mailbox: &Arc<Mailbox>,
+        subscription: &Subscription,
+        replacing: Option<Flow>,
     ) {
         let route = Subscriber {
             handle: Arc::clone(mailbox),
@@ -988,6 +1010,14 @@ impl Broker {
         );
         if previous.is_none() {
             self.interest(&router, &subscription.filter, true);
+        }
+        if let Some(from) = replacing.filter(|from| *from != subscription.flow) {
+            if router
+                .remove(&subscription.filter, &(Arc::clone(client_id), from))
+                .is_some()
+            {
+                self.interest(&router, &subscription.filter, false);
+            }
         }
     }
 

@@ -276,6 +276,37 @@ async fn the_same_filter_on_two_flows_yields_two_deliveries() {
     assert_eq!(mailbox.len(), 1, "unsubscribing one flow leaves the other");
 }
 
+#[tokio::test]
+async fn moving_a_subscription_to_another_flow_delivers_once_on_the_new_flow() {
+    let b = broker();
+    let t0 = Instant::now();
+    let id: Arc<str> = Arc::from("mover");
+    // `online` subscribes "m/#" on the control flow (as a parked subscription would be).
+    let (_, mailbox) = online(&b, t0, &id, 1, "m/#").await;
+    let moved = Subscription {
+        filter: TopicFilter::parse("m/#", 0).unwrap(),
+        options: SubscriptionOptions {
+            qos: QoS::AtLeastOnce,
+            ..Default::default()
+        },
+        id: None,
+        flow: Flow(4),
+    };
+    b.move_subscription(&id, &mailbox, &moved, Flow::CONTROL);
+    b.publish(Arc::new(message("m/x", t0)), t0);
+    let flows: Vec<Flow> = std::iter::from_fn(|| mailbox.pop())
+        .map(|d| d.flow)
+        .collect();
+    assert_eq!(flows, vec![Flow(4)], "once, on the new flow");
+    b.unsubscribe(&id, &moved.filter, Flow::CONTROL);
+    b.publish(Arc::new(message("m/y", t0)), t0);
+    assert_eq!(
+        mailbox.len(),
+        1,
+        "the control flow had nothing left to remove"
+    );
+}
+
 /// Records what the seams are told, as one line each.
 #[derive(Default)]
 struct Recorder(std::sync::Mutex<Vec<String>>);

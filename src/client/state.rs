@@ -603,7 +603,8 @@ impl ClientState {
             }
             Why::Restore => {}
             Why::Move => {
-                // Now that the data stream has it, the parked copy on control can go.
+                // Now that the data stream has it, the parked copy on control can go (Petrel
+                // moved it already and answers 0x11; a broker that does not move it drops it).
                 let filters = subscribe.filters.into_iter().map(|(f, _)| f).collect();
                 if let Some(id) = self.allocate_id() {
                     let packet = Unsubscribe {

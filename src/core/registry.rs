@@ -34,7 +34,11 @@ pub enum Open<M> {
     /// with 0x8E and file the session offline, then asks again.
     Busy { handle: M, conn_id: u64 },
     /// The session is now served by the asking connection: resumed (`Some`) or new.
-    Ready { session: Option<Session>, handle: M },
+    Ready {
+        /// Boxed: a session is large beside the other answers.
+        session: Option<Box<Session>>,
+        handle: M,
+    },
     /// A new session is needed and the registry holds its maximum (online and offline):
     /// refused (CONNACK 0x97, 3.1.1 return code 3). Nothing changed.
     Full,
@@ -180,7 +184,10 @@ impl<M: SessionHandle> Registry<M> {
                 state: SlotState::Online { conn_id },
             },
         );
-        Open::Ready { session, handle }
+        Open::Ready {
+            session: session.map(Box::new),
+            handle,
+        }
     }
 
     /// Connection `conn_id`, which served `client_id`, closed: file its session offline until

@@ -59,7 +59,7 @@ fn closing(client_id: &Arc<str>, expiry: u32, will: Option<PendingWill>) -> Clos
 
 fn ready(open: Open<Handle>) -> (Option<Session>, Handle) {
     match open {
-        Open::Ready { session, handle } => (session, handle),
+        Open::Ready { session, handle } => (session.map(|s| *s), handle),
         Open::Busy { conn_id, .. } => panic!("served by connection {conn_id}"),
         Open::Full => panic!("refused as full"),
     }

@@ -134,6 +134,11 @@ pub struct Session {
     /// Inbound QoS 2 packet ids (per flow: each stream is the client's own id space) for
     /// which PUBREC was sent and PUBREL not yet received.
     pub awaiting_release: HashSet<(Flow, PacketId)>,
+    /// Filters whose subscription [`Session::rehome`] moved onto the control flow (its data
+    /// flow died): the client's SUBSCRIBE of the same filter on a data flow takes such a
+    /// subscription back in one step ([`Session::take_parked`]) instead of adding a second
+    /// one beside it, which would deliver each message twice until the parked copy is gone.
+    parked: Vec<String>,
 }
 
 impl Session {
@@ -149,6 +154,7 @@ impl Session {
             next_packet_id: PacketId(1),
             next_seq: 0,
             awaiting_release: HashSet::new(),
+            parked: Vec::new(),
         }
     }
 
@@ -298,12 +304,41 @@ impl Session {
 
     /// Adds or replaces a subscription; returns whether it existed.
     pub fn subscribe(&mut self, sub: Subscription) -> bool {
+        if sub.flow.is_control() {
+            // The client subscribed on the control flow itself: its own now, not parked.
+            self.unpark(sub.filter.as_str());
+        }
         let key = (sub.flow, sub.filter.as_str().to_owned());
         self.subscriptions.insert(key, sub).is_some()
     }
 
     pub fn unsubscribe(&mut self, flow: Flow, filter: &str) -> Option<Subscription> {
+        if flow.is_control() {
+            self.unpark(filter);
+        }
         self.subscriptions.remove(&(flow, filter.to_owned()))
+    }
+
+    /// Whether `filter` was parked; it is not any more.
+    fn unpark(&mut self, filter: &str) -> bool {
+        let Some(i) = self.parked.iter().position(|f| f == filter) else {
+            return false;
+        };
+        self.parked.swap_remove(i);
+        if self.parked.is_empty() {
+            self.parked = Vec::new();
+        }
+        true
+    }
+
+    /// Removes and returns the subscription of `filter` that [`Session::rehome`] parked on
+    /// the control flow, if there is one.
+    pub fn take_parked(&mut self, filter: &str) -> Option<Subscription> {
+        if !self.unpark(filter) {
+            return None;
+        }
+        self.subscriptions
+            .remove(&(Flow::CONTROL, filter.to_owned()))
     }
 
     /// A flow is gone (its stream died, or the connection did): its subscriptions, in-flight
@@ -332,6 +367,7 @@ impl Session {
                         flow: Flow::CONTROL,
                         ..old.clone()
                     };
+                    self.parked.push(slot.key().1.clone());
                     slot.insert(new.clone());
                     Some(new)
                 }

@@ -230,6 +230,13 @@ pub enum Action {
         subscription: Subscription,
         send_retained: bool,
     },
+    /// Put `subscription` into the router and remove the same filter's subscription on
+    /// `from` in the same step: a subscription the broker parked on the control flow, taken
+    /// back onto a data flow, never matches a message twice nor misses one.
+    Move {
+        subscription: Subscription,
+        from: Flow,
+    },
     /// Remove the router's mirror of the session's subscription on `flow`.
     Unsubscribe {
         filter: TopicFilter,

@@ -129,9 +129,17 @@ impl Channel {
             return ReasonCode::UNSPECIFIED_ERROR;
         };
         let flow = self.input_flow;
-        let is_new = !session
-            .subscriptions
-            .contains_key(&(flow, filter.as_str().to_owned()));
+        // A subscription the broker parked on the control flow when the client's stream for
+        // it died, subscribed again on a data flow: taken back, not doubled.
+        let parked = if flow.is_control() {
+            None
+        } else {
+            session.take_parked(filter.as_str())
+        };
+        let is_new = parked.is_none()
+            && !session
+                .subscriptions
+                .contains_key(&(flow, filter.as_str().to_owned()));
         if is_new
             && limits.max_subscriptions > 0
             && session.subscriptions.len() >= limits.max_subscriptions
@@ -157,10 +165,25 @@ impl Channel {
                 1 => is_new,
                 _ => false,
             };
-        self.actions.push_back(Action::Subscribe {
-            subscription,
-            send_retained,
-        });
+        if parked.is_some() {
+            self.actions.push_back(Action::Move {
+                subscription: subscription.clone(),
+                from: Flow::CONTROL,
+            });
+            if send_retained {
+                // Retain Handling 0 sends the retained messages at every subscribe (putting
+                // the moved subscription into the router again changes nothing).
+                self.actions.push_back(Action::Subscribe {
+                    subscription,
+                    send_retained: true,
+                });
+            }
+        } else {
+            self.actions.push_back(Action::Subscribe {
+                subscription,
+                send_retained,
+            });
+        }
         ReasonCode(granted as u8)
     }
 

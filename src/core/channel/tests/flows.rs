@@ -198,6 +198,89 @@ fn reconnect_rehomes_subscriptions_of_the_old_connections_flows() {
 }
 
 #[test]
+fn a_parked_subscription_subscribed_again_on_a_data_flow_moves_in_one_step() {
+    // After a reconnect the session's data-flow subscription is parked on control; the
+    // client subscribes the filter on a new stream, then unsubscribes the parked copy. Two
+    // subscriptions side by side in between would deliver every message twice (QoS 2 too).
+    let mut h = Harness::new(Limits::default());
+    let mut c = connect(ProtocolVersion::V5, "flows-move");
+    c.clean_start = false;
+    c.properties.session_expiry_interval = Some(60);
+    h.connect(c.clone());
+    h.channel.open_flow(Flow(4));
+    h.channel
+        .handle_flow_packet(h.now, Flow(4), subscribe_packet(1, "s"));
+    h.channel.handle_transport_closed();
+    let session = h.close().session.unwrap();
+
+    let mut h2 = Harness::new(Limits::default());
+    h2.session = Some(session);
+    h2.connect(c);
+    h2.actions();
+    let data = Flow(12);
+    h2.channel.open_flow(data);
+    h2.channel
+        .handle_flow_packet(h2.now, data, subscribe_packet(2, "s"));
+    let actions = h2.actions();
+    // The move first, in one router step; then (Retain Handling 0) the retained messages,
+    // through the same subscription.
+    assert!(
+        matches!(actions.as_slice(), [Action::Move { subscription, from }, rest @ ..]
+            if subscription.flow == data && *from == Flow::CONTROL
+                && rest.iter().all(|a| matches!(a, Action::Subscribe { subscription, send_retained: true } if subscription.flow == data))),
+        "{actions:?}"
+    );
+    let session = h2.channel.session.as_ref().unwrap();
+    let flows: Vec<Flow> = session
+        .subscriptions
+        .keys()
+        .filter(|(_, f)| f == "s")
+        .map(|(flow, _)| *flow)
+        .collect();
+    assert_eq!(flows, vec![data], "one subscription, on the new stream");
+
+    // The client's UNSUBSCRIBE of the parked copy finds nothing (and removes nothing).
+    h2.packet(Packet::Unsubscribe(Unsubscribe {
+        packet_id: PacketId(3),
+        properties: Properties::default(),
+        filters: vec!["s".into()],
+    }));
+    match h2.packets().as_slice() {
+        [Packet::UnsubAck(ack)] => {
+            assert_eq!(ack.reasons, vec![ReasonCode::NO_SUBSCRIPTION_EXISTED])
+        }
+        other => panic!("expected UNSUBACK, got {other:?}"),
+    }
+    assert!(h2
+        .channel
+        .session
+        .as_ref()
+        .unwrap()
+        .subscriptions
+        .contains_key(&(data, "s".to_owned())));
+
+    // A filter the client subscribes on control itself is its own, never taken by a move.
+    h2.packet(subscribe_packet(4, "own"));
+    let other = Flow(16);
+    h2.channel.open_flow(other);
+    h2.channel
+        .handle_flow_packet(h2.now, other, subscribe_packet(5, "own"));
+    let actions = h2.actions();
+    assert!(!actions.iter().any(|a| matches!(a, Action::Move { .. })));
+    assert_eq!(
+        h2.channel
+            .session
+            .as_ref()
+            .unwrap()
+            .subscriptions
+            .keys()
+            .filter(|(_, f)| f == "own")
+            .count(),
+        2
+    );
+}
+
+#[test]
 fn datagram_flow_takes_qos0_deliveries_only_and_connack_confirms_it() {
     let mut h = Harness::new(Limits::default());
     h.channel
