@@ -72,7 +72,10 @@ impl PhaseSummary {
         let seconds = (phase.end_us.saturating_sub(phase.start_us)) as f64 / 1e6;
         Self {
             qos: phase.phase.qos,
-            saturating: matches!(phase.phase.load, Load::Saturate { .. }),
+            saturating: matches!(
+                phase.phase.load,
+                Load::Saturate { .. } | Load::Closed { .. }
+            ),
             expected: phase.expected(),
             delivered: phase.deliveries.len() as u64,
             lost: phase.lost(),

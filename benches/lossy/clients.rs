@@ -113,6 +113,10 @@ pub enum Load {
     Paced { rate: f64 },
     /// As fast as acknowledgements allow, `inflight` awaiting them (QoS 1/2) or written.
     Saturate { inflight: usize },
+    /// As fast as the subscriber takes them: at most `window` messages published and not yet
+    /// delivered (closed loop end to end, so no queue on the way overflows and the rate is
+    /// what the path carries), and at most `window` awaiting their acknowledgement.
+    Closed { window: usize },
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
@@ -408,6 +412,18 @@ async fn publish_phase(
                 }
                 at
             }
+            Load::Closed { window: limit } => {
+                if i.saturating_sub(delivered.load(Ordering::Relaxed)) >= limit as u64 {
+                    tokio::time::sleep(Duration::from_millis(1)).await;
+                    continue;
+                }
+                if window.len() >= limit.max(1) {
+                    let handle: PublishHandle = window.pop_front().expect("non-empty");
+                    let outcome = handle.await;
+                    completions.lock().expect("never poisoned").count(outcome);
+                }
+                Instant::now()
+            }
             Load::Saturate { inflight } => {
                 if window.len() >= inflight.max(1) {
                     let handle: PublishHandle = window.pop_front().expect("non-empty");
@@ -428,7 +444,7 @@ async fn publish_phase(
         let message = Message::new(topics[topic as usize].clone(), payload).qos(qos);
         let handle = client.publish_nowait(message).await.context("publishing")?;
         match phase.load {
-            Load::Saturate { .. } => window.push_back(handle),
+            Load::Saturate { .. } | Load::Closed { .. } => window.push_back(handle),
             Load::Paced { .. } if qos != QoS::AtMostOnce => {
                 let _ = handles_tx.send(handle);
             }

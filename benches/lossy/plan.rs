@@ -59,9 +59,10 @@ pub const REFERENCE_RATE: f64 = 500.0;
 /// The matrix's paced load: the reference's would exceed the 3G uplink (768 kbit/s).
 pub const MATRIX_RATE: f64 = 200.0;
 pub const SATURATE_INFLIGHT: usize = 64;
-/// The goodput group's publisher window: deep enough that the broker's Receive Maximum and
-/// the path, not the publisher, bound the flow.
-pub const GOODPUT_INFLIGHT: usize = 4096;
+/// The goodput group's end-to-end window (published, not yet delivered): far beyond any
+/// profile's bandwidth-delay product, within the subscriber's queue (`session.max_queued`,
+/// 1,000) plus its in-flight window, so the path, not a window or a queue, bounds the flow.
+pub const GOODPUT_WINDOW: usize = 1000;
 /// The goodput group's profiles and variants (transport, TCP controller, QUIC controller).
 pub const GOODPUT_PROFILES: [&str; 3] = ["clean", "lossy-5", "lossy-10"];
 pub const GOODPUT_VARIANTS: [(Transport, &str, QuicCc); 5] = [
@@ -537,8 +538,8 @@ fn full(base: u64) -> Vec<Case> {
                 quic_cc,
                 vec![Phase {
                     qos: 1,
-                    load: Load::Saturate {
-                        inflight: GOODPUT_INFLIGHT,
+                    load: Load::Closed {
+                        window: GOODPUT_WINDOW,
                     },
                     seconds: l.goodput_seconds,
                 }],

@@ -10,7 +10,7 @@ use plotters::prelude::*;
 use crate::analysis::{Latency, BIN_MS};
 use crate::clients::{QuicCc, Transport};
 use crate::plan::{
-    CaseResult, Group, Mode, Status, GOODPUT_INFLIGHT, GOODPUT_PROFILES, GOODPUT_VARIANTS,
+    CaseResult, Group, Mode, Status, GOODPUT_PROFILES, GOODPUT_VARIANTS, GOODPUT_WINDOW,
     MATRIX_PROFILES, MATRIX_RATE, PAYLOAD, REFERENCE_RATE, SATURATE_INFLIGHT, TOPICS,
 };
 
@@ -79,6 +79,7 @@ impl<'a> Report<'a> {
             payload = PAYLOAD,
             matrix_rate = MATRIX_RATE,
             inflight = SATURATE_INFLIGHT,
+            goodput_window = GOODPUT_WINDOW,
             lengths = crate::plan::lengths(),
         );
         self.machine(&mut s);
@@ -315,8 +316,8 @@ impl<'a> Report<'a> {
         let _ = write!(
             s,
             "\n## Goodput per congestion controller\n\n\
-             QoS 1 at saturation: one publisher keeping up to {GOODPUT_INFLIGHT} publishes \
-             awaiting PUBACK (the broker's Receive Maximum bounds it first), {TOPICS} topics, \
+             QoS 1 at saturation, closed loop end to end: one publisher keeping at most \
+             {GOODPUT_WINDOW} messages published and not yet delivered, {TOPICS} topics, \
              {PAYLOAD} B, Petrel's other defaults. Distinct messages that arrived while the \
              publisher saturated, per second (and \
              lost); *x tcp-cubic* is the ratio to TCP with CUBIC on the same profile and seed.\n\n\
