@@ -172,10 +172,11 @@ fn a_dead_flow_hands_its_subscriptions_and_in_flight_messages_to_control() {
     );
 }
 
-#[test]
-fn reconnect_rehomes_subscriptions_of_the_old_connections_flows() {
+/// A persistent session that subscribed "s" on data flow 4, its connection gone, resumed by a
+/// new connection (whose flows are new).
+fn reconnected_after_subscribing_on_a_flow(client_id: &str) -> Harness {
     let mut h = Harness::new(Limits::default());
-    let mut c = connect(ProtocolVersion::V5, "flows6");
+    let mut c = connect(ProtocolVersion::V5, client_id);
     c.clean_start = false;
     c.properties.session_expiry_interval = Some(60);
     h.connect(c.clone());
@@ -188,6 +189,12 @@ fn reconnect_rehomes_subscriptions_of_the_old_connections_flows() {
     let mut h2 = Harness::new(Limits::default());
     h2.session = Some(session);
     h2.connect(c);
+    h2
+}
+
+#[test]
+fn reconnect_rehomes_subscriptions_of_the_old_connections_flows() {
+    let mut h2 = reconnected_after_subscribing_on_a_flow("flows6");
     let actions = h2.actions();
     assert!(actions
         .iter()
@@ -202,20 +209,7 @@ fn a_parked_subscription_subscribed_again_on_a_data_flow_moves_in_one_step() {
     // After a reconnect the session's data-flow subscription is parked on control; the
     // client subscribes the filter on a new stream, then unsubscribes the parked copy. Two
     // subscriptions side by side in between would deliver every message twice (QoS 2 too).
-    let mut h = Harness::new(Limits::default());
-    let mut c = connect(ProtocolVersion::V5, "flows-move");
-    c.clean_start = false;
-    c.properties.session_expiry_interval = Some(60);
-    h.connect(c.clone());
-    h.channel.open_flow(Flow(4));
-    h.channel
-        .handle_flow_packet(h.now, Flow(4), subscribe_packet(1, "s"));
-    h.channel.handle_transport_closed();
-    let session = h.close().session.unwrap();
-
-    let mut h2 = Harness::new(Limits::default());
-    h2.session = Some(session);
-    h2.connect(c);
+    let mut h2 = reconnected_after_subscribing_on_a_flow("flows-move");
     h2.actions();
     let data = Flow(12);
     h2.channel.open_flow(data);
