@@ -157,10 +157,11 @@ impl Channel {
             }
         }
 
-        self.peer_receive_maximum = props.receive_maximum.unwrap_or(u16::MAX);
+        // The client's Receive Maximum bounds the window (it lives on only there).
+        let peer_receive_maximum = props.receive_maximum.unwrap_or(u16::MAX);
         self.window = Window::new(
             limits.min_inflight,
-            limits.max_inflight.min(self.peer_receive_maximum),
+            limits.max_inflight.min(peer_receive_maximum),
             now,
         );
         self.peer_max_packet_size = props.maximum_packet_size.unwrap_or(u32::MAX);

@@ -311,7 +311,6 @@ pub struct Channel {
     server_keep_alive: Option<u16>,
     last_rx: Instant,
     connect_deadline: Instant,
-    peer_receive_maximum: u16,
     peer_max_packet_size: u32,
     peer_topic_alias_maximum: u16,
     /// The outbound in-flight window (within `max_inflight` and the client's Receive Maximum).
@@ -371,7 +370,6 @@ impl Channel {
             server_keep_alive: None,
             last_rx: now,
             connect_deadline,
-            peer_receive_maximum: u16::MAX,
             peer_max_packet_size: u32::MAX,
             peer_topic_alias_maximum: 0,
             window,
