@@ -757,7 +757,7 @@ impl QuicWire {
             let version = link.channel.version();
             self.version = Some(version);
             if let Some(data) = &self.data {
-                let _ = data.version.send(Some(version));
+                data.version.send_replace(Some(version));
             }
             self.start_datagram_reader(link);
         }
