@@ -37,7 +37,7 @@ use super::streams::{Route, StreamMap};
 use super::{ClientError, Stats};
 use crate::codec::{encode, Codec, ConnAck, DecodeError, Packet, ProtocolVersion};
 use crate::transport::reader::PacketReader;
-use crate::transport::{certs, datagram, quic, tls, ws};
+use crate::transport::{certs, datagram, quic, quic_endpoints, tls, ws};
 
 /// Decoded packets queued from all readers before they stop reading.
 const INBOUND_QUEUE: usize = 64;
@@ -59,7 +59,8 @@ pub enum Inbound {
 /// client parses its CA file, builds its own rustls configuration and binds its own UDP socket
 /// with its own quinn endpoint (and endpoint task). With it, a client takes the next endpoint
 /// of the pool (made on first use, at most `endpoints` per address family) and keeps it for its
-/// lifetime, reconnects included. Per client, as without sharing: its TLS session cache (so
+/// lifetime, reconnects included; each endpoint's socket asks for the listener's larger
+/// buffers (`transport::quic_endpoints::SOCKET_BUFFER`). Per client, as without sharing: its TLS session cache (so
 /// its 0-RTT tickets are its own: a client never resumes with a ticket another client got),
 /// its QUIC address-validation tokens, its server name, local address and datagram request.
 ///
@@ -104,7 +105,12 @@ impl SharedTransport {
         let mut pool = self.pool.lock().expect("never poisoned");
         let (endpoints, next) = pool.entry(v6).or_default();
         if endpoints.len() < self.endpoints {
-            let endpoint = Endpoint::client(unspecified(v6)).map_err(io)?;
+            // One socket carries many clients' handshakes: the listener's larger buffers.
+            let socket = quic_endpoints::udp_socket(unspecified(v6), false).map_err(io)?;
+            let runtime = quinn::default_runtime()
+                .ok_or_else(|| ClientError::Io("QUIC endpoints need a tokio runtime".into()))?;
+            let endpoint = Endpoint::new(quinn::EndpointConfig::default(), None, socket, runtime)
+                .map_err(io)?;
             endpoints.push(endpoint.clone());
             return Ok(endpoint);
         }
