@@ -16,7 +16,9 @@ the development CA). Measured:
 - CPU per core during the storm (from the bench's start until all are connected): each
   core's busy share from /proc/stat (the whole machine: the bench runs on the same two
   cores), the broker's own CPU (% of one core) and how it spread over its threads (the
-  busiest thread's share of the broker's CPU: 100 % means one thread did everything).
+  busiest thread's share of the broker's CPU: 100 % means one thread did everything);
+- the load generator's CPU per connection (its whole CPU time until all are connected,
+  start-up included, divided by N).
 
 Prints one line per run and the medians; `--json` prints the records instead. The load
 generator is BENCH (default: the broker binary).
@@ -111,6 +113,10 @@ def run_once(args, broker_args):
                     break
                 time.sleep(0.02)
             cores1, threads1, t1 = cores(), threads(broker.pid), time.monotonic()
+            try:
+                bench_ticks = sum(threads(proc.pid).values())
+            except OSError:
+                bench_ticks = 0
             time.sleep(1.0)
             rss_conn = rss_kb(broker.pid)
             out, _ = proc.communicate(timeout=args.hold + 120)
@@ -142,6 +148,7 @@ def run_once(args, broker_args):
         "broker_cpu_pct": 100.0 * broker_ticks / CLK_TCK / max(seconds, 1e-9),
         "broker_cpu_ms_per_conn": 1000.0 * broker_ticks / CLK_TCK / args.n,
         "busiest_thread_share_pct": 100.0 * max(spent.values(), default=0) / max(1, broker_ticks),
+        "bench_cpu_ms_per_conn": 1000.0 * bench_ticks / CLK_TCK / args.n,
     }
 
 
@@ -177,7 +184,8 @@ def main():
                   f"(RSS {r['rss_before_kb']} -> {r['rss_conn_kb']} kB); "
                   f"cores busy {cores_txt} %, broker {r['broker_cpu_pct']:.0f} % "
                   f"(busiest thread {r['busiest_thread_share_pct']:.0f} % of it, "
-                  f"{r['broker_cpu_ms_per_conn']:.3f} ms CPU per connection)", flush=True)
+                  f"{r['broker_cpu_ms_per_conn']:.3f} ms CPU per connection; load generator "
+                  f"{r['bench_cpu_ms_per_conn']:.3f} ms per connection)", flush=True)
     if not args.json and len(records) > 1:
         med = lambda k: statistics.median(r[k] for r in records)
         cores_med = [statistics.median(r["core_busy_pct"][i] for r in records)
@@ -187,7 +195,8 @@ def main():
               f"connection; cores busy {' / '.join(f'{c:.0f}' for c in cores_med)} %, broker "
               f"{med('broker_cpu_pct'):.0f} % (busiest thread "
               f"{med('busiest_thread_share_pct'):.0f} %, "
-              f"{med('broker_cpu_ms_per_conn'):.3f} ms CPU per connection)")
+              f"{med('broker_cpu_ms_per_conn'):.3f} ms CPU per connection; load generator "
+              f"{med('bench_cpu_ms_per_conn'):.3f} ms)")
 
 
 if __name__ == "__main__":

@@ -37,7 +37,8 @@
 //! - `state`: the MQTT protocol state, sans-IO and unit-tested in virtual time: packet ids,
 //!   in-flight QoS 1/2 under the server's Receive Maximum, resend with DUP after reconnect,
 //!   inbound QoS 2 dedup until PUBREL, subscriptions to restore, the offline buffer.
-//! - `transport`: connecting each transport; QUIC control and data streams, 0-RTT, rebind.
+//! - `transport`: connecting each transport; QUIC control and data streams, 0-RTT, rebind;
+//!   [`SharedTransport`], configurations and QUIC endpoints shared by many clients.
 //! - `driver`: the one task per client that owns all of it: commands in, events out,
 //!   reconnect rounds with jittered exponential backoff across the URL list.
 //! - `race`: within a reconnect round, when a fresh connect attempt starts while older ones
@@ -72,6 +73,7 @@ pub use auth::AuthMethod;
 pub use options::{Backoff, ClientOptions, ServerUrl, TlsOptions, Transport};
 pub use race::Overlap;
 pub use streams::{QuicStreams, Route, StreamGroup, StreamPolicy};
+pub use transport::SharedTransport;
 
 pub use crate::codec::{PacketId, Properties, ProtocolVersion as Version, QoS, ReasonCode};
 

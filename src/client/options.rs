@@ -4,6 +4,7 @@
 
 use std::net::{IpAddr, SocketAddr};
 use std::path::PathBuf;
+use std::sync::Arc;
 use std::time::Duration;
 
 use bytes::Bytes;
@@ -11,6 +12,7 @@ use bytes::Bytes;
 use super::auth::AuthMethod;
 use super::race::Overlap;
 use super::streams::QuicStreams;
+use super::transport::SharedTransport;
 use super::{ClientError, Message};
 use crate::codec::{Properties, ProtocolVersion};
 use crate::transport::quic::QuicSettings;
@@ -230,6 +232,9 @@ pub struct ClientOptions {
     pub local_addr: Option<std::net::IpAddr>,
     /// Copies of each QoS 0 message in the datagram class (docs/datagram.md); 0: not asked.
     pub datagram_copies: u8,
+    /// TLS and QUIC configurations and QUIC endpoints shared with other clients (see
+    /// [`SharedTransport`]); `None` (default): the client builds its own.
+    pub shared_transport: Option<Arc<SharedTransport>>,
 }
 
 impl ClientOptions {
@@ -274,6 +279,7 @@ impl ClientOptions {
             max_packet_size: 1024 * 1024,
             local_addr: None,
             datagram_copies: 0,
+            shared_transport: None,
         })
     }
 
@@ -451,6 +457,16 @@ impl ClientOptions {
     /// server that does not confirm it in CONNACK is used as without. Default: 0 (off).
     pub fn datagrams(mut self, copies: u8) -> Self {
         self.datagram_copies = copies.min(crate::transport::datagram::MAX_COPIES);
+        self
+    }
+
+    /// Shares TLS and QUIC configurations and a pool of QUIC endpoints with every other client
+    /// given the same [`SharedTransport`] (for processes holding many connections: a load
+    /// generator, a gateway). The client's own `tls` and `quic` settings are then not used
+    /// (the shared transport's are); its session cache stays its own; `rebind` is refused.
+    /// Default: none, the client builds its own (one UDP socket per client for QUIC).
+    pub fn shared_transport(mut self, shared: Arc<SharedTransport>) -> Self {
+        self.shared_transport = Some(shared);
         self
     }
 

@@ -37,7 +37,7 @@ use super::streams::{Route, StreamMap};
 use super::{ClientError, Stats};
 use crate::codec::{encode, Codec, ConnAck, DecodeError, Packet, ProtocolVersion};
 use crate::transport::reader::PacketReader;
-use crate::transport::{certs, datagram, quic, tls, ws};
+use crate::transport::{certs, datagram, quic, quic_endpoints, tls, ws};
 
 /// Decoded packets queued from all readers before they stop reading.
 const INBOUND_QUEUE: usize = 64;
@@ -51,21 +51,92 @@ pub enum Inbound {
     Ended(Route),
 }
 
-/// Built once per client and kept across reconnects: TLS configurations and QUIC endpoints.
-pub struct TransportContext {
-    tls: Option<Arc<rustls::ClientConfig>>,
-    quic: Option<quinn::ClientConfig>,
-    /// One endpoint per address family, made on first use.
-    endpoints: Mutex<HashMap<bool, Endpoint>>,
-    server_name: Option<String>,
-    local_addr: Option<IpAddr>,
-    /// The datagram class asked for (copies, 0: not asked), and the copies' spacing.
-    datagram_copies: u8,
-    datagram_spacing: Duration,
+/// TLS and QUIC client configurations built once (trust anchors parsed once, one certificate
+/// verifier) and a pool of QUIC endpoints, handed to many clients with
+/// [`ClientOptions::shared_transport`](super::ClientOptions::shared_transport).
+///
+/// For a process that holds many connections (a load generator, a gateway): without it each
+/// client parses its CA file, builds its own rustls configuration and binds its own UDP socket
+/// with its own quinn endpoint (and endpoint task). With it, a client takes the next endpoint
+/// of the pool (made on first use, at most `endpoints` per address family) and keeps it for its
+/// lifetime, reconnects included; each endpoint's socket asks for the listener's larger
+/// buffers (`transport::quic_endpoints::SOCKET_BUFFER`). Per client, as without sharing: its TLS session cache (so
+/// its 0-RTT tickets are its own: a client never resumes with a ticket another client got),
+/// its QUIC address-validation tokens, its server name, local address and datagram request.
+///
+/// Shared: the TLS and QUIC settings of the options the pool was built from (`tls`, `quic`,
+/// and whether datagrams are offered at all); the client's own `tls` and `quic` options are
+/// not used. A client on a shared endpoint cannot [`rebind`](super::Client::rebind): moving
+/// the endpoint would migrate every connection on it, so `rebind` fails with
+/// [`ClientError::Config`] and nothing moves.
+pub struct SharedTransport {
+    configs: Configs,
+    endpoints: usize,
+    /// Per address family (`true`: IPv6): the endpoints made so far, and the next to hand out.
+    pool: Mutex<HashMap<bool, (Vec<Endpoint>, usize)>>,
 }
 
-impl TransportContext {
-    pub fn new(options: &ClientOptions) -> Result<Self, ClientError> {
+impl std::fmt::Debug for SharedTransport {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let pool = self.pool.lock().expect("never poisoned");
+        f.debug_struct("SharedTransport")
+            .field("endpoints", &self.endpoints)
+            .field("bound", &pool.values().map(|(e, _)| e.len()).sum::<usize>())
+            .finish_non_exhaustive()
+    }
+}
+
+impl SharedTransport {
+    /// Builds the configurations for `options`' URLs, TLS and QUIC settings, with at most
+    /// `endpoints` QUIC endpoints (UDP sockets) per address family (at least one). Endpoints
+    /// are bound on first use, so this needs no runtime; a client's endpoint is bound inside
+    /// the runtime it runs on.
+    pub fn new(options: &ClientOptions, endpoints: usize) -> Result<Self, ClientError> {
+        Ok(Self {
+            configs: Configs::new(options)?,
+            endpoints: endpoints.max(1),
+            pool: Mutex::new(HashMap::new()),
+        })
+    }
+
+    /// The next endpoint of the pool for `v6`: a new one while fewer than `endpoints` exist,
+    /// then each in turn.
+    fn endpoint(&self, v6: bool) -> Result<Endpoint, ClientError> {
+        let mut pool = self.pool.lock().expect("never poisoned");
+        let (endpoints, next) = pool.entry(v6).or_default();
+        if endpoints.len() < self.endpoints {
+            // One socket carries many clients' handshakes: the listener's larger buffers.
+            let socket = quic_endpoints::udp_socket(unspecified(v6), false).map_err(io)?;
+            let runtime = quinn::default_runtime()
+                .ok_or_else(|| ClientError::Io("QUIC endpoints need a tokio runtime".into()))?;
+            let endpoint = Endpoint::new(quinn::EndpointConfig::default(), None, socket, runtime)
+                .map_err(io)?;
+            endpoints.push(endpoint.clone());
+            return Ok(endpoint);
+        }
+        let endpoint = endpoints[*next % endpoints.len()].clone();
+        *next = next.wrapping_add(1);
+        Ok(endpoint)
+    }
+
+    /// QUIC endpoints bound so far (every address family).
+    pub fn endpoints_bound(&self) -> usize {
+        let pool = self.pool.lock().expect("never poisoned");
+        pool.values().map(|(e, _)| e.len()).sum()
+    }
+}
+
+/// The TLS configurations (TCP and QUIC) and the QUIC transport configuration of a client,
+/// or of a [`SharedTransport`]'s clients.
+struct Configs {
+    tls: Option<Arc<rustls::ClientConfig>>,
+    /// The rustls configuration for QUIC (TLS 1.3, ALPN `mqtt`, early data).
+    quic_tls: Option<Arc<rustls::ClientConfig>>,
+    quic_transport: Option<Arc<quinn::TransportConfig>>,
+}
+
+impl Configs {
+    fn new(options: &ClientOptions) -> Result<Self, ClientError> {
         let secure = options.urls.iter().any(|u| u.transport.is_secure());
         let tls = if secure {
             Some(Arc::new(rustls_config(
@@ -76,30 +147,105 @@ impl TransportContext {
         } else {
             None
         };
-        let quic = if options.urls.iter().any(|u| u.transport == Transport::Quic) {
-            let mut crypto = rustls_config(&options.tls, quic::provider(), true)?;
-            crypto.alpn_protocols = vec![quic::ALPN.to_vec()];
-            crypto.enable_early_data = true;
-            let crypto = quinn::crypto::rustls::QuicClientConfig::try_from(crypto)
-                .map_err(|e| ClientError::Config(format!("QUIC TLS: {e}")))?;
-            let mut transport = quic::transport_config(&options.quic)
-                .map_err(|e| ClientError::Config(e.to_string()))?;
-            // The server never opens streams (EMQX mapping).
-            transport.max_concurrent_bidi_streams(0u32.into());
-            if options.datagram_copies == 0 {
-                // Not asking for the datagram class: not offering datagrams either.
-                transport.datagram_receive_buffer_size(None);
+        let (quic_tls, quic_transport) =
+            if options.urls.iter().any(|u| u.transport == Transport::Quic) {
+                let mut crypto = rustls_config(&options.tls, quic::provider(), true)?;
+                crypto.alpn_protocols = vec![quic::ALPN.to_vec()];
+                crypto.enable_early_data = true;
+                let mut transport = quic::transport_config(&options.quic)
+                    .map_err(|e| ClientError::Config(e.to_string()))?;
+                // The server never opens streams (EMQX mapping).
+                transport.max_concurrent_bidi_streams(0u32.into());
+                if options.datagram_copies == 0 {
+                    // Not asking for the datagram class: not offering datagrams either.
+                    transport.datagram_receive_buffer_size(None);
+                }
+                (Some(Arc::new(crypto)), Some(Arc::new(transport)))
+            } else {
+                (None, None)
+            };
+        Ok(Self {
+            tls,
+            quic_tls,
+            quic_transport,
+        })
+    }
+
+    /// The quinn client configuration of one client. Each gets its own TLS session cache
+    /// (sized for its own servers) and its own QUIC token store; the rest is shared.
+    fn quic_client(
+        &self,
+        own_sessions: Option<usize>,
+    ) -> Result<Option<quinn::ClientConfig>, ClientError> {
+        let (Some(tls), Some(transport)) = (&self.quic_tls, &self.quic_transport) else {
+            return Ok(None);
+        };
+        let tls = match own_sessions {
+            None => Arc::clone(tls),
+            Some(servers) => {
+                let mut own = rustls::ClientConfig::clone(tls);
+                own.resumption = rustls::client::Resumption::in_memory_sessions(servers.max(1));
+                Arc::new(own)
             }
-            let mut config = quinn::ClientConfig::new(Arc::new(crypto));
-            config.transport_config(Arc::new(transport));
-            Some(config)
-        } else {
-            None
+        };
+        let crypto = quinn::crypto::rustls::QuicClientConfig::try_from(tls)
+            .map_err(|e| ClientError::Config(format!("QUIC TLS: {e}")))?;
+        let mut config = quinn::ClientConfig::new(Arc::new(crypto));
+        config.transport_config(Arc::clone(transport));
+        Ok(Some(config))
+    }
+
+    /// The TLS-over-TCP configuration of one client, with its own session cache when shared.
+    fn tls_client(&self, own_sessions: Option<usize>) -> Option<Arc<rustls::ClientConfig>> {
+        let tls = self.tls.as_ref()?;
+        Some(match own_sessions {
+            None => Arc::clone(tls),
+            Some(servers) => {
+                let mut own = rustls::ClientConfig::clone(tls);
+                own.resumption = rustls::client::Resumption::in_memory_sessions(servers.max(1));
+                Arc::new(own)
+            }
+        })
+    }
+}
+
+/// Built once per client and kept across reconnects: TLS configurations and QUIC endpoints
+/// (the client's own, or taken from a [`SharedTransport`]).
+pub struct TransportContext {
+    tls: Option<Arc<rustls::ClientConfig>>,
+    quic: Option<quinn::ClientConfig>,
+    /// One endpoint per address family, made (or taken from `shared`) on first use.
+    endpoints: Mutex<HashMap<bool, Endpoint>>,
+    shared: Option<Arc<SharedTransport>>,
+    server_name: Option<String>,
+    local_addr: Option<IpAddr>,
+    /// The datagram class asked for (copies, 0: not asked), and the copies' spacing.
+    datagram_copies: u8,
+    datagram_spacing: Duration,
+}
+
+impl TransportContext {
+    pub fn new(options: &ClientOptions) -> Result<Self, ClientError> {
+        let shared = options.shared_transport.clone();
+        let (tls, quic) = match &shared {
+            None => {
+                let configs = Configs::new(options)?;
+                (configs.tls_client(None), configs.quic_client(None)?)
+            }
+            Some(shared) => {
+                // Its own session cache, as an unshared client's (which holds 256 servers).
+                let servers = Some(options.urls.len());
+                (
+                    shared.configs.tls_client(servers),
+                    shared.configs.quic_client(servers)?,
+                )
+            }
         };
         Ok(Self {
             tls,
             quic,
             endpoints: Mutex::new(HashMap::new()),
+            shared,
             server_name: options.tls.server_name.clone(),
             local_addr: options.local_addr,
             datagram_copies: options.datagram_copies,
@@ -112,16 +258,28 @@ impl TransportContext {
         if let Some(endpoint) = endpoints.get(&v6) {
             return Ok(endpoint.clone());
         }
-        let config = self.quic.clone().ok_or(ClientError::NotQuic)?;
-        let mut endpoint = Endpoint::client(unspecified(v6)).map_err(io)?;
-        endpoint.set_default_client_config(config);
+        if self.quic.is_none() {
+            return Err(ClientError::NotQuic);
+        }
+        let endpoint = match &self.shared {
+            Some(shared) => shared.endpoint(v6)?,
+            None => Endpoint::client(unspecified(v6)).map_err(io)?,
+        };
         endpoints.insert(v6, endpoint.clone());
         Ok(endpoint)
     }
 
     /// Moves the QUIC endpoint of `remote`'s family to a fresh UDP socket (new local port):
-    /// connections on it migrate. Returns the new local address.
+    /// connections on it migrate. Returns the new local address. Refused for an endpoint of
+    /// a [`SharedTransport`] (it would move every client on it).
     pub fn rebind(&self, remote: SocketAddr) -> Result<SocketAddr, ClientError> {
+        if self.shared.is_some() {
+            return Err(ClientError::Config(
+                "rebind needs the client's own QUIC endpoint; this client shares one \
+                 (ClientOptions::shared_transport)"
+                    .into(),
+            ));
+        }
         let endpoint = self.endpoint(remote.is_ipv6())?;
         let socket = std::net::UdpSocket::bind(unspecified(remote.is_ipv6())).map_err(io)?;
         endpoint.rebind(socket).map_err(io)?;
@@ -410,8 +568,12 @@ impl ServerConnection {
                 .endpoint(addr.is_ipv6())
                 .map_err(|e| AttemptError::Failed(e.to_string()))?;
             let name = server_name(ctx, url);
+            let config = ctx
+                .quic
+                .clone()
+                .ok_or(AttemptError::Failed("no QUIC".into()))?;
             let connecting = endpoint
-                .connect(addr, &name)
+                .connect_with(config, addr, &name)
                 .map_err(|e| AttemptError::Failed(e.to_string()))?;
             let conn = match connecting.into_0rtt() {
                 Ok((conn, accepted)) => {

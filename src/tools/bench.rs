@@ -20,7 +20,7 @@ use tokio::sync::watch;
 use tokio::task::JoinSet;
 
 use super::{generated_id, parse_qos, ConnectArgs};
-use petrel::client::{Client, Event, Events, Message, QoS};
+use petrel::client::{Client, Event, Events, Message, QoS, SharedTransport};
 
 /// Sequence, send time, publisher index.
 const HEADER: usize = 8 + 8 + 4;
@@ -85,6 +85,12 @@ pub struct BenchArgs {
     /// connecting slows once about half of them are in use. Default: the system's choice.
     #[arg(long, value_delimiter = ',', value_name = "IP,...")]
     pub source_addrs: Vec<std::net::IpAddr>,
+    /// `conn`: the storm's clients share their TLS and QUIC configurations (the CA parsed
+    /// once) and one QUIC endpoint (UDP socket) per this many clients
+    /// (`ClientOptions::shared_transport`), so that the load generator costs less than the
+    /// broker it measures; 0: every client builds its own, as an application's client does.
+    #[arg(long, default_value_t = 128, value_name = "N")]
+    pub clients_per_endpoint: usize,
     /// Publish through EMQX's delayed publish (`$delayed/SECONDS/topic`); latency is then
     /// measured from the publish plus the delay (how late each message fired).
     #[arg(long, value_name = "SECONDS")]
@@ -674,10 +680,20 @@ async fn connection_storm(args: &BenchArgs, url: &str) -> anyhow::Result<BenchRe
     let mut failures = 0u64;
     let mut clients = Vec::with_capacity(n);
     let mut set = JoinSet::new();
+    let shared = match args.clients_per_endpoint {
+        0 => None,
+        per => Some(Arc::new(SharedTransport::new(
+            &args.connect.options("bench-conn")?,
+            n.div_ceil(per),
+        )?)),
+    };
     for i in 0..n {
         let mut options = args
             .connect
             .options(&generated_id(&format!("bench-conn-{i}")))?;
+        if let Some(shared) = &shared {
+            options = options.shared_transport(Arc::clone(shared));
+        }
         if !args.source_addrs.is_empty() {
             options.local_addr = Some(args.source_addrs[i % args.source_addrs.len()]);
         }

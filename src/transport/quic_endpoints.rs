@@ -55,20 +55,35 @@ const CID_LEN: usize = 8;
 /// full socket buffer would.
 const FORWARD_QUEUE: usize = 4096;
 
+/// The receive and send buffer each listener socket asks for (`SO_RCVBUF`, `SO_SNDBUF`). The
+/// kernel's default (about 208 KiB: some 90 datagrams of a full-size Initial) overflows in a
+/// connection storm while the endpoint task is busy with handshakes: 5,900–6,100 client
+/// datagrams dropped per 10,000-client storm on loopback, each costing its client a probe
+/// timeout (about 1 s for an Initial) before it sends again. Linux caps what is granted at
+/// `net.core.rmem_max` / `wmem_max` (raise those for the full size); memory is used only
+/// while datagrams wait.
+pub const SOCKET_BUFFER: usize = 4 << 20;
+
 /// Binds `count` quinn server endpoints to `addr` (one when `count` is 1, or where
 /// `SO_REUSEPORT` is not available). The first endpoint's local address is the listener's
 /// (with the port resolved when `addr` has port 0).
 pub fn bind(server: ServerConfig, addr: SocketAddr, count: usize) -> io::Result<Vec<Endpoint>> {
-    if count <= 1 || !cfg!(target_os = "linux") {
-        return Ok(vec![Endpoint::server(server, addr)?]);
-    }
-    let count = count.min(usize::from(u8::MAX));
     let runtime = quinn::default_runtime()
         .ok_or_else(|| io::Error::other("QUIC endpoints need a tokio runtime"))?;
+    if count <= 1 || !cfg!(target_os = "linux") {
+        let socket = udp_socket(addr, false)?;
+        return Ok(vec![Endpoint::new(
+            EndpointConfig::default(),
+            Some(server),
+            socket,
+            runtime,
+        )?]);
+    }
+    let count = count.min(usize::from(u8::MAX));
     let mut sockets = Vec::with_capacity(count);
     let mut bound = addr;
     for _ in 0..count {
-        let socket = reuse_port_socket(bound)?;
+        let socket = udp_socket(bound, true)?;
         bound = socket.local_addr()?;
         sockets.push(socket);
     }
@@ -88,7 +103,7 @@ pub fn bind(server: ServerConfig, addr: SocketAddr, count: usize) -> io::Result<
             peers: Arc::clone(&peers),
         };
         let mut config = base.clone();
-        config.cid_generator(move || Box::new(RoutedCids { index }));
+        config.cid_generator(move || Box::new(RoutedCids::new(index)));
         endpoints.push(Endpoint::new_with_abstract_socket(
             config,
             Some(server.clone()),
@@ -99,36 +114,74 @@ pub fn bind(server: ServerConfig, addr: SocketAddr, count: usize) -> io::Result<
     Ok(endpoints)
 }
 
-#[cfg(target_os = "linux")]
-fn reuse_port_socket(addr: SocketAddr) -> io::Result<std::net::UdpSocket> {
+/// A UDP socket bound to `addr` with [`SOCKET_BUFFER`] asked for (a smaller grant is kept),
+/// with `SO_REUSEPORT` when `reuse_port` (Linux only).
+pub fn udp_socket(addr: SocketAddr, reuse_port: bool) -> io::Result<std::net::UdpSocket> {
     use socket2::{Domain, Protocol, Socket, Type};
     let socket = Socket::new(Domain::for_address(addr), Type::DGRAM, Some(Protocol::UDP))?;
-    socket.set_reuse_port(true)?;
+    if reuse_port {
+        set_reuse_port(&socket)?;
+    }
+    // Best effort: the kernel grants at most its maximum, and a refusal leaves the default.
+    let _ = socket.set_recv_buffer_size(SOCKET_BUFFER);
+    let _ = socket.set_send_buffer_size(SOCKET_BUFFER);
     socket.set_nonblocking(true)?;
     socket.bind(&addr.into())?;
     Ok(socket.into())
 }
 
+#[cfg(target_os = "linux")]
+fn set_reuse_port(socket: &socket2::Socket) -> io::Result<()> {
+    socket.set_reuse_port(true)
+}
+
 #[cfg(not(target_os = "linux"))]
-fn reuse_port_socket(_addr: SocketAddr) -> io::Result<std::net::UdpSocket> {
+fn set_reuse_port(_socket: &socket2::Socket) -> io::Result<()> {
     Err(io::Error::other("SO_REUSEPORT endpoints are Linux-only"))
 }
+
+/// Connection IDs drawn from the system's CSPRNG per [`RANDOM_BATCH`] bytes: one `getrandom`
+/// call per 64 IDs rather than per ID (a connection takes several).
+const RANDOM_BATCH: usize = 64 * CID_LEN;
 
 /// Connection IDs naming the endpoint that issued them in their first byte.
 struct RoutedCids {
     index: u8,
+    random: [u8; RANDOM_BATCH],
+    /// Bytes of `random` already used.
+    used: usize,
+}
+
+impl RoutedCids {
+    fn new(index: u8) -> Self {
+        Self {
+            index,
+            random: [0; RANDOM_BATCH],
+            used: RANDOM_BATCH,
+        }
+    }
 }
 
 impl ConnectionIdGenerator for RoutedCids {
     fn generate_cid(&mut self) -> ConnectionId {
-        let mut bytes = [0u8; CID_LEN];
-        if ring::rand::SystemRandom::new().fill(&mut bytes).is_err() {
-            // The system's CSPRNG does not fail on Linux; should it, the IDs stay unique
-            // (quinn retries a clash, so they must vary), if predictable.
-            static FALLBACK: AtomicU64 = AtomicU64::new(1);
-            let n = FALLBACK.fetch_add(1, Ordering::Relaxed);
-            bytes.copy_from_slice(&n.to_be_bytes());
+        if self.used == RANDOM_BATCH {
+            if ring::rand::SystemRandom::new()
+                .fill(&mut self.random)
+                .is_err()
+            {
+                // The system's CSPRNG does not fail on Linux; should it, the IDs stay unique
+                // (quinn retries a clash, so they must vary), if predictable.
+                static FALLBACK: AtomicU64 = AtomicU64::new(1);
+                for chunk in self.random.chunks_exact_mut(CID_LEN) {
+                    let n = FALLBACK.fetch_add(1, Ordering::Relaxed);
+                    chunk.copy_from_slice(&n.to_be_bytes());
+                }
+            }
+            self.used = 0;
         }
+        let mut bytes = [0u8; CID_LEN];
+        bytes.copy_from_slice(&self.random[self.used..self.used + CID_LEN]);
+        self.used += CID_LEN;
         bytes[0] = self.index;
         ConnectionId::new(&bytes)
     }
@@ -309,7 +362,7 @@ mod tests {
 
     #[test]
     fn connection_ids_name_their_endpoint() {
-        let mut cids = RoutedCids { index: 1 };
+        let mut cids = RoutedCids::new(1);
         let a = cids.generate_cid();
         let b = cids.generate_cid();
         assert_eq!(a.len(), CID_LEN);

@@ -1,12 +1,14 @@
 //! Staying connected: reconnect and session resume under a forced disconnect while QoS 1 and
-//! QoS 2 streams are in flight, QUIC migration (`rebind`), the offline buffer, 0-RTT.
+//! QoS 2 streams are in flight, QUIC migration (`rebind`), the offline buffer, 0-RTT, and
+//! many clients on one `SharedTransport`.
 
 use std::collections::BTreeMap;
+use std::sync::Arc;
 use std::time::Duration;
 
 use petrel::client::{
-    Backoff, ClientError, ClientOptions, DisconnectReason, Event, Events, Message, QoS,
-    QuicStreams, ReasonCode,
+    Backoff, Client, ClientError, ClientOptions, DisconnectReason, Event, Events, Message, QoS,
+    QuicStreams, ReasonCode, SharedTransport,
 };
 use petrel::codec::{Disconnect, Packet, ProtocolVersion};
 use petrel::config::ListenerKind;
@@ -295,5 +297,99 @@ async fn quic_reconnect_resumes_tls_and_sends_connect_in_0rtt() {
     assert!(zero_rtt, "the ticket of the first connection was used");
     assert_eq!(client.stats().zero_rtt_connects, 1);
     client.subscribe("zero/#", QoS::AtLeastOnce).await.unwrap();
+    broker.shutdown().await;
+}
+
+/// The next `Connected` event's `zero_rtt`, skipping other events.
+async fn connected_zero_rtt(events: &mut Events) -> bool {
+    loop {
+        if let Event::Connected { zero_rtt, .. } = next_event(events).await {
+            return zero_rtt;
+        }
+    }
+}
+
+/// Each of `clients` (the client of `ids[k]` at `k`) publishes QoS 1 to the next one's topic
+/// (`ID/in`), awaits the PUBACK, and receives the previous one's message.
+async fn pass_along(clients: &mut [(Client, Events)], ids: &[String], tag: &str) {
+    let n = clients.len();
+    let publishes = clients.iter().enumerate().map(|(k, (client, _))| {
+        let m = Message::new(
+            format!("{}/in", ids[(k + 1) % n]),
+            format!("{tag} from {k}"),
+        )
+        .qos(QoS::AtLeastOnce);
+        client.publish(m)
+    });
+    for outcome in futures_util::future::join_all(publishes).await {
+        outcome.expect("PUBACK");
+    }
+    for (k, (_, events)) in clients.iter_mut().enumerate() {
+        let m = next_message(events).await;
+        assert_eq!(m.payload, format!("{tag} from {}", (k + n - 1) % n));
+    }
+}
+
+#[tokio::test]
+async fn quic_clients_on_a_shared_transport_work_as_their_own() {
+    const CLIENTS: usize = 6;
+    let broker = TransportBroker::start().await;
+    // The CA is in the shared transport's options only: the clients' own TLS options are
+    // not used.
+    let shared = SharedTransport::new(&options(&broker, ListenerKind::Quic, "unused"), 2).unwrap();
+    let shared = Arc::new(shared);
+    let ids: Vec<String> = (0..CLIENTS)
+        .map(|i| unique(&format!("shared-{i}")))
+        .collect();
+    let mut clients = Vec::new();
+    for id in &ids {
+        let url = super::url(&broker, ListenerKind::Quic);
+        let own = quick_reconnect(ClientOptions::new(&url).unwrap())
+            .client_id(id)
+            .persistent(60)
+            .connect_timeout(Duration::from_secs(5))
+            .shared_transport(Arc::clone(&shared));
+        let (client, mut events) = tokio::time::timeout(LONG, Client::connect(own))
+            .await
+            .expect("connects in time")
+            .expect("connects");
+        assert!(
+            !connected_zero_rtt(&mut events).await,
+            "a first connect is a full handshake: no client resumes with another's ticket"
+        );
+        client
+            .subscribe(&format!("{id}/in"), QoS::AtLeastOnce)
+            .await
+            .unwrap();
+        clients.push((client, events));
+    }
+    assert_eq!(
+        shared.endpoints_bound(),
+        2,
+        "six clients on two UDP sockets"
+    );
+    pass_along(&mut clients, &ids, "first").await;
+    // One leaves (DISCONNECT, its connection closed on a shared endpoint): the others carry
+    // on undisturbed, on both endpoints.
+    let (gone, _gone_events) = clients.remove(0);
+    gone.disconnect().await.unwrap();
+    pass_along(&mut clients, &ids[1..], "second").await;
+    for (_, events) in &mut clients {
+        super::no_message(events).await;
+    }
+    // A taken-over client reconnects on its shared endpoint, in 0-RTT with its own ticket.
+    take_over(&broker, &ids[1], true).await;
+    assert!(
+        connected_zero_rtt(&mut clients[0].1).await,
+        "the reconnect resumed with the client's own ticket"
+    );
+    assert_eq!(clients[0].0.stats().connects, 2);
+    // Rebinding would move every client on the endpoint: refused, nothing moves.
+    assert!(matches!(
+        clients[0].0.rebind().await,
+        Err(ClientError::Config(_))
+    ));
+    pass_along(&mut clients, &ids[1..], "third").await;
+    assert_eq!(shared.endpoints_bound(), 2);
     broker.shutdown().await;
 }
