@@ -11,7 +11,13 @@
 //! LOSSY_FIXED_WINDOWS=1 cargo bench --bench lossy -- --only matrix   # MQTT windows fixed
 //!                                           # at 128 out / 100 in, as before they adapted
 //! PETREL_LOSSY_TIMELINE=1 cargo bench --bench lossy -- --only blackout  # + each client's
-//!                                     # connection events around each blackout, printed
+//!                                     # connection events around each blackout, the backlog's
+//!                                     # arrivals and the publisher's completions per 100 ms
+//! PETREL_LOSSY_TIMELINE=1 cargo bench --features internals --bench lossy -- --only blackout
+//!                                     # + the broker's view of each client every 20 ms
+//!                                     # (window, in flight, RTT, congestion window)
+//! PETREL_LOSSY_TRACE=petrel::client=debug ...  # tracing on stderr (each connect attempt),
+//!                                     # stamped in µs of Unix time like the timeline's end
 //! ```
 //!
 //! Packet-mode rows (every TCP and TLS row, and the QUIC rows that share their path) need root;
