@@ -18,6 +18,12 @@
 //!                                     # (window, in flight, RTT, congestion window)
 //! PETREL_LOSSY_TRACE=petrel::client=debug ...  # tracing on stderr (each connect attempt),
 //!                                     # stamped in µs of Unix time like the timeline's end
+//! LOSSY_PROFILE=3g cargo bench --bench lossy -- --only matrix  # one profile's cases only
+//! LOSSY_MATRIX_QUIC_CC=cubic cargo bench --bench lossy -- --only matrix  # the matrix's QUIC
+//!                                     # rows with another controller than the default
+//! LOSSY_MATRIX_PHASES=2 cargo bench --bench lossy -- --only matrix  # the matrix's phases by
+//!                                     # index (0-2: QoS 0-2 paced, 3: saturation), e.g. to
+//!                                     # read the link's packet and byte counts of one
 //! ```
 //!
 //! Packet-mode rows (every TCP and TLS row, and the QUIC rows that share their path) need root;
@@ -104,6 +110,13 @@ async fn run(mode: Mode, only: Option<plan::Group>, seed: u64) -> anyhow::Result
     if let Some(group) = only {
         cases.retain(|case| case.group == group);
     }
+    if let Some(name) = std::env::var_os("LOSSY_PROFILE") {
+        if mode == Mode::Report {
+            anyhow::bail!("LOSSY_PROFILE runs part of the matrix: it cannot write the report");
+        }
+        cases.retain(|case| std::ffi::OsStr::new(case.setup.profile.name.as_str()) == name);
+        anyhow::ensure!(!cases.is_empty(), "no case runs on the profile {name:?}");
+    }
     let total = cases.len();
     let mut results = Vec::with_capacity(total);
     for (i, case) in cases.into_iter().enumerate() {
@@ -119,7 +132,16 @@ async fn run(mode: Mode, only: Option<plan::Group>, seed: u64) -> anyhow::Result
             started.elapsed().as_secs_f64(),
             case.title()
         );
-        results.push(run_case(case, &child).await);
+        let result = run_case(case, &child).await;
+        if let Some(outcome) = result.outcome() {
+            // The link's own count, both directions (bytes as the senders put them on it).
+            let (up, down) = (&outcome.up, &outcome.down);
+            eprintln!(
+                "lossy:        link up {} packets {} B, down {} packets {} B",
+                up.sent, up.sent_bytes, down.sent, down.sent_bytes
+            );
+        }
+        results.push(result);
     }
     let elapsed = started.elapsed();
     let failures: Vec<String> = results.iter().flat_map(CaseResult::failures).collect();

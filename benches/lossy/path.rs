@@ -69,6 +69,8 @@ pub struct Outcome {
     pub link_started_unix_us: u64,
     /// The broker's egress direction of the link.
     pub down: LinkStats,
+    /// The clients' egress direction (towards the broker).
+    pub up: LinkStats,
     /// Address changes the relay made (relay mode).
     pub address_changes: u64,
     /// The broker's view of each client every few ms (with `PETREL_LOSSY_TIMELINE` only).
@@ -267,6 +269,7 @@ async fn run_packet(
         report,
         link_started_unix_us,
         down: stats.down,
+        up: stats.up,
         address_changes: 0,
         samples,
     })
@@ -304,6 +307,7 @@ async fn run_relay(
         report: report??,
         link_started_unix_us,
         down: stats.down,
+        up: stats.up,
         address_changes: stats.address_changes,
         samples: Vec::new(),
     })

@@ -433,6 +433,18 @@ pub fn cases(mode: Mode, base: u64) -> Vec<Case> {
     }
 }
 
+/// The matrix's QUIC controller: the default, or `LOSSY_MATRIX_QUIC_CC` (`cubic`,
+/// `newreno`, `bbr`) to look at a profile with another.
+fn matrix_quic_cc() -> QuicCc {
+    match std::env::var("LOSSY_MATRIX_QUIC_CC").as_deref() {
+        Ok("cubic") => QuicCc::Cubic,
+        Ok("newreno") => QuicCc::NewReno,
+        Ok("bbr") => QuicCc::Bbr,
+        Ok(other) => panic!("LOSSY_MATRIX_QUIC_CC takes cubic, newreno or bbr, not {other:?}"),
+        Err(_) => DEFAULT_CC,
+    }
+}
+
 fn quick(base: u64) -> Vec<Case> {
     let mut cases = Vec::new();
     for transport in [Transport::Tcp, Transport::QuicPerTopic] {
@@ -518,7 +530,17 @@ fn full(base: u64) -> Vec<Case> {
                 },
                 seconds: l.saturate_seconds,
             });
-            let mut spec = template(transport, DEFAULT_CC, phases);
+            // `LOSSY_MATRIX_PHASES=2`: only the paced QoS 2 phase, say (a link's packet and
+            // byte counts are the run's, so this is how they are had per QoS level).
+            if let Ok(keep) = std::env::var("LOSSY_MATRIX_PHASES") {
+                let mut i = 0;
+                phases.retain(|_| {
+                    i += 1;
+                    keep.split(',').any(|k| k.trim() == (i - 1).to_string())
+                });
+            }
+            let quic_cc = matrix_quic_cc();
+            let mut spec = template(transport, quic_cc, phases);
             spec.reconnect_probes = l.probes;
             cases.push(packet_case(
                 Group::Matrix,
@@ -526,7 +548,7 @@ fn full(base: u64) -> Vec<Case> {
                 base + 100 + i as u64,
                 transport,
                 tcp_cc,
-                DEFAULT_CC,
+                quic_cc,
                 spec,
             ));
         }

@@ -314,3 +314,46 @@ async fn quic_datagram_class_survives_a_0rtt_reconnect() {
     assert_eq!(client.stats().datagram_messages, 1, "{:?}", client.stats());
     broker.shutdown().await;
 }
+
+/// The datagram class with a stream per topic: the datagram reader and the data streams
+/// share one event queue, made at CONNECT for the datagrams, before CONNACK; data streams
+/// opened after CONNACK must still be read (a regression: the version they wait for was
+/// never published to a queue that had no reader yet, and their SUBSCRIBEs went unanswered).
+#[tokio::test]
+async fn quic_datagram_class_with_a_stream_per_topic_serves_data_streams() {
+    let broker = broker_with(|_| {}).await;
+    let (sub, mut sub_events) = connect(
+        options(&broker, ListenerKind::Quic, "dg-topic-sub")
+            .datagrams(2)
+            .streams(petrel::client::QuicStreams::per_topic()),
+    )
+    .await;
+    let topic = unique("dg/per-topic");
+    for t in 0..3 {
+        tokio::time::timeout(
+            LONG,
+            sub.subscribe(&format!("{topic}/{t}"), CQoS::ExactlyOnce),
+        )
+        .await
+        .expect("SUBACK on a data stream in time")
+        .unwrap();
+    }
+    let (publisher, _pub_events) =
+        connect(options(&broker, ListenerKind::Tcp, "dg-topic-pub")).await;
+    for t in 0..3 {
+        publisher
+            .publish(Message::new(format!("{topic}/{t}"), format!("q0-{t}")))
+            .await
+            .unwrap();
+        publisher
+            .publish(Message::new(format!("{topic}/{t}"), format!("q2-{t}")).qos(CQoS::ExactlyOnce))
+            .await
+            .unwrap();
+    }
+    let got = collect(&mut sub_events, 6).await;
+    assert_eq!(got.len(), 6, "every message arrives: {got:?}");
+    assert!(got.values().all(|(times, _)| *times == 1), "{got:?}");
+    sub.disconnect().await.unwrap();
+    publisher.disconnect().await.unwrap();
+    broker.shutdown().await;
+}

@@ -373,3 +373,51 @@ async fn quic_retry_address_validation_still_connects() {
     assert_eq!(&delivered.payload[..], b"validated");
     broker.shutdown().await;
 }
+
+/// The control stream is read and written by the connection's own task (no stream task):
+/// however it ends while the client is idle — finished (FIN), stopped (STOP_SENDING) or
+/// carrying a malformed packet — the broker notices at once, closes the connection and
+/// publishes the will; a malformed packet closes with 0x81 as the QUIC error code.
+#[tokio::test]
+async fn quic_control_stream_ending_ends_the_connection_with_its_will() {
+    let broker = broker_with(|_| {}).await;
+    for how in ["finish", "stop", "malformed"] {
+        let topic = unique(&format!("control-end-{how}"));
+        let mut watcher = tcp_client(&broker, "control-end-watch").await;
+        watcher.subscribe(1, &topic, QoS::AtLeastOnce).await;
+        let mut connect = connect_packet(ProtocolVersion::V5, &unique("control-end"));
+        connect.will = Some(will(&topic, how.as_bytes(), QoS::AtLeastOnce));
+        let (mut client, connack) = QuicClient::connect_with(&broker, connect).await;
+        assert_eq!(connack.code, ReasonCode::SUCCESS, "{how}: {connack:?}");
+        // Idle and known to be served before the control stream ends.
+        client.control.send(&Packet::PingReq).await;
+        assert!(matches!(
+            client.control.expect_packet().await,
+            Packet::PingResp
+        ));
+        match how {
+            "finish" => client.control.send.finish().unwrap(),
+            "stop" => client
+                .control
+                .recv
+                .stop(quinn::VarInt::from_u32(0))
+                .unwrap(),
+            // A remaining length of five bytes.
+            _ => {
+                client
+                    .control
+                    .send_raw(&[0x30, 0xFF, 0xFF, 0xFF, 0xFF, 0x01])
+                    .await
+            }
+        }
+        if how == "malformed" {
+            expect_app_close(&client.conn, ReasonCode::MALFORMED_PACKET.0).await;
+        } else {
+            super::conn_closed(&client.conn).await;
+        }
+        let got = watcher.expect_publish().await;
+        assert_eq!(got.topic, topic, "{how}");
+        assert_eq!(&got.payload[..], how.as_bytes(), "{how}: the will");
+    }
+    broker.shutdown().await;
+}
