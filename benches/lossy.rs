@@ -11,7 +11,13 @@
 //! LOSSY_FIXED_WINDOWS=1 cargo bench --bench lossy -- --only matrix   # MQTT windows fixed
 //!                                           # at 128 out / 100 in, as before they adapted
 //! PETREL_LOSSY_TIMELINE=1 cargo bench --bench lossy -- --only blackout  # + each client's
-//!                                     # connection events around each blackout, printed
+//!                                     # connection events around each blackout, the backlog's
+//!                                     # arrivals and the publisher's completions per 100 ms
+//! PETREL_LOSSY_TIMELINE=1 cargo bench --features internals --bench lossy -- --only blackout
+//!                                     # + the broker's view of each client every 20 ms
+//!                                     # (window, in flight, RTT, congestion window)
+//! PETREL_LOSSY_TRACE=petrel::client=debug ...  # tracing on stderr (each connect attempt),
+//!                                     # stamped in µs of Unix time like the timeline's end
 //! LOSSY_PROFILE=3g cargo bench --bench lossy -- --only matrix  # one profile's cases only
 //! LOSSY_MATRIX_QUIC_CC=cubic cargo bench --bench lossy -- --only matrix  # the matrix's QUIC
 //!                                     # rows with another controller than the default
@@ -83,6 +89,7 @@ fn main() -> anyhow::Result<()> {
     }
     let mode = if only.is_some() { Mode::Full } else { mode };
     let seed = netem::seed::from_env_or_random();
+    clients::trace_from_env();
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
         .enable_all()
@@ -183,12 +190,13 @@ fn print_timeline(result: &CaseResult) {
     let Some(outcome) = result.outcome() else {
         return;
     };
-    for (_, (start, end), recovery) in &result.recoveries {
+    for (phase, (start, end), recovery) in &result.recoveries {
         let rel = |us: u64| (us as f64 - *end as f64) / 1000.0;
         eprintln!(
-            "timeline {}: dark {:.0}..0 ms",
+            "timeline {}: dark {:.0}..0 ms (the end at {} µs Unix time)",
             result.case.title(),
-            rel(*start)
+            rel(*start),
+            outcome.report.started_unix_us + end
         );
         for e in &outcome.report.events {
             eprintln!("  {:>9.0} ms  {:<4} {}", rel(e.at_us), e.who, e.what);
@@ -197,5 +205,56 @@ fn print_timeline(result: &CaseResult) {
             "  first delivery after {:?} ms, caught up after {:?} ms",
             recovery.first_delivery_ms, recovery.backlog_cleared_ms
         );
+        // The backlog (sent before the end) as it arrived, per 100 ms from the end.
+        if let Some(p) = outcome.report.phases.get(*phase) {
+            let arrivals: Vec<u64> = p
+                .deliveries
+                .iter()
+                .filter(|d| d[2] < *end && d[2] + d[3] >= *end)
+                .map(|d| (d[2] + d[3] - end) / 100_000)
+                .collect();
+            let bins = arrivals.iter().max().map_or(0, |m| m + 1);
+            let mut counts = vec![0u64; bins as usize];
+            for a in arrivals {
+                counts[a as usize] += 1;
+            }
+            eprintln!("  backlog arrivals per 100 ms from the end: {counts:?}");
+            // The publisher's side: PUBACK (QoS 1) or PUBCOMP (QoS 2) per 100 ms.
+            let mut acks = vec![0u64; bins as usize + 5];
+            for &at in p.acked_us.iter().filter(|&&at| at >= *end) {
+                let bin = ((at - end) / 100_000) as usize;
+                if let Some(slot) = acks.get_mut(bin) {
+                    *slot += 1;
+                }
+            }
+            eprintln!("  publisher completions per 100 ms from the end: {acks:?}");
+            // The broker's view, every 100 ms from 100 ms before the end until caught up.
+            let unix_end = outcome.report.started_unix_us + end;
+            let until = recovery.backlog_cleared_ms.unwrap_or(3000.0) + 200.0;
+            let mut next = -100.0;
+            for s in &outcome.samples {
+                let at = (s.at_us as f64 - unix_end as f64) / 1000.0;
+                if at < next - 10.0 || at > until {
+                    continue;
+                }
+                if s.client_id.starts_with("sub") || at >= next {
+                    eprintln!(
+                        "  {at:>6.0} ms broker {:<3} conn {} in {} sent {} inflight {}/{} rtt {:.0} ms cwnd {} B lost {}",
+                        &s.client_id[..3],
+                        s.conn_id,
+                        s.received,
+                        s.sent,
+                        s.inflight,
+                        s.window,
+                        s.rtt_us as f64 / 1000.0,
+                        s.cwnd,
+                        s.lost_packets
+                    );
+                }
+                if s.client_id.starts_with("sub") && at >= next {
+                    next += 100.0;
+                }
+            }
+        }
     }
 }

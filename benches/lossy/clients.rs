@@ -192,6 +192,10 @@ pub struct PhaseReport {
     pub sent: Vec<u64>,
     /// QoS 1/2 publishes completed (PUBACK / PUBCOMP), and those that failed.
     pub acked: u64,
+    /// When each QoS 1/2 publish completed, µs from the run's start (the timeline's
+    /// publisher side).
+    #[serde(default)]
+    pub acked_us: Vec<u64>,
     pub publish_errors: u64,
     pub first_errors: Vec<String>,
     /// First copies: `[topic, seq, sent_us, latency_us]`.
@@ -222,11 +226,35 @@ pub struct ConnEvent {
 }
 
 /// The child process's entry: reads the spec from [`SPEC_VAR`], runs, writes the report.
+/// `PETREL_LOSSY_TRACE=FILTER` (an `EnvFilter`, e.g. `petrel::client=debug`): the clients'
+/// and the broker's tracing on stderr, stamped in µs since the Unix epoch (the timeline
+/// prints the blackout's end on the same clock).
+pub fn trace_from_env() {
+    struct UnixMicros;
+    impl tracing_subscriber::fmt::time::FormatTime for UnixMicros {
+        fn format_time(
+            &self,
+            w: &mut tracing_subscriber::fmt::format::Writer<'_>,
+        ) -> std::fmt::Result {
+            write!(w, "{}", unix_us())
+        }
+    }
+    if let Ok(filter) = std::env::var("PETREL_LOSSY_TRACE") {
+        let _ = tracing_subscriber::fmt()
+            .with_env_filter(tracing_subscriber::EnvFilter::new(filter))
+            .with_timer(UnixMicros)
+            .with_ansi(false)
+            .with_writer(std::io::stderr)
+            .try_init();
+    }
+}
+
 pub fn child_main() -> anyhow::Result<()> {
     let spec: ClientSpec = serde_json::from_str(
         &std::env::var(SPEC_VAR).with_context(|| format!("{SPEC_VAR} is not set"))?,
     )
     .context("the client spec")?;
+    trace_from_env();
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
         .enable_all()
@@ -395,7 +423,7 @@ async fn publish_phase(
     let until = start + Duration::from_secs_f64(phase.seconds);
     let completions = Arc::new(Mutex::new(Completions::default()));
     let (handles_tx, handles_rx) = mpsc::unbounded_channel();
-    let completer = tokio::spawn(complete(handles_rx, Arc::clone(&completions)));
+    let completer = tokio::spawn(complete(handles_rx, Arc::clone(&completions), t0));
     let mut window = std::collections::VecDeque::new();
     let mut i = 0u64;
     loop {
@@ -420,7 +448,10 @@ async fn publish_phase(
                 if window.len() >= limit.max(1) {
                     let handle: PublishHandle = window.pop_front().expect("non-empty");
                     let outcome = handle.await;
-                    completions.lock().expect("never poisoned").count(outcome);
+                    completions
+                        .lock()
+                        .expect("never poisoned")
+                        .count(outcome, us(t0.elapsed()));
                 }
                 Instant::now()
             }
@@ -428,7 +459,10 @@ async fn publish_phase(
                 if window.len() >= inflight.max(1) {
                     let handle: PublishHandle = window.pop_front().expect("non-empty");
                     let outcome = handle.await;
-                    completions.lock().expect("never poisoned").count(outcome);
+                    completions
+                        .lock()
+                        .expect("never poisoned")
+                        .count(outcome, us(t0.elapsed()));
                 }
                 Instant::now()
             }
@@ -499,6 +533,7 @@ async fn publish_phase(
         end_us: us(end - t0),
         sent,
         acked: completions.acked,
+        acked_us: std::mem::take(&mut completions.acked_us),
         publish_errors: completions.errors,
         first_errors: std::mem::take(&mut completions.first),
         deliveries: Vec::new(),
@@ -511,10 +546,14 @@ async fn publish_phase(
 async fn complete(
     mut handles: mpsc::UnboundedReceiver<PublishHandle>,
     completions: Arc<Mutex<Completions>>,
+    t0: Instant,
 ) {
     while let Some(handle) = handles.recv().await {
         let outcome = handle.await;
-        completions.lock().expect("never poisoned").count(outcome);
+        completions
+            .lock()
+            .expect("never poisoned")
+            .count(outcome, us(t0.elapsed()));
     }
 }
 
@@ -522,15 +561,19 @@ async fn complete(
 #[derive(Default)]
 struct Completions {
     acked: u64,
+    acked_us: Vec<u64>,
     errors: u64,
     /// The first few distinct errors, for the report.
     first: Vec<String>,
 }
 
 impl Completions {
-    fn count<T>(&mut self, outcome: Result<T, ClientError>) {
+    fn count<T>(&mut self, outcome: Result<T, ClientError>, at_us: u64) {
         match outcome {
-            Ok(_) => self.acked += 1,
+            Ok(_) => {
+                self.acked += 1;
+                self.acked_us.push(at_us);
+            }
             Err(e) => {
                 self.errors += 1;
                 let text = e.to_string();

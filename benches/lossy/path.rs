@@ -73,6 +73,83 @@ pub struct Outcome {
     pub up: LinkStats,
     /// Address changes the relay made (relay mode).
     pub address_changes: u64,
+    /// The broker's view of each client every few ms (with `PETREL_LOSSY_TIMELINE` only).
+    pub samples: Vec<BrokerSample>,
+}
+
+/// One client's connection as the broker saw it at one instant (Unix µs).
+#[derive(Debug, Clone)]
+pub struct BrokerSample {
+    pub at_us: u64,
+    pub client_id: String,
+    pub conn_id: u64,
+    pub inflight: u32,
+    pub window: u32,
+    pub received: u64,
+    pub sent: u64,
+    pub rtt_us: u64,
+    pub cwnd: u64,
+    pub lost_packets: u64,
+}
+
+/// How often `sample_broker` looks.
+#[cfg(feature = "internals")]
+const SAMPLE_EVERY: Duration = Duration::from_millis(20);
+
+/// Samples the broker's connections every `SAMPLE_EVERY` until the sender is used or dropped,
+/// with `PETREL_LOSSY_TIMELINE` set and the broker's internals open (`--features internals`).
+#[cfg(not(feature = "internals"))]
+fn sample_broker(
+    _broker: &RunningBroker,
+) -> (
+    tokio::sync::oneshot::Sender<()>,
+    tokio::task::JoinHandle<Vec<BrokerSample>>,
+) {
+    let (stop, _) = tokio::sync::oneshot::channel::<()>();
+    (stop, tokio::spawn(async { Vec::new() }))
+}
+
+#[cfg(feature = "internals")]
+fn sample_broker(
+    broker: &RunningBroker,
+) -> (
+    tokio::sync::oneshot::Sender<()>,
+    tokio::task::JoinHandle<Vec<BrokerSample>>,
+) {
+    let broker = std::sync::Arc::clone(&broker.broker);
+    let (stop, mut stopped) = tokio::sync::oneshot::channel::<()>();
+    let task = tokio::spawn(async move {
+        let mut samples = Vec::new();
+        if std::env::var_os("PETREL_LOSSY_TIMELINE").is_none() {
+            return samples;
+        }
+        let mut tick = tokio::time::interval(SAMPLE_EVERY);
+        loop {
+            tokio::select! {
+                _ = &mut stopped => return samples,
+                _ = tick.tick() => {}
+            }
+            let tcp = petrel::broker::tcp_info::snapshot().ok();
+            let at_us = clients::unix_us();
+            for info in broker.clients.all() {
+                use std::sync::atomic::Ordering::Relaxed;
+                let q = info.link_quality_with(tcp.as_ref()).unwrap_or_default();
+                samples.push(BrokerSample {
+                    at_us,
+                    client_id: info.client_id.to_string(),
+                    conn_id: info.conn_id,
+                    inflight: info.inflight.load(Relaxed),
+                    window: info.inflight_max.load(Relaxed),
+                    received: info.recv_msg.load(Relaxed),
+                    sent: info.send_msg.load(Relaxed),
+                    rtt_us: q.rtt_us,
+                    cwnd: q.cwnd,
+                    lost_packets: q.lost_packets,
+                });
+            }
+        }
+    });
+    (stop, task)
 }
 
 /// Why packet mode cannot run here, if it cannot.
@@ -174,7 +251,10 @@ async fn run_packet(
         .kill_on_drop(true)
         .spawn()
         .context("starting the client half in the namespace")?;
+    let (stop_sampling, sampling) = sample_broker(&broker);
     let status = tokio::time::timeout(deadline(spec), process.wait()).await;
+    let _ = stop_sampling.send(());
+    let samples = sampling.await.unwrap_or_default();
     let stats = link.stats();
     broker.shutdown().await;
     link.shutdown()?;
@@ -191,6 +271,7 @@ async fn run_packet(
         down: stats.down,
         up: stats.up,
         address_changes: 0,
+        samples,
     })
 }
 
@@ -228,6 +309,7 @@ async fn run_relay(
         down: stats.down,
         up: stats.up,
         address_changes: stats.address_changes,
+        samples: Vec::new(),
     })
 }
 

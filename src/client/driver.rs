@@ -205,7 +205,7 @@ async fn race_round(
         if race.over(now()) {
             return Err(last_error);
         }
-        let deadline = race.deadline();
+        let deadline = race.deadline(now());
         tokio::select! {
             joined = tasks.join_next(), if !tasks.is_empty() => match joined {
                 Some(Ok((_, Ok(connected)))) => return Ok(connected), // dropping `tasks` ends the rest
@@ -406,7 +406,10 @@ impl Driver {
                 },
                 () = sleep_until(deadline), if deadline.is_some() => {
                     if self.state.handle_timeout(now(), stalled).is_err() {
-                        self.close_link(None).await;
+                        // Nothing came back for 1.5 keep-alives: what is still queued cannot
+                        // get through either, so the reconnect starts now rather than after
+                        // waiting out the linger for it.
+                        self.drop_link();
                         return Ended::Lost(DisconnectReason::KeepAliveTimeout);
                     }
                 }
@@ -736,6 +739,14 @@ impl Driver {
             .filter(|r| v5 || *r == ReasonCode::NORMAL_DISCONNECTION)
             .map(|r| Packet::Disconnect(Disconnect::new(r)));
         link.close(last.as_ref(), CLOSE_LINGER).await;
+        self.state.handle_connection_lost();
+    }
+
+    /// Ends the current link at once, with nothing said and no linger: for a link that has
+    /// stopped answering.
+    fn drop_link(&mut self) {
+        // Dropping it aborts its writers and closes the transport (QUIC: CONNECTION_CLOSE).
+        self.link = None;
         self.state.handle_connection_lost();
     }
 

@@ -14,6 +14,16 @@
 //! packet), it goes on alone: the silent ones are dropped and none starts until it ends, so
 //! that one CONNECT, not several, reaches the server (each would take the session over).
 //!
+//! Between starts the race looks at the pending attempts every [`ANSWER_CHECK`], so that an
+//! answered attempt has the others dropped before they can be answered too: two attempts
+//! whose first packets both went out after the link returned would otherwise each send a
+//! CONNECT, and the second would take the session over from the first. With gaps at least
+//! `ANSWER_CHECK` apart, no two attempts are answered within one check.
+//!
+//! The gap is the cost of noticing the link's return: the first packet that goes out after it
+//! leaves on average half a gap later (its first SYN or QUIC Initial), so the default keeps it
+//! at 0.1–0.2 s, a few dozen bytes per attempt (a QUIC Initial: 1,200) while a round lasts.
+//!
 //! A round lasts at most the connect timeout: attempts start during it, none after. When the
 //! round ends without a connection (or the server refused), the driver waits its
 //! [`Backoff`](super::Backoff) delay and starts a new round, so a long outage costs one
@@ -21,6 +31,9 @@
 
 use std::collections::VecDeque;
 use std::time::{Duration, Instant};
+
+/// How often the race looks for an answered attempt while several are pending.
+pub const ANSWER_CHECK: Duration = Duration::from_millis(10);
 
 /// How connect attempts overlap during an outage (see the module docs).
 #[derive(Debug, Clone, Copy, PartialEq)]
@@ -37,7 +50,7 @@ pub struct Overlap {
 impl Default for Overlap {
     fn default() -> Self {
         Self {
-            interval: Duration::from_millis(400),
+            interval: Duration::from_millis(200),
             max_pending: 3,
             jitter: 0.5,
         }
@@ -112,18 +125,19 @@ impl Race {
     /// `answered` tells whether an attempt has heard from the server.
     pub fn poll(&mut self, now: Instant, unit: f64, answered: impl Fn(AttemptId) -> bool) -> Step {
         let mut step = Step::default();
-        if now < self.next || now >= self.closes {
-            return step;
-        }
         if self.pending.iter().any(|&id| answered(id)) {
             // The server is reachable: the answered attempt goes on alone (a second CONNECT
             // would take the session over from the first), and the silent ones are pointless.
+            // Looked at on every poll, not only when an attempt is due (see `ANSWER_CHECK`).
             let (keep, drop): (VecDeque<_>, VecDeque<_>) =
                 self.pending.iter().partition(|&&id| answered(id));
             self.pending = keep;
             step.drop.extend(drop);
             self.next = now + self.overlap.gap(unit);
             self.full = true;
+            return step;
+        }
+        if now < self.next || now >= self.closes {
             return step;
         }
         if self.pending.len() >= self.overlap.max_pending.max(1) {
@@ -150,14 +164,21 @@ impl Race {
         }
     }
 
-    /// When `poll` has something to do next, if attempts may still start.
-    pub fn deadline(&self) -> Option<Instant> {
-        (self.next < self.closes).then_some(self.next)
+    /// When `poll` has something to do next, if attempts may still start: the next start,
+    /// or sooner, every [`ANSWER_CHECK`] from `now`, while more than one attempt is pending
+    /// (one answered attempt must have the others dropped before they are answered too).
+    pub fn deadline(&self, now: Instant) -> Option<Instant> {
+        let start = (self.next < self.closes).then_some(self.next);
+        if self.pending.len() > 1 {
+            let check = now + ANSWER_CHECK;
+            return Some(start.map_or(check, |start| start.min(check)));
+        }
+        start
     }
 
     /// The round is over: nothing pending and no attempt may start any more.
     pub fn over(&self, now: Instant) -> bool {
-        self.pending.is_empty() && (now >= self.closes || self.deadline().is_none())
+        self.pending.is_empty() && (now >= self.closes || self.next >= self.closes)
     }
 }
 
@@ -190,9 +211,9 @@ mod tests {
                 starts.push((now - t0).as_millis() as u64);
             }
             assert!(race.pending().count() <= 3.max(race.overlap.max_pending));
-            match race.deadline() {
-                Some(next) => now = next,
-                None => return (starts, drops),
+            match race.deadline(now) {
+                Some(next) if next < race.closes => now = next,
+                _ => return (starts, drops),
             }
         }
         panic!("the race never closed");
@@ -260,6 +281,41 @@ mod tests {
         // `b` failed after all: the next attempt starts at once.
         race.ended(t0 + ms(5050), b);
         assert!(race.poll(t0 + ms(5050), 0.0, |_| false).start.is_some());
+    }
+
+    #[test]
+    fn an_attempt_answered_between_starts_has_the_others_dropped_at_the_next_check() {
+        let t0 = Instant::now();
+        let mut race = Race::new(t0, overlap(100, 3, 0.0), ms(10_000));
+        let a = race.poll(t0, 0.0, |_| false).start.unwrap();
+        // One pending: nothing to check, the next start is the deadline.
+        assert_eq!(race.deadline(t0), Some(t0 + ms(100)));
+        let b = race.poll(t0 + ms(100), 0.0, |_| false).start.unwrap();
+        // Two pending: the race looks again within ANSWER_CHECK, long before the next start.
+        let check = race.deadline(t0 + ms(120)).unwrap();
+        assert!(check <= t0 + ms(120) + ANSWER_CHECK && check < t0 + ms(200));
+        // Nothing answered yet at a check: nothing to do.
+        assert_eq!(race.poll(t0 + ms(125), 0.0, |_| false), Step::default());
+        // `a` was answered (say its SYN's retransmission got through) before `b`'s start was
+        // due: `b` is dropped now, before it can be answered and send a second CONNECT.
+        let step = race.poll(check, 0.0, |id| id == a);
+        assert_eq!(step.drop, vec![b]);
+        assert_eq!(step.start, None);
+        assert_eq!(race.pending().collect::<Vec<_>>(), vec![a]);
+        // Alone and answered: no start and no further checks until it ends.
+        assert_eq!(race.poll(t0 + ms(200), 0.0, |_| true), Step::default());
+        assert!(race.deadline(t0 + ms(200)).unwrap() > t0 + ms(200));
+    }
+
+    #[test]
+    fn the_default_overlap_starts_an_attempt_every_100_to_200_ms() {
+        let o = Overlap::default();
+        for unit in [0.0, 0.25, 0.5, 0.75, 0.999] {
+            let gap = o.gap(unit);
+            assert!((ms(100)..=ms(200)).contains(&gap), "{gap:?}");
+            assert!(gap >= ANSWER_CHECK * 2, "checks fit between starts");
+        }
+        assert_eq!(o.max_pending, 3);
     }
 
     #[test]
