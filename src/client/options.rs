@@ -431,8 +431,9 @@ impl ClientOptions {
         self
     }
 
-    /// Default: `Overlap::default()`: during a reconnect round a fresh attempt every 0.2–0.4 s
-    /// while none has answered, at most 3 pending. `max_pending: 1` reconnects one attempt at
+    /// Default: `Overlap::default()`: during a reconnect round a fresh attempt every 0.1–0.2 s
+    /// while none has answered, at most 3 pending; while several are pending, answered ones
+    /// are looked for every 10 ms (the others are dropped before they send a CONNECT). `max_pending: 1` reconnects one attempt at
     /// a time (each waits for the previous one to fail or time out).
     pub fn overlap(mut self, overlap: Overlap) -> Self {
         self.overlap = overlap;
