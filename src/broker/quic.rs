@@ -757,6 +757,8 @@ impl QuicWire {
             let version = link.channel.version();
             self.version = Some(version);
             if let Some(data) = &self.data {
+                // Stored even while no reader waits (`send` would drop it): readers of data
+                // streams opened later subscribe to this value.
                 data.version.send_replace(Some(version));
             }
             self.start_datagram_reader(link);
