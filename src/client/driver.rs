@@ -127,6 +127,7 @@ async fn connect_any(
     let mut errors = Vec::new();
     let mut refused = None;
     for url in &options.urls {
+        let started = now();
         let attempt = ServerConnection::open(
             &ctx,
             url,
@@ -137,7 +138,13 @@ async fn connect_any(
             &progress,
         );
         match tokio::time::timeout(options.connect_timeout, attempt).await {
-            Ok(Ok(connected)) => return Ok(connected),
+            Ok(Ok(connected)) => {
+                let took = u64::try_from(now().duration_since(started).as_micros());
+                stats
+                    .last_connect_us
+                    .store(took.unwrap_or(u64::MAX), Ordering::Relaxed);
+                return Ok(connected);
+            }
             Ok(Err(AttemptError::Refused(code))) => {
                 refused = Some(code);
                 errors.push(format!("{url}: refused {code:?}"));
@@ -173,7 +180,12 @@ async fn race_round(
     stats: Arc<Stats>,
     mut rng: u64,
 ) -> Result<Connected, ClientError> {
-    let mut race = Race::new(now(), options.overlap, options.connect_timeout);
+    // An attempt is kept at least half as long again as the last connect took, so that on
+    // a long path (a satellite's 0.6 s round trip) the server has had the time to answer it
+    // before it is dropped to make room for a fresh one.
+    let last_connect = Duration::from_micros(stats.last_connect_us.load(Ordering::Relaxed));
+    let mut race = Race::new(now(), options.overlap, options.connect_timeout)
+        .keep_for(last_connect.mul_f64(1.5).min(options.connect_timeout));
     let mut tasks: tokio::task::JoinSet<(AttemptId, Result<Connected, ClientError>)> =
         tokio::task::JoinSet::new();
     let mut attempts: HashMap<AttemptId, (tokio::task::AbortHandle, Arc<Progress>)> =

@@ -117,6 +117,10 @@ pub struct Stats {
     pub messages_received: AtomicU64,
     /// The QoS 0 datagram class (docs/datagram.md), over every connection.
     pub datagrams: crate::transport::datagram::Counters,
+    /// How long the last successful connect took, from its attempt's start to CONNACK (µs;
+    /// 0 before the first): the reconnect race keeps each attempt at least half as long
+    /// again before dropping it (`Race::keep_for`).
+    pub last_connect_us: AtomicU64,
 }
 
 /// A copy of [`Stats`] at one moment.

@@ -432,8 +432,11 @@ impl ClientOptions {
     }
 
     /// Default: `Overlap::default()`: during a reconnect round a fresh attempt every 0.1–0.2 s
-    /// while none has answered, at most 3 pending; while several are pending, answered ones
-    /// are looked for every 10 ms (the others are dropped before they send a CONNECT). `max_pending: 1` reconnects one attempt at
+    /// while none has answered, at most 3 pending (the oldest is dropped to make room, but
+    /// not before it is 1.5 times as old as the last successful connect took, so that on a
+    /// long path the server has had the time to answer it); while several are pending,
+    /// answered ones are looked for every 10 ms (the others are dropped before they send a
+    /// CONNECT). `max_pending: 1` reconnects one attempt at
     /// a time (each waits for the previous one to fail or time out).
     pub fn overlap(mut self, overlap: Overlap) -> Self {
         self.overlap = overlap;

@@ -10,7 +10,9 @@
 //! [`Overlap::interval`] (jittered) while the older ones are still pending, so one sends its
 //! first packet soon after the link returns; the first to get its CONNACK wins and the others
 //! are dropped. At most [`Overlap::max_pending`] attempts are pending: beyond that the oldest
-//! is dropped. Once an attempt has heard from the server (`answered`: a TCP connection, a QUIC
+//! is dropped, but never before it has had the time the last successful connect took
+//! ([`Race::keep_for`]): on a path whose round trip is longer than a few gaps (a satellite's
+//! 0.6 s), dropping sooner would drop every attempt before the server could answer it. Once an attempt has heard from the server (`answered`: a TCP connection, a QUIC
 //! packet), it goes on alone: the silent ones are dropped and none starts until it ends, so
 //! that one CONNECT, not several, reaches the server (each would take the session over).
 //!
@@ -88,7 +90,10 @@ pub struct Race {
     closes: Instant,
     /// When the next attempt is due.
     next: Instant,
-    pending: VecDeque<AttemptId>,
+    /// The pending attempts and their starts, oldest first.
+    pending: VecDeque<(AttemptId, Instant)>,
+    /// An unanswered attempt is not dropped to make room before it is this old.
+    keep_for: Duration,
     /// The cap held every pending attempt (all answered): the next may start when one ends.
     full: bool,
     next_id: u64,
@@ -103,10 +108,20 @@ impl Race {
             closes: now + budget,
             next: now,
             pending: VecDeque::new(),
+            keep_for: Duration::ZERO,
             full: false,
             next_id: 0,
             started: 0,
         }
+    }
+
+    /// An attempt is not dropped to make room before it is `age` old: the time a connect on
+    /// this path takes (the last successful one's, attempt start to CONNACK), so that the
+    /// server has had the time to answer it. Zero (the default): the oldest goes whenever
+    /// room is needed.
+    pub fn keep_for(mut self, age: Duration) -> Self {
+        self.keep_for = age;
+        self
     }
 
     /// Attempts started so far in this round.
@@ -118,21 +133,21 @@ impl Race {
     /// The attempts still pending, oldest first.
     #[cfg(test)]
     pub fn pending(&self) -> impl Iterator<Item = AttemptId> + '_ {
-        self.pending.iter().copied()
+        self.pending.iter().map(|&(id, _)| id)
     }
 
     /// What is due at `now`; `unit` is a random number in `[0, 1)` for the next gap, and
     /// `answered` tells whether an attempt has heard from the server.
     pub fn poll(&mut self, now: Instant, unit: f64, answered: impl Fn(AttemptId) -> bool) -> Step {
         let mut step = Step::default();
-        if self.pending.iter().any(|&id| answered(id)) {
+        if self.pending.iter().any(|&(id, _)| answered(id)) {
             // The server is reachable: the answered attempt goes on alone (a second CONNECT
             // would take the session over from the first), and the silent ones are pointless.
             // Looked at on every poll, not only when an attempt is due (see `ANSWER_CHECK`).
             let (keep, drop): (VecDeque<_>, VecDeque<_>) =
-                self.pending.iter().partition(|&&id| answered(id));
+                self.pending.iter().partition(|&&(id, _)| answered(id));
             self.pending = keep;
-            step.drop.extend(drop);
+            step.drop.extend(drop.into_iter().map(|(id, _)| id));
             self.next = now + self.overlap.gap(unit);
             self.full = true;
             return step;
@@ -141,15 +156,22 @@ impl Race {
             return step;
         }
         if self.pending.len() >= self.overlap.max_pending.max(1) {
-            // Make room: the oldest attempt heard nothing (none did, see above).
-            if let Some(id) = self.pending.pop_front() {
+            // Make room: the oldest attempt heard nothing (none did, see above), but it may
+            // still be on its way: not before it had the time a connect takes here.
+            if let Some(&(id, started)) = self.pending.front() {
+                let droppable = started + self.keep_for;
+                if now < droppable {
+                    self.next = droppable;
+                    return step;
+                }
+                self.pending.pop_front();
                 step.drop.push(id);
             }
         }
         let id = AttemptId(self.next_id);
         self.next_id += 1;
         self.started += 1;
-        self.pending.push_back(id);
+        self.pending.push_back((id, now));
         self.next = now + self.overlap.gap(unit);
         step.start = Some(id);
         step
@@ -158,7 +180,7 @@ impl Race {
     /// An attempt ended at `now` (failed or timed out); a connected one ends the round
     /// instead. When the cap was holding the next attempt back, it may start at once.
     pub fn ended(&mut self, now: Instant, id: AttemptId) {
-        self.pending.retain(|&p| p != id);
+        self.pending.retain(|&(p, _)| p != id);
         if std::mem::take(&mut self.full) {
             self.next = self.next.min(now);
         }
@@ -335,5 +357,47 @@ mod tests {
         assert!(race.poll(t0 + ms(1000), 0.0, |_| true).start.is_none());
         assert!(race.over(t0 + ms(1000)));
         assert_eq!(race.started(), 2);
+    }
+
+    /// A satellite path (connects take 1.1 s): with attempts every 100 ms and three pending,
+    /// the oldest would be dropped at 300 ms, long before any server could answer it. Kept
+    /// for a connect's time, each attempt gets its chance and the next starts when one may
+    /// be dropped.
+    #[test]
+    fn an_attempt_is_kept_for_the_time_a_connect_takes_on_this_path() {
+        /// Start and drop times (ms from the round's start) over a dark link.
+        fn run(race: &mut Race, t0: Instant) -> (Vec<u64>, Vec<u64>) {
+            let (mut starts, mut drops) = (Vec::new(), Vec::new());
+            let mut now = t0;
+            for _ in 0..10_000 {
+                let step = race.poll(now, 0.0, |_| false);
+                let at = (now - t0).as_millis() as u64;
+                drops.extend(step.drop.iter().map(|_| at));
+                if step.start.is_some() {
+                    starts.push(at);
+                }
+                match race.deadline(now) {
+                    Some(next) if next < race.closes => now = next,
+                    _ => return (starts, drops),
+                }
+            }
+            panic!("the race never closed");
+        }
+        let t0 = Instant::now();
+        let mut race = Race::new(t0, overlap(100, 3, 0.0), ms(10_000)).keep_for(ms(1_100));
+        let (starts, drops) = run(&mut race, t0);
+        assert_eq!(&starts[..3], &[0, 100, 200], "three start one gap apart");
+        assert!(
+            starts.len() > 10,
+            "attempts go on through the round: {starts:?}"
+        );
+        // The k-th drop is of the k-th attempt, which had lived at least 1.1 s.
+        for (k, dropped_at) in drops.iter().enumerate() {
+            assert!(*dropped_at >= starts[k] + 1_100, "{starts:?} {drops:?}");
+        }
+        // Without the hint the oldest goes as soon as room is needed.
+        let mut eager = Race::new(t0, overlap(100, 3, 0.0), ms(10_000));
+        let (_, drops) = run(&mut eager, t0);
+        assert_eq!(drops[0], 300);
     }
 }
