@@ -184,22 +184,6 @@ pub fn server_config(
     Ok(config)
 }
 
-/// The smallest step of quinn's MTU search, chosen so that the search probes the upper bound
-/// (1,452 bytes, a 1,500-byte Ethernet path) first and, if that probe is lost, 1,325 bytes,
-/// then stops: one probe per side on a common path, where quinn's default (20) makes four
-/// (1,326, 1,389, 1,420, 1,436) and ends 16 bytes short of the upper bound. Each probe is a
-/// datagram of PING and PADDING that the peer parses one padding byte at a time (quinn 0.11):
-/// in a 10,000-client storm quinn's frame parsing fell from 18 % to 9 % of the broker's CPU
-/// with one probe each way instead of four (docs/benchmarks.md, "QUIC at fleet scale").
-/// Paths narrower than 1,452 settle on 1,325 or 1,200 instead of the nearest 20 bytes.
-pub const MTU_MINIMUM_CHANGE: u16 = 127;
-
-fn mtu_discovery() -> MtuDiscoveryConfig {
-    let mut config = MtuDiscoveryConfig::default();
-    config.minimum_change(MTU_MINIMUM_CHANGE);
-    config
-}
-
 /// Transport parameters shared by the server and Petrel's own QUIC clients.
 pub fn transport_config(settings: &QuicSettings) -> Result<TransportConfig, TransportError> {
     let var = |n: u64, what: &str| {
@@ -219,7 +203,7 @@ pub fn transport_config(settings: &QuicSettings) -> Result<TransportConfig, Tran
     let idle = IdleTimeout::try_from(settings.idle_timeout)
         .map_err(|_| TransportError::Config("quic.idle_timeout is too large".into()))?;
     t.max_idle_timeout(Some(idle));
-    t.mtu_discovery_config(settings.mtu_discovery.then(mtu_discovery));
+    t.mtu_discovery_config(settings.mtu_discovery.then(MtuDiscoveryConfig::default));
     match settings.congestion {
         Congestion::Cubic => t.congestion_controller_factory(Arc::new(CubicConfig::default())),
         Congestion::NewReno => t.congestion_controller_factory(Arc::new(NewRenoConfig::default())),
