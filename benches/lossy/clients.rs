@@ -408,6 +408,24 @@ pub fn options(spec: &ClientSpec, id: &str) -> anyhow::Result<ClientOptions> {
     Ok(options)
 }
 
+/// Waits for the oldest publish in `window` (and counts how it ended) while the window holds
+/// `limit` (at least 1) or more.
+async fn retire_beyond(
+    window: &mut std::collections::VecDeque<PublishHandle>,
+    limit: usize,
+    completions: &Mutex<Completions>,
+    t0: Instant,
+) {
+    if window.len() >= limit.max(1) {
+        let handle = window.pop_front().expect("non-empty");
+        let outcome = handle.await;
+        completions
+            .lock()
+            .expect("never poisoned")
+            .count(outcome, us(t0.elapsed()));
+    }
+}
+
 async fn publish_phase(
     client: &Client,
     spec: &ClientSpec,
@@ -445,25 +463,11 @@ async fn publish_phase(
                     tokio::time::sleep(Duration::from_millis(1)).await;
                     continue;
                 }
-                if window.len() >= limit.max(1) {
-                    let handle: PublishHandle = window.pop_front().expect("non-empty");
-                    let outcome = handle.await;
-                    completions
-                        .lock()
-                        .expect("never poisoned")
-                        .count(outcome, us(t0.elapsed()));
-                }
+                retire_beyond(&mut window, limit, &completions, t0).await;
                 Instant::now()
             }
             Load::Saturate { inflight } => {
-                if window.len() >= inflight.max(1) {
-                    let handle: PublishHandle = window.pop_front().expect("non-empty");
-                    let outcome = handle.await;
-                    completions
-                        .lock()
-                        .expect("never poisoned")
-                        .count(outcome, us(t0.elapsed()));
-                }
+                retire_beyond(&mut window, inflight, &completions, t0).await;
                 Instant::now()
             }
         };

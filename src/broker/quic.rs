@@ -287,7 +287,6 @@ fn start(
         user_properties: limits.user_properties_limit(),
     };
     let wire = QuicWire::new(
-        broker,
         conn,
         peer,
         peer_cert_as_username,
@@ -437,8 +436,6 @@ pub struct QuicWire {
     datagram: Option<datagram::Sender>,
     /// The datagram reader is to start with CONNACK (the class was negotiated).
     datagram_reader_due: bool,
-    /// The broker: for the stream tasks' count and the datagram counters.
-    broker: Arc<Broker>,
 }
 
 /// Events taken from the stream tasks per wake-up, at most.
@@ -461,12 +458,7 @@ impl QuicWire {
         &self.conn
     }
 
-    #[expect(
-        clippy::too_many_arguments,
-        reason = "one call site, each argument named"
-    )]
     fn new(
-        broker: &Arc<Broker>,
         conn: Connection,
         peer: SocketAddr,
         peer_cert_as_username: PeerCertAsUsername,
@@ -495,7 +487,6 @@ impl QuicWire {
             sizes,
             datagram: None,
             datagram_reader_due: false,
-            broker: Arc::clone(broker),
         }
     }
 
@@ -516,7 +507,7 @@ impl QuicWire {
 
     /// A stream the client opened: the first is the control stream, read and written here;
     /// each further one gets a reader and a writer task (the reader waits for CONNACK).
-    fn stream_opened(&mut self, send: SendStream, recv: RecvStream) {
+    fn stream_opened(&mut self, broker: &Arc<Broker>, send: SendStream, recv: RecvStream) {
         let index = recv.id().index();
         if index == 0 && self.control.is_none() {
             tracing::trace!(stream = index, "control stream accepted");
@@ -526,7 +517,6 @@ impl QuicWire {
         let flow = Flow(NEXT_DATA_FLOW.fetch_add(1, Ordering::Relaxed));
         tracing::trace!(stream = index, flow = flow.0, "stream accepted");
         let sizes = self.sizes;
-        let broker = Arc::clone(&self.broker);
         let data = self.data_flows();
         let reading = CancellationToken::new();
         let writer = spawn_writer(
@@ -535,7 +525,7 @@ impl QuicWire {
             data.events_tx.clone(),
             reading.clone(),
             &mut data.tasks,
-            StreamTask::new(&broker),
+            StreamTask::new(broker),
         );
         let reader = read_flow(
             flow,
@@ -545,7 +535,7 @@ impl QuicWire {
             sizes,
             reading,
         );
-        let task = StreamTask::new(&broker);
+        let task = StreamTask::new(broker);
         data.tasks.spawn(async move {
             reader.await;
             Some(task)
@@ -848,7 +838,7 @@ impl QuicWire {
                 Poll::Pending => return ready,
                 Poll::Ready(Ok((send, recv))) => {
                     self.accepting = Some(accept_next(&self.conn));
-                    self.stream_opened(send, recv);
+                    self.stream_opened(&link.broker, send, recv);
                 }
                 Poll::Ready(Err(err)) => {
                     tracing::trace!(%err, "QUIC connection ended");
